@@ -1,0 +1,100 @@
+//! The storage engine interface of Spool, and the in-memory engine.
+//!
+//! An [`Engine`] owns stream history: it appends messages and gives each its offset, reads a
+//! range after an offset together with a consistent snapshot of the stream's bounds, enforces
+//! retention, remembers idempotency keys, and tells watchers when a stream's head moves. The
+//! memory engine lives here; the disk, Redis and NATS JetStream engines implement the same
+//! trait, and the server never knows which one it talks to.
+
+mod dedup;
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use spool_core::{Message, NewMessage, Offset, Position, Retention, StreamName, StreamState};
+use tokio::sync::watch;
+
+pub use memory::MemoryEngine;
+
+/// The result of appending one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub position: Position,
+    /// True when an earlier publish with the same idempotency key already appended it; the
+    /// position is the original one.
+    pub duplicate: bool,
+}
+
+/// A range of a stream together with the snapshot of its bounds it was read under.
+#[derive(Clone, Debug)]
+pub struct ReadBatch {
+    pub state: StreamState,
+    /// Retained messages with offsets after the requested one, in order, at most `limit`.
+    /// Empty when the message right after the requested offset is no longer retained: the
+    /// caller sees that in `state` and resets.
+    pub messages: Vec<Arc<Message>>,
+}
+
+/// What went wrong inside an engine. The server maps these to HTTP statuses and error codes.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// The engine's backing store cannot be reached or used right now; retry later.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    /// A limit of the engine itself was hit (e.g. too many streams).
+    #[error("engine limit reached: {0}")]
+    Limit(String),
+    /// Anything else: a bug or corrupted data.
+    #[error("engine failure: {0}")]
+    Internal(String),
+}
+
+/// A stream's head, sent to watchers whenever it moves or the epoch changes.
+pub type HeadWatch = watch::Receiver<Position>;
+
+/// One storage engine. All methods are safe to call concurrently; appends to one stream are
+/// serialized by the engine, which is what makes offsets gap-free.
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// A short name for logs and metrics (`memory`, `disk`, `redis`, `nats`).
+    fn name(&self) -> &'static str;
+
+    /// Appends `messages` to `stream` in order, creating the stream if needed, and returns
+    /// only once they are as durable as the engine is configured to make them.
+    async fn append(
+        &self,
+        stream: &StreamName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, EngineError>;
+
+    /// Reads up to `limit` messages after `after`. An unknown stream is registered with a
+    /// fresh epoch and no messages, so that every reader learns a position to resume from.
+    async fn read(
+        &self,
+        stream: &StreamName,
+        after: Offset,
+        limit: usize,
+    ) -> Result<ReadBatch, EngineError>;
+
+    /// The stream's bounds, or `None` when the engine has never heard of it.
+    async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError>;
+
+    /// A watch on the stream's head (registering the stream like [`Engine::read`]). Take the
+    /// watch *before* reading, so that a publish landing between the read and the wait is
+    /// never missed.
+    async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError>;
+
+    /// The retention in force for a stream.
+    fn retention(&self, stream: &StreamName) -> Retention;
+
+    /// Enforces age-based retention on streams nobody is publishing to. Called periodically.
+    async fn sweep(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    /// Whether the engine can serve requests right now (for `/readyz`).
+    async fn ready(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,362 @@
+//! The in-memory engine: history lives in this process and is gone when it exits, so every
+//! start gives every stream a new epoch (readers holding old positions get a reset, never a
+//! silent gap).
+//!
+//! Each stream is a `VecDeque` of shared messages behind its own mutex. The critical sections
+//! are a few pointer moves with no I/O or await inside, so a lock per stream is both simpler
+//! and faster here than a task per stream; the disk engine, whose appends wait on fsync, uses
+//! a writer task instead.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use parking_lot::{Mutex, RwLock};
+use spool_core::{
+    Epoch, Message, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName,
+    StreamState, now_ms,
+};
+use tokio::sync::watch;
+
+use crate::{Appended, Engine, EngineError, HeadWatch, ReadBatch, dedup::DedupWindow};
+
+/// Settings of the memory engine.
+#[derive(Clone, Debug)]
+pub struct MemoryConfig {
+    pub retention: RetentionPolicy,
+    /// How long an idempotency key is remembered.
+    pub dedup_window: Duration,
+    /// The most streams (including ones only read so far) the engine will hold.
+    pub max_streams: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            retention: RetentionPolicy::default(),
+            dedup_window: Duration::from_secs(120),
+            max_streams: 1_000_000,
+        }
+    }
+}
+
+/// History in memory; see the module docs.
+pub struct MemoryEngine {
+    config: MemoryConfig,
+    streams: RwLock<HashMap<StreamName, Arc<Mutex<StreamLog>>>>,
+}
+
+struct StreamLog {
+    epoch: Epoch,
+    head: Offset,
+    messages: VecDeque<Arc<Message>>,
+    bytes: u64,
+    retention: Retention,
+    dedup: DedupWindow,
+    head_tx: watch::Sender<Position>,
+}
+
+impl StreamLog {
+    fn new(retention: Retention) -> Self {
+        let epoch = Epoch::generate();
+        let (head_tx, _) = watch::channel(Position::new(epoch.clone(), Offset::ZERO));
+        Self {
+            epoch,
+            head: Offset::ZERO,
+            messages: VecDeque::new(),
+            bytes: 0,
+            retention,
+            dedup: DedupWindow::default(),
+            head_tx,
+        }
+    }
+
+    fn oldest(&self) -> Offset {
+        self.messages.front().map_or(self.head.next(), |m| m.offset)
+    }
+
+    fn state(&self) -> StreamState {
+        StreamState {
+            epoch: self.epoch.clone(),
+            head: self.head,
+            oldest: self.oldest(),
+        }
+    }
+
+    fn trim(&mut self, now: u64) {
+        while let Some(front) = self.messages.front() {
+            let count = self.messages.len() as u64;
+            if !self
+                .retention
+                .must_trim(count, self.bytes, front.time_ms, now)
+            {
+                break;
+            }
+            self.bytes -= front.retained_bytes();
+            self.messages.pop_front();
+        }
+    }
+}
+
+impl MemoryEngine {
+    pub fn new(config: MemoryConfig) -> Self {
+        Self {
+            config,
+            streams: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn stream(&self, name: &StreamName) -> Result<Arc<Mutex<StreamLog>>, EngineError> {
+        if let Some(log) = self.streams.read().get(name) {
+            return Ok(log.clone());
+        }
+        let mut streams = self.streams.write();
+        if let Some(log) = streams.get(name) {
+            return Ok(log.clone());
+        }
+        if streams.len() >= self.config.max_streams {
+            return Err(EngineError::Limit(format!(
+                "the memory engine holds its maximum of {} streams",
+                self.config.max_streams
+            )));
+        }
+        let log = Arc::new(Mutex::new(StreamLog::new(self.retention(name))));
+        streams.insert(name.clone(), log.clone());
+        Ok(log)
+    }
+}
+
+#[async_trait]
+impl Engine for MemoryEngine {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn append(
+        &self,
+        stream: &StreamName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, EngineError> {
+        let log = self.stream(stream)?;
+        let now = now_ms();
+        let dedup_until = now + self.config.dedup_window.as_millis() as u64;
+        let mut log = log.lock();
+        let mut out = Vec::with_capacity(messages.len());
+        for new in messages {
+            if let Some(key) = &new.idempotency_key
+                && let Some(original) = log.dedup.get(key, now)
+            {
+                out.push(Appended {
+                    position: original.clone(),
+                    duplicate: true,
+                });
+                continue;
+            }
+            let offset = log.head.next();
+            let message = Message {
+                offset,
+                time_ms: now,
+                payload: new.payload,
+                content_type: new.content_type,
+                key: new.key,
+                headers: new.headers,
+            };
+            log.bytes += message.retained_bytes();
+            log.messages.push_back(Arc::new(message));
+            log.head = offset;
+            let position = Position::new(log.epoch.clone(), offset);
+            if let Some(key) = new.idempotency_key
+                && log.dedup.insert(key, position.clone(), dedup_until)
+            {
+                tracing::warn!(%stream, "idempotency window full; oldest keys forgotten early");
+            }
+            out.push(Appended {
+                position,
+                duplicate: false,
+            });
+        }
+        log.trim(now);
+        let head = Position::new(log.epoch.clone(), log.head);
+        log.head_tx.send_if_modified(|current| {
+            let changed = *current != head;
+            *current = head;
+            changed
+        });
+        Ok(out)
+    }
+
+    async fn read(
+        &self,
+        stream: &StreamName,
+        after: Offset,
+        limit: usize,
+    ) -> Result<ReadBatch, EngineError> {
+        let log = self.stream(stream)?;
+        let mut log = log.lock();
+        log.trim(now_ms());
+        let state = log.state();
+        let mut messages = Vec::new();
+        if state.retains_after(after) && after < state.head {
+            let start = (after.0 + 1 - state.oldest.0) as usize;
+            messages.extend(log.messages.range(start..).take(limit).cloned());
+        }
+        Ok(ReadBatch { state, messages })
+    }
+
+    async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
+        let Some(log) = self.streams.read().get(stream).cloned() else {
+            return Ok(None);
+        };
+        let mut log = log.lock();
+        log.trim(now_ms());
+        Ok(Some(log.state()))
+    }
+
+    async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError> {
+        Ok(self.stream(stream)?.lock().head_tx.subscribe())
+    }
+
+    fn retention(&self, stream: &StreamName) -> Retention {
+        self.config.retention.for_stream(stream)
+    }
+
+    async fn sweep(&self) -> Result<(), EngineError> {
+        let logs: Vec<_> = self.streams.read().values().cloned().collect();
+        let now = now_ms();
+        for log in logs {
+            let mut log = log.lock();
+            log.trim(now);
+            log.dedup.expire(now);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn name(s: &str) -> StreamName {
+        StreamName::new(s).unwrap()
+    }
+
+    fn msg(s: &'static str) -> NewMessage {
+        NewMessage {
+            payload: Bytes::from_static(s.as_bytes()),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn offsets_are_gap_free_and_reads_are_ranges() {
+        let engine = MemoryEngine::new(MemoryConfig::default());
+        let s = name("a");
+        let out = engine
+            .append(&s, vec![msg("1"), msg("2"), msg("3")])
+            .await
+            .unwrap();
+        let offsets: Vec<u64> = out.iter().map(|a| a.position.offset.0).collect();
+        assert_eq!(offsets, [1, 2, 3]);
+        let batch = engine.read(&s, Offset(1), 10).await.unwrap();
+        let got: Vec<u64> = batch.messages.iter().map(|m| m.offset.0).collect();
+        assert_eq!(got, [2, 3]);
+        assert_eq!(batch.state.head, Offset(3));
+        assert_eq!(batch.state.oldest, Offset(1));
+        assert!(
+            engine
+                .read(&s, Offset(3), 10)
+                .await
+                .unwrap()
+                .messages
+                .is_empty()
+        );
+        assert!(
+            engine
+                .read(&s, Offset(99), 10)
+                .await
+                .unwrap()
+                .messages
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn retention_by_count_and_bytes() {
+        let mut config = MemoryConfig::default();
+        config.retention.default.max_messages = 2;
+        let engine = MemoryEngine::new(config);
+        let s = name("a");
+        engine
+            .append(&s, vec![msg("1"), msg("2"), msg("3")])
+            .await
+            .unwrap();
+        let state = engine.state(&s).await.unwrap().unwrap();
+        assert_eq!((state.oldest, state.head), (Offset(2), Offset(3)));
+        assert!(
+            engine
+                .read(&s, Offset(0), 10)
+                .await
+                .unwrap()
+                .messages
+                .is_empty()
+        );
+
+        let mut config = MemoryConfig::default();
+        config.retention.default.max_bytes = 5;
+        let engine = MemoryEngine::new(config);
+        engine
+            .append(&s, vec![msg("abc"), msg("def")])
+            .await
+            .unwrap();
+        let state = engine.state(&s).await.unwrap().unwrap();
+        assert_eq!((state.oldest, state.head), (Offset(2), Offset(2)));
+    }
+
+    #[tokio::test]
+    async fn idempotency_key_answers_the_original_position() {
+        let engine = MemoryEngine::new(MemoryConfig::default());
+        let s = name("a");
+        let keyed = |k: &str| NewMessage {
+            idempotency_key: Some(k.into()),
+            ..msg("x")
+        };
+        let first = engine.append(&s, vec![keyed("k1")]).await.unwrap();
+        let again = engine
+            .append(&s, vec![keyed("k1"), keyed("k2")])
+            .await
+            .unwrap();
+        assert!(!first[0].duplicate);
+        assert!(again[0].duplicate);
+        assert_eq!(again[0].position, first[0].position);
+        assert_eq!(again[1].position.offset, Offset(2));
+        assert_eq!(engine.state(&s).await.unwrap().unwrap().head, Offset(2));
+    }
+
+    #[tokio::test]
+    async fn watchers_see_the_head_move() {
+        let engine = MemoryEngine::new(MemoryConfig::default());
+        let s = name("a");
+        let mut watch = engine.watch(&s).await.unwrap();
+        assert_eq!(watch.borrow_and_update().offset, Offset(0));
+        engine.append(&s, vec![msg("1")]).await.unwrap();
+        watch.changed().await.unwrap();
+        assert_eq!(watch.borrow_and_update().offset, Offset(1));
+    }
+
+    #[tokio::test]
+    async fn stream_limit_is_an_error_not_a_crash() {
+        let engine = MemoryEngine::new(MemoryConfig {
+            max_streams: 1,
+            ..MemoryConfig::default()
+        });
+        engine.append(&name("a"), vec![msg("1")]).await.unwrap();
+        let err = engine.append(&name("b"), vec![msg("1")]).await.unwrap_err();
+        assert!(matches!(err, EngineError::Limit(_)));
+        assert!(engine.state(&name("b")).await.unwrap().is_none());
+    }
+}

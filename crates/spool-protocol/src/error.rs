@@ -1,0 +1,100 @@
+//! The error body every failed HTTP request carries: `{"error":{"code","message"}}`.
+//!
+//! `code` is stable and machine-readable; `message` says what was wrong and what to do.
+
+use serde::{Deserialize, Serialize};
+
+/// Stable error codes. Clients match on these, so existing ones never change meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The stream name is not valid (400).
+    InvalidStreamName,
+    /// A position (`after`, `Last-Event-ID`) could not be parsed (400).
+    InvalidPosition,
+    /// A query parameter or header is malformed (400).
+    InvalidParameter,
+    /// The request body is not the JSON the endpoint expects (400).
+    InvalidBody,
+    /// The payload (or the whole request) is larger than allowed (413).
+    PayloadTooLarge,
+    /// No credentials were given (401).
+    Unauthorized,
+    /// The credentials are invalid or expired (401).
+    InvalidToken,
+    /// The credentials are valid but do not allow this (403).
+    Forbidden,
+    /// The stream or route does not exist (404).
+    NotFound,
+    /// The method is not allowed on this route (405).
+    MethodNotAllowed,
+    /// The engine cannot serve requests right now; retry later (503).
+    EngineUnavailable,
+    /// A server limit was hit (e.g. too many streams or connections) (503).
+    LimitReached,
+    /// The server is shutting down; retry on another node or later (503).
+    ShuttingDown,
+    /// A bug or corrupted data; the message has details (500).
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidStreamName => "invalid_stream_name",
+            ErrorCode::InvalidPosition => "invalid_position",
+            ErrorCode::InvalidParameter => "invalid_parameter",
+            ErrorCode::InvalidBody => "invalid_body",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::EngineUnavailable => "engine_unavailable",
+            ErrorCode::LimitReached => "limit_reached",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_serialize_as_their_stable_names() {
+        for code in [
+            ErrorCode::InvalidStreamName,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::EngineUnavailable,
+            ErrorCode::Internal,
+        ] {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+        }
+    }
+}

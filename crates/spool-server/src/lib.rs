@@ -1,0 +1,76 @@
+//! Spool's server: the HTTP API (publish, stream info, long-poll), Server-Sent Events, auth,
+//! metrics and graceful shutdown, over any [`Engine`].
+//!
+//! [`serve`] runs the server on a bound listener until a [`CancellationToken`] fires; the
+//! `spool` binary builds the configuration and the engine and calls it. Transports never read
+//! history themselves: they drive a [`subscription::Subscription`], which applies the
+//! continuity rule of `spool_core` to everything an engine returns.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod metrics;
+mod query;
+mod routes;
+pub mod subscription;
+
+use std::{sync::Arc, time::Duration};
+
+use spool_engine::Engine;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::ServerConfig;
+
+use crate::{auth::Authenticator, metrics::Metrics};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<dyn Engine>,
+    pub config: Arc<ServerConfig>,
+    pub auth: Arc<Authenticator>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then stops accepting, ends every
+/// SSE stream with a `reconnect` event, answers pending long-polls, and returns once open
+/// requests are done.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Arc<dyn Engine>,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let state = AppState {
+        auth: Arc::new(Authenticator::new(&config.auth)),
+        engine,
+        config: Arc::new(config),
+        metrics: Arc::new(Metrics::new()),
+        shutdown: shutdown.clone(),
+    };
+    let sweeper = tokio::spawn(sweep(state.engine.clone(), shutdown.clone()));
+    let app = routes::router(state);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    sweeper.abort();
+    result
+}
+
+/// Applies age-based retention to idle streams once a second.
+async fn sweep(engine: Arc<dyn Engine>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = engine.sweep().await {
+                    tracing::warn!(error = %e, "retention sweep failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Prometheus metrics, served at `/metrics`.
+//!
+//! Labels are enums where they sit on a hot path (one delivery per message per subscriber), so
+//! counting allocates nothing.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use spool_core::ResetReason;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Transport {
+    sse,
+    poll,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    pub transport: Transport,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResetLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    pub published: Counter,
+    pub delivered: Family<TransportLabels, Counter>,
+    pub connections: Family<TransportLabels, Gauge>,
+    pub resets: Family<ResetLabels, Counter>,
+    pub requests: Family<RequestLabels, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("spool");
+        let published = Counter::default();
+        registry.register(
+            "messages_published",
+            "Messages appended to streams",
+            published.clone(),
+        );
+        let delivered = Family::<TransportLabels, Counter>::default();
+        registry.register(
+            "messages_delivered",
+            "Messages delivered to readers",
+            delivered.clone(),
+        );
+        let connections = Family::<TransportLabels, Gauge>::default();
+        registry.register(
+            "connections",
+            "Open streaming connections and pending long-polls",
+            connections.clone(),
+        );
+        let resets = Family::<ResetLabels, Counter>::default();
+        registry.register(
+            "resets",
+            "Continuity resets sent to readers",
+            resets.clone(),
+        );
+        let requests = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+            ])
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer HTTP requests (for streams, time to the response head)",
+            requests.clone(),
+        );
+        // Make every reset reason visible from the start, at zero.
+        for reason in ResetReason::ALL {
+            drop(resets.get_or_create(&ResetLabels {
+                reason: reason.as_str(),
+            }));
+        }
+        Self {
+            registry,
+            published,
+            delivered,
+            connections,
+            resets,
+            requests,
+        }
+    }
+
+    pub fn delivered(&self, transport: Transport, n: usize) {
+        self.delivered
+            .get_or_create(&TransportLabels { transport })
+            .inc_by(n as u64);
+    }
+
+    pub fn reset(&self, reason: ResetReason) {
+        self.resets
+            .get_or_create(&ResetLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts an open connection of `transport` until the guard drops.
+    pub fn connection(&self, transport: Transport) -> ConnectionGuard {
+        let gauge = self
+            .connections
+            .get_or_create(&TransportLabels { transport })
+            .clone();
+        gauge.inc();
+        ConnectionGuard(gauge)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Decrements the connection gauge on drop.
+pub struct ConnectionGuard(Gauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

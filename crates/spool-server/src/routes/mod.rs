@@ -1,0 +1,145 @@
+//! The HTTP routes, one file per concern, and what they share: the router, CORS, request
+//! metrics, JSON fallbacks, and extracting a stream name and a principal from a request.
+
+mod ops;
+mod poll;
+mod publish;
+mod sse;
+mod streams;
+
+use std::time::{Duration, Instant};
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, MatchedPath, Request, State, rejection::PathRejection},
+    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode},
+    middleware::{self, Next},
+    response::Response,
+    routing::{get, post},
+};
+use spool_core::StreamName;
+use spool_protocol::ErrorCode;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::{
+    AppState,
+    auth::Principal,
+    error::{ApiError, ApiResult},
+    metrics::RequestLabels,
+    query::QueryParams,
+};
+
+pub fn router(state: AppState) -> Router {
+    let config = state.config.clone();
+    let api = Router::new()
+        .route(
+            "/v1/streams/{stream}/messages",
+            post(publish::publish_one)
+                .layer(DefaultBodyLimit::max(config.max_payload))
+                .get(poll::long_poll),
+        )
+        .route(
+            "/v1/publish",
+            post(publish::publish_batch).layer(DefaultBodyLimit::max(config.max_batch_bytes)),
+        )
+        .route("/v1/streams/{stream}", get(streams::info))
+        .route("/v1/streams/{stream}/events", get(sse::single))
+        .route("/v1/events", get(sse::multi))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
+    let app = api
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_request,
+        ))
+        .with_state(state);
+    match cors(&config.cors_origins) {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
+}
+
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list: Vec<HeaderValue> = origins
+            .iter()
+            .filter_map(|o| match HeaderValue::from_str(o) {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    tracing::warn!(origin = %o, "ignoring a CORS origin that is not a valid header value");
+                    None
+                }
+            })
+            .collect();
+        AllowOrigin::list(list)
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([
+                axum::http::header::AUTHORIZATION,
+                axum::http::header::CONTENT_TYPE,
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("last-event-id"),
+                HeaderName::from_static("spool-key"),
+            ])
+            .max_age(Duration::from_secs(3600)),
+    )
+}
+
+async fn record_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let labels = RequestLabels {
+        method,
+        route,
+        status: response.status().as_u16(),
+    };
+    state
+        .metrics
+        .requests
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; see docs/http-api.md")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::MethodNotAllowed,
+        "method not allowed on this route; see docs/http-api.md",
+    )
+}
+
+/// The `{stream}` path segment, validated. Names with `/` must be sent percent-encoded.
+fn stream_name(path: Result<axum::extract::Path<String>, PathRejection>) -> ApiResult<StreamName> {
+    let axum::extract::Path(raw) =
+        path.map_err(|e| ApiError::bad_param(format!("bad path: {e}")))?;
+    StreamName::new(&raw).map_err(|e| ApiError::invalid_name(&raw, e))
+}
+
+fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &QueryParams,
+) -> ApiResult<Principal> {
+    state.auth.authenticate(headers, query.get("token"))
+}

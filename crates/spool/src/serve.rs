@@ -1,0 +1,169 @@
+//! `spool serve`: resolve the configuration, build the engine, serve until SIGTERM/SIGINT.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::Args;
+use spool_core::retention::{parse_bytes, parse_duration};
+use spool_engine::{Engine, MemoryEngine, memory::MemoryConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, EngineKind};
+
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SPOOL_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Storage engine: memory.
+    #[arg(long, env = "SPOOL_ENGINE")]
+    pub engine: Option<String>,
+    /// Messages kept per stream (default 10000).
+    #[arg(long, env = "SPOOL_HISTORY_LIMIT", value_name = "N")]
+    pub history_limit: Option<u64>,
+    /// Longest a message is kept, e.g. 24h, 90m (default 24h).
+    #[arg(long, env = "SPOOL_HISTORY_TTL", value_name = "DUR", value_parser = parse_duration)]
+    pub history_ttl: Option<Duration>,
+    /// Bytes kept per stream, e.g. 64MiB (default 64MiB).
+    #[arg(long, env = "SPOOL_HISTORY_MAX_BYTES", value_name = "BYTES", value_parser = parse_bytes)]
+    pub history_max_bytes: Option<u64>,
+    /// Largest payload of one message (default 1MiB).
+    #[arg(long, env = "SPOOL_MAX_PAYLOAD", value_name = "BYTES", value_parser = parse_bytes)]
+    pub max_payload: Option<u64>,
+    /// API key for server-side publishing and reading (repeatable; env: comma-separated).
+    #[arg(
+        long,
+        env = "SPOOL_API_KEY",
+        value_name = "KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_key: Vec<String>,
+    /// Secret for HS256 client tokens.
+    #[arg(
+        long,
+        env = "SPOOL_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+    /// DEVELOPMENT ONLY: let requests without credentials publish and read everything.
+    #[arg(long, env = "SPOOL_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+    /// Origin allowed to call the API from a browser (repeatable, or `*`; env: comma-separated).
+    #[arg(
+        long,
+        env = "SPOOL_CORS_ORIGIN",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origin: Vec<String>,
+    /// How long an idempotency key is remembered (default 2m).
+    #[arg(long, env = "SPOOL_DEDUP_WINDOW", value_name = "DUR", value_parser = parse_duration)]
+    pub dedup_window: Option<Duration>,
+    /// Interval of SSE heartbeat comments (default 15s).
+    #[arg(long, env = "SPOOL_HEARTBEAT", value_name = "DUR", value_parser = parse_duration)]
+    pub heartbeat: Option<Duration>,
+    /// Longest wait for open requests on shutdown (default 10s).
+    #[arg(long, env = "SPOOL_SHUTDOWN_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+    /// Log format: text or json.
+    #[arg(long, env = "SPOOL_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// TOML configuration file.
+    #[arg(long, env = "SPOOL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let resolved = config::resolve(&args)?;
+    init_logging(resolved.json_logs);
+    let auth = &resolved.server.auth;
+    if auth.allow_anonymous {
+        tracing::warn!(
+            "!!! ANONYMOUS ACCESS IS ON: anyone who can reach this server may publish to and read every stream. \
+             Use --allow-anonymous for development only !!!"
+        );
+    } else if auth.api_keys.is_empty() && auth.jwt_secret.is_none() {
+        tracing::warn!(
+            "no --api-key and no --jwt-secret: every request will be refused (deny by default)"
+        );
+    }
+
+    let engine: Arc<dyn Engine> = match resolved.engine {
+        EngineKind::Memory => {
+            tracing::warn!(
+                "memory engine: history is lost on restart and every stream gets a new epoch"
+            );
+            Arc::new(MemoryEngine::new(MemoryConfig {
+                retention: resolved.retention.clone(),
+                dedup_window: resolved.dedup_window,
+                ..MemoryConfig::default()
+            }))
+        }
+    };
+
+    let listener = tokio::net::TcpListener::bind(resolved.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", resolved.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, engine = engine.name(), "listening");
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    let server = tokio::spawn(spool_server::serve(
+        listener,
+        engine,
+        resolved.server,
+        shutdown.clone(),
+    ));
+
+    shutdown.cancelled().await;
+    tracing::info!(timeout = ?resolved.shutdown_timeout, "shutting down: finishing open requests");
+    match tokio::time::timeout(resolved.shutdown_timeout, server).await {
+        Ok(Ok(result)) => result.context("server failed")?,
+        Ok(Err(e)) => return Err(e).context("server task failed"),
+        Err(_) => tracing::warn!("shutdown timeout: closing the remaining connections"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn signal_shutdown(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    shutdown.cancel();
+}
+
+fn init_logging(json: bool) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_env("SPOOL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
