@@ -1,0 +1,227 @@
+//! The test harness: starts the real `spool` binary on 127.0.0.1 and talks to it over HTTP.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use futures::StreamExt;
+use serde_json::Value;
+
+pub const API_KEY: &str = "test-api-key";
+pub const JWT_SECRET: &str = "test-jwt-secret";
+
+/// A running `spool serve`; killed when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: String,
+    pub http: reqwest::Client,
+}
+
+impl Server {
+    /// Starts `spool serve` on a free loopback port with the memory engine, an API key and a
+    /// JWT secret, plus `extra` flags.
+    pub fn start(extra: &[&str]) -> Server {
+        Self::start_on("127.0.0.1:0", extra)
+    }
+
+    pub fn start_on(listen: &str, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(["serve", "--listen", listen, "--engine", "memory"])
+            .args(["--api-key", API_KEY, "--jwt-secret", JWT_SECRET])
+            .args(extra)
+            .env("SPOOL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn spool serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("SPOOL_TEST_LOGS").is_some() {
+                    eprintln!("[server] {line}");
+                }
+                if let Some(rest) = line.split("addr=").nth(1)
+                    && line.contains("listening")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("spool serve did not report its address (is the port free?)");
+            }
+        };
+        Server {
+            child,
+            addr,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Publishes `data` to `stream` with the API key; returns the answer.
+    pub async fn publish(&self, stream: &str, data: &str) -> Value {
+        let r = self
+            .http
+            .post(self.url(&format!("/v1/streams/{}/messages", enc(stream))))
+            .bearer_auth(API_KEY)
+            .body(data.to_owned())
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(r.status(), 201, "publish answered {}", r.status());
+        r.json().await.expect("publish json")
+    }
+
+    /// A long-poll read with the API key.
+    pub async fn poll(&self, stream: &str, query: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(&format!("/v1/streams/{}/messages?{query}", enc(stream))))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .expect("poll");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("poll json"))
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        for _ in 0..200 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!("spool serve did not exit within 10 s of SIGTERM");
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Percent-encodes a stream name as one path segment.
+pub fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// A port that was free a moment ago, for tests that restart a server on the same address.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// A minimal EventSource: parses the event stream of a response.
+pub struct SseClient {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: String,
+}
+
+impl SseClient {
+    pub async fn connect(request: reqwest::RequestBuilder) -> SseClient {
+        let r = request.send().await.expect("sse connect");
+        assert_eq!(r.status(), 200, "SSE answered {}", r.status());
+        assert!(
+            r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"),
+            "not an event stream"
+        );
+        SseClient {
+            body: r.bytes_stream().boxed(),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event with data (comments and retry-only blocks are skipped), or `None` when
+    /// the stream ends; panics after `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<SseEvent> {
+        tokio::time::timeout(timeout, self.next_inner())
+            .await
+            .expect("timed out waiting for an SSE event")
+    }
+
+    async fn next_inner(&mut self) -> Option<SseEvent> {
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut ev = SseEvent { event: "message".into(), ..Default::default() };
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("data:") {
+                        data.push(v.strip_prefix(' ').unwrap_or(v).to_owned());
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        ev.id = Some(v.trim_start().to_owned());
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        ev.event = v.trim_start().to_owned();
+                    }
+                }
+                if !data.is_empty() {
+                    ev.data = data.join("\n");
+                    return Some(ev);
+                }
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return None,
+            }
+        }
+    }
+}
+
+pub fn jwt(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("encode jwt")
+}
+
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
