@@ -57,9 +57,15 @@ async fn ten_thousand_messages_from_concurrent_publishers_have_no_holes() {
     let mut acked: HashMap<u64, String> = HashMap::new();
     for (p, task) in tasks.into_iter().enumerate() {
         let offsets = task.await.unwrap();
-        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "a publisher's acks must be in its own order");
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "a publisher's acks must be in its own order"
+        );
         for (i, o) in offsets.into_iter().enumerate() {
-            assert!(acked.insert(o, format!("{p}-{i}")).is_none(), "offset {o} given twice");
+            assert!(
+                acked.insert(o, format!("{p}-{i}")).is_none(),
+                "offset {o} given twice"
+            );
         }
     }
     let all = read_all(&s, "load", "oldest".into()).await;
@@ -67,7 +73,11 @@ async fn ten_thousand_messages_from_concurrent_publishers_have_no_holes() {
     for (i, m) in all.iter().enumerate() {
         let offset = m["offset"].as_u64().unwrap();
         assert_eq!(offset, i as u64 + 1, "offsets are 1..N with no hole");
-        assert_eq!(m["data"].as_str().unwrap(), acked[&offset], "payload at offset {offset}");
+        assert_eq!(
+            m["data"].as_str().unwrap(),
+            acked[&offset],
+            "payload at offset {offset}"
+        );
     }
 }
 
@@ -77,12 +87,20 @@ async fn resume_from_every_kind_of_position() {
     for i in 1..=8 {
         s.publish("res", &i.to_string()).await;
     }
-    let epoch = s.publish("res", "9").await["epoch"].as_str().unwrap().to_owned();
+    let epoch = s.publish("res", "9").await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     // Retained: 5..=9.
 
     // Exact: everything after it, nothing else.
     let (_, body) = s.poll("res", &format!("after={epoch}:6")).await;
-    let offsets: Vec<u64> = body["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    let offsets: Vec<u64> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
     assert_eq!(offsets, [7, 8, 9]);
     assert!(body["reset"].is_null());
     assert_eq!(body["position"], format!("{epoch}:9"));
@@ -96,7 +114,10 @@ async fn resume_from_every_kind_of_position() {
         assert_eq!(body["reset"]["reason"], reason, "{body}");
         assert_eq!(body["reset"]["position"], format!("{epoch}:9"), "{body}");
         assert_eq!(body["position"], format!("{epoch}:9"), "{body}");
-        assert!(body["messages"].as_array().unwrap().is_empty(), "nothing before the reset {body}");
+        assert!(
+            body["messages"].as_array().unwrap().is_empty(),
+            "nothing before the reset {body}"
+        );
     };
     let (_, body) = s.poll("res", &format!("after={epoch}:3")).await;
     expect_reset(&body, "history_expired");
@@ -169,11 +190,19 @@ async fn long_poll_wakes_up_on_publish() {
     let ((status, body), _) = tokio::join!(poll, publish);
     assert_eq!(status, 200);
     assert_eq!(body["messages"][0]["data"], "ding");
-    assert!(started.elapsed() < Duration::from_secs(10), "woke on publish, not on timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "woke on publish, not on timeout"
+    );
 
     // With nothing to deliver it answers after `wait`, empty, with the same position.
     let started = std::time::Instant::now();
-    let (_, body) = s.poll("wake", &format!("after={}&wait=0.5", body["position"].as_str().unwrap())).await;
+    let (_, body) = s
+        .poll(
+            "wake",
+            &format!("after={}&wait=0.5", body["position"].as_str().unwrap()),
+        )
+        .await;
     assert!(body["messages"].as_array().unwrap().is_empty());
     assert!(started.elapsed() >= Duration::from_millis(450));
 }
@@ -187,9 +216,15 @@ async fn sse_replays_from_last_event_id_then_goes_live() {
     let s = Server::start(&[]);
     let mut epoch = String::new();
     for i in 1..=5 {
-        epoch = s.publish("feed", &format!("m{i}")).await["epoch"].as_str().unwrap().to_owned();
+        epoch = s.publish("feed", &format!("m{i}")).await["epoch"]
+            .as_str()
+            .unwrap()
+            .to_owned();
     }
-    let mut es = SseClient::connect(sse(&s, "/v1/streams/feed/events").header("last-event-id", format!("{epoch}:2"))).await;
+    let mut es = SseClient::connect(
+        sse(&s, "/v1/streams/feed/events").header("last-event-id", format!("{epoch}:2")),
+    )
+    .await;
     for i in 3..=5 {
         let ev = es.next(T).await.unwrap();
         assert_eq!(ev.event, "message");
@@ -203,16 +238,27 @@ async fn sse_replays_from_last_event_id_then_goes_live() {
 
     // Last-Event-ID wins over ?after= (EventSource reconnects to the original URL).
     let mut es = SseClient::connect(
-        sse(&s, "/v1/streams/feed/events?after=oldest").header("last-event-id", format!("{epoch}:5")),
+        sse(&s, "/v1/streams/feed/events?after=oldest")
+            .header("last-event-id", format!("{epoch}:5")),
     )
     .await;
-    assert_eq!(es.next(T).await.unwrap().id.as_deref(), Some(format!("{epoch}:6").as_str()));
+    assert_eq!(
+        es.next(T).await.unwrap().id.as_deref(),
+        Some(format!("{epoch}:6").as_str())
+    );
 
     // JSON format carries the whole message.
-    let mut es = SseClient::connect(sse(&s, &format!("/v1/streams/feed/events?after={epoch}:5&format=json"))).await;
+    let mut es = SseClient::connect(sse(
+        &s,
+        &format!("/v1/streams/feed/events?after={epoch}:5&format=json"),
+    ))
+    .await;
     let ev = es.next(T).await.unwrap();
     let m: Value = serde_json::from_str(&ev.data).unwrap();
-    assert_eq!((m["offset"].as_u64(), m["epoch"].as_str()), (Some(6), Some(epoch.as_str())));
+    assert_eq!(
+        (m["offset"].as_u64(), m["epoch"].as_str()),
+        (Some(6), Some(epoch.as_str()))
+    );
 }
 
 #[tokio::test]
@@ -221,14 +267,20 @@ async fn sse_reset_comes_first_then_live_from_the_head() {
     for i in 1..=5 {
         s.publish("trim", &i.to_string()).await;
     }
-    let mut es = SseClient::connect(sse(&s, "/v1/streams/trim/events").header("last-event-id", "stale:1")).await;
+    let mut es =
+        SseClient::connect(sse(&s, "/v1/streams/trim/events").header("last-event-id", "stale:1"))
+            .await;
     let ev = es.next(T).await.unwrap();
     assert_eq!(ev.event, "reset");
     let reset: Value = serde_json::from_str(&ev.data).unwrap();
     assert_eq!(reset["reason"], "epoch_changed");
     let head = reset["position"].as_str().unwrap().to_owned();
     assert!(head.ends_with(":5"));
-    assert_eq!(ev.id.as_deref(), Some(head.as_str()), "the reset moves Last-Event-ID to the head");
+    assert_eq!(
+        ev.id.as_deref(),
+        Some(head.as_str()),
+        "the reset moves Last-Event-ID to the head"
+    );
     s.publish("trim", "6").await;
     let ev = es.next(T).await.unwrap();
     assert_eq!(ev.data, "6");
@@ -241,7 +293,10 @@ async fn publishes_racing_a_replay_are_neither_lost_nor_reordered() {
     let s = Server::start(&[]);
     let lines: Vec<String> = (1..=BEFORE).map(|i| i.to_string()).collect();
     for chunk in lines.chunks(1000) {
-        let messages: Vec<Value> = chunk.iter().map(|d| serde_json::json!({"stream": "race", "data": d})).collect();
+        let messages: Vec<Value> = chunk
+            .iter()
+            .map(|d| serde_json::json!({"stream": "race", "data": d}))
+            .collect();
         let r = s
             .http
             .post(s.url("/v1/publish"))
@@ -257,14 +312,28 @@ async fn publishes_racing_a_replay_are_neither_lost_nor_reordered() {
     let url = s.url("/v1/streams/race/messages");
     let publisher = tokio::spawn(async move {
         for i in BEFORE + 1..=BEFORE + DURING {
-            let r = http.post(&url).bearer_auth(API_KEY).body(i.to_string()).send().await.unwrap();
+            let r = http
+                .post(&url)
+                .bearer_auth(API_KEY)
+                .body(i.to_string())
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 201);
         }
     });
     for expected in 1..=BEFORE + DURING {
         let ev = es.next(T).await.expect("stream ended early");
         assert_eq!(ev.event, "message");
-        let offset: u64 = ev.id.as_deref().unwrap().rsplit_once(':').unwrap().1.parse().unwrap();
+        let offset: u64 = ev
+            .id
+            .as_deref()
+            .unwrap()
+            .rsplit_once(':')
+            .unwrap()
+            .1
+            .parse()
+            .unwrap();
         assert_eq!(offset, expected, "gap, duplicate or reorder");
         assert_eq!(ev.data, expected.to_string());
     }
@@ -274,8 +343,14 @@ async fn publishes_racing_a_replay_are_neither_lost_nor_reordered() {
 #[tokio::test]
 async fn multi_stream_sse_resumes_every_stream_from_one_event_id() {
     let s = Server::start(&[]);
-    let ea = s.publish("ma", "a1").await["epoch"].as_str().unwrap().to_owned();
-    let eb = s.publish("m/b", "b1").await["epoch"].as_str().unwrap().to_owned();
+    let ea = s.publish("ma", "a1").await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let eb = s.publish("m/b", "b1").await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let path = "/v1/events?stream=ma&stream=m%2Fb&after=oldest,oldest";
     let mut es = SseClient::connect(sse(&s, path)).await;
     let mut seen = HashMap::new();
@@ -283,7 +358,10 @@ async fn multi_stream_sse_resumes_every_stream_from_one_event_id() {
     for _ in 0..2 {
         let ev = es.next(T).await.unwrap();
         let m: Value = serde_json::from_str(&ev.data).unwrap();
-        seen.insert(m["stream"].as_str().unwrap().to_owned(), m["data"].as_str().unwrap().to_owned());
+        seen.insert(
+            m["stream"].as_str().unwrap().to_owned(),
+            m["data"].as_str().unwrap().to_owned(),
+        );
         last_id = ev.id.unwrap();
     }
     assert_eq!(seen["ma"], "a1");

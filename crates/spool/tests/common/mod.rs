@@ -101,7 +101,9 @@ impl Server {
 
     /// Sends SIGTERM and waits for the process to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         for _ in 0..200 {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
@@ -131,7 +133,9 @@ pub fn enc(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -165,7 +169,10 @@ impl SseClient {
         let r = request.send().await.expect("sse connect");
         assert_eq!(r.status(), 200, "SSE answered {}", r.status());
         assert!(
-            r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"),
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream"),
             "not an event stream"
         );
         SseClient {
@@ -186,7 +193,10 @@ impl SseClient {
         loop {
             while let Some(end) = self.buf.find("\n\n") {
                 let block: String = self.buf.drain(..end + 2).collect();
-                let mut ev = SseEvent { event: "message".into(), ..Default::default() };
+                let mut ev = SseEvent {
+                    event: "message".into(),
+                    ..Default::default()
+                };
                 let mut data = Vec::new();
                 for line in block.lines() {
                     if let Some(v) = line.strip_prefix("data:") {

@@ -1,0 +1,286 @@
+//! The client commands and configuration of the real binary: `spool publish`, `spool tail`
+//! (including resuming by itself across a server restart), the TOML file with per-pattern
+//! retention, and age-based retention.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use common::{API_KEY, Server};
+
+fn spool(server: &Server) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spool"));
+    cmd.env("SPOOL_SERVER", format!("http://{}", server.addr))
+        .env("SPOOL_TOKEN", API_KEY)
+        .env_remove("SPOOL_CONFIG");
+    cmd
+}
+
+fn publish(server: &Server, stream: &str, data: &str) -> String {
+    let out = spool(server)
+        .args(["publish", stream, data])
+        .output()
+        .expect("run spool publish");
+    assert!(
+        out.status.success(),
+        "publish failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Spawns `spool tail` and returns its stdout lines through a channel.
+fn tail(server: &Server, args: &[&str]) -> (std::process::Child, mpsc::Receiver<String>) {
+    let mut child = spool(server)
+        .arg("tail")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run spool tail");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (child, rx)
+}
+
+fn line(rx: &mpsc::Receiver<String>) -> String {
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("spool tail printed nothing in time")
+}
+
+#[test]
+fn publish_and_tail() {
+    let s = Server::start(&[]);
+    let first = publish(&s, "cli", "hello");
+    assert!(first.ends_with(":1"), "{first}");
+    let epoch = first.split(':').next().unwrap().to_owned();
+
+    // Stdin, and one message per line.
+    let mut child = spool(&s)
+        .args(["publish", "cli", "--lines"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"two\nthree\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{epoch}:2\n{epoch}:3\n")
+    );
+
+    let out = spool(&s)
+        .args(["tail", "cli", "--from-start", "--no-follow"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{epoch}:1\thello\n{epoch}:2\ttwo\n{epoch}:3\tthree\n")
+    );
+
+    let out = spool(&s)
+        .args([
+            "tail",
+            "cli",
+            "--after",
+            &format!("{epoch}:2"),
+            "--count",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{epoch}:3\tthree\n")
+    );
+
+    // Idempotent retries print "duplicate".
+    for expect in ["4", "4 duplicate"] {
+        let out = spool(&s)
+            .args(["publish", "cli", "x", "--idempotency-key", "k"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap().trim(),
+            format!("{epoch}:{expect}")
+        );
+    }
+}
+
+#[test]
+fn client_errors_are_clear_and_not_retried() {
+    let s = Server::start(&[]);
+    let out = spool(&s)
+        .args(["publish", "bad name", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_stream_name"));
+    let out = spool(&s)
+        .env("SPOOL_TOKEN", "wrong")
+        .args(["tail", "x", "--no-follow"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    let out = spool(&s)
+        .args(["tail", "x", "--after", "garbage"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_position"));
+}
+
+#[test]
+fn tail_follows_live_and_survives_a_server_restart() {
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let mut s = Server::start_on(&listen, &[]);
+    let epoch1 = publish(&s, "follow", "a")
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (mut child, rx) = tail(&s, &["follow", "--from-start"]);
+    assert_eq!(line(&rx), format!("{epoch1}:1\ta"));
+    publish(&s, "follow", "b");
+    assert_eq!(line(&rx), format!("{epoch1}:2\tb"));
+
+    // The memory engine forgets everything on restart: tail must say so, then go on.
+    s.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    let s = Server::start_on(&listen, &[]);
+    let reset = line(&rx);
+    assert!(reset.starts_with("reset\tunknown_stream\t"), "{reset}");
+    let epoch2 = publish(&s, "follow", "c")
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_ne!(epoch1, epoch2);
+    assert_eq!(line(&rx), format!("{epoch2}:1\tc"));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn config_file_sets_per_pattern_retention_and_flags_win() {
+    let dir = std::env::temp_dir().join(format!("spool-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("spool.toml");
+    std::fs::write(
+        &path,
+        r#"
+[retention]
+max_messages = 4
+
+[[retention.rules]]
+pattern = "chat:*"
+max_messages = 2
+max_age = "1h"
+"#,
+    )
+    .unwrap();
+    let s = Server::start(&["--config", path.to_str().unwrap()]);
+    for i in 0..6 {
+        publish(&s, "chat:room", &i.to_string());
+        publish(&s, "other", &i.to_string());
+    }
+    let info = |stream: &str| info_of(&s, stream);
+    let chat = info("chat:room");
+    assert_eq!(
+        (
+            chat["oldest"].as_u64(),
+            chat["retention"]["max_messages"].as_u64()
+        ),
+        (Some(5), Some(2))
+    );
+    assert_eq!(chat["retention"]["max_age_ms"], 3_600_000);
+    assert_eq!(info("other")["oldest"], 3);
+    drop(s);
+
+    // A flag beats the file.
+    let s = Server::start(&["--config", path.to_str().unwrap(), "--history-limit", "1"]);
+    for i in 0..3 {
+        publish(&s, "other", &i.to_string());
+    }
+    assert_eq!(info_of(&s, "other")["oldest"], 3);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn info_of(s: &Server, stream: &str) -> serde_json::Value {
+    let out = Command::new("curl")
+        .args(["-sf", "-H", &format!("authorization: Bearer {API_KEY}")])
+        .arg(s.url(&format!("/v1/streams/{stream}")))
+        .output()
+        .expect("curl");
+    serde_json::from_slice(&out.stdout).expect("info json")
+}
+
+#[test]
+fn history_ttl_expires_messages_and_readers_get_a_reset() {
+    let s = Server::start(&["--history-ttl", "1s"]);
+    let first = publish(&s, "ttl", "old");
+    std::thread::sleep(Duration::from_millis(2500));
+    let info = info_of(&s, "ttl");
+    assert_eq!(
+        (info["head"].as_u64(), info["oldest"].as_u64()),
+        (Some(1), Some(2)),
+        "{info}"
+    );
+    let epoch = first.split(':').next().unwrap();
+    let out = spool(&s)
+        .args([
+            "tail",
+            "ttl",
+            "--after",
+            &format!("{epoch}:0"),
+            "--no-follow",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("reset\thistory_expired\t{epoch}:1\n")
+    );
+}
+
+#[test]
+fn bad_configuration_fails_at_startup_with_a_reason() {
+    for (args, needle) in [
+        (vec!["--history-ttl", "soon"], "invalid duration"),
+        (vec!["--max-payload", "lots"], "invalid byte size"),
+        (vec!["--engine", "floppy"], "unknown engine"),
+        (
+            vec!["--config", "/nonexistent/spool.toml"],
+            "cannot read config file",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
