@@ -7,6 +7,8 @@
 //! trait, and the server never knows which one it talks to.
 
 mod dedup;
+pub mod disk;
+mod log;
 pub mod memory;
 
 use std::sync::Arc;

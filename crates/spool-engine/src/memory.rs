@@ -7,11 +7,7 @@
 //! and faster here than a task per stream; the disk engine, whose appends wait on fsync, uses
 //! a writer task instead.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
@@ -19,7 +15,6 @@ use spool_core::{
     Epoch, Message, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName,
     StreamState, now_ms,
 };
-use tokio::sync::watch;
 
 use crate::{Appended, Engine, EngineError, HeadWatch, ReadBatch, dedup::DedupWindow};
 
@@ -50,53 +45,15 @@ pub struct MemoryEngine {
 }
 
 struct StreamLog {
-    epoch: Epoch,
-    head: Offset,
-    messages: VecDeque<Arc<Message>>,
-    bytes: u64,
-    retention: Retention,
+    log: crate::log::StreamLog,
     dedup: DedupWindow,
-    head_tx: watch::Sender<Position>,
 }
 
 impl StreamLog {
     fn new(retention: Retention) -> Self {
-        let epoch = Epoch::generate();
-        let (head_tx, _) = watch::channel(Position::new(epoch.clone(), Offset::ZERO));
         Self {
-            epoch,
-            head: Offset::ZERO,
-            messages: VecDeque::new(),
-            bytes: 0,
-            retention,
+            log: crate::log::StreamLog::new(Epoch::generate(), Offset::ZERO, retention),
             dedup: DedupWindow::default(),
-            head_tx,
-        }
-    }
-
-    fn oldest(&self) -> Offset {
-        self.messages.front().map_or(self.head.next(), |m| m.offset)
-    }
-
-    fn state(&self) -> StreamState {
-        StreamState {
-            epoch: self.epoch.clone(),
-            head: self.head,
-            oldest: self.oldest(),
-        }
-    }
-
-    fn trim(&mut self, now: u64) {
-        while let Some(front) = self.messages.front() {
-            let count = self.messages.len() as u64;
-            if !self
-                .retention
-                .must_trim(count, self.bytes, front.time_ms, now)
-            {
-                break;
-            }
-            self.bytes -= front.retained_bytes();
-            self.messages.pop_front();
         }
     }
 }
@@ -143,11 +100,12 @@ impl Engine for MemoryEngine {
         let log = self.stream(stream)?;
         let now = now_ms();
         let dedup_until = now + self.config.dedup_window.as_millis() as u64;
-        let mut log = log.lock();
+        let mut guard = log.lock();
+        let StreamLog { log, dedup } = &mut *guard;
         let mut out = Vec::with_capacity(messages.len());
         for new in messages {
             if let Some(key) = &new.idempotency_key
-                && let Some(original) = log.dedup.get(key, now)
+                && let Some(original) = dedup.get(key, now)
             {
                 out.push(Appended {
                     position: original.clone(),
@@ -155,7 +113,7 @@ impl Engine for MemoryEngine {
                 });
                 continue;
             }
-            let offset = log.head.next();
+            let offset = log.head().next();
             let message = Message {
                 offset,
                 time_ms: now,
@@ -164,12 +122,10 @@ impl Engine for MemoryEngine {
                 key: new.key,
                 headers: new.headers,
             };
-            log.bytes += message.retained_bytes();
-            log.messages.push_back(Arc::new(message));
-            log.head = offset;
-            let position = Position::new(log.epoch.clone(), offset);
+            log.push(Arc::new(message), 0);
+            let position = Position::new(log.epoch().clone(), offset);
             if let Some(key) = new.idempotency_key
-                && log.dedup.insert(key, position.clone(), dedup_until)
+                && dedup.insert(key, position.clone(), dedup_until)
             {
                 tracing::warn!(%stream, "idempotency window full; oldest keys forgotten early");
             }
@@ -178,13 +134,8 @@ impl Engine for MemoryEngine {
                 duplicate: false,
             });
         }
-        log.trim(now);
-        let head = Position::new(log.epoch.clone(), log.head);
-        log.head_tx.send_if_modified(|current| {
-            let changed = *current != head;
-            *current = head;
-            changed
-        });
+        log.trim(now, |_| {});
+        log.notify();
         Ok(out)
     }
 
@@ -195,28 +146,25 @@ impl Engine for MemoryEngine {
         limit: usize,
     ) -> Result<ReadBatch, EngineError> {
         let log = self.stream(stream)?;
-        let mut log = log.lock();
-        log.trim(now_ms());
-        let state = log.state();
-        let mut messages = Vec::new();
-        if state.retains_after(after) && after < state.head {
-            let start = (after.0 + 1 - state.oldest.0) as usize;
-            messages.extend(log.messages.range(start..).take(limit).cloned());
-        }
-        Ok(ReadBatch { state, messages })
+        let mut guard = log.lock();
+        guard.log.trim(now_ms(), |_| {});
+        Ok(ReadBatch {
+            state: guard.log.state(),
+            messages: guard.log.read(after, limit),
+        })
     }
 
     async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
         let Some(log) = self.streams.read().get(stream).cloned() else {
             return Ok(None);
         };
-        let mut log = log.lock();
-        log.trim(now_ms());
-        Ok(Some(log.state()))
+        let mut guard = log.lock();
+        guard.log.trim(now_ms(), |_| {});
+        Ok(Some(guard.log.state()))
     }
 
     async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError> {
-        Ok(self.stream(stream)?.lock().head_tx.subscribe())
+        Ok(self.stream(stream)?.lock().log.watch())
     }
 
     fn retention(&self, stream: &StreamName) -> Retention {
@@ -227,9 +175,9 @@ impl Engine for MemoryEngine {
         let logs: Vec<_> = self.streams.read().values().cloned().collect();
         let now = now_ms();
         for log in logs {
-            let mut log = log.lock();
-            log.trim(now);
-            log.dedup.expire(now);
+            let mut guard = log.lock();
+            guard.log.trim(now, |_| {});
+            guard.dedup.expire(now);
         }
         Ok(())
     }

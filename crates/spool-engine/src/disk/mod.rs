@@ -1,0 +1,717 @@
+//! The embedded durable engine: one write-ahead log shared by every stream, with group
+//! commit, plus each stream's retained messages in memory for reads and fan-out.
+//!
+//! Why this shape (see docs/benchmarks.md for the numbers): a file per stream does not scale
+//! to many small streams (one fd and one fsync each); a shared log turns every concurrent
+//! publish on every stream into one sequential write and one fsync. Readers never touch the
+//! disk: the log is read once, at startup, to rebuild every stream (epoch, head, retained
+//! messages, idempotency keys). Memory therefore holds what retention keeps — bounded by the
+//! per-stream limits — and the disk holds it durably.
+//!
+//! - `record.rs`: the checksummed frame format.
+//! - `segment.rs`: segment files, scanning, torn-tail detection.
+//! - `writer.rs`: the writer thread (group commit, segment roll).
+//! - here: the engine, the append path, recovery and segment reclamation.
+//!
+//! Publishing to a stream: under the stream's append lock, check idempotency keys, reserve
+//! offsets, encode frames, and hand them to the writer (the lock is held until the request is
+//! queued, so the WAL order of a stream's records is its offset order). The writer makes them
+//! durable and only then visible to readers, in WAL order, so no reader ever sees a message
+//! that a crash could take back.
+
+mod record;
+mod segment;
+mod writer;
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use parking_lot::{Mutex, RwLock};
+use spool_core::{
+    Epoch, Message, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName,
+    StreamState, now_ms,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    Appended, Engine, EngineError, HeadWatch, ReadBatch, dedup::DedupWindow, log::StreamLog,
+};
+use record::Record;
+use writer::{Publish, WriteRequest, Writer};
+
+/// What the ack of a publish waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Written to the OS (survives a crash of Spool, not of the machine).
+    Memory,
+    /// Written and fsynced (survives power loss).
+    Fsync,
+}
+
+/// Settings of the disk engine.
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    pub dir: PathBuf,
+    pub durability: Durability,
+    pub retention: RetentionPolicy,
+    pub dedup_window: Duration,
+    /// A segment is closed and a new one started past this size.
+    pub segment_size: u64,
+    pub max_streams: usize,
+}
+
+impl DiskConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            durability: Durability::Fsync,
+            retention: RetentionPolicy::default(),
+            dedup_window: Duration::from_secs(120),
+            segment_size: 64 * 1024 * 1024,
+            max_streams: 1_000_000,
+        }
+    }
+}
+
+/// Why the engine could not open its data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is locked by another running spool process (only one may use a data directory)"
+    )]
+    Locked { path: PathBuf },
+    #[error(
+        "corrupt data in {file} at byte {offset}: {why}. Spool refuses to start rather than lose data silently. \
+         To move the damaged segment aside and start anyway, run: spool repair --data-dir {dir} \
+         (messages in that segment are lost and every stream starts a new epoch, so clients get a reset)"
+    )]
+    Corrupt {
+        file: PathBuf,
+        offset: u64,
+        why: &'static str,
+        dir: PathBuf,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Marker left by `spool repair`: on the next start every stream gets a new epoch.
+const EPOCH_RESET_MARKER: &str = "EPOCH_RESET";
+const QUARANTINE_DIR: &str = "quarantine";
+const LOCK_FILE: &str = "LOCK";
+#[cfg(test)]
+mod tests;
+
+/// Bound of the writer's queue, in requests.
+const WRITE_QUEUE: usize = 4096;
+
+/// One stream of the disk engine.
+pub struct DiskStream {
+    name: StreamName,
+    /// Held while reserving offsets and queueing frames, so WAL order = offset order.
+    append: tokio::sync::Mutex<AppendState>,
+    /// What readers see: only durable messages.
+    log: Mutex<StreamLog>,
+}
+
+struct AppendState {
+    /// The last offset handed out (durable or on its way).
+    reserved: Offset,
+    dedup: DedupWindow,
+    /// Whether the stream's epoch is in the WAL (a stream only read so far is not).
+    persisted: bool,
+}
+
+/// State shared by the engine, the writer thread and the sweeper.
+pub struct Shared {
+    streams: RwLock<HashMap<StreamName, Arc<DiskStream>>>,
+    /// Live (retained) messages per segment id.
+    segments: Mutex<HashMap<u64, u64>>,
+    active_segment: AtomicU64,
+    dir: PathBuf,
+    failure: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn fail(&self, reason: String) {
+        self.failure.lock().get_or_insert(reason);
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().clone()
+    }
+
+    /// Snapshot records of every persisted stream.
+    fn snapshot_records(&self) -> Vec<u8> {
+        let streams: Vec<_> = self.streams.read().values().cloned().collect();
+        let mut out = Vec::new();
+        for s in streams {
+            let persisted = s.append.try_lock().map_or(true, |st| st.persisted);
+            if persisted {
+                writer::snapshot_record(&mut out, &s);
+            }
+        }
+        out
+    }
+
+    /// One message per tag left the retained set.
+    fn release(&self, tags: &[u64]) {
+        if tags.is_empty() {
+            return;
+        }
+        let mut dead = Vec::new();
+        {
+            let mut segments = self.segments.lock();
+            for tag in tags {
+                if let Some(live) = segments.get_mut(tag) {
+                    *live = live.saturating_sub(1);
+                    if *live == 0 {
+                        dead.push(*tag);
+                    }
+                }
+            }
+        }
+        for id in dead {
+            self.release_if_dead(id);
+        }
+    }
+
+    /// Deletes a segment with no retained message, unless it is the one being written.
+    fn release_if_dead(&self, id: u64) {
+        if id >= self.active_segment.load(Ordering::Acquire) {
+            return;
+        }
+        {
+            let mut segments = self.segments.lock();
+            if segments.get(&id).is_some_and(|live| *live > 0) {
+                return;
+            }
+            segments.remove(&id);
+        }
+        let path = segment::path(&self.dir.join("wal"), id);
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::debug!(path = %path.display(), "deleted an expired WAL segment"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not delete an expired WAL segment")
+            }
+        }
+    }
+}
+
+/// The embedded durable engine.
+pub struct DiskEngine {
+    shared: Arc<Shared>,
+    config: DiskConfig,
+    tx: mpsc::Sender<WriteRequest>,
+    _lock: fs::File,
+}
+
+impl DiskEngine {
+    /// Opens (or creates) the data directory, recovers every stream from the WAL, and starts
+    /// the writer. Fails closed on corruption.
+    pub fn open(config: DiskConfig) -> Result<Self, OpenError> {
+        let dir = config.dir.clone();
+        let wal = dir.join("wal");
+        fs::create_dir_all(&wal).map_err(io_err(&wal))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(OpenError::Locked { path: lock_path }),
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+        }
+
+        let shared = Arc::new(Shared {
+            streams: RwLock::new(HashMap::new()),
+            segments: Mutex::new(HashMap::new()),
+            active_segment: AtomicU64::new(u64::MAX),
+            dir: dir.clone(),
+            failure: Mutex::new(None),
+        });
+        let ids = segment::list(&wal).map_err(io_err(&wal))?;
+        let mut recovery = Recovery::new(&config);
+        for (i, &id) in ids.iter().enumerate() {
+            let path = segment::path(&wal, id);
+            let is_last = i + 1 == ids.len();
+            let scan = segment::scan(&path, is_last).map_err(io_err(&path))?;
+            match scan.tail {
+                segment::Tail::Clean => {}
+                segment::Tail::Torn { at: 0 } => {
+                    tracing::warn!(path = %path.display(), "removing a segment whose header was torn by a crash");
+                    fs::remove_file(&path).map_err(io_err(&path))?;
+                    continue;
+                }
+                segment::Tail::Torn { at } => {
+                    let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(at);
+                    tracing::warn!(
+                        path = %path.display(), at, cut = len.saturating_sub(at),
+                        "cutting a torn write off the end of the log (an unacknowledged publish interrupted by a crash)"
+                    );
+                    segment::truncate(&path, at).map_err(io_err(&path))?;
+                }
+                segment::Tail::Corrupt { at, why } => {
+                    return Err(OpenError::Corrupt {
+                        file: path,
+                        offset: at,
+                        why,
+                        dir,
+                    });
+                }
+            }
+            for record in scan.records {
+                if let Err(why) = recovery.apply(id, record) {
+                    return Err(OpenError::Corrupt {
+                        file: path,
+                        offset: 0,
+                        why,
+                        dir,
+                    });
+                }
+            }
+        }
+        let reset_marker = dir.join(EPOCH_RESET_MARKER);
+        let reset_epochs = reset_marker.exists();
+        let (streams, live) = recovery.finish(reset_epochs);
+        let recovered = streams.len();
+        *shared.streams.write() = streams;
+        *shared.segments.lock() = live;
+
+        // Always continue in a fresh segment that starts with a snapshot of every stream.
+        let active = ids.last().map_or(1, |last| last + 1);
+        let mut file = segment::create(&wal, active).map_err(io_err(&wal))?;
+        let snapshot = shared.snapshot_records();
+        std::io::Write::write_all(&mut file, &snapshot).map_err(io_err(&wal))?;
+        file.sync_data().map_err(io_err(&wal))?;
+        shared.active_segment.store(active, Ordering::Release);
+        shared.segments.lock().insert(active, 0);
+        if reset_epochs {
+            fs::remove_file(&reset_marker).map_err(io_err(&reset_marker))?;
+            tracing::warn!("every stream started a new epoch after a repair");
+        }
+        for id in ids {
+            shared.release_if_dead(id);
+        }
+        tracing::info!(dir = %dir.display(), streams = recovered, segment = active, "disk engine opened");
+
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let writer = Writer {
+            shared: shared.clone(),
+            dir: wal,
+            file,
+            segment_id: active,
+            segment_len: segment::HEADER_LEN + snapshot.len() as u64,
+            segment_max: config.segment_size.max(segment::HEADER_LEN + 1),
+            fsync: config.durability == Durability::Fsync,
+        };
+        std::thread::Builder::new()
+            .name("spool-wal-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io_err(&dir))?;
+        Ok(Self {
+            shared,
+            config,
+            tx,
+            _lock: lock,
+        })
+    }
+
+    fn stream(&self, name: &StreamName) -> Result<Arc<DiskStream>, EngineError> {
+        if let Some(s) = self.shared.streams.read().get(name) {
+            return Ok(s.clone());
+        }
+        let mut streams = self.shared.streams.write();
+        if let Some(s) = streams.get(name) {
+            return Ok(s.clone());
+        }
+        if streams.len() >= self.config.max_streams {
+            return Err(EngineError::Limit(format!(
+                "the disk engine holds its maximum of {} streams",
+                self.config.max_streams
+            )));
+        }
+        let s = Arc::new(DiskStream::new(
+            name.clone(),
+            Epoch::generate(),
+            Offset::ZERO,
+            self.retention(name),
+            false,
+        ));
+        streams.insert(name.clone(), s.clone());
+        Ok(s)
+    }
+
+    async fn write(
+        &self,
+        frames: Vec<u8>,
+        publish: Vec<Publish>,
+    ) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(WriteRequest {
+                frames,
+                publish,
+                done,
+            })
+            .await
+            .map_err(|_| EngineError::Unavailable("the WAL writer has stopped".into()))?;
+        Ok(rx)
+    }
+}
+
+async fn wait(rx: oneshot::Receiver<Result<(), EngineError>>) -> Result<(), EngineError> {
+    rx.await
+        .map_err(|_| EngineError::Unavailable("the WAL writer has stopped".into()))?
+}
+
+impl DiskStream {
+    fn new(
+        name: StreamName,
+        epoch: Epoch,
+        head: Offset,
+        retention: Retention,
+        persisted: bool,
+    ) -> Self {
+        Self {
+            append: tokio::sync::Mutex::new(AppendState {
+                reserved: head,
+                dedup: DedupWindow::default(),
+                persisted,
+            }),
+            log: Mutex::new(StreamLog::new(epoch, head, retention)),
+            name,
+        }
+    }
+}
+
+#[async_trait]
+impl Engine for DiskEngine {
+    fn name(&self) -> &'static str {
+        "disk"
+    }
+
+    async fn append(
+        &self,
+        name: &StreamName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, EngineError> {
+        if let Some(reason) = self.shared.failure() {
+            return Err(EngineError::Unavailable(format!(
+                "the disk engine has failed: {reason}"
+            )));
+        }
+        let stream = self.stream(name)?;
+        let now = now_ms();
+        let dedup_until = now + self.config.dedup_window.as_millis() as u64;
+        let mut state = stream.append.lock().await;
+        let epoch = stream.log.lock().epoch().clone();
+        let mut frames = Vec::new();
+        if !state.persisted {
+            record::encode_stream(&mut frames, name, &epoch, state.reserved);
+        }
+        let mut out = Vec::with_capacity(messages.len());
+        let mut publish = Vec::with_capacity(messages.len());
+        let mut newest_duplicate = Offset::ZERO;
+        for new in messages {
+            if let Some(key) = &new.idempotency_key
+                && let Some(original) = state.dedup.get(key, now)
+            {
+                newest_duplicate = newest_duplicate.max(original.offset);
+                out.push(Appended {
+                    position: original.clone(),
+                    duplicate: true,
+                });
+                continue;
+            }
+            let offset = state.reserved.next();
+            let message = Message {
+                offset,
+                time_ms: now,
+                payload: new.payload,
+                content_type: new.content_type,
+                key: new.key,
+                headers: new.headers,
+            };
+            record::encode_message(&mut frames, name, &message, new.idempotency_key.as_deref());
+            state.reserved = offset;
+            let position = Position::new(epoch.clone(), offset);
+            if let Some(key) = new.idempotency_key
+                && state.dedup.insert(key, position.clone(), dedup_until)
+            {
+                tracing::warn!(stream = %name, "idempotency window full; oldest keys forgotten early");
+            }
+            publish.push(Publish {
+                stream: stream.clone(),
+                message: Arc::new(message),
+            });
+            out.push(Appended {
+                position,
+                duplicate: false,
+            });
+        }
+        // A duplicate's original may still be on its way to disk: then wait for it too (a
+        // barrier behind it in the writer's queue), so no ack ever precedes durability.
+        let original_pending = newest_duplicate > stream.log.lock().head();
+        if frames.is_empty() && !original_pending {
+            return Ok(out);
+        }
+        state.persisted = true;
+        let done = self.write(frames, publish).await;
+        drop(state);
+        wait(done?).await?;
+        Ok(out)
+    }
+
+    async fn read(
+        &self,
+        name: &StreamName,
+        after: Offset,
+        limit: usize,
+    ) -> Result<ReadBatch, EngineError> {
+        let stream = self.stream(name)?;
+        let mut log = stream.log.lock();
+        let mut dropped = Vec::new();
+        log.trim(now_ms(), |e| dropped.push(e.tag));
+        let batch = ReadBatch {
+            state: log.state(),
+            messages: log.read(after, limit),
+        };
+        drop(log);
+        self.shared.release(&dropped);
+        Ok(batch)
+    }
+
+    async fn state(&self, name: &StreamName) -> Result<Option<StreamState>, EngineError> {
+        let Some(stream) = self.shared.streams.read().get(name).cloned() else {
+            return Ok(None);
+        };
+        let mut log = stream.log.lock();
+        let mut dropped = Vec::new();
+        log.trim(now_ms(), |e| dropped.push(e.tag));
+        let state = log.state();
+        drop(log);
+        self.shared.release(&dropped);
+        Ok(Some(state))
+    }
+
+    async fn watch(&self, name: &StreamName) -> Result<HeadWatch, EngineError> {
+        Ok(self.stream(name)?.log.lock().watch())
+    }
+
+    fn retention(&self, name: &StreamName) -> Retention {
+        self.config.retention.for_stream(name)
+    }
+
+    async fn sweep(&self) -> Result<(), EngineError> {
+        let streams: Vec<_> = self.shared.streams.read().values().cloned().collect();
+        let now = now_ms();
+        let mut dropped = Vec::new();
+        for s in streams {
+            s.log.lock().trim(now, |e| dropped.push(e.tag));
+            if let Ok(mut state) = s.append.try_lock() {
+                state.dedup.expire(now);
+            }
+        }
+        self.shared.release(&dropped);
+        Ok(())
+    }
+
+    async fn ready(&self) -> Result<(), EngineError> {
+        match self.shared.failure() {
+            Some(reason) => Err(EngineError::Unavailable(format!(
+                "the disk engine has failed: {reason}"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Rebuilds streams from records, in WAL order.
+struct Recovery<'a> {
+    config: &'a DiskConfig,
+    streams: HashMap<StreamName, Rebuilt>,
+    live: HashMap<u64, u64>,
+    now: u64,
+}
+
+struct Rebuilt {
+    log: StreamLog,
+    dedup: DedupWindow,
+}
+
+impl<'a> Recovery<'a> {
+    fn new(config: &'a DiskConfig) -> Self {
+        Self {
+            config,
+            streams: HashMap::new(),
+            live: HashMap::new(),
+            now: now_ms(),
+        }
+    }
+
+    fn apply(&mut self, segment: u64, record: Record) -> Result<(), &'static str> {
+        let Recovery {
+            config,
+            streams,
+            live,
+            now,
+        } = self;
+        let new_log = |name: &StreamName, epoch, head| {
+            StreamLog::new(epoch, head, config.retention.for_stream(name))
+        };
+        match record {
+            Record::Stream { name, epoch, head } => match streams.get_mut(&name) {
+                Some(s) if *s.log.epoch() == epoch => {
+                    if head > s.log.head() {
+                        // Messages up to `head` existed but went with deleted segments.
+                        s.log.skip_to(head, |e| release(live, e.tag));
+                    }
+                }
+                Some(s) => {
+                    s.log.skip_to(Offset::ZERO, |e| release(live, e.tag));
+                    *s = Rebuilt {
+                        log: new_log(&name, epoch, head),
+                        dedup: DedupWindow::default(),
+                    };
+                }
+                None => {
+                    let log = new_log(&name, epoch, head);
+                    streams.insert(
+                        name,
+                        Rebuilt {
+                            log,
+                            dedup: DedupWindow::default(),
+                        },
+                    );
+                }
+            },
+            Record::Message {
+                name,
+                message,
+                idempotency_key,
+            } => {
+                let Some(s) = streams.get_mut(&name) else {
+                    return Err("a message for a stream whose epoch record is missing");
+                };
+                if message.offset <= s.log.head() {
+                    return Ok(());
+                }
+                if message.offset > s.log.head().next() {
+                    s.log
+                        .skip_to(Offset(message.offset.get() - 1), |e| release(live, e.tag));
+                }
+                let window = config.dedup_window.as_millis() as u64;
+                if let Some(key) = idempotency_key
+                    && message.time_ms + window > *now
+                {
+                    let position = Position::new(s.log.epoch().clone(), message.offset);
+                    s.dedup.insert(key, position, message.time_ms + window);
+                }
+                s.log.push(Arc::new(message), segment);
+                *live.entry(segment).or_insert(0) += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies retention and builds the engine's streams; with `reset_epochs`, every stream
+    /// starts a new, empty history.
+    fn finish(
+        self,
+        reset_epochs: bool,
+    ) -> (HashMap<StreamName, Arc<DiskStream>>, HashMap<u64, u64>) {
+        let Recovery {
+            config,
+            streams: rebuilt,
+            mut live,
+            now,
+        } = self;
+        let mut streams = HashMap::with_capacity(rebuilt.len());
+        for (name, mut r) in rebuilt {
+            if reset_epochs {
+                r.log.skip_to(Offset::ZERO, |e| release(&mut live, e.tag));
+                r.log = StreamLog::new(
+                    Epoch::generate(),
+                    Offset::ZERO,
+                    config.retention.for_stream(&name),
+                );
+                r.dedup = DedupWindow::default();
+            }
+            r.log.trim(now, |e| release(&mut live, e.tag));
+            let head = r.log.head();
+            let stream = DiskStream {
+                append: tokio::sync::Mutex::new(AppendState {
+                    reserved: head,
+                    dedup: r.dedup,
+                    persisted: true,
+                }),
+                log: Mutex::new(r.log),
+                name: name.clone(),
+            };
+            streams.insert(name, Arc::new(stream));
+        }
+        (streams, live)
+    }
+}
+
+fn release(live: &mut HashMap<u64, u64>, tag: u64) {
+    if let Some(n) = live.get_mut(&tag) {
+        *n = n.saturating_sub(1);
+    }
+}
+
+/// `spool repair`: moves every segment that fails to scan into `quarantine/` and leaves a
+/// marker so the next start gives every stream a new epoch (their history may have a hole).
+/// Returns the quarantined files.
+pub fn repair(dir: &Path) -> Result<Vec<PathBuf>, OpenError> {
+    let wal = dir.join("wal");
+    let ids = segment::list(&wal).map_err(io_err(&wal))?;
+    let quarantine = dir.join(QUARANTINE_DIR);
+    let mut moved = Vec::new();
+    for (i, &id) in ids.iter().enumerate() {
+        let path = segment::path(&wal, id);
+        let scan = segment::scan(&path, i + 1 == ids.len()).map_err(io_err(&path))?;
+        if let segment::Tail::Corrupt { at, why } = scan.tail {
+            fs::create_dir_all(&quarantine).map_err(io_err(&quarantine))?;
+            let to = quarantine.join(format!("{id:020}.log"));
+            fs::rename(&path, &to).map_err(io_err(&path))?;
+            tracing::warn!(from = %path.display(), to = %to.display(), at, why, "quarantined a corrupt segment");
+            moved.push(to);
+        }
+    }
+    if !moved.is_empty() {
+        let marker = dir.join(EPOCH_RESET_MARKER);
+        fs::write(
+            &marker,
+            b"written by spool repair: every stream starts a new epoch on the next start\n",
+        )
+        .map_err(io_err(&marker))?;
+        segment::sync_dir(dir).map_err(io_err(dir))?;
+        segment::sync_dir(&wal).map_err(io_err(&wal))?;
+    }
+    Ok(moved)
+}
