@@ -3,7 +3,11 @@
 //! clap reads flags and environment into `Option`s (unset stays `None`), the file fills what is
 //! still unset, and defaults fill the rest; [`Resolved`] is the outcome.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -11,6 +15,7 @@ use spool_core::{
     Retention, RetentionPolicy, RetentionRule,
     retention::{de_opt_bytes, de_opt_duration},
 };
+use spool_engine::disk::Durability;
 use spool_server::{ServerConfig, config::AuthConfig};
 
 use crate::serve::ServeArgs;
@@ -21,6 +26,10 @@ use crate::serve::ServeArgs;
 pub struct FileConfig {
     listen: Option<SocketAddr>,
     engine: Option<String>,
+    data_dir: Option<PathBuf>,
+    durability: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_bytes")]
+    segment_size: Option<u64>,
     #[serde(default, deserialize_with = "de_opt_bytes")]
     max_payload: Option<u64>,
     api_keys: Option<Vec<String>>,
@@ -59,9 +68,14 @@ impl FileConfig {
 }
 
 /// Engines `spool serve` can run on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EngineKind {
     Memory,
+    Disk {
+        dir: PathBuf,
+        durability: Durability,
+        segment_size: u64,
+    },
 }
 
 /// Everything `spool serve` needs, resolved.
@@ -81,14 +95,35 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
+    let durability = args.durability.as_deref().or(file.durability.as_deref());
     let engine = match args
         .engine
         .as_deref()
         .or(file.engine.as_deref())
-        .unwrap_or("memory")
+        .unwrap_or("disk")
     {
+        "memory" if durability == Some("fsync") => {
+            bail!("--durability fsync needs the disk engine")
+        }
         "memory" => EngineKind::Memory,
-        other => bail!("unknown engine {other:?}; available: memory"),
+        "disk" => EngineKind::Disk {
+            dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("spool-data")),
+            durability: match durability.unwrap_or("fsync") {
+                "fsync" => Durability::Fsync,
+                "memory" => Durability::Memory,
+                other => bail!("durability must be fsync or memory, got {other:?}"),
+            },
+            segment_size: args
+                .segment_size
+                .or(file.segment_size)
+                .unwrap_or(64 * 1024 * 1024)
+                .max(4096),
+        },
+        other => bail!("unknown engine {other:?}; available: disk, memory"),
     };
     let defaults = Retention::default();
     let retention = RetentionPolicy {

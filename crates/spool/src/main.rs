@@ -28,6 +28,29 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Print a stream's messages, then follow it live; resumes by itself after disconnects.
     Tail(tail::TailArgs),
+    /// Move corrupt WAL segments of the disk engine aside so the server can start again.
+    Repair(RepairArgs),
+}
+
+#[derive(clap::Args)]
+struct RepairArgs {
+    /// The disk engine's data directory.
+    #[arg(long, env = "SPOOL_DATA_DIR", default_value = "spool-data")]
+    data_dir: std::path::PathBuf,
+}
+
+fn repair(args: RepairArgs) -> anyhow::Result<()> {
+    serve::init_logging(false);
+    let moved = spool_engine::disk::repair(&args.data_dir)?;
+    if moved.is_empty() {
+        println!("no corrupt segment found in {}", args.data_dir.display());
+    } else {
+        for path in moved {
+            println!("quarantined {}", path.display());
+        }
+        println!("every stream starts a new epoch on the next start; clients get a reset");
+    }
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,6 +70,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(*args).await,
             Command::Publish(args) => publish::run(args).await,
             Command::Tail(args) => tail::run(args).await,
+            Command::Repair(args) => repair(args),
         }
     });
     match result {

@@ -5,7 +5,11 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use clap::Args;
 use spool_core::retention::{parse_bytes, parse_duration};
-use spool_engine::{Engine, MemoryEngine, memory::MemoryConfig};
+use spool_engine::{
+    Engine, MemoryEngine,
+    disk::{DiskConfig, DiskEngine},
+    memory::MemoryConfig,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, EngineKind};
@@ -15,9 +19,18 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "SPOOL_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-    /// Storage engine: memory.
+    /// Storage engine: disk (durable, the default) or memory.
     #[arg(long, env = "SPOOL_ENGINE")]
     pub engine: Option<String>,
+    /// Data directory of the disk engine (default ./spool-data).
+    #[arg(long, env = "SPOOL_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// When a publish is acked: fsync (on disk, default) or memory (written to the OS, not fsynced).
+    #[arg(long, env = "SPOOL_DURABILITY")]
+    pub durability: Option<String>,
+    /// Size at which the disk engine starts a new WAL segment (default 64MiB).
+    #[arg(long, env = "SPOOL_SEGMENT_SIZE", value_name = "BYTES", value_parser = parse_bytes)]
+    pub segment_size: Option<u64>,
     /// Messages kept per stream (default 10000).
     #[arg(long, env = "SPOOL_HISTORY_LIMIT", value_name = "N")]
     pub history_limit: Option<u64>,
@@ -78,6 +91,7 @@ pub struct ServeArgs {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let resolved = config::resolve(&args)?;
     init_logging(resolved.json_logs);
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting spool");
     let auth = &resolved.server.auth;
     if auth.allow_anonymous {
         tracing::warn!(
@@ -100,6 +114,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 dedup_window: resolved.dedup_window,
                 ..MemoryConfig::default()
             }))
+        }
+        EngineKind::Disk {
+            dir,
+            durability,
+            segment_size,
+        } => {
+            let config = DiskConfig {
+                durability,
+                retention: resolved.retention.clone(),
+                dedup_window: resolved.dedup_window,
+                segment_size,
+                ..DiskConfig::new(dir)
+            };
+            tracing::info!(dir = %config.dir.display(), ?durability, "opening the disk engine");
+            let engine = tokio::task::spawn_blocking(move || DiskEngine::open(config))
+                .await
+                .context("the disk engine's recovery panicked")??;
+            Arc::new(engine)
         }
     };
 
@@ -153,7 +185,7 @@ async fn signal_shutdown(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-fn init_logging(json: bool) {
+pub fn init_logging(json: bool) {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_env("SPOOL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

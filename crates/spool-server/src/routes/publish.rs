@@ -31,6 +31,11 @@ use crate::{
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 /// Longest conflation key, in bytes.
 const MAX_KEY: usize = 1024;
+/// Longest content type, in bytes.
+const MAX_CONTENT_TYPE: usize = 256;
+/// Most headers on one message, and the longest header name.
+const MAX_HEADERS: usize = 64;
+const MAX_HEADER_NAME: usize = 256;
 
 pub async fn publish_one(
     State(state): State<AppState>,
@@ -46,7 +51,7 @@ pub async fn publish_one(
     let payload = body.map_err(|e| body_error(e, state.config.max_payload))?;
     let message = NewMessage {
         payload,
-        content_type: header_string(&headers, CONTENT_TYPE.as_str(), usize::MAX)?,
+        content_type: header_string(&headers, CONTENT_TYPE.as_str(), MAX_CONTENT_TYPE)?,
         key: header_string(&headers, "spool-key", MAX_KEY)?,
         headers: Vec::new(),
         idempotency_key: header_string(&headers, "idempotency-key", MAX_IDEMPOTENCY_KEY)?,
@@ -126,6 +131,15 @@ pub async fn publish_batch(
         )
         .map_err(at)?;
         check_len("key", m.key.as_deref(), MAX_KEY).map_err(at)?;
+        check_len("content_type", m.content_type.as_deref(), MAX_CONTENT_TYPE).map_err(at)?;
+        if m.headers.len() > MAX_HEADERS {
+            return Err(at(ApiError::bad_body(format!(
+                "at most {MAX_HEADERS} headers per message"
+            ))));
+        }
+        for name in m.headers.keys() {
+            check_len("a header name", Some(name), MAX_HEADER_NAME).map_err(at)?;
+        }
         let slot = by_stream.entry(stream.clone()).or_default();
         order.push((stream, slot.len()));
         slot.push(NewMessage {

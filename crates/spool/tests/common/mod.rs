@@ -29,8 +29,19 @@ impl Server {
     }
 
     pub fn start_on(listen: &str, extra: &[&str]) -> Server {
+        Self::spawn(listen, &["--engine", "memory"], extra)
+    }
+
+    /// Starts `spool serve` on the disk engine with its data in `dir`.
+    pub fn start_disk(listen: &str, dir: &std::path::Path, extra: &[&str]) -> Server {
+        let dir = dir.to_str().expect("utf-8 temp dir");
+        Self::spawn(listen, &["--engine", "disk", "--data-dir", dir], extra)
+    }
+
+    fn spawn(listen: &str, engine: &[&str], extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-            .args(["serve", "--listen", listen, "--engine", "memory"])
+            .args(["serve", "--listen", listen])
+            .args(engine)
             .args(["--api-key", API_KEY, "--jwt-secret", JWT_SECRET])
             .args(extra)
             .env("SPOOL_LOG", "info")
