@@ -1,1 +1,107 @@
-fn main() {}
+//! `spool-bench`: Spool's load generator.
+//!
+//! Every benchmark starts its own servers on free 127.0.0.1 ports and measures Spool next to a
+//! peer in the same run, so a noisy machine shifts both and the ratio stays meaningful. This
+//! file is only the command line; [`publish`] drives the publish benchmark, [`runner`] times
+//! one target at one concurrency, [`targets`] holds what can be measured, [`report`] prints it.
+
+mod publish;
+mod readback;
+mod report;
+mod runner;
+mod spool_process;
+mod targets;
+mod workload;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::targets::TargetKind;
+
+#[derive(Parser)]
+#[command(
+    name = "spool-bench",
+    version,
+    about = "Load generator for Spool: throughput and latency against a peer in the same run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Publish throughput and ack latency (HTTP), then read everything back to check it.
+    Publish(PublishArgs),
+}
+
+/// Options of `spool-bench publish`.
+#[derive(Args, Debug, Clone)]
+pub struct PublishArgs {
+    /// The spool binary to benchmark.
+    #[arg(long, value_name = "PATH", default_value = "target/release/spool")]
+    pub spool_bin: PathBuf,
+    /// Extra argument for `spool serve` (repeatable), e.g. `--server-arg=--dedup-window=1m`.
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
+    /// Concurrent clients, one connection each; one run per value.
+    #[arg(long, value_name = "N,N,…", value_delimiter = ',', default_value = "1,16,64",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub clients: Vec<u16>,
+    /// Payload size in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    pub size: usize,
+    /// Streams to publish to, round-robin (`bench-0`, `bench-1`, …).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub streams: u16,
+    /// Messages per run (split across the clients), after the warm-up.
+    #[arg(long, value_name = "N", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages: u64,
+    /// Messages per run published before timing starts (opens connections, warms caches).
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    pub warmup: u64,
+    /// What to measure, in this order at each concurrency.
+    #[arg(
+        long,
+        value_name = "T,T,…",
+        value_delimiter = ',',
+        default_value = "spool,peer"
+    )]
+    pub targets: Vec<TargetKind>,
+    /// Also write the raw results as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = tokio::select! {
+        outcome = async {
+            match cli.command {
+                Command::Publish(args) => publish::run(args).await,
+            }
+        } => outcome,
+        // Dropping the benchmark future drops the server guards, which stop the servers.
+        e = interrupted() => Err(e),
+    };
+    match outcome {
+        Ok(publish::Verdict::Clean) => ExitCode::SUCCESS,
+        Ok(publish::Verdict::Failed) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("spool-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on Ctrl-C; never, if the signal cannot be watched.
+async fn interrupted() -> anyhow::Error {
+    match tokio::signal::ctrl_c().await {
+        Ok(()) => anyhow::anyhow!("interrupted"),
+        Err(_) => std::future::pending().await,
+    }
+}
