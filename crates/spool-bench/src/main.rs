@@ -71,6 +71,9 @@ pub struct PublishArgs {
         default_value = "spool,peer"
     )]
     pub targets: Vec<TargetKind>,
+    /// The target whose throughput the ratio column divides by.
+    #[arg(long, value_name = "TARGET", default_value = "peer")]
+    pub baseline: String,
     /// Also write the raw results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,

@@ -92,6 +92,7 @@ pub async fn run(args: PublishArgs) -> Result<Verdict> {
                     description: t.description(),
                 })
                 .collect(),
+            baseline: args.baseline.clone(),
         },
         runs,
         read_backs,

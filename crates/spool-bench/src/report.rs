@@ -1,8 +1,9 @@
 //! The results: a markdown report for people (stdout, pasted into docs/benchmarks.md) and
 //! the raw numbers as JSON for tools.
 //!
-//! The `spool/peer` column divides a Spool row's throughput by the peer's at the same
-//! concurrency: the share of bare-HTTP throughput Spool keeps on this machine.
+//! The last column divides a row's throughput by the baseline target's (`--baseline`) at the same
+//! concurrency (e.g. against `peer`: the share of bare-HTTP throughput Spool keeps; against
+//! `spool-nosync`: what fsync-before-ack costs).
 
 use std::fmt::Write as _;
 
@@ -10,8 +11,6 @@ use serde_json::{Value, json};
 
 use crate::{readback::ReadBack, runner::RunResult};
 
-/// The name of the bare-HTTP peer's rows.
-const PEER: &str = "peer";
 /// Quantiles reported, with their column names.
 const QUANTILES: [(f64, &str); 3] = [(0.50, "p50"), (0.99, "p99"), (0.999, "p999")];
 
@@ -29,6 +28,8 @@ pub struct Settings {
     /// CPUs this process may use.
     pub cpus: usize,
     pub targets: Vec<TargetInfo>,
+    /// The target the ratio column divides by.
+    pub baseline: String,
 }
 
 /// One target and how it was set up.
@@ -52,17 +53,18 @@ impl Report {
         self.runs.iter().all(|r| r.all_errors() == 0) && self.read_backs.iter().all(ReadBack::ok)
     }
 
-    /// Throughput of a Spool row over the peer's at the same concurrency.
+    /// Throughput of a row over the baseline's at the same concurrency.
     fn ratio(&self, run: &RunResult) -> Option<f64> {
-        if !run.target.starts_with("spool") {
+        let baseline = &self.settings.baseline;
+        if &run.target == baseline {
             return None;
         }
-        let peer = self
+        let base = self
             .runs
             .iter()
-            .find(|p| p.target == PEER && p.clients == run.clients)?
+            .find(|p| &p.target == baseline && p.clients == run.clients)?
             .msgs_per_sec();
-        (peer > 0.0).then(|| run.msgs_per_sec() / peer)
+        (base > 0.0).then(|| run.msgs_per_sec() / base)
     }
 
     pub fn markdown(&self) -> String {
@@ -80,7 +82,8 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\n| target | clients | msgs/s | p50 ms | p99 ms | p999 ms | errors | spool/peer |"
+            "\n| target | clients | msgs/s | p50 ms | p99 ms | p999 ms | errors | ÷ {} |",
+            s.baseline
         );
         let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|");
         for run in &self.runs {
@@ -205,7 +208,7 @@ impl Report {
                     "elapsed_s": r.elapsed.as_secs_f64(),
                     "msgs_per_sec": r.msgs_per_sec(),
                     "latency": latency,
-                    "spool_over_peer": self.ratio(r),
+                    "over_baseline": self.ratio(r),
                     "error_samples": r.error_samples,
                 })
             }).collect::<Vec<_>>(),

@@ -9,6 +9,11 @@ mod tail;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc: the server allocates per request and per message from many threads; glibc's
+/// malloc showed up at ~11% of server CPU under publish load, mimalloc roughly halves that.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "spool",

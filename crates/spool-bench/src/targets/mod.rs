@@ -7,7 +7,10 @@
 //! line in [`start`]; the runner and the report need no change.
 
 mod http;
+mod nats;
 mod peer;
+mod process;
+mod redis;
 mod spool;
 
 use std::{path::PathBuf, sync::Arc};
@@ -56,8 +59,16 @@ pub trait Publisher: Send {
 pub enum TargetKind {
     /// `spool serve --engine memory`, started from `--spool-bin`.
     Spool,
+    /// `spool serve --engine disk --durability fsync`: ack after fsync (the default setup).
+    SpoolFsync,
+    /// `spool serve --engine disk --durability memory`: ack once written to the OS.
+    SpoolNosync,
     /// A bare axum server that acks without storing: the HTTP ceiling.
     Peer,
+    /// Its own `redis-server` with `appendonly yes` + `appendfsync always`, loaded with `XADD`.
+    Redis,
+    /// Its own `nats-server -js` with a file-storage stream, loaded with acked JetStream publishes.
+    Nats,
 }
 
 /// How to start Spool.
@@ -74,7 +85,17 @@ pub async fn start(
     workload: Arc<Workload>,
 ) -> Result<Box<dyn Target>> {
     Ok(match kind {
-        TargetKind::Spool => Box::new(spool::SpoolTarget::start(spool, workload).await?),
+        TargetKind::Spool => {
+            Box::new(spool::SpoolTarget::start(spool, spool::Engine::Memory, workload).await?)
+        }
+        TargetKind::SpoolFsync => {
+            Box::new(spool::SpoolTarget::start(spool, spool::Engine::DiskFsync, workload).await?)
+        }
+        TargetKind::SpoolNosync => {
+            Box::new(spool::SpoolTarget::start(spool, spool::Engine::DiskNosync, workload).await?)
+        }
         TargetKind::Peer => Box::new(peer::PeerTarget::start(workload)?),
+        TargetKind::Redis => Box::new(redis::RedisTarget::start(workload).await?),
+        TargetKind::Nats => Box::new(nats::NatsTarget::start(workload).await?),
     })
 }

@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 
 use super::{
     Publisher, Target,
-    http::{HttpPublisher, one_connection_client, publish_urls},
+    http::{HttpPublisher, publish_urls},
 };
 use crate::workload::Workload;
 
@@ -73,13 +73,9 @@ impl Target for PeerTarget {
     }
 
     async fn connect(&self, _client_idx: usize) -> Result<Box<dyn Publisher>> {
-        Ok(Box::new(HttpPublisher {
-            client: one_connection_client()?,
-            urls: self.urls.clone(),
-            auth: None,
-            workload: self.workload.clone(),
-            acks: None,
-        }))
+        Ok(Box::new(
+            HttpPublisher::connect(&self.urls, None, self.workload.clone(), None).await?,
+        ))
     }
 }
 

@@ -1,4 +1,4 @@
-//! Spool itself: a `spool serve` child process on the memory engine, published to over HTTP
+//! Spool itself: a `spool serve` child process (memory or disk engine), published to over HTTP
 //! with an API key, and read back afterwards to prove every ack was real.
 
 use std::sync::Arc;
@@ -20,8 +20,27 @@ use crate::{
 /// The API key the benchmark server is started with.
 pub const API_KEY: &str = "bench-key";
 
+/// Which engine `spool serve` runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Memory,
+    DiskFsync,
+    DiskNosync,
+}
+
+impl Engine {
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Memory => "spool",
+            Engine::DiskFsync => "spool-fsync",
+            Engine::DiskNosync => "spool-nosync",
+        }
+    }
+}
+
 /// `spool serve` under test.
 pub struct SpoolTarget {
+    engine: Engine,
     /// Stopped on drop.
     process: SpoolProcess,
     base: Url,
@@ -29,24 +48,52 @@ pub struct SpoolTarget {
     auth: HeaderValue,
     workload: Arc<Workload>,
     acks: Arc<AckCounts>,
+    /// The disk engine's data directory, removed on drop — after `process` stopped, since
+    /// fields drop in declaration order.
+    _data: Option<tempfile::TempDir>,
 }
 
 impl SpoolTarget {
     /// Starts `spool serve` on a free 127.0.0.1 port and waits until it answers.
-    pub async fn start(options: &SpoolOptions, workload: Arc<Workload>) -> Result<Self> {
-        let mut args: Vec<String> = [
-            "--engine",
-            "memory",
-            "--api-key",
-            API_KEY,
-            // Keep everything the benchmark publishes, so the read-back can count it all.
-            "--history-limit",
-            "1000000",
-            "--history-max-bytes",
-            "4GiB",
-        ]
-        .map(String::from)
-        .to_vec();
+    pub async fn start(
+        options: &SpoolOptions,
+        engine: Engine,
+        workload: Arc<Workload>,
+    ) -> Result<Self> {
+        let data = match engine {
+            Engine::Memory => None,
+            Engine::DiskFsync | Engine::DiskNosync => {
+                Some(tempfile::tempdir().context("cannot create a data directory")?)
+            }
+        };
+        let mut args: Vec<String> = match (&data, engine) {
+            (Some(dir), Engine::DiskFsync | Engine::DiskNosync) => vec![
+                "--engine".into(),
+                "disk".into(),
+                "--data-dir".into(),
+                dir.path().display().to_string(),
+                "--durability".into(),
+                if engine == Engine::DiskFsync {
+                    "fsync"
+                } else {
+                    "memory"
+                }
+                .into(),
+            ],
+            _ => vec!["--engine".into(), "memory".into()],
+        };
+        args.extend(
+            [
+                "--api-key",
+                API_KEY,
+                // Keep everything the benchmark publishes, so the read-back can count it all.
+                "--history-limit",
+                "1000000",
+                "--history-max-bytes",
+                "4GiB",
+            ]
+            .map(String::from),
+        );
         args.extend(options.extra_args.iter().cloned());
         let process = SpoolProcess::start(&options.bin, &args).await?;
         let base =
@@ -55,6 +102,8 @@ impl SpoolTarget {
         let auth = HeaderValue::from_str(&format!("Bearer {API_KEY}"))
             .context("bad Authorization header")?;
         Ok(Self {
+            engine,
+            _data: data,
             process,
             base,
             urls,
@@ -68,7 +117,7 @@ impl SpoolTarget {
 #[async_trait]
 impl Target for SpoolTarget {
     fn name(&self) -> &str {
-        "spool"
+        self.engine.name()
     }
 
     fn description(&self) -> String {
@@ -76,13 +125,15 @@ impl Target for SpoolTarget {
     }
 
     async fn connect(&self, _client_idx: usize) -> Result<Box<dyn Publisher>> {
-        Ok(Box::new(HttpPublisher {
-            client: one_connection_client()?,
-            urls: self.urls.clone(),
-            auth: Some(self.auth.clone()),
-            workload: self.workload.clone(),
-            acks: Some(self.acks.clone()),
-        }))
+        Ok(Box::new(
+            HttpPublisher::connect(
+                &self.urls,
+                Some(self.auth.clone()),
+                self.workload.clone(),
+                Some(self.acks.clone()),
+            )
+            .await?,
+        ))
     }
 
     fn check_alive(&self) -> Result<()> {

@@ -50,7 +50,8 @@ pub async fn publish_one(
     principal.check(Action::Publish, &stream)?;
     // Copy: the body may be a view into the connection's read buffer, and a stored message
     // must not keep that whole buffer alive for as long as retention keeps the message.
-    let payload = Bytes::copy_from_slice(&body.map_err(|e| body_error(e, state.config.max_payload))?);
+    let payload =
+        Bytes::copy_from_slice(&body.map_err(|e| body_error(e, state.config.max_payload))?);
     let message = NewMessage {
         payload,
         content_type: header_string(&headers, CONTENT_TYPE.as_str(), MAX_CONTENT_TYPE)?,

@@ -1,0 +1,115 @@
+//! NATS JetStream with file storage: its own `nats-server -js` with a store directory, one
+//! stream `BENCH` on `bench.>`, loaded with JetStream publishes that wait for the server's
+//! ack, one connection per client.
+//!
+//! Note on durability: JetStream acks once the message is written to its file store; it
+//! fsyncs on an interval (2 min by default; nats-server 2.9 has no per-message fsync), so the
+//! fair Spool comparison is `spool-nosync`, not `spool-fsync`.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use async_nats::jetstream;
+use async_trait::async_trait;
+use parking_lot::Mutex;
+
+use super::{Publisher, Target, process::PeerProcess};
+use crate::workload::Workload;
+
+pub struct NatsTarget {
+    process: Mutex<PeerProcess>,
+    url: String,
+    workload: Arc<Workload>,
+}
+
+impl NatsTarget {
+    pub async fn start(workload: Arc<Workload>) -> Result<Self> {
+        let process = PeerProcess::start("nats-server", |port, dir| {
+            [
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-js",
+                "-sd",
+                dir,
+            ]
+            .map(String::from)
+            .to_vec()
+        })
+        .await?;
+        let url = format!("nats://{}", process.addr);
+        let client = async_nats::connect(&url)
+            .await
+            .context("cannot connect to nats-server")?;
+        jetstream::new(client)
+            .get_or_create_stream(jetstream::stream::Config {
+                name: "BENCH".into(),
+                subjects: vec!["bench.>".into()],
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream: {e}"))?;
+        Ok(Self {
+            process: Mutex::new(process),
+            url,
+            workload,
+        })
+    }
+}
+
+#[async_trait]
+impl Target for NatsTarget {
+    fn name(&self) -> &str {
+        "nats-js-file"
+    }
+
+    fn description(&self) -> String {
+        format!(
+            "`{}`, file-storage stream, acked JetStream publish per message",
+            self.process.lock().command_line
+        )
+    }
+
+    async fn connect(&self, _client_idx: usize) -> Result<Box<dyn Publisher>> {
+        let client = async_nats::connect(&self.url)
+            .await
+            .context("cannot connect to nats-server")?;
+        Ok(Box::new(NatsPublisher {
+            js: jetstream::new(client),
+            subjects: self
+                .workload
+                .streams()
+                .iter()
+                .map(|s| format!("bench.{s}"))
+                .collect(),
+            workload: self.workload.clone(),
+        }))
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        self.process.lock().check_alive()
+    }
+}
+
+struct NatsPublisher {
+    js: jetstream::Context,
+    subjects: Vec<String>,
+    workload: Arc<Workload>,
+}
+
+#[async_trait]
+impl Publisher for NatsPublisher {
+    async fn publish_one(&mut self, seq: u64) -> Result<()> {
+        let subject = self.subjects[self.workload.stream_index(seq)].clone();
+        let ack = self
+            .js
+            .publish(subject, self.workload.payload(seq))
+            .await
+            .map_err(|e| anyhow::anyhow!("publish failed: {e}"))?;
+        ack.await
+            .map_err(|e| anyhow::anyhow!("no JetStream ack: {e}"))?;
+        Ok(())
+    }
+}
