@@ -10,6 +10,7 @@ mod readback;
 mod report;
 mod runner;
 mod spool_process;
+mod storage;
 mod targets;
 mod workload;
 
@@ -34,6 +35,9 @@ struct Cli {
 enum Command {
     /// Publish throughput and ack latency (HTTP), then read everything back to check it.
     Publish(PublishArgs),
+    /// Storage-engine candidates for the durable engine, in-process: durable appends per second
+    /// and append latency.
+    Storage(storage::StorageArgs),
 }
 
 /// Options of `spool-bench publish`.
@@ -86,6 +90,7 @@ async fn main() -> ExitCode {
         outcome = async {
             match cli.command {
                 Command::Publish(args) => publish::run(args).await,
+                Command::Storage(args) => storage::run(args).await,
             }
         } => outcome,
         // Dropping the benchmark future drops the server guards, which stop the servers.
