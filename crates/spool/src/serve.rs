@@ -135,14 +135,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
 
+    let shutdown = CancellationToken::new();
+    let signals = signal_shutdown(shutdown.clone())?;
     let listener = tokio::net::TcpListener::bind(resolved.listen)
         .await
         .with_context(|| format!("cannot listen on {}", resolved.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, engine = engine.name(), "listening");
 
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signal_shutdown(shutdown.clone()));
+    tokio::spawn(signals);
     let server = tokio::spawn(spool_server::serve(
         listener,
         engine,
@@ -161,28 +162,29 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn signal_shutdown(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    shutdown.cancel();
-                    return;
-                }
-            };
+/// Registers SIGTERM and SIGINT handlers now — before the server reports that it listens, so
+/// a signal that arrives at any time after that is a graceful shutdown, never the default
+/// kill — and returns the future that cancels `shutdown` on the first of them.
+#[cfg(unix)]
+fn signal_shutdown(shutdown: CancellationToken) -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    shutdown.cancel();
+        shutdown.cancel();
+    })
+}
+
+#[cfg(not(unix))]
+fn signal_shutdown(shutdown: CancellationToken) -> anyhow::Result<impl Future<Output = ()>> {
+    Ok(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        shutdown.cancel();
+    })
 }
 
 pub fn init_logging(json: bool) {
