@@ -10,6 +10,7 @@ mod dedup;
 pub mod disk;
 mod log;
 pub mod memory;
+mod registry;
 
 use std::sync::Arc;
 

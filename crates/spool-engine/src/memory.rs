@@ -7,16 +7,18 @@
 //! and faster here than a task per stream; the disk engine, whose appends wait on fsync, uses
 //! a writer task instead.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use spool_core::{
     Epoch, Message, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName,
     StreamState, now_ms,
 };
 
-use crate::{Appended, Engine, EngineError, HeadWatch, ReadBatch, dedup::DedupWindow};
+use crate::{
+    Appended, Engine, EngineError, HeadWatch, ReadBatch, dedup::DedupWindow, registry::Registry,
+};
 
 /// Settings of the memory engine.
 #[derive(Clone, Debug)]
@@ -41,7 +43,7 @@ impl Default for MemoryConfig {
 /// History in memory; see the module docs.
 pub struct MemoryEngine {
     config: MemoryConfig,
-    streams: RwLock<HashMap<StreamName, Arc<Mutex<StreamLog>>>>,
+    streams: Registry<Mutex<StreamLog>>,
 }
 
 struct StreamLog {
@@ -61,28 +63,14 @@ impl StreamLog {
 impl MemoryEngine {
     pub fn new(config: MemoryConfig) -> Self {
         Self {
+            streams: Registry::new("memory", config.max_streams),
             config,
-            streams: RwLock::new(HashMap::new()),
         }
     }
 
     fn stream(&self, name: &StreamName) -> Result<Arc<Mutex<StreamLog>>, EngineError> {
-        if let Some(log) = self.streams.read().get(name) {
-            return Ok(log.clone());
-        }
-        let mut streams = self.streams.write();
-        if let Some(log) = streams.get(name) {
-            return Ok(log.clone());
-        }
-        if streams.len() >= self.config.max_streams {
-            return Err(EngineError::Limit(format!(
-                "the memory engine holds its maximum of {} streams",
-                self.config.max_streams
-            )));
-        }
-        let log = Arc::new(Mutex::new(StreamLog::new(self.retention(name))));
-        streams.insert(name.clone(), log.clone());
-        Ok(log)
+        self.streams
+            .get_or_create(name, || Mutex::new(StreamLog::new(self.retention(name))))
     }
 }
 
@@ -155,7 +143,7 @@ impl Engine for MemoryEngine {
     }
 
     async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
-        let Some(log) = self.streams.read().get(stream).cloned() else {
+        let Some(log) = self.streams.get(stream) else {
             return Ok(None);
         };
         let mut guard = log.lock();
@@ -172,7 +160,7 @@ impl Engine for MemoryEngine {
     }
 
     async fn sweep(&self) -> Result<(), EngineError> {
-        let logs: Vec<_> = self.streams.read().values().cloned().collect();
+        let logs = self.streams.all();
         let now = now_ms();
         for log in logs {
             let mut guard = log.lock();

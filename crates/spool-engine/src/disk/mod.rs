@@ -35,7 +35,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use spool_core::{
     Epoch, Message, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName,
     StreamState, now_ms,
@@ -44,6 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     Appended, Engine, EngineError, HeadWatch, ReadBatch, dedup::DedupWindow, log::StreamLog,
+    registry::Registry,
 };
 use record::Record;
 use writer::{Publish, WriteRequest, Writer};
@@ -143,7 +144,7 @@ struct AppendState {
 
 /// State shared by the engine, the writer thread and the sweeper.
 pub struct Shared {
-    streams: RwLock<HashMap<StreamName, Arc<DiskStream>>>,
+    streams: Registry<DiskStream>,
     /// Live (retained) messages per segment id.
     segments: Mutex<HashMap<u64, u64>>,
     active_segment: AtomicU64,
@@ -162,7 +163,7 @@ impl Shared {
 
     /// Snapshot records of every persisted stream.
     fn snapshot_records(&self) -> Vec<u8> {
-        let streams: Vec<_> = self.streams.read().values().cloned().collect();
+        let streams = self.streams.all();
         let mut out = Vec::new();
         for s in streams {
             let persisted = s.append.try_lock().map_or(true, |st| st.persisted);
@@ -247,7 +248,7 @@ impl DiskEngine {
         }
 
         let shared = Arc::new(Shared {
-            streams: RwLock::new(HashMap::new()),
+            streams: Registry::new("disk", config.max_streams),
             segments: Mutex::new(HashMap::new()),
             active_segment: AtomicU64::new(u64::MAX),
             dir: dir.clone(),
@@ -298,7 +299,7 @@ impl DiskEngine {
         let reset_epochs = reset_marker.exists();
         let (streams, live) = recovery.finish(reset_epochs);
         let recovered = streams.len();
-        *shared.streams.write() = streams;
+        shared.streams.replace_all(streams);
         *shared.segments.lock() = live;
 
         // Always continue in a fresh segment that starts with a snapshot of every stream.
@@ -341,28 +342,15 @@ impl DiskEngine {
     }
 
     fn stream(&self, name: &StreamName) -> Result<Arc<DiskStream>, EngineError> {
-        if let Some(s) = self.shared.streams.read().get(name) {
-            return Ok(s.clone());
-        }
-        let mut streams = self.shared.streams.write();
-        if let Some(s) = streams.get(name) {
-            return Ok(s.clone());
-        }
-        if streams.len() >= self.config.max_streams {
-            return Err(EngineError::Limit(format!(
-                "the disk engine holds its maximum of {} streams",
-                self.config.max_streams
-            )));
-        }
-        let s = Arc::new(DiskStream::new(
-            name.clone(),
-            Epoch::generate(),
-            Offset::ZERO,
-            self.retention(name),
-            false,
-        ));
-        streams.insert(name.clone(), s.clone());
-        Ok(s)
+        self.shared.streams.get_or_create(name, || {
+            DiskStream::new(
+                name.clone(),
+                Epoch::generate(),
+                Offset::ZERO,
+                self.retention(name),
+                false,
+            )
+        })
     }
 
     async fn write(
@@ -506,7 +494,7 @@ impl Engine for DiskEngine {
     }
 
     async fn state(&self, name: &StreamName) -> Result<Option<StreamState>, EngineError> {
-        let Some(stream) = self.shared.streams.read().get(name).cloned() else {
+        let Some(stream) = self.shared.streams.get(name) else {
             return Ok(None);
         };
         let mut log = stream.log.lock();
@@ -527,7 +515,7 @@ impl Engine for DiskEngine {
     }
 
     async fn sweep(&self) -> Result<(), EngineError> {
-        let streams: Vec<_> = self.shared.streams.read().values().cloned().collect();
+        let streams = self.shared.streams.all();
         let now = now_ms();
         let mut dropped = Vec::new();
         for s in streams {
