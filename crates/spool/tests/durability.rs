@@ -72,6 +72,15 @@ async fn read_all(s: &Server, stream: &str) -> (Vec<(u64, String)>, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_under_load_loses_no_acked_message() {
+    // Retention high enough that nothing acked is ever trimmed: every ack must stay readable.
+    const SERVE: &[&str] = &[
+        "--durability",
+        "fsync",
+        "--segment-size",
+        "256KiB",
+        "--history-limit",
+        "10000000",
+    ];
     const CYCLES: usize = 5;
     const PUBLISHERS: usize = 8;
     let dir = tempfile::tempdir().unwrap();
@@ -82,11 +91,7 @@ async fn sigkill_under_load_loses_no_acked_message() {
     let mut seq = 0u64;
 
     for cycle in 0..CYCLES {
-        let mut s = Server::start_disk(
-            &listen,
-            dir.path(),
-            &["--durability", "fsync", "--segment-size", "256KiB"],
-        );
+        let mut s = Server::start_disk(&listen, dir.path(), SERVE);
         // Everything acked before is there, in place, and the epoch held.
         let (present, e) = read_all(&s, "crash").await;
         if let Some(epoch) = &epoch {
@@ -166,7 +171,7 @@ async fn sigkill_under_load_loses_no_acked_message() {
             acked.lock().unwrap().len()
         );
     }
-    let s = Server::start_disk(&listen, dir.path(), &[]);
+    let s = Server::start_disk(&listen, dir.path(), SERVE);
     let (present, _) = read_all(&s, "crash").await;
     let present: BTreeMap<u64, String> = present.into_iter().collect();
     let acked = acked.lock().unwrap();
