@@ -18,6 +18,22 @@ pub struct NewMessage {
     pub idempotency_key: Option<String>,
 }
 
+impl NewMessage {
+    /// The stored message this becomes at `offset`, published at `time_ms`, and its
+    /// idempotency key (kept by the engine's dedup window, not in the message).
+    pub fn stamp(self, offset: Offset, time_ms: u64) -> (Message, Option<String>) {
+        let message = Message {
+            offset,
+            time_ms,
+            payload: self.payload,
+            content_type: self.content_type,
+            key: self.key,
+            headers: self.headers,
+        };
+        (message, self.idempotency_key)
+    }
+}
+
 /// A stored message. Engines hand these out behind an `Arc`, so one copy serves every reader.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use spool_core::Position;
+use spool_core::{Position, StreamName};
 
 /// Past this many live keys in one stream the oldest are forgotten early, so a flood of
 /// unique keys cannot grow memory without bound. Logged when it happens.
@@ -34,6 +34,21 @@ impl DedupWindow {
         self.expiry.push_back((expires_ms, key.clone()));
         self.positions.insert(key, position);
         evicted
+    }
+
+    /// Records `key`, if any, for a message just appended at `position`.
+    pub fn remember(
+        &mut self,
+        stream: &StreamName,
+        key: Option<String>,
+        position: &Position,
+        until_ms: u64,
+    ) {
+        if let Some(key) = key
+            && self.insert(key, position.clone(), until_ms)
+        {
+            tracing::warn!(%stream, "idempotency window full; oldest keys forgotten early");
+        }
     }
 
     pub fn expire(&mut self, now_ms: u64) {

@@ -12,8 +12,8 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use spool_core::{
-    Epoch, Message, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName,
-    StreamState, now_ms,
+    Epoch, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName, StreamState,
+    now_ms,
 };
 
 use crate::{
@@ -102,21 +102,10 @@ impl Engine for MemoryEngine {
                 continue;
             }
             let offset = log.head().next();
-            let message = Message {
-                offset,
-                time_ms: now,
-                payload: new.payload,
-                content_type: new.content_type,
-                key: new.key,
-                headers: new.headers,
-            };
+            let (message, key) = new.stamp(offset, now);
             log.push(Arc::new(message), 0);
             let position = Position::new(log.epoch().clone(), offset);
-            if let Some(key) = new.idempotency_key
-                && dedup.insert(key, position.clone(), dedup_until)
-            {
-                tracing::warn!(%stream, "idempotency window full; oldest keys forgotten early");
-            }
+            dedup.remember(stream, key, &position, dedup_until);
             out.push(Appended {
                 position,
                 duplicate: false,

@@ -37,8 +37,8 @@ use std::{
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use spool_core::{
-    Epoch, Message, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName,
-    StreamState, now_ms,
+    Epoch, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName, StreamState,
+    now_ms,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -436,22 +436,11 @@ impl Engine for DiskEngine {
                 continue;
             }
             let offset = state.reserved.next();
-            let message = Message {
-                offset,
-                time_ms: now,
-                payload: new.payload,
-                content_type: new.content_type,
-                key: new.key,
-                headers: new.headers,
-            };
-            record::encode_message(&mut frames, name, &message, new.idempotency_key.as_deref());
+            let (message, key) = new.stamp(offset, now);
+            record::encode_message(&mut frames, name, &message, key.as_deref());
             state.reserved = offset;
             let position = Position::new(epoch.clone(), offset);
-            if let Some(key) = new.idempotency_key
-                && state.dedup.insert(key, position.clone(), dedup_until)
-            {
-                tracing::warn!(stream = %name, "idempotency window full; oldest keys forgotten early");
-            }
+            state.dedup.remember(name, key, &position, dedup_until);
             publish.push(Publish {
                 stream: stream.clone(),
                 message: Arc::new(message),

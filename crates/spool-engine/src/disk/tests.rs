@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use spool_core::{NewMessage, Offset, StreamName};
+use spool_core::{Message, NewMessage, Offset, StreamName};
 
 use super::*;
 use crate::Engine;
