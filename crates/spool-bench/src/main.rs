@@ -40,6 +40,25 @@ enum Command {
     Storage(storage::StorageArgs),
 }
 
+/// The load shape shared by every benchmark: how many clients, how big, how long.
+#[derive(Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Concurrent clients (each with its own connection or task); one run per value.
+    #[arg(long, value_name = "N,N,…", value_delimiter = ',', default_value = "1,16,64",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub clients: Vec<u16>,
+    /// Payload size in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    pub size: usize,
+    /// Messages per run (split across the clients), after the warm-up.
+    #[arg(long, value_name = "N", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages: u64,
+    /// Messages per run sent before timing starts (opens connections, creates streams).
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    pub warmup: u64,
+}
+
 /// Options of `spool-bench publish`.
 #[derive(Args, Debug, Clone)]
 pub struct PublishArgs {
@@ -49,24 +68,12 @@ pub struct PublishArgs {
     /// Extra argument for `spool serve` (repeatable), e.g. `--server-arg=--dedup-window=1m`.
     #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub server_args: Vec<String>,
-    /// Concurrent clients, one connection each; one run per value.
-    #[arg(long, value_name = "N,N,…", value_delimiter = ',', default_value = "1,16,64",
-          value_parser = clap::value_parser!(u16).range(1..))]
-    pub clients: Vec<u16>,
-    /// Payload size in bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = 256)]
-    pub size: usize,
+    #[command(flatten)]
+    pub load: LoadArgs,
     /// Streams to publish to, round-robin (`bench-0`, `bench-1`, …).
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub streams: u16,
-    /// Messages per run (split across the clients), after the warm-up.
-    #[arg(long, value_name = "N", default_value_t = 20_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub messages: u64,
-    /// Messages per run published before timing starts (opens connections, warms caches).
-    #[arg(long, value_name = "N", default_value_t = 500)]
-    pub warmup: u64,
     /// What to measure, in this order at each concurrency.
     #[arg(
         long,

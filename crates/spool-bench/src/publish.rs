@@ -24,7 +24,7 @@ pub enum Verdict {
 }
 
 pub async fn run(args: PublishArgs) -> Result<Verdict> {
-    let workload = Arc::new(Workload::new(args.streams, args.size));
+    let workload = Arc::new(Workload::new(args.streams, args.load.size));
     let spool = SpoolOptions {
         bin: args.spool_bin.clone(),
         extra_args: args.server_args.clone(),
@@ -46,13 +46,13 @@ pub async fn run(args: PublishArgs) -> Result<Verdict> {
     }
 
     let mut runs = Vec::new();
-    for &clients in &args.clients {
+    for &clients in &args.load.clients {
         for target in &targets {
             eprint!("{} with {clients} clients: ", target.name());
             let config = RunConfig {
                 clients: usize::from(clients),
-                messages: args.messages,
-                warmup: args.warmup,
+                messages: args.load.messages,
+                warmup: args.load.warmup,
             };
             let result = runner::run(target.as_ref(), config)
                 .await
@@ -81,9 +81,9 @@ pub async fn run(args: PublishArgs) -> Result<Verdict> {
         settings: Settings {
             size: workload.payload_size(),
             streams: args.streams,
-            messages: args.messages,
-            warmup: args.warmup,
-            clients: args.clients.clone(),
+            messages: args.load.messages,
+            warmup: args.load.warmup,
+            clients: args.load.clients.clone(),
             cpus: std::thread::available_parallelism().map_or(0, usize::from),
             targets: targets
                 .iter()

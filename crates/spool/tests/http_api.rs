@@ -311,39 +311,19 @@ async fn bad_reads_get_status_and_json() {
         "invalid_position",
     )
     .await;
-    expect_error(
-        get("/v1/streams/r/events?format=xml").send().await.unwrap(),
-        400,
-        "invalid_parameter",
-    )
-    .await;
-    expect_error(
-        get("/v1/events").send().await.unwrap(),
-        400,
-        "invalid_parameter",
-    )
-    .await;
-    expect_error(
-        get("/v1/events?stream=a&stream=a").send().await.unwrap(),
-        400,
-        "invalid_parameter",
-    )
-    .await;
-    expect_error(
-        get("/v1/events?stream=a&stream=b&after=x:1")
-            .send()
-            .await
-            .unwrap(),
-        400,
-        "invalid_parameter",
-    )
-    .await;
-    expect_error(
-        get("/v1/streams/never-seen").send().await.unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
+    for (path, status, code) in [
+        ("/v1/streams/r/events?format=xml", 400, "invalid_parameter"),
+        ("/v1/events", 400, "invalid_parameter"),
+        ("/v1/events?stream=a&stream=a", 400, "invalid_parameter"),
+        (
+            "/v1/events?stream=a&stream=b&after=x:1",
+            400,
+            "invalid_parameter",
+        ),
+        ("/v1/streams/never-seen", 404, "not_found"),
+    ] {
+        expect_error(get(path).send().await.unwrap(), status, code).await;
+    }
 }
 
 #[tokio::test]

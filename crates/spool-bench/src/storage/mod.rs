@@ -41,24 +41,12 @@ use crate::{
 /// Options of `spool-bench storage`.
 #[derive(Args, Debug, Clone)]
 pub struct StorageArgs {
-    /// Concurrent appenders (tokio tasks); one run per value.
-    #[arg(long, value_name = "N,N,…", value_delimiter = ',', default_value = "1,16,64",
-          value_parser = clap::value_parser!(u16).range(1..))]
-    pub clients: Vec<u16>,
-    /// Record (payload) size in bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = 256)]
-    pub size: usize,
+    #[command(flatten)]
+    pub load: crate::LoadArgs,
     /// Streams appended to, round-robin; `clients` gives every run as many streams as
     /// appenders (each appender then owns one stream).
     #[arg(long, value_name = "N|clients", default_value = "1")]
     pub streams: StreamCount,
-    /// Records per run (split across the clients), after the warm-up.
-    #[arg(long, value_name = "N", default_value_t = 20_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub messages: u64,
-    /// Records per run appended before timing starts (creates every stream).
-    #[arg(long, value_name = "N", default_value_t = 500)]
-    pub warmup: u64,
     /// Candidates, in this order at each concurrency.
     #[arg(
         long,
@@ -237,9 +225,9 @@ pub async fn run(args: StorageArgs) -> Result<Verdict> {
     let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
     let mut rows = Vec::new();
-    for &clients in &args.clients {
+    for &clients in &args.load.clients {
         let streams = args.streams.resolve(clients);
-        let workload = Arc::new(Workload::new(streams, args.size));
+        let workload = Arc::new(Workload::new(streams, args.load.size));
         for &candidate in &args.candidates {
             let dir = tempfile::Builder::new()
                 .prefix(&format!("spool-storage-{}-", candidate.name()))
@@ -261,11 +249,11 @@ pub async fn run(args: StorageArgs) -> Result<Verdict> {
             );
             let config = RunConfig {
                 clients: usize::from(clients),
-                messages: args.messages,
-                warmup: args.warmup,
+                messages: args.load.messages,
+                warmup: args.load.warmup,
             };
             let run = runner::run(&target, config).await?;
-            let acked_total = args.warmup - run.warmup_errors + run.acked;
+            let acked_total = args.load.warmup - run.warmup_errors + run.acked;
             let stored = store.stored().await.map_err(|e| format!("{e:#}"));
             let commits = store.commits();
             drop(store);
@@ -295,9 +283,9 @@ fn render(args: &StorageArgs, base: &std::path::Path, rows: &[Row]) -> String {
         out,
         "## Storage candidates: durable appends ({} B records, {} per run after {} warm-up, \
          each waits for its fsync; {cpus} CPUs; directories in {})\n",
-        args.size,
-        args.messages,
-        args.warmup,
+        args.load.size,
+        args.load.messages,
+        args.load.warmup,
         base.display()
     );
     let _ = writeln!(
