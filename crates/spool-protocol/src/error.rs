@@ -36,6 +36,20 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A bug or corrupted data; the message has details (500).
     Internal,
+    /// WebSocket: a frame that is not valid JSON or not a known frame of the protocol.
+    BadFrame,
+    /// WebSocket: a frame that needs a `connect` first, or a second `connect`.
+    NotConnected,
+    /// WebSocket: the session id given is unknown, expired, or belongs to another identity.
+    SessionNotRestored,
+    /// WebSocket: the connection's token expired; the connection closes.
+    TokenExpired,
+    /// WebSocket: the client stayed behind too long; the connection closes.
+    SlowConsumer,
+    /// WebSocket: no frame from the client in time; the connection closes.
+    PingTimeout,
+    /// An `Origin` not in the allowed list (403).
+    OriginNotAllowed,
 }
 
 impl ErrorCode {
@@ -55,6 +69,13 @@ impl ErrorCode {
             ErrorCode::LimitReached => "limit_reached",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::NotConnected => "not_connected",
+            ErrorCode::SessionNotRestored => "session_not_restored",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::PingTimeout => "ping_timeout",
+            ErrorCode::OriginNotAllowed => "origin_not_allowed",
         }
     }
 }
@@ -92,6 +113,8 @@ mod tests {
             ErrorCode::PayloadTooLarge,
             ErrorCode::EngineUnavailable,
             ErrorCode::Internal,
+            ErrorCode::SessionNotRestored,
+            ErrorCode::OriginNotAllowed,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

@@ -19,9 +19,56 @@ pub struct ServerConfig {
     pub max_read_limit: usize,
     /// Most streams on one multi-stream SSE connection.
     pub max_streams_per_connection: usize,
-    /// Origins allowed by CORS; `*` allows any.
+    /// Origins allowed by CORS and on the WebSocket upgrade; `*` allows any.
     pub cors_origins: Vec<String>,
     pub auth: AuthConfig,
+    pub ws: WsConfig,
+}
+
+/// Settings of the WebSocket protocol (`/v1/ws`).
+#[derive(Clone, Debug)]
+pub struct WsConfig {
+    /// How long a session outlives its connection.
+    pub session_ttl: Duration,
+    /// The server pings a quiet connection this often.
+    pub ping_interval: Duration,
+    /// A connection that sends nothing (not even a pong) for this long after a ping is closed.
+    pub ping_timeout: Duration,
+    /// How long a new connection has to send `connect`.
+    pub connect_timeout: Duration,
+    /// Most frames waiting to be written to one connection.
+    pub outbound_messages: usize,
+    /// Most bytes waiting to be written to one connection.
+    pub outbound_bytes: usize,
+    /// A connection whose outbound buffer makes no progress for this long is closed
+    /// (`slow_consumer`); until then it is caught up from history.
+    pub stuck_timeout: Duration,
+    /// Streams whose slow subscribers get only the newest message per `key`.
+    pub conflate: Vec<spool_core::Pattern>,
+    /// Most publishes of one connection waiting for their ack.
+    pub max_inflight_publishes: usize,
+    /// Socket read buffer of the WebSocket codec, per connection.
+    pub read_buffer: usize,
+    /// Socket write buffer of the WebSocket codec, per connection.
+    pub write_buffer: usize,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            session_ttl: Duration::from_secs(300),
+            ping_interval: Duration::from_secs(25),
+            ping_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(10),
+            outbound_messages: 1024,
+            outbound_bytes: 1024 * 1024,
+            stuck_timeout: Duration::from_secs(60),
+            conflate: Vec::new(),
+            max_inflight_publishes: 1024,
+            read_buffer: 4 * 1024,
+            write_buffer: 4 * 1024,
+        }
+    }
 }
 
 /// Who may do what.
@@ -31,6 +78,12 @@ pub struct AuthConfig {
     pub api_keys: Vec<String>,
     /// Secret for HS256 client tokens.
     pub jwt_secret: Option<String>,
+    /// Public keys (PEM) for RS256 / ES256 client tokens; the key type picks the algorithm.
+    pub jwt_public_keys: Vec<String>,
+    /// When set, tokens must carry this `iss`.
+    pub jwt_issuer: Option<String>,
+    /// When set, tokens must list this `aud`.
+    pub jwt_audience: Option<String>,
     /// Development only: requests without credentials may do everything.
     pub allow_anonymous: bool,
 }
@@ -47,6 +100,7 @@ impl Default for ServerConfig {
             max_streams_per_connection: 100,
             cors_origins: Vec::new(),
             auth: AuthConfig::default(),
+            ws: WsConfig::default(),
         }
     }
 }

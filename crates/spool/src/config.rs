@@ -187,6 +187,9 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
         auth: AuthConfig {
             api_keys,
             jwt_secret: args.jwt_secret.clone().or(file.jwt_secret),
+            jwt_public_keys: Vec::new(),
+            jwt_issuer: None,
+            jwt_audience: None,
             allow_anonymous: args.allow_anonymous || file.allow_anonymous.unwrap_or(false),
         },
         ..defaults_server
