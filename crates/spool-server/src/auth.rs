@@ -190,6 +190,7 @@ mod tests {
             api_keys: vec!["k1".into()],
             jwt_secret: Some("s3cret".into()),
             allow_anonymous: false,
+            ..AuthConfig::default()
         })
     }
 
