@@ -310,9 +310,10 @@ mod tests {
 
     #[test]
     fn client_frames_parse_with_their_type_tag() {
-        let f: ClientFrame =
-            serde_json::from_str(r#"{"type":"subscribe","id":3,"stream":"chat:1","after":"oldest"}"#)
-                .unwrap();
+        let f: ClientFrame = serde_json::from_str(
+            r#"{"type":"subscribe","id":3,"stream":"chat:1","after":"oldest"}"#,
+        )
+        .unwrap();
         assert_eq!(
             f,
             ClientFrame::Subscribe(Subscribe {

@@ -17,8 +17,9 @@ use crate::{config::AuthConfig, error::ApiError};
 /// Clock skew allowed on `exp` / `nbf`, in seconds.
 const LEEWAY_SECS: u64 = 5;
 
-/// The authenticated caller.
-#[derive(Clone, Debug)]
+/// The authenticated caller. Serializable because a WebSocket session stores it (SPEC §3).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Principal {
     /// No credentials, allowed only with `--allow-anonymous`.
     Anonymous,
@@ -29,6 +30,8 @@ pub enum Principal {
         subject: Option<String>,
         subscribe: Vec<Pattern>,
         publish: Vec<Pattern>,
+        /// The token's `exp`, in ms since the Unix epoch.
+        expires_at: Option<u64>,
     },
 }
 
@@ -40,6 +43,55 @@ pub enum Action {
 }
 
 impl Principal {
+    /// When the credential stops being valid (ms since the Unix epoch), if ever.
+    pub fn expires_at(&self) -> Option<u64> {
+        match self {
+            Principal::Token { expires_at, .. } => *expires_at,
+            _ => None,
+        }
+    }
+
+    /// The token's `sub`, if any.
+    pub fn subject(&self) -> Option<&str> {
+        match self {
+            Principal::Token { subject, .. } => subject.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Whether `other` is the same identity, so it may take over `self`'s session or replace
+    /// its token: the same kind of credential and the same `sub` (a token without `sub` only
+    /// matches a token with the very same rights).
+    pub fn same_identity(&self, other: &Principal) -> bool {
+        match (self, other) {
+            (Principal::Anonymous, Principal::Anonymous)
+            | (Principal::ApiKey, Principal::ApiKey) => true,
+            (
+                Principal::Token {
+                    subject: Some(a), ..
+                },
+                Principal::Token {
+                    subject: Some(b), ..
+                },
+            ) => a == b,
+            (
+                Principal::Token {
+                    subject: None,
+                    subscribe: s1,
+                    publish: p1,
+                    ..
+                },
+                Principal::Token {
+                    subject: None,
+                    subscribe: s2,
+                    publish: p2,
+                    ..
+                },
+            ) => s1 == s2 && p1 == p2,
+            _ => false,
+        }
+    }
+
     pub fn may(&self, action: Action, stream: &StreamName) -> bool {
         match self {
             Principal::Anonymous | Principal::ApiKey => true,
@@ -78,6 +130,8 @@ impl Principal {
 struct Claims {
     #[serde(default)]
     sub: Option<String>,
+    #[serde(default)]
+    exp: Option<u64>,
     #[serde(default)]
     subscribe: Vec<String>,
     #[serde(default)]
@@ -143,7 +197,9 @@ impl Authenticator {
         }
     }
 
-    fn verify(&self, credential: &str) -> Result<Principal, ApiError> {
+    /// Checks one credential (API key or token), as given in a WebSocket `connect` or
+    /// `refresh` frame.
+    pub fn verify(&self, credential: &str) -> Result<Principal, ApiError> {
         let given = credential.as_bytes();
         if self
             .api_keys
@@ -172,6 +228,7 @@ impl Authenticator {
             subject: claims.sub,
             subscribe: claims.subscribe.iter().map(|p| Pattern::new(p)).collect(),
             publish: claims.publish.iter().map(|p| Pattern::new(p)).collect(),
+            expires_at: claims.exp.map(|s| s.saturating_mul(1000)),
         })
     }
 }
