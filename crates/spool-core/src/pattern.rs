@@ -11,19 +11,6 @@ pub struct Pattern {
     parts: Vec<String>,
 }
 
-impl serde::Serialize for Pattern {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.source)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Pattern {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let source = String::deserialize(deserializer)?;
-        Ok(Pattern::new(&source))
-    }
-}
-
 impl Pattern {
     pub fn new(source: &str) -> Self {
         Self {
