@@ -11,14 +11,17 @@ pub mod disk;
 mod log;
 pub mod memory;
 mod registry;
+pub mod sessions;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use spool_core::{Message, NewMessage, Offset, Position, Retention, StreamName, StreamState};
 use tokio::sync::watch;
 
 pub use memory::MemoryEngine;
+pub use sessions::SessionRecord;
 
 /// The result of appending one message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +98,16 @@ pub trait Engine: Send + Sync + 'static {
     async fn sweep(&self) -> Result<(), EngineError> {
         Ok(())
     }
+
+    /// Saves session records (SPEC §3), replacing any with the same id. The server batches
+    /// these: one call carries every session that changed since the last one.
+    async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError>;
+
+    /// A session record, unless it is unknown or expired.
+    async fn load_session(&self, id: &str) -> Result<Option<Bytes>, EngineError>;
+
+    /// Forgets a session.
+    async fn delete_session(&self, id: &str) -> Result<(), EngineError>;
 
     /// Whether the engine can serve requests right now (for `/readyz`).
     async fn ready(&self) -> Result<(), EngineError> {

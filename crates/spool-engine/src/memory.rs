@@ -17,7 +17,8 @@ use spool_core::{
 };
 
 use crate::{
-    Appended, Engine, EngineError, HeadWatch, ReadBatch, dedup::DedupWindow, registry::Registry,
+    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, dedup::DedupWindow,
+    registry::Registry, sessions::SessionTable,
 };
 
 /// Settings of the memory engine.
@@ -44,6 +45,7 @@ impl Default for MemoryConfig {
 pub struct MemoryEngine {
     config: MemoryConfig,
     streams: Registry<Mutex<StreamLog>>,
+    sessions: SessionTable,
 }
 
 struct StreamLog {
@@ -64,6 +66,7 @@ impl MemoryEngine {
     pub fn new(config: MemoryConfig) -> Self {
         Self {
             streams: Registry::new("memory", config.max_streams),
+            sessions: SessionTable::default(),
             config,
         }
     }
@@ -156,6 +159,20 @@ impl Engine for MemoryEngine {
             guard.log.trim(now, |_| {});
             guard.dedup.expire(now);
         }
+        self.sessions.expire(now);
+        Ok(())
+    }
+
+    async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError> {
+        self.sessions.save(sessions, now_ms())
+    }
+
+    async fn load_session(&self, id: &str) -> Result<Option<bytes::Bytes>, EngineError> {
+        Ok(self.sessions.load(id, now_ms()))
+    }
+
+    async fn delete_session(&self, id: &str) -> Result<(), EngineError> {
+        self.sessions.delete(id);
         Ok(())
     }
 }

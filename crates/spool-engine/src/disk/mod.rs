@@ -43,8 +43,8 @@ use spool_core::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    Appended, Engine, EngineError, HeadWatch, ReadBatch, dedup::DedupWindow, log::StreamLog,
-    registry::Registry,
+    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, dedup::DedupWindow,
+    log::StreamLog, registry::Registry, sessions::SessionFile,
 };
 use record::Record;
 use writer::{Publish, WriteRequest, Writer};
@@ -114,6 +114,12 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
         source,
     }
 }
+
+/// The sessions of the WebSocket protocol, beside the log.
+const SESSIONS_FILE: &str = "sessions.redb";
+
+/// Expired sessions are purged this often, in ms.
+const SESSION_SWEEP_MS: u64 = 60_000;
 
 /// Marker left by `spool repair`: on the next start every stream gets a new epoch.
 const EPOCH_RESET_MARKER: &str = "EPOCH_RESET";
@@ -224,6 +230,9 @@ pub struct DiskEngine {
     shared: Arc<Shared>,
     config: DiskConfig,
     tx: mpsc::Sender<WriteRequest>,
+    sessions: Arc<SessionFile>,
+    /// When expired sessions were last purged (ms since the Unix epoch).
+    sessions_swept: AtomicU64,
     _lock: fs::File,
 }
 
@@ -246,6 +255,12 @@ impl DiskEngine {
             Err(fs::TryLockError::WouldBlock) => return Err(OpenError::Locked { path: lock_path }),
             Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
         }
+
+        let sessions_path = dir.join(SESSIONS_FILE);
+        let sessions = SessionFile::open(&sessions_path).map_err(|e| OpenError::Io {
+            path: sessions_path.clone(),
+            source: std::io::Error::other(e),
+        })?;
 
         let shared = Arc::new(Shared {
             streams: Registry::new("disk", config.max_streams),
@@ -337,6 +352,8 @@ impl DiskEngine {
             shared,
             config,
             tx,
+            sessions: Arc::new(sessions),
+            sessions_swept: AtomicU64::new(now_ms()),
             _lock: lock,
         })
     }
@@ -514,7 +531,30 @@ impl Engine for DiskEngine {
             }
         }
         self.shared.release(&dropped);
+        let last = self.sessions_swept.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= SESSION_SWEEP_MS {
+            self.sessions_swept.store(now, Ordering::Relaxed);
+            let sessions = self.sessions.clone();
+            blocking(move || sessions.expire(now)).await?;
+        }
         Ok(())
+    }
+
+    async fn save_sessions(&self, records: Vec<SessionRecord>) -> Result<(), EngineError> {
+        let sessions = self.sessions.clone();
+        blocking(move || sessions.save(&records)).await
+    }
+
+    async fn load_session(&self, id: &str) -> Result<Option<bytes::Bytes>, EngineError> {
+        let sessions = self.sessions.clone();
+        let id = id.to_owned();
+        blocking(move || sessions.load(&id, now_ms())).await
+    }
+
+    async fn delete_session(&self, id: &str) -> Result<(), EngineError> {
+        let sessions = self.sessions.clone();
+        let id = id.to_owned();
+        blocking(move || sessions.delete(&id)).await
     }
 
     async fn ready(&self) -> Result<(), EngineError> {
@@ -525,6 +565,15 @@ impl Engine for DiskEngine {
             None => Ok(()),
         }
     }
+}
+
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| EngineError::Internal(format!("a blocking task failed: {e}")))?
 }
 
 /// Rebuilds streams from records, in WAL order.
