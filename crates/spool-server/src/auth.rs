@@ -2,11 +2,16 @@
 //!
 //! Credentials come as `Authorization: Bearer …` or, for EventSource (which cannot set
 //! headers), a `token` query parameter. A credential is either one of the server's API keys
-//! (full access, for back-end publishers) or an HS256 JWT whose `subscribe` / `publish` claims
-//! list the stream patterns its holder may read and publish to.
+//! (full access, for back-end publishers) or a JWT whose `subscribe` / `publish` claims list
+//! the stream patterns its holder may read and publish to.
+//!
+//! Tokens may be signed with HS256 (the shared `jwt_secret`), RS256 (an RSA public key) or
+//! ES256 (an EC P-256 public key). The token header's `alg` picks the kind of key, and only
+//! keys of that kind are tried: an RSA public key is never used as an HMAC secret, which
+//! closes the classic key-confusion attack.
 
 use axum::http::{HeaderMap, StatusCode, header::AUTHORIZATION};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 use spool_core::{Pattern, StreamName};
 use spool_protocol::ErrorCode;
@@ -138,22 +143,82 @@ struct Claims {
     publish: Vec<String>,
 }
 
-/// Checks credentials against the configured API keys and JWT secret.
+/// A JWT setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    /// An empty HMAC secret would let anyone sign tokens.
+    #[error("the JWT secret is empty; set a long random secret or leave it out")]
+    EmptySecret,
+    /// `jwt_public_keys[index]` is not a usable RSA or EC P-256 public key.
+    #[error("JWT public key #{} {reason}", index + 1)]
+    PublicKey { index: usize, reason: String },
+}
+
+/// The keys that verify tokens of one algorithm, and the checks those tokens must pass.
+struct KeySet {
+    alg: Algorithm,
+    keys: Vec<DecodingKey>,
+    validation: Validation,
+}
+
+/// Checks credentials against the configured API keys, JWT secret and JWT public keys.
 pub struct Authenticator {
     api_keys: Vec<Vec<u8>>,
-    jwt: Option<(DecodingKey, Validation)>,
+    /// One entry per accepted algorithm that has at least one key.
+    jwt: Vec<KeySet>,
     allow_anonymous: bool,
 }
 
 impl Authenticator {
+    /// Builds the authenticator, logging and skipping a JWT secret or public key that cannot
+    /// be used. The binary calls [`Authenticator::try_new`] first, so a bad key stops it at
+    /// startup instead.
     pub fn new(config: &AuthConfig) -> Self {
-        let jwt = config.jwt_secret.as_ref().map(|secret| {
-            let mut validation = Validation::new(Algorithm::HS256);
-            validation.leeway = LEEWAY_SECS;
-            validation.validate_nbf = true;
-            validation.set_required_spec_claims(&["exp"]);
-            (DecodingKey::from_secret(secret.as_bytes()), validation)
+        Self::build(config, |e| {
+            tracing::error!("{e}; ignoring it: tokens it would verify are refused");
+        })
+    }
+
+    /// Builds the authenticator, or says which JWT setting cannot be used.
+    pub fn try_new(config: &AuthConfig) -> Result<Self, AuthConfigError> {
+        let mut first = None;
+        let auth = Self::build(config, |e| {
+            first.get_or_insert(e);
         });
+        match first {
+            Some(e) => Err(e),
+            None => Ok(auth),
+        }
+    }
+
+    fn build(config: &AuthConfig, mut reject: impl FnMut(AuthConfigError)) -> Self {
+        let mut hmac = Vec::new();
+        match config.jwt_secret.as_deref() {
+            Some("") => reject(AuthConfigError::EmptySecret),
+            Some(secret) => hmac.push(DecodingKey::from_secret(secret.as_bytes())),
+            None => {}
+        }
+        let (mut rsa, mut ec) = (Vec::new(), Vec::new());
+        for (index, pem) in config.jwt_public_keys.iter().enumerate() {
+            match public_key(pem) {
+                Ok(PublicKey::Rsa(key)) => rsa.push(key),
+                Ok(PublicKey::Ec(key)) => ec.push(key),
+                Err(reason) => reject(AuthConfigError::PublicKey { index, reason }),
+            }
+        }
+        let jwt = [
+            (Algorithm::HS256, hmac),
+            (Algorithm::RS256, rsa),
+            (Algorithm::ES256, ec),
+        ]
+        .into_iter()
+        .filter(|(_, keys)| !keys.is_empty())
+        .map(|(alg, keys)| KeySet {
+            alg,
+            keys,
+            validation: validation(alg, config),
+        })
+        .collect();
         Self {
             api_keys: config
                 .api_keys
@@ -208,28 +273,187 @@ impl Authenticator {
         {
             return Ok(Principal::ApiKey);
         }
-        let Some((key, validation)) = &self.jwt else {
-            return Err(invalid("unknown API key (and no JWT secret is configured)"));
+        if self.jwt.is_empty() {
+            return Err(invalid(
+                "unknown API key (and no JWT secret or public key is configured)",
+            ));
+        }
+        let alg = token_algorithm(credential)?;
+        let Some(set) = self.jwt.iter().find(|set| set.alg == alg) else {
+            return Err(invalid(&not_accepted(alg)));
         };
-        let data = jsonwebtoken::decode::<Claims>(credential, key, validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind;
-            let why = match e.kind() {
-                ErrorKind::ExpiredSignature => "the token has expired".to_owned(),
-                ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)".to_owned(),
-                ErrorKind::InvalidSignature => "the token's signature does not verify".to_owned(),
-                ErrorKind::InvalidAlgorithm => "the token must be signed with HS256".to_owned(),
-                ErrorKind::MissingRequiredClaim(c) => format!("the token lacks the {c:?} claim"),
-                _ => format!("not a valid API key or token: {e}"),
-            };
-            invalid(&why)
-        })?;
-        let claims = data.claims;
-        Ok(Principal::Token {
-            subject: claims.sub,
-            subscribe: claims.subscribe.iter().map(|p| Pattern::new(p)).collect(),
-            publish: claims.publish.iter().map(|p| Pattern::new(p)).collect(),
-            expires_at: claims.exp.map(|s| s.saturating_mul(1000)),
-        })
+        // Several keys of one kind may be configured (e.g. during a key rotation): a signature
+        // that does not verify with one may verify with the next. Any other failure comes after
+        // the signature verified, so it is the token's own fault.
+        for key in &set.keys {
+            match jsonwebtoken::decode::<Claims>(credential, key, &set.validation) {
+                Ok(data) => return Ok(principal(data.claims)),
+                Err(e) if *e.kind() == ErrorKind::InvalidSignature => continue,
+                Err(e) => return Err(invalid(&rejection(&e, &set.validation))),
+            }
+        }
+        let against = match alg {
+            Algorithm::HS256 => "the JWT secret",
+            Algorithm::RS256 => "any configured RSA public key",
+            _ => "any configured EC public key",
+        };
+        Err(invalid(&format!(
+            "the token's signature does not verify with {against}"
+        )))
+    }
+}
+
+/// The checks every token must pass, whatever signed it.
+fn validation(alg: Algorithm, config: &AuthConfig) -> Validation {
+    let mut validation = Validation::new(alg);
+    validation.leeway = LEEWAY_SECS;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    if let Some(issuer) = &config.jwt_issuer {
+        validation.set_issuer(&[issuer]);
+        required.push("iss");
+    }
+    match &config.jwt_audience {
+        Some(audience) => {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        // No audience configured: `aud` is not ours to check (jsonwebtoken would otherwise
+        // refuse every token that names one).
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
+enum PublicKey {
+    Rsa(DecodingKey),
+    Ec(DecodingKey),
+}
+
+/// Reads one PEM public key: RSA (`PUBLIC KEY` or `RSA PUBLIC KEY`) or EC on P-256.
+fn public_key(pem: &str) -> Result<PublicKey, String> {
+    let labels: Vec<&str> = pem
+        .split("-----BEGIN ")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("-----").map(|(label, _)| label))
+        .collect();
+    match labels.as_slice() {
+        [] => {
+            return Err("is not PEM text (it should start with -----BEGIN PUBLIC KEY-----)".into());
+        }
+        [label] if label.contains("PRIVATE") => {
+            return Err(format!(
+                "is a private key ({label}); configure its public key instead \
+                 (openssl pkey -in KEY.pem -pubout)"
+            ));
+        }
+        ["PUBLIC KEY" | "RSA PUBLIC KEY"] => {}
+        [label] => {
+            return Err(format!(
+                "is a {label}, not a public key (expected -----BEGIN PUBLIC KEY-----)"
+            ));
+        }
+        many => {
+            return Err(format!(
+                "holds {} PEM blocks; give one public key per file",
+                many.len()
+            ));
+        }
+    }
+    if let Ok(key) = DecodingKey::from_rsa_pem(pem.as_bytes()) {
+        return Ok(PublicKey::Rsa(key));
+    }
+    match DecodingKey::from_ec_pem(pem.as_bytes()) {
+        // An uncompressed P-256 point is 0x04 followed by two 32-byte coordinates; ES384's
+        // P-384 points are longer.
+        Ok(key) => match key.try_get_as_bytes() {
+            Ok(point) if point.len() == 65 && point[0] == 4 => Ok(PublicKey::Ec(key)),
+            _ => Err(
+                "is an EC key on a curve other than P-256 (prime256v1); only ES256 is supported"
+                    .into(),
+            ),
+        },
+        Err(_) => Err(
+            "is neither an RSA nor an EC public key (Spool verifies RS256 and ES256 tokens)".into(),
+        ),
+    }
+}
+
+/// The token header's `alg`, or why the credential is not a token Spool can check.
+fn token_algorithm(credential: &str) -> Result<Algorithm, ApiError> {
+    match jsonwebtoken::decode_header(credential) {
+        Ok(header) => Ok(header.alg),
+        Err(e) if *e.kind() == ErrorKind::InvalidToken => {
+            Err(invalid("not a valid API key or token"))
+        }
+        // The header did not parse as one of jsonwebtoken's algorithms: say which `alg` it
+        // names (typically `none`) if it names one.
+        Err(_) => match header_alg_text(credential) {
+            Some(alg) => Err(invalid(&format!(
+                "tokens signed with {alg:?} are not accepted; Spool accepts HS256, RS256 and ES256"
+            ))),
+            None => Err(invalid(
+                "not a valid API key or token: its header is not base64url JSON with an \"alg\"",
+            )),
+        },
+    }
+}
+
+fn header_alg_text(credential: &str) -> Option<String> {
+    use base64::Engine as _;
+    let header = credential.split('.').next()?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    header.get("alg")?.as_str().map(str::to_owned)
+}
+
+fn not_accepted(alg: Algorithm) -> String {
+    let missing = match alg {
+        Algorithm::HS256 => "no JWT secret is configured",
+        Algorithm::RS256 => "no RSA public key is configured",
+        Algorithm::ES256 => "no EC public key is configured",
+        _ => {
+            return format!(
+                "tokens signed with {alg:?} are not accepted; Spool accepts HS256, RS256 and ES256"
+            );
+        }
+    };
+    format!("tokens signed with {alg:?} are not accepted: {missing}")
+}
+
+/// What to tell the caller about a token whose signature verified (or that is malformed).
+fn rejection(e: &jsonwebtoken::errors::Error, validation: &Validation) -> String {
+    let one = |set: &Option<std::collections::HashSet<String>>| {
+        set.iter().flatten().next().cloned().unwrap_or_default()
+    };
+    match e.kind() {
+        ErrorKind::ExpiredSignature => "the token has expired".to_owned(),
+        ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)".to_owned(),
+        ErrorKind::InvalidSignature => "the token's signature does not verify".to_owned(),
+        ErrorKind::MissingRequiredClaim(c) => format!("the token lacks the {c:?} claim"),
+        ErrorKind::InvalidClaimFormat(c) => format!("the token's {c:?} claim is malformed"),
+        ErrorKind::InvalidIssuer => format!(
+            "the token's issuer (iss) is wrong; this server accepts tokens from {:?}",
+            one(&validation.iss)
+        ),
+        ErrorKind::InvalidAudience => format!(
+            "the token's audience (aud) is wrong; this server accepts tokens for {:?}",
+            one(&validation.aud)
+        ),
+        ErrorKind::Json(e) => format!("the token's claims are malformed: {e}"),
+        _ => format!("not a valid API key or token: {e}"),
+    }
+}
+
+fn principal(claims: Claims) -> Principal {
+    Principal::Token {
+        subject: claims.sub,
+        subscribe: claims.subscribe.iter().map(|p| Pattern::new(p)).collect(),
+        publish: claims.publish.iter().map(|p| Pattern::new(p)).collect(),
+        expires_at: claims.exp.map(|s| s.saturating_mul(1000)),
     }
 }
 
@@ -242,6 +466,11 @@ mod tests {
     use super::*;
     use jsonwebtoken::{EncodingKey, Header, encode};
 
+    const RSA_PRIVATE: &str = include_str!("../tests/fixtures/jwt/rsa_private.pem");
+    const RSA_PUBLIC: &str = include_str!("../tests/fixtures/jwt/rsa_public.pem");
+    const EC_PRIVATE: &str = include_str!("../tests/fixtures/jwt/ec_private.pem");
+    const EC_PUBLIC: &str = include_str!("../tests/fixtures/jwt/ec_public.pem");
+
     fn auth() -> Authenticator {
         Authenticator::new(&AuthConfig {
             api_keys: vec!["k1".into()],
@@ -249,6 +478,18 @@ mod tests {
             allow_anonymous: false,
             ..AuthConfig::default()
         })
+    }
+
+    /// Every kind of key at once, with issuer and audience checks.
+    fn full() -> Authenticator {
+        Authenticator::try_new(&AuthConfig {
+            jwt_secret: Some("s3cret".into()),
+            jwt_public_keys: vec![EC_PUBLIC.into(), RSA_PUBLIC.into()],
+            jwt_issuer: Some("https://id.example".into()),
+            jwt_audience: Some("spool".into()),
+            ..AuthConfig::default()
+        })
+        .unwrap()
     }
 
     fn token(claims: serde_json::Value, secret: &str) -> String {
@@ -260,6 +501,28 @@ mod tests {
         .unwrap()
     }
 
+    fn rs256(claims: serde_json::Value) -> String {
+        let key = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
+        encode(&Header::new(Algorithm::RS256), &claims, &key).unwrap()
+    }
+
+    fn es256(claims: serde_json::Value) -> String {
+        let key = EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap();
+        encode(&Header::new(Algorithm::ES256), &claims, &key).unwrap()
+    }
+
+    /// Claims that pass [`full`]'s checks, with `extra` merged in.
+    fn claims(extra: serde_json::Value) -> serde_json::Value {
+        let mut c = serde_json::json!({
+            "sub": "u1", "exp": exp(60), "iss": "https://id.example", "aud": "spool",
+            "subscribe": ["chat:*"], "publish": ["chat:1"],
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    }
+
     fn exp(offset: i64) -> i64 {
         spool_core::now_ms() as i64 / 1000 + offset
     }
@@ -268,6 +531,14 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(AUTHORIZATION, format!("Bearer {v}").parse().unwrap());
         h
+    }
+
+    /// The message of a refused credential, which must be `401 invalid_token`.
+    fn refused(auth: &Authenticator, credential: &str) -> String {
+        let err = auth.verify(credential).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidToken, "{}", err.message);
+        assert_eq!(err.status, StatusCode::UNAUTHORIZED);
+        err.message
     }
 
     #[test]
@@ -317,5 +588,209 @@ mod tests {
             let err = auth().authenticate(&bearer(&t), None).unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidToken, "{}", err.message);
         }
+    }
+
+    #[test]
+    fn hs256_rs256_and_es256_are_accepted_at_once() {
+        let auth = full();
+        let chat = StreamName::new("chat:1").unwrap();
+        for t in [
+            token(claims(serde_json::json!({})), "s3cret"),
+            rs256(claims(serde_json::json!({}))),
+            es256(claims(serde_json::json!({}))),
+        ] {
+            let p = auth.verify(&t).unwrap();
+            assert_eq!(p.subject(), Some("u1"));
+            assert!(p.may(Action::Subscribe, &chat) && p.may(Action::Publish, &chat));
+            assert_eq!(p.expires_at(), Some(exp(60) as u64 * 1000));
+        }
+        // `aud` may also be an array that lists us.
+        let t = rs256(claims(serde_json::json!({"aud": ["other", "spool"]})));
+        assert!(auth.verify(&t).is_ok());
+    }
+
+    #[test]
+    fn every_public_key_of_the_right_kind_is_tried() {
+        let other_rsa = include_str!("../tests/fixtures/jwt/rsa_other_public.pem");
+        let auth = Authenticator::try_new(&AuthConfig {
+            jwt_public_keys: vec![other_rsa.into(), RSA_PUBLIC.into()],
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let t = rs256(serde_json::json!({"exp": exp(60)}));
+        assert!(auth.verify(&t).is_ok());
+    }
+
+    #[test]
+    fn expired_and_immature_tokens_are_refused() {
+        let auth = full();
+        let expired = es256(claims(serde_json::json!({"exp": exp(-60)})));
+        assert_eq!(refused(&auth, &expired), "the token has expired");
+        let immature = rs256(claims(serde_json::json!({"nbf": exp(60)})));
+        assert_eq!(
+            refused(&auth, &immature),
+            "the token is not valid yet (nbf)"
+        );
+        // Within the leeway, both pass.
+        let t = rs256(claims(serde_json::json!({"exp": exp(-2), "nbf": exp(2)})));
+        assert!(auth.verify(&t).is_ok());
+        let no_exp = {
+            let mut c = claims(serde_json::json!({}));
+            c.as_object_mut().unwrap().remove("exp");
+            es256(c)
+        };
+        assert_eq!(refused(&auth, &no_exp), "the token lacks the \"exp\" claim");
+    }
+
+    #[test]
+    fn bad_signatures_are_refused() {
+        let auth = full();
+        let forged = token(claims(serde_json::json!({})), "not-the-secret");
+        assert!(refused(&auth, &forged).contains("signature does not verify with the JWT secret"));
+        // An RS256 token whose payload was swapped after signing.
+        let good = rs256(claims(serde_json::json!({})));
+        let evil = rs256(claims(serde_json::json!({"publish": ["*"]})));
+        let parts: Vec<&str> = good.split('.').collect();
+        let evil_payload = evil.split('.').nth(1).unwrap();
+        let tampered = format!("{}.{}.{}", parts[0], evil_payload, parts[2]);
+        assert!(refused(&auth, &tampered).contains("any configured RSA public key"));
+        // The same for ES256.
+        let good = es256(claims(serde_json::json!({})));
+        let evil = es256(claims(serde_json::json!({"sub": "admin"})));
+        let parts: Vec<&str> = good.split('.').collect();
+        let tampered = format!(
+            "{}.{}.{}",
+            parts[0],
+            evil.split('.').nth(1).unwrap(),
+            parts[2]
+        );
+        assert!(refused(&auth, &tampered).contains("any configured EC public key"));
+    }
+
+    #[test]
+    fn wrong_audience_and_issuer_are_refused() {
+        let strict = full();
+        let t = rs256(claims(serde_json::json!({"aud": "someone-else"})));
+        assert_eq!(
+            refused(&strict, &t),
+            "the token's audience (aud) is wrong; this server accepts tokens for \"spool\""
+        );
+        let t = es256(claims(serde_json::json!({"iss": "https://evil.example"})));
+        assert_eq!(
+            refused(&strict, &t),
+            "the token's issuer (iss) is wrong; this server accepts tokens from \"https://id.example\""
+        );
+        let mut c = claims(serde_json::json!({}));
+        c.as_object_mut().unwrap().remove("aud");
+        assert_eq!(
+            refused(&strict, &token(c, "s3cret")),
+            "the token lacks the \"aud\" claim"
+        );
+        // Without configured issuer / audience, neither claim is checked.
+        let t = token(
+            serde_json::json!({"exp": exp(60), "iss": "anyone", "aud": "anything"}),
+            "s3cret",
+        );
+        assert!(auth().verify(&t).is_ok());
+    }
+
+    #[test]
+    fn algorithms_without_a_configured_key_are_refused() {
+        let hmac_only = auth();
+        assert_eq!(
+            refused(&hmac_only, &rs256(claims(serde_json::json!({})))),
+            "tokens signed with RS256 are not accepted: no RSA public key is configured"
+        );
+        assert_eq!(
+            refused(&hmac_only, &es256(claims(serde_json::json!({})))),
+            "tokens signed with ES256 are not accepted: no EC public key is configured"
+        );
+        let hs384 = encode(
+            &Header::new(Algorithm::HS384),
+            &claims(serde_json::json!({})),
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap();
+        assert!(refused(&full(), &hs384).starts_with("tokens signed with HS384 are not accepted"));
+        let nothing = Authenticator::new(&AuthConfig {
+            api_keys: vec!["k1".into()],
+            ..AuthConfig::default()
+        });
+        assert!(refused(&nothing, &hs384).contains("no JWT secret or public key is configured"));
+    }
+
+    #[test]
+    fn key_confusion_and_alg_none_are_refused() {
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+        let payload = claims(serde_json::json!({"publish": ["*"]}));
+        // HS256 "signed" with the RSA public key's text as the HMAC secret: a server that
+        // handed the RSA key to an HMAC verifier would accept it.
+        let confused = token(payload.clone(), RSA_PUBLIC);
+        let rsa_only = Authenticator::try_new(&AuthConfig {
+            jwt_public_keys: vec![RSA_PUBLIC.into()],
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        assert_eq!(
+            refused(&rsa_only, &confused),
+            "tokens signed with HS256 are not accepted: no JWT secret is configured"
+        );
+        assert!(refused(&full(), &confused).contains("does not verify with the JWT secret"));
+        // `alg: none`, unsigned.
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let body = URL_SAFE_NO_PAD.encode(payload.to_string());
+        for t in [format!("{header}.{body}."), format!("{header}.{body}.c2ln")] {
+            assert_eq!(
+                refused(&full(), &t),
+                "tokens signed with \"none\" are not accepted; Spool accepts HS256, RS256 and ES256"
+            );
+        }
+    }
+
+    #[test]
+    fn unusable_keys_are_named_by_try_new_and_skipped_by_new() {
+        let bad = |pems: &[&str]| {
+            Authenticator::try_new(&AuthConfig {
+                jwt_public_keys: pems.iter().map(|p| p.to_string()).collect(),
+                ..AuthConfig::default()
+            })
+            .err()
+            .map(|e| e.to_string())
+        };
+        assert_eq!(bad(&[RSA_PUBLIC, EC_PUBLIC]), None);
+        let e = bad(&[RSA_PUBLIC, "hello"]).unwrap();
+        assert!(e.starts_with("JWT public key #2 is not PEM text"), "{e}");
+        let e = bad(&[RSA_PRIVATE]).unwrap();
+        assert!(e.contains("is a private key"), "{e}");
+        let e = bad(&[&format!("{RSA_PUBLIC}{EC_PUBLIC}")]).unwrap();
+        assert!(e.contains("holds 2 PEM blocks"), "{e}");
+        let garbage = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
+        let e = bad(&[garbage]).unwrap();
+        assert!(e.contains("neither an RSA nor an EC public key"), "{e}");
+        let p384 = "-----BEGIN PUBLIC KEY-----
+MHYwEAYHKoZIzj0CAQYFK4EEACIDYgAELOwb+7SM0mzBL5Izw07nqKm/L5ktu+z1
+KP6DBMHgtzbpbT6oXJWCfSQajzdYDt2oNDTUd1FtaYONKg2cF4ZwIOKdhAANOCMm
+0dMKNY9T7gF3Nt2rF8zRPEARK6h6OyJJ
+-----END PUBLIC KEY-----
+";
+        let e = bad(&[p384]).unwrap();
+        assert!(e.contains("other than P-256"), "{e}");
+        let err = Authenticator::try_new(&AuthConfig {
+            jwt_secret: Some(String::new()),
+            ..AuthConfig::default()
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(err, AuthConfigError::EmptySecret));
+
+        // `new` keeps the good keys.
+        let auth = Authenticator::new(&AuthConfig {
+            jwt_public_keys: vec!["hello".into(), EC_PUBLIC.into()],
+            ..AuthConfig::default()
+        });
+        assert!(
+            auth.verify(&es256(serde_json::json!({"exp": exp(60)})))
+                .is_ok()
+        );
     }
 }
