@@ -1,5 +1,6 @@
-//! Spool's server: the HTTP API (publish, stream info, long-poll), Server-Sent Events, auth,
-//! metrics and graceful shutdown, over any [`Engine`].
+//! Spool's server: the HTTP API (publish, stream info, long-poll), Server-Sent Events, the
+//! WebSocket protocol with resumable sessions, auth, metrics and graceful shutdown, over any
+//! [`Engine`].
 //!
 //! [`serve`] runs the server on a bound listener until a [`CancellationToken`] fires; the
 //! `spool` binary builds the configuration and the engine and calls it. Transports never read
@@ -13,16 +14,17 @@ pub mod metrics;
 mod query;
 mod routes;
 pub mod subscription;
+pub mod ws;
 
 use std::{sync::Arc, time::Duration};
 
 use spool_engine::Engine;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::ServerConfig;
 
-use crate::{auth::Authenticator, metrics::Metrics};
+use crate::{auth::Authenticator, metrics::Metrics, ws::session::Sessions};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -32,6 +34,11 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
+    /// WebSocket sessions (SPEC §3).
+    pub sessions: Arc<Sessions>,
+    /// Upgraded WebSocket connections, which outlive their HTTP request: shutdown waits for
+    /// them to say goodbye and save their sessions.
+    pub tasks: TaskTracker,
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then stops accepting, ends every
@@ -43,18 +50,29 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let sessions = Arc::new(Sessions::new(engine.clone(), config.ws.session_ttl));
     let state = AppState {
         auth: Arc::new(Authenticator::new(&config.auth)),
         engine,
         config: Arc::new(config),
         metrics: Arc::new(Metrics::new()),
         shutdown: shutdown.clone(),
+        sessions: sessions.clone(),
+        tasks: TaskTracker::new(),
     };
+    let tasks = state.tasks.clone();
     let sweeper = tokio::spawn(sweep(state.engine.clone(), shutdown.clone()));
+    let flusher = tokio::spawn(sessions.clone().run(shutdown.clone()));
     let app = routes::router(state);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
+    // WebSocket connections saw the same cancellation: they send `reconnect`, close, and save
+    // their sessions. Wait for them, then save whatever else changed.
+    tasks.close();
+    tasks.wait().await;
+    let _ = flusher.await;
+    sessions.flush().await;
     sweeper.abort();
     result
 }

@@ -15,6 +15,7 @@ use spool_core::ResetReason;
 pub enum Transport {
     sse,
     poll,
+    ws,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

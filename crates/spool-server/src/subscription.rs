@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spool_core::{
-    Epoch, Message, Position, ResetReason, Start, StreamName, StreamState,
+    Epoch, Message, Offset, Position, ResetReason, Start, StreamName, StreamState,
     continuity::{Decision, decide},
 };
 use spool_engine::{Engine, EngineError, HeadWatch};
@@ -21,9 +21,46 @@ use tokio_util::sync::CancellationToken;
 /// What a subscription produces.
 #[derive(Clone, Debug)]
 pub enum Event {
-    Message { epoch: Epoch, message: Arc<Message> },
-    Reset { reason: ResetReason, head: Position },
+    Message {
+        epoch: Epoch,
+        message: Arc<Message>,
+    },
+    Reset {
+        reason: ResetReason,
+        head: Position,
+    },
+    /// Conflation left out `count` of the offsets in `(after, through]`, each superseded by a
+    /// newer message with the same key; the rest were delivered just before this event.
+    Skipped {
+        epoch: Epoch,
+        after: Offset,
+        through: Offset,
+        count: u64,
+    },
 }
+
+/// How much one read may produce: the room left in a connection's outbound buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    /// Most messages (at least one is always produced when one is available).
+    pub messages: usize,
+    /// Most bytes of payload and metadata (one message may exceed it alone).
+    pub bytes: usize,
+    /// Keep only the newest message per key among what was read (SPEC §8).
+    pub conflate: bool,
+}
+
+impl Budget {
+    /// No limit beyond the subscription's batch size.
+    pub const UNLIMITED: Budget = Budget {
+        messages: usize::MAX,
+        bytes: usize::MAX,
+        conflate: false,
+    };
+}
+
+/// How far a conflating read looks ahead for newer messages with the same key.
+const CONFLATE_WINDOW: usize = 1024;
 
 /// Why [`Subscription::next_batch`] came back empty-handed.
 #[derive(Debug, PartialEq, Eq)]
@@ -85,11 +122,13 @@ impl Subscription {
     }
 
     /// Resolves the start against the stream without producing events, so `position()` is set.
+    /// Also records the stream's bounds, for `last_state()`.
     pub async fn resolve(&mut self) -> Result<(), EngineError> {
+        let state = self.state().await?;
         if self.cursor.is_none() {
-            let state = self.state().await?;
             self.resolve_keyword(&state);
         }
+        self.head = Some(state);
         Ok(())
     }
 
@@ -113,6 +152,26 @@ impl Subscription {
 
     /// One read: the events available now (possibly none).
     pub async fn poll_batch(&mut self) -> Result<Vec<Event>, EngineError> {
+        self.poll_within(Budget::UNLIMITED).await
+    }
+
+    /// Whether the head has moved since the last read (a read may have something new).
+    pub fn has_news(&self) -> bool {
+        self.watch.has_changed().unwrap_or(true)
+    }
+
+    /// Waits until the stream's head moves (or its watch must be taken anew).
+    pub async fn changed(&mut self) -> Result<(), EngineError> {
+        if self.watch.changed().await.is_err() {
+            // The engine dropped the stream's watch (stream removed); take a new one.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.watch = self.engine.watch(&self.stream).await?;
+        }
+        Ok(())
+    }
+
+    /// One read that produces no more than `budget` allows (possibly nothing).
+    pub async fn poll_within(&mut self, budget: Budget) -> Result<Vec<Event>, EngineError> {
         // Mark the current head as seen *before* reading, so a publish racing this read
         // wakes the next wait instead of being lost.
         self.watch.borrow_and_update();
@@ -125,28 +184,40 @@ impl Subscription {
                     continue;
                 }
             };
-            let batch = self
-                .engine
-                .read(&self.stream, cursor.offset, self.batch)
-                .await?;
+            let limit = if budget.conflate {
+                CONFLATE_WINDOW
+            } else {
+                self.batch.min(budget.messages.max(1))
+            };
+            let batch = self.engine.read(&self.stream, cursor.offset, limit).await?;
             let decision = decide(&Start::After(cursor.clone()), &batch.state);
             self.head = Some(batch.state.clone());
             match decision {
                 Decision::Deliver { .. } => {
                     self.start = None;
-                    let Some(last) = batch.messages.last() else {
+                    let epoch = batch.state.epoch;
+                    let (messages, through) = select(batch.messages, budget);
+                    let Some(through) = through else {
                         return Ok(Vec::new());
                     };
-                    self.cursor = Some(Position::new(batch.state.epoch.clone(), last.offset));
-                    let epoch = batch.state.epoch;
-                    return Ok(batch
-                        .messages
+                    self.cursor = Some(Position::new(epoch.clone(), through));
+                    let skipped = through.get() - cursor.offset.get() - messages.len() as u64;
+                    let mut events: Vec<Event> = messages
                         .into_iter()
                         .map(|message| Event::Message {
                             epoch: epoch.clone(),
                             message,
                         })
-                        .collect());
+                        .collect();
+                    if skipped > 0 {
+                        events.push(Event::Skipped {
+                            epoch,
+                            after: cursor.offset,
+                            through,
+                            count: skipped,
+                        });
+                    }
+                    return Ok(events);
                 }
                 // A start given as a keyword never resets: retention moved between resolving
                 // it and reading, so resolve it again.
@@ -182,13 +253,7 @@ impl Subscription {
                 }
             };
             tokio::select! {
-                changed = self.watch.changed() => {
-                    if changed.is_err() {
-                        // The engine dropped the stream's watch (stream removed); take a new one.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        self.watch = self.engine.watch(&self.stream).await?;
-                    }
-                }
+                changed = self.changed() => changed?,
                 _ = sleep => return Ok(Err(Idle::Timeout)),
                 _ = shutdown.cancelled() => return Ok(Err(Idle::Shutdown)),
             }
@@ -196,10 +261,111 @@ impl Subscription {
     }
 }
 
+/// Picks what to deliver of a read: the messages that fit the budget (conflated to the newest
+/// per key when asked), and the offset the read is consumed through — the last delivered one.
+/// Every offset up to it is either delivered or superseded by a delivered message.
+fn select(read: Vec<Arc<Message>>, budget: Budget) -> (Vec<Arc<Message>>, Option<Offset>) {
+    let keep: Vec<Arc<Message>> = if budget.conflate && read.len() > 1 {
+        let mut seen = std::collections::HashSet::new();
+        let mut kept: Vec<Arc<Message>> = read
+            .iter()
+            .rev()
+            .filter(|m| match &m.key {
+                Some(key) => seen.insert(key.as_str()),
+                None => true,
+            })
+            .cloned()
+            .collect();
+        kept.reverse();
+        kept
+    } else {
+        read
+    };
+    let mut out = Vec::with_capacity(keep.len().min(budget.messages.max(1)));
+    let mut bytes = 0usize;
+    for message in keep {
+        let size = message.retained_bytes() as usize;
+        if !out.is_empty() && (out.len() >= budget.messages || bytes + size > budget.bytes) {
+            break;
+        }
+        bytes += size;
+        out.push(message);
+    }
+    let through = out.last().map(|m| m.offset);
+    (out, through)
+}
+
 /// The position right after an event, for cursors kept outside the subscription.
 pub fn position_after(event: &Event) -> Position {
     match event {
         Event::Message { epoch, message } => Position::new(epoch.clone(), message.offset),
         Event::Reset { head, .. } => head.clone(),
+        Event::Skipped { epoch, through, .. } => Position::new(epoch.clone(), *through),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn msgs(keys: &[Option<&str>]) -> Vec<Arc<Message>> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| {
+                Arc::new(Message {
+                    offset: Offset(i as u64 + 1),
+                    time_ms: 0,
+                    payload: Bytes::from_static(b"0123456789"),
+                    content_type: None,
+                    key: k.map(str::to_owned),
+                    headers: Vec::new(),
+                })
+            })
+            .collect()
+    }
+
+    fn offsets(m: &[Arc<Message>]) -> Vec<u64> {
+        m.iter().map(|m| m.offset.get()).collect()
+    }
+
+    #[test]
+    fn budget_limits_count_and_bytes_but_always_gives_one() {
+        let read = msgs(&[None; 5]);
+        let b = |messages, bytes| Budget {
+            messages,
+            bytes,
+            conflate: false,
+        };
+        let (out, through) = select(read.clone(), b(3, usize::MAX));
+        assert_eq!((offsets(&out), through), (vec![1, 2, 3], Some(Offset(3))));
+        let (out, _) = select(read.clone(), b(10, 25));
+        assert_eq!(offsets(&out), [1, 2]);
+        let (out, _) = select(read, b(10, 1));
+        assert_eq!(offsets(&out), [1]);
+        assert_eq!(select(Vec::new(), b(1, 1)).1, None);
+    }
+
+    #[test]
+    fn conflation_keeps_the_newest_per_key_and_every_unkeyed() {
+        let read = msgs(&[Some("a"), Some("b"), None, Some("a"), Some("b"), Some("c")]);
+        let budget = Budget {
+            messages: 10,
+            bytes: usize::MAX,
+            conflate: true,
+        };
+        let (out, through) = select(read.clone(), budget);
+        assert_eq!(offsets(&out), [3, 4, 5, 6]);
+        assert_eq!(through, Some(Offset(6)));
+        // Out of room after two: consumed through the second kept one, 2 skipped before it.
+        let (out, through) = select(
+            read,
+            Budget {
+                messages: 2,
+                ..budget
+            },
+        );
+        assert_eq!(offsets(&out), [3, 4]);
+        assert_eq!(through, Some(Offset(4)));
     }
 }

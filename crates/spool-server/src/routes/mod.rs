@@ -7,6 +7,8 @@ mod publish;
 mod sse;
 mod streams;
 
+pub(crate) use publish::validate as validate_publish;
+
 use std::time::{Duration, Instant};
 
 use axum::{
@@ -45,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/streams/{stream}", get(streams::info))
         .route("/v1/streams/{stream}/events", get(sse::single))
         .route("/v1/events", get(sse::multi))
+        .route("/v1/ws", get(crate::ws::upgrade))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -97,12 +100,13 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 }
 
 /// Every route, so request metrics can label with a `&'static str` (no allocation per request).
-const ROUTES: [&str; 8] = [
+const ROUTES: [&str; 9] = [
     "/v1/streams/{stream}/messages",
     "/v1/publish",
     "/v1/streams/{stream}",
     "/v1/streams/{stream}/events",
     "/v1/events",
+    "/v1/ws",
     "/healthz",
     "/readyz",
     "/metrics",

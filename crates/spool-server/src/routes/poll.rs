@@ -65,6 +65,8 @@ pub async fn long_poll(
                     position: head.to_string(),
                 });
             }
+            // Only WebSocket reads conflate.
+            Event::Skipped { .. } => {}
         }
     }
     state.metrics.delivered(Transport::poll, messages.len());

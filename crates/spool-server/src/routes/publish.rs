@@ -17,12 +17,12 @@ use base64::Engine as _;
 use futures::future::try_join_all;
 use spool_core::{NewMessage, StreamName};
 use spool_engine::Appended;
-use spool_protocol::http::{BatchRequest, BatchResponse, PublishResponse};
+use spool_protocol::http::{BatchMessage, BatchRequest, BatchResponse, PublishResponse};
 
 use super::{authenticate, stream_name};
 use crate::{
-    AppState,
-    auth::Action,
+    AppState, ServerConfig,
+    auth::{Action, Principal},
     error::{ApiError, ApiResult},
     query::QueryParams,
 };
@@ -101,57 +101,10 @@ pub async fn publish_batch(
             message: format!("messages[{i}]: {}", e.message),
             ..e
         };
-        let stream =
-            StreamName::new(&m.stream).map_err(|e| at(ApiError::invalid_name(&m.stream, e)))?;
-        principal.check(Action::Publish, &stream).map_err(at)?;
-        let payload = match (m.data, m.data_base64) {
-            (Some(text), None) => Bytes::from(text),
-            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-                .decode(b64.as_bytes())
-                .map(Bytes::from)
-                .map_err(|e| {
-                    at(ApiError::bad_body(format!(
-                        "data_base64 is not base64: {e}"
-                    )))
-                })?,
-            _ => {
-                return Err(at(ApiError::bad_body(
-                    "give exactly one of \"data\" and \"data_base64\"",
-                )));
-            }
-        };
-        if payload.len() > state.config.max_payload {
-            return Err(at(ApiError::too_large(format!(
-                "payload is {} bytes; the limit is {}",
-                payload.len(),
-                state.config.max_payload
-            ))));
-        }
-        check_len(
-            "idempotency_key",
-            m.idempotency_key.as_deref(),
-            MAX_IDEMPOTENCY_KEY,
-        )
-        .map_err(at)?;
-        check_len("key", m.key.as_deref(), MAX_KEY).map_err(at)?;
-        check_len("content_type", m.content_type.as_deref(), MAX_CONTENT_TYPE).map_err(at)?;
-        if m.headers.len() > MAX_HEADERS {
-            return Err(at(ApiError::bad_body(format!(
-                "at most {MAX_HEADERS} headers per message"
-            ))));
-        }
-        for name in m.headers.keys() {
-            check_len("a header name", Some(name), MAX_HEADER_NAME).map_err(at)?;
-        }
+        let (stream, message) = validate(&state.config, &principal, m).map_err(at)?;
         let slot = by_stream.entry(stream.clone()).or_default();
         order.push((stream, slot.len()));
-        slot.push(NewMessage {
-            payload,
-            content_type: m.content_type,
-            key: m.key,
-            headers: m.headers.into_iter().collect(),
-            idempotency_key: m.idempotency_key,
-        });
+        slot.push(message);
     }
 
     // One append per stream, all streams at once. If one fails the request fails; retrying
@@ -182,6 +135,61 @@ pub async fn publish_batch(
         results.push(response(&stream, a.clone()));
     }
     Ok((StatusCode::CREATED, Json(BatchResponse { results })))
+}
+
+/// Checks one message of a batch (or of a WebSocket `publish`) against the caller's rights and
+/// the server's limits, and makes it ready to append.
+pub(crate) fn validate(
+    config: &ServerConfig,
+    principal: &Principal,
+    m: BatchMessage,
+) -> ApiResult<(StreamName, NewMessage)> {
+    let stream = StreamName::new(&m.stream).map_err(|e| ApiError::invalid_name(&m.stream, e))?;
+    principal.check(Action::Publish, &stream)?;
+    let payload = match (m.data, m.data_base64) {
+        (Some(text), None) => Bytes::from(text),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64.as_bytes())
+            .map(Bytes::from)
+            .map_err(|e| ApiError::bad_body(format!("data_base64 is not base64: {e}")))?,
+        _ => {
+            return Err(ApiError::bad_body(
+                "give exactly one of \"data\" and \"data_base64\"",
+            ));
+        }
+    };
+    if payload.len() > config.max_payload {
+        return Err(ApiError::too_large(format!(
+            "payload is {} bytes; the limit is {}",
+            payload.len(),
+            config.max_payload
+        )));
+    }
+    check_len(
+        "idempotency_key",
+        m.idempotency_key.as_deref(),
+        MAX_IDEMPOTENCY_KEY,
+    )?;
+    check_len("key", m.key.as_deref(), MAX_KEY)?;
+    check_len("content_type", m.content_type.as_deref(), MAX_CONTENT_TYPE)?;
+    if m.headers.len() > MAX_HEADERS {
+        return Err(ApiError::bad_body(format!(
+            "at most {MAX_HEADERS} headers per message"
+        )));
+    }
+    for name in m.headers.keys() {
+        check_len("a header name", Some(name), MAX_HEADER_NAME)?;
+    }
+    Ok((
+        stream,
+        NewMessage {
+            payload,
+            content_type: m.content_type,
+            key: m.key,
+            headers: m.headers.into_iter().collect(),
+            idempotency_key: m.idempotency_key,
+        },
+    ))
 }
 
 fn response(stream: &StreamName, appended: Appended) -> PublishResponse {

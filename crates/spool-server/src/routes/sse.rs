@@ -307,6 +307,8 @@ impl Session {
                         Format::Raw => SseEvent::default().data(raw_data(&message.payload)),
                     }
                 }
+                // Only WebSocket reads conflate.
+                Event::Skipped { .. } => continue,
                 Event::Reset { reason, head } => {
                     self.state.metrics.reset(*reason);
                     json_event(

@@ -1,0 +1,972 @@
+//! One WebSocket connection: a task that reads client frames, delivers every subscription's
+//! events through the bounded outbound buffer, pipelines publishes, and watches heartbeats,
+//! token expiry, session take-over and shutdown. The writer task owns the socket's sending
+//! half (see [`super::outbound`]).
+//!
+//! Deliveries of one subscription come from a stream that reads history only when the outbound
+//! buffer has room for it, so a slow client costs a cursor, not a queue; replay and live are the
+//! same read loop, as for SSE.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    pin::Pin,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use axum::extract::ws::{Message as WsMessage, WebSocket};
+use futures::{
+    FutureExt, StreamExt,
+    future::{BoxFuture, join_all},
+    stream::{self, BoxStream},
+};
+use serde::Serialize;
+use spool_core::{NewMessage, Position, Start, StreamName, now_ms};
+use spool_engine::{Appended, EngineError};
+use spool_protocol::{
+    ErrorCode,
+    http::BatchMessage,
+    ws::{self as proto, ClientFrame, ServerFrame, close},
+};
+use tokio::time::{Instant, Sleep};
+use tokio_stream::StreamMap;
+
+use super::{
+    outbound::{Close, Frame, Outbound, Taken},
+    session::{LiveSession, NotRestored, Sessions},
+};
+use crate::{
+    AppState,
+    auth::{Action, Principal},
+    error::ApiError,
+    metrics::Transport,
+    query::parse_start,
+    routes::validate_publish,
+    subscription::{Budget, Event, Subscription, position_after},
+};
+
+/// Messages read per engine call for one subscription.
+const READ_BATCH: usize = 256;
+/// Malformed frames tolerated on one connection before it is closed.
+const MAX_BAD_FRAMES: u32 = 64;
+/// How long the writer gets to send what is queued and the close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Longest wait between retries of a subscription whose engine reads fail.
+const MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// One subscription's deliveries: batches of events, each with the room it took.
+type Deliveries = BoxStream<'static, Vec<(Event, Taken)>>;
+
+/// A publish waiting for its ack.
+struct Pending {
+    id: Option<u64>,
+    stream: StreamName,
+    message: NewMessage,
+}
+
+type Round = BoxFuture<'static, Vec<(Option<u64>, StreamName, Result<Appended, EngineError>)>>;
+
+pub async fn run(socket: WebSocket, state: AppState, upgrade_principal: Option<Principal>) {
+    let (sink, mut inbound) = socket.split();
+    let ws = state.config.ws.clone();
+    let slot = Arc::new(OnceLock::new());
+    let (out, writer) =
+        Outbound::start(sink, ws.outbound_messages, ws.outbound_bytes, slot.clone());
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+    let mut writer = tokio::spawn(writer.run(close_rx));
+
+    let mut conn = Connection {
+        sessions: state.sessions.clone(),
+        state,
+        out,
+        slot,
+        session: None,
+        principal: None,
+        upgrade_principal,
+        generation: 0,
+        generations: HashMap::new(),
+        pending: VecDeque::new(),
+        bad_frames: 0,
+        close: None,
+    };
+    let mut subs: StreamMap<Arc<str>, Deliveries> = StreamMap::new();
+    let mut round: Option<Round> = None;
+    let mut expiry: Option<Pin<Box<Sleep>>> = None;
+    let opened = Instant::now();
+    let mut last_inbound = Instant::now();
+    let mut last_ping = Instant::now();
+    let tick_every = ws
+        .ping_interval
+        .min(ws.stuck_timeout / 4)
+        .min(ws.connect_timeout)
+        .max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval_at(Instant::now() + tick_every, tick_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let shutdown = conn.state.shutdown.clone();
+
+    loop {
+        let taken_over = conn.session.as_ref().map(|s| s.taken_over.clone());
+        let reading = conn.pending.len() < ws.max_inflight_publishes;
+        let result: Result<(), End> = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let frame = ServerFrame::Reconnect(proto::Reconnect {
+                    reason: "server_shutdown".into(),
+                });
+                let _ = conn.reply(&frame).await;
+                Err(End::Close(close::GOING_AWAY, "server shutting down"))
+            }
+            _ = async { taken_over.expect("guarded").cancelled().await }, if taken_over.is_some() => {
+                Err(End::Close(close::SESSION_TAKEN_OVER, "session resumed by another connection"))
+            }
+            _ = async { expiry.as_mut().expect("guarded").await }, if expiry.is_some() => {
+                conn.error(None, ErrorCode::TokenExpired, "the token expired; refresh it before it does").await;
+                Err(End::Close(close::TOKEN_EXPIRED, "token expired"))
+            }
+            done = async { round.as_mut().expect("guarded").await }, if round.is_some() => {
+                round = None;
+                conn.acks(done).await
+            }
+            frame = inbound.next(), if reading => {
+                last_inbound = Instant::now();
+                match frame {
+                    None => Err(End::Gone),
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "websocket read failed");
+                        Err(End::Close(close::MESSAGE_TOO_BIG, "unreadable or oversized frame"))
+                    }
+                    Some(Ok(message)) => {
+                        conn.inbound(message, &mut subs, &mut expiry).await
+                    }
+                }
+            }
+            Some((stream, batch)) = subs.next(), if !subs.is_empty() => {
+                conn.deliver(&stream, batch).await
+            }
+            _ = tick.tick() => {
+                conn.tick(opened, last_inbound, &mut last_ping)
+            }
+        };
+        if let Err(end) = result {
+            if let End::Close(code, reason) = end {
+                conn.close = Some(Close { code, reason });
+            }
+            break;
+        }
+        if round.is_none() && !conn.pending.is_empty() {
+            round = Some(conn.start_round());
+        }
+    }
+
+    // Let pending acks finish when the socket still works: they are durable, tell the client.
+    if let Some(round) = round.take()
+        && conn.close.is_some()
+    {
+        let done = round.await;
+        let _ = conn.acks(done).await;
+    }
+    drop(subs);
+    if let Some(close) = conn.close.take() {
+        let _ = close_tx.send(close);
+    }
+    let session = conn.session.take();
+    let sessions = conn.sessions.clone();
+    drop(conn);
+    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+    if let Some(session) = session {
+        sessions.release(&session).await;
+    }
+}
+
+/// Why the connection loop ends.
+enum End {
+    /// The socket is gone: nothing more can be sent.
+    Gone,
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+}
+
+struct Connection {
+    state: AppState,
+    sessions: Arc<Sessions>,
+    out: Outbound,
+    /// The session the writer records positions in, once connected.
+    slot: Arc<OnceLock<Arc<LiveSession>>>,
+    session: Option<Arc<LiveSession>>,
+    principal: Option<Principal>,
+    /// A credential checked on the upgrade request, used when `connect` carries none.
+    upgrade_principal: Option<Principal>,
+    /// Generation of the latest subscription per stream (see `LiveSession::delivered`).
+    generation: u64,
+    generations: HashMap<Arc<str>, u64>,
+    pending: VecDeque<Pending>,
+    bad_frames: u32,
+    close: Option<Close>,
+}
+
+impl Connection {
+    async fn send_frame(
+        &self,
+        frame: &ServerFrame,
+        room: Taken,
+        delivered: Option<(Arc<str>, u64, Position)>,
+    ) -> Result<(), End> {
+        let text = encode(frame);
+        self.out
+            .send(Frame {
+                message: WsMessage::Text(text.into()),
+                room,
+                delivered,
+            })
+            .await
+            .map_err(|_| End::Gone)
+    }
+
+    async fn reply(&self, frame: &ServerFrame) -> Result<(), End> {
+        self.send_frame(frame, Taken::default(), None).await
+    }
+
+    async fn error(&self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
+        let _ = self
+            .reply(&ServerFrame::Error(proto::ErrorFrame {
+                id,
+                code,
+                message: message.into(),
+            }))
+            .await;
+    }
+
+    async fn api_error(&self, id: Option<u64>, e: ApiError) {
+        self.error(id, e.code, e.message).await;
+    }
+
+    async fn inbound(
+        &mut self,
+        message: WsMessage,
+        subs: &mut StreamMap<Arc<str>, Deliveries>,
+        expiry: &mut Option<Pin<Box<Sleep>>>,
+    ) -> Result<(), End> {
+        let text = match message {
+            WsMessage::Text(text) => text,
+            WsMessage::Binary(_) => {
+                self.error(
+                    None,
+                    ErrorCode::BadFrame,
+                    "binary frames are not part of spool.v1.json; send JSON text frames",
+                )
+                .await;
+                return Err(End::Close(
+                    close::UNSUPPORTED_DATA,
+                    "binary frames are not supported",
+                ));
+            }
+            WsMessage::Close(_) => return Err(End::Gone),
+            WsMessage::Ping(_) | WsMessage::Pong(_) => return Ok(()),
+        };
+        let frame = match serde_json::from_str::<ClientFrame>(text.as_str()) {
+            Ok(frame) => frame,
+            Err(e) => {
+                self.bad_frames += 1;
+                self.error(
+                    None,
+                    ErrorCode::BadFrame,
+                    format!("not a frame of spool.v1.json: {e}"),
+                )
+                .await;
+                if self.bad_frames >= MAX_BAD_FRAMES {
+                    return Err(End::Close(
+                        close::TOO_MANY_ERRORS,
+                        "too many malformed frames",
+                    ));
+                }
+                return Ok(());
+            }
+        };
+        match frame {
+            ClientFrame::Ping(_) => self.reply(&ServerFrame::Pong(proto::Ping {})).await,
+            ClientFrame::Pong(_) => Ok(()),
+            ClientFrame::Connect(connect) => self.connect(connect, subs, expiry).await,
+            _ if self.principal.is_none() => {
+                self.error(None, ErrorCode::NotConnected, "send a connect frame first")
+                    .await;
+                Ok(())
+            }
+            ClientFrame::Subscribe(s) => {
+                if let Err(e) = self
+                    .subscribe(s.id, &s.stream, s.after.as_deref(), subs)
+                    .await
+                {
+                    self.api_error(s.id, e).await;
+                }
+                Ok(())
+            }
+            ClientFrame::Unsubscribe(u) => {
+                subs.remove(u.stream.as_str());
+                self.generations.remove(u.stream.as_str());
+                if let Some(session) = &self.session {
+                    session.unsubscribe(&u.stream);
+                }
+                self.reply(&ServerFrame::Unsubscribed(proto::Unsubscribed {
+                    id: u.id,
+                    stream: u.stream,
+                    reason: None,
+                }))
+                .await
+            }
+            ClientFrame::Publish(p) => {
+                let id = p.id;
+                match self.publish(p) {
+                    Ok(pending) => self.pending.push_back(pending),
+                    Err(e) => self.api_error(id, e).await,
+                }
+                Ok(())
+            }
+            ClientFrame::Refresh(r) => self.refresh(r, subs, expiry).await,
+        }
+    }
+
+    async fn connect(
+        &mut self,
+        connect: proto::Connect,
+        subs: &mut StreamMap<Arc<str>, Deliveries>,
+        expiry: &mut Option<Pin<Box<Sleep>>>,
+    ) -> Result<(), End> {
+        if self.principal.is_some() {
+            self.error(
+                None,
+                ErrorCode::NotConnected,
+                "already connected; connect is the first frame only",
+            )
+            .await;
+            return Ok(());
+        }
+        let credential = match connect.token.as_deref().filter(|t| !t.is_empty()) {
+            Some(token) => match self.state.auth.verify(token) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    self.api_error(None, e).await;
+                    return Err(End::Close(close::UNAUTHORIZED, "invalid credentials"));
+                }
+            },
+            None => self.upgrade_principal.clone(),
+        };
+        let mut not_restored = None;
+        let (session, principal, resumed) = match connect.session.as_deref() {
+            Some(id) => match self.sessions.restore(id, credential.as_ref()).await {
+                Err(e) => {
+                    self.api_error(None, e.into()).await;
+                    return Ok(());
+                }
+                Ok(Ok(restored)) => (restored.session, restored.principal, true),
+                Ok(Err(NotRestored::Unknown)) if credential.is_some() => {
+                    not_restored = Some("unknown_session".to_owned());
+                    let principal = credential.unwrap_or(Principal::Anonymous);
+                    (self.sessions.create(principal.clone()), principal, false)
+                }
+                Ok(Err(why)) => {
+                    self.error(None, ErrorCode::SessionNotRestored, why.message())
+                        .await;
+                    return Ok(());
+                }
+            },
+            None => {
+                let principal = match credential {
+                    Some(p) => p,
+                    None if self.state.config.auth.allow_anonymous => Principal::Anonymous,
+                    None => {
+                        self.error(
+                            None,
+                            ErrorCode::Unauthorized,
+                            "credentials required: a token in connect, or Authorization / ?token= on the upgrade",
+                        )
+                        .await;
+                        return Err(End::Close(close::UNAUTHORIZED, "credentials required"));
+                    }
+                };
+                (self.sessions.create(principal.clone()), principal, false)
+            }
+        };
+        let _ = self.slot.set(session.clone());
+        self.session = Some(session.clone());
+        self.principal = Some(principal.clone());
+        *expiry = deadline(&principal);
+
+        // Restored subscriptions continue after the client's own positions where it sent them
+        // (frames in flight when it dropped are sent again), else after what was delivered.
+        let mut restored = Vec::new();
+        let mut dropped = Vec::new();
+        for (stream, delivered) in session.subscriptions() {
+            let position = connect
+                .positions
+                .get(stream.as_ref())
+                .and_then(|p| p.parse::<Position>().ok())
+                .unwrap_or(delivered);
+            let Ok(name) = StreamName::new(&stream) else {
+                continue;
+            };
+            if !principal.may(Action::Subscribe, &name) {
+                session.unsubscribe(&stream);
+                dropped.push(stream);
+                continue;
+            }
+            match self.open(name, Start::After(position)).await {
+                Ok(opened) => restored.push(opened),
+                Err(e) => {
+                    tracing::warn!(error = %e, stream = %stream, "could not restore a subscription");
+                    session.unsubscribe(&stream);
+                    dropped.push(stream);
+                }
+            }
+        }
+        let connected = ServerFrame::Connected(proto::Connected {
+            session: session.id.clone(),
+            resumed,
+            not_restored,
+            subject: principal.subject().map(str::to_owned),
+            subscriptions: restored
+                .iter()
+                .map(|o| proto::Subscribed {
+                    id: None,
+                    stream: o.stream.to_string(),
+                    position: o.position.to_string(),
+                    head: o.head.to_string(),
+                })
+                .collect(),
+            session_ttl_ms: self.sessions.ttl().as_millis() as u64,
+            ping_interval_ms: self.state.config.ws.ping_interval.as_millis() as u64,
+            expires_at: principal.expires_at(),
+        });
+        self.reply(&connected).await?;
+        for stream in dropped {
+            self.reply(&ServerFrame::Unsubscribed(proto::Unsubscribed {
+                id: None,
+                stream: stream.to_string(),
+                reason: Some("forbidden".into()),
+            }))
+            .await?;
+        }
+        for opened in restored {
+            self.activate(opened, subs);
+        }
+        Ok(())
+    }
+
+    async fn subscribe(
+        &mut self,
+        id: Option<u64>,
+        stream: &str,
+        after: Option<&str>,
+        subs: &mut StreamMap<Arc<str>, Deliveries>,
+    ) -> Result<(), ApiError> {
+        let name = StreamName::new(stream).map_err(|e| ApiError::invalid_name(stream, e))?;
+        if let Some(principal) = &self.principal {
+            principal.check(Action::Subscribe, &name)?;
+        }
+        if subs.contains_key(stream) {
+            return Err(ApiError::bad_param(format!(
+                "already subscribed to {stream:?}; unsubscribe first to start over"
+            )));
+        }
+        let max = self.state.config.max_streams_per_connection;
+        if subs.len() >= max {
+            return Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::LimitReached,
+                format!("at most {max} subscriptions per connection"),
+            ));
+        }
+        let start = parse_start("after", after.unwrap_or("now"))?;
+        let opened = self.open(name, start).await?;
+        self.reply(&ServerFrame::Subscribed(proto::Subscribed {
+            id,
+            stream: stream.to_owned(),
+            position: opened.position.to_string(),
+            head: opened.head.to_string(),
+        }))
+        .await
+        .map_err(|_| ApiError::bad_param("connection closed"))?;
+        self.activate(opened, subs);
+        Ok(())
+    }
+
+    /// Opens a subscription and resolves where it starts.
+    async fn open(&mut self, name: StreamName, start: Start) -> Result<Opened, EngineError> {
+        let mut sub =
+            Subscription::open(self.state.engine.clone(), name.clone(), start, READ_BATCH).await?;
+        sub.resolve().await?;
+        let position = sub.position().cloned().unwrap_or_else(|| {
+            Position::new(
+                sub.last_state()
+                    .map(|s| s.epoch.clone())
+                    .unwrap_or_else(spool_core::Epoch::generate),
+                spool_core::Offset::ZERO,
+            )
+        });
+        let head = sub
+            .last_state()
+            .map(|s| s.head_position())
+            .unwrap_or_else(|| position.clone());
+        Ok(Opened {
+            stream: Arc::from(name.as_str()),
+            sub,
+            position,
+            head,
+        })
+    }
+
+    /// Starts delivering an opened subscription and records it in the session.
+    fn activate(&mut self, opened: Opened, subs: &mut StreamMap<Arc<str>, Deliveries>) {
+        self.generation += 1;
+        let generation = self.generation;
+        if let Some(session) = &self.session {
+            session.subscribe(opened.stream.clone(), generation, opened.position.clone());
+        }
+        self.generations.insert(opened.stream.clone(), generation);
+        let conflate = self
+            .state
+            .config
+            .ws
+            .conflate
+            .iter()
+            .any(|p| p.matches(&opened.stream));
+        subs.insert(
+            opened.stream,
+            deliveries(opened.sub, self.out.room.clone(), conflate),
+        );
+    }
+
+    fn publish(&self, p: proto::Publish) -> Result<Pending, ApiError> {
+        let principal = self
+            .principal
+            .as_ref()
+            .ok_or_else(|| ApiError::bad_param("not connected"))?;
+        let id = p.id;
+        let (stream, message) = validate_publish(
+            &self.state.config,
+            principal,
+            BatchMessage {
+                stream: p.stream,
+                data: p.data,
+                data_base64: p.data_base64,
+                content_type: p.content_type,
+                key: p.key,
+                headers: p.headers,
+                idempotency_key: p.idempotency_key,
+            },
+        )?;
+        Ok(Pending {
+            id,
+            stream,
+            message,
+        })
+    }
+
+    /// Appends every waiting publish: one engine call per stream (keeping each stream's order),
+    /// all streams at once.
+    fn start_round(&mut self) -> Round {
+        let engine = self.state.engine.clone();
+        let mut order: Vec<(Option<u64>, StreamName, usize)> =
+            Vec::with_capacity(self.pending.len());
+        let mut groups: Vec<(StreamName, Vec<NewMessage>)> = Vec::new();
+        for p in self.pending.drain(..) {
+            let group = match groups.iter().position(|(s, _)| *s == p.stream) {
+                Some(i) => i,
+                None => {
+                    groups.push((p.stream.clone(), Vec::new()));
+                    groups.len() - 1
+                }
+            };
+            groups[group].1.push(p.message);
+            order.push((p.id, p.stream, group));
+        }
+        async move {
+            let results = join_all(groups.into_iter().map(|(stream, messages)| {
+                let engine = engine.clone();
+                async move {
+                    let n = messages.len();
+                    match engine.append(&stream, messages).await {
+                        Ok(appended) => appended.into_iter().map(Ok).collect::<Vec<_>>(),
+                        Err(e) => vec![Err(e); n],
+                    }
+                }
+            }))
+            .await;
+            let mut cursors = vec![0usize; results.len()];
+            order
+                .into_iter()
+                .map(|(id, stream, group)| {
+                    let i = cursors[group];
+                    cursors[group] += 1;
+                    let result = results[group].get(i).cloned().unwrap_or_else(|| {
+                        Err(EngineError::Internal(
+                            "append returned too few results".into(),
+                        ))
+                    });
+                    (id, stream, result)
+                })
+                .collect()
+        }
+        .boxed()
+    }
+
+    async fn acks(
+        &mut self,
+        done: Vec<(Option<u64>, StreamName, Result<Appended, EngineError>)>,
+    ) -> Result<(), End> {
+        for (id, stream, result) in done {
+            match result {
+                Ok(appended) => {
+                    if !appended.duplicate {
+                        self.state.metrics.published.inc();
+                    }
+                    self.reply(&ServerFrame::Ack(proto::Ack {
+                        id,
+                        stream: stream.to_string(),
+                        epoch: appended.position.epoch.to_string(),
+                        offset: appended.position.offset.get(),
+                        duplicate: appended.duplicate,
+                    }))
+                    .await?;
+                }
+                Err(e) => self.api_error(id, e.into()).await,
+            }
+        }
+        Ok(())
+    }
+
+    async fn refresh(
+        &mut self,
+        r: proto::Refresh,
+        subs: &mut StreamMap<Arc<str>, Deliveries>,
+        expiry: &mut Option<Pin<Box<Sleep>>>,
+    ) -> Result<(), End> {
+        let principal = match self.state.auth.verify(&r.token) {
+            Ok(p) => p,
+            Err(e) => {
+                self.api_error(r.id, e).await;
+                return Ok(());
+            }
+        };
+        if !self
+            .principal
+            .as_ref()
+            .is_some_and(|current| current.same_identity(&principal))
+        {
+            self.error(
+                r.id,
+                ErrorCode::Forbidden,
+                "a refresh must keep the identity (same sub); connect anew for another one",
+            )
+            .await;
+            return Ok(());
+        }
+        *expiry = deadline(&principal);
+        if let Some(session) = &self.session {
+            session.set_principal(principal.clone());
+        }
+        // Rights may have shrunk: end subscriptions the new token no longer allows.
+        let lost: Vec<Arc<str>> = subs
+            .keys()
+            .filter(|s| {
+                StreamName::new(s).map_or(true, |name| !principal.may(Action::Subscribe, &name))
+            })
+            .cloned()
+            .collect();
+        self.principal = Some(principal.clone());
+        self.reply(&ServerFrame::Refreshed(proto::Refreshed {
+            id: r.id,
+            expires_at: principal.expires_at(),
+        }))
+        .await?;
+        for stream in lost {
+            subs.remove(&stream);
+            self.generations.remove(&stream);
+            if let Some(session) = &self.session {
+                session.unsubscribe(&stream);
+            }
+            self.reply(&ServerFrame::Unsubscribed(proto::Unsubscribed {
+                id: None,
+                stream: stream.to_string(),
+                reason: Some("forbidden".into()),
+            }))
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, stream: &Arc<str>, batch: Vec<(Event, Taken)>) -> Result<(), End> {
+        let generation = self.generations.get(stream).copied().unwrap_or(0);
+        let mut delivered = 0;
+        for (event, room) in batch {
+            let position = position_after(&event);
+            let text = match &event {
+                Event::Message { epoch, message } => {
+                    delivered += 1;
+                    encode_delivery(stream, epoch.as_str(), message)
+                }
+                Event::Reset { reason, head } => {
+                    self.state.metrics.reset(*reason);
+                    encode(&ServerFrame::Reset(proto::Reset {
+                        stream: stream.to_string(),
+                        reason: reason.to_string(),
+                        position: head.to_string(),
+                    }))
+                }
+                Event::Skipped {
+                    epoch,
+                    after,
+                    through,
+                    count,
+                } => encode(&ServerFrame::Skipped(proto::Skipped {
+                    stream: stream.to_string(),
+                    epoch: epoch.to_string(),
+                    after: after.get(),
+                    through: through.get(),
+                    count: *count,
+                })),
+            };
+            self.out
+                .send(Frame {
+                    message: WsMessage::Text(text.into()),
+                    room,
+                    delivered: Some((stream.clone(), generation, position)),
+                })
+                .await
+                .map_err(|_| End::Gone)?;
+        }
+        self.state.metrics.delivered(Transport::ws, delivered);
+        Ok(())
+    }
+
+    fn tick(
+        &mut self,
+        opened: Instant,
+        last_inbound: Instant,
+        last_ping: &mut Instant,
+    ) -> Result<(), End> {
+        let ws = &self.state.config.ws;
+        if self.principal.is_none() && opened.elapsed() >= ws.connect_timeout {
+            return Err(End::Close(
+                close::CONNECT_TIMEOUT,
+                "no connect frame in time",
+            ));
+        }
+        if last_inbound.elapsed() >= ws.ping_interval + ws.ping_timeout {
+            return Err(End::Close(
+                close::PING_TIMEOUT,
+                "no frame from the client in time",
+            ));
+        }
+        if self.out.stalled_for() >= ws.stuck_timeout {
+            let _ = self.out.try_send(WsMessage::Text(
+                encode(&ServerFrame::Error(proto::ErrorFrame {
+                    id: None,
+                    code: ErrorCode::SlowConsumer,
+                    message: "the client read nothing for too long; reconnect with the session to resume from history".into(),
+                }))
+                .into(),
+            ));
+            return Err(End::Close(close::SLOW_CONSUMER, "slow consumer"));
+        }
+        if last_ping.elapsed() >= ws.ping_interval {
+            *last_ping = Instant::now();
+            self.out
+                .try_send(WsMessage::Text(
+                    encode(&ServerFrame::Ping(proto::Ping {})).into(),
+                ))
+                .map_err(|_| End::Gone)?;
+        }
+        Ok(())
+    }
+}
+
+/// A subscription opened and resolved, not yet delivering.
+struct Opened {
+    stream: Arc<str>,
+    sub: Subscription,
+    position: Position,
+    head: Position,
+}
+
+/// When a credential expiring at `expires_at` (ms) must close the connection.
+fn deadline(principal: &Principal) -> Option<Pin<Box<Sleep>>> {
+    let expires_at = principal.expires_at()?;
+    let left = Duration::from_millis(expires_at.saturating_sub(now_ms()));
+    Some(Box::pin(tokio::time::sleep(left)))
+}
+
+/// A subscription's deliveries. It reads only when the outbound buffer has room, as much as
+/// fits; an engine failure is retried with backoff (the client stays connected and catches up
+/// from history when the engine is back).
+fn deliveries(sub: Subscription, room: Arc<super::outbound::Room>, conflate: bool) -> Deliveries {
+    stream::unfold((sub, true), move |(mut sub, mut more)| {
+        let room = room.clone();
+        async move {
+            let mut retry = Duration::from_millis(100);
+            loop {
+                if !more
+                    && !sub.has_news()
+                    && let Err(e) = sub.changed().await
+                {
+                    tracing::warn!(error = %e, stream = %sub.stream(), "cannot watch a stream; retrying");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(MAX_RETRY);
+                    continue;
+                }
+                let taken = room.take().await;
+                let budget = Budget {
+                    messages: taken.messages,
+                    bytes: taken.bytes,
+                    conflate,
+                };
+                let events = match sub.poll_within(budget).await {
+                    Ok(events) => events,
+                    Err(e) => {
+                        room.give_back(taken);
+                        tracing::warn!(error = %e, stream = %sub.stream(), "a subscription read failed; retrying");
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(MAX_RETRY);
+                        more = true;
+                        continue;
+                    }
+                };
+                more = match (sub.last_state(), sub.position()) {
+                    (Some(state), Some(position)) => {
+                        state.epoch == position.epoch && state.head > position.offset
+                    }
+                    _ => false,
+                };
+                if events.is_empty() {
+                    room.give_back(taken);
+                    continue;
+                }
+                // Share the room out over the messages; what is left goes back now.
+                let mut left = taken;
+                let batch: Vec<(Event, Taken)> = events
+                    .into_iter()
+                    .map(|event| {
+                        let share = match &event {
+                            Event::Message { message, .. } if left.messages > 0 => {
+                                let bytes = (message.retained_bytes() as usize).min(left.bytes);
+                                left.messages -= 1;
+                                left.bytes -= bytes;
+                                Taken { messages: 1, bytes }
+                            }
+                            _ => Taken::default(),
+                        };
+                        (event, share)
+                    })
+                    .collect();
+                room.give_back(left);
+                return Some((batch, (sub, more)));
+            }
+        }
+    })
+    .boxed()
+}
+
+/// A server frame as JSON text.
+fn encode(frame: &ServerFrame) -> String {
+    serde_json::to_string(frame).unwrap_or_else(|e| {
+        format!(r#"{{"type":"error","code":"internal","message":"could not encode a frame: {e}"}}"#)
+    })
+}
+
+/// A `message` frame, serialized from borrowed parts (this is the hot path of fan-out).
+fn encode_delivery(stream: &str, epoch: &str, message: &spool_core::Message) -> String {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        stream: &'a str,
+        epoch: &'a str,
+        offset: u64,
+        time: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data_base64: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        content_type: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key: Option<&'a str>,
+        #[serde(skip_serializing_if = "Headers::is_empty")]
+        headers: Headers<'a>,
+    }
+    struct Headers<'a>(&'a [(String, String)]);
+    impl Headers<'_> {
+        fn is_empty(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+    impl Serialize for Headers<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+        }
+    }
+    let (data, data_base64) = match std::str::from_utf8(&message.payload) {
+        Ok(text) => (Some(text), None),
+        Err(_) => {
+            use base64::Engine as _;
+            (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&message.payload)),
+            )
+        }
+    };
+    let out = Out {
+        kind: "message",
+        stream,
+        epoch,
+        offset: message.offset.get(),
+        time: message.time_ms,
+        data,
+        data_base64,
+        content_type: message.content_type.as_deref(),
+        key: message.key.as_deref(),
+        headers: Headers(&message.headers),
+    };
+    serde_json::to_string(&out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn delivery_encoding_matches_the_protocol_type() {
+        let message = spool_core::Message {
+            offset: spool_core::Offset(7),
+            time_ms: 42,
+            payload: Bytes::from_static(b"{\"a\":1}"),
+            content_type: Some("application/json".into()),
+            key: Some("k".into()),
+            headers: vec![("h".into(), "v".into())],
+        };
+        let text = encode_delivery("s", "e", &message);
+        let ServerFrame::Message(d) = serde_json::from_str::<ServerFrame>(&text).unwrap() else {
+            panic!("not a message frame: {text}");
+        };
+        assert_eq!(
+            (d.stream.as_str(), d.epoch.as_str(), d.offset, d.time),
+            ("s", "e", 7, 42)
+        );
+        assert_eq!(d.payload().unwrap(), b"{\"a\":1}");
+        assert_eq!(d.headers.get("h").map(String::as_str), Some("v"));
+        let binary = spool_core::Message {
+            payload: Bytes::from_static(&[0xff, 0]),
+            headers: vec![],
+            ..message
+        };
+        let text = encode_delivery("s", "e", &binary);
+        let ServerFrame::Message(d) = serde_json::from_str::<ServerFrame>(&text).unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.payload().unwrap(), [0xff, 0]);
+    }
+}

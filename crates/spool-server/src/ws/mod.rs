@@ -1,0 +1,179 @@
+//! The WebSocket protocol `spool.v1.json` on `/v1/ws` (docs/protocol.md): subscriptions to
+//! many streams with their own start positions, publishing with acks, resumable sessions,
+//! heartbeats, token refresh, and flow control.
+//!
+//! - [`connection`] runs one connection: it reads client frames, drives one
+//!   [`crate::subscription::Subscription`] per stream, and pipelines publishes.
+//! - [`outbound`] is the bounded buffer between the connection and the socket, drained by a
+//!   writer task (SPEC §8).
+//! - [`session`] keeps sessions (SPEC §3): identity, subscriptions and delivered positions,
+//!   saved in the engine in batches.
+
+mod connection;
+mod outbound;
+pub mod session;
+
+use axum::{
+    extract::{RawQuery, State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection},
+    http::{
+        HeaderMap, HeaderValue, StatusCode,
+        header::{HOST, ORIGIN, SEC_WEBSOCKET_PROTOCOL},
+    },
+    response::Response,
+};
+use spool_protocol::{ErrorCode, ws::SUBPROTOCOL};
+
+use crate::{
+    AppState,
+    error::{ApiError, ApiResult},
+    metrics::Transport,
+    query::QueryParams,
+};
+
+/// `GET /v1/ws`: checks the origin, the subprotocol and any credential sent with the upgrade,
+/// then hands the socket to a connection task tracked for graceful shutdown.
+pub async fn upgrade(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            ErrorCode::InvalidParameter,
+            format!("not a WebSocket upgrade: {e}"),
+        )
+    })?;
+    check_origin(&headers, &state.config.cors_origins)?;
+    check_subprotocol(&headers)?;
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ShuttingDown,
+            "the server is shutting down; connect to another node or retry shortly",
+        ));
+    }
+    // A credential on the upgrade (header or ?token=) is checked now, so a bad one gets a plain
+    // 401; without one, the `connect` frame must carry it.
+    let query = QueryParams::parse(query.as_deref())?;
+    let has_credential = headers.contains_key(axum::http::header::AUTHORIZATION)
+        || query.get("token").is_some_and(|t| !t.is_empty());
+    let principal = if has_credential {
+        Some(state.auth.authenticate(&headers, query.get("token"))?)
+    } else {
+        None
+    };
+
+    let ws = &state.config.ws;
+    let max_message = state.config.max_payload.saturating_mul(2) + 64 * 1024;
+    let upgrade = upgrade
+        .protocols([SUBPROTOCOL])
+        .read_buffer_size(ws.read_buffer)
+        .write_buffer_size(ws.write_buffer)
+        .max_message_size(max_message)
+        .max_frame_size(max_message);
+    let tasks = state.tasks.clone();
+    Ok(upgrade.on_upgrade(move |socket| {
+        let guard = state.metrics.connection(Transport::ws);
+        tasks.track_future(async move {
+            connection::run(socket, state, principal).await;
+            drop(guard);
+        })
+    }))
+}
+
+/// A browser's `Origin` must be allowed (`--cors-origin`) or be the server's own origin.
+/// Clients that are not browsers send no `Origin` and are not affected.
+fn check_origin(headers: &HeaderMap, allowed: &[String]) -> ApiResult<()> {
+    let Some(origin) = headers.get(ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or_default();
+    if allowed.iter().any(|a| a == "*" || a == origin) {
+        return Ok(());
+    }
+    let host = headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let same_origin = origin
+        .split_once("://")
+        .is_some_and(|(_, authority)| !host.is_empty() && authority.eq_ignore_ascii_case(host));
+    if same_origin {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        ErrorCode::OriginNotAllowed,
+        format!("origin {origin:?} is not allowed; add it with --cors-origin"),
+    ))
+}
+
+/// A client that names subprotocols must name ours; one that names none gets ours anyway.
+fn check_subprotocol(headers: &HeaderMap) -> ApiResult<()> {
+    let offered: Vec<&HeaderValue> = headers.get_all(SEC_WEBSOCKET_PROTOCOL).iter().collect();
+    if offered.is_empty()
+        || offered.iter().any(|v| {
+            v.to_str()
+                .unwrap_or_default()
+                .split(',')
+                .any(|p| p.trim() == SUBPROTOCOL)
+        })
+    {
+        return Ok(());
+    }
+    Err(ApiError::bad_param(format!(
+        "unsupported WebSocket subprotocol; this endpoint speaks {SUBPROTOCOL}"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn origins() {
+        let none: Vec<String> = vec![];
+        let app = vec!["https://app.example".to_owned()];
+        assert!(check_origin(&headers(&[]), &none).is_ok());
+        assert!(
+            check_origin(
+                &headers(&[
+                    ("origin", "http://127.0.0.1:7070"),
+                    ("host", "127.0.0.1:7070")
+                ]),
+                &none
+            )
+            .is_ok()
+        );
+        let evil = headers(&[
+            ("origin", "https://evil.example"),
+            ("host", "127.0.0.1:7070"),
+        ]);
+        assert_eq!(
+            check_origin(&evil, &none).unwrap_err().code,
+            ErrorCode::OriginNotAllowed
+        );
+        assert!(check_origin(&evil, &app).is_err());
+        assert!(check_origin(&headers(&[("origin", "https://app.example")]), &app).is_ok());
+        assert!(check_origin(&evil, &["*".to_owned()]).is_ok());
+    }
+
+    #[test]
+    fn subprotocols() {
+        assert!(check_subprotocol(&headers(&[])).is_ok());
+        assert!(
+            check_subprotocol(&headers(&[("sec-websocket-protocol", "x, spool.v1.json")])).is_ok()
+        );
+        assert!(check_subprotocol(&headers(&[("sec-websocket-protocol", "mqtt")])).is_err());
+    }
+}

@@ -1,0 +1,463 @@
+//! Resumable sessions (SPEC §3): an unguessable id standing for an identity, its
+//! subscriptions, and the last position delivered on each — cursors, never messages.
+//!
+//! A connected session lives in memory ([`LiveSession`]); the writer of its connection moves
+//! the positions as frames reach the socket, and [`Sessions`] saves every changed session to
+//! the engine about once a second in one batch (and once more when its connection ends), so a
+//! busy connection costs one small write per second, not one per message. Records expire in
+//! the engine `session_ttl` after their last save; a live session is re-saved well before that.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use spool_core::{Position, now_ms};
+use spool_engine::{Engine, EngineError, SessionRecord};
+use tokio::{sync::watch, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Principal;
+
+/// Random bytes in a session id: 192 bits, base64url-encoded to 32 characters.
+const ID_BYTES: usize = 24;
+/// Longest session id accepted from a client.
+const MAX_ID_LEN: usize = 64;
+/// How often changed sessions are saved.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// How long a resume waits for the connection that holds the session to let go of it.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+
+/// What a session record holds (JSON in the engine).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Stored {
+    principal: Principal,
+    /// Stream → the last position delivered (`EPOCH:OFFSET`).
+    subscriptions: BTreeMap<String, String>,
+}
+
+/// Why a session could not be restored.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotRestored {
+    /// Unknown, expired, malformed or forged.
+    Unknown,
+    /// It belongs to another identity than the credential given.
+    OtherIdentity,
+    /// The credential it was created with has expired and no new one was given.
+    CredentialExpired,
+}
+
+impl NotRestored {
+    pub fn message(&self) -> &'static str {
+        match self {
+            NotRestored::Unknown => {
+                "the session is unknown or has expired; connect with credentials to start a new one"
+            }
+            NotRestored::OtherIdentity => {
+                "the session belongs to another identity; connect without it to start a new one"
+            }
+            NotRestored::CredentialExpired => {
+                "the token the session was created with has expired; connect with a fresh token"
+            }
+        }
+    }
+}
+
+/// A subscription of a session: its generation (so a stale frame of an earlier subscription
+/// to the same stream cannot move it) and the last position delivered.
+#[derive(Clone, Debug)]
+struct Cursor {
+    generation: u64,
+    position: Position,
+}
+
+struct Inner {
+    principal: Principal,
+    subscriptions: HashMap<Arc<str>, Cursor>,
+    dirty: bool,
+    saved_at: Instant,
+}
+
+/// A session held by a connection.
+pub struct LiveSession {
+    pub id: String,
+    inner: Mutex<Inner>,
+    /// Fires when another connection resumes this session.
+    pub taken_over: CancellationToken,
+    /// True once the holding connection has ended and saved the session.
+    released: watch::Sender<bool>,
+}
+
+impl LiveSession {
+    fn new(id: String, principal: Principal, subscriptions: HashMap<Arc<str>, Cursor>) -> Self {
+        Self {
+            id,
+            inner: Mutex::new(Inner {
+                principal,
+                subscriptions,
+                dirty: true,
+                saved_at: Instant::now(),
+            }),
+            taken_over: CancellationToken::new(),
+            released: watch::Sender::new(false),
+        }
+    }
+
+    /// The writer handed a delivery of `stream` up to `position` to the socket.
+    pub fn delivered(&self, stream: &str, generation: u64, position: Position) {
+        let mut inner = self.inner.lock();
+        if let Some(cursor) = inner.subscriptions.get_mut(stream)
+            && cursor.generation == generation
+        {
+            cursor.position = position;
+            inner.dirty = true;
+        }
+    }
+
+    pub fn subscribe(&self, stream: Arc<str>, generation: u64, position: Position) {
+        let mut inner = self.inner.lock();
+        inner.subscriptions.insert(
+            stream,
+            Cursor {
+                generation,
+                position,
+            },
+        );
+        inner.dirty = true;
+    }
+
+    pub fn unsubscribe(&self, stream: &str) {
+        let mut inner = self.inner.lock();
+        if inner.subscriptions.remove(stream).is_some() {
+            inner.dirty = true;
+        }
+    }
+
+    pub fn set_principal(&self, principal: Principal) {
+        let mut inner = self.inner.lock();
+        inner.principal = principal;
+        inner.dirty = true;
+    }
+
+    /// The subscriptions with their last delivered positions.
+    pub fn subscriptions(&self) -> Vec<(Arc<str>, Position)> {
+        let inner = self.inner.lock();
+        let mut out: Vec<_> = inner
+            .subscriptions
+            .iter()
+            .map(|(s, c)| (s.clone(), c.position.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn record(&self, ttl: Duration) -> Option<SessionRecord> {
+        let mut inner = self.inner.lock();
+        let stored = Stored {
+            principal: inner.principal.clone(),
+            subscriptions: inner
+                .subscriptions
+                .iter()
+                .map(|(s, c)| (s.to_string(), c.position.to_string()))
+                .collect(),
+        };
+        let data = match serde_json::to_vec(&stored) {
+            Ok(data) => data,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a session");
+                return None;
+            }
+        };
+        inner.dirty = false;
+        inner.saved_at = Instant::now();
+        Some(SessionRecord {
+            id: self.id.clone(),
+            data: Bytes::from(data),
+            expires_at: now_ms() + ttl.as_millis() as u64,
+        })
+    }
+
+    /// Whether it should be saved now: changed, or not saved for a third of the TTL (so the
+    /// engine's record of a quiet live session never expires).
+    fn due(&self, ttl: Duration) -> bool {
+        let inner = self.inner.lock();
+        inner.dirty || inner.saved_at.elapsed() >= ttl / 3
+    }
+}
+
+/// A restored session: the principal it stands for and its subscriptions.
+pub struct Restored {
+    pub session: Arc<LiveSession>,
+    pub principal: Principal,
+}
+
+/// Every session of this node, and their persistence.
+pub struct Sessions {
+    engine: Arc<dyn Engine>,
+    ttl: Duration,
+    live: Mutex<HashMap<String, Arc<LiveSession>>>,
+}
+
+impl Sessions {
+    pub fn new(engine: Arc<dyn Engine>, ttl: Duration) -> Self {
+        Self {
+            engine,
+            ttl,
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Starts a new session for `principal`.
+    pub fn create(&self, principal: Principal) -> Arc<LiveSession> {
+        let id = new_id();
+        let session = Arc::new(LiveSession::new(id.clone(), principal, HashMap::new()));
+        self.live.lock().insert(id, session.clone());
+        session
+    }
+
+    /// Restores session `id` for a client presenting `credential` (already verified), or
+    /// nothing (then the session's own identity is used, if its credential is still valid).
+    /// A session held by another connection is taken over: that connection is told to close
+    /// and its last positions are saved first.
+    pub async fn restore(
+        &self,
+        id: &str,
+        credential: Option<&Principal>,
+    ) -> Result<Result<Restored, NotRestored>, EngineError> {
+        if id.is_empty()
+            || id.len() > MAX_ID_LEN
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Ok(Err(NotRestored::Unknown));
+        }
+        let holder = self.live.lock().get(id).cloned();
+        if let Some(holder) = holder {
+            let principal = holder.inner.lock().principal.clone();
+            if let Some(credential) = credential
+                && !principal.same_identity(credential)
+            {
+                return Ok(Err(NotRestored::OtherIdentity));
+            }
+            let mut released = holder.released.subscribe();
+            holder.taken_over.cancel();
+            let _ = tokio::time::timeout(TAKEOVER_WAIT, released.wait_for(|r| *r)).await;
+        }
+        let Some(data) = self.engine.load_session(id).await? else {
+            return Ok(Err(NotRestored::Unknown));
+        };
+        let Ok(stored) = serde_json::from_slice::<Stored>(&data) else {
+            tracing::warn!("ignoring a session record that does not parse");
+            return Ok(Err(NotRestored::Unknown));
+        };
+        let principal = match credential {
+            Some(credential) if !stored.principal.same_identity(credential) => {
+                return Ok(Err(NotRestored::OtherIdentity));
+            }
+            Some(credential) => credential.clone(),
+            None => {
+                if stored
+                    .principal
+                    .expires_at()
+                    .is_some_and(|exp| exp <= now_ms())
+                {
+                    return Ok(Err(NotRestored::CredentialExpired));
+                }
+                stored.principal
+            }
+        };
+        let subscriptions = stored
+            .subscriptions
+            .into_iter()
+            .filter_map(|(stream, position)| {
+                let position = position.parse::<Position>().ok()?;
+                Some((
+                    Arc::<str>::from(stream),
+                    Cursor {
+                        generation: 0,
+                        position,
+                    },
+                ))
+            })
+            .collect();
+        let session = Arc::new(LiveSession::new(
+            id.to_owned(),
+            principal.clone(),
+            subscriptions,
+        ));
+        self.live.lock().insert(id.to_owned(), session.clone());
+        Ok(Ok(Restored { session, principal }))
+    }
+
+    /// The connection holding `session` ended: save it and let go of it.
+    pub async fn release(&self, session: &Arc<LiveSession>) {
+        if let Some(record) = session.record(self.ttl)
+            && let Err(e) = self.engine.save_sessions(vec![record]).await
+        {
+            tracing::warn!(error = %e, "could not save a session on disconnect");
+        }
+        {
+            let mut live = self.live.lock();
+            if live
+                .get(&session.id)
+                .is_some_and(|held| Arc::ptr_eq(held, session))
+            {
+                live.remove(&session.id);
+            }
+        }
+        session.released.send_replace(true);
+    }
+
+    /// Saves every live session that is due, in one engine call.
+    pub async fn flush(&self) {
+        let due: Vec<Arc<LiveSession>> = self
+            .live
+            .lock()
+            .values()
+            .filter(|s| s.due(self.ttl))
+            .cloned()
+            .collect();
+        let records: Vec<SessionRecord> = due.iter().filter_map(|s| s.record(self.ttl)).collect();
+        if records.is_empty() {
+            return;
+        }
+        let n = records.len();
+        if let Err(e) = self.engine.save_sessions(records).await {
+            tracing::warn!(error = %e, sessions = n, "could not save sessions; will retry");
+            for s in due {
+                s.inner.lock().dirty = true;
+            }
+        }
+    }
+
+    /// Saves changed sessions every second until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => self.flush().await,
+            }
+        }
+    }
+}
+
+/// A fresh session id: 192 random bits, base64url without padding.
+fn new_id() -> String {
+    use rand::Rng as _;
+    let mut bytes = [0u8; ID_BYTES];
+    rand::rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spool_engine::MemoryEngine;
+
+    fn sessions() -> Sessions {
+        Sessions::new(
+            Arc::new(MemoryEngine::new(Default::default())),
+            Duration::from_secs(60),
+        )
+    }
+
+    fn user(sub: &str) -> Principal {
+        Principal::Token {
+            subject: Some(sub.into()),
+            subscribe: vec![],
+            publish: vec![],
+            expires_at: Some(now_ms() + 60_000),
+        }
+    }
+
+    #[test]
+    fn ids_are_long_random_and_url_safe() {
+        let a = new_id();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, new_id());
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+    }
+
+    #[tokio::test]
+    async fn a_released_session_resumes_with_its_positions() {
+        let s = sessions();
+        let live = s.create(user("u1"));
+        let p: Position = "ep:3".parse().unwrap();
+        live.subscribe("a".into(), 1, "ep:0".parse().unwrap());
+        live.delivered("a", 1, p.clone());
+        live.delivered("a", 0, "ep:9".parse().unwrap()); // a stale generation: ignored
+        s.release(&live).await;
+        let restored = s.restore(&live.id, None).await.unwrap().unwrap();
+        assert_eq!(restored.session.subscriptions(), vec![("a".into(), p)]);
+        assert_eq!(restored.principal, user("u1"));
+    }
+
+    #[tokio::test]
+    async fn restore_refuses_other_identities_and_forgeries() {
+        let s = sessions();
+        let live = s.create(user("u1"));
+        s.release(&live).await;
+        let other = user("u2");
+        assert_eq!(
+            s.restore(&live.id, Some(&other)).await.unwrap().err(),
+            Some(NotRestored::OtherIdentity)
+        );
+        for forged in ["", "nope", "../../etc", &"x".repeat(100)] {
+            assert_eq!(
+                s.restore(forged, None).await.unwrap().err(),
+                Some(NotRestored::Unknown)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_expired_credential_needs_a_fresh_token() {
+        let s = sessions();
+        let mut expired = user("u1");
+        if let Principal::Token { expires_at, .. } = &mut expired {
+            *expires_at = Some(now_ms() - 1);
+        }
+        let live = s.create(expired);
+        s.release(&live).await;
+        assert_eq!(
+            s.restore(&live.id, None).await.unwrap().err(),
+            Some(NotRestored::CredentialExpired)
+        );
+        assert!(
+            s.restore(&live.id, Some(&user("u1")))
+                .await
+                .unwrap()
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_live_session_is_taken_over() {
+        let s = Arc::new(sessions());
+        let live = s.create(user("u1"));
+        let holder = live.clone();
+        let s2 = s.clone();
+        let waiter = tokio::spawn(async move {
+            holder.taken_over.cancelled().await;
+            s2.release(&holder).await;
+        });
+        let restored = s.restore(&live.id, Some(&user("u1"))).await.unwrap();
+        assert!(restored.is_ok());
+        waiter.await.unwrap();
+    }
+}
