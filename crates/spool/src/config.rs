@@ -16,7 +16,11 @@ use spool_core::{
     retention::{de_opt_bytes, de_opt_duration},
 };
 use spool_engine::disk::Durability;
-use spool_server::{ServerConfig, config::AuthConfig};
+use spool_server::{
+    ServerConfig,
+    auth::{AuthConfigError, Authenticator},
+    config::{AuthConfig, WsConfig},
+};
 
 use crate::serve::ServeArgs;
 
@@ -34,6 +38,9 @@ pub struct FileConfig {
     max_payload: Option<u64>,
     api_keys: Option<Vec<String>>,
     jwt_secret: Option<String>,
+    jwt_public_keys: Option<Vec<PathBuf>>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
     allow_anonymous: Option<bool>,
     cors_origins: Option<Vec<String>>,
     #[serde(default, deserialize_with = "de_opt_duration")]
@@ -43,6 +50,19 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "de_opt_duration")]
     shutdown_timeout: Option<Duration>,
     log_format: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    session_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    ws_ping_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    ws_ping_timeout: Option<Duration>,
+    ws_outbound_messages: Option<usize>,
+    #[serde(default, deserialize_with = "de_opt_bytes")]
+    ws_outbound_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    stuck_timeout: Option<Duration>,
+    conflate: Option<Vec<String>>,
+    ws_max_inflight_publishes: Option<usize>,
     #[serde(default)]
     retention: FileRetention,
 }
@@ -170,6 +190,94 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
     if api_keys.iter().any(|k| k.trim().is_empty()) {
         bail!("an API key must not be empty");
     }
+    let key_paths = if args.jwt_public_key.is_empty() {
+        file.jwt_public_keys.unwrap_or_default()
+    } else {
+        args.jwt_public_key.clone()
+    };
+    let auth = AuthConfig {
+        api_keys,
+        jwt_secret: args.jwt_secret.clone().or(file.jwt_secret),
+        jwt_public_keys: key_paths
+            .iter()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read JWT public key {}", path.display()))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        jwt_issuer: non_empty("JWT issuer", args.jwt_issuer.clone().or(file.jwt_issuer))?,
+        jwt_audience: non_empty(
+            "JWT audience",
+            args.jwt_audience.clone().or(file.jwt_audience),
+        )?,
+        allow_anonymous: args.allow_anonymous || file.allow_anonymous.unwrap_or(false),
+    };
+    // The server would only log and skip an unusable key; refuse to start instead.
+    match Authenticator::try_new(&auth) {
+        Ok(_) => {}
+        Err(AuthConfigError::PublicKey { index, reason }) => {
+            bail!("JWT public key {} {reason}", key_paths[index].display())
+        }
+        Err(e) => bail!("{e}"),
+    }
+    let ws_defaults = WsConfig::default();
+    let ws_outbound_bytes = args
+        .ws_outbound_bytes
+        .or(file.ws_outbound_bytes)
+        .map_or(Ok(ws_defaults.outbound_bytes), usize::try_from)
+        .context("WebSocket outbound bytes do not fit in memory")?;
+    if ws_outbound_bytes < 4096 {
+        bail!(
+            "WebSocket outbound bytes (--ws-outbound-bytes / ws_outbound_bytes) must be at least 4KiB, got {ws_outbound_bytes}"
+        );
+    }
+    let conflate = if args.conflate.is_empty() {
+        file.conflate.unwrap_or_default()
+    } else {
+        args.conflate.clone()
+    };
+    if conflate.iter().any(|p| p.trim().is_empty()) {
+        bail!("a conflate pattern must not be empty");
+    }
+    let ws = WsConfig {
+        session_ttl: positive(
+            "session TTL (--session-ttl / session_ttl)",
+            args.session_ttl.or(file.session_ttl),
+            ws_defaults.session_ttl,
+        )?,
+        ping_interval: positive(
+            "WebSocket ping interval (--ws-ping-interval / ws_ping_interval)",
+            args.ws_ping_interval.or(file.ws_ping_interval),
+            ws_defaults.ping_interval,
+        )?,
+        ping_timeout: positive(
+            "WebSocket ping timeout (--ws-ping-timeout / ws_ping_timeout)",
+            args.ws_ping_timeout.or(file.ws_ping_timeout),
+            ws_defaults.ping_timeout,
+        )?,
+        outbound_messages: at_least_one(
+            "WebSocket outbound messages (--ws-outbound-messages / ws_outbound_messages)",
+            args.ws_outbound_messages.or(file.ws_outbound_messages),
+            ws_defaults.outbound_messages,
+        )?,
+        outbound_bytes: ws_outbound_bytes,
+        stuck_timeout: positive(
+            "stuck timeout (--stuck-timeout / stuck_timeout)",
+            args.stuck_timeout.or(file.stuck_timeout),
+            ws_defaults.stuck_timeout,
+        )?,
+        conflate: conflate
+            .iter()
+            .map(|p| spool_core::Pattern::new(p))
+            .collect(),
+        max_inflight_publishes: at_least_one(
+            "WebSocket in-flight publishes (--ws-max-inflight-publishes / ws_max_inflight_publishes)",
+            args.ws_max_inflight_publishes
+                .or(file.ws_max_inflight_publishes),
+            ws_defaults.max_inflight_publishes,
+        )?,
+        ..ws_defaults
+    };
     let server = ServerConfig {
         max_payload,
         max_batch_bytes: defaults_server
@@ -184,14 +292,8 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
         } else {
             args.cors_origin.clone()
         },
-        auth: AuthConfig {
-            api_keys,
-            jwt_secret: args.jwt_secret.clone().or(file.jwt_secret),
-            jwt_public_keys: Vec::new(),
-            jwt_issuer: None,
-            jwt_audience: None,
-            allow_anonymous: args.allow_anonymous || file.allow_anonymous.unwrap_or(false),
-        },
+        auth,
+        ws,
         ..defaults_server
     };
     if server.heartbeat.is_zero() {
@@ -215,6 +317,29 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
         json_logs,
         server,
     })
+}
+
+fn positive(what: &str, value: Option<Duration>, default: Duration) -> anyhow::Result<Duration> {
+    match value {
+        Some(d) if d.is_zero() => bail!("{what} must be longer than zero"),
+        Some(d) => Ok(d),
+        None => Ok(default),
+    }
+}
+
+fn at_least_one(what: &str, value: Option<usize>, default: usize) -> anyhow::Result<usize> {
+    match value {
+        Some(0) => bail!("{what} must be at least 1"),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    }
+}
+
+fn non_empty(what: &str, value: Option<String>) -> anyhow::Result<Option<String>> {
+    match value {
+        Some(v) if v.trim().is_empty() => bail!("the {what} must not be empty"),
+        v => Ok(v),
+    }
 }
 
 #[cfg(test)]
@@ -275,6 +400,158 @@ max_age = "1h"
             (1000, Duration::from_secs(3600))
         );
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    fn fixture(name: &str) -> String {
+        format!(
+            "{}/../spool-server/tests/fixtures/jwt/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    }
+
+    #[test]
+    fn jwt_and_websocket_settings_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+jwt_public_keys = [{rsa:?}, {ec:?}]
+jwt_issuer = "https://id.example"
+jwt_audience = "spool"
+session_ttl = "10m"
+ws_ping_interval = "30s"
+ws_ping_timeout = "15s"
+ws_outbound_messages = 64
+ws_outbound_bytes = "256KiB"
+stuck_timeout = "2m"
+conflate = ["prices/*", "cursors:*"]
+ws_max_inflight_publishes = 16
+"#,
+                rsa = fixture("rsa_public.pem"),
+                ec = fixture("ec_public.pem"),
+            ),
+        )
+        .unwrap();
+        let r = resolve(&args(&["--config", path.to_str().unwrap()])).unwrap();
+        let (auth, ws) = (&r.server.auth, &r.server.ws);
+        assert_eq!(auth.jwt_public_keys.len(), 2);
+        assert!(auth.jwt_public_keys[0].starts_with("-----BEGIN PUBLIC KEY-----"));
+        assert_eq!(auth.jwt_issuer.as_deref(), Some("https://id.example"));
+        assert_eq!(auth.jwt_audience.as_deref(), Some("spool"));
+        assert_eq!(ws.session_ttl, Duration::from_secs(600));
+        assert_eq!(ws.ping_interval, Duration::from_secs(30));
+        assert_eq!(ws.ping_timeout, Duration::from_secs(15));
+        assert_eq!(ws.outbound_messages, 64);
+        assert_eq!(ws.outbound_bytes, 256 * 1024);
+        assert_eq!(ws.stuck_timeout, Duration::from_secs(120));
+        let conflate: Vec<&str> = ws.conflate.iter().map(|p| p.as_str()).collect();
+        assert_eq!(conflate, ["prices/*", "cursors:*"]);
+        assert_eq!(ws.max_inflight_publishes, 16);
+
+        // Flags win, repeatable flags replace the file's list.
+        let r = resolve(&args(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--jwt-public-key",
+            &fixture("ec_public.pem"),
+            "--jwt-audience",
+            "other",
+            "--session-ttl",
+            "1m",
+            "--conflate",
+            "ticks/*",
+            "--ws-outbound-bytes",
+            "4KiB",
+        ]))
+        .unwrap();
+        assert_eq!(r.server.auth.jwt_public_keys.len(), 1);
+        assert_eq!(r.server.auth.jwt_audience.as_deref(), Some("other"));
+        assert_eq!(r.server.ws.session_ttl, Duration::from_secs(60));
+        assert_eq!(r.server.ws.conflate.len(), 1);
+        assert_eq!(r.server.ws.outbound_bytes, 4096);
+        assert_eq!(r.server.ws.ping_interval, Duration::from_secs(30));
+
+        // Defaults.
+        let ws = resolve(&args(&[])).unwrap().server.ws;
+        let d = WsConfig::default();
+        assert_eq!(
+            (
+                ws.session_ttl,
+                ws.ping_interval,
+                ws.ping_timeout,
+                ws.stuck_timeout
+            ),
+            (
+                d.session_ttl,
+                d.ping_interval,
+                d.ping_timeout,
+                d.stuck_timeout
+            )
+        );
+        assert_eq!(
+            (
+                ws.outbound_messages,
+                ws.outbound_bytes,
+                ws.max_inflight_publishes
+            ),
+            (1024, 1024 * 1024, 1024)
+        );
+    }
+
+    #[test]
+    fn bad_jwt_and_websocket_settings_are_clear_errors() {
+        let private = fixture("rsa_private.pem");
+        for (argv, needle) in [
+            (
+                vec!["--jwt-public-key", "/nonexistent/key.pem"],
+                "cannot read JWT public key /nonexistent/key.pem",
+            ),
+            (
+                vec!["--jwt-public-key", private.as_str()],
+                "rsa_private.pem is a private key",
+            ),
+            (vec!["--jwt-secret", ""], "the JWT secret is empty"),
+            (
+                vec!["--jwt-issuer", " "],
+                "the JWT issuer must not be empty",
+            ),
+            (
+                vec!["--session-ttl", "0s"],
+                "session TTL (--session-ttl / session_ttl) must be longer than zero",
+            ),
+            (vec!["--ws-ping-interval", "0s"], "must be longer than zero"),
+            (vec!["--ws-ping-timeout", "0s"], "must be longer than zero"),
+            (vec!["--stuck-timeout", "0s"], "must be longer than zero"),
+            (vec!["--ws-outbound-messages", "0"], "must be at least 1"),
+            (
+                vec!["--ws-max-inflight-publishes", "0"],
+                "must be at least 1",
+            ),
+            (
+                vec!["--ws-outbound-bytes", "4095"],
+                "must be at least 4KiB, got 4095",
+            ),
+            (
+                vec!["--conflate", ""],
+                "a conflate pattern must not be empty",
+            ),
+        ] {
+            let err = resolve(&args(&argv)).unwrap_err();
+            assert!(format!("{err:#}").contains(needle), "{argv:?}: {err:#}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        for (toml, needle) in [
+            ("ws_outbound_messages = 0", "must be at least 1"),
+            ("stuck_timeout = \"soon\"", "invalid config file"),
+            ("jwt_public_key = \"x.pem\"", "invalid config file"),
+        ] {
+            std::fs::write(&path, toml).unwrap();
+            let err = resolve(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
+            assert!(format!("{err:#}").contains(needle), "{toml}: {err:#}");
+        }
     }
 
     #[test]

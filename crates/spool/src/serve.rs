@@ -60,6 +60,21 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub jwt_secret: Option<String>,
+    /// PEM file of an RSA or EC P-256 public key for RS256 / ES256 client tokens (repeatable;
+    /// env: comma-separated paths).
+    #[arg(
+        long,
+        env = "SPOOL_JWT_PUBLIC_KEY",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
+    pub jwt_public_key: Vec<PathBuf>,
+    /// When set, client tokens must carry this `iss`.
+    #[arg(long, env = "SPOOL_JWT_ISSUER", value_name = "ISS")]
+    pub jwt_issuer: Option<String>,
+    /// When set, client tokens must list this `aud`.
+    #[arg(long, env = "SPOOL_JWT_AUDIENCE", value_name = "AUD")]
+    pub jwt_audience: Option<String>,
     /// DEVELOPMENT ONLY: let requests without credentials publish and read everything.
     #[arg(long, env = "SPOOL_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
@@ -77,6 +92,36 @@ pub struct ServeArgs {
     /// Interval of SSE heartbeat comments (default 15s).
     #[arg(long, env = "SPOOL_HEARTBEAT", value_name = "DUR", value_parser = parse_duration)]
     pub heartbeat: Option<Duration>,
+    /// How long a WebSocket session outlives its connection (default 5m).
+    #[arg(long, env = "SPOOL_SESSION_TTL", value_name = "DUR", value_parser = parse_duration)]
+    pub session_ttl: Option<Duration>,
+    /// The server pings a quiet WebSocket connection this often (default 25s).
+    #[arg(long, env = "SPOOL_WS_PING_INTERVAL", value_name = "DUR", value_parser = parse_duration)]
+    pub ws_ping_interval: Option<Duration>,
+    /// A WebSocket connection silent this long after a ping is closed (default 20s).
+    #[arg(long, env = "SPOOL_WS_PING_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+    pub ws_ping_timeout: Option<Duration>,
+    /// Most frames waiting to be written to one WebSocket connection (default 1024).
+    #[arg(long, env = "SPOOL_WS_OUTBOUND_MESSAGES", value_name = "N")]
+    pub ws_outbound_messages: Option<usize>,
+    /// Most bytes waiting to be written to one WebSocket connection (default 1MiB).
+    #[arg(long, env = "SPOOL_WS_OUTBOUND_BYTES", value_name = "BYTES", value_parser = parse_bytes)]
+    pub ws_outbound_bytes: Option<u64>,
+    /// A connection whose outbound buffer makes no progress this long is closed (default 60s).
+    #[arg(long, env = "SPOOL_STUCK_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+    pub stuck_timeout: Option<Duration>,
+    /// Streams whose slow subscribers get only the newest message per key (repeatable;
+    /// env: comma-separated).
+    #[arg(
+        long,
+        env = "SPOOL_CONFLATE",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    pub conflate: Vec<String>,
+    /// Most publishes of one WebSocket connection waiting for their ack (default 1024).
+    #[arg(long, env = "SPOOL_WS_MAX_INFLIGHT_PUBLISHES", value_name = "N")]
+    pub ws_max_inflight_publishes: Option<usize>,
     /// Longest wait for open requests on shutdown (default 10s).
     #[arg(long, env = "SPOOL_SHUTDOWN_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
     pub shutdown_timeout: Option<Duration>,
@@ -98,9 +143,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             "!!! ANONYMOUS ACCESS IS ON: anyone who can reach this server may publish to and read every stream. \
              Use --allow-anonymous for development only !!!"
         );
-    } else if auth.api_keys.is_empty() && auth.jwt_secret.is_none() {
+    } else if auth.api_keys.is_empty()
+        && auth.jwt_secret.is_none()
+        && auth.jwt_public_keys.is_empty()
+    {
         tracing::warn!(
-            "no --api-key and no --jwt-secret: every request will be refused (deny by default)"
+            "no --api-key, --jwt-secret or --jwt-public-key: every request will be refused (deny by default)"
         );
     }
 
