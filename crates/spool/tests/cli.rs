@@ -273,6 +273,17 @@ fn bad_configuration_fails_at_startup_with_a_reason() {
             vec!["--config", "/nonexistent/spool.toml"],
             "cannot read config file",
         ),
+        (
+            vec!["--jwt-public-key", "/nonexistent/key.pem"],
+            "cannot read JWT public key /nonexistent/key.pem",
+        ),
+        (
+            vec!["--jwt-public-key", RSA_PRIVATE],
+            "rsa_private.pem is a private key",
+        ),
+        (vec!["--session-ttl", "0s"], "must be longer than zero"),
+        (vec!["--ws-outbound-messages", "0"], "must be at least 1"),
+        (vec!["--ws-outbound-bytes", "1KiB"], "must be at least 4KiB"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_spool"))
             .args(["serve", "--listen", "127.0.0.1:0"])
@@ -283,4 +294,72 @@ fn bad_configuration_fails_at_startup_with_a_reason() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+}
+
+const RSA_PRIVATE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../spool-server/tests/fixtures/jwt/rsa_private.pem"
+);
+const RSA_PUBLIC: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../spool-server/tests/fixtures/jwt/rsa_public.pem"
+);
+
+/// An RS256 token signed with the test key, for audience `aud`, that may publish anywhere.
+fn rs256(aud: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let key = std::fs::read(RSA_PRIVATE).unwrap();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &serde_json::json!({"sub": "cli", "exp": exp, "aud": aud, "publish": ["*"]}),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&key).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn config_file_sets_jwt_public_keys_and_websocket_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+jwt_public_keys = [{RSA_PUBLIC:?}]
+jwt_audience = "spool"
+session_ttl = "10m"
+ws_ping_interval = "30s"
+ws_ping_timeout = "10s"
+ws_outbound_messages = 64
+ws_outbound_bytes = "256KiB"
+stuck_timeout = "2m"
+conflate = ["prices/*"]
+ws_max_inflight_publishes = 16
+"#
+        ),
+    )
+    .unwrap();
+    let s = Server::start(&["--config", path.to_str().unwrap()]);
+    let out = spool(&s)
+        .env("SPOOL_TOKEN", rs256("spool"))
+        .args(["publish", "jwt", "signed with RS256"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = spool(&s)
+        .env("SPOOL_TOKEN", rs256("someone-else"))
+        .args(["publish", "jwt", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("audience (aud) is wrong"), "{stderr}");
 }
