@@ -246,3 +246,117 @@ pub fn now_secs() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+/// A raw `spool.v1.json` WebSocket peer, for tests of the protocol itself.
+pub struct WsPeer {
+    pub socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+/// How a WebSocket read ended when it did not yield a frame.
+#[derive(Debug, PartialEq)]
+pub enum WsEnd {
+    Closed(Option<(u16, String)>),
+    Error(String),
+}
+
+impl WsPeer {
+    /// Opens `/v1/ws` with the `spool.v1.json` subprotocol and `headers` on the upgrade.
+    pub async fn open(addr: &str, headers: &[(&str, &str)]) -> Result<WsPeer, (u16, String)> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "spool.v1.json".parse().unwrap());
+        for (k, v) in headers {
+            let name: tokio_tungstenite::tungstenite::http::HeaderName =
+                k.parse().expect("header name");
+            request
+                .headers_mut()
+                .insert(name, v.parse().expect("header value"));
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((socket, _)) => Ok(WsPeer { socket }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                let body = r
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                Err((r.status().as_u16(), body))
+            }
+            Err(e) => panic!("websocket connect failed: {e}"),
+        }
+    }
+
+    /// Opens `/v1/ws` and sends `connect` with `token` (and optionally a session).
+    pub async fn connect(addr: &str, token: &str) -> (WsPeer, Value) {
+        let mut peer = WsPeer::open(addr, &[]).await.expect("upgrade");
+        peer.send(serde_json::json!({"type":"connect","token":token}))
+            .await;
+        let connected = peer.expect("connected").await;
+        (peer, connected)
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        use futures::SinkExt;
+        self.socket
+            .send(tokio_tungstenite::tungstenite::Message::text(text))
+            .await
+            .expect("ws send");
+    }
+
+    /// The next JSON frame (server pings are skipped), or how the connection ended.
+    pub async fn next(&mut self, timeout: Duration) -> Result<Value, WsEnd> {
+        use tokio_tungstenite::tungstenite::Message;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let item = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .expect("timed out waiting for a websocket frame");
+            match item {
+                None => return Err(WsEnd::Closed(None)),
+                Some(Err(e)) => return Err(WsEnd::Error(e.to_string())),
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).expect("frame is JSON");
+                    if v["type"] == "ping" {
+                        continue;
+                    }
+                    return Ok(v);
+                }
+                Some(Ok(Message::Close(c))) => {
+                    return Err(WsEnd::Closed(
+                        c.map(|c| (u16::from(c.code), c.reason.to_string())),
+                    ));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// The next frame, which must be of type `kind`.
+    pub async fn expect(&mut self, kind: &str) -> Value {
+        let frame = self
+            .next(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("expected a {kind} frame, the connection ended: {e:?}"));
+        assert_eq!(frame["type"], kind, "expected a {kind} frame, got {frame}");
+        frame
+    }
+
+    /// Reads until the server closes; returns the close code and reason.
+    pub async fn closed(&mut self) -> (u16, String) {
+        loop {
+            match self.next(Duration::from_secs(10)).await {
+                Ok(_) => continue,
+                Err(WsEnd::Closed(Some(c))) => return c,
+                Err(e) => panic!("expected a close frame, got {e:?}"),
+            }
+        }
+    }
+}
