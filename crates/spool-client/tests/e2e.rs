@@ -1,0 +1,576 @@
+//! The client against the real server: `spool serve` (the memory engine) started as a child
+//! process, reached through a TCP proxy the tests can cut or freeze to make the client
+//! reconnect. The `spool` binary is built on demand (`cargo build -p spool`).
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU8, Ordering},
+        mpsc as std_mpsc,
+    },
+    time::Duration,
+};
+
+use spool_client::{Client, Config, Error, ErrorCode, Event, Message, Outgoing, Start};
+use tokio::{
+    io::copy_bidirectional,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+const API_KEY: &str = "test-api-key";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A running `spool serve`; killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(spool_binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--engine", "memory"])
+            .args(["--api-key", API_KEY])
+            .args(extra)
+            .env("SPOOL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn spool serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("SPOOL_TEST_LOGS").is_some() {
+                    eprintln!("[server] {line}");
+                }
+                if let Some(rest) = line.split("addr=").nth(1)
+                    && line.contains("listening")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("spool serve did not report its address");
+            }
+        };
+        Server { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `target/debug/spool`, built once per test run.
+fn spool_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .current_dir(&root)
+                .args(["build", "-p", "spool", "--bin", "spool"])
+                .status()
+                .expect("run cargo build -p spool");
+            assert!(status.success(), "cargo build -p spool failed");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            target.join("debug").join("spool")
+        })
+        .clone()
+}
+
+/// A TCP proxy in front of the server: [`Proxy::cut`] closes every connection through it,
+/// [`Proxy::freeze`] leaves them open but silent (a dead peer), [`Proxy::deafen`] loses
+/// what the server sends, [`Proxy::refuse`] turns new connections away.
+struct Proxy {
+    addr: String,
+    generation: watch::Sender<u64>,
+    mode: Arc<AtomicU8>,
+    refusing: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What connections through the proxy do after a change.
+const CUT: u8 = 0;
+const FROZEN: u8 = 1;
+const DEAF: u8 = 2;
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (generation, _) = watch::channel(0u64);
+        let mode = Arc::new(AtomicU8::new(CUT));
+        let refusing = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let generation = generation.clone();
+            let mode = mode.clone();
+            let refusing = refusing.clone();
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if refusing.load(Ordering::SeqCst) {
+                        continue; // dropped: the client sees the connection close
+                    }
+                    let mut changed = generation.subscribe();
+                    let mode = mode.clone();
+                    let upstream = upstream.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = copy_bidirectional(&mut inbound, &mut outbound) => return,
+                            _ = changed.changed() => {}
+                        }
+                        match mode.load(Ordering::SeqCst) {
+                            // Keep both sockets open, forward nothing, until the next change.
+                            FROZEN => {
+                                let _ = changed.changed().await;
+                            }
+                            // Forward only what the client sends, until the next change.
+                            DEAF => {
+                                let (mut from_client, _to_client) = inbound.split();
+                                let (_from_server, mut to_server) = outbound.split();
+                                tokio::select! {
+                                    _ = tokio::io::copy(&mut from_client, &mut to_server) => {}
+                                    _ = changed.changed() => {}
+                                }
+                            }
+                            _ => {}
+                        }
+                    });
+                }
+            }
+        });
+        Proxy {
+            addr,
+            generation,
+            mode,
+            refusing,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    fn change(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn cut(&self) {
+        self.change(CUT);
+    }
+
+    fn freeze(&self) {
+        self.change(FROZEN);
+    }
+
+    /// The server's frames (acks included) are lost; the client's still arrive.
+    fn deafen(&self) {
+        self.change(DEAF);
+    }
+
+    fn refuse(&self, refusing: bool) {
+        self.refusing.store(refusing, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn config(url: String) -> Config {
+    Config::new(url)
+        .token(API_KEY)
+        .backoff(Duration::from_millis(20), Duration::from_millis(200))
+}
+
+async fn next_event(client: &Client) -> Event {
+    tokio::time::timeout(WAIT, client.next_event())
+        .await
+        .expect("timed out waiting for an event")
+        .expect("the client closed")
+}
+
+/// The next `n` messages, skipping other events; fails on a reset or a terminal error.
+async fn messages(client: &Client, n: usize) -> Vec<Message> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match next_event(client).await {
+            Event::Message(m) => out.push(m),
+            Event::Reset { .. } => panic!("unexpected reset"),
+            Event::Error {
+                error,
+                terminal: true,
+            } => panic!("terminal error: {error}"),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Waits for an event matching `pred`, skipping others.
+async fn until(client: &Client, pred: impl Fn(&Event) -> bool) -> Event {
+    loop {
+        let event = next_event(client).await;
+        if let Event::Error {
+            error,
+            terminal: true,
+        } = &event
+        {
+            panic!("terminal error: {error}");
+        }
+        if pred(&event) {
+            return event;
+        }
+    }
+}
+
+fn texts(messages: &[Message]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m.text().expect("utf-8").to_owned())
+        .collect()
+}
+
+fn offsets(messages: &[Message]) -> Vec<u64> {
+    messages.iter().map(|m| m.position.offset.get()).collect()
+}
+
+async fn publish_all(client: &Client, stream: &str, texts: &[&str]) {
+    for t in texts {
+        client.publish(stream, Outgoing::text(*t)).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn subscribe_publish_receive() {
+    let server = Server::start(&[]);
+    let client = Client::connect(config(server.url())).await.unwrap();
+    let Event::Connected { resumed, .. } = next_event(&client).await else {
+        panic!("the first event is Connected");
+    };
+    assert!(!resumed);
+
+    let sub = client.subscribe("chat:1", Start::Now).await.unwrap();
+    assert_eq!(sub.stream, "chat:1");
+    assert_eq!(sub.position, sub.head);
+
+    let ack = client
+        .publish(
+            "chat:1",
+            Outgoing::text("hi")
+                .key("k")
+                .header("h", "v")
+                .content_type("text/plain"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ack.position.offset.get(), 1);
+    assert!(!ack.duplicate);
+    let binary = client
+        .publish("chat:1", Outgoing::bytes(vec![0u8, 159, 255]))
+        .await
+        .unwrap();
+    assert_eq!(binary.position.offset.get(), 2);
+
+    let got = messages(&client, 2).await;
+    assert_eq!(got[0].text(), Some("hi"));
+    assert_eq!(got[0].position, ack.position);
+    assert_eq!(got[0].key.as_deref(), Some("k"));
+    assert_eq!(got[0].headers.get("h").map(String::as_str), Some("v"));
+    assert_eq!(got[1].payload.as_ref(), &[0u8, 159, 255]);
+
+    // A retry with the same idempotency key appends nothing.
+    let first = client
+        .publish("chat:1", Outgoing::text("once").idempotency_key("k-1"))
+        .await
+        .unwrap();
+    let again = client
+        .publish("chat:1", Outgoing::text("once").idempotency_key("k-1"))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.position, first.position);
+
+    // Publishes pipeline: many in flight at once, acked in order of offsets.
+    let acks = futures::future::join_all(
+        (0..20).map(|i| client.publish("chat:2", Outgoing::text(format!("m{i}")))),
+    )
+    .await;
+    let mut acked: Vec<u64> = acks
+        .into_iter()
+        .map(|a| a.unwrap().position.offset.get())
+        .collect();
+    acked.sort();
+    assert_eq!(acked, (1..=20).collect::<Vec<_>>());
+
+    // Oldest replays the history of a stream.
+    let replay = client.subscribe("chat:2", Start::Oldest).await.unwrap();
+    assert_eq!(replay.head.offset.get(), 20);
+    let got = until(
+        &client,
+        |e| matches!(e, Event::Message(m) if m.stream == "chat:2"),
+    )
+    .await;
+    let Event::Message(first) = got else {
+        unreachable!()
+    };
+    assert_eq!(first.position.offset.get(), 1);
+
+    // Errors come back per request.
+    let err = client.subscribe("chat:2", Start::Now).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadySubscribed(_)), "{err}");
+    let err = client.subscribe("bad name", Start::Now).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidStreamName(_)), "{err}");
+
+    client.close().await;
+    let err = client.publish("chat:1", Outgoing::text("late")).await;
+    assert_eq!(err.unwrap_err(), Error::ClientClosed);
+}
+
+#[tokio::test]
+async fn bad_credentials_fail_the_connect() {
+    let server = Server::start(&[]);
+    let err = Client::connect(Config::new(server.url()).token("wrong"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Some(ErrorCode::InvalidToken | ErrorCode::Unauthorized)
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_cut_connection_resumes_its_session_without_gaps_or_duplicates() {
+    let server = Server::start(&[]);
+    let proxy = Proxy::start(server.addr.clone()).await;
+    let publisher = Client::connect(config(server.url())).await.unwrap();
+    let client = Client::connect(config(proxy.url())).await.unwrap();
+    let Event::Connected { session, .. } = next_event(&client).await else {
+        panic!("the first event is Connected");
+    };
+    client.subscribe("room", Start::Now).await.unwrap();
+    publish_all(&publisher, "room", &["a", "b"]).await;
+    assert_eq!(texts(&messages(&client, 2).await), ["a", "b"]);
+
+    proxy.refuse(true);
+    proxy.cut();
+    until(&client, |e| matches!(e, Event::Disconnected { .. })).await;
+    // Published while the client is away.
+    publish_all(&publisher, "room", &["c", "d"]).await;
+    proxy.refuse(false);
+
+    let Event::Connected {
+        session: again,
+        resumed,
+    } = until(&client, |e| matches!(e, Event::Connected { .. })).await
+    else {
+        unreachable!()
+    };
+    assert!(resumed, "the session is restored");
+    assert_eq!(again, session);
+    publish_all(&publisher, "room", &["e"]).await;
+    let got = messages(&client, 3).await;
+    assert_eq!(texts(&got), ["c", "d", "e"]);
+    assert_eq!(offsets(&got), [3, 4, 5]);
+
+    client.close().await;
+    publisher.close().await;
+}
+
+#[tokio::test]
+async fn an_expired_session_is_replaced_and_every_subscription_resumed_by_the_client() {
+    let server = Server::start(&["--session-ttl", "1s"]);
+    let proxy = Proxy::start(server.addr.clone()).await;
+    let publisher = Client::connect(config(server.url())).await.unwrap();
+    let client = Client::connect(config(proxy.url())).await.unwrap();
+    let Event::Connected { session, .. } = next_event(&client).await else {
+        panic!("the first event is Connected");
+    };
+    client.subscribe("s1", Start::Now).await.unwrap();
+    client.subscribe("s2", Start::Oldest).await.unwrap();
+    publish_all(&publisher, "s1", &["1a"]).await;
+    publish_all(&publisher, "s2", &["2a"]).await;
+    let got = messages(&client, 2).await;
+    assert_eq!(got.len(), 2);
+
+    proxy.refuse(true);
+    proxy.cut();
+    until(&client, |e| matches!(e, Event::Disconnected { .. })).await;
+    publish_all(&publisher, "s1", &["1b"]).await;
+    publish_all(&publisher, "s2", &["2b"]).await;
+    // Well past the session TTL (and the server's once-a-second session save).
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    proxy.refuse(false);
+
+    let Event::Connected {
+        session: fresh,
+        resumed,
+    } = until(&client, |e| matches!(e, Event::Connected { .. })).await
+    else {
+        unreachable!()
+    };
+    assert!(!resumed, "the session expired");
+    assert_ne!(fresh, session);
+    let mut got = texts(&messages(&client, 2).await);
+    got.sort();
+    assert_eq!(
+        got,
+        ["1b", "2b"],
+        "each stream continues after what was processed"
+    );
+
+    client.close().await;
+    publisher.close().await;
+}
+
+#[tokio::test]
+async fn a_silent_server_is_detected_and_left() {
+    let server = Server::start(&["--ws-ping-interval", "300ms"]);
+    let proxy = Proxy::start(server.addr.clone()).await;
+    let publisher = Client::connect(config(server.url())).await.unwrap();
+    let client = Client::connect(config(proxy.url())).await.unwrap();
+    next_event(&client).await;
+    client.subscribe("quiet", Start::Now).await.unwrap();
+
+    proxy.freeze();
+    publish_all(&publisher, "quiet", &["x"]).await;
+    let Event::Disconnected { reason } =
+        until(&client, |e| matches!(e, Event::Disconnected { .. })).await
+    else {
+        unreachable!()
+    };
+    assert!(reason.contains("nothing heard"), "{reason}");
+    let got = messages(&client, 1).await;
+    assert_eq!(texts(&got), ["x"]);
+
+    client.close().await;
+    publisher.close().await;
+}
+
+#[tokio::test]
+async fn publishes_cut_off_by_a_disconnect_are_sent_again_after_the_reconnect() {
+    let server = Server::start(&[]);
+    let proxy = Proxy::start(server.addr.clone()).await;
+    let client = Client::connect(config(proxy.url())).await.unwrap();
+    next_event(&client).await;
+    client.subscribe("orders", Start::Now).await.unwrap();
+
+    // Freeze the connection so the publishes get no ack, then cut it.
+    proxy.freeze();
+    let pending = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            futures::future::join_all(
+                (0..5).map(|i| client.publish("orders", Outgoing::text(format!("o{i}")))),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.cut();
+
+    let acks = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap();
+    let mut acked: Vec<u64> = acks
+        .into_iter()
+        .map(|a| a.unwrap().position.offset.get())
+        .collect();
+    acked.sort();
+    assert_eq!(acked, [1, 2, 3, 4, 5], "each publish appended exactly once");
+    let got = messages(&client, 5).await;
+    assert_eq!(offsets(&got), [1, 2, 3, 4, 5]);
+
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_refresh_is_answered_and_the_session_resumes_after_it() {
+    let server = Server::start(&["--api-key", "second-key"]);
+    let proxy = Proxy::start(server.addr.clone()).await;
+    let client = Client::connect(config(proxy.url())).await.unwrap();
+    next_event(&client).await;
+    let err = client.refresh("wrong").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidToken), "{err}");
+    client.refresh("second-key").await.unwrap();
+    proxy.cut();
+    let Event::Connected { resumed, .. } =
+        until(&client, |e| matches!(e, Event::Connected { .. })).await
+    else {
+        unreachable!()
+    };
+    assert!(resumed);
+    client.close().await;
+}
+
+#[tokio::test]
+async fn publishes_whose_acks_were_lost_are_retried_without_duplicates() {
+    let server = Server::start(&[]);
+    let proxy = Proxy::start(server.addr.clone()).await;
+    let client = Client::connect(config(proxy.url())).await.unwrap();
+    next_event(&client).await;
+    client.subscribe("payments", Start::Now).await.unwrap();
+
+    // The server appends these, but its acks (and deliveries) never arrive.
+    proxy.deafen();
+    let pending = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            futures::future::join_all(
+                (0..5).map(|i| client.publish("payments", Outgoing::text(format!("p{i}")))),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut();
+
+    let acks = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap();
+    let mut acked = Vec::new();
+    for ack in acks {
+        let ack = ack.unwrap();
+        assert!(ack.duplicate, "the retry found the original append");
+        acked.push(ack.position.offset.get());
+    }
+    acked.sort();
+    assert_eq!(acked, [1, 2, 3, 4, 5]);
+    // Every message once, including those delivered while the client could not hear.
+    let got = messages(&client, 5).await;
+    assert_eq!(offsets(&got), [1, 2, 3, 4, 5]);
+    let ack = client
+        .publish("payments", Outgoing::text("after"))
+        .await
+        .unwrap();
+    assert_eq!(ack.position.offset.get(), 6, "nothing was appended twice");
+
+    client.close().await;
+}
