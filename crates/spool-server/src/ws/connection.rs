@@ -32,7 +32,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_stream::StreamMap;
 
 use super::{
-    outbound::{Close, Frame, Outbound, Taken},
+    outbound::{Close, Frame, Gone, Outbound, Taken},
     session::{LiveSession, NotRestored, Sessions},
 };
 use crate::{
@@ -70,8 +70,13 @@ pub async fn run(socket: WebSocket, state: AppState, upgrade_principal: Option<P
     let (sink, mut inbound) = socket.split();
     let ws = state.config.ws.clone();
     let slot = Arc::new(OnceLock::new());
-    let (out, writer) =
-        Outbound::start(sink, ws.outbound_messages, ws.outbound_bytes, slot.clone());
+    let (out, writer) = Outbound::start(
+        sink,
+        ws.outbound_messages,
+        ws.outbound_bytes,
+        ws.stuck_timeout,
+        slot.clone(),
+    );
     let (close_tx, close_rx) = tokio::sync::oneshot::channel();
     let mut writer = tokio::spawn(writer.run(close_rx));
 
@@ -182,6 +187,15 @@ pub async fn run(socket: WebSocket, state: AppState, upgrade_principal: Option<P
     }
 }
 
+impl From<Gone> for End {
+    fn from(gone: Gone) -> Self {
+        match gone {
+            Gone::Closed => End::Gone,
+            Gone::Stuck => End::Close(close::SLOW_CONSUMER, "slow consumer"),
+        }
+    }
+}
+
 /// Why the connection loop ends.
 enum End {
     /// The socket is gone: nothing more can be sent.
@@ -223,7 +237,7 @@ impl Connection {
                 delivered,
             })
             .await
-            .map_err(|_| End::Gone)
+            .map_err(End::from)
     }
 
     async fn reply(&self, frame: &ServerFrame) -> Result<(), End> {
@@ -736,7 +750,7 @@ impl Connection {
                     delivered: Some((stream.clone(), generation, position)),
                 })
                 .await
-                .map_err(|_| End::Gone)?;
+                .map_err(End::from)?;
         }
         self.state.metrics.delivered(Transport::ws, delivered);
         Ok(())
@@ -778,7 +792,7 @@ impl Connection {
                 .try_send(WsMessage::Text(
                     encode(&ServerFrame::Ping(proto::Ping {})).into(),
                 ))
-                .map_err(|_| End::Gone)?;
+                .map_err(End::from)?;
         }
         Ok(())
     }

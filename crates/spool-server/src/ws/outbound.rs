@@ -108,6 +108,8 @@ pub struct Outbound {
     tx: mpsc::Sender<Frame>,
     pub room: Arc<Room>,
     progress: Arc<Progress>,
+    /// Longest wait for a slot in the channel before the client counts as stuck.
+    stuck: Duration,
 }
 
 /// What the writer reports.
@@ -126,6 +128,7 @@ impl Outbound {
         sink: SplitSink<WebSocket, WsMessage>,
         messages: usize,
         bytes: usize,
+        stuck: Duration,
         session: Arc<OnceLock<Arc<LiveSession>>>,
     ) -> (Self, Writer) {
         let (tx, rx) = mpsc::channel(messages + REPLY_SLOTS);
@@ -142,14 +145,29 @@ impl Outbound {
             progress: progress.clone(),
             session,
         };
-        (Self { tx, room, progress }, writer)
+        (
+            Self {
+                tx,
+                room,
+                progress,
+                stuck,
+            },
+            writer,
+        )
     }
 
     /// Queues a frame, waiting for a slot if the channel is full. Fails when the writer is
-    /// gone (the socket failed).
+    /// gone (the socket failed), or when no slot frees up within the stuck timeout (the
+    /// client reads nothing while it keeps sending requests).
     pub async fn send(&self, frame: Frame) -> Result<(), Gone> {
-        self.progress.pending.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(frame).await.map_err(|_| Gone)
+        match self.tx.send_timeout(frame, self.stuck).await {
+            Ok(()) => {
+                self.progress.pending.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(Gone::Stuck),
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(Gone::Closed),
+        }
     }
 
     /// Queues a reply, or drops it if the channel is full (for pings, which can wait).
@@ -164,7 +182,7 @@ impl Outbound {
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Gone),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Gone::Closed),
         }
     }
 
@@ -179,9 +197,14 @@ impl Outbound {
     }
 }
 
-/// The writer is gone: the socket failed or was closed.
-#[derive(Debug)]
-pub struct Gone;
+/// A frame could not be queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Gone {
+    /// The writer is gone: the socket failed or was closed.
+    Closed,
+    /// The client has read nothing for the stuck timeout.
+    Stuck,
+}
 
 /// The consuming side: owns the socket's sending half.
 pub struct Writer {
