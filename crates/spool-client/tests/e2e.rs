@@ -410,10 +410,24 @@ async fn a_cut_connection_resumes_its_session_without_gaps_or_duplicates() {
 
 #[tokio::test]
 async fn an_expired_session_is_replaced_and_every_subscription_resumed_by_the_client() {
-    let server = Server::start(&["--session-ttl", "1s"]);
+    // With a token, the server starts a new session itself (`resumed: false`).
+    expired_session(&[], config).await;
+}
+
+#[tokio::test]
+async fn an_expired_session_without_credentials_falls_back_to_a_fresh_connect() {
+    // Without one, it answers `session_not_restored` and the client connects afresh.
+    expired_session(&["--allow-anonymous"], |url| {
+        Config::new(url).backoff(Duration::from_millis(20), Duration::from_millis(200))
+    })
+    .await;
+}
+
+async fn expired_session(extra: &[&str], config_for: impl Fn(String) -> Config) {
+    let server = Server::start(&[&["--session-ttl", "1s"], extra].concat());
     let proxy = Proxy::start(server.addr.clone()).await;
     let publisher = Client::connect(config(server.url())).await.unwrap();
-    let client = Client::connect(config(proxy.url())).await.unwrap();
+    let client = Client::connect(config_for(proxy.url())).await.unwrap();
     let Event::Connected { session, .. } = next_event(&client).await else {
         panic!("the first event is Connected");
     };
