@@ -52,6 +52,7 @@ pub enum Event {
 /// A subscription the server confirmed: delivery continues after `position`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subscription {
+    /// The stream subscribed to.
     pub stream: String,
     /// Messages after this position follow.
     pub position: Position,
@@ -62,15 +63,19 @@ pub struct Subscription {
 /// A delivered message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
+    /// The stream it belongs to.
     pub stream: String,
     /// `EPOCH:OFFSET`: store it to resume after this message.
     pub position: Position,
     /// Publish time, ms since the Unix epoch.
     pub time: u64,
+    /// The payload bytes (decoded from base64 when it was sent as binary).
     pub payload: Bytes,
+    /// The media type the publisher gave, if any.
     pub content_type: Option<String>,
     /// The conflation key, if the publisher gave one.
     pub key: Option<String>,
+    /// The headers the publisher gave.
     pub headers: BTreeMap<String, String>,
 }
 

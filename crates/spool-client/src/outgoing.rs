@@ -52,6 +52,7 @@ impl Outgoing {
         }
     }
 
+    /// The payload's media type, kept with the message (e.g. `application/json`).
     pub fn content_type(mut self, content_type: impl Into<String>) -> Self {
         self.content_type = Some(content_type.into());
         self
@@ -64,6 +65,7 @@ impl Outgoing {
         self
     }
 
+    /// A header kept with the message; repeat for more.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(name.into(), value.into());
         self
@@ -106,6 +108,7 @@ fn random_key() -> String {
 /// A publish the server made durable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ack {
+    /// The stream it was appended to.
     pub stream: String,
     /// Where the message is in the stream.
     pub position: Position,
