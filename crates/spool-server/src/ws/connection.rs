@@ -10,7 +10,10 @@
 use std::{
     collections::{HashMap, VecDeque},
     pin::Pin,
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -93,6 +96,7 @@ pub async fn run(socket: WebSocket, state: AppState, upgrade_principal: Option<P
         pending: VecDeque::new(),
         bad_frames: 0,
         close: None,
+        stuck: AtomicBool::new(false),
     };
     let mut subs: StreamMap<Arc<str>, Deliveries> = StreamMap::new();
     let mut round: Option<Round> = None;
@@ -150,6 +154,12 @@ pub async fn run(socket: WebSocket, state: AppState, upgrade_principal: Option<P
             _ = tick.tick() => {
                 conn.tick(opened, last_inbound, &mut last_ping)
             }
+        };
+        let result = match result {
+            Ok(()) if conn.stuck.load(Ordering::Relaxed) => {
+                Err(End::Close(close::SLOW_CONSUMER, "slow consumer"))
+            }
+            other => other,
         };
         if let Err(end) = result {
             if let End::Close(code, reason) = end {
@@ -220,6 +230,9 @@ struct Connection {
     pending: VecDeque<Pending>,
     bad_frames: u32,
     close: Option<Close>,
+    /// An error reply found no room within the stuck timeout (the client reads nothing while
+    /// it keeps sending requests): the connection closes as stuck once the request is handled.
+    stuck: AtomicBool,
 }
 
 impl Connection {
@@ -245,13 +258,16 @@ impl Connection {
     }
 
     async fn error(&self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
-        let _ = self
+        let sent = self
             .reply(&ServerFrame::Error(proto::ErrorFrame {
                 id,
                 code,
                 message: message.into(),
             }))
             .await;
+        if let Err(End::Close(close::SLOW_CONSUMER, _)) = sent {
+            self.stuck.store(true, Ordering::Relaxed);
+        }
     }
 
     async fn api_error(&self, id: Option<u64>, e: ApiError) {
