@@ -360,3 +360,283 @@ impl WsPeer {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers of the WebSocket guarantee tests (ws_faults.rs, ws_guarantees.rs, ws_auth.rs).
+
+impl Server {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's resident set size (`VmRSS` of /proc/PID/status), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kib * 1024
+    }
+
+    /// Publishes `messages` (objects of the batch endpoint: `stream`, `data`, `key`, …) in
+    /// one `POST /v1/publish` with the API key; returns the results.
+    pub async fn publish_batch(&self, messages: Vec<Value>) -> Vec<Value> {
+        let r = self
+            .http
+            .post(self.url("/v1/publish"))
+            .bearer_auth(API_KEY)
+            .json(&serde_json::json!({ "messages": messages }))
+            .send()
+            .await
+            .expect("batch publish");
+        let status = r.status();
+        let body: Value = r.json().await.expect("batch publish json");
+        assert!(
+            status.is_success(),
+            "batch publish answered {status}: {body}"
+        );
+        body["results"].as_array().expect("results").clone()
+    }
+
+    /// The value of the Prometheus sample whose line starts with `sample` (name and labels,
+    /// e.g. `spool_connections{transport="ws"}`), if present.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+    }
+}
+
+/// A small seeded xorshift generator for tests with random moments; the seed is printed, and
+/// taken from the environment variable `var` when set, so a failing run can be replayed.
+pub struct TestRng(u64);
+
+impl TestRng {
+    pub fn from_env(var: &str) -> TestRng {
+        let seed = std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            })
+            | 1;
+        eprintln!("random seed: {var}={seed}");
+        TestRng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo).max(1)
+    }
+
+    /// True with probability `percent`/100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next_u64() % 100 < percent
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 in front of a server, whose live connections can be cut at any
+/// moment (both sockets are dropped: the client and the server each see the connection end,
+/// and whatever was in flight inside the proxy is lost).
+pub struct Proxy {
+    /// `127.0.0.1:PORT` the proxy listens on.
+    pub addr: String,
+    conns:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts a proxy forwarding every connection to `upstream`.
+    pub async fn start(upstream: &str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy bind");
+        let addr = listener.local_addr().expect("proxy addr").to_string();
+        let conns: std::sync::Arc<
+            std::sync::Mutex<std::collections::HashMap<u64, tokio::task::AbortHandle>>,
+        > = Default::default();
+        let upstream = upstream.to_owned();
+        let table = conns.clone();
+        let accept = tokio::spawn(async move {
+            let mut next_id = 0u64;
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                next_id += 1;
+                let id = next_id;
+                let upstream = upstream.clone();
+                let done = table.clone();
+                // Registered under the lock before it can finish, so its own removal below
+                // always comes after the insert.
+                let mut guard = table.lock().unwrap();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                    done.lock().unwrap().remove(&id);
+                });
+                guard.insert(id, task.abort_handle());
+            }
+        });
+        Proxy {
+            addr,
+            conns,
+            accept,
+        }
+    }
+
+    /// How many connections are open through the proxy.
+    pub fn live(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
+    /// Cuts every live connection; returns how many.
+    pub fn cut_all(&self) -> usize {
+        self.cut_where(|| true)
+    }
+
+    /// Cuts each live connection for which `pick` says so; returns how many.
+    pub fn cut_where(&self, mut pick: impl FnMut() -> bool) -> usize {
+        let mut conns = self.conns.lock().unwrap();
+        let chosen: Vec<u64> = conns.keys().copied().filter(|_| pick()).collect();
+        for id in &chosen {
+            if let Some(task) = conns.remove(id) {
+                task.abort();
+            }
+        }
+        chosen.len()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut_all();
+    }
+}
+
+impl WsPeer {
+    /// Opens the WebSocket at `url` (e.g. `ws://ADDR/v1/ws?token=…`) with the `spool.v1.json`
+    /// subprotocol and `headers`; an HTTP refusal is returned as its status and body.
+    pub async fn open_url(url: &str, headers: &[(&str, &str)]) -> Result<WsPeer, (u16, String)> {
+        let request = ws_request(url, headers);
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((socket, _)) => Ok(WsPeer { socket }),
+            Err(e) => Err(http_refusal(e)),
+        }
+    }
+
+    /// Opens `/v1/ws` over a socket with a small receive buffer (`rcvbuf` bytes; the kernel
+    /// may round it up), so a peer that stops reading backs the server up quickly.
+    pub async fn open_small_rcvbuf(addr: &str, rcvbuf: u32) -> WsPeer {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+        let stream = socket
+            .connect(addr.parse().expect("socket address"))
+            .await
+            .expect("tcp connect");
+        let request = ws_request(&format!("ws://{addr}/v1/ws"), &[]);
+        let (socket, _) = tokio_tungstenite::client_async(
+            request,
+            tokio_tungstenite::MaybeTlsStream::Plain(stream),
+        )
+        .await
+        .expect("websocket handshake");
+        WsPeer { socket }
+    }
+
+    /// The next text frame as it came (server pings included), or how the connection ended;
+    /// `None` when `timeout` passed first.
+    pub async fn next_text(&mut self, timeout: Duration) -> Option<Result<String, WsEnd>> {
+        use tokio_tungstenite::tungstenite::Message;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let item = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .ok()?;
+            return Some(match item {
+                None => Err(WsEnd::Closed(None)),
+                Some(Err(e)) => Err(WsEnd::Error(e.to_string())),
+                Some(Ok(Message::Text(t))) => Ok(t.as_str().to_owned()),
+                Some(Ok(Message::Close(c))) => Err(WsEnd::Closed(
+                    c.map(|c| (u16::from(c.code), c.reason.to_string())),
+                )),
+                Some(Ok(_)) => continue,
+            });
+        }
+    }
+}
+
+fn ws_request(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().expect("websocket url");
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "spool.v1.json".parse().unwrap());
+    for (k, v) in headers {
+        let name: tokio_tungstenite::tungstenite::http::HeaderName =
+            k.parse().expect("header name");
+        request
+            .headers_mut()
+            .insert(name, v.parse().expect("header value"));
+    }
+    request
+}
+
+fn http_refusal(e: tokio_tungstenite::tungstenite::Error) -> (u16, String) {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(r) => {
+            let body = r
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            (r.status().as_u16(), body)
+        }
+        e => panic!("websocket connect failed: {e}"),
+    }
+}
+
+/// The `offset` of a `message` frame, read without parsing the whole frame (fast enough for
+/// the hundreds of thousands of frames of the flood tests in debug builds); `None` for any
+/// other frame.
+pub fn message_offset(frame: &str) -> Option<u64> {
+    if !frame.starts_with(r#"{"type":"message""#) {
+        return None;
+    }
+    let rest = &frame[frame.find(r#""offset":"#)? + 9..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}

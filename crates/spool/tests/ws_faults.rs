@@ -1,0 +1,176 @@
+//! SPEC §2 and §3 under network faults, with Spool's own Rust client: subscribers behind a TCP
+//! proxy that cuts their connections at random moments still get every message exactly once,
+//! in order, without a reset — through reconnects, session resumes and dedup by offset.
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{API_KEY, Proxy, Server, TestRng};
+use serde_json::json;
+use spool_client::{Client, Config, Event, Start};
+
+const SUBSCRIBERS: usize = 50;
+const MESSAGES: u64 = 10_000;
+const BATCH: u64 = 100;
+const STREAM: &str = "chaos";
+
+/// What one subscriber saw.
+#[derive(Debug, Default)]
+struct Seen {
+    last: u64,
+    connects: u64,
+    resumed: u64,
+    disconnects: u64,
+    problems: Vec<String>,
+}
+
+/// Reads the client's events until offset `MESSAGES` arrived (or `deadline` passed), checking
+/// each message on the way: the next offset in turn, with its own payload.
+async fn follow(client: Client, deadline: tokio::time::Instant) -> Seen {
+    let mut seen = Seen::default();
+    while seen.last < MESSAGES {
+        let Ok(event) = tokio::time::timeout_at(deadline, client.next_event()).await else {
+            seen.problems
+                .push(format!("timed out at offset {}", seen.last));
+            break;
+        };
+        match event {
+            Some(Event::Message(m)) => {
+                let offset = m.position.offset.get();
+                if offset != seen.last + 1 || m.text() != Some(offset.to_string().as_str()) {
+                    seen.problems.push(format!(
+                        "after offset {} got offset {offset} ({:?})",
+                        seen.last,
+                        m.text()
+                    ));
+                    break;
+                }
+                seen.last = offset;
+            }
+            Some(Event::Connected { resumed, .. }) => {
+                seen.connects += 1;
+                seen.resumed += u64::from(resumed);
+            }
+            Some(Event::Disconnected { .. }) => seen.disconnects += 1,
+            Some(Event::Subscribed(_)) => {}
+            Some(other @ (Event::Reset { .. } | Event::Skipped { .. })) => {
+                seen.problems.push(format!("{other:?}"));
+                break;
+            }
+            Some(other) => {
+                seen.problems.push(format!("{other:?}"));
+                if matches!(other, Event::Error { terminal: true, .. }) {
+                    break;
+                }
+            }
+            None => {
+                seen.problems.push("the client ended".into());
+                break;
+            }
+        }
+    }
+    client.close().await;
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_subscribers_behind_a_flaky_network_get_every_message_once_in_order() {
+    let started = Instant::now();
+    let server = Server::start(&["--history-limit", "20000"]);
+    let proxy = Arc::new(Proxy::start(&server.addr).await);
+    let url = format!("ws://{}/v1/ws", proxy.addr);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(50);
+
+    let mut readers = Vec::new();
+    for _ in 0..SUBSCRIBERS {
+        let config = Config::new(url.clone())
+            .token(API_KEY)
+            .backoff(Duration::from_millis(10), Duration::from_millis(200))
+            .connect_timeout(Duration::from_secs(5));
+        let client = Client::connect(config).await.expect("connect");
+        client
+            .subscribe(STREAM, Start::Oldest)
+            .await
+            .expect("subscribe");
+        readers.push(tokio::spawn(follow(client, deadline)));
+    }
+    assert_eq!(proxy.live(), SUBSCRIBERS);
+
+    // Cut connections every 50–300 ms: sometimes all of them, otherwise each with even odds.
+    let stop = Arc::new(AtomicBool::new(false));
+    let cuts = Arc::new(AtomicU64::new(0));
+    let chaos = tokio::spawn({
+        let (proxy, stop, cuts) = (proxy.clone(), stop.clone(), cuts.clone());
+        let mut rng = TestRng::from_env("SPOOL_CHAOS_SEED");
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(rng.range(50, 300))).await;
+                let n = if rng.chance(30) {
+                    proxy.cut_all()
+                } else {
+                    proxy.cut_where(|| rng.chance(50))
+                };
+                cuts.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    });
+
+    // The publisher talks to the server directly, in paced batches so cuts land both on live
+    // delivery and on catch-up from history.
+    let mut next = 1;
+    while next <= MESSAGES {
+        let batch: Vec<_> = (next..next + BATCH)
+            .map(|i| json!({"stream": STREAM, "data": i.to_string()}))
+            .collect();
+        let results = server.publish_batch(batch).await;
+        assert_eq!(results.last().unwrap()["offset"], next + BATCH - 1);
+        next += BATCH;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let published = started.elapsed();
+    // A little more chaos while the subscribers catch up, then let them finish.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    chaos.await.unwrap();
+
+    let mut totals = Seen::default();
+    let mut failures = Vec::new();
+    for (i, reader) in readers.into_iter().enumerate() {
+        let seen = reader.await.unwrap();
+        if seen.last != MESSAGES || !seen.problems.is_empty() {
+            failures.push(format!(
+                "subscriber {i}: last offset {}, {:?}",
+                seen.last, seen.problems
+            ));
+        }
+        totals.connects += seen.connects;
+        totals.resumed += seen.resumed;
+        totals.disconnects += seen.disconnects;
+    }
+    eprintln!(
+        "{SUBSCRIBERS} subscribers × {MESSAGES} messages: published in {published:?}, all done in {:?}; \
+         {} connections cut, {} disconnects seen, {} connects ({} resumed)",
+        started.elapsed(),
+        cuts.load(Ordering::Relaxed),
+        totals.disconnects,
+        totals.connects,
+        totals.resumed,
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(
+        cuts.load(Ordering::Relaxed) >= SUBSCRIBERS as u64,
+        "the proxy cut too few connections to test anything"
+    );
+    assert!(totals.resumed > 0, "no session was ever resumed");
+    assert!(
+        totals.disconnects > 0 && totals.connects > SUBSCRIBERS as u64,
+        "no subscriber reconnected"
+    );
+}
