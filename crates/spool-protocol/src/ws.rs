@@ -137,6 +137,11 @@ pub struct Connected {
     /// `unknown_session` (expired, unknown or forged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_restored: Option<String>,
+    /// When resuming: why the server ended the session's previous connection, if it did
+    /// (`slow_consumer`, `ping_timeout`, `token_expired`, …) — the reason a client that was
+    /// cut off could not read in the close frame.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_close: Option<String>,
     /// The identity (the token's `sub`), when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,

@@ -430,6 +430,8 @@ async fn a_client_stuck_past_the_timeout_is_closed_and_no_one_else_notices() {
     )
     .await;
     assert_eq!(connected["resumed"], true, "{connected}");
+    // The reason it could not read in a close frame, it learns on resume.
+    assert_eq!(connected["last_close"], "slow_consumer", "{connected}");
     read_flood(peer, last + 1, n).await;
 }
 

@@ -163,6 +163,10 @@ pub async fn run(socket: WebSocket, state: AppState, upgrade_principal: Option<P
         };
         if let Err(end) = result {
             if let End::Close(code, reason) = end {
+                if let (Some(session), Some(why)) = (&conn.session, server_close_reason(code)) {
+                    session.set_last_close(why);
+                }
+                tracing::debug!(code, reason, "closing a websocket connection");
                 conn.close = Some(Close { code, reason });
             }
             break;
@@ -203,6 +207,18 @@ impl From<Gone> for End {
             Gone::Closed => End::Gone,
             Gone::Stuck => End::Close(close::SLOW_CONSUMER, "slow consumer"),
         }
+    }
+}
+
+/// The reason kept in a session when the server ends its connection for something the client
+/// should learn on resume (it may not have been able to read the close frame).
+fn server_close_reason(code: u16) -> Option<&'static str> {
+    match code {
+        close::SLOW_CONSUMER => Some("slow_consumer"),
+        close::PING_TIMEOUT => Some("ping_timeout"),
+        close::TOKEN_EXPIRED => Some("token_expired"),
+        close::GOING_AWAY => Some("server_shutdown"),
+        _ => None,
     }
 }
 
@@ -456,6 +472,11 @@ impl Connection {
             session: session.id.clone(),
             resumed,
             not_restored,
+            last_close: if resumed {
+                session.take_last_close()
+            } else {
+                None
+            },
             subject: principal.subject().map(str::to_owned),
             subscriptions: restored
                 .iter()

@@ -39,6 +39,9 @@ struct Stored {
     principal: Principal,
     /// Stream → the last position delivered (`EPOCH:OFFSET`).
     subscriptions: BTreeMap<String, String>,
+    /// Why the server closed the last connection, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_close: Option<String>,
 }
 
 /// Why a session could not be restored.
@@ -79,6 +82,7 @@ struct Cursor {
 struct Inner {
     principal: Principal,
     subscriptions: HashMap<Arc<str>, Cursor>,
+    last_close: Option<String>,
     dirty: bool,
     saved_at: Instant,
 }
@@ -94,12 +98,18 @@ pub struct LiveSession {
 }
 
 impl LiveSession {
-    fn new(id: String, principal: Principal, subscriptions: HashMap<Arc<str>, Cursor>) -> Self {
+    fn new(
+        id: String,
+        principal: Principal,
+        subscriptions: HashMap<Arc<str>, Cursor>,
+        last_close: Option<String>,
+    ) -> Self {
         Self {
             id,
             inner: Mutex::new(Inner {
                 principal,
                 subscriptions,
+                last_close,
                 dirty: true,
                 saved_at: Instant::now(),
             }),
@@ -138,6 +148,23 @@ impl LiveSession {
         }
     }
 
+    /// Why the server closed the previous connection (read once, on resume).
+    pub fn take_last_close(&self) -> Option<String> {
+        let mut inner = self.inner.lock();
+        let reason = inner.last_close.take();
+        if reason.is_some() {
+            inner.dirty = true;
+        }
+        reason
+    }
+
+    /// Records why the server is closing this session's connection.
+    pub fn set_last_close(&self, reason: &str) {
+        let mut inner = self.inner.lock();
+        inner.last_close = Some(reason.to_owned());
+        inner.dirty = true;
+    }
+
     pub fn set_principal(&self, principal: Principal) {
         let mut inner = self.inner.lock();
         inner.principal = principal;
@@ -165,6 +192,7 @@ impl LiveSession {
                 .iter()
                 .map(|(s, c)| (s.to_string(), c.position.to_string()))
                 .collect(),
+            last_close: inner.last_close.clone(),
         };
         let data = match serde_json::to_vec(&stored) {
             Ok(data) => data,
@@ -219,7 +247,12 @@ impl Sessions {
     /// Starts a new session for `principal`.
     pub fn create(&self, principal: Principal) -> Arc<LiveSession> {
         let id = new_id();
-        let session = Arc::new(LiveSession::new(id.clone(), principal, HashMap::new()));
+        let session = Arc::new(LiveSession::new(
+            id.clone(),
+            principal,
+            HashMap::new(),
+            None,
+        ));
         self.live.lock().insert(id, session.clone());
         session
     }
@@ -294,6 +327,7 @@ impl Sessions {
             id.to_owned(),
             principal.clone(),
             subscriptions,
+            stored.last_close,
         ));
         self.live.lock().insert(id.to_owned(), session.clone());
         Ok(Ok(Restored { session, principal }))
