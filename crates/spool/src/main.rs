@@ -31,7 +31,8 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Publish a message (or one per stdin line) to a stream.
     Publish(publish::PublishArgs),
-    /// Print a stream's messages, then follow it live; resumes by itself after disconnects.
+    /// Print a stream's messages, then follow it live over WebSocket, SSE or long-poll;
+    /// resumes by itself after disconnects.
     Tail(tail::TailArgs),
     /// Move corrupt WAL segments of the disk engine aside so the server can start again.
     Repair(RepairArgs),

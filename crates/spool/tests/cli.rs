@@ -363,3 +363,232 @@ ws_max_inflight_publishes = 16
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("audience (aud) is wrong"), "{stderr}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// `spool tail --transport ws|sse|poll`: the same lines whichever way it reads.
+
+const TRANSPORTS: [&str; 3] = ["ws", "sse", "poll"];
+
+/// Runs `spool tail ARGS` to the end: (success, stdout, stderr).
+fn tail_output(server: &Server, args: &[&str]) -> (bool, String, String) {
+    let out = spool(server).arg("tail").args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Waits up to 5 s for `child` to exit by itself.
+fn exits(child: &mut std::process::Child) -> std::process::ExitStatus {
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("spool tail did not exit in time");
+}
+
+#[test]
+fn tail_prints_the_same_lines_over_every_transport() {
+    let s = Server::start(&[]);
+    let mut child = spool(&s)
+        .args(["publish", "same", "--lines"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"one\ntwo\nthree\n")
+        .unwrap();
+    let epoch = String::from_utf8(child.wait_with_output().unwrap().stdout)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    publish(&s, "same", "multi\nline\r");
+    // Bytes that are not UTF-8, from stdin.
+    let mut child = spool(&s)
+        .args(["publish", "same", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&[0xff, 0, 0x80])
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let all = format!(
+        "{epoch}:1\tone\n{epoch}:2\ttwo\n{epoch}:3\tthree\n{epoch}:4\tmulti\\nline\\r\n{epoch}:5\tbase64:/wCA\n"
+    );
+    let at_3 = format!("{epoch}:3");
+    let after_3 = format!("{epoch}:4\tmulti\\nline\\r\n{epoch}:5\tbase64:/wCA\n");
+
+    for transport in TRANSPORTS {
+        let t = ["--transport", transport];
+        let cases: [(Vec<&str>, String); 6] = [
+            (vec!["--from-start", "--count", "5"], all.clone()),
+            (
+                vec!["--from-start", "--count", "2"],
+                format!("{epoch}:1\tone\n{epoch}:2\ttwo\n"),
+            ),
+            (vec!["--from-start", "--no-follow"], all.clone()),
+            (vec!["--after", &at_3, "--no-follow"], after_3.clone()),
+            (
+                vec!["--after", "latest", "--count", "1"],
+                format!("{epoch}:5\tbase64:/wCA\n"),
+            ),
+            // A position of another history: a reset to the head, and (no-follow) nothing more.
+            (
+                vec!["--after", "AAAAAAAAAA:3", "--no-follow"],
+                format!("reset\tepoch_changed\t{epoch}:5\n"),
+            ),
+        ];
+        for (args, expected) in cases {
+            let args: Vec<&str> = ["same"].iter().chain(&t).chain(&args).copied().collect();
+            let (ok, stdout, stderr) = tail_output(&s, &args);
+            assert!(ok, "{args:?} failed: {stderr}");
+            assert_eq!(stdout, expected, "{args:?}");
+        }
+        // Caught up already: --no-follow prints nothing and exits.
+        for start in [&format!("{epoch}:5")[..], "now"] {
+            let (ok, stdout, stderr) = tail_output(
+                &s,
+                &[
+                    "same",
+                    "--transport",
+                    transport,
+                    "--after",
+                    start,
+                    "--no-follow",
+                ],
+            );
+            assert!(
+                ok && stdout.is_empty(),
+                "{transport} {start}: {stdout:?} {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tail_follows_live_after_a_reset_and_ends_on_ctrl_c_over_every_transport() {
+    let s = Server::start(&[]);
+    let first = publish(&s, "live", "before");
+    let epoch = first.split(':').next().unwrap().to_owned();
+    let tails: Vec<_> = TRANSPORTS
+        .iter()
+        .map(|t| tail(&s, &["live", "--transport", t, "--after", "AAAAAAAAAA:7"]))
+        .collect();
+    for (_, rx) in &tails {
+        assert_eq!(line(rx), format!("reset\tepoch_changed\t{epoch}:1"));
+    }
+    publish(&s, "live", "after");
+    for (mut child, rx) in tails {
+        assert_eq!(line(&rx), format!("{epoch}:2\tafter"));
+        let killed = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        assert!(exits(&mut child).success(), "Ctrl-C is a clean end");
+    }
+}
+
+#[test]
+fn tail_resumes_over_sse_and_ws_across_a_graceful_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let mut s = Server::start_disk(&listen, dir.path(), &[]);
+    let epoch = publish(&s, "resume", "a")
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let tails: Vec<_> = ["sse", "ws"]
+        .iter()
+        .map(|t| {
+            tail(
+                &s,
+                &["resume", "--transport", t, "--from-start", "--count", "3"],
+            )
+        })
+        .collect();
+    for (_, rx) in &tails {
+        assert_eq!(line(rx), format!("{epoch}:1\ta"));
+    }
+    // SSE gets `event: reconnect`, WebSocket a `reconnect` frame and close 1001.
+    assert!(s.terminate().success());
+    let s = Server::start_disk(&listen, dir.path(), &[]);
+    publish(&s, "resume", "b");
+    publish(&s, "resume", "c");
+    for (mut child, rx) in tails {
+        assert_eq!(
+            line(&rx),
+            format!("{epoch}:2\tb"),
+            "no reset, nothing missed"
+        );
+        assert_eq!(line(&rx), format!("{epoch}:3\tc"));
+        assert!(exits(&mut child).success());
+    }
+}
+
+#[test]
+fn tail_flag_mistakes_are_clear_errors() {
+    let s = Server::start(&[]);
+    let fails = |args: &[&str], needles: &[&str]| {
+        let (ok, _, stderr) = tail_output(&s, args);
+        assert!(!ok, "{args:?} should fail");
+        for needle in needles {
+            assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        }
+    };
+    fails(
+        &["x", "--transport", "pigeon"],
+        &[
+            "invalid value 'pigeon' for '--transport",
+            "ws",
+            "sse",
+            "poll",
+        ],
+    );
+    fails(
+        &["x", "--transport", "sse", "--limit", "10"],
+        &["--limit", "--transport poll"],
+    );
+    fails(&["x", "--count", "0"], &["--count"]);
+    fails(
+        &["x", "--transport", "sse", "--after", "nope"],
+        &["invalid_position"],
+    );
+    let (ok, _, stderr) = tail_output(
+        &s,
+        &["x", "--transport", "ws", "--server", "https://127.0.0.1:1"],
+    );
+    assert!(
+        !ok && stderr.contains("--transport ws needs an http:// server URL"),
+        "{stderr}"
+    );
+    // Bad credentials are not retried, whichever the transport.
+    for (transport, needle) in [("ws", "invalid_token"), ("sse", "401"), ("poll", "401")] {
+        let out = spool(&s)
+            .env("SPOOL_TOKEN", "wrong")
+            .args(["tail", "x", "--transport", transport])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(needle),
+            "{transport}: {stderr}"
+        );
+    }
+}
