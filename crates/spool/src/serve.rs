@@ -185,8 +185,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let signals = signal_shutdown(shutdown.clone())?;
-    let listener = tokio::net::TcpListener::bind(resolved.listen)
-        .await
+    let listener = listen(resolved.listen)
         .with_context(|| format!("cannot listen on {}", resolved.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, engine = engine.name(), "listening");
@@ -248,4 +247,20 @@ pub fn init_logging(json: bool) {
     } else {
         builder.try_init()
     };
+}
+
+/// Connections waiting to be accepted. Tokio's default (1024) overflows when thousands of
+/// clients reconnect at once (a resume storm after a restart): the kernel drops their SYNs and
+/// they retry after 1 s, 3 s, 7 s. The kernel caps it at `net.core.somaxconn`.
+const ACCEPT_BACKLOG: u32 = 16_384;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
 }
