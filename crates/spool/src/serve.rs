@@ -185,8 +185,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let signals = signal_shutdown(shutdown.clone())?;
-    let listener = listen(resolved.listen)
-        .with_context(|| format!("cannot listen on {}", resolved.listen))?;
+    let listener =
+        listen(resolved.listen).with_context(|| format!("cannot listen on {}", resolved.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, engine = engine.name(), "listening");
 
