@@ -13,6 +13,7 @@ mod spool_process;
 mod storage;
 mod targets;
 mod workload;
+mod ws;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -38,6 +39,18 @@ enum Command {
     /// Storage-engine candidates for the durable engine, in-process: durable appends per second
     /// and append latency.
     Storage(storage::StorageArgs),
+    /// WebSocket fan-out: one publisher, N subscribers (one stream or many); deliveries/s and
+    /// end-to-end latency against socket.io and NATS.
+    WsFanout(ws::fanout::FanoutArgs),
+    /// Server memory per idle WebSocket connection with one subscription, against socket.io
+    /// and NATS.
+    WsIdle(ws::idle::IdleArgs),
+    /// Reconnect storm: N sessions come back at once, each behind, and catch up; against
+    /// socket.io's connection state recovery.
+    WsResume(ws::resume::ResumeArgs),
+    /// Pipelined WebSocket publishes (disk engine, fsync) against Redis XADD with
+    /// `appendfsync always`, pipelined as deep.
+    WsPublish(ws::publish::WsPublishArgs),
 }
 
 /// The load shape shared by every benchmark: how many clients, how big, how long.
@@ -98,6 +111,10 @@ async fn main() -> ExitCode {
             match cli.command {
                 Command::Publish(args) => publish::run(args).await,
                 Command::Storage(args) => storage::run(args).await,
+                Command::WsFanout(args) => ws::fanout::run(args).await,
+                Command::WsIdle(args) => ws::idle::run(args).await,
+                Command::WsResume(args) => ws::resume::run(args).await,
+                Command::WsPublish(args) => ws::publish::run(args).await,
             }
         } => outcome,
         // Dropping the benchmark future drops the server guards, which stop the servers.

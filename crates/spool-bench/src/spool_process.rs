@@ -144,6 +144,14 @@ impl SpoolProcess {
         self.addr
     }
 
+    /// The server's process id (for its memory and CPU readings in `/proc`).
+    pub fn pid(&self) -> u32 {
+        match self.child.lock() {
+            Ok(child) => child.id(),
+            Err(poisoned) => poisoned.into_inner().id(),
+        }
+    }
+
     /// The command the server was started with.
     pub fn command_line(&self) -> &str {
         &self.command_line

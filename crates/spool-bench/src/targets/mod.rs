@@ -9,8 +9,8 @@
 mod http;
 mod nats;
 mod peer;
-mod process;
-mod redis;
+pub mod process;
+pub mod redis;
 mod spool;
 
 use std::{path::PathBuf, sync::Arc};

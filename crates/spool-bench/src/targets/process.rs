@@ -62,6 +62,11 @@ impl PeerProcess {
         }
     }
 
+    /// The server's process id (for its memory and CPU readings in `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn check_alive(&mut self) -> Result<()> {
         match self.child.try_wait()? {
             None => Ok(()),

@@ -17,31 +17,37 @@ pub struct RedisTarget {
     workload: Arc<Workload>,
 }
 
+/// Starts `redis-server` with the AOF fsynced before every reply, on a free port with its own
+/// data directory.
+pub async fn start_aof_always() -> Result<PeerProcess> {
+    PeerProcess::start("redis-server", |port, dir| {
+        [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            dir,
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+        ]
+        .map(String::from)
+        .to_vec()
+    })
+    .await
+}
+
 impl RedisTarget {
     pub async fn start(workload: Arc<Workload>) -> Result<Self> {
-        let process = PeerProcess::start("redis-server", |port, dir| {
-            [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                dir,
-                "--daemonize",
-                "no",
-                "--protected-mode",
-                "no",
-            ]
-            .map(String::from)
-            .to_vec()
-        })
-        .await?;
+        let process = start_aof_always().await?;
         let client =
             redis::Client::open(format!("redis://{}/", process.addr)).context("bad redis URL")?;
         Ok(Self {
