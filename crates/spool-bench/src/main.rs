@@ -3,7 +3,9 @@
 //! Every benchmark starts its own servers on free 127.0.0.1 ports and measures Spool next to a
 //! peer in the same run, so a noisy machine shifts both and the ratio stays meaningful. This
 //! file is only the command line; [`publish`] drives the publish benchmark, [`runner`] times
-//! one target at one concurrency, [`targets`] holds what can be measured, [`report`] prints it.
+//! one target at one concurrency, [`targets`] holds what can be measured, [`report`] prints it;
+//! [`storage`] compares storage engines in-process, and [`ws`] holds the WebSocket benchmarks
+//! (`ws-fanout`, `ws-idle`, `ws-resume`, `ws-publish`) against socket.io, NATS and Redis.
 
 mod publish;
 mod readback;
