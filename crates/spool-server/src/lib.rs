@@ -64,6 +64,13 @@ pub async fn serve(
     let sweeper = tokio::spawn(sweep(state.engine.clone(), shutdown.clone()));
     let flusher = tokio::spawn(sessions.clone().run(shutdown.clone()));
     let app = routes::router(state);
+    // Deliveries are small frames written as they come: without TCP_NODELAY, Nagle holds a
+    // subscriber's next frame until the delayed ACK (up to 40 ms) — docs/benchmarks.md.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;

@@ -229,6 +229,9 @@ pub struct Sessions {
     engine: Arc<dyn Engine>,
     ttl: Duration,
     live: Mutex<HashMap<String, Arc<LiveSession>>>,
+    /// Held from taking records to their save, so a newer record of a session is never
+    /// overwritten by an older one saved later (a flush racing a disconnect).
+    saving: tokio::sync::Mutex<()>,
 }
 
 impl Sessions {
@@ -237,6 +240,7 @@ impl Sessions {
             engine,
             ttl,
             live: Mutex::new(HashMap::new()),
+            saving: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -335,11 +339,13 @@ impl Sessions {
 
     /// The connection holding `session` ended: save it and let go of it.
     pub async fn release(&self, session: &Arc<LiveSession>) {
+        let saving = self.saving.lock().await;
         if let Some(record) = session.record(self.ttl)
             && let Err(e) = self.engine.save_sessions(vec![record]).await
         {
             tracing::warn!(error = %e, "could not save a session on disconnect");
         }
+        drop(saving);
         {
             let mut live = self.live.lock();
             if live
@@ -354,6 +360,7 @@ impl Sessions {
 
     /// Saves every live session that is due, in one engine call.
     pub async fn flush(&self) {
+        let _saving = self.saving.lock().await;
         let due: Vec<Arc<LiveSession>> = self
             .live
             .lock()
