@@ -76,11 +76,19 @@ pub struct MessageBody {
 impl MessageBody {
     /// The payload bytes, decoded from `data` or `data_base64`.
     pub fn payload(&self) -> Result<Vec<u8>, base64::DecodeError> {
-        match (&self.data, &self.data_base64) {
-            (Some(text), _) => Ok(text.as_bytes().to_vec()),
-            (None, Some(b64)) => base64::engine::general_purpose::STANDARD.decode(b64),
-            (None, None) => Ok(Vec::new()),
-        }
+        decode_payload(self.data.as_deref(), self.data_base64.as_deref())
+    }
+}
+
+/// Joins the `data` / `data_base64` pair of the wire format back into the payload bytes.
+pub fn decode_payload(
+    data: Option<&str>,
+    data_base64: Option<&str>,
+) -> Result<Vec<u8>, base64::DecodeError> {
+    match (data, data_base64) {
+        (Some(text), _) => Ok(text.as_bytes().to_vec()),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD.decode(b64),
+        (None, None) => Ok(Vec::new()),
     }
 }
 

@@ -175,8 +175,9 @@ pub struct Unsubscribed {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u64>,
     pub stream: String,
-    /// Why the server ended it, when the client did not ask (`forbidden` after a refresh
-    /// that no longer allows the stream).
+    /// Why the server ended it, when the client did not ask: `forbidden` (a refresh, or a
+    /// resume with a new token, no longer allows the stream) or `engine_unavailable` (a
+    /// restored subscription could not be reopened; subscribe again later).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -204,12 +205,7 @@ pub struct Delivery {
 impl Delivery {
     /// The payload bytes, decoded from `data` or `data_base64`.
     pub fn payload(&self) -> Result<Vec<u8>, base64::DecodeError> {
-        use base64::Engine as _;
-        match (&self.data, &self.data_base64) {
-            (Some(text), _) => Ok(text.as_bytes().to_vec()),
-            (None, Some(b64)) => base64::engine::general_purpose::STANDARD.decode(b64),
-            (None, None) => Ok(Vec::new()),
-        }
+        crate::http::decode_payload(self.data.as_deref(), self.data_base64.as_deref())
     }
 }
 

@@ -100,7 +100,9 @@ impl Client {
     }
 }
 
-async fn check(response: Response) -> Result<Response, RequestError> {
+/// The answer when it is a success; otherwise an error: rejected for 4xx other than 408 and
+/// 429, worth retrying for the rest. The message comes from the JSON error body when there is one.
+pub(crate) async fn check(response: Response) -> Result<Response, RequestError> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);

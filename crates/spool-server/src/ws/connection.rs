@@ -350,19 +350,7 @@ impl Connection {
                 }
                 Ok(())
             }
-            ClientFrame::Unsubscribe(u) => {
-                subs.remove(u.stream.as_str());
-                self.generations.remove(u.stream.as_str());
-                if let Some(session) = &self.session {
-                    session.unsubscribe(&u.stream);
-                }
-                self.reply(&ServerFrame::Unsubscribed(proto::Unsubscribed {
-                    id: u.id,
-                    stream: u.stream,
-                    reason: None,
-                }))
-                .await
-            }
+            ClientFrame::Unsubscribe(u) => self.end_subscription(subs, &u.stream, u.id, None).await,
             ClientFrame::Publish(p) => {
                 let id = p.id;
                 match self.publish(p) {
@@ -455,16 +443,14 @@ impl Connection {
                 continue;
             };
             if !principal.may(Action::Subscribe, &name) {
-                session.unsubscribe(&stream);
-                dropped.push(stream);
+                dropped.push((stream, "forbidden"));
                 continue;
             }
             match self.open(name, Start::After(position)).await {
                 Ok(opened) => restored.push(opened),
                 Err(e) => {
                     tracing::warn!(error = %e, stream = %stream, "could not restore a subscription");
-                    session.unsubscribe(&stream);
-                    dropped.push(stream);
+                    dropped.push((stream, "engine_unavailable"));
                 }
             }
         }
@@ -492,13 +478,9 @@ impl Connection {
             expires_at: principal.expires_at(),
         });
         self.reply(&connected).await?;
-        for stream in dropped {
-            self.reply(&ServerFrame::Unsubscribed(proto::Unsubscribed {
-                id: None,
-                stream: stream.to_string(),
-                reason: Some("forbidden".into()),
-            }))
-            .await?;
+        for (stream, reason) in dropped {
+            self.end_subscription(subs, &stream, None, Some(reason))
+                .await?;
         }
         for opened in restored {
             self.activate(opened, subs);
@@ -734,19 +716,32 @@ impl Connection {
         }))
         .await?;
         for stream in lost {
-            subs.remove(&stream);
-            self.generations.remove(&stream);
-            if let Some(session) = &self.session {
-                session.unsubscribe(&stream);
-            }
-            self.reply(&ServerFrame::Unsubscribed(proto::Unsubscribed {
-                id: None,
-                stream: stream.to_string(),
-                reason: Some("forbidden".into()),
-            }))
-            .await?;
+            self.end_subscription(subs, &stream, None, Some("forbidden"))
+                .await?;
         }
         Ok(())
+    }
+
+    /// Ends a subscription (asked for by the client, or with the server's `reason`): no more
+    /// deliveries, out of the session, and `unsubscribed` (also when it was not subscribed).
+    async fn end_subscription(
+        &mut self,
+        subs: &mut StreamMap<Arc<str>, Deliveries>,
+        stream: &str,
+        id: Option<u64>,
+        reason: Option<&str>,
+    ) -> Result<(), End> {
+        subs.remove(stream);
+        self.generations.remove(stream);
+        if let Some(session) = &self.session {
+            session.unsubscribe(stream);
+        }
+        self.reply(&ServerFrame::Unsubscribed(proto::Unsubscribed {
+            id,
+            stream: stream.to_owned(),
+            reason: reason.map(str::to_owned),
+        }))
+        .await
     }
 
     async fn deliver(&mut self, stream: &Arc<str>, batch: Vec<(Event, Taken)>) -> Result<(), End> {

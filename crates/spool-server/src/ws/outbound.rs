@@ -7,8 +7,9 @@
 //! is the buffer. Replies (acks, errors, pongs) take no room but share the bounded channel, so
 //! a client that sends requests without reading answers is slowed down, not buffered for.
 //!
-//! The writer records what it has handed to the socket, which is what a session remembers as
-//! delivered, and when it last made progress, which is how a stuck client is detected.
+//! The writer records what it has written to the socket (once per flushed burst), which is
+//! what a session remembers as delivered, and when it last made progress, which is how a
+//! stuck client is detected.
 
 use std::{
     sync::{
@@ -144,6 +145,7 @@ impl Outbound {
             room: room.clone(),
             progress: progress.clone(),
             session,
+            written: Vec::new(),
         };
         (
             Self {
@@ -214,6 +216,9 @@ pub struct Writer {
     progress: Arc<Progress>,
     /// The session whose positions the writer records, once `connect` made one.
     session: Arc<OnceLock<Arc<LiveSession>>>,
+    /// The newest position per subscription written in the current burst, recorded in the
+    /// session (one lock) once the burst is flushed.
+    written: Vec<(Arc<str>, u64, Position)>,
 }
 
 /// How a connection ends, as sent in the close frame.
@@ -245,6 +250,10 @@ impl Writer {
                 return;
             }
             self.mark_progress();
+            if let Some(session) = self.session.get() {
+                session.delivered(&mut self.written);
+            }
+            self.written.clear();
         }
     }
 
@@ -254,10 +263,15 @@ impl Writer {
         self.room.give_back(frame.room);
         self.mark_progress();
         result?;
-        if let (Some(session), Some((stream, generation, position))) =
-            (self.session.get(), frame.delivered)
-        {
-            session.delivered(&stream, generation, position);
+        if let Some((stream, generation, position)) = frame.delivered {
+            match self
+                .written
+                .iter_mut()
+                .find(|(s, g, _)| *g == generation && *s == stream)
+            {
+                Some(entry) => entry.2 = position,
+                None => self.written.push((stream, generation, position)),
+            }
         }
         Ok(())
     }

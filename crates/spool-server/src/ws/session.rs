@@ -118,14 +118,20 @@ impl LiveSession {
         }
     }
 
-    /// The writer handed a delivery of `stream` up to `position` to the socket.
-    pub fn delivered(&self, stream: &str, generation: u64, position: Position) {
+    /// The writer wrote deliveries up to these positions, `(stream, generation, position)`,
+    /// to the socket. A generation that is no longer the subscription's is ignored.
+    pub fn delivered(&self, written: &mut Vec<(Arc<str>, u64, Position)>) {
+        if written.is_empty() {
+            return;
+        }
         let mut inner = self.inner.lock();
-        if let Some(cursor) = inner.subscriptions.get_mut(stream)
-            && cursor.generation == generation
-        {
-            cursor.position = position;
-            inner.dirty = true;
+        for (stream, generation, position) in written.drain(..) {
+            if let Some(cursor) = inner.subscriptions.get_mut(&stream)
+                && cursor.generation == generation
+            {
+                cursor.position = position;
+                inner.dirty = true;
+            }
         }
     }
 
@@ -440,8 +446,10 @@ mod tests {
         let live = s.create(user("u1"));
         let p: Position = "ep:3".parse().unwrap();
         live.subscribe("a".into(), 1, "ep:0".parse().unwrap());
-        live.delivered("a", 1, p.clone());
-        live.delivered("a", 0, "ep:9".parse().unwrap()); // a stale generation: ignored
+        live.delivered(&mut vec![
+            ("a".into(), 1, p.clone()),
+            ("a".into(), 0, "ep:9".parse().unwrap()), // a stale generation: ignored
+        ]);
         s.release(&live).await;
         let restored = s.restore(&live.id, None).await.unwrap().unwrap();
         assert_eq!(restored.session.subscriptions(), vec![("a".into(), p)]);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
-use reqwest::{Response, StatusCode};
+use reqwest::Response;
 use spool_core::Start;
 use spool_protocol::{
     ErrorBody,
@@ -17,7 +17,7 @@ use spool_protocol::{
 };
 
 use super::{Backoff, Flow, Printer, TailArgs};
-use crate::client::{Client, RequestError};
+use crate::client::{Client, RequestError, check};
 
 /// The server sends a keep-alive comment every 15 s (`--heartbeat`); this long without a
 /// byte means the connection is dead.
@@ -212,36 +212,21 @@ impl Connection<'_> {
     }
 }
 
-/// The answer when it is an event stream; an error answer otherwise (4xx other than 408
-/// and 429: rejected; the rest: worth retrying).
+/// The answer when it is an event stream; an error answer otherwise (as [`check`] sorts them).
 async fn checked(response: Response) -> Result<Response, RequestError> {
-    let status = response.status();
-    if status.is_success() {
-        let is_event_stream = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        if !is_event_stream {
-            return Err(RequestError::Rejected(
-                status,
-                "the answer is not an event stream (is the server URL a Spool server?)".into(),
-            ));
-        }
-        return Ok(response);
+    let response = check(response).await?;
+    let is_event_stream = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if !is_event_stream {
+        return Err(RequestError::Rejected(
+            response.status(),
+            "the answer is not an event stream (is the server URL a Spool server?)".into(),
+        ));
     }
-    let text = response.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<ErrorBody>(&text)
-        .map(|b| format!("{}: {}", b.error.code.as_str(), b.error.message))
-        .unwrap_or(text);
-    if status.is_client_error()
-        && status != StatusCode::REQUEST_TIMEOUT
-        && status != StatusCode::TOO_MANY_REQUESTS
-    {
-        Err(RequestError::Rejected(status, message))
-    } else {
-        Err(RequestError::Transient(format!("{status}: {message}")))
-    }
+    Ok(response)
 }
 
 /// One dispatched event.
