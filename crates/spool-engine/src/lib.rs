@@ -6,6 +6,9 @@
 //! memory engine lives here; the disk, Redis and NATS JetStream engines implement the same
 //! trait, and the server never knows which one it talks to.
 
+pub mod cluster;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod dedup;
 pub mod disk;
 mod log;

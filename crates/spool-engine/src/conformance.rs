@@ -1,0 +1,487 @@
+//! The engine conformance suite: the contract of [`Engine`] (SPEC §2–§4 at the storage layer)
+//! as one set of checks that every engine runs from the same code — memory and disk here, the
+//! Redis and NATS JetStream engines in their own crates.
+//!
+//! An engine's test supplies a [`Backend`]: a way to make a fresh, isolated namespace (a temp
+//! dir, a key prefix, a stream-name prefix) and to open nodes on it. For a cluster engine every
+//! [`Namespace::node`] call is a new engine instance sharing the namespace's data, as a second
+//! Spool node would; for a single-node engine it is the same instance again. The suite then
+//! checks what holds for every engine, and the cross-node cases where nodes share data.
+//!
+//! Enabled with the `conformance` feature (for dev-dependencies only).
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use spool_core::{NewMessage, Offset, RetentionPolicy, StreamName};
+
+use crate::{Engine, SessionRecord};
+
+/// Settings a case asks its namespace's engines to run with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub retention: RetentionPolicy,
+    pub dedup_window: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            retention: RetentionPolicy::default(),
+            dedup_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// How an engine under test is opened.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// A fresh namespace no other case (or test run) uses.
+    async fn namespace(&self, settings: Settings) -> Box<dyn Namespace>;
+}
+
+/// One isolated place to keep streams, and the nodes on it.
+#[async_trait]
+pub trait Namespace: Send + Sync {
+    /// An engine on this namespace: a new instance sharing its data for a cluster engine, the
+    /// same instance again for a single-node one.
+    async fn node(&self) -> Arc<dyn Engine>;
+
+    /// Whether [`Namespace::node`] gives distinct instances that share data (a cluster).
+    fn clustered(&self) -> bool;
+}
+
+/// Runs every case; panics (with the case's name) at the first broken guarantee.
+pub async fn run(backend: &dyn Backend) {
+    offsets_are_gap_free_and_reads_are_ranges(backend).await;
+    unknown_streams_are_registered_with_an_epoch(backend).await;
+    retention_keeps_the_newest_by_count(backend).await;
+    idempotency_keys_answer_the_original_position(backend).await;
+    watchers_see_the_head_move(backend).await;
+    sessions_are_kept_until_they_expire(backend).await;
+    concurrent_appends_from_every_node_get_unique_gap_free_offsets(backend).await;
+    reads_never_see_holes_while_appends_run(backend).await;
+}
+
+fn stream(name: &str) -> StreamName {
+    StreamName::new(name).expect("valid stream name")
+}
+
+fn msg(payload: impl Into<Bytes>) -> NewMessage {
+    NewMessage {
+        payload: payload.into(),
+        ..Default::default()
+    }
+}
+
+fn keyed(payload: &'static str, key: &str) -> NewMessage {
+    NewMessage {
+        idempotency_key: Some(key.into()),
+        ..msg(payload)
+    }
+}
+
+async fn offsets_are_gap_free_and_reads_are_ranges(backend: &dyn Backend) {
+    let ns = backend.namespace(Settings::default()).await;
+    let engine = ns.node().await;
+    let s = stream("conformance/ranges");
+    let out = engine
+        .append(
+            &s,
+            vec![
+                NewMessage {
+                    content_type: Some("text/plain".into()),
+                    key: Some("k".into()),
+                    headers: vec![("h".into(), "v".into())],
+                    ..msg("1")
+                },
+                msg("2"),
+                msg("3"),
+            ],
+        )
+        .await
+        .expect("append");
+    let offsets: Vec<u64> = out.iter().map(|a| a.position.offset.get()).collect();
+    assert_eq!(offsets, [1, 2, 3], "ranges: first offsets are 1, 2, 3");
+    assert!(out.iter().all(|a| !a.duplicate));
+    let epoch = out[0].position.epoch.clone();
+    assert!(out.iter().all(|a| a.position.epoch == epoch));
+
+    let all = engine.read(&s, Offset(0), 10).await.expect("read");
+    assert_eq!(all.state.epoch, epoch);
+    assert_eq!((all.state.oldest, all.state.head), (Offset(1), Offset(3)));
+    let first = &all.messages[0];
+    assert_eq!(first.payload, "1");
+    assert_eq!(first.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(first.key.as_deref(), Some("k"));
+    assert_eq!(first.headers, [("h".to_string(), "v".to_string())]);
+    assert!(first.time_ms > 0, "ranges: publish time is stamped");
+
+    let tail = engine.read(&s, Offset(1), 10).await.expect("read");
+    let got: Vec<u64> = tail.messages.iter().map(|m| m.offset.get()).collect();
+    assert_eq!(got, [2, 3], "ranges: read after 1");
+    let limited = engine.read(&s, Offset(0), 2).await.expect("read");
+    assert_eq!(limited.messages.len(), 2, "ranges: limit");
+    assert!(
+        engine
+            .read(&s, Offset(3), 10)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
+    );
+    assert!(
+        engine
+            .read(&s, Offset(99), 10)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
+    );
+    let state = engine.state(&s).await.unwrap().expect("known stream");
+    assert_eq!((state.epoch, state.head), (epoch, Offset(3)));
+}
+
+async fn unknown_streams_are_registered_with_an_epoch(backend: &dyn Backend) {
+    let ns = backend.namespace(Settings::default()).await;
+    let engine = ns.node().await;
+    let s = stream("conformance/unknown");
+    assert!(
+        engine.state(&s).await.unwrap().is_none(),
+        "unknown: no state"
+    );
+    let batch = engine.read(&s, Offset(0), 10).await.expect("read");
+    assert!(batch.messages.is_empty());
+    assert_eq!(batch.state.head, Offset(0));
+    let state = engine
+        .state(&s)
+        .await
+        .unwrap()
+        .expect("registered by the read");
+    assert_eq!(state.epoch, batch.state.epoch, "unknown: the epoch sticks");
+    // The epoch a reader learned is the one the first publish lands in.
+    let out = engine.append(&s, vec![msg("x")]).await.unwrap();
+    assert_eq!(out[0].position.epoch, batch.state.epoch);
+    assert_eq!(out[0].position.offset, Offset(1));
+    if ns.clustered() {
+        let other = ns.node().await;
+        let seen = other.state(&s).await.unwrap().expect("known on every node");
+        assert_eq!(
+            seen.epoch, batch.state.epoch,
+            "unknown: one epoch cluster-wide"
+        );
+    }
+}
+
+async fn retention_keeps_the_newest_by_count(backend: &dyn Backend) {
+    let mut settings = Settings::default();
+    settings.retention.default.max_messages = 3;
+    let ns = backend.namespace(settings).await;
+    let engine = ns.node().await;
+    let s = stream("conformance/retention");
+    for i in 1..=5 {
+        engine.append(&s, vec![msg(format!("{i}"))]).await.unwrap();
+    }
+    let state = engine.state(&s).await.unwrap().unwrap();
+    assert_eq!(
+        (state.oldest, state.head),
+        (Offset(3), Offset(5)),
+        "retention: newest 3 of 5 kept"
+    );
+    assert!(
+        engine
+            .read(&s, Offset(1), 10)
+            .await
+            .unwrap()
+            .messages
+            .is_empty(),
+        "retention: a read before the oldest returns nothing (the caller resets)"
+    );
+    let kept = engine.read(&s, Offset(2), 10).await.unwrap();
+    let got: Vec<u64> = kept.messages.iter().map(|m| m.offset.get()).collect();
+    assert_eq!(got, [3, 4, 5]);
+}
+
+async fn idempotency_keys_answer_the_original_position(backend: &dyn Backend) {
+    let ns = backend.namespace(Settings::default()).await;
+    let engine = ns.node().await;
+    let s = stream("conformance/idempotency");
+    let first = engine.append(&s, vec![keyed("x", "k1")]).await.unwrap();
+    let again = engine
+        .append(&s, vec![keyed("x", "k1"), keyed("y", "k2")])
+        .await
+        .unwrap();
+    assert!(!first[0].duplicate);
+    assert!(
+        again[0].duplicate,
+        "idempotency: a repeated key is a duplicate"
+    );
+    assert_eq!(again[0].position, first[0].position);
+    assert!(!again[1].duplicate);
+    assert_eq!(again[1].position.offset, Offset(2));
+    assert_eq!(engine.state(&s).await.unwrap().unwrap().head, Offset(2));
+    // The same key on another stream is another message.
+    let other = engine
+        .append(&stream("conformance/idempotency-2"), vec![keyed("x", "k1")])
+        .await
+        .unwrap();
+    assert!(!other[0].duplicate);
+    if ns.clustered() {
+        let node = ns.node().await;
+        let retry = node.append(&s, vec![keyed("x", "k2")]).await.unwrap();
+        assert!(retry[0].duplicate, "idempotency: keys are cluster-wide");
+        assert_eq!(retry[0].position, again[1].position);
+    }
+}
+
+async fn watchers_see_the_head_move(backend: &dyn Backend) {
+    let ns = backend.namespace(Settings::default()).await;
+    let engine = ns.node().await;
+    let s = stream("conformance/watch");
+    let mut watch = engine.watch(&s).await.expect("watch");
+    assert_eq!(watch.borrow_and_update().offset, Offset(0));
+    engine.append(&s, vec![msg("1")]).await.unwrap();
+    within(watch.changed(), "watch: own append").await.unwrap();
+    assert_eq!(watch.borrow_and_update().offset, Offset(1));
+    if ns.clustered() {
+        // A publish on another node reaches this node's watchers: live fan-out.
+        let other = ns.node().await;
+        other.append(&s, vec![msg("2")]).await.unwrap();
+        within(watch.changed(), "watch: another node's append")
+            .await
+            .unwrap();
+        assert_eq!(watch.borrow_and_update().offset, Offset(2));
+        let batch = engine.read(&s, Offset(1), 10).await.unwrap();
+        assert_eq!(batch.messages.len(), 1, "watch: the woken node reads it");
+        assert_eq!(batch.messages[0].payload, "2");
+    }
+}
+
+async fn sessions_are_kept_until_they_expire(backend: &dyn Backend) {
+    let ns = backend.namespace(Settings::default()).await;
+    let engine = ns.node().await;
+    let now = spool_core::now_ms();
+    let record = |id: &str, data: &'static str, expires_at| SessionRecord {
+        id: id.into(),
+        data: Bytes::from_static(data.as_bytes()),
+        expires_at,
+    };
+    let id = format!("conformance-session-{now}");
+    let gone = format!("conformance-expired-{now}");
+    engine
+        .save_sessions(vec![
+            record(&id, "one", now + 60_000),
+            record(&gone, "old", now.saturating_sub(1)),
+        ])
+        .await
+        .expect("save");
+    assert_eq!(engine.load_session(&id).await.unwrap().unwrap(), "one");
+    assert!(
+        engine.load_session(&gone).await.unwrap().is_none(),
+        "sessions: an expired record is not loaded"
+    );
+    engine
+        .save_sessions(vec![record(&id, "two", now + 60_000)])
+        .await
+        .unwrap();
+    assert_eq!(engine.load_session(&id).await.unwrap().unwrap(), "two");
+    if ns.clustered() {
+        let other = ns.node().await;
+        assert_eq!(
+            other.load_session(&id).await.unwrap().unwrap(),
+            "two",
+            "sessions: a session saved on one node resumes on another"
+        );
+    }
+    engine.delete_session(&id).await.unwrap();
+    assert!(engine.load_session(&id).await.unwrap().is_none());
+    assert!(engine.load_session("never-saved").await.unwrap().is_none());
+}
+
+async fn concurrent_appends_from_every_node_get_unique_gap_free_offsets(backend: &dyn Backend) {
+    const WRITERS: usize = 6;
+    const ROUNDS: usize = 40;
+    let ns = backend.namespace(Settings::default()).await;
+    let s = stream("conformance/concurrent");
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(ns.node().await);
+    }
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let engine = nodes[w % nodes.len()].clone();
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for r in 0..ROUNDS {
+                let batch = (0..1 + r % 3)
+                    .map(|i| msg(format!("{w}/{r}/{i}")))
+                    .collect();
+                let out = engine.append(&s, batch).await.expect("append");
+                let offsets: Vec<u64> = out.iter().map(|a| a.position.offset.get()).collect();
+                assert!(
+                    offsets.windows(2).all(|p| p[0] < p[1]),
+                    "concurrent: one append's offsets ascend"
+                );
+                got.extend(offsets);
+            }
+            got
+        }));
+    }
+    let mut all = BTreeSet::new();
+    let mut total = 0;
+    for t in tasks {
+        let got = t.await.expect("writer task");
+        total += got.len();
+        all.extend(got);
+    }
+    assert_eq!(all.len(), total, "concurrent: offsets are unique");
+    let expected: BTreeSet<u64> = (1..=total as u64).collect();
+    assert_eq!(all, expected, "concurrent: offsets are 1..=N with no hole");
+    let state = nodes[0].state(&s).await.unwrap().unwrap();
+    assert_eq!(state.head.get(), total as u64);
+    // Every message is stored at the offset its ack named.
+    let mut after = Offset(0);
+    let mut seen = 0;
+    loop {
+        let batch = nodes[1].read(&s, after, 100).await.unwrap();
+        let Some(last) = batch.messages.last() else {
+            break;
+        };
+        for m in &batch.messages {
+            assert_eq!(m.offset, after.next(), "concurrent: read has no hole");
+            after = m.offset;
+            seen += 1;
+        }
+        assert_eq!(after, last.offset);
+    }
+    assert_eq!(seen, total);
+}
+
+async fn reads_never_see_holes_while_appends_run(backend: &dyn Backend) {
+    let ns = backend.namespace(Settings::default()).await;
+    let s = stream("conformance/live");
+    let writer = ns.node().await;
+    let reader = ns.node().await;
+    let mut watch = reader.watch(&s).await.unwrap();
+    const TOTAL: u64 = 300;
+    let w = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            for i in 0..TOTAL / 3 {
+                let batch = (0..3).map(|j| msg(format!("{}", i * 3 + j + 1))).collect();
+                writer.append(&s, batch).await.expect("append");
+            }
+        })
+    };
+    let mut after = Offset(0);
+    while after.get() < TOTAL {
+        watch.borrow_and_update();
+        let batch = reader.read(&s, after, 64).await.expect("read");
+        assert!(batch.state.head >= after, "live: the head never goes back");
+        for m in &batch.messages {
+            assert_eq!(m.offset, after.next(), "live: no hole");
+            assert_eq!(m.payload, m.offset.get().to_string(), "live: right message");
+            after = m.offset;
+        }
+        if batch.messages.is_empty() && after.get() < TOTAL {
+            within(watch.changed(), "live: wake-up for the next publish")
+                .await
+                .unwrap();
+        }
+    }
+    w.await.unwrap();
+}
+
+/// Whether a test of an engine backed by an outside server may run: true when `addr` accepts a
+/// TCP connection. When it does not, the test is skipped with a message on a developer's
+/// machine, and fails under CI (`CI` set), where `.ci/run` starts the server first.
+pub fn service_reachable(what: &str, addr: &str) -> bool {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let reachable = addr
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+    if !reachable {
+        if std::env::var_os("CI").is_some() {
+            panic!(
+                "{what} at {addr} is unreachable; under CI this is a failure, not a skip (.ci/run starts it)"
+            );
+        }
+        eprintln!("SKIPPED: {what} at {addr} is unreachable (start it to run this test)");
+    }
+    reachable
+}
+
+async fn within<F: Future>(f: F, what: &str) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within 10 s"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        MemoryEngine,
+        disk::{DiskConfig, DiskEngine},
+        memory::MemoryConfig,
+    };
+
+    struct Memory;
+    /// A single-node engine (and the temp dir it lives in, kept until the namespace drops).
+    struct One(
+        Arc<dyn Engine>,
+        #[allow(dead_code)] Option<tempfile::TempDir>,
+    );
+
+    #[async_trait]
+    impl Namespace for One {
+        async fn node(&self) -> Arc<dyn Engine> {
+            self.0.clone()
+        }
+        fn clustered(&self) -> bool {
+            false
+        }
+    }
+
+    #[async_trait]
+    impl Backend for Memory {
+        async fn namespace(&self, settings: Settings) -> Box<dyn Namespace> {
+            let engine = MemoryEngine::new(MemoryConfig {
+                retention: settings.retention,
+                dedup_window: settings.dedup_window,
+                ..MemoryConfig::default()
+            });
+            Box::new(One(Arc::new(engine), None))
+        }
+    }
+
+    struct Disk;
+
+    #[async_trait]
+    impl Backend for Disk {
+        async fn namespace(&self, settings: Settings) -> Box<dyn Namespace> {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let config = DiskConfig {
+                retention: settings.retention,
+                dedup_window: settings.dedup_window,
+                ..DiskConfig::new(dir.path())
+            };
+            let engine = DiskEngine::open(config).expect("open the disk engine");
+            Box::new(One(Arc::new(engine), Some(dir)))
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_engine_conforms() {
+        run(&Memory).await;
+    }
+
+    #[tokio::test]
+    async fn disk_engine_conforms() {
+        run(&Disk).await;
+    }
+}
