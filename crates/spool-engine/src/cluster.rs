@@ -306,12 +306,7 @@ mod tests {
         })
     }
 
-    fn batch(
-        epoch: &Epoch,
-        oldest: u64,
-        head: u64,
-        offsets: std::ops::RangeInclusive<u64>,
-    ) -> ReadBatch {
+    fn batch(epoch: &Epoch, oldest: u64, head: u64, offsets: std::ops::Range<u64>) -> ReadBatch {
         ReadBatch {
             state: StreamState {
                 epoch: epoch.clone(),
@@ -360,7 +355,7 @@ mod tests {
         let known = |o| Position::new(e.clone(), Offset(o));
         assert!(cache.read(&s, Offset(0), 10, &known(3)).is_none());
         // A read that reaches the head becomes the run.
-        cache.absorb(&s, Offset(0), &batch(&e, 1, 3, 1..=3), true);
+        cache.absorb(&s, Offset(0), &batch(&e, 1, 3, 1..4), true);
         let hit = cache.read(&s, Offset(1), 10, &known(3)).unwrap();
         assert_eq!(offsets(&hit), [2, 3]);
         assert_eq!((hit.state.head, hit.state.oldest), (Offset(3), Offset(1)));
@@ -382,7 +377,7 @@ mod tests {
         );
         cache.appended(&s, &e, &[msg(6)]);
         assert!(cache.read(&s, Offset(4), 10, &known(6)).is_none());
-        cache.absorb(&s, Offset(4), &batch(&e, 1, 6, 5..=6), true);
+        cache.absorb(&s, Offset(4), &batch(&e, 1, 6, 5..7), true);
         // Bounded: 4 messages, so 1 and 2 are gone and a read before them goes to the engine.
         assert_eq!(
             offsets(&cache.read(&s, Offset(2), 10, &known(6)).unwrap()),
@@ -396,7 +391,7 @@ mod tests {
                 .read(&s, Offset(0), 10, &Position::new(e2.clone(), Offset(0)))
                 .is_none()
         );
-        cache.absorb(&s, Offset(0), &batch(&e2, 1, 0, 1..=0), true);
+        cache.absorb(&s, Offset(0), &batch(&e2, 1, 0, 1..1), true);
         let fresh = cache
             .read(&s, Offset(0), 10, &Position::new(e2, Offset(0)))
             .unwrap();
@@ -410,13 +405,13 @@ mod tests {
         let cache = TailCache::default();
         let s = name("a");
         let e = Epoch::generate();
-        cache.absorb(&s, Offset(0), &batch(&e, 1, 10, 1..=3), true);
+        cache.absorb(&s, Offset(0), &batch(&e, 1, 10, 1..4), true);
         assert!(
             cache
                 .read(&s, Offset(0), 10, &Position::new(e.clone(), Offset(10)))
                 .is_none()
         );
-        cache.absorb(&s, Offset(5), &batch(&e, 1, 10, 6..=10), true);
+        cache.absorb(&s, Offset(5), &batch(&e, 1, 10, 6..11), true);
         let hit = cache
             .read(&s, Offset(7), 10, &Position::new(e, Offset(10)))
             .unwrap();
@@ -424,7 +419,7 @@ mod tests {
         cache.absorb(
             &name("b"),
             Offset(0),
-            &batch(&Epoch::generate(), 1, 0, 1..=0),
+            &batch(&Epoch::generate(), 1, 0, 1..1),
             false,
         );
         assert!(cache.streams.lock().get(&name("b")).is_none());
