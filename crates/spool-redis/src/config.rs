@@ -1,0 +1,56 @@
+//! Settings of the Redis engine, and the durability levels it maps onto Redis (SPEC §4).
+
+use std::time::Duration;
+
+use spool_core::RetentionPolicy;
+
+/// When an append is acknowledged, in Redis terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedisDurability {
+    /// Once the primary applied the append script (in its memory; persisted later as Redis is
+    /// configured).
+    Memory,
+    /// Once the primary fsynced it to its append-only file. Requires `appendonly yes` and
+    /// `appendfsync always`, checked at connect: Redis then fsyncs before it replies.
+    Fsync,
+    /// Once at least `replicas` replicas acknowledged it (`WAIT`). Fewer within the timeout
+    /// fails the append with `Unavailable`; the message may still be stored, so the client
+    /// retries with the same idempotency key.
+    Replicated { replicas: u32 },
+}
+
+/// How to reach Redis and what to keep there.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://`, `unix://`).
+    pub url: String,
+    /// Prefix of every key and of the notification channel, so several Spool clusters can
+    /// share one Redis. No braces or whitespace (braces would break the hash tags).
+    pub prefix: String,
+    pub durability: RedisDurability,
+    pub retention: RetentionPolicy,
+    /// How long an idempotency key is remembered.
+    pub dedup_window: Duration,
+    /// How long a stream's metadata (its epoch and head) outlives the last touch. Longer than
+    /// any retention, so that a stream whose messages all expired keeps its epoch and readers
+    /// get `history_expired` rather than `epoch_changed`.
+    pub meta_ttl: Duration,
+    /// The longest any one Redis call may take before the engine answers `Unavailable`.
+    pub timeout: Duration,
+}
+
+impl RedisConfig {
+    /// Defaults: prefix `spool`, [`RedisDurability::Memory`], the default retention, a
+    /// 2-minute dedup window, 30 days of metadata, a 2 s timeout.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: "spool".into(),
+            durability: RedisDurability::Memory,
+            retention: RetentionPolicy::default(),
+            dedup_window: Duration::from_secs(120),
+            meta_ttl: Duration::from_secs(30 * 24 * 3600),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! Cross-node fan-out: one task per engine listens on the `<prefix>:heads` channel and moves
+//! this node's head watches when any node appends.
+//!
+//! Pub/sub delivers at most once, and nothing while the connection is down. So after every
+//! (re)subscription the task re-reads every watched stream and moves its head from the truth
+//! in Redis; a notification lost meanwhile costs a read, never a subscriber left waiting. The
+//! tail cache is dropped too, as Redis may have restarted without its data (the re-read then
+//! registers a new epoch, and the epoch change wakes the watchers).
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use redis::Client;
+use spool_core::{Epoch, Offset, Position, StreamName};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the subscription is pinged, so a connection that died silently (no reset from
+/// the peer) is noticed and replaced.
+const PING_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs until `cancel` fires. The first subscription's outcome goes to `ready`; if it fails
+/// the task ends (the engine's `connect` reports the error).
+pub async fn run(
+    shared: Arc<Shared>,
+    client: Client,
+    cancel: CancellationToken,
+    ready: oneshot::Sender<Result<(), String>>,
+) {
+    let mut ready = Some(ready);
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let attempt = tokio::select! {
+            _ = cancel.cancelled() => return,
+            attempt = subscribe(&shared, &client, ready.is_none()) => attempt,
+        };
+        match attempt {
+            Ok((sink, stream)) => {
+                backoff = BACKOFF_MIN;
+                if let Some(tx) = ready.take() {
+                    let _ = tx.send(Ok(()));
+                } else {
+                    tracing::info!("redis notification channel is back");
+                }
+                if listen(&shared, sink, stream, &cancel).await {
+                    return;
+                }
+                tracing::warn!("redis notification channel lost; reconnecting");
+            }
+            Err(e) => {
+                if let Some(tx) = ready.take() {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                tracing::warn!(error = %e, retry_in = ?backoff, "redis notification channel down");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Subscribes, then (on a resubscription) catches the watched streams up.
+async fn subscribe(
+    shared: &Shared,
+    client: &Client,
+    resync: bool,
+) -> Result<(redis::aio::PubSubSink, redis::aio::PubSubStream), String> {
+    let timeout = shared.config.timeout;
+    let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+        .await
+        .map_err(|_| format!("no connection within {timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    let (mut sink, stream) = pubsub.split();
+    tokio::time::timeout(timeout, sink.subscribe(&shared.channel))
+        .await
+        .map_err(|_| format!("no SUBSCRIBE answer within {timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    if resync {
+        shared.cache.clear();
+        shared.resync().await.map_err(|e| e.to_string())?;
+    }
+    Ok((sink, stream))
+}
+
+/// Moves heads until the subscription ends (false) or the engine is dropped (true).
+async fn listen(
+    shared: &Shared,
+    mut sink: redis::aio::PubSubSink,
+    mut stream: redis::aio::PubSubStream,
+    cancel: &CancellationToken,
+) -> bool {
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return true,
+            msg = stream.next() => match msg {
+                Some(msg) => match parse(msg.get_payload_bytes()) {
+                    Some((name, head)) => {
+                        shared.heads.advance(&name, head);
+                    }
+                    None => tracing::warn!(
+                        channel = %shared.channel,
+                        "ignored a malformed head notification"
+                    ),
+                },
+                None => return false,
+            },
+            _ = ping.tick() => {
+                let answer = tokio::time::timeout(
+                    shared.config.timeout,
+                    sink.ping::<redis::Value>(),
+                ).await;
+                if !matches!(answer, Ok(Ok(_))) {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// `<epoch> <head> <stream>`; `None` for anything else.
+fn parse(payload: &[u8]) -> Option<(StreamName, Position)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut parts = text.splitn(3, ' ');
+    let epoch = Epoch::parse(parts.next()?).ok()?;
+    let head = parts.next()?.parse().ok()?;
+    let stream = StreamName::new(parts.next()?).ok()?;
+    Some((stream, Position::new(epoch, Offset(head))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_parse_defensively() {
+        let (s, p) = parse(b"abc 42 chat:room/1").unwrap();
+        assert_eq!(s.as_str(), "chat:room/1");
+        assert_eq!(p.to_string(), "abc:42");
+        for bad in [
+            &b""[..],
+            b"abc",
+            b"abc 42",
+            b"abc x s",
+            b"a:b 1 s",
+            b"abc -1 s",
+            b"abc 1 two words",
+            b"\xff 1 s",
+        ] {
+            assert!(parse(bad).is_none(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

@@ -1,0 +1,554 @@
+//! The Redis engine of Spool: stream history in Redis Streams, head notifications over
+//! pub/sub, sessions and idempotency records as keys with a TTL. Several Spool nodes pointed
+//! at one Redis (and one prefix) form a cluster: a publish on any node reaches subscribers on
+//! every node, and a client resumes on any node.
+//!
+//! # Key layout
+//!
+//! All keys of a stream share the stream's name as hash tag, so the layout fits Redis Cluster
+//! too (see [`keys`](crate::keys) for the escaping):
+//!
+//! | key | what |
+//! |---|---|
+//! | `<prefix>:{<stream>}:m` | hash: `e` epoch, `h` head offset, `b` retained bytes; expires `meta_ttl` after the last touch |
+//! | `<prefix>:{<stream>}:x` | Redis Stream, entry id `<offset>-0`, fields `t` publish ms, `n` retained bytes, `d` the message; expires `max_age` after the last append |
+//! | `<prefix>:{<stream>}:i:<key>` | `<epoch>:<offset>` of an idempotency key, expires with the dedup window |
+//! | `<prefix>:session:<id>` | a session record, expires with it |
+//! | `<prefix>:heads` | pub/sub channel: `<epoch> <head> <stream>` after each append |
+//!
+//! # Why scripts
+//!
+//! An append is one Lua script call per batch (`EVALSHA`, loaded once): it registers the
+//! stream if needed, gives each message the next offset, stores it with its idempotency
+//! record, trims to the retention and publishes the new head, atomically. So offsets are
+//! gap-free and unique across nodes with no lock and no retry, in one round trip. A read is
+//! one script too, so epoch, head, oldest and messages come from one snapshot.
+//!
+//! # Durability
+//!
+//! - [`RedisDurability::Memory`]: acked when the script returned (Redis applied it).
+//! - [`RedisDurability::Fsync`]: Redis must run with `appendonly yes` and `appendfsync
+//!   always` (checked at connect; refused otherwise). Redis then fsyncs before it replies.
+//! - [`RedisDurability::Replicated`]: after the script, `WAIT n timeout` on the same
+//!   connection (appends get a connection of their own, since `WAIT` blocks it). Too few
+//!   replicas is `Unavailable`: the message may be stored, so the retry carries the same
+//!   idempotency key. Redis replication is asynchronous: this narrows, not closes, the
+//!   window in which a failover loses acked messages.
+//!
+//! # Outages and data loss
+//!
+//! Every call has a deadline (`timeout`), so while Redis is down calls fail fast with
+//! `Unavailable` and work again once it is back (the connection reconnects by itself).
+//! Redis coming back without its data has lost the metadata key: the next touch registers a
+//! new epoch, so readers get an `epoch_changed` reset, never a silent gap. The notification
+//! task resubscribes, drops the tail cache and re-reads every watched stream, which moves
+//! watchers to the new epoch at once. Metadata outlives the data (`meta_ttl`), so a stream
+//! whose messages all expired keeps its epoch and readers get `history_expired` instead.
+
+mod codec;
+mod config;
+mod error;
+mod fanout;
+pub mod keys;
+mod scripts;
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use redis::{
+    Client, Value,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+use spool_core::{
+    Epoch, Message, NewMessage, Offset, Position, Retention, StreamName, StreamState, now_ms,
+};
+use spool_engine::{
+    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord,
+    cluster::{Heads, TailCache},
+};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+pub use config::{RedisConfig, RedisDurability};
+
+use crate::{
+    error::within,
+    keys::{Keys, StreamKeys},
+    scripts::{AppendReply, Scripts},
+};
+
+/// How many watched streams are re-read at once after the notification channel was down.
+const RESYNC_CONCURRENCY: usize = 32;
+
+/// A Spool node's handle on Redis; see the crate docs.
+pub struct RedisEngine {
+    shared: Arc<Shared>,
+    /// Stops the notification task when the engine is dropped.
+    _fanout: DropGuard,
+}
+
+/// What the engine and its notification task share.
+struct Shared {
+    config: RedisConfig,
+    keys: Keys,
+    channel: String,
+    conn: ConnectionManager,
+    /// Appends go here: `conn` itself, or under replicated durability a connection of their
+    /// own, as `WAIT` blocks the connection it is sent on.
+    writer: ConnectionManager,
+    scripts: Scripts,
+    heads: Heads,
+    cache: TailCache,
+    /// Makes "was the stream watched?" and creating its watch one step, against pruning.
+    watching: Mutex<()>,
+}
+
+impl RedisEngine {
+    /// Connects, checks that Redis can give the configured durability, and subscribes to head
+    /// notifications. Fails with a message saying what is wrong when Redis is unreachable
+    /// (`Unavailable`; a supervisor restarts the node) or unfit (`Internal`).
+    pub async fn connect(config: RedisConfig) -> Result<Self, EngineError> {
+        let keys = Keys::new(&config.prefix).map_err(EngineError::Internal)?;
+        let client = Client::open(config.url.as_str())
+            .map_err(|e| EngineError::Internal(format!("invalid Redis URL: {e}")))?;
+        let conn = manager(&client, &config).await?;
+        let writer = match config.durability {
+            RedisDurability::Replicated { .. } => manager(&client, &config).await?,
+            _ => conn.clone(),
+        };
+        check_server(&mut conn.clone(), &config).await?;
+        let scripts = Scripts::new();
+        for script in [&scripts.append, &scripts.read] {
+            within(
+                "SCRIPT LOAD",
+                config.timeout,
+                script.load_async(&mut conn.clone()),
+            )
+            .await?;
+        }
+        let shared = Arc::new(Shared {
+            channel: keys.heads_channel(),
+            keys,
+            conn,
+            writer,
+            scripts,
+            heads: Heads::default(),
+            cache: TailCache::default(),
+            watching: Mutex::new(()),
+            config,
+        });
+        let cancel = CancellationToken::new();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(fanout::run(
+            shared.clone(),
+            client,
+            cancel.clone(),
+            ready_tx,
+        ));
+        let fanout = cancel.drop_guard();
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(Self {
+                shared,
+                _fanout: fanout,
+            }),
+            Ok(Err(e)) => Err(EngineError::Unavailable(format!(
+                "cannot subscribe to Redis head notifications: {e}"
+            ))),
+            Err(_) => Err(EngineError::Internal(
+                "the Redis notification task ended before subscribing".into(),
+            )),
+        }
+    }
+}
+
+/// A connection that reconnects by itself, with a few quick attempts per call so that calls
+/// during an outage fail within the deadline and the first call after it succeeds.
+async fn manager(client: &Client, config: &RedisConfig) -> Result<ConnectionManager, EngineError> {
+    let settings = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.timeout))
+        // A backstop behind each call's own deadline; `WAIT` may take the whole timeout.
+        .set_response_timeout(Some(config.timeout + Duration::from_secs(1)))
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(500));
+    within(
+        "connect",
+        config.timeout * 2,
+        client.get_connection_manager_with_config(settings),
+    )
+    .await
+    .map_err(|e| EngineError::Unavailable(format!("cannot connect to Redis: {e}")))
+}
+
+/// PING, then what the durability needs: `appendfsync always` for fsync. Warns about an
+/// eviction policy, which could drop any key (they all have a TTL).
+async fn check_server(
+    conn: &mut ConnectionManager,
+    config: &RedisConfig,
+) -> Result<(), EngineError> {
+    within(
+        "PING",
+        config.timeout,
+        redis::cmd("PING").query_async::<Value>(conn),
+    )
+    .await?;
+    let settings = within(
+        "CONFIG GET",
+        config.timeout,
+        redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendonly")
+            .arg("appendfsync")
+            .arg("maxmemory-policy")
+            .query_async::<std::collections::HashMap<String, String>>(conn),
+    )
+    .await;
+    let settings = match settings {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot read the Redis configuration (CONFIG may be disabled); the durability \
+                 and eviction settings cannot be verified"
+            );
+            return Ok(());
+        }
+    };
+    let get = |name: &str| settings.get(name).map_or("?", String::as_str);
+    if config.durability == RedisDurability::Fsync
+        && (get("appendonly") != "yes" || get("appendfsync") != "always")
+    {
+        return Err(EngineError::Internal(format!(
+            "fsync durability needs Redis with appendonly yes and appendfsync always, and this \
+             one has appendonly {} and appendfsync {}: set them (redis.conf or CONFIG SET) or \
+             choose another durability",
+            get("appendonly"),
+            get("appendfsync")
+        )));
+    }
+    let policy = get("maxmemory-policy");
+    if policy != "noeviction" && policy != "?" {
+        tracing::warn!(
+            policy,
+            "Redis may evict keys under memory pressure (maxmemory-policy is not noeviction): \
+             streams may then lose history or epochs early"
+        );
+    }
+    Ok(())
+}
+
+impl Shared {
+    fn retention(&self, stream: &StreamName) -> Retention {
+        self.config.retention.for_stream(stream)
+    }
+
+    /// Metadata must outlive the data it describes.
+    fn meta_ttl_ms(&self, retention: &Retention) -> u64 {
+        scripts::ttl_ms(self.config.meta_ttl).max(data_ttl_ms(retention))
+    }
+
+    /// The read script: a snapshot of the stream and up to `limit` messages after `after`.
+    /// `register` creates an unknown stream; otherwise an unknown one is `None`.
+    async fn read_script(
+        &self,
+        stream: &StreamName,
+        after: Offset,
+        limit: usize,
+        register: bool,
+    ) -> Result<Option<ReadBatch>, EngineError> {
+        let keys = self.keys.stream(stream);
+        let retention = self.retention(stream);
+        // There is nothing after the largest offset.
+        let (first, limit) = match after.get().checked_add(1) {
+            Some(first) => (Offset(first), limit),
+            None => (after, 0),
+        };
+        let candidate = if register {
+            Epoch::generate().to_string()
+        } else {
+            String::new()
+        };
+        let mut call = self.scripts.read.prepare_invoke();
+        call.key(&keys.meta)
+            .key(&keys.data)
+            .arg(candidate)
+            .arg(&scripts::retention_args(&retention)[..])
+            .arg(self.meta_ttl_ms(&retention))
+            .arg(&self.channel)
+            .arg(stream.as_str())
+            .arg(first.get())
+            .arg(limit.min(i64::MAX as usize));
+        let reply: Value = within(
+            "read",
+            self.config.timeout,
+            call.invoke_async(&mut self.conn.clone()),
+        )
+        .await?;
+        let batch = scripts::parse_read(reply, first)?;
+        if let Some(batch) = &batch {
+            // A read may be the first to see another node's append or a new epoch (Redis
+            // lost the stream): wake this node's watchers.
+            self.heads.advance(
+                stream,
+                Position::new(batch.state.epoch.clone(), batch.state.head),
+            );
+        }
+        Ok(batch)
+    }
+
+    /// Re-reads every watched stream (registering it, as a watch does) and moves its head.
+    async fn resync(&self) -> Result<(), EngineError> {
+        let watched = self.heads.watched();
+        if !watched.is_empty() {
+            tracing::info!(streams = watched.len(), "re-reading watched streams");
+        }
+        let mut reads = futures::stream::iter(watched)
+            .map(|stream| async move { self.read_script(&stream, Offset::ZERO, 0, true).await })
+            .buffer_unordered(RESYNC_CONCURRENCY);
+        while let Some(read) = reads.next().await {
+            read?;
+        }
+        Ok(())
+    }
+
+    async fn append(
+        &self,
+        stream: &StreamName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, EngineError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: StreamKeys = self.keys.stream(stream);
+        let retention = self.retention(stream);
+        let mut call = self.scripts.append.prepare_invoke();
+        call.key(&keys.meta)
+            .key(&keys.data)
+            .arg(Epoch::generate().as_str())
+            .arg(&scripts::retention_args(&retention)[..])
+            .arg(scripts::ttl_ms(self.config.dedup_window))
+            .arg(data_ttl_ms(&retention))
+            .arg(self.meta_ttl_ms(&retention))
+            .arg(&self.channel)
+            .arg(stream.as_str());
+        let count = messages.len();
+        let mut stamped = Vec::with_capacity(count);
+        let mut next_key = 3;
+        for new in messages {
+            let (message, idempotency_key) = new.stamp(Offset::ZERO, 0);
+            match idempotency_key {
+                Some(key) => {
+                    call.key(keys.dedup(&key)).arg(next_key);
+                    next_key += 1;
+                }
+                None => {
+                    call.arg(0);
+                }
+            }
+            call.arg(message.retained_bytes())
+                .arg(codec::encode(&message));
+            stamped.push(message);
+        }
+        let reply: Value = within(
+            "append",
+            self.config.timeout,
+            call.invoke_async(&mut self.writer.clone()),
+        )
+        .await?;
+        let reply = AppendReply::parse(reply, count)?;
+        let fresh: Vec<Arc<Message>> = stamped
+            .into_iter()
+            .zip(&reply.outcomes)
+            .filter(|(_, (_, duplicate))| !duplicate)
+            .map(|(mut message, (offset, _))| {
+                message.offset = *offset;
+                message.time_ms = reply.time_ms;
+                Arc::new(message)
+            })
+            .collect();
+        // The cache first, so the watchers woken next find the messages there.
+        self.cache.appended(stream, &reply.epoch, &fresh);
+        self.heads
+            .advance(stream, Position::new(reply.epoch.clone(), reply.head));
+        if let RedisDurability::Replicated { replicas } = self.config.durability
+            && !fresh.is_empty()
+        {
+            self.wait_for_replicas(replicas).await?;
+        }
+        Ok(reply.appended())
+    }
+
+    /// `WAIT` on the append connection: covers every write sent on it so far.
+    async fn wait_for_replicas(&self, replicas: u32) -> Result<(), EngineError> {
+        let timeout = self.config.timeout;
+        let acked: u64 = within(
+            "WAIT",
+            timeout + Duration::from_secs(1),
+            redis::cmd("WAIT")
+                .arg(replicas)
+                .arg(
+                    u64::try_from(timeout.as_millis())
+                        .unwrap_or(u64::MAX)
+                        .max(1),
+                )
+                .query_async(&mut self.writer.clone()),
+        )
+        .await?;
+        if acked < u64::from(replicas) {
+            return Err(EngineError::Unavailable(format!(
+                "replicated durability: {acked} of {replicas} replicas acknowledged within \
+                 {timeout:?}; the message may be stored — retry with the same idempotency key"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The data key lives as long as its newest message may (plus a second, so the expiry never
+/// beats the age check, which keeps a message exactly `max_age` old).
+fn data_ttl_ms(retention: &Retention) -> u64 {
+    scripts::ttl_ms(retention.max_age + Duration::from_secs(1))
+}
+
+#[async_trait]
+impl Engine for RedisEngine {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn append(
+        &self,
+        stream: &StreamName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, EngineError> {
+        self.shared.append(stream, messages).await
+    }
+
+    async fn read(
+        &self,
+        stream: &StreamName,
+        after: Offset,
+        limit: usize,
+    ) -> Result<ReadBatch, EngineError> {
+        let shared = &self.shared;
+        if let Some(known) = shared.heads.current(stream)
+            && let Some(hit) = shared.cache.read(stream, after, limit, &known)
+        {
+            return Ok(hit);
+        }
+        let watched = shared.heads.current(stream).is_some();
+        let batch = shared
+            .read_script(stream, after, limit, true)
+            .await?
+            .ok_or_else(|| EngineError::Internal("a registering read found no stream".into()))?;
+        shared.cache.absorb(stream, after, &batch, watched);
+        Ok(batch)
+    }
+
+    async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
+        Ok(self
+            .shared
+            .read_script(stream, Offset::ZERO, 0, false)
+            .await?
+            .map(|batch| batch.state))
+    }
+
+    async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError> {
+        let shared = &self.shared;
+        let head = |batch: Option<ReadBatch>| {
+            batch
+                .map(|b| Position::new(b.state.epoch, b.state.head))
+                .ok_or_else(|| EngineError::Internal("a registering read found no stream".into()))
+        };
+        let current = head(shared.read_script(stream, Offset::ZERO, 0, true).await?)?;
+        let (watch, first) = {
+            let _guard = shared.watching.lock();
+            let first = shared.heads.current(stream).is_none();
+            (shared.heads.watch(stream, current), first)
+        };
+        if first {
+            // Notifications for this stream were ignored until the watch existed: read again
+            // so that an append in between is not missed.
+            shared.read_script(stream, Offset::ZERO, 0, true).await?;
+        }
+        Ok(watch)
+    }
+
+    fn retention(&self, stream: &StreamName) -> Retention {
+        self.shared.retention(stream)
+    }
+
+    /// Forgets the heads and cached tails of streams nobody on this node watches any more.
+    /// Age-based trimming needs no sweep: reads and appends trim, and a stream left alone
+    /// expires as a whole (its data key's TTL).
+    async fn sweep(&self) -> Result<(), EngineError> {
+        let gone = {
+            let _guard = self.shared.watching.lock();
+            self.shared.heads.prune()
+        };
+        self.shared.cache.forget(&gone);
+        Ok(())
+    }
+
+    async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError> {
+        if sessions.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        for s in &sessions {
+            let key = self.shared.keys.session(&s.id);
+            if s.expires_at <= now {
+                pipe.del(key).ignore();
+            } else {
+                pipe.cmd("SET")
+                    .arg(key)
+                    .arg(s.data.as_ref())
+                    .arg("PXAT")
+                    .arg(s.expires_at)
+                    .ignore();
+            }
+        }
+        within(
+            "save sessions",
+            self.shared.config.timeout,
+            pipe.query_async::<()>(&mut self.shared.conn.clone()),
+        )
+        .await
+    }
+
+    async fn load_session(&self, id: &str) -> Result<Option<Bytes>, EngineError> {
+        let data: Option<Vec<u8>> = within(
+            "load session",
+            self.shared.config.timeout,
+            redis::cmd("GET")
+                .arg(self.shared.keys.session(id))
+                .query_async(&mut self.shared.conn.clone()),
+        )
+        .await?;
+        Ok(data.map(Bytes::from))
+    }
+
+    async fn delete_session(&self, id: &str) -> Result<(), EngineError> {
+        within(
+            "delete session",
+            self.shared.config.timeout,
+            redis::cmd("DEL")
+                .arg(self.shared.keys.session(id))
+                .query_async::<()>(&mut self.shared.conn.clone()),
+        )
+        .await
+    }
+
+    async fn ready(&self) -> Result<(), EngineError> {
+        within(
+            "PING",
+            self.shared.config.timeout,
+            redis::cmd("PING").query_async::<Value>(&mut self.shared.conn.clone()),
+        )
+        .await
+        .map(|_| ())
+    }
+}
