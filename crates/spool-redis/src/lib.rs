@@ -372,9 +372,10 @@ impl Shared {
         self.cache.appended(stream, &reply.epoch, &fresh);
         self.heads
             .advance(stream, Position::new(reply.epoch.clone(), reply.head));
-        if let RedisDurability::Replicated { replicas } = self.config.durability
-            && !fresh.is_empty()
-        {
+        // Duplicates wait too: the retry of an append whose WAIT failed must not be acked
+        // before the original reached the replicas. The script always writes (expiries), so
+        // WAIT covers everything applied before it, whichever node wrote it.
+        if let RedisDurability::Replicated { replicas } = self.config.durability {
             self.wait_for_replicas(replicas).await?;
         }
         Ok(reply.appended())

@@ -1,0 +1,103 @@
+//! Redis going away and coming back empty, with a private `redis-server` per test.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use spool_core::{NewMessage, Offset, StreamName};
+use spool_engine::{Engine, EngineError};
+use spool_redis::{RedisConfig, RedisEngine};
+
+use common::RedisServer;
+
+fn msg(s: &'static str) -> NewMessage {
+    NewMessage {
+        payload: Bytes::from_static(s.as_bytes()),
+        ..Default::default()
+    }
+}
+
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_fails_fast_and_a_restart_without_data_is_a_new_epoch() {
+    let Some(mut server) = RedisServer::start(&[]) else {
+        return;
+    };
+    let config = RedisConfig {
+        timeout: TIMEOUT,
+        ..RedisConfig::new(server.url())
+    };
+    let writer = RedisEngine::connect(config.clone()).await.unwrap();
+    let watcher = RedisEngine::connect(config).await.unwrap();
+    let s = StreamName::new("outage").unwrap();
+    let before = writer.append(&s, vec![msg("1"), msg("2")]).await.unwrap();
+    let old = before[0].position.epoch.clone();
+    let mut watch = watcher.watch(&s).await.unwrap();
+    assert_eq!(watch.borrow_and_update().offset, Offset(2));
+
+    server.kill();
+    let started = Instant::now();
+    let err = writer.append(&s, vec![msg("3")]).await.unwrap_err();
+    assert!(matches!(err, EngineError::Unavailable(_)), "{err}");
+    assert!(
+        started.elapsed() < TIMEOUT + Duration::from_secs(1),
+        "failed in {:?}",
+        started.elapsed()
+    );
+    let err = watcher.read(&s, Offset(0), 10).await;
+    // A watched stream's tail may still answer from the cache; it must not be an Internal.
+    if let Err(err) = err {
+        assert!(matches!(err, EngineError::Unavailable(_)), "{err}");
+    }
+    assert!(writer.ready().await.is_err());
+    assert!(watcher.ready().await.is_err());
+
+    server.launch();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while writer.ready().await.is_err() {
+        assert!(Instant::now() < deadline, "ready again after the restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The watcher's node resubscribes and re-reads the stream: its watchers see the new
+    // epoch without any publish.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if watch.borrow_and_update().epoch != old {
+                break;
+            }
+            watch.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the watcher is woken by the epoch change");
+    let new = watch.borrow().epoch.clone();
+    let after = writer.append(&s, vec![msg("x")]).await.unwrap();
+    assert_ne!(
+        after[0].position.epoch, old,
+        "Redis came back empty: a new epoch"
+    );
+    assert_eq!(after[0].position.epoch, new, "one new epoch on every node");
+    assert_eq!(after[0].position.offset, Offset(1));
+    let batch = watcher.read(&s, Offset(0), 10).await.unwrap();
+    assert_eq!(batch.state.epoch, new);
+    assert_eq!(batch.messages.len(), 1);
+    assert_eq!(batch.messages[0].payload, "x");
+}
+
+#[tokio::test]
+async fn connect_fails_clearly_when_redis_is_unreachable() {
+    let port = common::free_port();
+    let config = RedisConfig {
+        timeout: TIMEOUT,
+        ..RedisConfig::new(format!("redis://127.0.0.1:{port}"))
+    };
+    let started = Instant::now();
+    let Err(err) = RedisEngine::connect(config).await else {
+        panic!("connected to nothing");
+    };
+    assert!(matches!(err, EngineError::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains("cannot connect to Redis"), "{err}");
+    assert!(started.elapsed() < TIMEOUT * 2 + Duration::from_secs(1));
+}
