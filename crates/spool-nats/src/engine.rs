@@ -1,0 +1,524 @@
+//! [`NatsEngine`]: the [`Engine`] trait on JetStream. See the crate docs for the design.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use async_nats::{
+    Client, ConnectOptions, Event,
+    connection::State,
+    jetstream::{
+        context::{PublishError, PublishErrorKind},
+        publish::PublishAck,
+        stream::Info,
+    },
+};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use spool_core::{
+    Epoch, Message, NewMessage, Offset, Position, Retention, StreamName, StreamState, now_ms,
+};
+use spool_engine::{
+    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord,
+    cluster::{Heads, TailCache},
+};
+use tokio::{sync::Notify, task::AbortHandle};
+
+use crate::{
+    codec,
+    config::NatsConfig,
+    fanout,
+    jetstream::Api,
+    names::{self, StreamNames},
+    sessions::Sessions,
+};
+
+/// How many message reads one `read` keeps in flight.
+const READ_CONCURRENCY: usize = 32;
+/// The most streams whose epoch a node remembers; past it the memory is cleared (each is
+/// looked up again on its next append, one request).
+const MAX_KNOWN: usize = 100_000;
+/// How old a remembered epoch may be before an append checks it against JetStream again
+/// (after its acks), in case the stream was deleted and made again by another node.
+const RECHECK_EPOCH: Duration = Duration::from_secs(5);
+/// How often a read retries when its first message vanished under it (retention moving on).
+const READ_ATTEMPTS: usize = 3;
+
+/// The NATS JetStream engine; see the crate docs.
+pub struct NatsEngine {
+    inner: Arc<Inner>,
+    tasks: Vec<AbortHandle>,
+}
+
+pub(crate) struct Inner {
+    config: NatsConfig,
+    client: Client,
+    api: Api,
+    pub heads: Heads,
+    cache: TailCache,
+    /// The epoch of each stream this node has touched, and when it was last confirmed.
+    known: Mutex<HashMap<StreamName, (Epoch, Instant)>>,
+    sessions: Sessions,
+    /// Signalled by the client on every (re)connect.
+    pub reconnected: Arc<Notify>,
+}
+
+impl NatsEngine {
+    /// Connects to NATS, checks that JetStream answers and opens the sessions bucket. Fails
+    /// with `Unavailable` (saying what and where) when NATS cannot be reached now; once
+    /// connected, the client reconnects by itself for as long as the engine lives.
+    pub async fn connect(config: NatsConfig) -> Result<Self, EngineError> {
+        config.validate()?;
+        let reconnected = Arc::new(Notify::new());
+        let on_event = reconnected.clone();
+        let url = config.url.clone();
+        let client = ConnectOptions::new()
+            .name("spool")
+            .connection_timeout(config.timeout)
+            .request_timeout(Some(config.timeout))
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((attempts as u64).saturating_mul(250).min(2_000))
+            })
+            .event_callback(move |event| {
+                let on_event = on_event.clone();
+                let url = url.clone();
+                async move {
+                    match event {
+                        Event::Connected => {
+                            tracing::info!(%url, "connected to NATS");
+                            on_event.notify_one();
+                        }
+                        Event::Disconnected => {
+                            tracing::warn!(%url, "disconnected from NATS; reconnecting")
+                        }
+                        other => tracing::info!(%url, event = %other, "NATS client event"),
+                    }
+                }
+            })
+            .connect(config.url.as_str())
+            .await
+            .map_err(|e| {
+                EngineError::Unavailable(format!("cannot connect to NATS at {}: {e}", config.url))
+            })?;
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(config.timeout)
+            .build(client.clone());
+        let api = Api {
+            js,
+            timeout: config.timeout,
+        };
+        api.ping().await.map_err(|e| {
+            EngineError::Unavailable(format!(
+                "NATS at {} answers but JetStream does not (is it enabled?): {e}",
+                config.url
+            ))
+        })?;
+        let sessions = Sessions::open(api.clone(), &config).await?;
+        let notes = client
+            .subscribe(format!("{}.heads", config.prefix))
+            .await
+            .map_err(|e| {
+                EngineError::Unavailable(format!("cannot subscribe to head notes: {e}"))
+            })?;
+        let inner = Arc::new(Inner {
+            config,
+            client,
+            api,
+            heads: Heads::default(),
+            cache: TailCache::default(),
+            known: Mutex::new(HashMap::new()),
+            sessions,
+            reconnected,
+        });
+        let tasks = vec![
+            tokio::spawn(fanout::listen(inner.clone(), notes)).abort_handle(),
+            tokio::spawn(fanout::refresh(inner.clone())).abort_handle(),
+        ];
+        Ok(Self { inner, tasks })
+    }
+}
+
+impl Drop for NatsEngine {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Why a publish did not land: the stream is gone (retry after making it again), or
+/// anything else.
+enum PublishFailure {
+    Gone,
+    Failed(EngineError),
+}
+
+impl Inner {
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    fn names(&self, stream: &StreamName) -> StreamNames {
+        StreamNames::new(&self.config.prefix, stream)
+    }
+
+    /// The state a JetStream stream's info describes; remembers its epoch and moves this
+    /// node's watch of it (if any) to its head.
+    fn state_from(&self, stream: &StreamName, info: &Info) -> Result<StreamState, EngineError> {
+        if info.config.description.as_deref() != Some(stream.as_str()) {
+            return Err(EngineError::Internal(format!(
+                "JetStream stream {} holds {:?}, not {stream:?}: a name collision or a stream Spool did not make",
+                info.config.name, info.config.description
+            )));
+        }
+        let epoch = codec::epoch(info)?;
+        let head = Offset(info.state.last_sequence);
+        // With no message JetStream reports first = last + 1 (or 0 on a new stream).
+        let oldest = if info.state.messages == 0 {
+            head.next()
+        } else {
+            Offset(info.state.first_sequence)
+        };
+        self.remember(stream, &epoch);
+        self.heads
+            .advance(stream, Position::new(epoch.clone(), head));
+        Ok(StreamState {
+            epoch,
+            head,
+            oldest,
+        })
+    }
+
+    fn remember(&self, stream: &StreamName, epoch: &Epoch) {
+        let mut known = self.known.lock();
+        if known.len() >= MAX_KNOWN && !known.contains_key(stream) {
+            known.clear();
+        }
+        known.insert(stream.clone(), (epoch.clone(), Instant::now()));
+    }
+
+    fn forget(&self, stream: &StreamName) {
+        self.known.lock().remove(stream);
+    }
+
+    /// The stream's current state from JetStream; with `create`, a missing stream is made
+    /// (registering it with a fresh epoch), without, it is `None`.
+    pub async fn fetch_state(
+        &self,
+        stream: &StreamName,
+        create: bool,
+    ) -> Result<Option<StreamState>, EngineError> {
+        let names = self.names(stream);
+        let info = match self.api.info(&names.stream).await? {
+            Some(info) => info,
+            None if create => self.create(stream, &names).await?,
+            None => {
+                self.forget(stream);
+                return Ok(None);
+            }
+        };
+        self.state_from(stream, &info).map(Some)
+    }
+
+    async fn create(&self, stream: &StreamName, names: &StreamNames) -> Result<Info, EngineError> {
+        self.api
+            .create(&self.config.stream_config(stream, names))
+            .await
+    }
+
+    /// The epoch appends to `stream` land in: remembered, or learned by creating the stream
+    /// (which answers with the existing one's info if it is there).
+    async fn epoch(&self, stream: &StreamName, names: &StreamNames) -> Result<Epoch, EngineError> {
+        if let Some((epoch, _)) = self.known.lock().get(stream) {
+            return Ok(epoch.clone());
+        }
+        let info = self.create(stream, names).await?;
+        Ok(self.state_from(stream, &info)?.epoch)
+    }
+
+    /// A note from another node (or this one) that `stream`'s head moved.
+    pub fn heard(&self, stream: &StreamName, head: Position) {
+        let stale = self
+            .known
+            .lock()
+            .get(stream)
+            .is_some_and(|(epoch, _)| *epoch != head.epoch);
+        if stale {
+            self.forget(stream);
+        }
+        self.heads.advance(stream, head);
+    }
+
+    /// Publishes `messages` back to back on the one connection, then awaits their acks in
+    /// order; JetStream's sequences are the offsets.
+    async fn publish(
+        &self,
+        names: &StreamNames,
+        messages: &[NewMessage],
+        time_ms: u64,
+    ) -> Result<Vec<PublishAck>, PublishFailure> {
+        let mut pending = Vec::with_capacity(messages.len());
+        for message in messages {
+            let mut headers = codec::headers(message, time_ms).map_err(PublishFailure::Failed)?;
+            if let Some(key) = &message.idempotency_key
+                && !self.config.dedup_window.is_zero()
+            {
+                let id: async_nats::HeaderValue = names::msg_id(key).parse().map_err(|e| {
+                    PublishFailure::Failed(EngineError::Internal(format!(
+                        "cannot encode an idempotency key: {e}"
+                    )))
+                })?;
+                headers.insert("Nats-Msg-Id", id);
+            }
+            let ack = self
+                .api
+                .js
+                .publish_with_headers(names.subject.clone(), headers, message.payload.clone())
+                .await
+                .map_err(|e| self.publish_failure(e))?;
+            pending.push(ack);
+        }
+        let mut acks = Vec::with_capacity(pending.len());
+        for ack in pending {
+            let ack = ack.await.map_err(|e| self.publish_failure(e))?;
+            if ack.stream != names.stream {
+                return Err(PublishFailure::Failed(EngineError::Internal(format!(
+                    "a publish to {} was stored in JetStream stream {}, not {}",
+                    names.subject, ack.stream, names.stream
+                ))));
+            }
+            acks.push(ack);
+        }
+        Ok(acks)
+    }
+
+    fn publish_failure(&self, e: PublishError) -> PublishFailure {
+        let failed = |e| PublishFailure::Failed(e);
+        match e.kind() {
+            PublishErrorKind::StreamNotFound => PublishFailure::Gone,
+            PublishErrorKind::MaxPayloadExceeded => failed(EngineError::Limit(format!(
+                "the message is larger than the NATS server's max_payload: {e}"
+            ))),
+            PublishErrorKind::TimedOut => failed(EngineError::Unavailable(format!(
+                "NATS JetStream did not acknowledge the publish within {:?}; it may still be \
+                 stored, so retry with the same idempotency key",
+                self.config.timeout
+            ))),
+            _ => failed(EngineError::Unavailable(format!(
+                "publishing to NATS JetStream failed: {e}"
+            ))),
+        }
+    }
+
+    async fn append(
+        &self,
+        stream: &StreamName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, EngineError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names = self.names(stream);
+        let mut epoch = self.epoch(stream, &names).await?;
+        let time_ms = now_ms();
+        let acks = match self.publish(&names, &messages, time_ms).await {
+            Ok(acks) => acks,
+            Err(PublishFailure::Failed(e)) => return Err(e),
+            Err(PublishFailure::Gone) => {
+                // The stream is gone (deleted, or the server lost its data): what it held is
+                // lost with it, so these messages start its next history, in a new epoch.
+                tracing::warn!(%stream, "the JetStream stream vanished; creating it again");
+                self.forget(stream);
+                epoch = self.epoch(stream, &names).await?;
+                match self.publish(&names, &messages, time_ms).await {
+                    Ok(acks) => acks,
+                    Err(PublishFailure::Failed(e)) => return Err(e),
+                    Err(PublishFailure::Gone) => {
+                        return Err(EngineError::Unavailable(format!(
+                            "JetStream stream {} vanished again right after it was created",
+                            names.stream
+                        )));
+                    }
+                }
+            }
+        };
+        // A remembered epoch goes stale if another node deleted and remade the stream; the
+        // acks then landed in the new one, so check now and then which one is there.
+        let checked = self.known.lock().get(stream).map(|(_, at)| at.elapsed());
+        if checked.is_none_or(|age| age > RECHECK_EPOCH)
+            && let Some(state) = self.fetch_state(stream, false).await?
+        {
+            epoch = state.epoch;
+        }
+
+        let mut out = Vec::with_capacity(acks.len());
+        let mut fresh = Vec::with_capacity(acks.len());
+        for (message, ack) in messages.into_iter().zip(&acks) {
+            let offset = Offset(ack.sequence);
+            out.push(Appended {
+                position: Position::new(epoch.clone(), offset),
+                duplicate: ack.duplicate,
+            });
+            if !ack.duplicate {
+                fresh.push(Arc::new(message.stamp(offset, time_ms).0));
+            }
+        }
+        if let Some(last) = fresh.last() {
+            let head = Position::new(epoch.clone(), last.offset);
+            self.cache.appended(stream, &epoch, &fresh);
+            self.heads.advance(stream, head.clone());
+            if let Some(note) = fanout::note(stream, &head)
+                && let Err(e) = self
+                    .client
+                    .publish(format!("{}.heads", self.config.prefix), note)
+                    .await
+            {
+                // Other nodes catch up by their periodic refresh.
+                tracing::debug!(%stream, error = %e, "cannot publish a head note");
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read(
+        &self,
+        stream: &StreamName,
+        after: Offset,
+        limit: usize,
+    ) -> Result<ReadBatch, EngineError> {
+        let watched = self.heads.current(stream);
+        if let Some(known) = &watched
+            && let Some(batch) = self.cache.read(stream, after, limit, known)
+        {
+            return Ok(batch);
+        }
+        let names = self.names(stream);
+        let mut state = self.must_state(stream).await?;
+        let mut messages = Vec::new();
+        for attempt in 1..=READ_ATTEMPTS {
+            let first = after.next();
+            if limit == 0 || after >= state.head || first < state.oldest {
+                break;
+            }
+            let last = state
+                .head
+                .get()
+                .min(after.get().saturating_add(limit as u64));
+            messages = self.fetch(&names, first.get()..=last).await?;
+            if !messages.is_empty() {
+                break;
+            }
+            // The first message vanished between the info and the get: retention moved the
+            // oldest on, or the stream was remade. Look again.
+            let again = self.must_state(stream).await?;
+            let still_retained =
+                again.epoch == state.epoch && again.oldest <= first && first <= again.head;
+            if still_retained && attempt == READ_ATTEMPTS {
+                return Err(EngineError::Internal(format!(
+                    "message {first} of {stream:?} is missing though JetStream reports it retained"
+                )));
+            }
+            state = again;
+        }
+        let batch = ReadBatch { state, messages };
+        self.cache.absorb(stream, after, &batch, watched.is_some());
+        Ok(batch)
+    }
+
+    async fn must_state(&self, stream: &StreamName) -> Result<StreamState, EngineError> {
+        self.fetch_state(stream, true).await?.ok_or_else(|| {
+            EngineError::Internal(format!("stream {stream:?} was created but has no state"))
+        })
+    }
+
+    /// The messages at `offsets`, up to the first one missing (a read never has a hole).
+    async fn fetch(
+        &self,
+        names: &StreamNames,
+        offsets: std::ops::RangeInclusive<u64>,
+    ) -> Result<Vec<Arc<Message>>, EngineError> {
+        let mut gets = futures::stream::iter(offsets)
+            .map(|seq| async move {
+                let got = self.api.get(&names.stream, Offset(seq)).await;
+                (seq, got)
+            })
+            .buffered(READ_CONCURRENCY);
+        let mut messages = Vec::new();
+        while let Some((seq, got)) = gets.next().await {
+            match got? {
+                Some(stored) => messages.push(Arc::new(codec::decode(Offset(seq), stored)?)),
+                None => break,
+            }
+        }
+        Ok(messages)
+    }
+}
+
+#[async_trait]
+impl Engine for NatsEngine {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn append(
+        &self,
+        stream: &StreamName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, EngineError> {
+        self.inner.append(stream, messages).await
+    }
+
+    async fn read(
+        &self,
+        stream: &StreamName,
+        after: Offset,
+        limit: usize,
+    ) -> Result<ReadBatch, EngineError> {
+        self.inner.read(stream, after, limit).await
+    }
+
+    async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
+        self.inner.fetch_state(stream, false).await
+    }
+
+    async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError> {
+        let state = self.inner.must_state(stream).await?;
+        Ok(self.inner.heads.watch(stream, state.head_position()))
+    }
+
+    fn retention(&self, stream: &StreamName) -> Retention {
+        self.inner.config.retention.for_stream(stream)
+    }
+
+    async fn sweep(&self) -> Result<(), EngineError> {
+        let gone = self.inner.heads.prune();
+        self.inner.cache.forget(&gone);
+        Ok(())
+    }
+
+    async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError> {
+        self.inner.sessions.save(&sessions).await
+    }
+
+    async fn load_session(&self, id: &str) -> Result<Option<Bytes>, EngineError> {
+        self.inner.sessions.load(id, now_ms()).await
+    }
+
+    async fn delete_session(&self, id: &str) -> Result<(), EngineError> {
+        self.inner.sessions.delete(id).await
+    }
+
+    async fn ready(&self) -> Result<(), EngineError> {
+        if !self.inner.connected() {
+            return Err(EngineError::Unavailable(format!(
+                "not connected to NATS at {}",
+                self.inner.config.url
+            )));
+        }
+        self.inner.api.ping().await
+    }
+}

@@ -1,0 +1,216 @@
+//! The few JetStream API calls the engine makes, with their failures sorted into
+//! [`EngineError`]s.
+//!
+//! They go through [`Context::request`] with our own response types rather than the typed
+//! helpers of async-nats, because those fold "the server did not answer" and "the answer did
+//! not parse" into one error kind, and the engine must tell an outage (`Unavailable`, retry
+//! later) from corrupt data (`Internal`).
+//!
+//! Messages are read with `STREAM.MSG.GET`, which the stream's leader answers with the stored
+//! message as JSON (headers and body in base64), not with direct get. Two reasons: a direct
+//! get may be answered by a replica that has not caught up yet, which would show a hole inside
+//! the range the leader just reported as retained; and a direct-get reply carries the stored
+//! headers as protocol headers, so a malformed header block written by some other client would
+//! make async-nats drop the whole connection on every read of it, where here it is just a
+//! message that does not decode.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, Context, ErrorCode,
+    context::{RequestError, RequestErrorKind},
+    message::StreamMessage,
+    response::Response,
+    stream::{Config, Info, RawMessage},
+};
+use serde::Deserialize;
+use serde_json::json;
+use spool_core::Offset;
+use spool_engine::EngineError;
+
+/// JetStream error codes the engine acts on.
+const STREAM_NOT_FOUND: ErrorCode = ErrorCode::STREAM_NOT_FOUND;
+const STREAM_NAME_EXIST: ErrorCode = ErrorCode::STREAM_NAME_EXIST;
+const NO_MESSAGE_FOUND: ErrorCode = ErrorCode::NO_MESSAGE_FOUND;
+/// "maximum number of streams reached" (account limit).
+const MAXIMUM_STREAMS_LIMIT: ErrorCode = ErrorCode(10027);
+
+/// A JetStream context and the timeout it runs with (for error messages).
+#[derive(Clone)]
+pub(crate) struct Api {
+    pub js: Context,
+    pub timeout: Duration,
+}
+
+#[derive(Deserialize)]
+struct AccountInfo {
+    #[serde(default)]
+    #[allow(dead_code)]
+    streams: u64,
+}
+
+#[derive(Deserialize)]
+struct MsgGet {
+    message: RawMessage,
+}
+
+impl Api {
+    /// The stream's info, or `None` when it does not exist.
+    pub async fn info(&self, stream: &str) -> Result<Option<Info>, EngineError> {
+        let what = "reading a stream's state";
+        let response: Response<Info> = self
+            .js
+            .request(format!("STREAM.INFO.{stream}"), &json!({}))
+            .await
+            .map_err(|e| self.request_error(what, e))?;
+        match response {
+            Response::Ok(info) => Ok(Some(info)),
+            Response::Err { error } if error.error_code() == STREAM_NOT_FOUND => Ok(None),
+            Response::Err { error } => Err(api_error(what, error)),
+        }
+    }
+
+    /// Creates the stream; an identical one already there is success (JetStream answers with
+    /// its info), which settles the race of two nodes creating it at once. One with another
+    /// configuration (retention changed since) is updated to `config`.
+    pub async fn create(&self, config: &Config) -> Result<Info, EngineError> {
+        let what = "creating a stream";
+        let response: Response<Info> = self
+            .js
+            .request(format!("STREAM.CREATE.{}", config.name), config)
+            .await
+            .map_err(|e| self.request_error(what, e))?;
+        match response {
+            Response::Ok(info) => Ok(info),
+            Response::Err { error } if error.error_code() == STREAM_NAME_EXIST => {
+                self.update(config).await
+            }
+            Response::Err { error } => Err(api_error(what, error)),
+        }
+    }
+
+    async fn update(&self, config: &Config) -> Result<Info, EngineError> {
+        let what = "updating a stream's limits";
+        let response: Response<Info> = self
+            .js
+            .request(format!("STREAM.UPDATE.{}", config.name), config)
+            .await
+            .map_err(|e| self.request_error(what, e))?;
+        match response {
+            Response::Ok(info) => {
+                tracing::info!(stream = %config.name, "updated the JetStream stream's limits");
+                Ok(info)
+            }
+            Response::Err { error } => {
+                // A change JetStream will not make (e.g. another storage type): keep the stream
+                // as it is rather than fail every request on it.
+                tracing::warn!(
+                    stream = %config.name, %error,
+                    "the JetStream stream's configuration differs from Spool's and cannot be updated; using it as it is"
+                );
+                self.info(&config.name).await?.ok_or_else(|| {
+                    EngineError::Unavailable(format!(
+                        "JetStream stream {} vanished while being created",
+                        config.name
+                    ))
+                })
+            }
+        }
+    }
+
+    /// The message at `offset`, or `None` when the stream does not hold it (never stored,
+    /// removed by retention, or the stream is gone).
+    pub async fn get(
+        &self,
+        stream: &str,
+        offset: Offset,
+    ) -> Result<Option<StreamMessage>, EngineError> {
+        let message = self
+            .get_message(stream, json!({ "seq": offset.get() }))
+            .await?;
+        if let Some(m) = &message
+            && m.sequence != offset.get()
+        {
+            return Err(EngineError::Internal(format!(
+                "asked JetStream stream {stream} for message {offset}, got {}",
+                m.sequence
+            )));
+        }
+        Ok(message)
+    }
+
+    /// The newest message on `subject`, or `None`.
+    pub async fn get_last(
+        &self,
+        stream: &str,
+        subject: &str,
+    ) -> Result<Option<StreamMessage>, EngineError> {
+        self.get_message(stream, json!({ "last_by_subj": subject }))
+            .await
+    }
+
+    async fn get_message(
+        &self,
+        stream: &str,
+        request: serde_json::Value,
+    ) -> Result<Option<StreamMessage>, EngineError> {
+        let what = "reading a message";
+        let response: Response<MsgGet> = self
+            .js
+            .request(format!("STREAM.MSG.GET.{stream}"), &request)
+            .await
+            .map_err(|e| self.request_error(what, e))?;
+        match response {
+            Response::Ok(got) => StreamMessage::try_from(got.message).map(Some).map_err(|e| {
+                EngineError::Internal(format!(
+                    "a message of JetStream stream {stream} ({request}) does not decode: {e}"
+                ))
+            }),
+            Response::Err { error }
+                if error.error_code() == NO_MESSAGE_FOUND
+                    || error.error_code() == STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            Response::Err { error } => Err(api_error(what, error)),
+        }
+    }
+
+    /// Whether JetStream answers for this account. (A request of our own: the `Account` type
+    /// of async-nats 0.51 does not parse the answer of a 2.9 server.)
+    pub async fn ping(&self) -> Result<(), EngineError> {
+        let what = "asking JetStream for the account's info";
+        let response: Response<AccountInfo> = self
+            .js
+            .request("INFO", &json!({}))
+            .await
+            .map_err(|e| self.request_error(what, e))?;
+        match response {
+            Response::Ok(_) => Ok(()),
+            Response::Err { error } => Err(api_error(what, error)),
+        }
+    }
+
+    pub fn request_error(&self, what: &str, e: RequestError) -> EngineError {
+        match e.kind() {
+            RequestErrorKind::TimedOut => EngineError::Unavailable(format!(
+                "{what}: NATS JetStream did not answer within {:?}",
+                self.timeout
+            )),
+            RequestErrorKind::NoResponders => EngineError::Unavailable(format!(
+                "{what}: NATS JetStream is not available (no responders)"
+            )),
+            _ => EngineError::Unavailable(format!("{what}: {e}")),
+        }
+    }
+}
+
+/// An error JetStream answered with. Most are the store refusing for now (no quorum, out of
+/// storage), so `Unavailable`; the account's stream limit is a `Limit`.
+fn api_error(what: &str, error: jetstream::Error) -> EngineError {
+    if error.error_code() == MAXIMUM_STREAMS_LIMIT {
+        EngineError::Limit(format!("{what}: {error}"))
+    } else {
+        EngineError::Unavailable(format!("{what}: JetStream refused: {error}"))
+    }
+}

@@ -1,0 +1,84 @@
+//! The NATS JetStream engine of Spool (SPEC §6): history in JetStream streams, sessions in a
+//! JetStream KV bucket, live fan-out across Spool nodes over core NATS. Several Spool nodes
+//! pointed at one NATS (with one [`NatsConfig::prefix`]) form a cluster: publish on any node,
+//! subscribers on every node get the message, a client resumes on any node.
+//!
+//! # One JetStream stream per Spool stream
+//!
+//! Each Spool stream is its own JetStream stream (`<prefix>_<encoded name>`, one subject
+//! `<prefix>.s.<encoded name>`; see `names`), so **a Spool offset is the JetStream
+//! sequence**. JetStream assigns sequences one at a time per stream, so publishes from any
+//! number of nodes get unique, gap-free offsets without any compare-and-set or retry, and a
+//! read by offset is a get by sequence. The alternative, one shared JetStream stream with
+//! Spool's own per-subject offsets kept by `Nats-Expected-Last-Subject-Sequence`, makes
+//! concurrent publishers to one stream retry on every conflict and needs an index from offset
+//! to sequence to read. The cost of our choice: JetStream holds one stream (with its own
+//! state, and for R3 its own Raft group) per Spool stream. That is fine for thousands of
+//! streams, not for millions; JetStream's account limits (`max_streams`) then answer
+//! [`EngineError::Limit`](spool_engine::EngineError::Limit).
+//!
+//! A stream is created on first touch — an append, a read or a watch registers it, as the
+//! engine contract asks — with this node's retention as JetStream limits (`max_msgs`,
+//! `max_bytes`, `max_age`, discarding the oldest). Creating is idempotent in JetStream, which
+//! settles two nodes creating one stream at once. (JetStream counts a message's bytes with its
+//! subject and headers, so `max_bytes` bites a little earlier than on the other engines.)
+//!
+//! # Epochs
+//!
+//! A stream's epoch is its JetStream creation time (nanoseconds, in hex). The JetStream stream,
+//! with its last sequence, outlives the expiry of all its messages, so an idle stream keeps its
+//! epoch and its offsets go on where they were. When the stream is deleted, or the NATS server
+//! loses its data, the next touch creates it again: a new creation time, a new epoch, offsets
+//! from 1 — and readers holding positions of the old history get a reset, never a silent gap.
+//!
+//! # Durability ([`NatsDurability`])
+//!
+//! - `Memory`: JetStream memory storage. An ack means the message is in the memory of the
+//!   stream's replicas; restarting them loses it (and the stream: a new epoch).
+//! - `Replicated`: JetStream file storage on [`NatsConfig::replicas`] servers. JetStream acks
+//!   once a majority of the replicas (R1: the one server; R3: two of three) has written the
+//!   message to its files. Written means handed to the operating system: JetStream 2.9 fsyncs
+//!   on its own schedule (`sync_interval`, 2 minutes by default), not per message. So R1
+//!   survives a NATS process crash but not a machine crash between syncs; R3 survives the loss
+//!   of any one machine because two others hold every acked message. This is the `replicated`
+//!   level of SPEC §4; for fsync-per-ack, the disk engine is the one to use.
+//!
+//! # Idempotency
+//!
+//! An idempotency key is the message's `Nats-Msg-Id`, so JetStream's own duplicate window
+//! (the configured dedup window, at most the stream's `max_age`) drops a retry, and its ack
+//! names the original sequence with `duplicate: true`. The record is kept by JetStream with
+//! the stream, as durably as the messages. (After a NATS restart JetStream rebuilds the window
+//! from the messages it still holds, so a key whose message retention already dropped is
+//! forgotten then.)
+//!
+//! # Reads and fan-out
+//!
+//! A read takes the stream's info (the snapshot bounds), then gets the messages by sequence
+//! from the leader, many requests in flight; one that vanished under it (retention) ends the
+//! batch there, so a read never has a hole. Streams watched on this node are also served from
+//! a [`TailCache`](spool_engine::cluster::TailCache), so one publish wakes thousands of local
+//! subscribers for one JetStream read. After an append's acks a note on `<prefix>.heads`
+//! wakes the other nodes' watchers (see `fanout`).
+//!
+//! # Outages
+//!
+//! The engine connects at start and fails clearly if NATS is not there. After that the client
+//! reconnects for as long as the engine lives. Meanwhile every call answers
+//! [`EngineError::Unavailable`](spool_engine::EngineError::Unavailable) within
+//! [`NatsConfig::timeout`] and `ready()` fails; when NATS is back everything resumes, with the
+//! same epochs if NATS kept its data and new ones if it did not. A publish whose ack timed out
+//! may still have been stored (it was on its way when the connection dropped): the client's
+//! retry with the same idempotency key is then answered as a duplicate at the original
+//! position, which is exactly right; a retry without a key may store the message twice.
+
+mod codec;
+mod config;
+mod engine;
+mod fanout;
+mod jetstream;
+mod names;
+mod sessions;
+
+pub use config::{NatsConfig, NatsDurability};
+pub use engine::NatsEngine;

@@ -1,0 +1,168 @@
+//! Session records (SPEC §3) in a JetStream KV bucket, `<prefix>_sessions`, so a client can
+//! resume on any node.
+//!
+//! One key per session (the id, see [`names::session_key`]), history 1, and the bucket's
+//! `max_age` as a backstop that forgets records nobody deleted. A value is the record's
+//! expiry (8 bytes, big-endian ms since the Unix epoch) then its data; a load checks the
+//! expiry, since a record usually expires long before the bucket would drop it.
+//!
+//! Writes are publishes to the bucket's subjects (pipelined: a batch of sessions costs one
+//! round trip, not one each). Loads ask the stream's leader for the key's last message, not a
+//! replica by direct get, so a session saved on one node is seen by the next load on any node
+//! even while a replica lags.
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{
+        context::{PublishAckFuture, PublishErrorKind},
+        stream::{Config, DiscardPolicy},
+    },
+};
+use bytes::{BufMut, Bytes, BytesMut};
+use spool_engine::{EngineError, SessionRecord};
+
+use crate::{config::NatsConfig, jetstream::Api, names};
+
+const KV_OPERATION: &str = "KV-Operation";
+
+pub(crate) struct Sessions {
+    api: Api,
+    bucket: String,
+    /// The JetStream stream behind the bucket, `KV_<bucket>`, configured as async-nats would
+    /// configure a KV bucket (its KV helpers ask for account info in a form a 2.9 server does
+    /// not answer, so the engine makes the stream itself).
+    config: Config,
+}
+
+impl Sessions {
+    /// Opens the bucket, creating it (or updating its limits) as needed.
+    pub async fn open(api: Api, config: &NatsConfig) -> Result<Self, EngineError> {
+        let bucket = format!("{}_sessions", config.prefix);
+        let sessions = Self {
+            config: Config {
+                name: format!("KV_{bucket}"),
+                description: Some("Spool sessions".into()),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
+                max_age: config.session_max_age,
+                storage: config.storage(),
+                num_replicas: config.replicas,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: DiscardPolicy::New,
+                ..Default::default()
+            },
+            bucket,
+            api,
+        };
+        sessions.create_bucket().await?;
+        Ok(sessions)
+    }
+
+    async fn create_bucket(&self) -> Result<(), EngineError> {
+        self.api
+            .create(&self.config)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                EngineError::Unavailable(format!(
+                    "cannot open the sessions bucket {}: {e}",
+                    self.bucket
+                ))
+            })
+    }
+
+    fn subject(&self, id: &str) -> String {
+        format!("$KV.{}.{}", self.bucket, names::session_key(id))
+    }
+
+    pub async fn save(&self, records: &[SessionRecord]) -> Result<(), EngineError> {
+        match self.save_once(records).await {
+            Err(Gone) => {
+                // The bucket is gone (the NATS server lost its data): make it again, once.
+                tracing::warn!(bucket = %self.bucket, "the sessions bucket vanished; creating it again");
+                self.create_bucket().await?;
+                self.save_once(records).await.map_err(|_| {
+                    EngineError::Unavailable("the sessions bucket vanished again".into())
+                })?
+            }
+            Ok(done) => done,
+        }
+    }
+
+    /// `Err(Gone)` when the bucket does not exist.
+    async fn save_once(&self, records: &[SessionRecord]) -> Result<Result<(), EngineError>, Gone> {
+        let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(records.len());
+        for record in records {
+            let mut value = BytesMut::with_capacity(8 + record.data.len());
+            value.put_u64(record.expires_at);
+            value.put_slice(&record.data);
+            match self
+                .api
+                .js
+                .publish(self.subject(&record.id), value.freeze())
+                .await
+            {
+                Ok(ack) => acks.push(ack),
+                Err(e) => return Ok(Err(publish_error(&e))),
+            }
+        }
+        for ack in acks {
+            if let Err(e) = ack.await {
+                if e.kind() == PublishErrorKind::StreamNotFound {
+                    return Err(Gone);
+                }
+                return Ok(Err(publish_error(&e)));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    pub async fn load(&self, id: &str, now: u64) -> Result<Option<Bytes>, EngineError> {
+        let Some(message) = self
+            .api
+            .get_last(&self.config.name, &self.subject(id))
+            .await?
+        else {
+            return Ok(None);
+        };
+        if message.headers.get(KV_OPERATION).is_some() {
+            // A delete or purge marker.
+            return Ok(None);
+        }
+        let Some((expires_at, data)) = message.payload.split_first_chunk::<8>() else {
+            return Err(EngineError::Internal(format!(
+                "session record {id:?} is {} bytes, too short to hold its expiry",
+                message.payload.len()
+            )));
+        };
+        if u64::from_be_bytes(*expires_at) <= now {
+            return Ok(None);
+        }
+        Ok(Some(message.payload.slice(8..8 + data.len())))
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), EngineError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(KV_OPERATION, "DEL");
+        let ack = self
+            .api
+            .js
+            .publish_with_headers(self.subject(id), headers, Bytes::new())
+            .await
+            .map_err(|e| publish_error(&e))?;
+        match ack.await {
+            Ok(_) => Ok(()),
+            // No bucket, no session: deleted already.
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => Ok(()),
+            Err(e) => Err(publish_error(&e)),
+        }
+    }
+}
+
+struct Gone;
+
+fn publish_error(e: &async_nats::jetstream::context::PublishError) -> EngineError {
+    EngineError::Unavailable(format!("cannot write a session record to NATS: {e}"))
+}

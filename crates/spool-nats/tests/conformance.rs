@@ -1,0 +1,71 @@
+//! The engine conformance suite against a real NATS JetStream: every namespace has its own
+//! prefix, every node is a new engine with its own connection, as separate Spool nodes would.
+
+mod common;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use spool_engine::{
+    Engine,
+    conformance::{self, Backend, Namespace, Settings},
+};
+use spool_nats::{NatsConfig, NatsEngine};
+
+struct Nats {
+    url: String,
+}
+
+struct Prefix {
+    config: NatsConfig,
+    _cleanup: common::Cleanup,
+}
+
+#[async_trait]
+impl Backend for Nats {
+    async fn namespace(&self, settings: Settings) -> Box<dyn Namespace> {
+        let prefix = common::unique_prefix();
+        let config = NatsConfig {
+            prefix: prefix.clone(),
+            retention: settings.retention,
+            dedup_window: settings.dedup_window,
+            ..NatsConfig::new(&self.url)
+        };
+        Box::new(Prefix {
+            config,
+            _cleanup: common::Cleanup {
+                url: self.url.clone(),
+                prefix,
+            },
+        })
+    }
+}
+
+#[async_trait]
+impl Namespace for Prefix {
+    async fn node(&self) -> Arc<dyn Engine> {
+        Arc::new(
+            NatsEngine::connect(self.config.clone())
+                .await
+                .expect("connect to NATS"),
+        )
+    }
+
+    fn clustered(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_engine_conforms() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    common::sweep_stale(&url).await;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        conformance::run(&Nats { url }),
+    )
+    .await
+    .expect("the conformance suite finished within 2 minutes");
+}
