@@ -167,8 +167,13 @@ impl Inner {
     }
 
     /// The state a JetStream stream's info describes; remembers its epoch and moves this
-    /// node's watch of it (if any) to its head.
-    fn state_from(&self, stream: &StreamName, info: &Info) -> Result<StreamState, EngineError> {
+    /// node's watch of it (if any) to its head. When the epoch is news (the stream was made
+    /// again), the other nodes are told at once, so their appends stop naming the old one.
+    async fn state_from(
+        &self,
+        stream: &StreamName,
+        info: &Info,
+    ) -> Result<StreamState, EngineError> {
         if info.config.description.as_deref() != Some(stream.as_str()) {
             return Err(EngineError::Internal(format!(
                 "JetStream stream {} holds {:?}, not {stream:?}: a name collision or a stream Spool did not make",
@@ -183,9 +188,11 @@ impl Inner {
         } else {
             Offset(info.state.first_sequence)
         };
-        self.remember(stream, &epoch);
-        self.heads
-            .advance(stream, Position::new(epoch.clone(), head));
+        let head_position = Position::new(epoch.clone(), head);
+        if self.remember(stream, &epoch) {
+            self.tell(stream, &head_position).await;
+        }
+        self.heads.advance(stream, head_position);
         Ok(StreamState {
             epoch,
             head,
@@ -193,12 +200,28 @@ impl Inner {
         })
     }
 
-    fn remember(&self, stream: &StreamName, epoch: &Epoch) {
+    /// Remembers `stream`'s epoch; returns whether it replaced another one.
+    fn remember(&self, stream: &StreamName, epoch: &Epoch) -> bool {
         let mut known = self.known.lock();
         if known.len() >= MAX_KNOWN && !known.contains_key(stream) {
             known.clear();
         }
-        known.insert(stream.clone(), (epoch.clone(), Instant::now()));
+        known
+            .insert(stream.clone(), (epoch.clone(), Instant::now()))
+            .is_some_and(|(before, _)| before != *epoch)
+    }
+
+    /// Publishes a head note (see `fanout`). Best effort: other nodes catch up by their
+    /// periodic refresh.
+    async fn tell(&self, stream: &StreamName, head: &Position) {
+        if let Some(note) = fanout::note(stream, head)
+            && let Err(e) = self
+                .client
+                .publish(format!("{}.heads", self.config.prefix), note)
+                .await
+        {
+            tracing::debug!(%stream, error = %e, "cannot publish a head note");
+        }
     }
 
     fn forget(&self, stream: &StreamName) {
@@ -216,12 +239,11 @@ impl Inner {
         let info = match self.api.info(&names.stream).await? {
             Some(info) => info,
             None if create => self.create(stream, &names).await?,
-            None => {
-                self.forget(stream);
-                return Ok(None);
-            }
+            // The epoch stays remembered: when the stream is made again, the new epoch is
+            // news to tell the other nodes, and an append meanwhile finds no stream anyway.
+            None => return Ok(None),
         };
-        self.state_from(stream, &info).map(Some)
+        self.state_from(stream, &info).await.map(Some)
     }
 
     async fn create(&self, stream: &StreamName, names: &StreamNames) -> Result<Info, EngineError> {
@@ -237,7 +259,7 @@ impl Inner {
             return Ok(epoch.clone());
         }
         let info = self.create(stream, names).await?;
-        Ok(self.state_from(stream, &info)?.epoch)
+        Ok(self.state_from(stream, &info).await?.epoch)
     }
 
     /// A note from another node (or this one) that `stream`'s head moved.
@@ -346,13 +368,18 @@ impl Inner {
                 }
             }
         };
-        // A remembered epoch goes stale if another node deleted and remade the stream; the
-        // acks then landed in the new one, so check now and then which one is there.
-        let checked = self.known.lock().get(stream).map(|(_, at)| at.elapsed());
-        if checked.is_none_or(|age| age > RECHECK_EPOCH)
-            && let Some(state) = self.fetch_state(stream, false).await?
-        {
-            epoch = state.epoch;
+        // The acks landed in whichever JetStream stream has the subject now. Name the newest
+        // epoch this node knows for it (another task may have learned of a remade stream
+        // meanwhile), and now and then confirm it with JetStream, since another node may have
+        // deleted and remade the stream without this one hearing of it.
+        let known = self.known.lock().get(stream).cloned();
+        match known {
+            Some((known, at)) if at.elapsed() <= RECHECK_EPOCH => epoch = known,
+            _ => {
+                if let Some(state) = self.fetch_state(stream, false).await? {
+                    epoch = state.epoch;
+                }
+            }
         }
 
         let mut out = Vec::with_capacity(acks.len());
@@ -371,15 +398,7 @@ impl Inner {
             let head = Position::new(epoch.clone(), last.offset);
             self.cache.appended(stream, &epoch, &fresh);
             self.heads.advance(stream, head.clone());
-            if let Some(note) = fanout::note(stream, &head)
-                && let Err(e) = self
-                    .client
-                    .publish(format!("{}.heads", self.config.prefix), note)
-                    .await
-            {
-                // Other nodes catch up by their periodic refresh.
-                tracing::debug!(%stream, error = %e, "cannot publish a head note");
-            }
+            self.tell(stream, &head).await;
         }
         Ok(out)
     }

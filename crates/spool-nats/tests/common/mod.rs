@@ -91,6 +91,17 @@ pub async fn sweep_stale(url: &str) {
     .await;
 }
 
+/// The JetStream streams (KV buckets included) of a test prefix.
+pub async fn streams_of(url: &str, prefix: &str) -> Vec<String> {
+    let client = async_nats::connect(url).await.expect("connect to NATS");
+    let js = async_nats::jetstream::new(client);
+    js.stream_names()
+        .filter_map(|n| async move { n.ok() })
+        .filter(|n| std::future::ready(owner_prefix(n) == Some(prefix)))
+        .collect()
+        .await
+}
+
 async fn delete_matching(url: &str, matches: impl Fn(&str) -> bool) {
     let Ok(client) = async_nats::connect(url).await else {
         eprintln!("cleanup: cannot connect to {url}");

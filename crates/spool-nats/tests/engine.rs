@@ -1,0 +1,286 @@
+//! What is particular to the JetStream engine, against the shared NATS: retention by count and
+//! age in JetStream, an epoch that survives idleness but not the loss of the stream, odd stream
+//! names, and data Spool did not write.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use spool_core::{NewMessage, Offset, StreamName};
+use spool_engine::{Engine, EngineError, SessionRecord};
+use spool_nats::{NatsConfig, NatsEngine};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn name(s: &str) -> StreamName {
+    StreamName::new(s).expect("valid name")
+}
+
+fn msg(payload: &str) -> NewMessage {
+    NewMessage {
+        payload: Bytes::from(payload.to_owned()),
+        ..Default::default()
+    }
+}
+
+/// A fresh prefix on the shared NATS, cleaned up on drop.
+fn setup(url: &str) -> (NatsConfig, common::Cleanup) {
+    let prefix = common::unique_prefix();
+    let config = NatsConfig {
+        prefix: prefix.clone(),
+        ..NatsConfig::new(url)
+    };
+    (
+        config,
+        common::Cleanup {
+            url: url.to_owned(),
+            prefix,
+        },
+    )
+}
+
+async fn connect(config: &NatsConfig) -> NatsEngine {
+    NatsEngine::connect(config.clone())
+        .await
+        .expect("connect to NATS")
+}
+
+async fn payloads(engine: &NatsEngine, s: &StreamName) -> Vec<String> {
+    engine
+        .read(s, Offset(0), 100)
+        .await
+        .expect("read")
+        .messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn retention_by_count_and_by_age_keeps_the_epoch() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    let (mut config, _cleanup) = setup(&url);
+    config.retention.default.max_messages = 2;
+    config.retention.default.max_age = Duration::from_secs(1);
+    let engine = connect(&config).await;
+    let s = name("aging");
+    let out = engine
+        .append(&s, vec![msg("1"), msg("2"), msg("3")])
+        .await
+        .unwrap();
+    let epoch = out[0].position.epoch.clone();
+    let state = engine.state(&s).await.unwrap().unwrap();
+    assert_eq!(
+        (state.oldest, state.head),
+        (Offset(2), Offset(3)),
+        "by count"
+    );
+
+    // By age: JetStream expires them within a moment of max_age.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let state = loop {
+        let state = engine.state(&s).await.unwrap().unwrap();
+        if state.oldest > state.head {
+            break state;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(state.head, Offset(3), "the head outlives the messages");
+    assert_eq!(state.oldest, Offset(4), "no message: oldest = head + 1");
+    assert_eq!(state.epoch, epoch, "an idle stream keeps its epoch");
+    let batch = engine.read(&s, Offset(1), 10).await.unwrap();
+    assert!(batch.messages.is_empty());
+    assert_eq!(
+        (batch.state.oldest, batch.state.head),
+        (Offset(4), Offset(3))
+    );
+    let next = engine.append(&s, vec![msg("4")]).await.unwrap();
+    assert_eq!(next[0].position.offset, Offset(4));
+    assert_eq!(next[0].position.epoch, epoch);
+}
+
+#[tokio::test]
+async fn a_deleted_jetstream_stream_comes_back_with_a_new_epoch() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    let (config, _cleanup) = setup(&url);
+    let reader = connect(&config).await;
+    let writer = connect(&config).await;
+    let s = name("lost");
+    let out = writer.append(&s, vec![msg("1"), msg("2")]).await.unwrap();
+    let old = out[0].position.epoch.clone();
+    let mut watch = reader.watch(&s).await.unwrap();
+    assert_eq!(watch.borrow_and_update().epoch, old);
+
+    // Simulated data loss: the stream is deleted behind Spool's back.
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    js.delete_stream(format!("{}_lost", config.prefix))
+        .await
+        .expect("delete the JetStream stream");
+    assert!(reader.state(&s).await.unwrap().is_none(), "gone is gone");
+
+    let batch = reader.read(&s, Offset(2), 10).await.unwrap();
+    assert_ne!(batch.state.epoch, old, "a new history, a new epoch");
+    assert_eq!(batch.state.head, Offset(0));
+    let new = batch.state.epoch.clone();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while watch.borrow_and_update().epoch != new {
+            watch.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the watcher learns of the new epoch");
+
+    // The writer still remembers the old epoch; the reader's note tells it otherwise.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = writer.append(&s, vec![msg("again")]).await.unwrap();
+    assert_eq!(out[0].position.epoch, new);
+    assert_eq!(out[0].position.offset, Offset(1));
+    assert_eq!(payloads(&reader, &s).await, ["again"]);
+}
+
+#[tokio::test]
+async fn odd_stream_names_map_to_distinct_working_streams() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    let (config, cleanup) = setup(&url);
+    let engine = connect(&config).await;
+    let long = format!("{}x", "é".repeat(127));
+    assert_eq!(long.len(), 255);
+    let names = [
+        "a.b",
+        "a_2Eb",
+        "a_b",
+        "x/y",
+        "ü*>",
+        "chat:room",
+        long.as_str(),
+    ];
+    for n in names {
+        let out = engine.append(&name(n), vec![msg(n)]).await.unwrap();
+        assert_eq!(out[0].position.offset, Offset(1), "{n}");
+    }
+    for n in names {
+        assert_eq!(
+            payloads(&engine, &name(n)).await,
+            [n],
+            "{n} holds only its own"
+        );
+    }
+    // Sessions under ids Spool would never issue still work.
+    let id = "not base64.url id/ü";
+    engine
+        .save_sessions(vec![SessionRecord {
+            id: id.into(),
+            data: Bytes::from_static(b"odd"),
+            expires_at: spool_core::now_ms() + 60_000,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(engine.load_session(id).await.unwrap().unwrap(), "odd");
+    engine.delete_session(id).await.unwrap();
+    assert!(engine.load_session(id).await.unwrap().is_none());
+
+    // And the test leaves nothing behind on the shared server.
+    assert_eq!(
+        common::streams_of(&url, &config.prefix).await.len(),
+        names.len() + 1
+    );
+    drop(engine);
+    drop(cleanup);
+    assert!(common::streams_of(&url, &config.prefix).await.is_empty());
+}
+
+#[tokio::test]
+async fn data_spool_did_not_write_reads_as_internal_not_a_panic() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    let (config, _cleanup) = setup(&url);
+    let engine = connect(&config).await;
+    let subject = |s: &str| format!("{}.s.{s}", config.prefix);
+    let client = async_nats::connect(&url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+
+    // A plain NATS publish (no Spool metadata) is a bare payload.
+    let plain = name("plain");
+    engine.read(&plain, Offset(0), 1).await.unwrap();
+    js.publish(subject("plain"), "from nats".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let batch = engine.read(&plain, Offset(0), 10).await.unwrap();
+    assert_eq!(batch.messages[0].payload, "from nats");
+    assert!(batch.messages[0].time_ms > 0);
+
+    // Metadata that is not Spool's JSON.
+    let garbage = name("garbage");
+    engine.read(&garbage, Offset(0), 1).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Spool-Meta", "{not json");
+    js.publish_with_headers(subject("garbage"), headers, "x".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let err = engine.read(&garbage, Offset(0), 10).await.unwrap_err();
+    assert!(matches!(err, EngineError::Internal(_)), "{err:?}");
+
+    // A header block that is not even UTF-8, written with the raw protocol: it must not break
+    // the engine's connection either.
+    let raw = name("raw");
+    engine.read(&raw, Offset(0), 1).await.unwrap();
+    raw_hpub(
+        &url,
+        &subject("raw"),
+        b"NATS/1.0\r\nSpool-Meta: \xff\xfe\r\n\r\n",
+        b"body",
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let err = loop {
+        match engine.read(&raw, Offset(0), 10).await {
+            Err(e) => break e,
+            Ok(b) if b.state.head == Offset(0) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(b) => panic!("read a garbage message: {:?}", b.messages),
+        }
+    };
+    assert!(matches!(err, EngineError::Internal(_)), "{err:?}");
+    // The engine still works.
+    engine.append(&plain, vec![msg("after")]).await.unwrap();
+    assert_eq!(payloads(&engine, &plain).await, ["from nats", "after"]);
+}
+
+/// Publishes with the raw NATS protocol, headers as given.
+async fn raw_hpub(url: &str, subject: &str, headers: &[u8], body: &[u8]) {
+    let mut socket = tokio::net::TcpStream::connect(common::host_port(url))
+        .await
+        .unwrap();
+    let mut info = [0u8; 4096];
+    let _ = socket.read(&mut info).await.unwrap();
+    let mut frame = b"CONNECT {\"verbose\":false,\"headers\":true}\r\n".to_vec();
+    frame.extend_from_slice(
+        format!(
+            "HPUB {subject} {} {}\r\n",
+            headers.len(),
+            headers.len() + body.len()
+        )
+        .as_bytes(),
+    );
+    frame.extend_from_slice(headers);
+    frame.extend_from_slice(body);
+    frame.extend_from_slice(b"\r\nPING\r\n");
+    socket.write_all(&frame).await.unwrap();
+    let mut reply = [0u8; 256];
+    let n = socket.read(&mut reply).await.unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.contains("PONG"), "server said: {reply}");
+}
