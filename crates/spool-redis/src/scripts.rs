@@ -73,6 +73,8 @@ end
 const APPEND: &str = r#"
 local epoch = redis.call('HGET', meta, 'e')
 if not epoch then epoch = register(ARGV[1]) end
+local head = tonumber(redis.call('HGET', meta, 'h'))
+if not head then return redis.error_reply('ERR the stored head of ' .. ARGV[9] .. ' is not a number') end
 local out = {epoch, now, 0}
 local appended = false
 local i = 10
@@ -93,9 +95,13 @@ while i + 2 <= #ARGV do
     out[#out + 1] = 1
     out[#out + 1] = prior
   else
-    local id = string.format('%d', redis.call('HINCRBY', meta, 'h', 1))
+    -- The entry first: Redis does not roll a failed script back, and an XADD that fails
+    -- (bad data in the key) must not leave the head past a missing entry.
+    head = head + 1
+    local id = string.format('%d', head)
     redis.call('XADD', data, id .. '-0', 't', string.format('%d', now), 'n', ARGV[i + 1],
       'd', ARGV[i + 2])
+    redis.call('HSET', meta, 'h', id)
     redis.call('HINCRBY', meta, 'b', ARGV[i + 1])
     if k > 0 then redis.call('SET', KEYS[k], epoch .. ':' .. id, 'PX', ARGV[5]) end
     out[#out + 1] = 0
@@ -105,13 +111,12 @@ while i + 2 <= #ARGV do
   i = i + 3
 end
 trim(tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
-local head = redis.call('HGET', meta, 'h')
-out[3] = head
+out[3] = string.format('%d', head)
 -- Data lasts as long as its newest message may; metadata longer, so the epoch outlives an
 -- idle period in which every message expired.
 redis.call('PEXPIRE', data, ARGV[6])
 redis.call('PEXPIRE', meta, ARGV[7])
-if appended then redis.call('PUBLISH', ARGV[8], epoch .. ' ' .. head .. ' ' .. ARGV[9]) end
+if appended then redis.call('PUBLISH', ARGV[8], epoch .. ' ' .. out[3] .. ' ' .. ARGV[9]) end
 return out
 "#;
 

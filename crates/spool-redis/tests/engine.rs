@@ -223,6 +223,10 @@ async fn corrupt_data_is_an_internal_error_not_a_panic() {
     let _: () = raw.hset(&meta, "h", "many").unwrap();
     let err = e.read(&s, Offset(0), 10).await.unwrap_err();
     assert!(matches!(err, EngineError::Internal(_)), "{err}");
+    let err = e.append(&s, vec![msg("5")]).await.unwrap_err();
+    assert!(matches!(err, EngineError::Internal(_)), "{err}");
+    let len: u64 = raw.xlen(&data).unwrap();
+    assert_eq!(len, 4, "a failed append writes nothing");
 }
 
 #[tokio::test]

@@ -101,3 +101,34 @@ async fn connect_fails_clearly_when_redis_is_unreachable() {
     assert!(err.to_string().contains("cannot connect to Redis"), "{err}");
     assert!(started.elapsed() < TIMEOUT * 2 + Duration::from_secs(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_an_engine_closes_its_connections() {
+    let Some(server) = RedisServer::start(&[]) else {
+        return;
+    };
+    let mut raw = server.raw();
+    let clients = |raw: &mut redis::Connection| -> usize {
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(raw).unwrap();
+        list.lines().count()
+    };
+    let baseline = clients(&mut raw);
+    let e = RedisEngine::connect(RedisConfig {
+        timeout: TIMEOUT,
+        ..RedisConfig::new(server.url())
+    })
+    .await
+    .unwrap();
+    let s = StreamName::new("drop").unwrap();
+    let _watch = e.watch(&s).await.unwrap();
+    assert!(clients(&mut raw) > baseline);
+    drop(e);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while clients(&mut raw) != baseline {
+        assert!(
+            Instant::now() < deadline,
+            "the engine's connections (and its notification task) outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
