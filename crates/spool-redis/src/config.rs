@@ -1,6 +1,6 @@
 //! Settings of the Redis engine, and the durability levels it maps onto Redis (SPEC §4).
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
 use spool_core::RetentionPolicy;
 
@@ -20,7 +20,7 @@ pub enum RedisDurability {
 }
 
 /// How to reach Redis and what to keep there.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]` (or `rediss://`, `unix://`).
     pub url: String,
@@ -39,6 +39,31 @@ pub struct RedisConfig {
     pub timeout: Duration,
 }
 
+impl fmt::Debug for RedisConfig {
+    /// Without the URL's password, so the config can be logged.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redacted(&self.url))
+            .field("prefix", &self.prefix)
+            .field("durability", &self.durability)
+            .field("retention", &self.retention)
+            .field("dedup_window", &self.dedup_window)
+            .field("meta_ttl", &self.meta_ttl)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host` → `scheme://***@host`.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 impl RedisConfig {
     /// Defaults: prefix `spool`, [`RedisDurability::Memory`], the default retention, a
     /// 2-minute dedup window, 30 days of metadata, a 2 s timeout.
@@ -52,5 +77,17 @@ impl RedisConfig {
             meta_ttl: Duration::from_secs(30 * 24 * 3600),
             timeout: Duration::from_secs(2),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_password() {
+        let shown = format!("{:?}", RedisConfig::new("redis://u:hunter2@h:6379/0"));
+        assert!(shown.contains("redis://***@h:6379/0") && !shown.contains("hunter2"));
+        assert_eq!(redacted("redis://h:1"), "redis://h:1");
     }
 }

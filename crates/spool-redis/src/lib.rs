@@ -205,14 +205,40 @@ async fn check_server(
             .query_async::<std::collections::HashMap<String, String>>(conn),
     )
     .await;
+    if let RedisDurability::Replicated { replicas } = config.durability {
+        let info: String = within(
+            "INFO replication",
+            config.timeout,
+            redis::cmd("INFO").arg("replication").query_async(conn),
+        )
+        .await?;
+        let connected = info
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_slaves:"))
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        if connected < replicas {
+            tracing::warn!(
+                connected,
+                replicas,
+                "fewer Redis replicas are connected than replicated durability waits for: \
+                 appends will fail until enough replicas are back"
+            );
+        }
+    }
     let settings = match settings {
         Ok(s) => s,
-        Err(e) => {
+        // Managed Redis services often disable CONFIG.
+        Err(e) if config.durability == RedisDurability::Fsync => {
             tracing::warn!(
                 error = %e,
-                "cannot read the Redis configuration (CONFIG may be disabled); the durability \
-                 and eviction settings cannot be verified"
+                "cannot read the Redis configuration: fsync durability cannot be verified \
+                 (it needs appendonly yes and appendfsync always)"
             );
+            return Ok(());
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the Redis configuration");
             return Ok(());
         }
     };
