@@ -75,7 +75,7 @@ pub use config::{RedisConfig, RedisDurability};
 
 use crate::{
     error::within,
-    keys::{Keys, StreamKeys},
+    keys::Keys,
     scripts::{AppendReply, Scripts},
 };
 
@@ -347,7 +347,7 @@ impl Shared {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: StreamKeys = self.keys.stream(stream);
+        let keys = self.keys.stream(stream);
         let retention = self.retention(stream);
         let mut call = self.scripts.append.prepare_invoke();
         call.key(&keys.meta)
