@@ -27,7 +27,7 @@ pub struct NatsConfig {
     /// NATS server URL(s), comma-separated, e.g. `nats://127.0.0.1:4222`.
     pub url: String,
     /// Starts every NATS name the engine makes (streams `<prefix>_…`, subjects `<prefix>.…`,
-    /// the KV bucket `<prefix>_sessions`): `[A-Za-z0-9_-]`, at most 32 characters. Spool
+    /// the KV bucket `<prefix>_sessions`): `[A-Za-z0-9-]`, at most 32 characters. Spool
     /// nodes of one cluster share it; separate clusters on one NATS use separate prefixes.
     pub prefix: String,
     pub durability: NatsDurability,
@@ -64,7 +64,7 @@ impl NatsConfig {
         let bad = |what: String| Err(EngineError::Internal(format!("NATS engine: {what}")));
         if !names::valid_prefix(&self.prefix) {
             return bad(format!(
-                "prefix {:?} must be 1-32 characters from [A-Za-z0-9_-]",
+                "prefix {:?} must be 1-32 characters from [A-Za-z0-9-]",
                 self.prefix
             ));
         }

@@ -72,6 +72,19 @@
 //! retry with the same idempotency key is then answered as a duplicate at the original
 //! position, which is exactly right; a retry without a key may store the message twice.
 
+//!
+//! # Limits and caveats
+//!
+//! - NATS refuses a message (payload plus Spool's headers) over the server's `max_payload`,
+//!   1 MiB by default; such an append answers `Limit`. Raise `max_payload` on the NATS
+//!   servers above Spool's own payload limit plus a few KiB of headers.
+//! - Head notes go to every node on one subject, whichever streams they watch; that is one
+//!   small message per append per node, fine for a handful of nodes.
+//! - Streams are created with JetStream 2.9 features only. Reads ask the leader
+//!   (`STREAM.MSG.GET`), not replicas, so `allow_direct` is left off (see `jetstream`).
+//! - The sessions bucket is a JetStream KV bucket made and used through the plain JetStream
+//!   API (see `sessions`), so NATS tools (`nats kv`) can inspect it.
+
 mod codec;
 mod config;
 mod engine;

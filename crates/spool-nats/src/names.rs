@@ -57,13 +57,14 @@ pub(crate) fn encode(name: &str) -> String {
 }
 
 /// Whether `prefix` can start every NATS name the engine makes: a stream name, a subject
-/// token and a KV bucket name.
+/// token and a KV bucket name. No `_`: the first `_` of a JetStream stream name ends the
+/// prefix, so prefixes `a` and `a_b` can never claim the same stream.
 pub(crate) fn valid_prefix(prefix: &str) -> bool {
     !prefix.is_empty()
         && prefix.len() <= 32
         && prefix
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// A KV key for a session id. Ids are base64url, which KV keys allow as they are; anything
@@ -155,6 +156,7 @@ mod tests {
         assert_ne!(msg_id("sha256:x"), "sha256:x");
         assert!(valid_prefix("spool"));
         assert!(!valid_prefix("a.b"));
+        assert!(!valid_prefix("a_b"));
         assert!(!valid_prefix(""));
     }
 }
