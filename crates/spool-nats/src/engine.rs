@@ -283,6 +283,14 @@ impl Inner {
         messages: &[NewMessage],
         time_ms: u64,
     ) -> Result<Vec<PublishAck>, PublishFailure> {
+        // While disconnected the client would buffer the publishes and send them after it
+        // reconnects — long after this call answered 503. Refuse up front instead, so "503"
+        // means "not stored" whenever the engine can know it.
+        if !self.connected() {
+            return Err(PublishFailure::Failed(EngineError::Unavailable(
+                "not connected to NATS (reconnecting); nothing was published".into(),
+            )));
+        }
         let mut pending = Vec::with_capacity(messages.len());
         for message in messages {
             let mut headers = codec::headers(message, time_ms).map_err(PublishFailure::Failed)?;

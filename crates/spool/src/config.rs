@@ -34,6 +34,14 @@ pub struct FileConfig {
     durability: Option<String>,
     #[serde(default, deserialize_with = "de_opt_bytes")]
     segment_size: Option<u64>,
+    redis_url: Option<String>,
+    redis_prefix: Option<String>,
+    redis_replicas: Option<u32>,
+    nats_url: Option<String>,
+    nats_prefix: Option<String>,
+    nats_replicas: Option<usize>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    engine_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "de_opt_bytes")]
     max_payload: Option<u64>,
     api_keys: Option<Vec<String>>,
@@ -96,6 +104,39 @@ pub enum EngineKind {
         durability: Durability,
         segment_size: u64,
     },
+    Redis {
+        url: String,
+        prefix: String,
+        durability: RedisDurability,
+        timeout: Duration,
+    },
+    Nats {
+        url: String,
+        prefix: String,
+        durability: NatsDurability,
+        replicas: usize,
+        timeout: Duration,
+    },
+}
+
+/// When a publish on the Redis engine is acked (docs/operations.md says what each holds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedisDurability {
+    /// Redis applied it (in its memory; on disk as its own persistence settings say).
+    Memory,
+    /// Redis applied it and is configured to fsync every write (`appendfsync always`).
+    Fsync,
+    /// Redis applied it and this many replicas acknowledged it (`WAIT`).
+    Replicated { replicas: u32 },
+}
+
+/// When a publish on the NATS JetStream engine is acked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatsDurability {
+    /// Stored by JetStream in memory storage (lost when the NATS servers restart).
+    Memory,
+    /// Stored by JetStream in file storage on a quorum of the stream's replicas.
+    Replicated,
 }
 
 /// Everything `spool serve` needs, resolved.
@@ -123,7 +164,10 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
         .unwrap_or("disk")
     {
         "memory" if durability == Some("fsync") => {
-            bail!("--durability fsync needs the disk engine")
+            bail!("--durability fsync needs the disk engine (or redis)")
+        }
+        "memory" | "disk" if durability == Some("replicated") => {
+            bail!("--durability replicated needs a cluster engine: --engine redis or --engine nats")
         }
         "memory" => EngineKind::Memory,
         "disk" => EngineKind::Disk {
@@ -143,7 +187,54 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
                 .unwrap_or(64 * 1024 * 1024)
                 .max(4096),
         },
-        other => bail!("unknown engine {other:?}; available: disk, memory"),
+        "redis" => EngineKind::Redis {
+            url: args
+                .redis_url
+                .clone()
+                .or(file.redis_url)
+                .unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
+            prefix: prefix("Redis", args.redis_prefix.clone().or(file.redis_prefix))?,
+            durability: match durability.unwrap_or("memory") {
+                "memory" => RedisDurability::Memory,
+                "fsync" => RedisDurability::Fsync,
+                "replicated" => RedisDurability::Replicated {
+                    replicas: match args.redis_replicas.or(file.redis_replicas).unwrap_or(1) {
+                        0 => bail!("--redis-replicas must be at least 1"),
+                        n => n,
+                    },
+                },
+                other => bail!(
+                    "the redis engine's durability must be memory, fsync or replicated, got {other:?}"
+                ),
+            },
+            timeout: engine_timeout(args, file.engine_timeout)?,
+        },
+        "nats" => EngineKind::Nats {
+            url: args
+                .nats_url
+                .clone()
+                .or(file.nats_url)
+                .unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
+            prefix: prefix("NATS", args.nats_prefix.clone().or(file.nats_prefix))?,
+            durability: match durability.unwrap_or("replicated") {
+                "replicated" => NatsDurability::Replicated,
+                "memory" => NatsDurability::Memory,
+                "fsync" => bail!(
+                    "the nats engine cannot promise fsync per publish: JetStream acks once a message is written on a quorum \
+                     of its replicas, and fsyncs on the server's own sync interval. Use --durability replicated \
+                     (with --nats-replicas 3 for a quorum of three servers)"
+                ),
+                other => bail!(
+                    "the nats engine's durability must be replicated or memory, got {other:?}"
+                ),
+            },
+            replicas: match args.nats_replicas.or(file.nats_replicas).unwrap_or(1) {
+                n @ 1..=5 => n,
+                n => bail!("--nats-replicas must be 1 to 5 (JetStream's limit), got {n}"),
+            },
+            timeout: engine_timeout(args, file.engine_timeout)?,
+        },
+        other => bail!("unknown engine {other:?}; available: disk, memory, redis, nats"),
     };
     let defaults = Retention::default();
     let retention = RetentionPolicy {
@@ -317,6 +408,37 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
         json_logs,
         server,
     })
+}
+
+/// A key/stream prefix for a cluster engine: what separates one Spool cluster (or test) from
+/// another on a shared Redis or NATS.
+/// NATS prefixes may not hold `_`: the engine joins prefix and encoded stream name with one,
+/// and `a` + `b_x` must not meet `a_b` + `x`.
+fn prefix(engine: &str, value: Option<String>) -> anyhow::Result<String> {
+    let prefix = value.unwrap_or_else(|| "spool".into());
+    let underscore = engine == "Redis";
+    if prefix.is_empty()
+        || prefix.len() > 32
+        || !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || (underscore && c == '_'))
+    {
+        let chars = if underscore {
+            "[A-Za-z0-9_-]"
+        } else {
+            "[A-Za-z0-9-]"
+        };
+        bail!("the {engine} prefix must be 1 to 32 characters of {chars}, got {prefix:?}");
+    }
+    Ok(prefix)
+}
+
+fn engine_timeout(args: &ServeArgs, file: Option<Duration>) -> anyhow::Result<Duration> {
+    positive(
+        "engine timeout (--engine-timeout / engine_timeout)",
+        args.engine_timeout.or(file),
+        Duration::from_secs(2),
+    )
 }
 
 fn positive(what: &str, value: Option<Duration>, default: Duration) -> anyhow::Result<Duration> {
@@ -570,5 +692,99 @@ ws_max_inflight_publishes = 16
         let err = resolve(&args(&["--engine", "floppy"])).unwrap_err();
         assert!(err.to_string().contains("unknown engine"));
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn cluster_engines_take_their_flags_and_refuse_what_they_cannot_promise() {
+        let r = resolve(&args(&["--engine", "redis"])).unwrap();
+        assert_eq!(
+            r.engine,
+            EngineKind::Redis {
+                url: "redis://127.0.0.1:6379".into(),
+                prefix: "spool".into(),
+                durability: RedisDurability::Memory,
+                timeout: Duration::from_secs(2),
+            }
+        );
+        let r = resolve(&args(&[
+            "--engine",
+            "redis",
+            "--redis-url",
+            "redis://10.0.0.5:6380/2",
+            "--redis-prefix",
+            "eu-1",
+            "--durability",
+            "replicated",
+            "--redis-replicas",
+            "2",
+            "--engine-timeout",
+            "500ms",
+        ]))
+        .unwrap();
+        assert_eq!(
+            r.engine,
+            EngineKind::Redis {
+                url: "redis://10.0.0.5:6380/2".into(),
+                prefix: "eu-1".into(),
+                durability: RedisDurability::Replicated { replicas: 2 },
+                timeout: Duration::from_millis(500),
+            }
+        );
+        let r = resolve(&args(&["--engine", "nats", "--nats-replicas", "3"])).unwrap();
+        assert_eq!(
+            r.engine,
+            EngineKind::Nats {
+                url: "nats://127.0.0.1:4222".into(),
+                prefix: "spool".into(),
+                durability: NatsDurability::Replicated,
+                replicas: 3,
+                timeout: Duration::from_secs(2),
+            }
+        );
+        for (argv, needle) in [
+            (
+                &["--engine", "nats", "--durability", "fsync"][..],
+                "cannot promise fsync",
+            ),
+            (&["--engine", "nats", "--nats-replicas", "7"][..], "1 to 5"),
+            (
+                &["--engine", "redis", "--durability", "quorum"][..],
+                "memory, fsync or replicated",
+            ),
+            (
+                &[
+                    "--engine",
+                    "redis",
+                    "--durability",
+                    "replicated",
+                    "--redis-replicas",
+                    "0",
+                ][..],
+                "at least 1",
+            ),
+            (
+                &["--engine", "redis", "--redis-prefix", "a:b"][..],
+                "prefix must be",
+            ),
+            (
+                &["--engine", "nats", "--nats-prefix", ""][..],
+                "prefix must be",
+            ),
+            (
+                &["--engine", "redis", "--engine-timeout", "0s"][..],
+                "longer than zero",
+            ),
+            (
+                &["--engine", "disk", "--durability", "replicated"][..],
+                "needs a cluster engine",
+            ),
+            (
+                &["--engine", "memory", "--durability", "replicated"][..],
+                "needs a cluster engine",
+            ),
+        ] {
+            let err = resolve(&args(argv)).unwrap_err();
+            assert!(format!("{err:#}").contains(needle), "{argv:?}: {err:#}");
+        }
     }
 }

@@ -19,15 +19,49 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "SPOOL_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-    /// Storage engine: disk (durable, the default) or memory.
+    /// Storage engine: disk (durable, the default), memory, redis or nats (cluster engines:
+    /// several nodes sharing one Redis or NATS JetStream).
     #[arg(long, env = "SPOOL_ENGINE")]
     pub engine: Option<String>,
     /// Data directory of the disk engine (default ./spool-data).
     #[arg(long, env = "SPOOL_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// When a publish is acked: fsync (on disk, default) or memory (written to the OS, not fsynced).
+    /// When a publish is acked: fsync (on disk; the disk engine's default), memory (written
+    /// to the OS / Redis' memory; the redis engine's default) or replicated (acknowledged by
+    /// the cluster engine's replicas; the nats engine's default). See docs/operations.md.
     #[arg(long, env = "SPOOL_DURABILITY")]
     pub durability: Option<String>,
+    /// Redis to use with --engine redis (default redis://127.0.0.1:6379).
+    #[arg(
+        long,
+        env = "SPOOL_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key this cluster uses (default spool).
+    #[arg(long, env = "SPOOL_REDIS_PREFIX", value_name = "PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Replicas that must acknowledge a publish with --durability replicated (default 1).
+    #[arg(long, env = "SPOOL_REDIS_REPLICAS", value_name = "N")]
+    pub redis_replicas: Option<u32>,
+    /// NATS server(s) to use with --engine nats (default nats://127.0.0.1:4222; comma-separated for several).
+    #[arg(
+        long,
+        env = "SPOOL_NATS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub nats_url: Option<String>,
+    /// Prefix of every JetStream stream, subject and bucket this cluster uses (default spool).
+    #[arg(long, env = "SPOOL_NATS_PREFIX", value_name = "PREFIX")]
+    pub nats_prefix: Option<String>,
+    /// Copies JetStream keeps of each stream, 1 to 5 (default 1; 3 for a quorum that survives a server).
+    #[arg(long, env = "SPOOL_NATS_REPLICAS", value_name = "N")]
+    pub nats_replicas: Option<usize>,
+    /// Longest wait for one call to Redis or NATS before the request fails with 503 (default 2s).
+    #[arg(long, env = "SPOOL_ENGINE_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+    pub engine_timeout: Option<Duration>,
     /// Size at which the disk engine starts a new WAL segment (default 64MiB).
     #[arg(long, env = "SPOOL_SEGMENT_SIZE", value_name = "BYTES", value_parser = parse_bytes)]
     pub segment_size: Option<u64>,
@@ -180,6 +214,60 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .await
                 .context("the disk engine's recovery panicked")??;
             Arc::new(engine)
+        }
+        EngineKind::Redis {
+            url,
+            prefix,
+            durability,
+            timeout,
+        } => {
+            tracing::info!(%prefix, ?durability, "connecting to Redis");
+            let config = spool_redis::RedisConfig {
+                prefix,
+                durability: match durability {
+                    config::RedisDurability::Memory => spool_redis::RedisDurability::Memory,
+                    config::RedisDurability::Fsync => spool_redis::RedisDurability::Fsync,
+                    config::RedisDurability::Replicated { replicas } => {
+                        spool_redis::RedisDurability::Replicated { replicas }
+                    }
+                },
+                retention: resolved.retention.clone(),
+                dedup_window: resolved.dedup_window,
+                timeout,
+                ..spool_redis::RedisConfig::new(url)
+            };
+            Arc::new(
+                spool_redis::RedisEngine::connect(config)
+                    .await
+                    .context("cannot start the redis engine")?,
+            )
+        }
+        EngineKind::Nats {
+            url,
+            prefix,
+            durability,
+            replicas,
+            timeout,
+        } => {
+            tracing::info!(%prefix, ?durability, replicas, "connecting to NATS JetStream");
+            let config = spool_nats::NatsConfig {
+                prefix,
+                durability: match durability {
+                    config::NatsDurability::Memory => spool_nats::NatsDurability::Memory,
+                    config::NatsDurability::Replicated => spool_nats::NatsDurability::Replicated,
+                },
+                replicas,
+                retention: resolved.retention.clone(),
+                dedup_window: resolved.dedup_window,
+                session_max_age: resolved.server.ws.session_ttl.max(Duration::from_secs(60)),
+                timeout,
+                ..spool_nats::NatsConfig::new(url)
+            };
+            Arc::new(
+                spool_nats::NatsEngine::connect(config)
+                    .await
+                    .context("cannot start the nats engine")?,
+            )
         }
     };
 

@@ -12,73 +12,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{API_KEY, Proxy, Server, TestRng};
+use common::{
+    API_KEY, Proxy, Server, TestRng,
+    follow::{Seen, follow},
+};
 use serde_json::json;
-use spool_client::{Client, Config, Event, Start};
+use spool_client::{Client, Config, Start};
 
 const SUBSCRIBERS: usize = 50;
 const MESSAGES: u64 = 10_000;
 const BATCH: u64 = 100;
 const STREAM: &str = "chaos";
-
-/// What one subscriber saw.
-#[derive(Debug, Default)]
-struct Seen {
-    last: u64,
-    connects: u64,
-    resumed: u64,
-    disconnects: u64,
-    problems: Vec<String>,
-}
-
-/// Reads the client's events until offset `MESSAGES` arrived (or `deadline` passed), checking
-/// each message on the way: the next offset in turn, with its own payload.
-async fn follow(client: Client, deadline: tokio::time::Instant) -> Seen {
-    let mut seen = Seen::default();
-    while seen.last < MESSAGES {
-        let Ok(event) = tokio::time::timeout_at(deadline, client.next_event()).await else {
-            seen.problems
-                .push(format!("timed out at offset {}", seen.last));
-            break;
-        };
-        match event {
-            Some(Event::Message(m)) => {
-                let offset = m.position.offset.get();
-                if offset != seen.last + 1 || m.text() != Some(offset.to_string().as_str()) {
-                    seen.problems.push(format!(
-                        "after offset {} got offset {offset} ({:?})",
-                        seen.last,
-                        m.text()
-                    ));
-                    break;
-                }
-                seen.last = offset;
-            }
-            Some(Event::Connected { resumed, .. }) => {
-                seen.connects += 1;
-                seen.resumed += u64::from(resumed);
-            }
-            Some(Event::Disconnected { .. }) => seen.disconnects += 1,
-            Some(Event::Subscribed(_)) => {}
-            Some(other @ (Event::Reset { .. } | Event::Skipped { .. })) => {
-                seen.problems.push(format!("{other:?}"));
-                break;
-            }
-            Some(other) => {
-                seen.problems.push(format!("{other:?}"));
-                if matches!(other, Event::Error { terminal: true, .. }) {
-                    break;
-                }
-            }
-            None => {
-                seen.problems.push("the client ended".into());
-                break;
-            }
-        }
-    }
-    client.close().await;
-    seen
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_subscribers_behind_a_flaky_network_get_every_message_once_in_order() {
@@ -99,7 +43,7 @@ async fn fifty_subscribers_behind_a_flaky_network_get_every_message_once_in_orde
             .subscribe(STREAM, Start::Oldest)
             .await
             .expect("subscribe");
-        readers.push(tokio::spawn(follow(client, deadline)));
+        readers.push(tokio::spawn(follow(client, MESSAGES, deadline)));
     }
     assert_eq!(proxy.live(), SUBSCRIBERS);
 

@@ -1,6 +1,9 @@
 //! The test harness: starts the real `spool` binary on 127.0.0.1 and talks to it over HTTP.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod engines;
+pub mod follow;
+
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
@@ -38,7 +41,7 @@ impl Server {
         Self::spawn(listen, &["--engine", "disk", "--data-dir", dir], extra)
     }
 
-    fn spawn(listen: &str, engine: &[&str], extra: &[&str]) -> Server {
+    pub fn spawn(listen: &str, engine: &[&str], extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
             .args(["serve", "--listen", listen])
             .args(engine)
@@ -466,6 +469,7 @@ pub struct Proxy {
     pub addr: String,
     conns:
         std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, tokio::task::AbortHandle>>>,
+    upstream: std::sync::Arc<std::sync::Mutex<String>>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -479,7 +483,8 @@ impl Proxy {
         let conns: std::sync::Arc<
             std::sync::Mutex<std::collections::HashMap<u64, tokio::task::AbortHandle>>,
         > = Default::default();
-        let upstream = upstream.to_owned();
+        let upstream = std::sync::Arc::new(std::sync::Mutex::new(upstream.to_owned()));
+        let target = upstream.clone();
         let table = conns.clone();
         let accept = tokio::spawn(async move {
             let mut next_id = 0u64;
@@ -489,7 +494,7 @@ impl Proxy {
                 };
                 next_id += 1;
                 let id = next_id;
-                let upstream = upstream.clone();
+                let upstream = target.lock().unwrap().clone();
                 let done = table.clone();
                 // Registered under the lock before it can finish, so its own removal below
                 // always comes after the insert.
@@ -508,8 +513,15 @@ impl Proxy {
         Proxy {
             addr,
             conns,
+            upstream,
             accept,
         }
+    }
+
+    /// Sends new connections to `upstream` from now on (a load balancer taking a dead node
+    /// out); live ones stay where they are.
+    pub fn set_upstream(&self, upstream: &str) {
+        *self.upstream.lock().unwrap() = upstream.to_owned();
     }
 
     /// How many connections are open through the proxy.

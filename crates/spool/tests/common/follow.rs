@@ -1,0 +1,62 @@
+//! Following a stream with Spool's own client and checking every event on the way.
+
+use spool_client::{Client, Event};
+
+/// What one subscriber saw.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub last: u64,
+    pub connects: u64,
+    pub resumed: u64,
+    pub disconnects: u64,
+    pub problems: Vec<String>,
+}
+
+/// Reads the client's events until offset `total` arrived (or `deadline` passed), checking
+/// each message on the way: the next offset in turn, with its own payload.
+pub async fn follow(client: Client, total: u64, deadline: tokio::time::Instant) -> Seen {
+    let mut seen = Seen::default();
+    while seen.last < total {
+        let Ok(event) = tokio::time::timeout_at(deadline, client.next_event()).await else {
+            seen.problems
+                .push(format!("timed out at offset {}", seen.last));
+            break;
+        };
+        match event {
+            Some(Event::Message(m)) => {
+                let offset = m.position.offset.get();
+                if offset != seen.last + 1 || m.text() != Some(offset.to_string().as_str()) {
+                    seen.problems.push(format!(
+                        "after offset {} got offset {offset} ({:?})",
+                        seen.last,
+                        m.text()
+                    ));
+                    break;
+                }
+                seen.last = offset;
+            }
+            Some(Event::Connected { resumed, .. }) => {
+                seen.connects += 1;
+                seen.resumed += u64::from(resumed);
+            }
+            Some(Event::Disconnected { .. }) => seen.disconnects += 1,
+            Some(Event::Subscribed(_)) => {}
+            Some(other @ (Event::Reset { .. } | Event::Skipped { .. })) => {
+                seen.problems.push(format!("{other:?}"));
+                break;
+            }
+            Some(other) => {
+                seen.problems.push(format!("{other:?}"));
+                if matches!(other, Event::Error { terminal: true, .. }) {
+                    break;
+                }
+            }
+            None => {
+                seen.problems.push("the client ended".into());
+                break;
+            }
+        }
+    }
+    client.close().await;
+    seen
+}
