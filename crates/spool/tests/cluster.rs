@@ -330,3 +330,64 @@ cluster_tests! {
     redis => Backend::Redis,
     nats => Backend::Nats,
 }
+
+/// `spool serve` with `args` must refuse to start: exit non-zero, quickly, saying `needle`.
+fn refuses_to_start(args: &[&str], needle: &str) {
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--api-key", API_KEY])
+        .args(args)
+        .output()
+        .expect("run spool serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} started: {stderr}");
+    assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{args:?} took {:?} to give up",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn an_unreachable_engine_at_startup_is_a_clear_error() {
+    let port = common::free_port();
+    refuses_to_start(
+        &[
+            "--engine",
+            "redis",
+            "--redis-url",
+            &format!("redis://127.0.0.1:{port}"),
+        ],
+        "cannot start the redis engine",
+    );
+    refuses_to_start(
+        &[
+            "--engine",
+            "nats",
+            "--nats-url",
+            &format!("nats://127.0.0.1:{port}"),
+        ],
+        "cannot start the nats engine",
+    );
+}
+
+#[test]
+fn fsync_on_a_redis_that_does_not_fsync_every_write_is_refused() {
+    if !Backend::Redis.available() {
+        return;
+    }
+    // The machine's Redis runs without `appendfsync always` (it keeps nothing on disk).
+    let url = common::engines::redis_url();
+    refuses_to_start(
+        &[
+            "--engine",
+            "redis",
+            "--redis-url",
+            &url,
+            "--durability",
+            "fsync",
+        ],
+        "appendfsync",
+    );
+}
