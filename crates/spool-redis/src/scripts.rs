@@ -144,7 +144,9 @@ local entries = {}
 local limit = tonumber(ARGV[9])
 if limit > 0 and oldest ~= '' then
   local first = ARGV[8] .. '-0'
-  entries = redis.call('XRANGE', data, first, '+', 'COUNT', limit)
+  -- The limit as given: a Lua number past 2^53 would be sent as '9.2e+18', which COUNT
+  -- refuses.
+  entries = redis.call('XRANGE', data, first, '+', 'COUNT', ARGV[9])
   if entries[1] and entries[1][1] ~= first then entries = {} end
 end
 return {epoch, head, oldest, entries}

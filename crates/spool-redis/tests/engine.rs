@@ -287,3 +287,18 @@ async fn fsync_is_refused_on_a_redis_that_does_not_fsync_each_write() {
         assert!(err.to_string().contains("appendfsync"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn a_read_with_an_unbounded_limit_reads_to_the_head() {
+    let Some(url) = common::shared_redis() else {
+        return;
+    };
+    let prefix = Prefix::new(&url);
+    let e = engine(prefix.config()).await;
+    let s = stream("unbounded");
+    e.append(&s, vec![msg("a"), msg("b")]).await.unwrap();
+    for limit in [usize::MAX, 1 << 60, 100_000_000_000_000_000] {
+        let batch = e.read(&s, Offset(0), limit).await.unwrap();
+        assert_eq!(batch.messages.len(), 2, "limit {limit}");
+    }
+}
