@@ -187,18 +187,20 @@ impl TailCache {
 
     /// Takes in what an engine read returned, when it extends or replaces the cached run: the
     /// batch is contiguous with the cache's head, or it reaches the stream's head (then it
-    /// becomes the run). Only streams in `watched` are kept, so the cache never holds streams
-    /// nobody on this node follows.
-    pub fn absorb(&self, stream: &StreamName, after: Offset, batch: &ReadBatch, watched: bool) {
-        if !watched {
-            return;
-        }
+    /// becomes the run). Only streams `heads` watches are kept, so the cache never holds
+    /// streams nobody on this node follows. That is checked here, under the cache's lock: a
+    /// stream pruned while the read ran (its [`TailCache::forget`] then comes after the check,
+    /// or the check sees it gone) is never left behind in the cache for good.
+    pub fn absorb(&self, stream: &StreamName, after: Offset, batch: &ReadBatch, heads: &Heads) {
         let state = &batch.state;
         let reaches_head = batch
             .messages
             .last()
             .map_or(after == state.head, |m| m.offset == state.head);
         let mut streams = self.streams.lock();
+        if heads.current(stream).is_none() {
+            return;
+        }
         match streams.get_mut(stream) {
             Some(tail) if tail.epoch == state.epoch && after == tail.head => {
                 tail.oldest = state.oldest;
@@ -353,9 +355,11 @@ mod tests {
         let s = name("a");
         let e = Epoch::generate();
         let known = |o| Position::new(e.clone(), Offset(o));
+        let heads = Heads::default();
+        let _watch = heads.watch(&s, known(0));
         assert!(cache.read(&s, Offset(0), 10, &known(3)).is_none());
         // A read that reaches the head becomes the run.
-        cache.absorb(&s, Offset(0), &batch(&e, 1, 3, 1..4), true);
+        cache.absorb(&s, Offset(0), &batch(&e, 1, 3, 1..4), &heads);
         let hit = cache.read(&s, Offset(1), 10, &known(3)).unwrap();
         assert_eq!(offsets(&hit), [2, 3]);
         assert_eq!((hit.state.head, hit.state.oldest), (Offset(3), Offset(1)));
@@ -377,7 +381,7 @@ mod tests {
         );
         cache.appended(&s, &e, &[msg(6)]);
         assert!(cache.read(&s, Offset(4), 10, &known(6)).is_none());
-        cache.absorb(&s, Offset(4), &batch(&e, 1, 6, 5..7), true);
+        cache.absorb(&s, Offset(4), &batch(&e, 1, 6, 5..7), &heads);
         // Bounded: 4 messages, so 1 and 2 are gone and a read before them goes to the engine.
         assert_eq!(
             offsets(&cache.read(&s, Offset(2), 10, &known(6)).unwrap()),
@@ -391,7 +395,7 @@ mod tests {
                 .read(&s, Offset(0), 10, &Position::new(e2.clone(), Offset(0)))
                 .is_none()
         );
-        cache.absorb(&s, Offset(0), &batch(&e2, 1, 0, 1..1), true);
+        cache.absorb(&s, Offset(0), &batch(&e2, 1, 0, 1..1), &heads);
         let fresh = cache
             .read(&s, Offset(0), 10, &Position::new(e2, Offset(0)))
             .unwrap();
@@ -405,13 +409,15 @@ mod tests {
         let cache = TailCache::default();
         let s = name("a");
         let e = Epoch::generate();
-        cache.absorb(&s, Offset(0), &batch(&e, 1, 10, 1..4), true);
+        let heads = Heads::default();
+        let _watch = heads.watch(&s, Position::new(e.clone(), Offset(0)));
+        cache.absorb(&s, Offset(0), &batch(&e, 1, 10, 1..4), &heads);
         assert!(
             cache
                 .read(&s, Offset(0), 10, &Position::new(e.clone(), Offset(10)))
                 .is_none()
         );
-        cache.absorb(&s, Offset(5), &batch(&e, 1, 10, 6..11), true);
+        cache.absorb(&s, Offset(5), &batch(&e, 1, 10, 6..11), &heads);
         let hit = cache
             .read(&s, Offset(7), 10, &Position::new(e, Offset(10)))
             .unwrap();
@@ -420,8 +426,26 @@ mod tests {
             &name("b"),
             Offset(0),
             &batch(&Epoch::generate(), 1, 0, 1..1),
-            false,
+            &heads,
         );
         assert!(cache.streams.lock().get(&name("b")).is_none());
+    }
+
+    #[test]
+    fn a_read_that_ends_after_its_stream_was_pruned_leaves_nothing_behind() {
+        let cache = TailCache::default();
+        let heads = Heads::default();
+        let s = name("a");
+        let e = Epoch::generate();
+        // A read starts while the stream is watched; its last watcher leaves and a sweep
+        // prunes it (forgetting its cached tail) before the read's answer is absorbed.
+        let watch = heads.watch(&s, Position::new(e.clone(), Offset(0)));
+        drop(watch);
+        cache.forget(&heads.prune());
+        cache.absorb(&s, Offset(0), &batch(&e, 1, 3, 1..4), &heads);
+        assert!(
+            cache.streams.lock().is_empty(),
+            "the cache holds a stream no one watches, and nothing would ever drop it"
+        );
     }
 }

@@ -452,7 +452,7 @@ impl Inner {
             state = again;
         }
         let batch = ReadBatch { state, messages };
-        self.cache.absorb(stream, after, &batch, watched.is_some());
+        self.cache.absorb(stream, after, &batch, &self.heads);
         Ok(batch)
     }
 

@@ -465,12 +465,11 @@ impl Engine for RedisEngine {
         {
             return Ok(hit);
         }
-        let watched = shared.heads.current(stream).is_some();
         let batch = shared
             .read_script(stream, after, limit, true)
             .await?
             .ok_or_else(|| EngineError::Internal("a registering read found no stream".into()))?;
-        shared.cache.absorb(stream, after, &batch, watched);
+        shared.cache.absorb(stream, after, &batch, &shared.heads);
         Ok(batch)
     }
 
