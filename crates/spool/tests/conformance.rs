@@ -205,18 +205,33 @@ async fn a_session_resumes_on_another_node(backend: Backend) {
     for n in 1..=3 {
         publish(&c, n, "sess", &n.to_string(), None).await;
     }
+    let mut epoch = Value::Null;
     for n in 1..=3u64 {
-        assert_eq!(peer.expect("message").await["offset"], n);
+        let m = peer.expect("message").await;
+        assert_eq!(m["offset"], n);
+        epoch = m["epoch"].clone();
     }
     drop(peer);
     for n in 4..=6 {
         publish(&c, n, "sess", &n.to_string(), None).await;
     }
-    // The old node saves the session when it sees the disconnect.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut peer = WsPeer::open(&c.node(1).addr, &[]).await.expect("upgrade");
-    peer.send(json!({"type":"connect","session":session})).await;
-    let connected = peer.expect("connected").await;
+    // The old node saves the session when it sees the disconnect; until that save lands a
+    // resume elsewhere finds nothing (`resumed: false`), so try again for a while, as a
+    // client would reconnect.
+    let processed = format!("{}:3", epoch.as_str().expect("epoch"));
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut peer, connected) = loop {
+        let mut peer = WsPeer::open(&c.node(1).addr, &[]).await.expect("upgrade");
+        // As every client does: say what it processed (the old node may have written more to
+        // the dying socket, and recorded that).
+        peer.send(json!({"type":"connect","session":session,"positions":{"sess":processed}}))
+            .await;
+        let connected = peer.expect("connected").await;
+        if connected["resumed"] == true || std::time::Instant::now() > until {
+            break (peer, connected);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(connected["resumed"], true, "{connected}");
     assert_eq!(connected["subscriptions"][0]["stream"], "sess");
     for n in 4..=6u64 {
