@@ -212,15 +212,24 @@ impl Inner {
     }
 
     /// Publishes a head note (see `fanout`). Best effort: other nodes catch up by their
-    /// periodic refresh.
+    /// periodic refresh. Skipped while disconnected, and given up after the timeout: the
+    /// client's command queue is not drained while it reconnects, so once it is full a
+    /// publish would wait there (holding up an append already acked) until NATS is back.
     async fn tell(&self, stream: &StreamName, head: &Position) {
-        if let Some(note) = fanout::note(stream, head)
-            && let Err(e) = self
-                .client
-                .publish(format!("{}.heads", self.config.prefix), note)
-                .await
-        {
-            tracing::debug!(%stream, error = %e, "cannot publish a head note");
+        let Some(note) = fanout::note(stream, head) else {
+            return;
+        };
+        if !self.connected() {
+            tracing::debug!(%stream, "not connected: no head note");
+            return;
+        }
+        let publish = self
+            .client
+            .publish(format!("{}.heads", self.config.prefix), note);
+        match tokio::time::timeout(self.config.timeout, publish).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(%stream, error = %e, "cannot publish a head note"),
+            Err(_) => tracing::debug!(%stream, "no room to publish a head note"),
         }
     }
 

@@ -23,7 +23,8 @@ use async_nats::jetstream::{
     response::Response,
     stream::{Config, Info, RawMessage},
 };
-use serde::Deserialize;
+use async_nats::subject::ToSubject;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::json;
 use spool_core::Offset;
 use spool_engine::EngineError;
@@ -59,10 +60,8 @@ impl Api {
     pub async fn info(&self, stream: &str) -> Result<Option<Info>, EngineError> {
         let what = "reading a stream's state";
         let response: Response<Info> = self
-            .js
-            .request(format!("STREAM.INFO.{stream}"), &json!({}))
-            .await
-            .map_err(|e| self.request_error(what, e))?;
+            .request(what, format!("STREAM.INFO.{stream}"), &json!({}))
+            .await?;
         match response {
             Response::Ok(info) => Ok(Some(info)),
             Response::Err { error } if error.error_code() == STREAM_NOT_FOUND => Ok(None),
@@ -76,10 +75,8 @@ impl Api {
     pub async fn create(&self, config: &Config) -> Result<Info, EngineError> {
         let what = "creating a stream";
         let response: Response<Info> = self
-            .js
-            .request(format!("STREAM.CREATE.{}", config.name), config)
-            .await
-            .map_err(|e| self.request_error(what, e))?;
+            .request(what, format!("STREAM.CREATE.{}", config.name), config)
+            .await?;
         match response {
             Response::Ok(info) => Ok(info),
             Response::Err { error } if error.error_code() == STREAM_NAME_EXIST => {
@@ -92,10 +89,8 @@ impl Api {
     async fn update(&self, config: &Config) -> Result<Info, EngineError> {
         let what = "updating a stream's limits";
         let response: Response<Info> = self
-            .js
-            .request(format!("STREAM.UPDATE.{}", config.name), config)
-            .await
-            .map_err(|e| self.request_error(what, e))?;
+            .request(what, format!("STREAM.UPDATE.{}", config.name), config)
+            .await?;
         match response {
             Response::Ok(info) => {
                 tracing::info!(stream = %config.name, "updated the JetStream stream's limits");
@@ -156,10 +151,8 @@ impl Api {
     ) -> Result<Option<StreamMessage>, EngineError> {
         let what = "reading a message";
         let response: Response<MsgGet> = self
-            .js
-            .request(format!("STREAM.MSG.GET.{stream}"), &request)
-            .await
-            .map_err(|e| self.request_error(what, e))?;
+            .request(what, format!("STREAM.MSG.GET.{stream}"), &request)
+            .await?;
         match response {
             Response::Ok(got) => StreamMessage::try_from(got.message).map(Some).map_err(|e| {
                 EngineError::Internal(format!(
@@ -180,14 +173,29 @@ impl Api {
     /// of async-nats 0.51 does not parse the answer of a 2.9 server.)
     pub async fn ping(&self) -> Result<(), EngineError> {
         let what = "asking JetStream for the account's info";
-        let response: Response<AccountInfo> = self
-            .js
-            .request("INFO", &json!({}))
-            .await
-            .map_err(|e| self.request_error(what, e))?;
+        let response: Response<AccountInfo> = self.request(what, "INFO", &json!({})).await?;
         match response {
             Response::Ok(_) => Ok(()),
             Response::Err { error } => Err(api_error(what, error)),
+        }
+    }
+
+    /// One JetStream API request, answered or failed within the timeout. The client's own
+    /// request timeout starts only once the request is in its command queue, and while NATS is
+    /// down that queue is not drained: once it is full, a request would wait there until NATS
+    /// is back. So the deadline covers the whole call.
+    async fn request<T: Serialize + ?Sized, V: DeserializeOwned>(
+        &self,
+        what: &str,
+        subject: impl ToSubject,
+        payload: &T,
+    ) -> Result<V, EngineError> {
+        match tokio::time::timeout(self.timeout, self.js.request(subject, payload)).await {
+            Ok(answer) => answer.map_err(|e| self.request_error(what, e)),
+            Err(_) => Err(EngineError::Unavailable(format!(
+                "{what}: NATS JetStream did not answer within {:?}",
+                self.timeout
+            ))),
         }
     }
 

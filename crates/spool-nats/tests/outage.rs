@@ -124,3 +124,51 @@ async fn appends_fail_fast_while_nats_is_down_and_resume_after() {
 fn server_url(port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
+
+/// Under load while NATS is down, the client's command queue fills (its connection task does
+/// not drain it while reconnecting); calls must still answer within the timeout rather than
+/// wait in that queue until NATS is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_calls_while_nats_is_down_all_fail_within_the_timeout() {
+    let Some(binary) = common::nats_server_binary() else {
+        eprintln!("SKIPPED: nats-server is not installed");
+        return;
+    };
+    let store = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let server = common::OwnNats::start(&binary, port, store.path());
+    let timeout = Duration::from_secs(1);
+    let config = NatsConfig {
+        timeout,
+        ..NatsConfig::new(server.url())
+    };
+    let engine = std::sync::Arc::new(NatsEngine::connect(config).await.expect("connect"));
+    let s = StreamName::new("queue").unwrap();
+    engine.append(&s, vec![msg("1")]).await.unwrap();
+    server.stop();
+    while engine.ready().await.is_ok() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    let calls: Vec<_> = (0..3000)
+        .map(|i| {
+            let engine = engine.clone();
+            let s = s.clone();
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    engine.read(&s, Offset(0), 10).await.map(|_| ())
+                } else {
+                    engine.load_session("some-session").await.map(|_| ())
+                }
+            })
+        })
+        .collect();
+    let all = tokio::time::timeout(timeout * 3, futures::future::join_all(calls))
+        .await
+        .expect("every call answers within about the timeout while NATS is down");
+    for call in all {
+        let err = call.unwrap().unwrap_err();
+        assert!(matches!(err, EngineError::Unavailable(_)), "{err:?}");
+    }
+    eprintln!("3000 calls failed after {:?}", started.elapsed());
+}
