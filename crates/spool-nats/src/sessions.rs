@@ -91,9 +91,13 @@ impl Sessions {
         }
     }
 
-    /// `Err(Gone)` when the bucket does not exist.
+    /// `Err(Gone)` when the bucket does not exist. A record too large for NATS is skipped
+    /// (and reported as `Limit`) rather than failing the records after it: the server
+    /// retries a failed batch whole, so one oversized session would otherwise keep every
+    /// session batched with it from ever being saved.
     async fn save_once(&self, records: &[SessionRecord]) -> Result<Result<(), EngineError>, Gone> {
         let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(records.len());
+        let mut oversized = None;
         for record in records {
             let mut value = BytesMut::with_capacity(8 + record.data.len());
             value.put_u64(record.expires_at);
@@ -105,6 +109,16 @@ impl Sessions {
                 .await
             {
                 Ok(ack) => acks.push(ack),
+                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    oversized.get_or_insert_with(|| {
+                        EngineError::Limit(format!(
+                            "session record {:?} ({} bytes) is larger than the NATS server's \
+                             max_payload; it was not saved: {e}",
+                            record.id,
+                            record.data.len()
+                        ))
+                    });
+                }
                 Err(e) => return Ok(Err(publish_error(&e))),
             }
         }
@@ -116,7 +130,7 @@ impl Sessions {
                 return Ok(Err(publish_error(&e)));
             }
         }
-        Ok(Ok(()))
+        Ok(oversized.map_or(Ok(()), Err))
     }
 
     pub async fn load(&self, id: &str, now: u64) -> Result<Option<Bytes>, EngineError> {

@@ -197,6 +197,39 @@ async fn odd_stream_names_map_to_distinct_working_streams() {
 }
 
 #[tokio::test]
+async fn one_oversized_session_does_not_keep_the_others_of_its_batch_from_being_saved() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    let (config, _cleanup) = setup(&url);
+    let engine = connect(&config).await;
+    let record = |id: &str, data: Bytes| SessionRecord {
+        id: id.into(),
+        data,
+        expires_at: spool_core::now_ms() + 60_000,
+    };
+    // More than NATS's max_payload (1 MiB by default).
+    let huge = Bytes::from(vec![b'x'; 2 << 20]);
+    let err = engine
+        .save_sessions(vec![
+            record("before", Bytes::from_static(b"b")),
+            record("huge", huge),
+            record("after", Bytes::from_static(b"a")),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Limit(_)), "{err:?}");
+    assert_eq!(engine.load_session("before").await.unwrap().unwrap(), "b");
+    assert_eq!(
+        engine.load_session("after").await.unwrap().unwrap(),
+        "a",
+        "a session batched after an oversized one is saved too (the server retries the \
+         whole batch every second, so otherwise it never would be)"
+    );
+    assert!(engine.load_session("huge").await.unwrap().is_none());
+}
+
+#[tokio::test]
 async fn data_spool_did_not_write_reads_as_internal_not_a_panic() {
     let Some(url) = common::shared_nats() else {
         return;
