@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 use common::{
     API_KEY, Proxy, Server, WsPeer,
     engines::{Backend, Cluster, OwnServer},
-    follow::{Seen, follow},
+    follow::{Seen, subscribers},
 };
 use serde_json::{Value, json};
-use spool_client::{Client, Config, Start};
 
 const STREAM: &str = "load";
 
@@ -72,19 +71,7 @@ async fn a_node_killed_under_load_loses_no_message(backend: Backend) {
     let proxy = Proxy::start(&c.node(0).addr).await;
     let url = format!("ws://{}/v1/ws", proxy.addr);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut readers = Vec::new();
-    for _ in 0..SUBSCRIBERS {
-        let config = Config::new(url.clone())
-            .token(API_KEY)
-            .backoff(Duration::from_millis(20), Duration::from_millis(300))
-            .connect_timeout(Duration::from_secs(5));
-        let client = Client::connect(config).await.expect("connect");
-        client
-            .subscribe(STREAM, Start::Oldest)
-            .await
-            .expect("subscribe");
-        readers.push(tokio::spawn(follow(client, TOTAL, deadline)));
-    }
+    let readers = subscribers(&url, STREAM, SUBSCRIBERS, TOTAL, deadline).await;
     let nodes: Vec<(String, reqwest::Client)> = c
         .nodes
         .iter()
@@ -281,9 +268,10 @@ async fn the_engine_going_away_and_coming_back_is_survived(backend: Backend) {
     }
 }
 
-/// The subscriber gets `reset` (the history it followed is gone) to a position of the new epoch, then every
-/// message after that position up to the one `ack` names (none when the reset's head already
-/// is that message: a reset hands over the head as it is when the subscriber notices).
+/// The subscriber gets `reset` (the history it followed is gone) to a position of the new
+/// epoch, then every message after that position up to the one `ack` names (none when the
+/// reset's head already is that message: a reset hands over the head as it is when the
+/// subscriber notices).
 async fn expect_reset_then(peer: &mut WsPeer, ack: &Value) {
     let reset = next_frame(peer).await;
     assert_eq!(reset["type"], "reset", "{reset}");

@@ -13,11 +13,10 @@ use std::{
 };
 
 use common::{
-    API_KEY, Proxy, Server, TestRng,
-    follow::{Seen, follow},
+    Proxy, Server, TestRng,
+    follow::{Seen, subscribers},
 };
 use serde_json::json;
-use spool_client::{Client, Config, Start};
 
 const SUBSCRIBERS: usize = 50;
 const MESSAGES: u64 = 10_000;
@@ -32,19 +31,7 @@ async fn fifty_subscribers_behind_a_flaky_network_get_every_message_once_in_orde
     let url = format!("ws://{}/v1/ws", proxy.addr);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(50);
 
-    let mut readers = Vec::new();
-    for _ in 0..SUBSCRIBERS {
-        let config = Config::new(url.clone())
-            .token(API_KEY)
-            .backoff(Duration::from_millis(10), Duration::from_millis(200))
-            .connect_timeout(Duration::from_secs(5));
-        let client = Client::connect(config).await.expect("connect");
-        client
-            .subscribe(STREAM, Start::Oldest)
-            .await
-            .expect("subscribe");
-        readers.push(tokio::spawn(follow(client, MESSAGES, deadline)));
-    }
+    let readers = subscribers(&url, STREAM, SUBSCRIBERS, MESSAGES, deadline).await;
     assert_eq!(proxy.live(), SUBSCRIBERS);
 
     // Cut connections every 50–300 ms: sometimes all of them, otherwise each with even odds.

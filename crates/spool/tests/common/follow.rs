@@ -1,6 +1,34 @@
 //! Following a stream with Spool's own client and checking every event on the way.
 
-use spool_client::{Client, Event};
+use std::time::Duration;
+
+use spool_client::{Client, Config, Event, Start};
+
+/// Starts `count` subscribers of `stream` from its oldest message with Spool's client at
+/// `url` (API key, quick reconnects), each followed by a task checking every message up to
+/// offset `total` until `deadline`; the tasks' results are what each saw.
+pub async fn subscribers(
+    url: &str,
+    stream: &str,
+    count: usize,
+    total: u64,
+    deadline: tokio::time::Instant,
+) -> Vec<tokio::task::JoinHandle<Seen>> {
+    let mut readers = Vec::new();
+    for _ in 0..count {
+        let config = Config::new(url)
+            .token(super::API_KEY)
+            .backoff(Duration::from_millis(10), Duration::from_millis(250))
+            .connect_timeout(Duration::from_secs(5));
+        let client = Client::connect(config).await.expect("connect");
+        client
+            .subscribe(stream, Start::Oldest)
+            .await
+            .expect("subscribe");
+        readers.push(tokio::spawn(follow(client, total, deadline)));
+    }
+    readers
+}
 
 /// What one subscriber saw.
 #[derive(Debug, Default)]
