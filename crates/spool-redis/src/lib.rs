@@ -325,16 +325,26 @@ impl Shared {
     }
 
     /// Re-reads every watched stream (registering it, as a watch does) and moves its head.
+    /// Fails only when Redis is unavailable: a stream whose data is corrupt (`Internal`) is
+    /// skipped, as failing would drop the notification channel of every stream for it, again
+    /// on every retry.
     async fn resync(&self) -> Result<(), EngineError> {
         let watched = self.heads.watched();
         if !watched.is_empty() {
             tracing::info!(streams = watched.len(), "re-reading watched streams");
         }
         let mut reads = futures::stream::iter(watched)
-            .map(|stream| async move { self.read_script(&stream, Offset::ZERO, 0, true).await })
+            .map(|stream| async move {
+                let read = self.read_script(&stream, Offset::ZERO, 0, true).await;
+                (stream, read)
+            })
             .buffer_unordered(RESYNC_CONCURRENCY);
-        while let Some(read) = reads.next().await {
-            read?;
+        while let Some((stream, read)) = reads.next().await {
+            match read {
+                Ok(_) => {}
+                Err(e @ EngineError::Unavailable(_)) => return Err(e),
+                Err(e) => tracing::warn!(%stream, error = %e, "cannot re-read a watched stream"),
+            }
         }
         Ok(())
     }

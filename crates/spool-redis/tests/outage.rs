@@ -132,3 +132,53 @@ async fn dropping_an_engine_closes_its_connections() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// One watched stream with corrupt metadata must not keep the notification channel from
+/// coming back: its re-read fails, the others' notifications still wake their watchers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_watched_stream_does_not_stop_notifications_after_a_reconnect() {
+    let Some(server) = RedisServer::start(&[]) else {
+        return;
+    };
+    let config = RedisConfig {
+        timeout: TIMEOUT,
+        ..RedisConfig::new(server.url())
+    };
+    let writer = RedisEngine::connect(config.clone()).await.unwrap();
+    let watcher = RedisEngine::connect(config).await.unwrap();
+    let good = StreamName::new("good").unwrap();
+    let bad = StreamName::new("bad").unwrap();
+    let mut watch = watcher.watch(&good).await.unwrap();
+    let _bad_watch = watcher.watch(&bad).await.unwrap();
+    let meta = spool_redis::keys::Keys::new("spool")
+        .unwrap()
+        .stream(&bad)
+        .meta;
+    let mut raw = server.raw();
+    let _: () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("h")
+        .arg("many")
+        .query(&mut raw)
+        .unwrap();
+    // Drop every pub/sub connection: the watcher resubscribes and re-reads what it watches.
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut raw)
+        .unwrap();
+    assert!(killed > 0);
+    assert!(watcher.read(&bad, Offset(0), 0).await.is_err());
+    // Past the first reconnect attempts (a retry loop would be in long backoffs by now).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for n in 1..=5 {
+        watch.borrow_and_update();
+        writer.append(&good, vec![msg("n")]).await.unwrap();
+        tokio::time::timeout(Duration::from_millis(500), watch.changed())
+            .await
+            .unwrap_or_else(|_| panic!("append {n}: no prompt wake-up after the reconnect"))
+            .unwrap();
+        assert_eq!(watch.borrow_and_update().offset, Offset(n));
+    }
+}
