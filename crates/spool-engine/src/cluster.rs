@@ -26,7 +26,45 @@ use crate::{HeadWatch, ReadBatch};
 /// The head watches of one node.
 #[derive(Default)]
 pub struct Heads {
-    streams: Mutex<HashMap<StreamName, watch::Sender<Position>>>,
+    streams: Mutex<HashMap<StreamName, Head>>,
+}
+
+/// Epochs a stream left that a node still remembers, so that a late note or read of an old
+/// history cannot move its head back to it (subscribers would then wait in the old epoch
+/// without their reset).
+const RETIRED_EPOCHS: usize = 4;
+
+struct Head {
+    tx: watch::Sender<Position>,
+    retired: Vec<Epoch>,
+}
+
+impl Head {
+    /// Moves to `head` if that is news: a later offset in the same epoch, or an epoch the
+    /// stream has not left before.
+    fn advance(&mut self, head: Position) -> bool {
+        if self.retired.contains(&head.epoch) {
+            return false;
+        }
+        let mut left = None;
+        let moved = self.tx.send_if_modified(|current| {
+            let news = current.epoch != head.epoch || head.offset > current.offset;
+            if news {
+                if current.epoch != head.epoch {
+                    left = Some(current.epoch.clone());
+                }
+                *current = head;
+            }
+            news
+        });
+        if let Some(old) = left {
+            if self.retired.len() == RETIRED_EPOCHS {
+                self.retired.remove(0);
+            }
+            self.retired.push(old);
+        }
+        moved
+    }
 }
 
 impl Heads {
@@ -34,27 +72,29 @@ impl Heads {
     /// `current` only moves the existing head forward, as [`Heads::advance`] does).
     pub fn watch(&self, stream: &StreamName, current: Position) -> HeadWatch {
         let mut streams = self.streams.lock();
-        match streams.get(stream) {
-            Some(tx) => {
-                advance(tx, current);
-                tx.subscribe()
+        match streams.get_mut(stream) {
+            Some(head) => {
+                head.advance(current);
+                head.tx.subscribe()
             }
             None => {
                 let (tx, rx) = watch::channel(current);
-                streams.insert(stream.clone(), tx);
+                let retired = Vec::new();
+                streams.insert(stream.clone(), Head { tx, retired });
                 rx
             }
         }
     }
 
     /// Moves a watched stream's head to `head` if that is news: a later offset in the same
-    /// epoch, or another epoch. Streams nobody on this node watches are ignored, so a node
-    /// holds nothing for the streams of other nodes' subscribers. Returns whether it moved.
+    /// epoch, or another epoch — but never back to an epoch the stream left. Streams nobody on
+    /// this node watches are ignored, so a node holds nothing for the streams of other nodes'
+    /// subscribers. Returns whether it moved.
     pub fn advance(&self, stream: &StreamName, head: Position) -> bool {
         self.streams
             .lock()
-            .get(stream)
-            .is_some_and(|tx| advance(tx, head))
+            .get_mut(stream)
+            .is_some_and(|h| h.advance(head))
     }
 
     /// The head this node knows for a watched stream.
@@ -62,7 +102,7 @@ impl Heads {
         self.streams
             .lock()
             .get(stream)
-            .map(|tx| tx.borrow().clone())
+            .map(|h| h.tx.borrow().clone())
     }
 
     /// Every watched stream, to re-read after the notification channel was down (a
@@ -74,8 +114,8 @@ impl Heads {
     /// Forgets streams without a live watcher; returns them, so caches can drop them too.
     pub fn prune(&self) -> Vec<StreamName> {
         let mut gone = Vec::new();
-        self.streams.lock().retain(|name, tx| {
-            let keep = tx.receiver_count() > 0;
+        self.streams.lock().retain(|name, h| {
+            let keep = h.tx.receiver_count() > 0;
             if !keep {
                 gone.push(name.clone());
             }
@@ -91,16 +131,6 @@ impl Heads {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-fn advance(tx: &watch::Sender<Position>, head: Position) -> bool {
-    tx.send_if_modified(|current| {
-        let news = current.epoch != head.epoch || head.offset > current.offset;
-        if news {
-            *current = head;
-        }
-        news
-    })
 }
 
 /// How much the tail cache keeps per stream.
@@ -338,6 +368,10 @@ mod tests {
         let e2 = Epoch::generate();
         assert!(heads.advance(&s, Position::new(e2.clone(), Offset(0))));
         assert_eq!(rx.borrow_and_update().epoch, e2);
+        // A late note of the history the stream left does not take it back there.
+        assert!(!heads.advance(&s, Position::new(e1.clone(), Offset(9))));
+        assert!(!heads.advance(&name("a"), Position::new(e1.clone(), Offset(10))));
+        assert_eq!(heads.current(&s).unwrap().epoch, e2);
         // Unwatched streams hold nothing.
         assert!(!heads.advance(&name("b"), Position::new(e1, Offset(1))));
         assert_eq!(heads.watched(), vec![s.clone()]);
