@@ -5,8 +5,10 @@
 //! file is only the command line; [`publish`] drives the publish benchmark, [`runner`] times
 //! one target at one concurrency, [`targets`] holds what can be measured, [`report`] prints it;
 //! [`storage`] compares storage engines in-process, and [`ws`] holds the WebSocket benchmarks
-//! (`ws-fanout`, `ws-idle`, `ws-resume`, `ws-publish`) against socket.io, NATS and Redis.
+//! (`ws-fanout`, `ws-idle`, `ws-resume`, `ws-publish`) against socket.io, NATS and Redis;
+//! [`cluster`] measures the cluster engines (Redis, NATS) on one and three nodes.
 
+mod cluster;
 mod publish;
 mod readback;
 mod report;
@@ -53,6 +55,9 @@ enum Command {
     /// Pipelined WebSocket publishes (disk engine, fsync) against Redis XADD with
     /// `appendfsync always`, pipelined as deep.
     WsPublish(ws::publish::WsPublishArgs),
+    /// The cluster engines (Redis, NATS JetStream) on 1 and 3 nodes against the disk engine:
+    /// HTTP publish throughput and WebSocket fan-out across nodes.
+    Cluster(cluster::ClusterArgs),
 }
 
 /// The load shape shared by every benchmark: how many clients, how big, how long.
@@ -117,6 +122,7 @@ async fn main() -> ExitCode {
                 Command::WsIdle(args) => ws::idle::run(args).await,
                 Command::WsResume(args) => ws::resume::run(args).await,
                 Command::WsPublish(args) => ws::publish::run(args).await,
+                Command::Cluster(args) => cluster::run(args).await,
             }
         } => outcome,
         // Dropping the benchmark future drops the server guards, which stop the servers.

@@ -129,13 +129,21 @@ impl HttpPublisher {
 impl Publisher for HttpPublisher {
     async fn publish_one(&mut self, seq: u64) -> Result<()> {
         let stream = self.workload.stream_index(seq);
+        self.publish_body(stream, self.workload.payload(seq)).await
+    }
+}
+
+impl HttpPublisher {
+    /// Publishes `body` to stream #`stream` of the URLs given to [`Self::connect`] and waits
+    /// for the `201`.
+    pub async fn publish_body(&mut self, stream: usize, body: Bytes) -> Result<()> {
         let path = self
             .paths
             .get(stream)
             .with_context(|| format!("no URL for stream #{stream}"))?;
         let mut request = Request::post(path.as_str())
             .header(HOST, self.host.clone())
-            .body(Full::new(self.workload.payload(seq)))
+            .body(Full::new(body))
             .context("cannot build the request")?;
         if let Some(auth) = &self.auth {
             request.headers_mut().insert(AUTHORIZATION, auth.clone());

@@ -6,7 +6,7 @@
 //! Spool with `--durability fsync`) means one file here, one [`TargetKind`] variant and one
 //! line in [`start`]; the runner and the report need no change.
 
-mod http;
+pub mod http;
 mod nats;
 mod peer;
 pub mod process;

@@ -14,11 +14,11 @@
 
 pub mod fanout;
 pub mod idle;
-mod measure;
+pub(crate) mod measure;
 pub mod publish;
 pub mod resume;
 mod server;
-mod wire;
+pub(crate) mod wire;
 
 use std::{path::PathBuf, sync::Arc};
 

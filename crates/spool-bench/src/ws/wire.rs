@@ -61,7 +61,11 @@ const SPOOL_DATA: &[u8] = br#""data":""#;
 const SIO_MESSAGE: &[u8] = br#"42["message",""#;
 
 /// Opens a WebSocket to `ws://ADDR/PATH`.
-async fn ws_open(addr: SocketAddr, path: &str, subprotocol: Option<&'static str>) -> Result<Ws> {
+pub(crate) async fn ws_open(
+    addr: SocketAddr,
+    path: &str,
+    subprotocol: Option<&'static str>,
+) -> Result<Ws> {
     let tcp = TcpStream::connect(addr)
         .await
         .with_context(|| format!("cannot connect to {addr}"))?;
@@ -84,7 +88,9 @@ async fn ws_open(addr: SocketAddr, path: &str, subprotocol: Option<&'static str>
 }
 
 /// The next text frame; `None` when the connection ended.
-async fn next_text(ws: &mut Ws) -> Result<Option<tokio_tungstenite::tungstenite::Utf8Bytes>> {
+pub(crate) async fn next_text(
+    ws: &mut Ws,
+) -> Result<Option<tokio_tungstenite::tungstenite::Utf8Bytes>> {
     loop {
         match ws.next().await {
             None | Some(Ok(Message::Close(_))) => return Ok(None),
