@@ -9,9 +9,15 @@
 #   scripts/bench.sh ws-fanout [ARGS…]       # one of them: ws-fanout, ws-idle, ws-resume, ws-publish
 #   scripts/bench.sh ws --out DIR            # also keep each one's JSON in DIR (default target/bench-ws)
 #
-# Without a ws* word, every argument goes to `spool-bench publish` (see `spool-bench publish
-# --help`); after a ws-* word, to that subcommand (`spool-bench ws-fanout --help`, …). Servers
-# are started on free 127.0.0.1 ports and stopped at the end.
+#   scripts/bench.sh cluster [ARGS…]         # cluster engines: disk ×1, redis ×1/×3, nats ×1/×3 (≈ 2 min)
+#
+# Without a ws* or cluster word, every argument goes to `spool-bench publish` (see `spool-bench
+# publish --help`); after a ws-* or cluster word, to that subcommand (`spool-bench ws-fanout
+# --help`, `spool-bench cluster --help`, …). Servers are started on free 127.0.0.1 ports and
+# stopped at the end.
+#
+# `cluster` needs redis-server and nats-server on the PATH (it starts its own, on spare ports in
+# temporary directories; never the machine's shared ones).
 #
 # The WebSocket benchmarks also need Node.js 20+ with npm (the socket.io peer in bench/, set up
 # here with `npm ci`), nats-server and redis-server on the PATH, and about 11,000 open files per
@@ -22,7 +28,7 @@ cd "$(dirname "$0")/.."
 
 mode=publish
 case "${1:-}" in
-ws | ws-fanout | ws-idle | ws-resume | ws-publish)
+ws | ws-fanout | ws-idle | ws-resume | ws-publish | cluster)
     mode=$1
     shift
     ;;
@@ -32,6 +38,19 @@ cargo build --release -p spool -p spool-bench
 
 if [[ $mode == publish ]]; then
     exec target/release/spool-bench publish "$@"
+fi
+
+if [[ $mode == cluster ]]; then
+    for tool in nats-server redis-server; do
+        if ! command -v "$tool" >/dev/null; then
+            echo "bench.sh: $tool is needed for the cluster benchmark but is not on the PATH" >&2
+            exit 1
+        fi
+    done
+    # 1,000 subscribers by default: a few thousand descriptors are plenty.
+    ulimit -n 16384 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    echo "bench.sh: machine: $(nproc) CPUs, $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+    exec target/release/spool-bench cluster "$@"
 fi
 
 # --- WebSocket benchmarks ---------------------------------------------------------------------
