@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use spool_core::{Epoch, Message, Offset, Position, StreamName, StreamState};
 use tokio::sync::watch;
 
-use crate::{HeadWatch, ReadBatch};
+use crate::{EngineError, HeadWatch, ReadBatch};
 
 /// The head watches of one node.
 #[derive(Default)]
@@ -153,7 +153,17 @@ impl Default for TailLimits {
 pub struct TailCache {
     limits: TailLimits,
     streams: Mutex<HashMap<StreamName, Tail>>,
+    /// One engine read at a time per stream near its tail (see [`TailCache::read_through`]).
+    gates: Mutex<HashMap<StreamName, Arc<Gate>>>,
 }
+
+/// Held while a node reads a stream's tail from the engine. It remembers the last failure for
+/// a moment, so the readers queued behind a read that failed (the engine is down) fail at
+/// once instead of each waiting out the timeout in turn.
+type Gate = tokio::sync::Mutex<Option<(std::time::Instant, EngineError)>>;
+
+/// How long a failed tail read answers for the readers queued behind it.
+const FAILURE_SHARED_FOR: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// A contiguous run of one epoch's messages ending at `head`, plus the oldest retained offset
 /// the engine reported when the run was last extended.
@@ -176,7 +186,77 @@ impl TailCache {
         Self {
             limits,
             streams: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A read of a cluster engine through this cache: from the cache when it can answer (see
+    /// [`TailCache::read`]), else `fetch` (the engine's own read, not started unless needed),
+    /// whose answer then extends the cache.
+    ///
+    /// When one publish wakes the thousands of subscribers a stream has on this node, they all
+    /// miss the cache at once. So a read at the stream's tail (at or after the first cached
+    /// message, or with nothing cached) waits for the stream's gate: the first reader fetches
+    /// and fills the cache, the others find it there — one engine read per publish per node
+    /// instead of one per subscriber. Readers further behind (a catch-up) fetch in parallel.
+    pub async fn read_through(
+        &self,
+        heads: &Heads,
+        stream: &StreamName,
+        after: Offset,
+        limit: usize,
+        fetch: impl Future<Output = Result<ReadBatch, EngineError>>,
+    ) -> Result<ReadBatch, EngineError> {
+        let Some(known) = heads.current(stream) else {
+            return fetch.await;
+        };
+        if let Some(hit) = self.read(stream, after, limit, &known) {
+            return Ok(hit);
+        }
+        let gate = self.near_tail(stream, after).then(|| self.gate(stream));
+        let mut held = match &gate {
+            Some(gate) => Some(gate.lock().await),
+            None => None,
+        };
+        if let Some(held) = &held {
+            if let Some((at, error)) = held.as_ref()
+                && at.elapsed() < FAILURE_SHARED_FOR
+            {
+                return Err(error.clone());
+            }
+            if let Some(known) = heads.current(stream)
+                && let Some(hit) = self.read(stream, after, limit, &known)
+            {
+                return Ok(hit);
+            }
+        }
+        let result = fetch.await;
+        match &result {
+            Ok(batch) => self.absorb(stream, after, batch, heads),
+            Err(error) => {
+                if let Some(held) = held.as_mut() {
+                    **held = Some((std::time::Instant::now(), error.clone()));
+                }
+            }
+        }
+        result
+    }
+
+    /// Whether a read after `after` is one the cache would serve once filled: nothing is cached
+    /// for the stream yet, or `after` is at or past the run's first message.
+    fn near_tail(&self, stream: &StreamName, after: Offset) -> bool {
+        self.streams
+            .lock()
+            .get(stream)
+            .is_none_or(|tail| after.get().saturating_add(1) >= tail.first().get())
+    }
+
+    fn gate(&self, stream: &StreamName) -> Arc<Gate> {
+        self.gates
+            .lock()
+            .entry(stream.clone())
+            .or_insert_with(|| Arc::new(Gate::new(None)))
+            .clone()
     }
 
     /// Serves a read from the cache when it can answer exactly what the engine would have a
@@ -300,8 +380,10 @@ impl TailCache {
     /// Forgets streams (those [`Heads::prune`] dropped).
     pub fn forget(&self, streams: &[StreamName]) {
         let mut map = self.streams.lock();
+        let mut gates = self.gates.lock();
         for s in streams {
             map.remove(s);
+            gates.remove(s);
         }
     }
 
@@ -481,5 +563,81 @@ mod tests {
             cache.streams.lock().is_empty(),
             "the cache holds a stream no one watches, and nothing would ever drop it"
         );
+    }
+
+    #[tokio::test]
+    async fn a_herd_of_readers_at_the_tail_costs_one_engine_read() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let heads = Heads::default();
+        let cache = TailCache::default();
+        let s = name("herd");
+        let e = Epoch::generate();
+        let _watch = heads.watch(&s, Position::new(e.clone(), Offset(3)));
+        let fetches = AtomicUsize::new(0);
+        let read = |after: u64| {
+            let (heads, cache, s, e, fetches) = (&heads, &cache, &s, &e, &fetches);
+            async move {
+                let fetch = async {
+                    fetches.fetch_add(1, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    Ok(batch(e, 1, 3, after + 1..4))
+                };
+                cache.read_through(heads, s, Offset(after), 10, fetch).await
+            }
+        };
+        let all = futures_join((0..100).map(|_| read(0)).collect::<Vec<_>>()).await;
+        assert!(
+            all.iter()
+                .all(|b| offsets(b.as_ref().unwrap()) == [1, 2, 3])
+        );
+        assert_eq!(
+            fetches.load(Ordering::SeqCst),
+            1,
+            "one engine read for the herd"
+        );
+
+        // A failure is shared with the readers queued behind it for a moment.
+        heads.advance(&s, Position::new(e.clone(), Offset(4)));
+        let failing = |_: ()| async {
+            let fetch = async {
+                fetches.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                Err(EngineError::Unavailable("down".into()))
+            };
+            cache.read_through(&heads, &s, Offset(3), 10, fetch).await
+        };
+        let before = fetches.load(Ordering::SeqCst);
+        let all = futures_join((0..50).map(|_| failing(())).collect::<Vec<_>>()).await;
+        assert!(
+            all.iter()
+                .all(|r| matches!(r, Err(EngineError::Unavailable(_))))
+        );
+        assert_eq!(fetches.load(Ordering::SeqCst) - before, 1);
+    }
+
+    /// Polls every future to completion on this task (they share borrowed state).
+    async fn futures_join<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+        let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+        let mut out: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut pending = false;
+            for (f, slot) in futures.iter_mut().zip(out.iter_mut()) {
+                if slot.is_none() {
+                    match f.as_mut().poll(cx) {
+                        std::task::Poll::Ready(v) => *slot = Some(v),
+                        std::task::Poll::Pending => pending = true,
+                    }
+                }
+            }
+            if pending {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        out.into_iter()
+            .map(|v| v.expect("every future finished"))
+            .collect()
     }
 }

@@ -426,12 +426,20 @@ impl Inner {
         after: Offset,
         limit: usize,
     ) -> Result<ReadBatch, EngineError> {
-        let watched = self.heads.current(stream);
-        if let Some(known) = &watched
-            && let Some(batch) = self.cache.read(stream, after, limit, known)
-        {
-            return Ok(batch);
-        }
+        let fetch = self.read_jetstream(stream, after, limit);
+        self.cache
+            .read_through(&self.heads, stream, after, limit, fetch)
+            .await
+    }
+
+    /// A read straight from JetStream: the stream's info (the snapshot's bounds), then its
+    /// messages by sequence.
+    async fn read_jetstream(
+        &self,
+        stream: &StreamName,
+        after: Offset,
+        limit: usize,
+    ) -> Result<ReadBatch, EngineError> {
         let names = self.names(stream);
         let mut state = self.must_state(stream).await?;
         let mut messages = Vec::new();
@@ -460,9 +468,7 @@ impl Inner {
             }
             state = again;
         }
-        let batch = ReadBatch { state, messages };
-        self.cache.absorb(stream, after, &batch, &self.heads);
-        Ok(batch)
+        Ok(ReadBatch { state, messages })
     }
 
     async fn must_state(&self, stream: &StreamName) -> Result<StreamState, EngineError> {

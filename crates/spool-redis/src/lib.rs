@@ -470,17 +470,16 @@ impl Engine for RedisEngine {
         limit: usize,
     ) -> Result<ReadBatch, EngineError> {
         let shared = &self.shared;
-        if let Some(known) = shared.heads.current(stream)
-            && let Some(hit) = shared.cache.read(stream, after, limit, &known)
-        {
-            return Ok(hit);
-        }
-        let batch = shared
-            .read_script(stream, after, limit, true)
-            .await?
-            .ok_or_else(|| EngineError::Internal("a registering read found no stream".into()))?;
-        shared.cache.absorb(stream, after, &batch, &shared.heads);
-        Ok(batch)
+        let fetch = async {
+            shared
+                .read_script(stream, after, limit, true)
+                .await?
+                .ok_or_else(|| EngineError::Internal("a registering read found no stream".into()))
+        };
+        shared
+            .cache
+            .read_through(&shared.heads, stream, after, limit, fetch)
+            .await
     }
 
     async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
