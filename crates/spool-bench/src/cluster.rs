@@ -296,20 +296,9 @@ impl Cluster {
                 )
             }
             EngineKind::Nats => {
-                let nats = PeerProcess::start(&args.nats_server, |port, dir| {
-                    [
-                        "-a",
-                        "127.0.0.1",
-                        "-p",
-                        &port.to_string(),
-                        "-js",
-                        "-sd",
-                        dir,
-                    ]
-                    .map(String::from)
-                    .to_vec()
-                })
-                .await?;
+                let nats =
+                    PeerProcess::start(&args.nats_server, crate::targets::nats::jetstream_args)
+                        .await?;
                 let url = format!("nats://{}", nats.addr);
                 (
                     Some(nats),

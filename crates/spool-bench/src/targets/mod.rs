@@ -7,7 +7,7 @@
 //! line in [`start`]; the runner and the report need no change.
 
 pub mod http;
-mod nats;
+pub mod nats;
 mod peer;
 pub mod process;
 pub mod redis;

@@ -22,22 +22,24 @@ pub struct NatsTarget {
     workload: Arc<Workload>,
 }
 
+/// The arguments of a loopback `nats-server` with JetStream storing in `dir`.
+pub fn jetstream_args(port: u16, dir: &str) -> Vec<String> {
+    [
+        "-a",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-js",
+        "-sd",
+        dir,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 impl NatsTarget {
     pub async fn start(workload: Arc<Workload>) -> Result<Self> {
-        let process = PeerProcess::start("nats-server", |port, dir| {
-            [
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-js",
-                "-sd",
-                dir,
-            ]
-            .map(String::from)
-            .to_vec()
-        })
-        .await?;
+        let process = PeerProcess::start("nats-server", jetstream_args).await?;
         let url = format!("nats://{}", process.addr);
         let client = async_nats::connect(&url)
             .await
