@@ -9,7 +9,9 @@ use std::{collections::HashMap, path::Path};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use redb::{Database, Durability, ReadableDatabase, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 
 use crate::EngineError;
 
@@ -81,12 +83,37 @@ pub struct SessionFile {
 }
 
 impl SessionFile {
+    /// Opens (or creates) the file. Every page's checksum is verified first, so a file damaged
+    /// outside redb fails here with an error (`spool repair` moves it aside) instead of
+    /// panicking later; the check reads the whole file once.
     pub fn open(path: &Path) -> Result<Self, redb::Error> {
-        let db = Database::create(path)?;
+        let db = Database::builder()
+            .set_check_integrity_on_open(true)
+            .create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(SESSIONS)?;
         txn.commit()?;
         Ok(Self { db })
+    }
+
+    /// Whether the file at `path` opens and every record reads back: `Ok(Err(why))` when it
+    /// is damaged, `Err` when it cannot be read at all (permissions, a failing disk).
+    /// Opening commits (redb's integrity check), so run it on a copy to change nothing.
+    pub fn check(path: &Path) -> std::io::Result<Result<(), String>> {
+        let run = || -> Result<(), redb::Error> {
+            let file = Self::open(path)?;
+            let txn = file.db.begin_read()?;
+            let table = txn.open_table(SESSIONS)?;
+            for entry in table.iter()? {
+                entry?;
+            }
+            Ok(())
+        };
+        match std::panic::catch_unwind(run) {
+            Ok(Ok(())) => Ok(Ok(())),
+            Ok(Err(e)) => damage(e).map(Err),
+            Err(_) => Ok(Err("reading it crashed redb".into())),
+        }
     }
 
     pub fn save(&self, sessions: &[SessionRecord]) -> Result<(), EngineError> {
@@ -151,6 +178,15 @@ impl SessionFile {
     }
 }
 
+/// What is wrong with a session file that redb refused: `Ok(why)` when the file is damaged
+/// (redb reports a file that is not a database as `InvalidData`), `Err` for I/O trouble.
+pub fn damage(e: redb::Error) -> std::io::Result<String> {
+    match e {
+        redb::Error::Io(io) if io.kind() != std::io::ErrorKind::InvalidData => Err(io),
+        e => Ok(e.to_string()),
+    }
+}
+
 fn split(value: &[u8]) -> Option<(u64, &[u8])> {
     let (head, data) = value.split_first_chunk::<8>()?;
     Some((u64::from_be_bytes(*head), data))
@@ -195,5 +231,19 @@ mod tests {
         assert!(f.load("b", 0).unwrap().is_none());
         f.delete("a").unwrap();
         assert!(f.load("a", 0).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_damaged_file_is_reported_as_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions.redb");
+        SessionFile::open(&path)
+            .unwrap()
+            .save(&[record("a", u64::MAX)])
+            .unwrap();
+        assert_eq!(SessionFile::check(&path).unwrap(), Ok(()));
+        std::fs::write(&path, b"not a database at all").unwrap();
+        assert!(SessionFile::check(&path).unwrap().is_err());
+        assert!(damage(SessionFile::open(&path).err().unwrap()).is_ok());
     }
 }

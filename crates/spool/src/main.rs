@@ -34,7 +34,8 @@ enum Command {
     /// Print a stream's messages, then follow it live over WebSocket, SSE or long-poll;
     /// resumes by itself after disconnects.
     Tail(tail::TailArgs),
-    /// Move corrupt WAL segments of the disk engine aside so the server can start again.
+    /// Cut damaged WAL segments (and a damaged session file) out of the disk engine's data
+    /// directory so the server can start again; only streams that lost messages get a new epoch.
     Repair(RepairArgs),
 }
 
@@ -43,18 +44,60 @@ struct RepairArgs {
     /// The disk engine's data directory.
     #[arg(long, env = "SPOOL_DATA_DIR", default_value = "spool-data")]
     data_dir: std::path::PathBuf,
+    /// Say what would be done, change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
+
+/// Most cut streams listed by name; the rest are counted.
+const LISTED_STREAMS: usize = 50;
 
 fn repair(args: RepairArgs) -> anyhow::Result<()> {
     serve::init_logging(false);
-    let moved = spool_engine::disk::repair(&args.data_dir)?;
-    if moved.is_empty() {
-        println!("no corrupt segment found in {}", args.data_dir.display());
+    let dir = &args.data_dir;
+    let report = spool_engine::disk::repair(dir, args.dry_run)?;
+    if report.is_clean() {
+        println!("nothing to repair in {}", dir.display());
+        return Ok(());
+    }
+    let (will, keep) = if args.dry_run {
+        println!("dry run: nothing was changed");
+        ("would be", "would keep")
     } else {
-        for path in moved {
-            println!("quarantined {}", path.display());
+        ("were", "keep")
+    };
+    for d in &report.damaged {
+        println!(
+            "damaged: {} at byte {} ({}): the records before that byte are kept, the rest of the segment is lost",
+            d.segment.display(),
+            d.at,
+            d.why
+        );
+    }
+    if !report.damaged.is_empty() {
+        println!(
+            "{} streams {will} cut and get a new epoch (their clients get an epoch_changed reset; messages after the damage are kept):",
+            report.cut.len()
+        );
+        for c in report.cut.iter().take(LISTED_STREAMS) {
+            println!("  {} (epoch {} -> {})", c.stream, c.epoch, c.new_epoch);
         }
-        println!("every stream starts a new epoch on the next start; clients get a reset");
+        if report.cut.len() > LISTED_STREAMS {
+            println!("  … and {} more", report.cut.len() - LISTED_STREAMS);
+        }
+        println!(
+            "{} streams {keep} their epoch and every message",
+            report.intact
+        );
+    }
+    if let Some(why) = &report.sessions_damaged {
+        println!(
+            "damaged: {} ({why}): {will} moved aside; WebSocket clients cannot resume their sessions and connect fresh",
+            dir.join("sessions.redb").display()
+        );
+    }
+    for path in &report.quarantined {
+        println!("quarantined {}", path.display());
     }
     Ok(())
 }

@@ -20,8 +20,11 @@
 //! that a crash could take back.
 
 mod record;
+mod repair;
 mod segment;
 mod writer;
+
+pub use repair::{Cut, Damage, EPOCHS_FILE, RepairReport, repair};
 
 use std::{
     collections::HashMap,
@@ -97,13 +100,24 @@ pub enum OpenError {
     Locked { path: PathBuf },
     #[error(
         "corrupt data in {file} at byte {offset}: {why}. Spool refuses to start rather than lose data silently. \
-         To move the damaged segment aside and start anyway, run: spool repair --data-dir {dir} \
-         (messages in that segment are lost and every stream starts a new epoch, so clients get a reset)"
+         To see what a repair would do: spool repair --dry-run --data-dir {dir}; to cut the damage out and \
+         start anyway: spool repair --data-dir {dir} (the messages from the damaged byte to the end of that \
+         segment are lost; only streams that had messages there start a new epoch, so their clients get a reset)"
     )]
     Corrupt {
         file: PathBuf,
         offset: u64,
         why: &'static str,
+        dir: PathBuf,
+    },
+    #[error(
+        "the session file {file} is damaged: {why}. To move it aside and start anyway, run: \
+         spool repair --data-dir {dir} (WebSocket clients then cannot resume their sessions and \
+         connect fresh; no message is lost)"
+    )]
+    SessionsDamaged {
+        file: PathBuf,
+        why: String,
         dir: PathBuf,
     },
 }
@@ -121,7 +135,8 @@ const SESSIONS_FILE: &str = "sessions.redb";
 /// Expired sessions are purged this often, in ms.
 const SESSION_SWEEP_MS: u64 = 60_000;
 
-/// Marker left by `spool repair`: on the next start every stream gets a new epoch.
+/// Marker left by `spool repair` of earlier versions: on the next start every stream gets a
+/// new epoch (today's repair gives new epochs only to the streams it cut: `repair.rs`).
 const EPOCH_RESET_MARKER: &str = "EPOCH_RESET";
 const QUARANTINE_DIR: &str = "quarantine";
 const LOCK_FILE: &str = "LOCK";
@@ -257,10 +272,18 @@ impl DiskEngine {
         }
 
         let sessions_path = dir.join(SESSIONS_FILE);
-        let sessions = SessionFile::open(&sessions_path).map_err(|e| OpenError::Io {
-            path: sessions_path.clone(),
-            source: std::io::Error::other(e),
-        })?;
+        let sessions =
+            SessionFile::open(&sessions_path).map_err(|e| match crate::sessions::damage(e) {
+                Ok(why) => OpenError::SessionsDamaged {
+                    file: sessions_path.clone(),
+                    why,
+                    dir: dir.clone(),
+                },
+                Err(source) => OpenError::Io {
+                    path: sessions_path.clone(),
+                    source,
+                },
+            })?;
 
         let shared = Arc::new(Shared {
             streams: Registry::new("disk", config.max_streams),
@@ -270,6 +293,7 @@ impl DiskEngine {
             failure: Mutex::new(None),
         });
         let ids = segment::list(&wal).map_err(io_err(&wal))?;
+        let mut epochs = repair::EpochMap::load(&dir)?;
         let mut recovery = Recovery::new(&config);
         for (i, &id) in ids.iter().enumerate() {
             let path = segment::path(&wal, id);
@@ -299,7 +323,8 @@ impl DiskEngine {
                     });
                 }
             }
-            for record in scan.records {
+            for mut record in scan.records {
+                epochs.apply(id, &mut record);
                 if let Err(why) = recovery.apply(id, record) {
                     return Err(OpenError::Corrupt {
                         file: path,
@@ -332,6 +357,10 @@ impl DiskEngine {
         for id in ids {
             shared.release_if_dead(id);
         }
+        let oldest = segment::list(&wal).map_err(io_err(&wal))?;
+        epochs
+            .prune(&dir, oldest.first().copied().unwrap_or(active))
+            .map_err(io_err(&dir))?;
         tracing::info!(dir = %dir.display(), streams = recovered, segment = active, "disk engine opened");
 
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
@@ -708,36 +737,4 @@ fn release(live: &mut HashMap<u64, u64>, tag: u64) {
     if let Some(n) = live.get_mut(&tag) {
         *n = n.saturating_sub(1);
     }
-}
-
-/// `spool repair`: moves every segment that fails to scan into `quarantine/` and leaves a
-/// marker so the next start gives every stream a new epoch (their history may have a hole).
-/// Returns the quarantined files.
-pub fn repair(dir: &Path) -> Result<Vec<PathBuf>, OpenError> {
-    let wal = dir.join("wal");
-    let ids = segment::list(&wal).map_err(io_err(&wal))?;
-    let quarantine = dir.join(QUARANTINE_DIR);
-    let mut moved = Vec::new();
-    for (i, &id) in ids.iter().enumerate() {
-        let path = segment::path(&wal, id);
-        let scan = segment::scan(&path, i + 1 == ids.len()).map_err(io_err(&path))?;
-        if let segment::Tail::Corrupt { at, why } = scan.tail {
-            fs::create_dir_all(&quarantine).map_err(io_err(&quarantine))?;
-            let to = quarantine.join(format!("{id:020}.log"));
-            fs::rename(&path, &to).map_err(io_err(&path))?;
-            tracing::warn!(from = %path.display(), to = %to.display(), at, why, "quarantined a corrupt segment");
-            moved.push(to);
-        }
-    }
-    if !moved.is_empty() {
-        let marker = dir.join(EPOCH_RESET_MARKER);
-        fs::write(
-            &marker,
-            b"written by spool repair: every stream starts a new epoch on the next start\n",
-        )
-        .map_err(io_err(&marker))?;
-        segment::sync_dir(dir).map_err(io_err(dir))?;
-        segment::sync_dir(&wal).map_err(io_err(&wal))?;
-    }
-    Ok(moved)
 }

@@ -45,14 +45,19 @@ pub fn create(dir: &Path, id: u64) -> io::Result<fs::File> {
         .create_new(true)
         .append(true)
         .open(&p)?;
+    file.write_all(&header())?;
+    file.sync_all()?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// The 16 bytes every segment starts with.
+pub fn header() -> Vec<u8> {
     let mut header = Vec::with_capacity(HEADER_LEN as usize);
     header.extend_from_slice(MAGIC);
     header.extend_from_slice(&VERSION.to_le_bytes());
     header.extend_from_slice(&0u32.to_le_bytes());
-    file.write_all(&header)?;
-    file.sync_all()?;
-    sync_dir(dir)?;
-    Ok(file)
+    header
 }
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {

@@ -246,21 +246,116 @@ async fn a_flipped_bit_fails_closed_and_repair_quarantines_with_a_new_epoch() {
     // Still refuses: nothing was changed behind the operator's back.
     assert!(DiskEngine::open(config(dir.path())).is_err());
 
-    let moved = repair(dir.path()).unwrap();
-    assert_eq!(moved.len(), 1);
-    assert!(moved[0].exists());
+    let dry = repair(dir.path(), true).unwrap();
+    assert_eq!(dry.damaged.len(), 1);
+    assert!(dry.quarantined.is_empty());
+    assert!(
+        DiskEngine::open(config(dir.path())).is_err(),
+        "a dry run changes nothing"
+    );
+    let report = repair(dir.path(), false).unwrap();
+    assert_eq!(report.quarantined.len(), 1);
+    assert!(report.quarantined[0].exists());
+    // The damage is in the newest segment: nothing tells which streams wrote there, so every
+    // stream known then is cut; what came before the damage stays.
+    assert_eq!(report.cut.len(), 1);
     let engine = DiskEngine::open(config(dir.path())).unwrap();
-    let state = engine.state(&name("f")).await.unwrap();
-    if let Some(state) = state {
-        assert_ne!(
-            state.epoch, epoch,
-            "a repaired stream never keeps its epoch"
-        );
-    }
+    let state = engine.state(&name("f")).await.unwrap().unwrap();
+    assert_ne!(state.epoch, epoch, "a cut stream never keeps its epoch");
+    assert_eq!(payloads(&engine, "f").await, [(1, b"first".to_vec())]);
     engine
         .append(&name("f"), vec![msg("after repair")])
         .await
         .unwrap();
+    drop(engine);
+    let engine = DiskEngine::open(config(dir.path())).unwrap();
+    let again = engine.state(&name("f")).await.unwrap().unwrap();
+    assert_eq!(
+        again.epoch, state.epoch,
+        "the new epoch holds across restarts"
+    );
+    assert_eq!(
+        payloads(&engine, "f").await,
+        [(1, b"first".to_vec()), (2, b"after repair".to_vec())]
+    );
+}
+
+/// Three segments, a flipped byte in the first: streams that wrote nothing at or after the
+/// damaged byte of that segment keep their epoch and every message; the stream that did gets
+/// a new epoch and keeps its messages after the damage — on this start and every later one.
+#[tokio::test]
+async fn repair_cuts_only_the_streams_that_wrote_in_the_damaged_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.segment_size = 4096;
+    let pad = "p".repeat(100);
+    let epochs = {
+        let engine = DiskEngine::open(cfg.clone()).unwrap();
+        let mut epochs = HashMap::new();
+        for (stream, n) in [("early", 5), ("cut", 5)] {
+            for i in 1..=n {
+                let out = engine
+                    .append(&name(stream), vec![msg(format!("{stream}-{i:03}-{pad}"))])
+                    .await
+                    .unwrap();
+                epochs.insert(stream, out[0].position.epoch.clone());
+            }
+        }
+        epochs
+    };
+    // A restart starts a new segment: "late" never writes into the first one.
+    let epochs = {
+        let engine = DiskEngine::open(cfg.clone()).unwrap();
+        let mut epochs = epochs;
+        for i in 1..=60 {
+            let out = engine
+                .append(&name("late"), vec![msg(format!("late-{i:03}-{pad}"))])
+                .await
+                .unwrap();
+            epochs.insert("late", out[0].position.epoch.clone());
+        }
+        for i in 6..=8 {
+            engine
+                .append(&name("cut"), vec![msg(format!("cut-{i:03}-{pad}"))])
+                .await
+                .unwrap();
+        }
+        epochs
+    };
+    let wal = dir.path().join("wal");
+    let ids = segment::list(&wal).unwrap();
+    assert!(ids.len() >= 3, "{ids:?}");
+    let first = segment::path(&wal, ids[0]);
+    let mut bytes = fs::read(&first).unwrap();
+    let at = bytes.windows(7).position(|w| w == b"cut-003").unwrap();
+    bytes[at + 2] ^= 0x01;
+    fs::write(&first, &bytes).unwrap();
+    assert!(DiskEngine::open(cfg.clone()).is_err());
+
+    let report = repair(dir.path(), false).unwrap();
+    let cut: Vec<&str> = report.cut.iter().map(|c| c.stream.as_str()).collect();
+    assert_eq!(cut, ["cut"]);
+    assert_eq!(report.intact, 2);
+    for reopen in 0..2 {
+        let engine = DiskEngine::open(cfg.clone()).unwrap();
+        for stream in ["early", "late"] {
+            let state = engine.state(&name(stream)).await.unwrap().unwrap();
+            assert_eq!(state.epoch, epochs[stream], "{stream} (reopen {reopen})");
+        }
+        assert_eq!(payloads(&engine, "early").await.len(), 5);
+        assert_eq!(payloads(&engine, "late").await.len(), 60);
+        let state = engine.state(&name("cut")).await.unwrap().unwrap();
+        assert_ne!(state.epoch, epochs["cut"]);
+        assert_eq!(state.head, Offset(8));
+        let kept: Vec<u64> = payloads(&engine, "cut").await.iter().map(|m| m.0).collect();
+        assert_eq!(kept, [6, 7, 8], "the messages after the damage stay");
+        for id in &ids[1..] {
+            assert!(
+                segment::path(&wal, *id).exists(),
+                "intact segment {id} kept"
+            );
+        }
+    }
 }
 
 #[tokio::test]

@@ -1,0 +1,245 @@
+//! The disk engine under damage and pressure, through the real binary (issue 10): a repair
+//! keeps every message outside the damaged range and gives a new epoch only to the streams it
+//! cut; a damaged session file has a way out.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use common::{API_KEY, Server};
+use serde_json::Value;
+
+fn spool(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .expect("run spool")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Every file under `dir` with its bytes, to prove that nothing changed.
+fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.insert(path.clone(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `(epoch, offsets, payloads)` of everything retained in `stream`.
+async fn history(s: &Server, stream: &str) -> (String, Vec<u64>, Vec<String>) {
+    let (status, body) = s.poll(stream, "after=oldest&limit=1000").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["reset"].is_null(), "{body}");
+    let head = body["head"].as_str().unwrap();
+    let epoch = head.split(':').next().unwrap().to_owned();
+    let messages = body["messages"].as_array().unwrap();
+    (
+        epoch,
+        messages
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect(),
+        messages
+            .iter()
+            .map(|m| m["data"].as_str().unwrap().to_owned())
+            .collect(),
+    )
+}
+
+fn payload(stream: &str, i: u64) -> String {
+    format!("{stream}-{i:03}-{}", "p".repeat(100))
+}
+
+#[test]
+fn repair_keeps_intact_streams_and_gives_only_cut_streams_a_new_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let small = ["--segment-size", "4096"];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut epochs = BTreeMap::new();
+
+    // First run: "early" then "cut", all in the first segment.
+    {
+        let mut s = Server::start_disk(&listen, dir.path(), &small);
+        rt.block_on(async {
+            for stream in ["early", "cut"] {
+                for i in 1..=5 {
+                    let r = s.publish(stream, &payload(stream, i)).await;
+                    epochs.insert(stream, r["epoch"].as_str().unwrap().to_owned());
+                }
+            }
+        });
+        s.terminate();
+    }
+    // Second run (a new segment): "late" fills several segments, "cut" gets three more.
+    {
+        let mut s = Server::start_disk(&listen, dir.path(), &small);
+        rt.block_on(async {
+            for i in 1..=60 {
+                let r = s.publish("late", &payload("late", i)).await;
+                epochs.insert("late", r["epoch"].as_str().unwrap().to_owned());
+            }
+            for i in 6..=8 {
+                s.publish("cut", &payload("cut", i)).await;
+            }
+        });
+
+        // A repair while the server holds the directory is refused, and changes nothing.
+        let before = contents(dir.path());
+        for args in [&["repair"][..], &["repair", "--dry-run"][..]] {
+            let out = spool(args, dir.path());
+            assert!(!out.status.success(), "{args:?} ran beside a server");
+            assert!(text(&out).contains("locked"), "{}", text(&out));
+        }
+        assert_eq!(contents(dir.path()).len(), before.len());
+        s.terminate();
+    }
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 3, "{segs:?}");
+
+    // One flipped byte inside message 3 of "cut", in the first segment.
+    let first = segs[0].clone();
+    let mut bytes = std::fs::read(&first).unwrap();
+    let at = bytes
+        .windows(7)
+        .position(|w| w == b"cut-003")
+        .expect("cut-003 is in the first segment");
+    bytes[at + 2] ^= 0x01;
+    std::fs::write(&first, &bytes).unwrap();
+
+    let out = spool(
+        &["serve", "--listen", "127.0.0.1:0", "--api-key", API_KEY],
+        dir.path(),
+    );
+    assert!(
+        !out.status.success(),
+        "must refuse to start on corrupt data"
+    );
+    assert!(text(&out).contains("spool repair"), "{}", text(&out));
+
+    // --dry-run says what it would do and changes nothing.
+    let before = contents(dir.path());
+    let out = spool(&["repair", "--dry-run"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("dry run"), "{said}");
+    assert!(said.contains("1 streams would be cut"), "{said}");
+    assert!(said.contains("  cut (epoch"), "{said}");
+    assert!(said.contains("2 streams would keep"), "{said}");
+    assert_eq!(
+        contents(dir.path()),
+        before,
+        "a dry run changed the directory"
+    );
+
+    let out = spool(&["repair"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("quarantined"), "{}", text(&out));
+
+    for restart in 0..2 {
+        let mut s = Server::start_disk(&listen, dir.path(), &small);
+        rt.block_on(async {
+            let (epoch, offsets, payloads) = history(&s, "early").await;
+            assert_eq!(epoch, epochs["early"], "restart {restart}");
+            assert_eq!(offsets, [1, 2, 3, 4, 5]);
+            assert_eq!(payloads[4], payload("early", 5));
+
+            let (epoch, offsets, _) = history(&s, "late").await;
+            assert_eq!(epoch, epochs["late"], "restart {restart}");
+            assert_eq!(offsets, (1..=60).collect::<Vec<u64>>());
+
+            let (epoch, offsets, payloads) = history(&s, "cut").await;
+            assert_ne!(epoch, epochs["cut"], "a cut stream gets a new epoch");
+            assert_eq!(offsets, [6, 7, 8], "its messages after the damage stay");
+            assert_eq!(payloads[0], payload("cut", 6));
+
+            // A reader of the old history gets a reset, never a silent gap.
+            let (status, body) = s.poll("cut", &format!("after={}:2", epochs["cut"])).await;
+            assert_eq!(status, 200);
+            assert_eq!(body["reset"]["reason"], "epoch_changed", "{body}");
+            assert_eq!(body["reset"]["position"], format!("{epoch}:8"));
+            assert!(body["messages"].as_array().unwrap().is_empty());
+        });
+        for seg in &segs[1..] {
+            assert!(seg.exists(), "intact segment {} was deleted", seg.display());
+        }
+        s.terminate();
+    }
+}
+
+#[test]
+fn a_damaged_session_file_is_moved_aside_by_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let epoch = {
+        let mut s = Server::start_disk(&listen, dir.path(), &[]);
+        let r = rt.block_on(s.publish("kept", "a message"));
+        s.terminate();
+        r["epoch"].as_str().unwrap().to_owned()
+    };
+    let sessions = dir.path().join("sessions.redb");
+    std::fs::write(&sessions, b"this is not a redb file any more").unwrap();
+
+    let out = spool(
+        &["serve", "--listen", "127.0.0.1:0", "--api-key", API_KEY],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(
+        said.contains("session file") && said.contains("spool repair"),
+        "{said}"
+    );
+
+    let before = contents(dir.path());
+    let out = spool(&["repair", "--dry-run"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("sessions.redb"), "{}", text(&out));
+    assert_eq!(contents(dir.path()), before);
+
+    let out = spool(&["repair"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("connect fresh"), "{}", text(&out));
+    assert!(dir.path().join("quarantine/sessions.redb").exists());
+
+    let s = Server::start_disk(&listen, dir.path(), &[]);
+    rt.block_on(async {
+        let (status, body): (u16, Value) = s.poll("kept", "after=oldest").await;
+        assert_eq!(status, 200);
+        assert_eq!(body["messages"][0]["epoch"], epoch.as_str(), "{body}");
+        assert_eq!(body["messages"][0]["data"], "a message");
+    });
+}
