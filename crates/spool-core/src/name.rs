@@ -1,4 +1,6 @@
-//! Stream names: UTF-8, 1–255 bytes, no control characters and no whitespace.
+//! Stream names: UTF-8, 1–255 bytes, no control characters, no whitespace, and no invisible
+//! formatting characters (zero-width spaces, bidi controls, the BOM …): two names that look
+//! the same on a screen or in a log must be the same name.
 //!
 //! A [`StreamName`] can only be built through validation, so every layer below the transports
 //! can take a name for granted. It is an `Arc<str>` inside: cloning it per message is cheap.
@@ -19,13 +21,35 @@ pub enum InvalidStreamName {
     Empty,
     #[error("stream name is {0} bytes long; the limit is 255")]
     TooLong(usize),
-    #[error("stream name contains {0:?}; control characters and whitespace are not allowed")]
+    #[error(
+        "stream name contains {0:?}; control characters, whitespace and invisible formatting \
+         characters are not allowed"
+    )]
     BadChar(char),
 }
 
 impl StreamName {
     /// Validates `name` as a stream name.
     pub fn new(name: &str) -> Result<Self, InvalidStreamName> {
+        if name.is_empty() {
+            return Err(InvalidStreamName::Empty);
+        }
+        if name.len() > MAX_STREAM_NAME_LEN {
+            return Err(InvalidStreamName::TooLong(name.len()));
+        }
+        if let Some(c) = name
+            .chars()
+            .find(|&c| c.is_control() || c.is_whitespace() || is_invisible(c))
+        {
+            return Err(InvalidStreamName::BadChar(c));
+        }
+        Ok(Self(Arc::from(name)))
+    }
+
+    /// A name read back from storage. Data written by an earlier version may hold a name
+    /// that today's rules refuse (invisible characters were allowed before); it must still
+    /// load, so only the rules that have always held are checked here.
+    pub fn stored(name: &str) -> Result<Self, InvalidStreamName> {
         if name.is_empty() {
             return Err(InvalidStreamName::Empty);
         }
@@ -41,6 +65,42 @@ impl StreamName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Characters that change how text is shown without showing themselves: Unicode's format
+/// characters (category Cf: zero-width spaces and joiners, bidi embeddings, overrides and
+/// isolates, the BOM, invisible operators, tags …) and the Hangul fillers, which render blank.
+/// A name holding one could pass for another (`chat:a` and `chat:\u{200B}a`) or reorder how a
+/// log line reads (U+202E).
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061C}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0001}'
+            | '\u{E0020}'..='\u{E007F}'
+            | '\u{E0100}'..='\u{E01EF}'
+    )
 }
 
 impl std::str::FromStr for StreamName {
@@ -95,5 +155,37 @@ mod tests {
             StreamName::new("a\u{7f}"),
             Err(InvalidStreamName::BadChar('\u{7f}'))
         );
+    }
+
+    #[test]
+    fn rejects_invisible_and_bidi_characters() {
+        for c in [
+            '\u{200B}',
+            '\u{200C}',
+            '\u{200D}',
+            '\u{200E}',
+            '\u{202A}',
+            '\u{202E}',
+            '\u{2066}',
+            '\u{2069}',
+            '\u{2060}',
+            '\u{FEFF}',
+            '\u{00AD}',
+            '\u{061C}',
+            '\u{E0041}',
+            '\u{3164}',
+        ] {
+            let name = format!("chat:{c}a");
+            assert_eq!(
+                StreamName::new(&name),
+                Err(InvalidStreamName::BadChar(c)),
+                "{:?}",
+                c
+            );
+        }
+        // Visible non-ASCII letters and symbols stay allowed.
+        for ok in ["chat:日本", "ß/ü", "emoji:🎉", "a→b"] {
+            assert!(StreamName::new(ok).is_ok(), "{ok:?}");
+        }
     }
 }

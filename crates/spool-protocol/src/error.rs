@@ -50,6 +50,16 @@ pub enum ErrorCode {
     PingTimeout,
     /// An `Origin` not in the allowed list (403).
     OriginNotAllowed,
+    /// The caller created more new streams than its budget allows
+    /// (`--max-new-streams-per-minute`); nothing was published (429).
+    StreamBudgetExceeded,
+    /// The engine holds its maximum of streams (`--max-streams`): new streams cannot be
+    /// created, existing ones work (507).
+    StreamLimit,
+    /// The request body did not arrive in time (408).
+    RequestTimeout,
+    /// The connection limit was reached; the connection is closed (503).
+    TooManyConnections,
 }
 
 impl ErrorCode {
@@ -76,6 +86,10 @@ impl ErrorCode {
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::PingTimeout => "ping_timeout",
             ErrorCode::OriginNotAllowed => "origin_not_allowed",
+            ErrorCode::StreamBudgetExceeded => "stream_budget_exceeded",
+            ErrorCode::StreamLimit => "stream_limit",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::TooManyConnections => "too_many_connections",
         }
     }
 }

@@ -17,12 +17,45 @@ pub struct ServerConfig {
     pub max_poll_wait: Duration,
     /// Most messages one long-poll answer or SSE read carries.
     pub max_read_limit: usize,
+    /// Most bytes of messages (payload, headers, key) one long-poll answer or SSE read
+    /// carries; one message larger than this still goes alone.
+    pub max_read_bytes: usize,
     /// Most streams on one multi-stream SSE connection.
     pub max_streams_per_connection: usize,
+    /// Most new streams one identity may create per minute (`budget.rs`); 0: no budget.
+    pub max_new_streams_per_minute: u32,
     /// Origins allowed by CORS and on the WebSocket upgrade; `*` allows any.
     pub cors_origins: Vec<String>,
     pub auth: AuthConfig,
     pub ws: WsConfig,
+    pub http: HttpConfig,
+}
+
+/// What one TCP connection and one request may hold (see `listener.rs`).
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// Most open connections (HTTP, SSE and WebSocket together); more are refused with `503`.
+    pub max_connections: usize,
+    /// Most open connections from one client address; 0: no per-address bound.
+    pub max_connections_per_ip: usize,
+    /// Longest wait for a request head (also the keep-alive wait for the next request).
+    pub header_timeout: Duration,
+    /// A connection that moves no byte while no request is answered is closed after this.
+    pub idle_timeout: Duration,
+    /// Longest time to receive a publish body once its head was accepted (`408` after).
+    pub body_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 25_000,
+            max_connections_per_ip: 0,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            body_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Settings of the WebSocket protocol (`/v1/ws`).
@@ -47,6 +80,9 @@ pub struct WsConfig {
     pub conflate: Vec<spool_core::Pattern>,
     /// Most publishes of one connection waiting for their ack.
     pub max_inflight_publishes: usize,
+    /// Most bytes of publishes of one connection waiting for their ack; at the bound the
+    /// connection stops reading client frames until acks drain.
+    pub max_inflight_publish_bytes: usize,
     /// Socket read buffer of the WebSocket codec, per connection.
     pub read_buffer: usize,
     /// Socket write buffer of the WebSocket codec, per connection.
@@ -65,6 +101,7 @@ impl Default for WsConfig {
             stuck_timeout: Duration::from_secs(60),
             conflate: Vec::new(),
             max_inflight_publishes: 1024,
+            max_inflight_publish_bytes: 16 * 1024 * 1024,
             read_buffer: 4 * 1024,
             write_buffer: 4 * 1024,
         }
@@ -97,10 +134,13 @@ impl Default for ServerConfig {
             heartbeat: Duration::from_secs(15),
             max_poll_wait: Duration::from_secs(60),
             max_read_limit: 1000,
+            max_read_bytes: 1024 * 1024,
             max_streams_per_connection: 100,
+            max_new_streams_per_minute: 1000,
             cors_origins: Vec::new(),
             auth: AuthConfig::default(),
             ws: WsConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }

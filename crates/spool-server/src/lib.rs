@@ -8,8 +8,10 @@
 //! continuity rule of `spool_core` to everything an engine returns.
 
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod error;
+mod listener;
 pub mod metrics;
 mod query;
 mod routes;
@@ -36,6 +38,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// WebSocket sessions (SPEC §3).
     pub sessions: Arc<Sessions>,
+    /// How many new streams each identity may still create (`budget.rs`).
+    pub budget: Arc<budget::StreamBudget>,
     /// Upgraded WebSocket connections, which outlive their HTTP request: shutdown waits for
     /// them to say goodbye and save their sessions.
     pub tasks: TaskTracker,
@@ -53,6 +57,7 @@ pub async fn serve(
     let sessions = Arc::new(Sessions::new(engine.clone(), config.ws.session_ttl));
     let state = AppState {
         auth: Arc::new(Authenticator::new(&config.auth)),
+        budget: Arc::new(budget::StreamBudget::new(config.max_new_streams_per_minute)),
         engine,
         config: Arc::new(config),
         metrics: Arc::new(Metrics::new()),
@@ -63,17 +68,10 @@ pub async fn serve(
     let tasks = state.tasks.clone();
     let sweeper = tokio::spawn(sweep(state.engine.clone(), shutdown.clone()));
     let flusher = tokio::spawn(sessions.clone().run(shutdown.clone()));
+    let http = state.config.http.clone();
+    let metrics = state.metrics.clone();
     let app = routes::router(state);
-    // Deliveries are small frames written as they come: without TCP_NODELAY, Nagle holds a
-    // subscriber's next frame until the delayed ACK (up to 40 ms) — docs/benchmarks.md.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    let result = listener::run(listener, app, http, metrics, shutdown.clone()).await;
     // WebSocket connections saw the same cancellation: they send `reconnect`, close, and save
     // their sessions. Wait for them, then save whatever else changed.
     tasks.close();

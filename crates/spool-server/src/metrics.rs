@@ -29,6 +29,24 @@ pub struct ResetLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `stream_limit` (the engine's `--max-streams`) or `budget`
+    /// (`--max-new-streams-per-minute`).
+    pub reason: &'static str,
+}
+
+/// The engine's stream counts, set at each scrape (see [`Metrics::observe_streams`]).
+#[derive(Default)]
+pub struct StreamMetrics {
+    pub streams: Gauge,
+    pub limit: Gauge,
+    pub unpublished: Gauge,
+    pub refused: Family<RefusedLabels, Counter>,
+    /// The totals last added to `refused`: stream limit, budget.
+    seen: parking_lot::Mutex<(u64, u64)>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub method: &'static str,
     pub route: &'static str,
@@ -43,6 +61,11 @@ pub struct Metrics {
     pub connections: Family<TransportLabels, Gauge>,
     pub resets: Family<ResetLabels, Counter>,
     pub requests: Family<RequestLabels, Histogram>,
+    pub streams: StreamMetrics,
+    /// Connections closed at accept because a connection limit was reached.
+    pub connections_refused: Counter,
+    /// Failed accepts (typically: out of file descriptors).
+    pub accept_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -88,6 +111,43 @@ impl Metrics {
             "Time to answer HTTP requests (for streams, time to the response head)",
             requests.clone(),
         );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept by --max-connections or --max-connections-per-ip",
+            connections_refused.clone(),
+        );
+        let accept_errors = Counter::default();
+        registry.register(
+            "accept_errors",
+            "Accepts that failed (e.g. out of file descriptors) and were retried",
+            accept_errors.clone(),
+        );
+        let streams = StreamMetrics::default();
+        registry.register(
+            "streams",
+            "Streams the engine holds (something was published to them)",
+            streams.streams.clone(),
+        );
+        registry.register(
+            "streams_limit",
+            "Most streams the engine will create (--max-streams)",
+            streams.limit.clone(),
+        );
+        registry.register(
+            "unpublished_streams",
+            "Streams readers wait on that nothing was published to (memory only)",
+            streams.unpublished.clone(),
+        );
+        registry.register(
+            "stream_creations_refused",
+            "Publishes refused because they would create a stream: at --max-streams \
+             (stream_limit) or over --max-new-streams-per-minute (budget)",
+            streams.refused.clone(),
+        );
+        for reason in ["stream_limit", "budget"] {
+            drop(streams.refused.get_or_create(&RefusedLabels { reason }));
+        }
         // Make every reset reason visible from the start, at zero.
         for reason in ResetReason::ALL {
             drop(resets.get_or_create(&ResetLabels {
@@ -101,6 +161,9 @@ impl Metrics {
             connections,
             resets,
             requests,
+            streams,
+            connections_refused,
+            accept_errors,
         }
     }
 
@@ -116,6 +179,30 @@ impl Metrics {
                 reason: reason.as_str(),
             })
             .inc();
+    }
+
+    /// Sets the stream gauges from the engine's counts (if it keeps them) and adds refusals
+    /// counted since the last call.
+    pub fn observe_streams(&self, counts: Option<spool_engine::StreamCounts>, budget_refused: u64) {
+        let m = &self.streams;
+        let mut seen = m.seen.lock();
+        if let Some(c) = counts {
+            m.streams.set(c.streams as i64);
+            m.limit.set(c.limit.map_or(0, |l| l as i64));
+            m.unpublished.set(c.unpublished as i64);
+            let new = c.refused.saturating_sub(seen.0);
+            m.refused
+                .get_or_create(&RefusedLabels {
+                    reason: "stream_limit",
+                })
+                .inc_by(new);
+            seen.0 = seen.0.max(c.refused);
+        }
+        let new = budget_refused.saturating_sub(seen.1);
+        m.refused
+            .get_or_create(&RefusedLabels { reason: "budget" })
+            .inc_by(new);
+        seen.1 = seen.1.max(budget_refused);
     }
 
     /// Counts an open connection of `transport` until the guard drops.

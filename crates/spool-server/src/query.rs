@@ -53,7 +53,11 @@ impl QueryParams {
         match self.get("wait") {
             None => Ok(Duration::ZERO),
             Some(v) => match v.parse::<f64>() {
-                Ok(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s).min(max)),
+                // A wait longer than the server allows is shortened to it; a number no
+                // duration can hold (past ~1.8e19 s) is as wrong as a negative one.
+                Ok(s) if s >= 0.0 && Duration::try_from_secs_f64(s).is_ok() => {
+                    Ok(Duration::from_secs_f64(s).min(max))
+                }
                 _ => Err(ApiError::bad_param(format!(
                     "wait must be a number of seconds from 0 to {}, got {v:?}",
                     max.as_secs()
@@ -92,6 +96,15 @@ mod tests {
         let q = QueryParams::parse(Some("limit=0&wait=-1")).unwrap();
         assert!(q.limit(100, 1000).is_err());
         assert!(q.wait(Duration::from_secs(60)).is_err());
+        let q = QueryParams::parse(Some("wait=1e9")).unwrap();
+        assert_eq!(
+            q.wait(Duration::from_secs(60)).unwrap(),
+            Duration::from_secs(60)
+        );
+        for bad in ["1.9e19", "1e308", "inf", "NaN", "-0.5", "1e400x"] {
+            let q = QueryParams::parse(Some(&format!("wait={bad}"))).unwrap();
+            assert!(q.wait(Duration::from_secs(60)).is_err(), "{bad}");
+        }
         let q = QueryParams::parse(Some("limit=99999&wait=600")).unwrap();
         assert_eq!(q.limit(100, 1000).unwrap(), 1000);
         assert_eq!(

@@ -241,8 +241,19 @@ impl Subscription {
         deadline: Option<Instant>,
         shutdown: &CancellationToken,
     ) -> Result<Result<Vec<Event>, Idle>, EngineError> {
+        self.next_batch_within(deadline, shutdown, Budget::UNLIMITED)
+            .await
+    }
+
+    /// [`Self::next_batch`], producing no more than `budget` allows.
+    pub async fn next_batch_within(
+        &mut self,
+        deadline: Option<Instant>,
+        shutdown: &CancellationToken,
+        budget: Budget,
+    ) -> Result<Result<Vec<Event>, Idle>, EngineError> {
         loop {
-            let events = self.poll_batch().await?;
+            let events = self.poll_within(budget).await?;
             if !events.is_empty() {
                 return Ok(Ok(events));
             }

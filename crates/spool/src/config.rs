@@ -19,7 +19,7 @@ use spool_engine::disk::Durability;
 use spool_server::{
     ServerConfig,
     auth::{AuthConfigError, Authenticator},
-    config::{AuthConfig, WsConfig},
+    config::{AuthConfig, HttpConfig, WsConfig},
 };
 
 use crate::serve::ServeArgs;
@@ -71,6 +71,21 @@ pub struct FileConfig {
     stuck_timeout: Option<Duration>,
     conflate: Option<Vec<String>>,
     ws_max_inflight_publishes: Option<usize>,
+    #[serde(default, deserialize_with = "de_opt_bytes")]
+    ws_max_inflight_publish_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "de_opt_bytes")]
+    max_read_bytes: Option<u64>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    header_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    body_timeout: Option<Duration>,
+    max_streams: Option<usize>,
+    max_unpublished_streams: Option<usize>,
+    max_new_streams_per_minute: Option<u32>,
     #[serde(default)]
     retention: FileRetention,
 }
@@ -149,6 +164,10 @@ pub struct Resolved {
     pub shutdown_timeout: Duration,
     pub json_logs: bool,
     pub server: ServerConfig,
+    /// Most streams the memory and disk engines create (`--max-streams`).
+    pub max_streams: usize,
+    /// Most streams readers may wait on before a first publish (`--max-unpublished-streams`).
+    pub max_unpublished_streams: usize,
 }
 
 pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
@@ -322,6 +341,16 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
             "WebSocket outbound bytes (--ws-outbound-bytes / ws_outbound_bytes) must be at least 4KiB, got {ws_outbound_bytes}"
         );
     }
+    let ws_max_inflight_publish_bytes = args
+        .ws_max_inflight_publish_bytes
+        .or(file.ws_max_inflight_publish_bytes)
+        .map_or(Ok(ws_defaults.max_inflight_publish_bytes), usize::try_from)
+        .context("WebSocket in-flight publish bytes do not fit in memory")?;
+    if ws_max_inflight_publish_bytes == 0 {
+        bail!(
+            "WebSocket in-flight publish bytes (--ws-max-inflight-publish-bytes / ws_max_inflight_publish_bytes) must be at least 1"
+        );
+    }
     let conflate = if args.conflate.is_empty() {
         file.conflate.unwrap_or_default()
     } else {
@@ -367,10 +396,48 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
                 .or(file.ws_max_inflight_publishes),
             ws_defaults.max_inflight_publishes,
         )?,
+        max_inflight_publish_bytes: ws_max_inflight_publish_bytes,
         ..ws_defaults
     };
+    let http_defaults = HttpConfig::default();
+    let http = HttpConfig {
+        max_connections: at_least_one(
+            "connection limit (--max-connections / max_connections)",
+            args.max_connections.or(file.max_connections),
+            http_defaults.max_connections,
+        )?,
+        max_connections_per_ip: args
+            .max_connections_per_ip
+            .or(file.max_connections_per_ip)
+            .unwrap_or(http_defaults.max_connections_per_ip),
+        header_timeout: positive(
+            "header timeout (--header-timeout / header_timeout)",
+            args.header_timeout.or(file.header_timeout),
+            http_defaults.header_timeout,
+        )?,
+        idle_timeout: positive(
+            "idle timeout (--idle-timeout / idle_timeout)",
+            args.idle_timeout.or(file.idle_timeout),
+            http_defaults.idle_timeout,
+        )?,
+        body_timeout: positive(
+            "body timeout (--body-timeout / body_timeout)",
+            args.body_timeout.or(file.body_timeout),
+            http_defaults.body_timeout,
+        )?,
+    };
+    let max_read_bytes = args
+        .max_read_bytes
+        .or(file.max_read_bytes)
+        .map_or(defaults_server.max_read_bytes, |b| {
+            usize::try_from(b).unwrap_or(usize::MAX)
+        });
+    if max_read_bytes < 1024 {
+        bail!("max read bytes (--max-read-bytes / max_read_bytes) must be at least 1KiB");
+    }
     let server = ServerConfig {
         max_payload,
+        max_read_bytes,
         max_batch_bytes: defaults_server
             .max_batch_bytes
             .max(max_payload.saturating_mul(2)),
@@ -385,6 +452,11 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
         },
         auth,
         ws,
+        http,
+        max_new_streams_per_minute: args
+            .max_new_streams_per_minute
+            .or(file.max_new_streams_per_minute)
+            .unwrap_or(defaults_server.max_new_streams_per_minute),
         ..defaults_server
     };
     if server.heartbeat.is_zero() {
@@ -407,6 +479,17 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
             .unwrap_or(Duration::from_secs(10)),
         json_logs,
         server,
+        max_streams: at_least_one(
+            "stream limit (--max-streams / max_streams)",
+            args.max_streams.or(file.max_streams),
+            spool_engine::memory::MemoryConfig::default().max_streams,
+        )?,
+        max_unpublished_streams: at_least_one(
+            "unpublished stream limit (--max-unpublished-streams / max_unpublished_streams)",
+            args.max_unpublished_streams
+                .or(file.max_unpublished_streams),
+            spool_engine::memory::MemoryConfig::default().max_unpublished_streams,
+        )?,
     })
 }
 
@@ -550,6 +633,7 @@ ws_outbound_bytes = "256KiB"
 stuck_timeout = "2m"
 conflate = ["prices/*", "cursors:*"]
 ws_max_inflight_publishes = 16
+ws_max_inflight_publish_bytes = "4MiB"
 "#,
                 rsa = fixture("rsa_public.pem"),
                 ec = fixture("ec_public.pem"),
@@ -571,6 +655,7 @@ ws_max_inflight_publishes = 16
         let conflate: Vec<&str> = ws.conflate.iter().map(|p| p.as_str()).collect();
         assert_eq!(conflate, ["prices/*", "cursors:*"]);
         assert_eq!(ws.max_inflight_publishes, 16);
+        assert_eq!(ws.max_inflight_publish_bytes, 4 * 1024 * 1024);
 
         // Flags win, repeatable flags replace the file's list.
         let r = resolve(&args(&[

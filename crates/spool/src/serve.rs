@@ -156,6 +156,41 @@ pub struct ServeArgs {
     /// Most publishes of one WebSocket connection waiting for their ack (default 1024).
     #[arg(long, env = "SPOOL_WS_MAX_INFLIGHT_PUBLISHES", value_name = "N")]
     pub ws_max_inflight_publishes: Option<usize>,
+    /// Most bytes of publishes of one WebSocket connection waiting for their ack; at the bound
+    /// the connection stops reading until acks drain (default 16MiB).
+    #[arg(long, env = "SPOOL_WS_MAX_INFLIGHT_PUBLISH_BYTES", value_name = "BYTES", value_parser = parse_bytes)]
+    pub ws_max_inflight_publish_bytes: Option<u64>,
+    /// Most bytes of messages in one long-poll answer or SSE batch (default 1MiB).
+    #[arg(long, env = "SPOOL_MAX_READ_BYTES", value_name = "BYTES", value_parser = parse_bytes)]
+    pub max_read_bytes: Option<u64>,
+    /// Most open connections in all: HTTP, SSE and WebSocket (default 25000).
+    #[arg(long, env = "SPOOL_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Most open connections from one client address; 0 for no bound (default 0).
+    #[arg(long, env = "SPOOL_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Longest wait for a request's headers, and for the next request on a kept-alive
+    /// connection (default 10s).
+    #[arg(long, env = "SPOOL_HEADER_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+    pub header_timeout: Option<Duration>,
+    /// A connection that moves no byte while no request is answered is closed (default 2m).
+    #[arg(long, env = "SPOOL_IDLE_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Longest time to receive a publish body (default 30s).
+    #[arg(long, env = "SPOOL_BODY_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+    pub body_timeout: Option<Duration>,
+    /// Most streams the memory and disk engines create; past it, publishes that would create
+    /// a stream get 507 stream_limit and existing streams work on (default 1000000).
+    #[arg(long, env = "SPOOL_MAX_STREAMS", value_name = "N")]
+    pub max_streams: Option<usize>,
+    /// Most streams readers may wait on before anything is published to them, held in
+    /// memory only (default 100000).
+    #[arg(long, env = "SPOOL_MAX_UNPUBLISHED_STREAMS", value_name = "N")]
+    pub max_unpublished_streams: Option<usize>,
+    /// Most new streams one identity (token sub, API key, anonymous client IP) may create per
+    /// minute; 0 for no budget (default 1000).
+    #[arg(long, env = "SPOOL_MAX_NEW_STREAMS_PER_MINUTE", value_name = "N")]
+    pub max_new_streams_per_minute: Option<u32>,
     /// Longest wait for open requests on shutdown (default 10s).
     #[arg(long, env = "SPOOL_SHUTDOWN_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
     pub shutdown_timeout: Option<Duration>,
@@ -194,7 +229,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             Arc::new(MemoryEngine::new(MemoryConfig {
                 retention: resolved.retention.clone(),
                 dedup_window: resolved.dedup_window,
-                ..MemoryConfig::default()
+                max_streams: resolved.max_streams,
+                max_unpublished_streams: resolved.max_unpublished_streams,
             }))
         }
         EngineKind::Disk {
@@ -207,6 +243,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 retention: resolved.retention.clone(),
                 dedup_window: resolved.dedup_window,
                 segment_size,
+                max_streams: resolved.max_streams,
+                max_unpublished_streams: resolved.max_unpublished_streams,
                 ..DiskConfig::new(dir)
             };
             tracing::info!(dir = %config.dir.display(), ?durability, "opening the disk engine");
@@ -263,6 +301,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 timeout,
                 ..spool_nats::NatsConfig::new(url)
             };
+            // Every server of the comma-separated list, each checked, before connecting.
+            let servers = config.servers().map_err(|e| {
+                let why = match e {
+                    spool_engine::EngineError::Internal(why) => why,
+                    other => other.to_string(),
+                };
+                anyhow::anyhow!("invalid --nats-url (SPOOL_NATS_URL, nats_url): {why}")
+            })?;
+            tracing::info!(servers = servers.len(), "NATS servers to connect to");
             Arc::new(
                 spool_nats::NatsEngine::connect(config)
                     .await

@@ -214,7 +214,7 @@ fn decode_body(body: &[u8]) -> Option<Record> {
     let mut r = Reader(body);
     match r.u8()? {
         KIND_STREAM => {
-            let name = StreamName::new(&r.str16()?).ok()?;
+            let name = StreamName::stored(&r.str16()?).ok()?;
             let epoch_len = r.u8()? as usize;
             let epoch = Epoch::parse(&r.str(epoch_len)?).ok()?;
             let head = Offset(r.u64()?);
@@ -222,7 +222,7 @@ fn decode_body(body: &[u8]) -> Option<Record> {
                 .then_some(Record::Stream { name, epoch, head })
         }
         KIND_MESSAGE => {
-            let name = StreamName::new(&r.str16()?).ok()?;
+            let name = StreamName::stored(&r.str16()?).ok()?;
             let offset = Offset(r.u64()?);
             let time_ms = r.u64()?;
             let flags = r.u8()?;

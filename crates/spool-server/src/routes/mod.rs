@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, MatchedPath, Request, State, rejection::PathRejection},
+    extract::{MatchedPath, Request, State, rejection::PathRejection},
     http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode},
     middleware::{self, Next},
     response::Response,
@@ -34,16 +34,10 @@ use crate::{
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
     let api = Router::new()
-        .route(
-            ROUTES[0],
-            post(publish::publish_one)
-                .layer(DefaultBodyLimit::max(config.max_payload))
-                .get(poll::long_poll),
-        )
-        .route(
-            "/v1/publish",
-            post(publish::publish_batch).layer(DefaultBodyLimit::max(config.max_batch_bytes)),
-        )
+        // Publish handlers read their bodies themselves, after authentication and within the
+        // body timeout (publish.rs), so no extractor buffers a body first.
+        .route(ROUTES[0], post(publish::publish_one).get(poll::long_poll))
+        .route("/v1/publish", post(publish::publish_batch))
         .route("/v1/streams/{stream}", get(streams::info))
         .route("/v1/streams/{stream}/events", get(sse::single))
         .route("/v1/events", get(sse::multi))

@@ -19,7 +19,7 @@ use crate::{
     error::ApiResult,
     metrics::Transport,
     query::{QueryParams, parse_start},
-    subscription::{Event, Subscription},
+    subscription::{Budget, Event, Subscription},
 };
 
 /// Messages per answer when the request does not say.
@@ -43,9 +43,20 @@ pub async fn long_poll(
     let wait = query.wait(state.config.max_poll_wait)?;
     let _connection = state.metrics.connection(Transport::poll);
 
+    // A token that expires while the poll waits ends the wait: nothing published after the
+    // expiry is handed to its holder (the next poll is refused with 401).
+    let mut deadline = Instant::now() + wait;
+    if let Some(at) = principal.expires_at() {
+        deadline = deadline.min(Instant::now() + super::sse::until_unix_ms(at));
+    }
+    let budget = Budget {
+        messages: limit,
+        bytes: state.config.max_read_bytes,
+        conflate: false,
+    };
     let mut sub = Subscription::open(state.engine.clone(), stream.clone(), start, limit).await?;
     let events = sub
-        .next_batch(Some(Instant::now() + wait), &state.shutdown)
+        .next_batch_within(Some(deadline), &state.shutdown, budget)
         .await?
         .unwrap_or_default();
     sub.resolve().await?;

@@ -6,23 +6,28 @@ use std::collections::HashMap;
 
 use axum::{
     Json,
-    body::Bytes,
-    extract::{
-        Path, RawQuery, State,
-        rejection::{BytesRejection, PathRejection},
+    body::{Body, Bytes},
+    extract::{Path, RawQuery, State, rejection::PathRejection},
+    http::{
+        Extensions, HeaderMap, StatusCode,
+        header::{CONTENT_LENGTH, CONTENT_TYPE},
     },
-    http::{HeaderMap, StatusCode, header::CONTENT_TYPE},
 };
 use base64::Engine as _;
 use futures::future::try_join_all;
+use http_body_util::LengthLimitError;
 use spool_core::{NewMessage, StreamName};
 use spool_engine::Appended;
-use spool_protocol::http::{BatchMessage, BatchRequest, BatchResponse, PublishResponse};
+use spool_protocol::{
+    ErrorCode,
+    http::{BatchMessage, BatchRequest, BatchResponse, PublishResponse},
+};
 
 use super::{authenticate, stream_name};
 use crate::{
     AppState, ServerConfig,
     auth::{Action, Principal},
+    budget,
     error::{ApiError, ApiResult},
     query::QueryParams,
 };
@@ -42,23 +47,32 @@ pub async fn publish_one(
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    extensions: Extensions,
+    body: Body,
 ) -> ApiResult<(StatusCode, Json<PublishResponse>)> {
+    // Everything the request head can tell is checked before a byte of the body is read: a
+    // caller without the right to publish never gets the server to buffer its body.
     let query = QueryParams::parse(query.as_deref())?;
     let principal = authenticate(&state, &headers, &query)?;
     let stream = stream_name(path)?;
     principal.check(Action::Publish, &stream)?;
+    let content_type = header_string(&headers, CONTENT_TYPE.as_str(), MAX_CONTENT_TYPE)?;
+    let key = header_string(&headers, "spool-key", MAX_KEY)?;
+    let idempotency_key = header_string(&headers, "idempotency-key", MAX_IDEMPOTENCY_KEY)?;
+    let extra = content_type.as_ref().map_or(0, String::len) + key.as_ref().map_or(0, String::len);
+    let limit = state.config.max_payload.saturating_sub(extra);
+    let body = read_body(body, &headers, limit, &state.config).await?;
     // Copy: the body may be a view into the connection's read buffer, and a stored message
     // must not keep that whole buffer alive for as long as retention keeps the message.
-    let payload =
-        Bytes::copy_from_slice(&body.map_err(|e| body_error(e, state.config.max_payload))?);
     let message = NewMessage {
-        payload,
-        content_type: header_string(&headers, CONTENT_TYPE.as_str(), MAX_CONTENT_TYPE)?,
-        key: header_string(&headers, "spool-key", MAX_KEY)?,
+        payload: Bytes::copy_from_slice(&body),
+        content_type,
+        key,
         headers: Vec::new(),
-        idempotency_key: header_string(&headers, "idempotency-key", MAX_IDEMPOTENCY_KEY)?,
+        idempotency_key,
     };
+    let client = budget::client_ip(&extensions);
+    budget::admit(&state, &principal, client, [&stream]).await?;
     let appended = state.engine.append(&stream, vec![message]).await?;
     let appended = appended.into_iter().next().ok_or_else(|| {
         ApiError::from(spool_engine::EngineError::Internal(
@@ -75,11 +89,12 @@ pub async fn publish_batch(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    extensions: Extensions,
+    body: Body,
 ) -> ApiResult<(StatusCode, Json<BatchResponse>)> {
     let query = QueryParams::parse(query.as_deref())?;
     let principal = authenticate(&state, &headers, &query)?;
-    let body = body.map_err(|e| body_error(e, state.config.max_batch_bytes))?;
+    let body = read_body(body, &headers, state.config.max_batch_bytes, &state.config).await?;
     let request: BatchRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_body(format!(
             "body must be {{\"messages\":[{{\"stream\",\"data\"}}…]}}: {e}"
@@ -109,6 +124,8 @@ pub async fn publish_batch(
 
     // One append per stream, all streams at once. If one fails the request fails; retrying
     // with idempotency keys is safe.
+    let client = budget::client_ip(&extensions);
+    budget::admit(&state, &principal, client, by_stream.keys()).await?;
     let engine = &state.engine;
     let appended: HashMap<StreamName, Vec<Appended>> =
         try_join_all(by_stream.into_iter().map(|(stream, messages)| async move {
@@ -158,9 +175,19 @@ pub(crate) fn validate(
             ));
         }
     };
-    if payload.len() > config.max_payload {
+    // Everything a message stores counts against the limit, not just its payload: headers,
+    // key and content type are kept as long as the payload is.
+    let stored = payload.len()
+        + m.key.as_ref().map_or(0, String::len)
+        + m.content_type.as_ref().map_or(0, String::len)
+        + m.headers
+            .iter()
+            .map(|(name, value)| name.len() + value.len())
+            .sum::<usize>();
+    if stored > config.max_payload {
         return Err(ApiError::too_large(format!(
-            "payload is {} bytes; the limit is {}",
+            "the message is {stored} bytes (payload {}, plus headers, key and content type); \
+             the limit is {}",
             payload.len(),
             config.max_payload
         )));
@@ -201,13 +228,50 @@ fn response(stream: &StreamName, appended: Appended) -> PublishResponse {
     }
 }
 
-fn body_error(e: BytesRejection, limit: usize) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+/// Reads a request body of at most `limit` bytes within the body timeout. Called only once
+/// the request head has passed authentication, so an anonymous caller never makes the server
+/// buffer anything, and a caller that stalls mid-body holds its buffer for a bounded time.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    config: &ServerConfig,
+) -> ApiResult<Bytes> {
+    let too_large = || {
         ApiError::too_large(format!(
             "the body is larger than the limit of {limit} bytes"
         ))
-    } else {
-        ApiError::bad_body(format!("could not read the body: {e}"))
+    };
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let timeout = config.http.body_timeout;
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let over_limit =
+                std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .any(|e| e.is::<LengthLimitError>());
+            if over_limit {
+                Err(too_large())
+            } else {
+                Err(ApiError::bad_body(format!("could not read the body: {e}")))
+            }
+        }
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::RequestTimeout,
+            format!(
+                "the body did not arrive within {} s (--body-timeout)",
+                timeout.as_secs_f64()
+            ),
+        )),
     }
 }
 

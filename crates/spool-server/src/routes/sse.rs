@@ -38,7 +38,7 @@ use crate::{
     error::{ApiError, ApiResult},
     metrics::{ConnectionGuard, Transport},
     query::{QueryParams, parse_start},
-    subscription::{Event, Idle, Subscription, position_after},
+    subscription::{Budget, Event, Idle, Subscription, position_after},
 };
 
 /// How long EventSource should wait before reconnecting (sent as `retry:`).
@@ -85,7 +85,7 @@ pub async fn single(
             None => Start::Now,
         },
     };
-    open(state, vec![(stream, start)], format, false).await
+    open(state, &principal, vec![(stream, start)], format, false).await
 }
 
 pub async fn multi(
@@ -151,6 +151,7 @@ pub async fn multi(
     };
     open(
         state,
+        &principal,
         streams.into_iter().zip(starts).collect(),
         format,
         true,
@@ -172,8 +173,14 @@ fn last_event_id(headers: &HeaderMap) -> ApiResult<Option<&str>> {
 }
 
 /// Opens every subscription, resolves its start, and returns the event stream.
+///
+/// An engine that is unavailable right now does not fail the request: EventSource gives up
+/// for good on any status but 200, and the outage is one it would survive. Such a
+/// subscription is opened inside the stream instead, retried with backoff until the engine
+/// answers; its position meanwhile is the start as given.
 async fn open(
     state: AppState,
+    principal: &Principal,
     streams: Vec<(StreamName, Start)>,
     format: Format,
     multi: bool,
@@ -181,16 +188,45 @@ async fn open(
     let mut merged: Merged = SelectAll::new();
     let mut cursors = Vec::with_capacity(streams.len());
     let mut names = Vec::with_capacity(streams.len());
+    let reader = Reader {
+        engine: state.engine.clone(),
+        shutdown: state.shutdown.clone(),
+        budget: Budget {
+            messages: READ_BATCH,
+            bytes: state.config.max_read_bytes,
+            conflate: false,
+        },
+    };
     for (i, (stream, start)) in streams.into_iter().enumerate() {
-        let mut sub =
-            Subscription::open(state.engine.clone(), stream.clone(), start, READ_BATCH).await?;
-        sub.resolve().await?;
-        cursors.push(sub.position().map(ToString::to_string).unwrap_or_default());
+        let opened = match Subscription::open(
+            state.engine.clone(),
+            stream.clone(),
+            start.clone(),
+            READ_BATCH,
+        )
+        .await
+        {
+            Ok(mut sub) => sub.resolve().await.map(|()| sub),
+            Err(e) => Err(e),
+        };
+        let pending = match opened {
+            Ok(sub) => {
+                cursors.push(sub.position().map(ToString::to_string).unwrap_or_default());
+                Pending::Open(sub)
+            }
+            Err(EngineError::Unavailable(e)) => {
+                tracing::info!(stream = %stream, error = %e, "engine unavailable: the SSE subscription opens once it is back");
+                cursors.push(start_text(&start));
+                Pending::Closed(stream.clone(), start)
+            }
+            Err(e) => return Err(e.into()),
+        };
         names.push(stream);
-        merged.push(subscription_events(i, sub, state.shutdown.clone()));
+        merged.push(subscription_events(i, pending, reader.clone()));
     }
     let session = Session {
         guard: state.metrics.connection(Transport::sse),
+        expires_at: principal.expires_at(),
         state,
         merged,
         cursors,
@@ -223,24 +259,101 @@ fn sse_response(
     response
 }
 
-/// One subscription as a stream of event batches tagged with its index.
-fn subscription_events(
-    index: usize,
-    sub: Subscription,
+/// What every subscription of one connection reads with.
+#[derive(Clone)]
+struct Reader {
+    engine: std::sync::Arc<dyn spool_engine::Engine>,
     shutdown: tokio_util::sync::CancellationToken,
-) -> Tagged {
-    stream::unfold(Some(sub), move |sub| {
-        let shutdown = shutdown.clone();
+    /// One batch's bound: the events of a batch are encoded at once, so this bounds what a
+    /// slow client makes the server hold (`--max-read-bytes`).
+    budget: Budget,
+}
+
+/// A subscription, or what it takes to open it once the engine answers.
+enum Pending {
+    Open(Subscription),
+    Closed(StreamName, Start),
+}
+
+/// First wait after an engine failure; it doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// One subscription as a stream of event batches tagged with its index.
+///
+/// An engine that is unavailable (an outage of Redis or NATS, a leader change) is waited out
+/// with backoff: the connection stays open, heartbeats go on, and the subscription continues
+/// from its cursor when reads work again — the same as the WebSocket path. Only errors that a
+/// retry cannot cure end the stream with an `error` event.
+fn subscription_events(index: usize, pending: Pending, reader: Reader) -> Tagged {
+    stream::unfold(Some(pending), move |pending| {
+        let reader = reader.clone();
         async move {
-            let mut sub = sub?;
-            match sub.next_batch(None, &shutdown).await {
-                Ok(Ok(events)) => Some(((index, Ok(events)), Some(sub))),
-                Ok(Err(Idle::Shutdown | Idle::Timeout)) => None,
-                Err(e) => Some(((index, Err(e)), None)),
+            let mut pending = pending?;
+            let mut backoff = RETRY_MIN;
+            loop {
+                let failure = match pending {
+                    Pending::Closed(stream, start) => {
+                        match Subscription::open(
+                            reader.engine.clone(),
+                            stream.clone(),
+                            start.clone(),
+                            READ_BATCH,
+                        )
+                        .await
+                        {
+                            Ok(sub) => {
+                                pending = Pending::Open(sub);
+                                continue;
+                            }
+                            Err(e) => {
+                                pending = Pending::Closed(stream, start);
+                                e
+                            }
+                        }
+                    }
+                    Pending::Open(mut sub) => {
+                        match sub
+                            .next_batch_within(None, &reader.shutdown, reader.budget)
+                            .await
+                        {
+                            Ok(Ok(events)) => {
+                                return Some(((index, Ok(events)), Some(Pending::Open(sub))));
+                            }
+                            Ok(Err(Idle::Shutdown | Idle::Timeout)) => return None,
+                            Err(e) => {
+                                pending = Pending::Open(sub);
+                                e
+                            }
+                        }
+                    }
+                };
+                match failure {
+                    EngineError::Unavailable(e) => {
+                        tracing::debug!(error = %e, ?backoff, "SSE read failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = reader.shutdown.cancelled() => return None,
+                        }
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                    }
+                    e => return Some(((index, Err(e)), None)),
+                }
             }
         }
     })
     .boxed()
+}
+
+/// A start as a position list entry (`Last-Event-ID` of the multi-stream form): the position,
+/// or the keyword, which `parse_start` reads back.
+fn start_text(start: &Start) -> String {
+    match start {
+        Start::After(p) => p.to_string(),
+        Start::Oldest => "oldest".into(),
+        Start::Latest => "latest".into(),
+        Start::Now => "now".into(),
+    }
 }
 
 /// The state of one SSE connection: its subscriptions and the position of each.
@@ -252,6 +365,8 @@ struct Session {
     format: Format,
     multi: bool,
     done: bool,
+    /// When the credential stops being valid (ms since the Unix epoch): the stream ends then.
+    expires_at: Option<u64>,
     #[allow(dead_code)] // held for its Drop: counts the connection while it is open
     guard: ConnectionGuard,
 }
@@ -261,9 +376,31 @@ impl Session {
         if self.done {
             return None;
         }
+        let expiry = async {
+            match self.expires_at {
+                Some(at) => tokio::time::sleep(until_unix_ms(at)).await,
+                None => std::future::pending().await,
+            }
+        };
         let item = tokio::select! {
-            item = self.merged.next() => item,
-            _ = self.state.shutdown.cancelled() => None,
+            item = self.merged.next() => Some(item),
+            _ = self.state.shutdown.cancelled() => Some(None),
+            _ = expiry => None,
+        };
+        let Some(item) = item else {
+            // The token expired: say so in an event the client can act on (reconnect with a
+            // fresh token), then end. Nothing published after the expiry is delivered.
+            self.done = true;
+            return Some((
+                vec![json_event(
+                    "error",
+                    &ErrorBody::new(
+                        ErrorCode::TokenExpired,
+                        "the token expired; reconnect with a fresh one",
+                    ),
+                )],
+                self,
+            ));
         };
         let out = match item {
             Some((i, Ok(events))) => self.encode(i, events),
@@ -349,4 +486,12 @@ fn json_event(name: &str, body: &impl serde::Serialize) -> SseEvent {
     } else {
         event.event(name)
     }
+}
+
+/// Time from now until `at_ms` (ms since the Unix epoch); zero if it has passed.
+pub(super) fn until_unix_ms(at_ms: u64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_millis(at_ms).saturating_sub(now)
 }
