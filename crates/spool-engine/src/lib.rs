@@ -51,12 +51,30 @@ pub enum EngineError {
     /// The engine's backing store cannot be reached or used right now; retry later.
     #[error("engine unavailable: {0}")]
     Unavailable(String),
-    /// A limit of the engine itself was hit (e.g. too many streams).
+    /// A limit of the engine itself was hit (e.g. too many sessions, a message too large).
     #[error("engine limit reached: {0}")]
     Limit(String),
+    /// The engine holds as many streams as it may: the stream cannot be created (streams that
+    /// exist go on working).
+    #[error("stream limit reached: {0}")]
+    StreamLimit(String),
     /// Anything else: a bug or corrupted data.
     #[error("engine failure: {0}")]
     Internal(String),
+}
+
+/// How many streams an engine holds, for `/metrics` and `/readyz`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamCounts {
+    /// Streams something was published to.
+    pub streams: u64,
+    /// The most `streams` the engine will create (`--max-streams`), if it has a limit.
+    pub limit: Option<u64>,
+    /// Streams readers wait on that nothing was published to: held in memory only, while
+    /// watched (and briefly after).
+    pub unpublished: u64,
+    /// Stream creations refused at `limit` since the engine started.
+    pub refused: u64,
 }
 
 /// A stream's head, sent to watchers whenever it moves or the epoch changes.
@@ -77,8 +95,10 @@ pub trait Engine: Send + Sync + 'static {
         messages: Vec<NewMessage>,
     ) -> Result<Vec<Appended>, EngineError>;
 
-    /// Reads up to `limit` messages after `after`. An unknown stream is registered with a
-    /// fresh epoch and no messages, so that every reader learns a position to resume from.
+    /// Reads up to `limit` messages after `after`. An unknown stream reads as empty, at head 0
+    /// of an epoch; reading never creates a stream: on the memory and disk engines the epoch
+    /// belongs to an in-memory placeholder that the first append adopts while a reader watches
+    /// it (see `registry.rs`), and nothing is written.
     async fn read(
         &self,
         stream: &StreamName,
@@ -86,12 +106,24 @@ pub trait Engine: Send + Sync + 'static {
         limit: usize,
     ) -> Result<ReadBatch, EngineError>;
 
-    /// The stream's bounds, or `None` when the engine has never heard of it.
+    /// The stream's bounds, or `None` when nothing was ever published to it (as far as the
+    /// engine knows: it may have been read or watched).
     async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError>;
 
-    /// A watch on the stream's head (registering the stream like [`Engine::read`]). Take the
-    /// watch *before* reading, so that a publish landing between the read and the wait is
-    /// never missed.
+    /// Whether something was published to the stream, i.e. whether an append would create it.
+    /// The server asks this before spending a publisher's stream budget; it should be cheap.
+    async fn exists(&self, stream: &StreamName) -> Result<bool, EngineError> {
+        Ok(self.state(stream).await?.is_some())
+    }
+
+    /// How many streams the engine holds, if it counts them (the memory and disk engines do).
+    fn stream_counts(&self) -> Option<StreamCounts> {
+        None
+    }
+
+    /// A watch on the stream's head. Like [`Engine::read`], watching an unknown stream does not
+    /// create it. Take the watch *before* reading, so that a publish landing between the read
+    /// and the wait is never missed.
     async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError>;
 
     /// The retention in force for a stream.

@@ -65,6 +65,11 @@ impl StreamLog {
         self.head_tx.subscribe()
     }
 
+    /// How many head watches are out.
+    pub fn watchers(&self) -> usize {
+        self.head_tx.receiver_count()
+    }
+
     /// Appends the next message. The caller guarantees `message.offset == head + 1`.
     pub fn push(&mut self, message: Arc<Message>, tag: u64) {
         debug_assert_eq!(message.offset, self.head.next());

@@ -17,8 +17,10 @@ use spool_core::{
 };
 
 use crate::{
-    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, dedup::DedupWindow,
-    registry::Registry, sessions::SessionTable,
+    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, StreamCounts,
+    dedup::DedupWindow,
+    registry::{Registry, Watched},
+    sessions::SessionTable,
 };
 
 /// Settings of the memory engine.
@@ -27,8 +29,11 @@ pub struct MemoryConfig {
     pub retention: RetentionPolicy,
     /// How long an idempotency key is remembered.
     pub dedup_window: Duration,
-    /// The most streams (including ones only read so far) the engine will hold.
+    /// The most streams the engine will create (streams something was published to).
     pub max_streams: usize,
+    /// The most streams readers may wait on before anything is published to them (held in
+    /// memory while watched, never counted in `max_streams`).
+    pub max_unpublished_streams: usize,
 }
 
 impl Default for MemoryConfig {
@@ -37,6 +42,7 @@ impl Default for MemoryConfig {
             retention: RetentionPolicy::default(),
             dedup_window: Duration::from_secs(120),
             max_streams: 1_000_000,
+            max_unpublished_streams: 100_000,
         }
     }
 }
@@ -62,18 +68,23 @@ impl StreamLog {
     }
 }
 
+impl Watched for Mutex<StreamLog> {
+    fn watchers(&self) -> usize {
+        self.lock().log.watchers()
+    }
+}
+
 impl MemoryEngine {
     pub fn new(config: MemoryConfig) -> Self {
         Self {
-            streams: Registry::new("memory", config.max_streams),
+            streams: Registry::new("memory", config.max_streams, config.max_unpublished_streams),
             sessions: SessionTable::default(),
             config,
         }
     }
 
-    fn stream(&self, name: &StreamName) -> Result<Arc<Mutex<StreamLog>>, EngineError> {
-        self.streams
-            .get_or_create(name, || Mutex::new(StreamLog::new(self.retention(name))))
+    fn new_stream(&self, name: &StreamName) -> Mutex<StreamLog> {
+        Mutex::new(StreamLog::new(self.retention(name)))
     }
 }
 
@@ -88,7 +99,9 @@ impl Engine for MemoryEngine {
         stream: &StreamName,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<Appended>, EngineError> {
-        let log = self.stream(stream)?;
+        let (log, _) = self
+            .streams
+            .get_or_create(stream, || self.new_stream(stream))?;
         let now = now_ms();
         let dedup_until = now + self.config.dedup_window.as_millis() as u64;
         let mut guard = log.lock();
@@ -125,13 +138,18 @@ impl Engine for MemoryEngine {
         after: Offset,
         limit: usize,
     ) -> Result<ReadBatch, EngineError> {
-        let log = self.stream(stream)?;
-        let mut guard = log.lock();
-        guard.log.trim(now_ms(), |_| {});
-        Ok(ReadBatch {
-            state: guard.log.state(),
-            messages: guard.log.read(after, limit),
-        })
+        self.streams.with_for_reader(
+            stream,
+            || self.new_stream(stream),
+            |log| {
+                let mut guard = log.lock();
+                guard.log.trim(now_ms(), |_| {});
+                ReadBatch {
+                    state: guard.log.state(),
+                    messages: guard.log.read(after, limit),
+                }
+            },
+        )
     }
 
     async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
@@ -144,7 +162,8 @@ impl Engine for MemoryEngine {
     }
 
     async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError> {
-        Ok(self.stream(stream)?.lock().log.watch())
+        self.streams
+            .with_for_reader(stream, || self.new_stream(stream), |s| s.lock().log.watch())
     }
 
     fn retention(&self, stream: &StreamName) -> Retention {
@@ -159,8 +178,17 @@ impl Engine for MemoryEngine {
             guard.log.trim(now, |_| {});
             guard.dedup.expire(now);
         }
+        self.streams.prune_unpublished(now);
         self.sessions.expire(now);
         Ok(())
+    }
+
+    async fn exists(&self, stream: &StreamName) -> Result<bool, EngineError> {
+        Ok(self.streams.get(stream).is_some())
+    }
+
+    fn stream_counts(&self) -> Option<StreamCounts> {
+        Some(self.streams.counts())
     }
 
     async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError> {
@@ -236,7 +264,54 @@ mod tests {
         });
         engine.append(&name("a"), vec![msg("1")]).await.unwrap();
         let err = engine.append(&name("b"), vec![msg("1")]).await.unwrap_err();
-        assert!(matches!(err, EngineError::Limit(_)));
+        assert!(matches!(err, EngineError::StreamLimit(_)));
         assert!(engine.state(&name("b")).await.unwrap().is_none());
+        // The stream that exists goes on; reads of others still work.
+        engine.append(&name("a"), vec![msg("2")]).await.unwrap();
+        assert!(engine.read(&name("c"), Offset(0), 10).await.is_ok());
+        assert_eq!(engine.stream_counts().unwrap().refused, 1);
+    }
+
+    #[tokio::test]
+    async fn reads_and_watches_create_no_stream() {
+        let engine = MemoryEngine::new(MemoryConfig::default());
+        let s = name("never-published");
+        let watch = engine.watch(&s).await.unwrap();
+        let read = engine.read(&s, Offset(0), 10).await.unwrap();
+        assert_eq!(
+            read.state.epoch,
+            watch.borrow().epoch,
+            "one placeholder epoch"
+        );
+        assert!(engine.state(&s).await.unwrap().is_none());
+        assert!(!engine.exists(&s).await.unwrap());
+        let counts = engine.stream_counts().unwrap();
+        assert_eq!((counts.streams, counts.unpublished), (0, 1));
+        // The first append adopts the epoch the reader waits in.
+        let out = engine.append(&s, vec![msg("1")]).await.unwrap();
+        assert_eq!(out[0].position, Position::new(read.state.epoch, Offset(1)));
+        assert_eq!(watch.borrow().offset, Offset(1));
+        let counts = engine.stream_counts().unwrap();
+        assert_eq!((counts.streams, counts.unpublished), (1, 0));
+
+        // A placeholder nobody watches is dropped after its linger; a reader coming back with
+        // its position then gets a reset (another epoch at head 0: `unknown_stream`).
+        let other = name("read-once");
+        let gone = engine.watch(&other).await.unwrap().borrow().clone();
+        engine.streams.prune_unpublished(now_ms());
+        assert_eq!(engine.stream_counts().unwrap().unpublished, 1, "lingers");
+        engine
+            .streams
+            .prune_unpublished(now_ms() + crate::registry::LINGER_MS);
+        assert_eq!(engine.stream_counts().unwrap().unpublished, 0);
+        let again = engine.read(&other, Offset(0), 10).await.unwrap().state;
+        assert_ne!(again.epoch, gone.epoch);
+        assert_eq!(
+            spool_core::continuity::decide(&spool_core::Start::After(gone), &again),
+            spool_core::continuity::Decision::Reset {
+                reason: spool_core::ResetReason::UnknownStream,
+                head: again.head_position(),
+            }
+        );
     }
 }

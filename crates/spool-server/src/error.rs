@@ -78,6 +78,9 @@ impl From<EngineError> for ApiError {
                 ErrorCode::EngineUnavailable,
             ),
             EngineError::Limit(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::LimitReached),
+            EngineError::StreamLimit(_) => {
+                (StatusCode::INSUFFICIENT_STORAGE, ErrorCode::StreamLimit)
+            }
             EngineError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {

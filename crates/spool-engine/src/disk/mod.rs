@@ -46,8 +46,11 @@ use spool_core::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, dedup::DedupWindow,
-    log::StreamLog, registry::Registry, sessions::SessionFile,
+    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, StreamCounts,
+    dedup::DedupWindow,
+    log::StreamLog,
+    registry::{Registry, Watched},
+    sessions::SessionFile,
 };
 use record::Record;
 use writer::{Publish, WriteRequest, Writer};
@@ -70,7 +73,11 @@ pub struct DiskConfig {
     pub dedup_window: Duration,
     /// A segment is closed and a new one started past this size.
     pub segment_size: u64,
+    /// The most streams the engine will create (streams something was published to).
     pub max_streams: usize,
+    /// The most streams readers may wait on before anything is published to them (in memory
+    /// only, never written; see `registry.rs`).
+    pub max_unpublished_streams: usize,
 }
 
 impl DiskConfig {
@@ -82,6 +89,7 @@ impl DiskConfig {
             dedup_window: Duration::from_secs(120),
             segment_size: 64 * 1024 * 1024,
             max_streams: 1_000_000,
+            max_unpublished_streams: 100_000,
         }
     }
 }
@@ -286,7 +294,7 @@ impl DiskEngine {
             })?;
 
         let shared = Arc::new(Shared {
-            streams: Registry::new("disk", config.max_streams),
+            streams: Registry::new("disk", config.max_streams, config.max_unpublished_streams),
             segments: Mutex::new(HashMap::new()),
             active_segment: AtomicU64::new(u64::MAX),
             dir: dir.clone(),
@@ -387,16 +395,15 @@ impl DiskEngine {
         })
     }
 
-    fn stream(&self, name: &StreamName) -> Result<Arc<DiskStream>, EngineError> {
-        self.shared.streams.get_or_create(name, || {
-            DiskStream::new(
-                name.clone(),
-                Epoch::generate(),
-                Offset::ZERO,
-                self.retention(name),
-                false,
-            )
-        })
+    /// A stream not in the WAL yet: the first append writes its epoch record.
+    fn new_stream(&self, name: &StreamName) -> DiskStream {
+        DiskStream::new(
+            name.clone(),
+            Epoch::generate(),
+            Offset::ZERO,
+            self.retention(name),
+            false,
+        )
     }
 
     async fn write(
@@ -420,6 +427,12 @@ impl DiskEngine {
 async fn wait(rx: oneshot::Receiver<Result<(), EngineError>>) -> Result<(), EngineError> {
     rx.await
         .map_err(|_| EngineError::Unavailable("the WAL writer has stopped".into()))?
+}
+
+impl Watched for DiskStream {
+    fn watchers(&self) -> usize {
+        self.log.lock().watchers()
+    }
 }
 
 impl DiskStream {
@@ -458,7 +471,10 @@ impl Engine for DiskEngine {
                 "the disk engine has failed: {reason}"
             )));
         }
-        let stream = self.stream(name)?;
+        let (stream, _) = self
+            .shared
+            .streams
+            .get_or_create(name, || self.new_stream(name))?;
         let now = now_ms();
         let dedup_until = now + self.config.dedup_window.as_millis() as u64;
         let mut state = stream.append.lock().await;
@@ -515,15 +531,19 @@ impl Engine for DiskEngine {
         after: Offset,
         limit: usize,
     ) -> Result<ReadBatch, EngineError> {
-        let stream = self.stream(name)?;
-        let mut log = stream.log.lock();
         let mut dropped = Vec::new();
-        log.trim(now_ms(), |e| dropped.push(e.tag));
-        let batch = ReadBatch {
-            state: log.state(),
-            messages: log.read(after, limit),
-        };
-        drop(log);
+        let batch = self.shared.streams.with_for_reader(
+            name,
+            || self.new_stream(name),
+            |stream| {
+                let mut log = stream.log.lock();
+                log.trim(now_ms(), |e| dropped.push(e.tag));
+                ReadBatch {
+                    state: log.state(),
+                    messages: log.read(after, limit),
+                }
+            },
+        )?;
         self.shared.release(&dropped);
         Ok(batch)
     }
@@ -542,7 +562,11 @@ impl Engine for DiskEngine {
     }
 
     async fn watch(&self, name: &StreamName) -> Result<HeadWatch, EngineError> {
-        Ok(self.stream(name)?.log.lock().watch())
+        self.shared.streams.with_for_reader(
+            name,
+            || self.new_stream(name),
+            |stream| stream.log.lock().watch(),
+        )
     }
 
     fn retention(&self, name: &StreamName) -> Retention {
@@ -560,6 +584,7 @@ impl Engine for DiskEngine {
             }
         }
         self.shared.release(&dropped);
+        self.shared.streams.prune_unpublished(now);
         let last = self.sessions_swept.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= SESSION_SWEEP_MS {
             self.sessions_swept.store(now, Ordering::Relaxed);
@@ -567,6 +592,14 @@ impl Engine for DiskEngine {
             blocking(move || sessions.expire(now)).await?;
         }
         Ok(())
+    }
+
+    async fn exists(&self, name: &StreamName) -> Result<bool, EngineError> {
+        Ok(self.shared.streams.get(name).is_some())
+    }
+
+    fn stream_counts(&self) -> Option<StreamCounts> {
+        Some(self.shared.streams.counts())
     }
 
     async fn save_sessions(&self, records: Vec<SessionRecord>) -> Result<(), EngineError> {

@@ -14,7 +14,8 @@ pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready when the engine answers and the server is not shutting down.
+/// Ready when the engine answers and the server is not shutting down. At the stream limit the
+/// node stays ready (every existing stream works) and says so under `streams`.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.shutdown.is_cancelled() {
         return (
@@ -23,10 +24,19 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         );
     }
     match state.engine.ready().await {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(json!({"status": "ready", "engine": state.engine.name()})),
-        ),
+        Ok(()) => {
+            let mut body = json!({"status": "ready", "engine": state.engine.name()});
+            if let Some(c) = state.engine.stream_counts() {
+                body["streams"] = json!({
+                    "count": c.streams,
+                    "limit": c.limit,
+                    "at_limit": c.limit.is_some_and(|l| c.streams >= l),
+                    "unpublished": c.unpublished,
+                    "refused": c.refused,
+                });
+            }
+            (StatusCode::OK, Json(body))
+        }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(
@@ -37,6 +47,9 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state
+        .metrics
+        .observe_streams(state.engine.stream_counts(), state.budget.refused());
     (
         [(
             header::CONTENT_TYPE,

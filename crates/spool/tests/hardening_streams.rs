@@ -1,0 +1,335 @@
+//! Streams as a resource a client can make the server hold (issue 10, item 6), through the
+//! real binary: reads create no stream (nothing persisted, memory returned), stream creation
+//! has a per-identity budget (`--max-new-streams-per-minute`), and the global `--max-streams`
+//! refuses only new streams, visibly, while every existing stream keeps working.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{API_KEY, Server, SseClient, WsPeer, enc, jwt, now_secs};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+const MIB: u64 = 1024 * 1024;
+
+/// A publish of `data` to `stream` with `token`; the status and the JSON answer.
+async fn publish_as(server: &Server, token: &str, stream: &str, data: &str) -> (u16, Value) {
+    let r = server
+        .http
+        .post(server.url(&format!("/v1/streams/{}/messages", enc(stream))))
+        .bearer_auth(token)
+        .body(data.to_owned())
+        .send()
+        .await
+        .expect("publish");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn batch_as(server: &Server, token: &str, messages: Vec<Value>) -> (u16, Value) {
+    let r = server
+        .http
+        .post(server.url("/v1/publish"))
+        .bearer_auth(token)
+        .json(&json!({ "messages": messages }))
+        .send()
+        .await
+        .expect("batch");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The status of `GET /v1/streams/{stream}` (404: the server holds no such stream).
+async fn info_status(server: &Server, stream: &str) -> u16 {
+    server
+        .http
+        .get(server.url(&format!("/v1/streams/{}", enc(stream))))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .expect("stream info")
+        .status()
+        .as_u16()
+}
+
+async fn streams_metric(server: &Server) -> f64 {
+    server
+        .metric("spool_streams")
+        .await
+        .expect("spool_streams in /metrics")
+}
+
+/// Long-polls (`wait=0`) `n` distinct unknown streams with `token`, `concurrency` at a time;
+/// every answer must be 200 at head 0.
+async fn read_unknown_streams(server: &Server, token: &str, prefix: &str, n: usize) {
+    futures::stream::iter(0..n)
+        .for_each_concurrent(16, |i| async move {
+            let r = server
+                .http
+                .get(server.url(&format!(
+                    "/v1/streams/{}/messages?wait=0",
+                    enc(&format!("{prefix}{i}"))
+                )))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("poll");
+            assert_eq!(r.status(), 200, "reading an unknown stream");
+            let body: Value = r.json().await.expect("poll json");
+            assert!(body["messages"].as_array().unwrap().is_empty());
+            assert!(body["position"].as_str().unwrap().ends_with(":0"), "{body}");
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn reads_of_unknown_streams_create_nothing_and_hold_no_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let reader = jwt(json!({"sub":"reader","exp":now_secs()+600,"subscribe":["*"]}));
+    let mut server = Server::start_disk(
+        "127.0.0.1:0",
+        dir.path(),
+        &["--max-unpublished-streams", "500"],
+    );
+    server.publish("real", "x").await;
+    assert_eq!(streams_metric(&server).await, 1.0);
+    // Warm up, then measure: thousands of distinct unknown streams, by long-poll, SSE and
+    // WebSocket, with a read-only token.
+    read_unknown_streams(&server, &reader, "warm-", 500).await;
+    let before = server.rss_bytes();
+    read_unknown_streams(&server, &reader, "ghost-", 4000).await;
+    for i in 0..50 {
+        let sse = SseClient::connect(
+            server
+                .http
+                .get(server.url(&format!("/v1/streams/sse-ghost-{i}/events?token={reader}"))),
+        )
+        .await;
+        drop(sse);
+    }
+    let (mut peer, _) = WsPeer::connect(&server.addr, &reader).await;
+    for i in 0..50 {
+        peer.send(
+            json!({"type":"subscribe","id":i,"stream":format!("ws-ghost-{i}"),"after":"oldest"}),
+        )
+        .await;
+        let subscribed = peer.expect("subscribed").await;
+        assert!(subscribed["position"].as_str().unwrap().ends_with(":0"));
+    }
+    drop(peer);
+    let grown = server.rss_bytes().saturating_sub(before);
+    assert!(
+        grown < 48 * MIB,
+        "reading 4,100 unknown streams grew RSS by {} MiB",
+        grown / MIB
+    );
+    assert_eq!(streams_metric(&server).await, 1.0, "reads created streams");
+    let unpublished = server.metric("spool_unpublished_streams").await.unwrap();
+    assert!(
+        unpublished <= 500.0,
+        "placeholders are capped: {unpublished}"
+    );
+    assert_eq!(info_status(&server, "ghost-7").await, 404);
+
+    // Nothing of them was persisted: after a restart only the published stream exists.
+    server.terminate();
+    let server = Server::start_disk("127.0.0.1:0", dir.path(), &[]);
+    assert_eq!(streams_metric(&server).await, 1.0);
+    assert_eq!(server.metric("spool_unpublished_streams").await, Some(0.0));
+    assert_eq!(info_status(&server, "ghost-7").await, 404);
+    assert_eq!(info_status(&server, "ws-ghost-3").await, 404);
+    assert_eq!(info_status(&server, "real").await, 200);
+}
+
+#[tokio::test]
+async fn a_publisher_over_its_budget_gets_429_and_others_still_create_streams() {
+    let server = Server::start(&["--max-new-streams-per-minute", "20"]);
+    let claims = |sub: &str| json!({"sub":sub,"exp":now_secs()+600,"publish":["chat:*"],"subscribe":["chat:*"]});
+    let spammer = jwt(claims("spammer"));
+    let other = jwt(claims("other"));
+
+    // A batch that would create more streams than the budget: refused whole, nothing appended.
+    let messages: Vec<Value> = (0..50)
+        .map(|i| json!({"stream": format!("chat:s{i}"), "data": "x"}))
+        .collect();
+    let (status, body) = batch_as(&server, &spammer, messages).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "stream_budget_exceeded");
+    assert_eq!(streams_metric(&server).await, 0.0, "nothing was appended");
+    assert_eq!(info_status(&server, "chat:s0").await, 404);
+
+    // The budget itself: 20 new streams, then 429.
+    for i in 0..20 {
+        let (status, body) = publish_as(&server, &spammer, &format!("chat:a{i}"), "x").await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = publish_as(&server, &spammer, "chat:a20", "x").await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "stream_budget_exceeded");
+    // Existing streams take publishes without spending budget.
+    for _ in 0..5 {
+        let (status, _) = publish_as(&server, &spammer, "chat:a0", "more").await;
+        assert_eq!(status, 201);
+    }
+    // Over the WebSocket too.
+    let (mut peer, _) = WsPeer::connect(&server.addr, &spammer).await;
+    peer.send(json!({"type":"publish","id":7,"stream":"chat:ws-new","data":"x"}))
+        .await;
+    let error = peer.expect("error").await;
+    assert_eq!(error["code"], "stream_budget_exceeded", "{error}");
+    assert_eq!(error["id"], 7);
+    peer.send(json!({"type":"publish","id":8,"stream":"chat:a1","data":"x"}))
+        .await;
+    let ack = peer.expect("ack").await;
+    assert_eq!(ack["offset"], 2);
+
+    // Another identity has its own budget.
+    let (status, body) = publish_as(&server, &other, "chat:mine", "x").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(streams_metric(&server).await, 21.0);
+    let refused = server
+        .metric("spool_stream_creations_refused_total{reason=\"budget\"}")
+        .await
+        .unwrap();
+    assert!(refused >= 3.0, "refusals counted: {refused}");
+}
+
+#[tokio::test]
+async fn at_the_stream_limit_existing_streams_work_and_new_ones_get_a_clear_error() {
+    let server = Server::start(&["--max-streams", "5", "--max-new-streams-per-minute", "0"]);
+    for i in 0..5 {
+        server.publish(&format!("t{i}"), "first").await;
+    }
+    // A subscriber of an existing stream, connected before and through the limit.
+    let mut sse = SseClient::connect(
+        server
+            .http
+            .get(server.url("/v1/streams/t0/events?after=oldest"))
+            .bearer_auth(API_KEY),
+    )
+    .await;
+    let first = sse.next(Duration::from_secs(10)).await.unwrap();
+    assert!(first.data.contains("first"), "{first:?}");
+
+    let r = server
+        .http
+        .post(server.url("/v1/streams/t5/messages"))
+        .bearer_auth(API_KEY)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 507, "a new stream at the limit");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "stream_limit", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-streams")
+    );
+
+    // Existing streams take publishes and reads, and live subscribers get them.
+    let acked = server.publish("t0", "second").await;
+    assert_eq!(acked["offset"], 2);
+    let next = sse.next(Duration::from_secs(10)).await.unwrap();
+    assert!(next.data.contains("second"), "{next:?}");
+    let (status, polled) = server.poll("t3", "after=oldest").await;
+    assert_eq!(status, 200);
+    assert_eq!(polled["messages"].as_array().unwrap().len(), 1);
+    // Reading an unknown stream still works (it creates nothing).
+    let (status, _) = server.poll("t6", "wait=0").await;
+    assert_eq!(status, 200);
+
+    // Ready, and saying so.
+    let r = server.http.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let ready: Value = r.json().await.unwrap();
+    assert_eq!(ready["streams"]["at_limit"], true, "{ready}");
+    assert_eq!(ready["streams"]["count"], 5);
+    assert_eq!(ready["streams"]["limit"], 5);
+    assert_eq!(streams_metric(&server).await, 5.0);
+    assert_eq!(server.metric("spool_streams_limit").await, Some(5.0));
+    assert_eq!(
+        server
+            .metric("spool_stream_creations_refused_total{reason=\"stream_limit\"}")
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_reader_waiting_on_a_stream_not_yet_created_gets_offset_1_without_a_reset() {
+    for disk in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = if disk {
+            Server::start_disk("127.0.0.1:0", dir.path(), &[])
+        } else {
+            Server::start(&[])
+        };
+        let mut sse = SseClient::connect(
+            server
+                .http
+                .get(server.url("/v1/streams/fresh/events"))
+                .bearer_auth(API_KEY),
+        )
+        .await;
+        let (mut peer, _) = WsPeer::connect(&server.addr, API_KEY).await;
+        peer.send(json!({"type":"subscribe","id":1,"stream":"fresh","after":"now"}))
+            .await;
+        let subscribed = peer.expect("subscribed").await;
+        let waiting_at = subscribed["position"].as_str().unwrap().to_owned();
+        assert!(waiting_at.ends_with(":0"), "{subscribed}");
+        // A long-poll that learned the empty stream's position, and one waiting on it.
+        let (_, empty) = server.poll("fresh", "wait=0").await;
+        assert_eq!(empty["position"], waiting_at.as_str());
+        let waiting = {
+            let http = server.http.clone();
+            let url = server.url("/v1/streams/fresh/messages?wait=20");
+            tokio::spawn(async move {
+                let r = http.get(url).bearer_auth(API_KEY).send().await.unwrap();
+                r.json::<Value>().await.unwrap()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            info_status(&server, "fresh").await,
+            404,
+            "not created by readers"
+        );
+
+        let acked = server.publish("fresh", "hello").await;
+        assert_eq!(acked["offset"], 1);
+        let epoch = acked["epoch"].as_str().unwrap();
+        assert_eq!(
+            format!("{epoch}:0"),
+            waiting_at,
+            "the first publish adopts the epoch readers wait in"
+        );
+
+        let event = sse.next(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(event.event, "message", "{event:?}");
+        assert_eq!(event.id.as_deref(), Some(format!("{epoch}:1").as_str()));
+        let message = peer.expect("message").await;
+        assert_eq!(
+            (message["offset"].as_u64(), message["epoch"].as_str()),
+            (Some(1), Some(epoch))
+        );
+        let polled = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(polled["reset"].is_null(), "{polled}");
+        assert_eq!(polled["messages"][0]["offset"], 1, "{polled}");
+        // The position learned while the stream was empty resumes without a reset.
+        let (_, resumed) = server
+            .poll(
+                "fresh",
+                &format!("after={}&wait=0", empty["position"].as_str().unwrap()),
+            )
+            .await;
+        assert!(resumed["reset"].is_null(), "{resumed}");
+        assert_eq!(resumed["messages"][0]["offset"], 1, "{resumed}");
+    }
+}
