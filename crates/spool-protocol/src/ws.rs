@@ -31,6 +31,19 @@ pub enum ClientFrame {
     Pong(Ping),
 }
 
+impl ClientFrame {
+    /// The `id` the answer (or the error) repeats, for the frames that carry one.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            ClientFrame::Subscribe(f) => f.id,
+            ClientFrame::Unsubscribe(f) => f.id,
+            ClientFrame::Publish(f) => f.id,
+            ClientFrame::Refresh(f) => f.id,
+            ClientFrame::Connect(_) | ClientFrame::Ping(_) | ClientFrame::Pong(_) => None,
+        }
+    }
+}
+
 /// The first frame of a connection: credentials, a session to resume, or both.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,8 +163,8 @@ pub struct Connected {
     pub subscriptions: Vec<Subscribed>,
     /// How long the session outlives its connection, in ms.
     pub session_ttl_ms: u64,
-    /// The server pings this often when the connection is otherwise quiet, in ms; a client
-    /// that hears nothing for twice as long should consider the connection dead.
+    /// The server pings this often, in ms; a client that hears nothing for twice as long
+    /// should consider the connection dead.
     pub ping_interval_ms: u64,
     /// When the credential expires (ms since the Unix epoch); `refresh` before then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -274,6 +287,9 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// A binary frame: this protocol is text only. Fix the client.
     pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// The client broke a rule of the connection (it sent pings faster than the server
+    /// answers them). Fix the client.
+    pub const POLICY_VIOLATION: u16 = 1008;
     /// A frame larger than the server accepts. Reconnecting is safe; resending it is not.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// A server failure: reconnect after a backoff.
@@ -300,7 +316,12 @@ pub mod close {
     pub fn should_reconnect(code: u16) -> bool {
         !matches!(
             code,
-            NORMAL | UNSUPPORTED_DATA | UNAUTHORIZED | SESSION_TAKEN_OVER | TOO_MANY_ERRORS
+            NORMAL
+                | UNSUPPORTED_DATA
+                | POLICY_VIOLATION
+                | UNAUTHORIZED
+                | SESSION_TAKEN_OVER
+                | TOO_MANY_ERRORS
         )
     }
 }

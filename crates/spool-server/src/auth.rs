@@ -40,6 +40,31 @@ pub enum Principal {
     },
 }
 
+/// What a WebSocket session keeps of the credential that created it (or last refreshed it),
+/// so that resuming the session without a credential can check that the running
+/// configuration still accepts it (SPEC §3): an API key still configured, a token that still
+/// verifies — signature, `exp`, `nbf`, `iss`, `aud` — against the current keys, anonymous
+/// access still allowed. An API key is kept only as a one-way fingerprint (HMAC-SHA256 keyed
+/// by the key over a fixed label); a token is kept as it is, since it must be verified again.
+/// Its `Debug` shows neither.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Proof {
+    Anonymous,
+    ApiKey { fingerprint: String },
+    Token { token: String },
+}
+
+impl std::fmt::Debug for Proof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Proof::Anonymous => "Proof::Anonymous",
+            Proof::ApiKey { .. } => "Proof::ApiKey(..)",
+            Proof::Token { .. } => "Proof::Token(..)",
+        })
+    }
+}
+
 /// What a caller wants to do to a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -236,6 +261,17 @@ impl Authenticator {
         headers: &HeaderMap,
         query_token: Option<&str>,
     ) -> Result<Principal, ApiError> {
+        self.authenticate_with_proof(headers, query_token)
+            .map(|(principal, _)| principal)
+    }
+
+    /// [`Authenticator::authenticate`], with what a WebSocket session keeps to check the
+    /// credential again on resume.
+    pub fn authenticate_with_proof(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+    ) -> Result<(Principal, Proof), ApiError> {
         let credential = match headers.get(AUTHORIZATION) {
             Some(value) => {
                 let value = value
@@ -252,13 +288,62 @@ impl Authenticator {
             None => query_token,
         };
         match credential {
-            None | Some("") if self.allow_anonymous => Ok(Principal::Anonymous),
+            None | Some("") if self.allow_anonymous => Ok((Principal::Anonymous, Proof::Anonymous)),
             None | Some("") => Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,
                 "credentials required: send \"Authorization: Bearer <api key or token>\" or ?token=",
             )),
-            Some(credential) => self.verify(credential),
+            Some(credential) => self.verify_with_proof(credential),
+        }
+    }
+
+    /// [`Authenticator::verify`], with what a WebSocket session keeps to check the credential
+    /// again on resume.
+    pub fn verify_with_proof(&self, credential: &str) -> Result<(Principal, Proof), ApiError> {
+        let principal = self.verify(credential)?;
+        let proof = match &principal {
+            Principal::Anonymous => Proof::Anonymous,
+            Principal::ApiKey => Proof::ApiKey {
+                fingerprint: fingerprint(credential.as_bytes()),
+            },
+            Principal::Token { .. } => Proof::Token {
+                token: credential.to_owned(),
+            },
+        };
+        Ok((principal, proof))
+    }
+
+    /// Whether the running configuration still accepts the credential `proof` was taken from:
+    /// the principal it stands for now, or why not.
+    pub fn recheck(&self, proof: &Proof) -> Result<Principal, ApiError> {
+        match proof {
+            Proof::Anonymous if self.allow_anonymous => Ok(Principal::Anonymous),
+            Proof::Anonymous => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "anonymous access is not allowed",
+            )),
+            Proof::ApiKey {
+                fingerprint: stored,
+            } => {
+                let stored = stored.as_bytes();
+                if !stored.is_empty()
+                    && self
+                        .api_keys
+                        .iter()
+                        .any(|k| bool::from(fingerprint(k).as_bytes().ct_eq(stored)))
+                {
+                    Ok(Principal::ApiKey)
+                } else {
+                    Err(invalid("the API key is no longer configured"))
+                }
+            }
+            Proof::Token { token } => match self.verify(token)? {
+                principal @ Principal::Token { .. } => Ok(principal),
+                // A token that now equals an API key is not the token it was.
+                _ => Err(invalid("not a valid token")),
+            },
         }
     }
 
@@ -455,6 +540,14 @@ fn principal(claims: Claims) -> Principal {
         publish: claims.publish.iter().map(|p| Pattern::new(p)).collect(),
         expires_at: claims.exp.map(|s| s.saturating_mul(1000)),
     }
+}
+
+/// A one-way fingerprint of an API key, for session records: HMAC-SHA256 keyed by the key
+/// over a fixed label, base64url.
+fn fingerprint(key: &[u8]) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(key);
+    jsonwebtoken::crypto::sign(b"spool session api key v1", &key, Algorithm::HS256)
+        .unwrap_or_default()
 }
 
 fn invalid(message: &str) -> ApiError {

@@ -410,22 +410,23 @@ async fn credentials_on_the_upgrade_request_and_origins() {
         );
     }
 
-    // Origins: not allowed → 403; the allowed one, the server's own, and none → upgraded.
-    let (status, body) = WsPeer::open(addr, &[("origin", "https://evil.example")])
-        .await
-        .err()
-        .expect("a foreign origin upgraded");
-    assert_eq!(status, 403);
-    let body: Value = serde_json::from_str(&body).expect("a JSON body");
-    assert_eq!(body["error"]["code"], "origin_not_allowed", "{body}");
+    // Origins: not allowed → 403 (the server's own too: it is not listed, see
+    // hardening_ws.rs); the allowed one and none → upgraded.
     let own = format!("http://{addr}");
-    for origin in ["https://app.example", own.as_str()] {
-        let mut peer = WsPeer::open(addr, &[("origin", origin)])
+    for origin in ["https://evil.example", own.as_str()] {
+        let (status, body) = WsPeer::open(addr, &[("origin", origin)])
             .await
-            .unwrap_or_else(|e| panic!("{origin}: {e:?}"));
-        peer.send(json!({"type":"connect","token":token})).await;
-        peer.expect("connected").await;
+            .err()
+            .expect("an unlisted origin upgraded");
+        assert_eq!(status, 403);
+        let body: Value = serde_json::from_str(&body).expect("a JSON body");
+        assert_eq!(body["error"]["code"], "origin_not_allowed", "{body}");
     }
+    let mut peer = WsPeer::open(addr, &[("origin", "https://app.example")])
+        .await
+        .unwrap_or_else(|e| panic!("https://app.example: {e:?}"));
+    peer.send(json!({"type":"connect","token":token})).await;
+    peer.expect("connected").await;
     // Without --cors-origin, a foreign origin is refused too.
     let plain = Server::start(&[]);
     let refusal = WsPeer::open(&plain.addr, &[("origin", "https://app.example")])

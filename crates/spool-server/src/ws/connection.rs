@@ -40,7 +40,7 @@ use super::{
 };
 use crate::{
     AppState,
-    auth::{Action, Principal},
+    auth::{Action, Principal, Proof},
     error::ApiError,
     metrics::Transport,
     query::parse_start,
@@ -56,6 +56,11 @@ const MAX_BAD_FRAMES: u32 = 64;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Longest wait between retries of a subscription whose engine reads fail.
 const MAX_RETRY: Duration = Duration::from_secs(5);
+/// Pings (WebSocket control pings and `ping` frames) one connection may send per
+/// [`PING_WINDOW`]; each costs a reply the client may never read, so a peer that floods them
+/// is closed (`1008`) instead of being answered without end.
+const MAX_PINGS: u32 = 100;
+const PING_WINDOW: Duration = Duration::from_secs(10);
 
 /// One subscription's deliveries: batches of events, each with the room it took.
 type Deliveries = BoxStream<'static, Vec<(Event, Taken)>>;
@@ -69,7 +74,11 @@ struct Pending {
 
 type Round = BoxFuture<'static, Vec<(Option<u64>, StreamName, Result<Appended, EngineError>)>>;
 
-pub async fn run(socket: WebSocket, state: AppState, upgrade_principal: Option<Principal>) {
+pub async fn run(
+    socket: WebSocket,
+    state: AppState,
+    upgrade_principal: Option<(Principal, Proof)>,
+) {
     let (sink, mut inbound) = socket.split();
     let ws = state.config.ws.clone();
     let slot = Arc::new(OnceLock::new());
@@ -94,6 +103,10 @@ pub async fn run(socket: WebSocket, state: AppState, upgrade_principal: Option<P
         generation: 0,
         generations: HashMap::new(),
         pending: VecDeque::new(),
+        pending_bytes: 0,
+        round_bytes: 0,
+        pings: 0,
+        pings_since: Instant::now(),
         bad_frames: 0,
         close: None,
         stuck: AtomicBool::new(false),
@@ -102,12 +115,14 @@ pub async fn run(socket: WebSocket, state: AppState, upgrade_principal: Option<P
     let mut round: Option<Round> = None;
     let mut expiry: Option<Pin<Box<Sleep>>> = None;
     let opened = Instant::now();
-    let mut last_inbound = Instant::now();
-    let mut last_ping = Instant::now();
-    let tick_every = ws
-        .ping_interval
-        .min(ws.stuck_timeout / 4)
-        .min(ws.connect_timeout)
+    // Heartbeats run on their own clock, not on the coarse tick below: a ping every
+    // `ping_interval` exactly, and, from the first ping not yet answered, `ping_timeout` for
+    // any frame from the client to arrive.
+    let mut ping_at = Box::pin(tokio::time::sleep(ws.ping_interval));
+    let mut answer_by: Option<Pin<Box<Sleep>>> = None;
+    let tick_every = (ws.stuck_timeout / 4)
+        .min(ws.connect_timeout / 4)
+        .min(ws.ping_interval)
         .max(Duration::from_millis(100));
     let mut tick = tokio::time::interval_at(Instant::now() + tick_every, tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -115,7 +130,15 @@ pub async fn run(socket: WebSocket, state: AppState, upgrade_principal: Option<P
 
     loop {
         let taken_over = conn.session.as_ref().map(|s| s.taken_over.clone());
-        let reading = conn.pending.len() < ws.max_inflight_publishes;
+        // Publishes waiting for their ack are bounded in count and in bytes: at either bound,
+        // client frames are not read until acks drain (backpressure through TCP).
+        let reading = conn.pending.len() < ws.max_inflight_publishes
+            && conn.pending_bytes + conn.round_bytes < ws.max_inflight_publish_bytes;
+        if !reading {
+            // While the server does not read, the client's answer cannot be seen: the next
+            // ping starts the wait again.
+            answer_by = None;
+        }
         let result: Result<(), End> = tokio::select! {
             _ = shutdown.cancelled() => {
                 let frame = ServerFrame::Reconnect(proto::Reconnect {
@@ -133,10 +156,11 @@ pub async fn run(socket: WebSocket, state: AppState, upgrade_principal: Option<P
             }
             done = async { round.as_mut().expect("guarded").await }, if round.is_some() => {
                 round = None;
+                conn.round_bytes = 0;
                 conn.acks(done).await
             }
             frame = inbound.next(), if reading => {
-                last_inbound = Instant::now();
+                answer_by = None;
                 match frame {
                     None => Err(End::Gone),
                     Some(Err(e)) => {
@@ -151,8 +175,29 @@ pub async fn run(socket: WebSocket, state: AppState, upgrade_principal: Option<P
             Some((stream, batch)) = subs.next(), if !subs.is_empty() => {
                 conn.deliver(&stream, batch).await
             }
+            _ = ping_at.as_mut() => {
+                // The next ping is due one interval after this one was: no drift.
+                let next = ping_at.deadline() + ws.ping_interval;
+                let now = Instant::now();
+                ping_at.as_mut().reset(if next > now { next } else { now + ws.ping_interval });
+                if answer_by.is_none() {
+                    answer_by = Some(Box::pin(tokio::time::sleep(ws.ping_timeout)));
+                }
+                conn.ping()
+            }
+            _ = async { answer_by.as_mut().expect("guarded").await }, if answer_by.is_some() => {
+                answer_by = None;
+                if conn.out.waiting() {
+                    // The ping may still be queued behind frames the client has not read yet:
+                    // that is the slow-consumer check's business, not a dead peer.
+                    answer_by = Some(Box::pin(tokio::time::sleep(ws.ping_timeout)));
+                    Ok(())
+                } else {
+                    Err(End::Close(close::PING_TIMEOUT, "no frame from the client in time"))
+                }
+            }
             _ = tick.tick() => {
-                conn.tick(opened, last_inbound, &mut last_ping)
+                conn.tick(opened)
             }
         };
         let result = match result {
@@ -239,11 +284,17 @@ struct Connection {
     session: Option<Arc<LiveSession>>,
     principal: Option<Principal>,
     /// A credential checked on the upgrade request, used when `connect` carries none.
-    upgrade_principal: Option<Principal>,
+    upgrade_principal: Option<(Principal, Proof)>,
     /// Generation of the latest subscription per stream (see `LiveSession::delivered`).
     generation: u64,
     generations: HashMap<Arc<str>, u64>,
     pending: VecDeque<Pending>,
+    /// Bytes of the publishes in `pending`, and of those in the append round under way.
+    pending_bytes: usize,
+    round_bytes: usize,
+    /// Pings received since `pings_since` (see [`MAX_PINGS`]).
+    pings: u32,
+    pings_since: Instant,
     bad_frames: u32,
     close: Option<Close>,
     /// An error reply found no room within the stuck timeout (the client reads nothing while
@@ -311,14 +362,16 @@ impl Connection {
                 ));
             }
             WsMessage::Close(_) => return Err(End::Gone),
-            WsMessage::Ping(_) | WsMessage::Pong(_) => return Ok(()),
+            // The WebSocket layer answers a control ping by itself; count it.
+            WsMessage::Ping(_) => return self.count_ping().await,
+            WsMessage::Pong(_) => return Ok(()),
         };
         let frame = match serde_json::from_str::<ClientFrame>(text.as_str()) {
             Ok(frame) => frame,
             Err(e) => {
                 self.bad_frames += 1;
                 self.error(
-                    None,
+                    lenient_id(text.as_str()),
                     ErrorCode::BadFrame,
                     format!("not a frame of spool.v1.json: {e}"),
                 )
@@ -333,12 +386,19 @@ impl Connection {
             }
         };
         match frame {
-            ClientFrame::Ping(_) => self.reply(&ServerFrame::Pong(proto::Ping {})).await,
+            ClientFrame::Ping(_) => {
+                self.count_ping().await?;
+                self.reply(&ServerFrame::Pong(proto::Ping {})).await
+            }
             ClientFrame::Pong(_) => Ok(()),
             ClientFrame::Connect(connect) => self.connect(connect, subs, expiry).await,
             _ if self.principal.is_none() => {
-                self.error(None, ErrorCode::NotConnected, "send a connect frame first")
-                    .await;
+                self.error(
+                    frame.id(),
+                    ErrorCode::NotConnected,
+                    "send a connect frame first",
+                )
+                .await;
                 Ok(())
             }
             ClientFrame::Subscribe(s) => {
@@ -354,7 +414,10 @@ impl Connection {
             ClientFrame::Publish(p) => {
                 let id = p.id;
                 match self.publish(p) {
-                    Ok(pending) => self.pending.push_back(pending),
+                    Ok(pending) => {
+                        self.pending_bytes += publish_bytes(&pending.message);
+                        self.pending.push_back(pending);
+                    }
                     Err(e) => self.api_error(id, e).await,
                 }
                 Ok(())
@@ -379,7 +442,7 @@ impl Connection {
             return Ok(());
         }
         let credential = match connect.token.as_deref().filter(|t| !t.is_empty()) {
-            Some(token) => match self.state.auth.verify(token) {
+            Some(token) => match self.state.auth.verify_with_proof(token) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     self.api_error(None, e).await;
@@ -390,7 +453,15 @@ impl Connection {
         };
         let mut not_restored = None;
         let (session, principal, resumed) = match connect.session.as_deref() {
-            Some(id) => match self.sessions.restore(id, credential.as_ref()).await {
+            Some(id) => match self
+                .sessions
+                .restore(
+                    id,
+                    credential.as_ref().map(|(p, proof)| (p, proof)),
+                    &self.state.auth,
+                )
+                .await
+            {
                 Err(e) => {
                     self.api_error(None, e.into()).await;
                     return Ok(());
@@ -398,8 +469,13 @@ impl Connection {
                 Ok(Ok(restored)) => (restored.session, restored.principal, true),
                 Ok(Err(NotRestored::Unknown)) if credential.is_some() => {
                     not_restored = Some("unknown_session".to_owned());
-                    let principal = credential.unwrap_or(Principal::Anonymous);
-                    (self.sessions.create(principal.clone()), principal, false)
+                    let (principal, proof) =
+                        credential.unwrap_or((Principal::Anonymous, Proof::Anonymous));
+                    (
+                        self.sessions.create(principal.clone(), proof),
+                        principal,
+                        false,
+                    )
                 }
                 Ok(Err(why)) => {
                     self.error(None, ErrorCode::SessionNotRestored, why.message())
@@ -408,9 +484,11 @@ impl Connection {
                 }
             },
             None => {
-                let principal = match credential {
-                    Some(p) => p,
-                    None if self.state.config.auth.allow_anonymous => Principal::Anonymous,
+                let (principal, proof) = match credential {
+                    Some(credential) => credential,
+                    None if self.state.config.auth.allow_anonymous => {
+                        (Principal::Anonymous, Proof::Anonymous)
+                    }
                     None => {
                         self.error(
                             None,
@@ -421,7 +499,11 @@ impl Connection {
                         return Err(End::Close(close::UNAUTHORIZED, "credentials required"));
                     }
                 };
-                (self.sessions.create(principal.clone()), principal, false)
+                (
+                    self.sessions.create(principal.clone(), proof),
+                    principal,
+                    false,
+                )
             }
         };
         let _ = self.slot.set(session.clone());
@@ -601,6 +683,7 @@ impl Connection {
     /// Appends every waiting publish: one engine call per stream (keeping each stream's order),
     /// all streams at once.
     fn start_round(&mut self) -> Round {
+        self.round_bytes = std::mem::take(&mut self.pending_bytes);
         let engine = self.state.engine.clone();
         let mut order: Vec<(Option<u64>, StreamName, usize)> =
             Vec::with_capacity(self.pending.len());
@@ -677,7 +760,7 @@ impl Connection {
         subs: &mut StreamMap<Arc<str>, Deliveries>,
         expiry: &mut Option<Pin<Box<Sleep>>>,
     ) -> Result<(), End> {
-        let principal = match self.state.auth.verify(&r.token) {
+        let (principal, proof) = match self.state.auth.verify_with_proof(&r.token) {
             Ok(p) => p,
             Err(e) => {
                 self.api_error(r.id, e).await;
@@ -699,7 +782,7 @@ impl Connection {
         }
         *expiry = deadline(&principal);
         if let Some(session) = &self.session {
-            session.set_principal(principal.clone());
+            session.set_principal(principal.clone(), proof);
         }
         // Rights may have shrunk: end subscriptions the new token no longer allows.
         let lost: Vec<Arc<str>> = subs
@@ -788,23 +871,47 @@ impl Connection {
         Ok(())
     }
 
-    fn tick(
-        &mut self,
-        opened: Instant,
-        last_inbound: Instant,
-        last_ping: &mut Instant,
-    ) -> Result<(), End> {
+    /// A ping is due: a `ping` frame (for clients that watch for silence) and a WebSocket
+    /// control ping (which any WebSocket library answers by itself). Dropped, not waited for,
+    /// when the outbound channel is full.
+    fn ping(&self) -> Result<(), End> {
+        self.out
+            .try_send(WsMessage::Text(
+                encode(&ServerFrame::Ping(proto::Ping {})).into(),
+            ))
+            .map_err(End::from)?;
+        self.out
+            .try_send(WsMessage::Ping(Default::default()))
+            .map_err(End::from)
+    }
+
+    /// Counts a ping from the client; too many in a window close the connection.
+    async fn count_ping(&mut self) -> Result<(), End> {
+        if self.pings_since.elapsed() >= PING_WINDOW {
+            self.pings_since = Instant::now();
+            self.pings = 0;
+        }
+        self.pings += 1;
+        if self.pings <= MAX_PINGS {
+            return Ok(());
+        }
+        let _ = self.out.try_send(WsMessage::Text(
+            encode(&ServerFrame::Error(proto::ErrorFrame {
+                id: None,
+                code: ErrorCode::LimitReached,
+                message: format!("more than {MAX_PINGS} pings in {} s", PING_WINDOW.as_secs()),
+            }))
+            .into(),
+        ));
+        Err(End::Close(close::POLICY_VIOLATION, "too many pings"))
+    }
+
+    fn tick(&mut self, opened: Instant) -> Result<(), End> {
         let ws = &self.state.config.ws;
         if self.principal.is_none() && opened.elapsed() >= ws.connect_timeout {
             return Err(End::Close(
                 close::CONNECT_TIMEOUT,
                 "no connect frame in time",
-            ));
-        }
-        if last_inbound.elapsed() >= ws.ping_interval + ws.ping_timeout {
-            return Err(End::Close(
-                close::PING_TIMEOUT,
-                "no frame from the client in time",
             ));
         }
         if self.out.stalled_for() >= ws.stuck_timeout {
@@ -817,14 +924,6 @@ impl Connection {
                 .into(),
             ));
             return Err(End::Close(close::SLOW_CONSUMER, "slow consumer"));
-        }
-        if last_ping.elapsed() >= ws.ping_interval {
-            *last_ping = Instant::now();
-            self.out
-                .try_send(WsMessage::Text(
-                    encode(&ServerFrame::Ping(proto::Ping {})).into(),
-                ))
-                .map_err(End::from)?;
         }
         Ok(())
     }
@@ -913,6 +1012,30 @@ fn deliveries(sub: Subscription, room: Arc<super::outbound::Room>, conflate: boo
         }
     })
     .boxed()
+}
+
+/// The `id` of a frame that did not parse, if it has a readable one, so that its `error`
+/// can repeat it.
+fn lenient_id(text: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: Option<serde_json::Value>,
+    }
+    serde_json::from_str::<IdOnly>(text).ok()?.id?.as_u64()
+}
+
+/// What a publish waiting for its ack holds in memory, roughly.
+fn publish_bytes(m: &NewMessage) -> usize {
+    m.payload.len()
+        + m.content_type.as_ref().map_or(0, String::len)
+        + m.key.as_ref().map_or(0, String::len)
+        + m.idempotency_key.as_ref().map_or(0, String::len)
+        + m.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+        + 128
 }
 
 /// A server frame as JSON text.

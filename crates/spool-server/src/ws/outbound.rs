@@ -188,6 +188,11 @@ impl Outbound {
         }
     }
 
+    /// Whether frames are queued that the writer has not handed to the socket yet.
+    pub fn waiting(&self) -> bool {
+        self.progress.pending.load(Ordering::Relaxed) > 0
+    }
+
     /// How long frames have been waiting without the writer making progress (zero when
     /// nothing waits).
     pub fn stalled_for(&self) -> Duration {

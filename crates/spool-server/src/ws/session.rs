@@ -22,7 +22,7 @@ use spool_engine::{Engine, EngineError, SessionRecord};
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Principal;
+use crate::auth::{Authenticator, Principal, Proof};
 
 /// Random bytes in a session id: 192 bits, base64url-encoded to 32 characters.
 const ID_BYTES: usize = 24;
@@ -37,6 +37,11 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Stored {
     principal: Principal,
+    /// What resuming without a credential checks against the running configuration. A
+    /// record without one (written before proofs were kept) resumes only with a credential,
+    /// or, if anonymous, while anonymous access is allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    proof: Option<Proof>,
     /// Stream → the last position delivered (`EPOCH:OFFSET`).
     subscriptions: BTreeMap<String, String>,
     /// Why the server closed the last connection, if it did.
@@ -53,6 +58,10 @@ pub enum NotRestored {
     OtherIdentity,
     /// The credential it was created with has expired and no new one was given.
     CredentialExpired,
+    /// The running configuration no longer accepts the credential it was created with (an API
+    /// key no longer configured, a token that no longer verifies, anonymous access turned
+    /// off) and no new one was given.
+    CredentialRevoked,
 }
 
 impl NotRestored {
@@ -66,6 +75,9 @@ impl NotRestored {
             }
             NotRestored::CredentialExpired => {
                 "the token the session was created with has expired; connect with a fresh token"
+            }
+            NotRestored::CredentialRevoked => {
+                "the credential the session was created with is no longer accepted by this server; connect with a valid credential"
             }
         }
     }
@@ -81,6 +93,7 @@ struct Cursor {
 
 struct Inner {
     principal: Principal,
+    proof: Option<Proof>,
     subscriptions: HashMap<Arc<str>, Cursor>,
     last_close: Option<String>,
     dirty: bool,
@@ -101,6 +114,7 @@ impl LiveSession {
     fn new(
         id: String,
         principal: Principal,
+        proof: Option<Proof>,
         subscriptions: HashMap<Arc<str>, Cursor>,
         last_close: Option<String>,
     ) -> Self {
@@ -108,6 +122,7 @@ impl LiveSession {
             id,
             inner: Mutex::new(Inner {
                 principal,
+                proof,
                 subscriptions,
                 last_close,
                 dirty: true,
@@ -171,9 +186,11 @@ impl LiveSession {
         inner.dirty = true;
     }
 
-    pub fn set_principal(&self, principal: Principal) {
+    /// A refresh replaced the credential.
+    pub fn set_principal(&self, principal: Principal, proof: Proof) {
         let mut inner = self.inner.lock();
         inner.principal = principal;
+        inner.proof = Some(proof);
         inner.dirty = true;
     }
 
@@ -193,6 +210,7 @@ impl LiveSession {
         let mut inner = self.inner.lock();
         let stored = Stored {
             principal: inner.principal.clone(),
+            proof: inner.proof.clone(),
             subscriptions: inner
                 .subscriptions
                 .iter()
@@ -254,12 +272,13 @@ impl Sessions {
         self.ttl
     }
 
-    /// Starts a new session for `principal`.
-    pub fn create(&self, principal: Principal) -> Arc<LiveSession> {
+    /// Starts a new session for `principal`, who proved it with `proof`.
+    pub fn create(&self, principal: Principal, proof: Proof) -> Arc<LiveSession> {
         let id = new_id();
         let session = Arc::new(LiveSession::new(
             id.clone(),
             principal,
+            Some(proof),
             HashMap::new(),
             None,
         ));
@@ -267,15 +286,18 @@ impl Sessions {
         session
     }
 
-    /// Restores session `id` for a client presenting `credential` (already verified), or
-    /// nothing (then the session's own identity is used, if its credential is still valid).
+    /// Restores session `id` for a client presenting `credential` (already verified, with its
+    /// proof), or nothing: then the credential the session was created with must still be
+    /// accepted by `auth` — the configuration running now — and unexpired.
     /// A session held by another connection is taken over: that connection is told to close
     /// and its last positions are saved first.
     pub async fn restore(
         &self,
         id: &str,
-        credential: Option<&Principal>,
+        credential: Option<(&Principal, &Proof)>,
+        auth: &Authenticator,
     ) -> Result<Result<Restored, NotRestored>, EngineError> {
+        let credential_principal = credential.map(|(p, _)| p);
         if id.is_empty()
             || id.len() > MAX_ID_LEN
             || !id
@@ -287,7 +309,7 @@ impl Sessions {
         let holder = self.live.lock().get(id).cloned();
         if let Some(holder) = holder {
             let principal = holder.inner.lock().principal.clone();
-            if let Some(credential) = credential
+            if let Some(credential) = credential_principal
                 && !principal.same_identity(credential)
             {
                 return Ok(Err(NotRestored::OtherIdentity));
@@ -303,11 +325,11 @@ impl Sessions {
             tracing::warn!("ignoring a session record that does not parse");
             return Ok(Err(NotRestored::Unknown));
         };
-        let principal = match credential {
-            Some(credential) if !stored.principal.same_identity(credential) => {
+        let (principal, proof) = match credential {
+            Some((credential, _)) if !stored.principal.same_identity(credential) => {
                 return Ok(Err(NotRestored::OtherIdentity));
             }
-            Some(credential) => credential.clone(),
+            Some((credential, proof)) => (credential.clone(), proof.clone()),
             None => {
                 if stored
                     .principal
@@ -316,7 +338,22 @@ impl Sessions {
                 {
                     return Ok(Err(NotRestored::CredentialExpired));
                 }
-                stored.principal
+                let proof = match stored.proof {
+                    Some(proof) => proof,
+                    None if stored.principal == Principal::Anonymous => Proof::Anonymous,
+                    None => return Ok(Err(NotRestored::CredentialRevoked)),
+                };
+                // The rights are the credential's as verified now (a token's claims are its
+                // own, so they are those it was created with).
+                match auth.recheck(&proof) {
+                    Ok(now)
+                        if now.same_identity(&stored.principal)
+                            && now.expires_at().is_none_or(|exp| exp > now_ms()) =>
+                    {
+                        (now, proof)
+                    }
+                    _ => return Ok(Err(NotRestored::CredentialRevoked)),
+                }
             }
         };
         let subscriptions = stored
@@ -336,6 +373,7 @@ impl Sessions {
         let session = Arc::new(LiveSession::new(
             id.to_owned(),
             principal.clone(),
+            Some(proof),
             subscriptions,
             stored.last_close,
         ));
@@ -411,6 +449,7 @@ fn new_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::AuthConfig;
     use spool_engine::MemoryEngine;
 
     fn sessions() -> Sessions {
@@ -420,13 +459,36 @@ mod tests {
         )
     }
 
-    fn user(sub: &str) -> Principal {
-        Principal::Token {
-            subject: Some(sub.into()),
-            subscribe: vec![],
-            publish: vec![],
-            expires_at: Some(now_ms() + 60_000),
-        }
+    fn auth_with(api_key: &str, secret: &str, anonymous: bool) -> Authenticator {
+        Authenticator::new(&AuthConfig {
+            api_keys: vec![api_key.into()],
+            jwt_secret: Some(secret.into()),
+            allow_anonymous: anonymous,
+            ..AuthConfig::default()
+        })
+    }
+
+    fn auth() -> Authenticator {
+        auth_with("k1", "s3cret", false)
+    }
+
+    /// A token for `sub` expiring `exp_in` seconds from now, signed with `secret`.
+    fn token(sub: &str, exp_in: i64, secret: &str) -> String {
+        let exp = now_ms() as i64 / 1000 + exp_in;
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({"sub": sub, "exp": exp, "subscribe": ["*"]}),
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn user(sub: &str) -> (Principal, Proof) {
+        auth().verify_with_proof(&token(sub, 60, "s3cret")).unwrap()
+    }
+
+    fn creds(c: &(Principal, Proof)) -> Option<(&Principal, &Proof)> {
+        Some((&c.0, &c.1))
     }
 
     #[test]
@@ -443,7 +505,8 @@ mod tests {
     #[tokio::test]
     async fn a_released_session_resumes_with_its_positions() {
         let s = sessions();
-        let live = s.create(user("u1"));
+        let (principal, proof) = user("u1");
+        let live = s.create(principal.clone(), proof);
         let p: Position = "ep:3".parse().unwrap();
         live.subscribe("a".into(), 1, "ep:0".parse().unwrap());
         live.delivered(&mut vec![
@@ -451,24 +514,28 @@ mod tests {
             ("a".into(), 0, "ep:9".parse().unwrap()), // a stale generation: ignored
         ]);
         s.release(&live).await;
-        let restored = s.restore(&live.id, None).await.unwrap().unwrap();
+        let restored = s.restore(&live.id, None, &auth()).await.unwrap().unwrap();
         assert_eq!(restored.session.subscriptions(), vec![("a".into(), p)]);
-        assert_eq!(restored.principal, user("u1"));
+        assert_eq!(restored.principal, principal);
     }
 
     #[tokio::test]
     async fn restore_refuses_other_identities_and_forgeries() {
         let s = sessions();
-        let live = s.create(user("u1"));
+        let (principal, proof) = user("u1");
+        let live = s.create(principal, proof);
         s.release(&live).await;
         let other = user("u2");
         assert_eq!(
-            s.restore(&live.id, Some(&other)).await.unwrap().err(),
+            s.restore(&live.id, creds(&other), &auth())
+                .await
+                .unwrap()
+                .err(),
             Some(NotRestored::OtherIdentity)
         );
         for forged in ["", "nope", "../../etc", &"x".repeat(100)] {
             assert_eq!(
-                s.restore(forged, None).await.unwrap().err(),
+                s.restore(forged, None, &auth()).await.unwrap().err(),
                 Some(NotRestored::Unknown)
             );
         }
@@ -477,18 +544,18 @@ mod tests {
     #[tokio::test]
     async fn an_expired_credential_needs_a_fresh_token() {
         let s = sessions();
-        let mut expired = user("u1");
+        let (mut expired, proof) = user("u1");
         if let Principal::Token { expires_at, .. } = &mut expired {
             *expires_at = Some(now_ms() - 1);
         }
-        let live = s.create(expired);
+        let live = s.create(expired, proof);
         s.release(&live).await;
         assert_eq!(
-            s.restore(&live.id, None).await.unwrap().err(),
+            s.restore(&live.id, None, &auth()).await.unwrap().err(),
             Some(NotRestored::CredentialExpired)
         );
         assert!(
-            s.restore(&live.id, Some(&user("u1")))
+            s.restore(&live.id, creds(&user("u1")), &auth())
                 .await
                 .unwrap()
                 .is_ok()
@@ -496,16 +563,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_credential_the_configuration_no_longer_accepts_resumes_nothing() {
+        let s = sessions();
+        let by_key = auth().verify_with_proof("k1").unwrap();
+        let by_token = user("u1");
+        let anonymous = (Principal::Anonymous, Proof::Anonymous);
+        let mut ids = Vec::new();
+        for c in [&by_key, &by_token, &anonymous] {
+            let live = s.create(c.0.clone(), c.1.clone());
+            s.release(&live).await;
+            ids.push(live.id.clone());
+        }
+        // The same configuration (anonymous allowed) resumes all three.
+        let same = auth_with("k1", "s3cret", true);
+        for id in &ids {
+            assert!(s.restore(id, None, &same).await.unwrap().is_ok(), "{id}");
+        }
+        // A rotated key, a rotated secret, anonymous access off: none.
+        let rotated = auth_with("k2", "other", false);
+        for id in &ids {
+            let refused = s.restore(id, None, &rotated).await.unwrap().err();
+            assert_eq!(refused, Some(NotRestored::CredentialRevoked), "{id}");
+        }
+        // With a valid credential of the same identity, they do.
+        let new_key = rotated.verify_with_proof("k2").unwrap();
+        assert!(
+            s.restore(&ids[0], creds(&new_key), &rotated)
+                .await
+                .unwrap()
+                .is_ok()
+        );
+        // The proof is not in the Debug output.
+        let text = format!("{:?} {:?}", by_key.1, by_token.1);
+        assert!(!text.contains("k1") && !text.contains("eyJ"), "{text}");
+    }
+
+    #[tokio::test]
     async fn a_live_session_is_taken_over() {
         let s = Arc::new(sessions());
-        let live = s.create(user("u1"));
+        let (principal, proof) = user("u1");
+        let live = s.create(principal, proof);
         let holder = live.clone();
         let s2 = s.clone();
         let waiter = tokio::spawn(async move {
             holder.taken_over.cancelled().await;
             s2.release(&holder).await;
         });
-        let restored = s.restore(&live.id, Some(&user("u1"))).await.unwrap();
+        let restored = s
+            .restore(&live.id, creds(&user("u1")), &auth())
+            .await
+            .unwrap();
         assert!(restored.is_ok());
         waiter.await.unwrap();
     }
