@@ -54,6 +54,8 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let mut config = config;
+    listener::fit_to_file_limit(&mut config.http);
     let sessions = Arc::new(Sessions::new(engine.clone(), config.ws.session_ttl));
     let state = AppState {
         auth: Arc::new(Authenticator::new(&config.auth)),

@@ -113,6 +113,52 @@ pub(crate) async fn run(
     Ok(())
 }
 
+/// File descriptors kept for everything but client connections: the listener, the engine's
+/// files and connections, logs, the runtime.
+const RESERVED_FDS: u64 = 256;
+
+/// Raises the process's soft open-file limit to its hard limit (as Go's runtime and nginx's
+/// `worker_rlimit_nofile` do), then makes sure `max_connections` fits under it: when the
+/// kernel runs out of descriptors first, accept fails and the engine may fail to open a file
+/// (a segment roll), instead of one client being told "too many connections".
+pub(crate) fn fit_to_file_limit(config: &mut HttpConfig) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            tracing::debug!(
+                from = limit.rlim_cur,
+                to = limit.rlim_max,
+                "raised the open-file limit"
+            );
+            limit.rlim_cur = limit.rlim_max;
+        }
+    }
+    let room = usize::try_from(limit.rlim_cur.saturating_sub(RESERVED_FDS))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if config.max_connections > room {
+        tracing::warn!(
+            max_connections = config.max_connections,
+            open_file_limit = limit.rlim_cur,
+            using = room,
+            "--max-connections is above what the open-file limit allows; using {room} (raise              `ulimit -n` to allow more)"
+        );
+        config.max_connections = room;
+    }
+}
+
 /// Errors of one connection that say nothing about the listener (the peer gave up between
 /// SYN and accept).
 fn is_per_connection(e: &io::Error) -> bool {

@@ -516,3 +516,96 @@ async fn sse_survives_an_engine_outage() {
         );
     }
 }
+
+/// Under a low open-file limit, connections cannot starve the engine of descriptors:
+/// `--max-connections` is fitted under the limit, so past it clients get a `503`, and the disk
+/// engine goes on rolling segments and acking publishes; once the flood is gone everything is
+/// as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_cannot_exhaust_file_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let script = format!(
+        "ulimit -n 512 && exec {} serve --listen {addr} --engine disk --data-dir {} --api-key {API_KEY} --segment-size 64KiB --header-timeout 60s",
+        env!("CARGO_BIN_EXE_spool"),
+        dir.path().display()
+    );
+    let child = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .env("SPOOL_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = {
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Kill(child)
+    };
+    let http = reqwest::Client::new();
+    let publish = |i: usize| {
+        let http = http.clone();
+        let url = format!("http://{addr}/v1/streams/fd/messages");
+        async move {
+            http.post(url)
+                .bearer_auth(API_KEY)
+                .body(vec![b'p'; 8 * 1024 + i % 7])
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    // 600 idle connections against a limit of 512 descriptors.
+    let mut flood = Vec::new();
+    let mut refused = 0;
+    for _ in 0..600 {
+        match TcpStream::connect(&addr).await {
+            Ok(tcp) => flood.push(tcp),
+            Err(_) => refused += 1,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut closed = 0;
+    for tcp in &mut flood {
+        let mut b = [0u8; 256];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(5), tcp.read(&mut b)).await
+            && (n == 0 || b.starts_with(b"HTTP/1.1 503"))
+        {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed + refused >= 300,
+        "past the fitted limit connections are refused ({closed} closed, {refused} failed)"
+    );
+    // Keep only a few so publishes have a slot; the engine rolls segments (64 KiB each) on.
+    flood.truncate(200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..40 {
+        assert_eq!(publish(i).await, 201, "publish {i} during the flood");
+    }
+    drop(flood);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ready = http
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    for i in 0..20 {
+        assert_eq!(publish(i).await, 201, "publish {i} after the flood");
+    }
+}
