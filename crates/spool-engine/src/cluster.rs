@@ -97,6 +97,17 @@ impl Heads {
             .is_some_and(|h| h.advance(head))
     }
 
+    /// Moves a watched stream's head to `head` (as [`Heads::advance`] would) only while it is
+    /// still `expected`: what an engine read that found no stream started from, so a
+    /// notification that arrived during that read is never undone. Returns whether it moved.
+    pub fn replace_if(&self, stream: &StreamName, expected: &Position, head: Position) -> bool {
+        let mut streams = self.streams.lock();
+        match streams.get_mut(stream) {
+            Some(h) if *h.tx.borrow() == *expected => h.advance(head),
+            _ => false,
+        }
+    }
+
     /// The head this node knows for a watched stream.
     pub fn current(&self, stream: &StreamName) -> Option<Position> {
         self.streams

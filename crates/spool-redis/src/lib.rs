@@ -39,8 +39,16 @@
 //!
 //! Every call has a deadline (`timeout`), so while Redis is down calls fail fast with
 //! `Unavailable` and work again once it is back (the connection reconnects by itself).
-//! Redis coming back without its data has lost the metadata key: the next touch registers a
-//! new epoch, so readers get an `epoch_changed` reset, never a silent gap. The notification
+//! Redis coming back without its data has lost the metadata key: the next append registers a
+//! new epoch, so readers get a reset (`unknown_stream` or `epoch_changed`), never a silent gap.
+//!
+//! # Reads create nothing
+//!
+//! Only an append writes a stream's keys. A read or watch of a stream Redis does not hold
+//! answers head 0 of a placeholder epoch the node keeps in its [`Heads`] while someone watches
+//! (never written); an append on this node makes the stream in that epoch, so its waiting
+//! readers get offset 1 with no reset (a reader on another node follows the new epoch from its
+//! start: `subscription.rs` knows its position was a placeholder). The notification
 //! task resubscribes, drops the tail cache and re-reads every watched stream, which moves
 //! watchers to the new epoch at once. Metadata outlives the data (`meta_ttl`), so a stream
 //! whose messages all expired keeps its epoch and readers get `history_expired` instead.
@@ -276,13 +284,12 @@ impl Shared {
     }
 
     /// The read script: a snapshot of the stream and up to `limit` messages after `after`.
-    /// `register` creates an unknown stream; otherwise an unknown one is `None`.
+    /// An unknown stream is `None`: a read never creates one.
     async fn read_script(
         &self,
         stream: &StreamName,
         after: Offset,
         limit: usize,
-        register: bool,
     ) -> Result<Option<ReadBatch>, EngineError> {
         let keys = self.keys.stream(stream);
         let retention = self.retention(stream);
@@ -291,15 +298,11 @@ impl Shared {
             Some(first) => (Offset(first), limit),
             None => (after, 0),
         };
-        let candidate = if register {
-            Epoch::generate().to_string()
-        } else {
-            String::new()
-        };
         let mut call = self.scripts.read.prepare_invoke();
         call.key(&keys.meta)
             .key(&keys.data)
-            .arg(candidate)
+            // No candidate epoch: the script registers nothing.
+            .arg("")
             .arg(&scripts::retention_args(&retention)[..])
             .arg(self.meta_ttl_ms(&retention))
             .arg(&self.channel)
@@ -324,7 +327,8 @@ impl Shared {
         Ok(batch)
     }
 
-    /// Re-reads every watched stream (registering it, as a watch does) and moves its head.
+    /// Re-reads every watched stream (creating none) and moves its head; watchers of a stream
+    /// Redis lost move to a placeholder (see [`Shared::read_or_placeholder`]).
     /// Fails only when Redis is unavailable: a stream whose data is corrupt (`Internal`) is
     /// skipped, as failing would drop the notification channel of every stream for it, again
     /// on every retry.
@@ -335,7 +339,7 @@ impl Shared {
         }
         let mut reads = futures::stream::iter(watched)
             .map(|stream| async move {
-                let read = self.read_script(&stream, Offset::ZERO, 0, true).await;
+                let read = self.read_or_placeholder(&stream, Offset::ZERO, 0).await;
                 (stream, read)
             })
             .buffer_unordered(RESYNC_CONCURRENCY);
@@ -359,10 +363,13 @@ impl Shared {
         }
         let keys = self.keys.stream(stream);
         let retention = self.retention(stream);
+        // A new stream takes the placeholder epoch this node's readers wait in (see the crate
+        // docs); Redis uses it only when the stream's metadata does not exist.
+        let candidate = self.placeholder(stream);
         let mut call = self.scripts.append.prepare_invoke();
         call.key(&keys.meta)
             .key(&keys.data)
-            .arg(Epoch::generate().as_str())
+            .arg(candidate.as_str())
             .arg(&scripts::retention_args(&retention)[..])
             .arg(scripts::ttl_ms(self.config.dedup_window))
             .arg(data_ttl_ms(&retention))
@@ -415,6 +422,54 @@ impl Shared {
             self.wait_for_replicas(replicas).await?;
         }
         Ok(reply.appended())
+    }
+
+    /// The epoch this node shows readers of a stream Redis does not hold: the one its watchers
+    /// already wait in (a head at offset 0: no message was ever seen in it), else a fresh one.
+    fn placeholder(&self, stream: &StreamName) -> Epoch {
+        match self.heads.current(stream) {
+            Some(head) if head.offset == Offset::ZERO => head.epoch,
+            _ => Epoch::generate(),
+        }
+    }
+
+    /// The read script, or — for a stream Redis does not hold — nothing at head 0 of the
+    /// placeholder epoch (see [`Shared::placeholder`]); the flag says whether Redis held it.
+    ///
+    /// When this node's watchers wait in a history Redis no longer holds (its metadata is
+    /// gone), they move to a fresh placeholder, so they are told (a reset) instead of waiting
+    /// in the lost one. Only if no notification moved their head while Redis answered: a
+    /// "no stream" that raced the stream's creation is stale, and is read again.
+    async fn read_or_placeholder(
+        &self,
+        stream: &StreamName,
+        after: Offset,
+        limit: usize,
+    ) -> Result<(ReadBatch, bool), EngineError> {
+        let empty = |epoch| ReadBatch {
+            state: StreamState::empty(epoch),
+            messages: Vec::new(),
+        };
+        for _ in 0..3 {
+            let before = self.heads.current(stream);
+            if let Some(batch) = self.read_script(stream, after, limit).await? {
+                return Ok((batch, true));
+            }
+            match before {
+                Some(seen) if seen.offset > Offset::ZERO => {
+                    let epoch = Epoch::generate();
+                    let placeholder = Position::new(epoch.clone(), Offset::ZERO);
+                    if self.heads.replace_if(stream, &seen, placeholder) {
+                        return Ok((empty(epoch), false));
+                    }
+                }
+                Some(waiting) => return Ok((empty(waiting.epoch), false)),
+                None => return Ok((empty(Epoch::generate()), false)),
+            }
+        }
+        Err(EngineError::Unavailable(format!(
+            "Redis kept reporting no stream {stream:?} while notifications moved its head; retry"
+        )))
     }
 
     /// `WAIT` on the append connection: covers every write sent on it so far.
@@ -470,12 +525,7 @@ impl Engine for RedisEngine {
         limit: usize,
     ) -> Result<ReadBatch, EngineError> {
         let shared = &self.shared;
-        let fetch = async {
-            shared
-                .read_script(stream, after, limit, true)
-                .await?
-                .ok_or_else(|| EngineError::Internal("a registering read found no stream".into()))
-        };
+        let fetch = async { Ok(shared.read_or_placeholder(stream, after, limit).await?.0) };
         shared
             .cache
             .read_through(&shared.heads, stream, after, limit, fetch)
@@ -485,34 +535,50 @@ impl Engine for RedisEngine {
     async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
         Ok(self
             .shared
-            .read_script(stream, Offset::ZERO, 0, false)
+            .read_script(stream, Offset::ZERO, 0)
             .await?
             .map(|batch| batch.state))
     }
 
     async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError> {
         let shared = &self.shared;
-        let head = |batch: Option<ReadBatch>| {
-            batch
-                .map(|b| Position::new(b.state.epoch, b.state.head))
-                .ok_or_else(|| EngineError::Internal("a registering read found no stream".into()))
-        };
-        let current = head(shared.read_script(stream, Offset::ZERO, 0, true).await?)?;
+        let (batch, found) = shared.read_or_placeholder(stream, Offset::ZERO, 0).await?;
+        let current = Position::new(batch.state.epoch, batch.state.head);
         let (watch, first) = {
             let _guard = shared.watching.lock();
-            let first = shared.heads.current(stream).is_none();
+            let existing = shared.heads.current(stream);
+            let first = existing.is_none();
+            // Another watcher's placeholder (head 0: Redis never holds a stream at head 0)
+            // stays: one epoch per stream per node, so waiting readers get no reset.
+            let current = match existing {
+                Some(head) if !found && head.offset == Offset::ZERO => head,
+                _ => current,
+            };
             (shared.heads.watch(stream, current), first)
         };
         if first {
             // Notifications for this stream were ignored until the watch existed: read again
             // so that an append in between is not missed.
-            shared.read_script(stream, Offset::ZERO, 0, true).await?;
+            shared.read_script(stream, Offset::ZERO, 0).await?;
         }
         Ok(watch)
     }
 
     fn retention(&self, stream: &StreamName) -> Retention {
         self.shared.retention(stream)
+    }
+
+    /// Cheap for a stream this node watches and has seen a message of; else one read.
+    async fn exists(&self, stream: &StreamName) -> Result<bool, EngineError> {
+        if self
+            .shared
+            .heads
+            .current(stream)
+            .is_some_and(|head| head.offset > Offset::ZERO)
+        {
+            return Ok(true);
+        }
+        Ok(self.state(stream).await?.is_some())
     }
 
     /// Forgets the heads and cached tails of streams nobody on this node watches any more.

@@ -80,6 +80,11 @@ pub struct Subscription {
     head: Option<StreamState>,
     watch: HeadWatch,
     batch: usize,
+    /// The cursor is at offset 0 of a placeholder epoch: the engine held no stream when it was
+    /// set (nothing was ever published), so there is no history in it to lose. If the stream
+    /// is then created in another epoch (a cluster engine: by another node), the reader follows
+    /// that epoch from its start — offset 1 — instead of getting a reset.
+    unborn: bool,
 }
 
 impl Subscription {
@@ -104,6 +109,7 @@ impl Subscription {
             head: None,
             watch,
             batch: batch.max(1),
+            unborn: false,
         })
     }
 
@@ -124,20 +130,22 @@ impl Subscription {
     /// Resolves the start against the stream without producing events, so `position()` is set.
     /// Also records the stream's bounds, for `last_state()`.
     pub async fn resolve(&mut self) -> Result<(), EngineError> {
-        let state = self.state().await?;
+        let (state, known) = self.state().await?;
         if self.cursor.is_none() {
             self.resolve_keyword(&state);
+            self.unborn = !known;
         }
         self.head = Some(state);
         Ok(())
     }
 
-    async fn state(&self) -> Result<StreamState, EngineError> {
-        // The watch registered the stream, so the engine knows it; fall back to the watch's
-        // head should an engine forget it in between.
+    /// The stream's bounds, and whether the engine holds the stream. One nothing was published
+    /// to is not created by reading it: its bounds are head 0 of the epoch the watch shows (a
+    /// placeholder the first publish adopts on the memory and disk engines).
+    async fn state(&self) -> Result<(StreamState, bool), EngineError> {
         Ok(match self.engine.state(&self.stream).await? {
-            Some(state) => state,
-            None => StreamState::empty(self.watch.borrow().epoch.clone()),
+            Some(state) => (state, true),
+            None => (StreamState::empty(self.watch.borrow().epoch.clone()), false),
         })
     }
 
@@ -179,8 +187,9 @@ impl Subscription {
             let cursor = match &self.cursor {
                 Some(c) => c.clone(),
                 None => {
-                    let state = self.state().await?;
+                    let (state, known) = self.state().await?;
                     self.resolve_keyword(&state);
+                    self.unborn = !known;
                     continue;
                 }
             };
@@ -190,6 +199,16 @@ impl Subscription {
                 self.batch.min(budget.messages.max(1))
             };
             let batch = self.engine.read(&self.stream, cursor.offset, limit).await?;
+            let cursor = if self.unborn
+                && cursor.offset == Offset::ZERO
+                && batch.state.epoch != cursor.epoch
+            {
+                let adopted = Position::new(batch.state.epoch.clone(), Offset::ZERO);
+                self.cursor = Some(adopted.clone());
+                adopted
+            } else {
+                cursor
+            };
             let decision = decide(&Start::After(cursor.clone()), &batch.state);
             self.head = Some(batch.state.clone());
             match decision {
@@ -201,6 +220,7 @@ impl Subscription {
                         return Ok(Vec::new());
                     };
                     self.cursor = Some(Position::new(epoch.clone(), through));
+                    self.unborn = false;
                     let skipped = through.get() - cursor.offset.get() - messages.len() as u64;
                     let mut events: Vec<Event> = messages
                         .into_iter()
@@ -229,6 +249,9 @@ impl Subscription {
                 Decision::Reset { reason, head } => {
                     self.start = None;
                     self.cursor = Some(head.clone());
+                    // Reset to head 0 of a stream the engine does not hold: a placeholder.
+                    self.unborn =
+                        head.offset == Offset::ZERO && !self.engine.exists(&self.stream).await?;
                     return Ok(vec![Event::Reset { reason, head }]);
                 }
             }

@@ -333,3 +333,70 @@ async fn a_reader_waiting_on_a_stream_not_yet_created_gets_offset_1_without_a_re
         assert_eq!(resumed["messages"][0]["offset"], 1, "{resumed}");
     }
 }
+
+/// Keys Redis holds for streams under a cluster's prefix (sessions are not counted).
+fn redis_stream_keys(cluster: &common::engines::Cluster) -> usize {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-u", &cluster.url, "--scan", "--pattern"])
+        .arg(format!("{}:{{*", cluster.namespace.prefix))
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count()
+}
+
+#[tokio::test]
+async fn on_redis_reads_write_nothing_and_readers_on_every_node_get_offset_1() {
+    use common::engines::Backend;
+    if !Backend::Redis.available() {
+        return;
+    }
+    let cluster = Backend::Redis.cluster(2, &[]);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    let reader = jwt(json!({"sub":"reader","exp":now_secs()+600,"subscribe":["*"]}));
+    read_unknown_streams(a, &reader, "ghost-", 300).await;
+    read_unknown_streams(b, &reader, "ghost-", 300).await;
+
+    // Readers waiting on a stream nobody created: on the node that will publish, and on the
+    // other one (whose placeholder epoch differs from the one the stream is created in).
+    let mut waiting = Vec::new();
+    for node in [a, b] {
+        let (mut peer, _) = WsPeer::connect(&node.addr, &reader).await;
+        peer.send(json!({"type":"subscribe","id":1,"stream":"fresh","after":"now"}))
+            .await;
+        let subscribed = peer.expect("subscribed").await;
+        assert!(subscribed["position"].as_str().unwrap().ends_with(":0"));
+        let sse = SseClient::connect(
+            node.http
+                .get(node.url("/v1/streams/fresh/events"))
+                .bearer_auth(API_KEY),
+        )
+        .await;
+        waiting.push((peer, sse));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(redis_stream_keys(&cluster), 0, "reads wrote to Redis");
+    assert_eq!(info_status(a, "ghost-1").await, 404);
+    assert_eq!(info_status(b, "fresh").await, 404);
+
+    let acked = b.publish("fresh", "hello").await;
+    assert_eq!(acked["offset"], 1);
+    let epoch = acked["epoch"].as_str().unwrap();
+    for (peer, sse) in &mut waiting {
+        let m = peer.expect("message").await;
+        assert_eq!(
+            (m["offset"].as_u64(), m["epoch"].as_str()),
+            (Some(1), Some(epoch)),
+            "{m}"
+        );
+        let event = sse.next(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(event.event, "message", "{event:?}");
+        assert_eq!(event.id.as_deref(), Some(format!("{epoch}:1").as_str()));
+    }
+    assert!(
+        redis_stream_keys(&cluster) > 0,
+        "the publish created the stream"
+    );
+}

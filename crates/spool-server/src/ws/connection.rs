@@ -72,7 +72,7 @@ struct Pending {
     message: NewMessage,
 }
 
-type Round = BoxFuture<'static, Vec<(Option<u64>, StreamName, Result<Appended, EngineError>)>>;
+type Round = BoxFuture<'static, Vec<(Option<u64>, StreamName, Result<Appended, ApiError>)>>;
 
 pub async fn run(
     socket: WebSocket,
@@ -685,6 +685,10 @@ impl Connection {
     fn start_round(&mut self) -> Round {
         self.round_bytes = std::mem::take(&mut self.pending_bytes);
         let engine = self.state.engine.clone();
+        // New streams spend the identity's budget (budget.rs); anonymous WebSocket callers
+        // share one bucket, as the connection does not carry the client address here.
+        let budget = self.state.budget.clone();
+        let who = self.principal.as_ref().map(|p| budget.identity(p, None));
         let mut order: Vec<(Option<u64>, StreamName, usize)> =
             Vec::with_capacity(self.pending.len());
         let mut groups: Vec<(StreamName, Vec<NewMessage>)> = Vec::new();
@@ -701,12 +705,17 @@ impl Connection {
         }
         async move {
             let results = join_all(groups.into_iter().map(|(stream, messages)| {
-                let engine = engine.clone();
+                let (engine, budget) = (engine.clone(), budget.clone());
                 async move {
                     let n = messages.len();
+                    if let Some(who) = who
+                        && let Err(e) = budget.admit(&*engine, who, [&stream]).await
+                    {
+                        return vec![Err(e); n];
+                    }
                     match engine.append(&stream, messages).await {
                         Ok(appended) => appended.into_iter().map(Ok).collect::<Vec<_>>(),
-                        Err(e) => vec![Err(e); n],
+                        Err(e) => vec![Err(ApiError::from(e)); n],
                     }
                 }
             }))
@@ -718,9 +727,9 @@ impl Connection {
                     let i = cursors[group];
                     cursors[group] += 1;
                     let result = results[group].get(i).cloned().unwrap_or_else(|| {
-                        Err(EngineError::Internal(
+                        Err(ApiError::from(EngineError::Internal(
                             "append returned too few results".into(),
-                        ))
+                        )))
                     });
                     (id, stream, result)
                 })
@@ -731,7 +740,7 @@ impl Connection {
 
     async fn acks(
         &mut self,
-        done: Vec<(Option<u64>, StreamName, Result<Appended, EngineError>)>,
+        done: Vec<(Option<u64>, StreamName, Result<Appended, ApiError>)>,
     ) -> Result<(), End> {
         for (id, stream, result) in done {
             match result {
@@ -748,7 +757,7 @@ impl Connection {
                     }))
                     .await?;
                 }
-                Err(e) => self.api_error(id, e.into()).await,
+                Err(e) => self.api_error(id, e).await,
             }
         }
         Ok(())
