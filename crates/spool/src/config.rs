@@ -872,4 +872,40 @@ ws_max_inflight_publish_bytes = "4MiB"
             assert!(format!("{err:#}").contains(needle), "{argv:?}: {err:#}");
         }
     }
+
+    #[test]
+    fn stream_limits_resolve_from_flags_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.toml");
+        std::fs::write(
+            &path,
+            "max_streams = 500\nmax_unpublished_streams = 50\nmax_new_streams_per_minute = 7\n",
+        )
+        .unwrap();
+        let r = resolve(&args(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!((r.max_streams, r.max_unpublished_streams), (500, 50));
+        assert_eq!(r.server.max_new_streams_per_minute, 7);
+        let r = resolve(&args(&[
+            "--max-streams",
+            "9",
+            "--max-new-streams-per-minute",
+            "0",
+        ]))
+        .unwrap();
+        assert_eq!(r.max_streams, 9);
+        assert_eq!(r.server.max_new_streams_per_minute, 0, "0: no budget");
+        let r = resolve(&args(&[])).unwrap();
+        assert_eq!(
+            (
+                r.max_streams,
+                r.max_unpublished_streams,
+                r.server.max_new_streams_per_minute
+            ),
+            (1_000_000, 100_000, 1000)
+        );
+        for flag in ["--max-streams", "--max-unpublished-streams"] {
+            let err = resolve(&args(&[flag, "0"])).unwrap_err();
+            assert!(format!("{err:#}").contains("must be at least 1"), "{err:#}");
+        }
+    }
 }
