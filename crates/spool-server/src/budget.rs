@@ -1,13 +1,14 @@
 //! The stream-creation budget: how many new streams one identity may create per minute
 //! (`--max-new-streams-per-minute`).
 //!
-//! A stream is memory (and, on the disk engine, a record in every WAL segment) held until its
-//! history expires — and the engine's `--max-streams` is shared by every tenant. So a publish
-//! that would create streams first asks [`StreamBudget::admit`]: it finds which of the
-//! request's streams do not exist yet (`Engine::exists`, cheap on the memory and disk
+//! A stream is memory (and, on the disk engine, a record in every WAL segment) held for good —
+//! a stream is never removed — and the engine's `--max-streams` is shared by every tenant. So
+//! a publish that would create streams first asks [`StreamBudget::admit`]: it finds which of
+//! the request's streams do not exist yet (`Engine::exists`, cheap on the memory and disk
 //! engines) and takes that many tokens from the caller's bucket, all or nothing. Over budget,
 //! the request is refused with `429 stream_budget_exceeded` before anything is appended;
-//! publishes to existing streams never spend budget.
+//! publishes to existing streams never spend budget. A request that would cross the engine's
+//! `--max-streams` is refused here too (`507 stream_limit`), so a batch is refused whole.
 //!
 //! An identity is the token's `sub` (a token without one: its publish patterns), the API key
 //! holder, or — for anonymous callers — the client's IP address. Buckets refill continuously
@@ -26,7 +27,7 @@ use std::{
 use axum::{extract::ConnectInfo, http::Extensions, http::StatusCode};
 use parking_lot::Mutex;
 use spool_core::StreamName;
-use spool_engine::Engine;
+use spool_engine::{Engine, EngineError};
 use spool_protocol::ErrorCode;
 
 use crate::{
@@ -53,6 +54,7 @@ pub struct StreamBudget {
     overflow: Mutex<Bucket>,
     hasher: std::collections::hash_map::RandomState,
     refused: AtomicU64,
+    refused_at_limit: AtomicU64,
 }
 
 impl StreamBudget {
@@ -67,12 +69,19 @@ impl StreamBudget {
             }),
             hasher: std::collections::hash_map::RandomState::new(),
             refused: AtomicU64::new(0),
+            refused_at_limit: AtomicU64::new(0),
         }
     }
 
     /// Requests refused for their budget since the start.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Requests refused here because they would cross the engine's stream limit (the engine
+    /// counts the creations it refuses itself, when such a request raced another).
+    pub fn refused_at_limit(&self) -> u64 {
+        self.refused_at_limit.load(Ordering::Relaxed)
     }
 
     /// The identity a request spends from.
@@ -112,7 +121,12 @@ impl StreamBudget {
         who: Identity,
         streams: impl IntoIterator<Item = &'a StreamName>,
     ) -> ApiResult<()> {
-        if self.per_minute == 0 {
+        // The engine's own limit, checked here too so that a batch that would cross it is
+        // refused whole instead of appending to the streams that exist.
+        let limit = engine
+            .stream_counts()
+            .and_then(|c| Some((c.streams, c.limit?)));
+        if self.per_minute == 0 && limit.is_none() {
             return Ok(());
         }
         let mut new = 0u32;
@@ -121,7 +135,19 @@ impl StreamBudget {
                 new = new.saturating_add(1);
             }
         }
-        if new == 0 || self.take(who, new) {
+        if new == 0 {
+            return Ok(());
+        }
+        if let Some((held, max)) = limit
+            && held.saturating_add(u64::from(new)) > max
+        {
+            self.refused_at_limit.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::from(EngineError::StreamLimit(format!(
+                "the {} engine holds {held} of its maximum of {max} streams (--max-streams) and                  this request would create {new}: nothing was published. New streams cannot be                  created, existing ones work as before",
+                engine.name()
+            ))));
+        }
+        if self.per_minute == 0 || self.take(who, new) {
             return Ok(());
         }
         self.refused.fetch_add(1, Ordering::Relaxed);

@@ -220,9 +220,26 @@ async fn a_publisher_over_its_budget_gets_429_and_others_still_create_streams() 
 #[tokio::test]
 async fn at_the_stream_limit_existing_streams_work_and_new_ones_get_a_clear_error() {
     let server = Server::start(&["--max-streams", "5", "--max-new-streams-per-minute", "0"]);
-    for i in 0..5 {
+    for i in 0..4 {
         server.publish(&format!("t{i}"), "first").await;
     }
+    // A batch that would cross the limit is refused whole: nothing of it is appended, not
+    // even to the stream that exists.
+    let (status, body) = batch_as(
+        &server,
+        API_KEY,
+        vec![
+            json!({"stream":"t0","data":"batched"}),
+            json!({"stream":"x1","data":"x"}),
+            json!({"stream":"x2","data":"x"}),
+        ],
+    )
+    .await;
+    assert_eq!(status, 507, "{body}");
+    assert_eq!(body["error"]["code"], "stream_limit", "{body}");
+    let (_, t0) = server.poll("t0", "after=oldest&wait=0").await;
+    assert_eq!(t0["messages"].as_array().unwrap().len(), 1, "{t0}");
+    server.publish("t4", "first").await;
     // A subscriber of an existing stream, connected before and through the limit.
     let mut sse = SseClient::connect(
         server
@@ -277,7 +294,7 @@ async fn at_the_stream_limit_existing_streams_work_and_new_ones_get_a_clear_erro
         server
             .metric("spool_stream_creations_refused_total{reason=\"stream_limit\"}")
             .await,
-        Some(1.0)
+        Some(2.0)
     );
 }
 

@@ -32,7 +32,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
                     "limit": c.limit,
                     "at_limit": c.limit.is_some_and(|l| c.streams >= l),
                     "unpublished": c.unpublished,
-                    "refused": c.refused,
+                    "refused": c.refused + state.budget.refused_at_limit(),
                 });
             }
             (StatusCode::OK, Json(body))
@@ -47,9 +47,13 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    state
-        .metrics
-        .observe_streams(state.engine.stream_counts(), state.budget.refused());
+    state.metrics.observe_streams(
+        state.engine.stream_counts().map(|mut c| {
+            c.refused += state.budget.refused_at_limit();
+            c
+        }),
+        state.budget.refused(),
+    );
     (
         [(
             header::CONTENT_TYPE,
