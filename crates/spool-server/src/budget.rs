@@ -17,7 +17,7 @@
 //! none has, further identities share one overflow bucket until room frees.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::{BuildHasher, Hash, Hasher},
     net::{IpAddr, SocketAddr},
     sync::atomic::{AtomicU64, Ordering},
@@ -38,6 +38,10 @@ use crate::{
 /// Most identities with a bucket of their own.
 const MAX_IDENTITIES: usize = 100_000;
 
+/// Most streams remembered as existing (so that publishing to them costs no `Engine::exists`,
+/// a round trip on the cluster engines); the set starts over when full.
+const MAX_KNOWN: usize = 100_000;
+
 /// Who spends the budget: a hash of the identity (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Identity(u64);
@@ -55,6 +59,9 @@ pub struct StreamBudget {
     hasher: std::collections::hash_map::RandomState,
     refused: AtomicU64,
     refused_at_limit: AtomicU64,
+    /// Hashes of streams an `exists` found: streams are never removed, so once seen they need
+    /// no more asking (a stream a cluster engine lost is then created without a charge).
+    known: Mutex<HashSet<u64>>,
 }
 
 impl StreamBudget {
@@ -70,6 +77,7 @@ impl StreamBudget {
             hasher: std::collections::hash_map::RandomState::new(),
             refused: AtomicU64::new(0),
             refused_at_limit: AtomicU64::new(0),
+            known: Mutex::new(HashSet::new()),
         }
     }
 
@@ -131,7 +139,7 @@ impl StreamBudget {
         }
         let mut new = 0u32;
         for stream in streams {
-            if !engine.exists(stream).await? {
+            if !self.exists(engine, stream).await? {
                 new = new.saturating_add(1);
             }
         }
@@ -161,6 +169,22 @@ impl StreamBudget {
                 self.per_minute
             ),
         ))
+    }
+
+    async fn exists(&self, engine: &dyn Engine, stream: &StreamName) -> ApiResult<bool> {
+        let hash = self.hasher.hash_one(stream.as_str());
+        if self.known.lock().contains(&hash) {
+            return Ok(true);
+        }
+        let exists = engine.exists(stream).await?;
+        if exists {
+            let mut known = self.known.lock();
+            if known.len() >= MAX_KNOWN {
+                known.clear();
+            }
+            known.insert(hash);
+        }
+        Ok(exists)
     }
 
     /// Takes `n` tokens from `who`'s bucket if it holds them.
