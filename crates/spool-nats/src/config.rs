@@ -1,8 +1,11 @@
 //! Settings of the NATS JetStream engine, and the JetStream stream configuration they imply.
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
-use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
+use async_nats::{
+    ServerAddr,
+    jetstream::stream::{Config, DiscardPolicy, StorageType},
+};
 use spool_core::{Retention, RetentionPolicy, StreamName};
 use spool_engine::EngineError;
 
@@ -22,9 +25,13 @@ pub enum NatsDurability {
 }
 
 /// Settings of [`crate::NatsEngine`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NatsConfig {
-    /// NATS server URL(s), comma-separated, e.g. `nats://127.0.0.1:4222`.
+    /// NATS server URL(s), comma-separated, e.g. `nats://127.0.0.1:4222` or
+    /// `nats://10.0.0.1:4222,nats://10.0.0.2:4222,nats://10.0.0.3:4222`. The client connects to
+    /// one of them and, when that one goes away, reconnects to another (and to the servers the
+    /// cluster itself announces), so naming every server of a NATS cluster keeps the engine
+    /// reachable while any one of them is down.
     pub url: String,
     /// Starts every NATS name the engine makes (streams `<prefix>_…`, subjects `<prefix>.…`,
     /// the KV bucket `<prefix>_sessions`): `[A-Za-z0-9-]`, at most 32 characters. Spool
@@ -44,7 +51,66 @@ pub struct NatsConfig {
     pub timeout: Duration,
 }
 
+impl fmt::Debug for NatsConfig {
+    /// Without the URLs' passwords, so the config can be logged.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &redacted(&self.url))
+            .field("prefix", &self.prefix)
+            .field("durability", &self.durability)
+            .field("replicas", &self.replicas)
+            .field("retention", &self.retention)
+            .field("dedup_window", &self.dedup_window)
+            .field("session_max_age", &self.session_max_age)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host` → `scheme://***@host`, for each server of a list.
+pub(crate) fn redacted(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &url[..scheme + 3], &url[at..])
+            }
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl NatsConfig {
+    /// The servers of [`NatsConfig::url`], each checked: a clear error names the one that is
+    /// not a NATS URL (by its position and, without its password, its text).
+    pub fn servers(&self) -> Result<Vec<ServerAddr>, EngineError> {
+        let entries: Vec<&str> = self.url.split(',').map(str::trim).collect();
+        let several = entries.len() > 1;
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                let which = if several {
+                    format!("server {} of {} in the NATS URL list", i + 1, entries.len())
+                } else {
+                    "the NATS URL".to_owned()
+                };
+                if entry.is_empty() {
+                    return Err(EngineError::Internal(format!(
+                        "{which} is empty (servers are separated by single commas)"
+                    )));
+                }
+                entry.parse::<ServerAddr>().map_err(|e| {
+                    EngineError::Internal(format!(
+                        "{which}, {:?}, is not a NATS server URL \
+                         (nats://host:port, tls://… or ws://…): {e}",
+                        redacted(entry)
+                    ))
+                })
+            })
+            .collect()
+    }
+
     /// Defaults: prefix `spool`, file storage with 1 replica, SPEC retention, a 2-minute dedup
     /// window, sessions kept at most a day, a 2 s timeout.
     pub fn new(url: impl Into<String>) -> Self {
@@ -77,7 +143,7 @@ impl NatsConfig {
         if self.session_max_age.is_zero() {
             return bad("the session max age must be more than zero".into());
         }
-        Ok(())
+        self.servers().map(|_| ())
     }
 
     pub(crate) fn storage(&self) -> StorageType {
@@ -122,4 +188,51 @@ fn duplicate_window(dedup: Duration, retention: &Retention) -> Duration {
 /// JetStream limits are `i64`, with -1 or 0 for "none"; Spool's are `u64` and never "none".
 fn clamp(limit: u64) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn servers(url: &str) -> Result<Vec<String>, String> {
+        NatsConfig::new(url)
+            .servers()
+            .map(|all| all.iter().map(|s| s.as_url_str().to_owned()).collect())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_comma_separated_url_is_a_list_of_servers() {
+        assert_eq!(
+            servers("nats://127.0.0.1:4222, nats://127.0.0.1:4223,tls://h:4224").unwrap(),
+            [
+                "nats://127.0.0.1:4222",
+                "nats://127.0.0.1:4223",
+                "tls://h:4224"
+            ]
+        );
+        assert_eq!(servers("127.0.0.1:5").unwrap(), ["nats://127.0.0.1:5"]);
+    }
+
+    #[test]
+    fn a_bad_server_is_named_without_its_password() {
+        let e = servers("nats://a:1,nats://u:hunter2@b:99999").unwrap_err();
+        assert!(
+            e.contains("server 2 of 2") && e.contains("nats://***@b:99999"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = servers("nats://a:1,").unwrap_err();
+        assert!(e.contains("server 2 of 2") && e.contains("empty"), "{e}");
+        let e = servers("http://a:1").unwrap_err();
+        assert!(
+            e.contains("the NATS URL") && e.contains("http://a:1"),
+            "{e}"
+        );
+        let shown = format!("{:?}", NatsConfig::new("nats://u:hunter2@h:1,nats://h:2"));
+        assert!(
+            shown.contains("nats://***@h:1,nats://h:2") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
 }

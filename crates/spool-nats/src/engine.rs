@@ -30,7 +30,7 @@ use tokio::{sync::Notify, task::AbortHandle};
 
 use crate::{
     codec,
-    config::NatsConfig,
+    config::{NatsConfig, redacted},
     fanout,
     jetstream::Api,
     names::{self, StreamNames},
@@ -47,6 +47,9 @@ const MAX_KNOWN: usize = 100_000;
 const RECHECK_EPOCH: Duration = Duration::from_secs(5);
 /// How often a read retries when its first message vanished under it (retention moving on).
 const READ_ATTEMPTS: usize = 3;
+/// How long JetStream may report a stream's head behind an offset this node has already seen
+/// in the same epoch before the node believes it (see [`Inner::fresh`]).
+const STALE_GRACE: Duration = Duration::from_secs(10);
 
 /// The NATS JetStream engine; see the crate docs.
 pub struct NatsEngine {
@@ -62,6 +65,9 @@ pub(crate) struct Inner {
     cache: TailCache,
     /// The epoch of each stream this node has touched, and when it was last confirmed.
     known: Mutex<HashMap<StreamName, (Epoch, Instant)>>,
+    /// Watched streams JetStream currently reports behind their known head (see
+    /// [`Inner::fresh`]): since when, and whether the node has given in and believes it.
+    behind: Mutex<HashMap<StreamName, (Instant, bool)>>,
     sessions: Sessions,
     /// Signalled by the client on every (re)connect.
     pub reconnected: Arc<Notify>,
@@ -73,9 +79,12 @@ impl NatsEngine {
     /// connected, the client reconnects by itself for as long as the engine lives.
     pub async fn connect(config: NatsConfig) -> Result<Self, EngineError> {
         config.validate()?;
+        // Every server named: the client tries them in turn at start and reconnects to any of
+        // them (or to the servers the cluster announces) when its server goes away.
+        let servers = config.servers()?;
+        let shown = redacted(&config.url);
         let reconnected = Arc::new(Notify::new());
         let on_event = reconnected.clone();
-        let url = config.url.clone();
         let client = ConnectOptions::new()
             .name("spool")
             .connection_timeout(config.timeout)
@@ -85,25 +94,29 @@ impl NatsEngine {
             })
             .event_callback(move |event| {
                 let on_event = on_event.clone();
-                let url = url.clone();
                 async move {
                     match event {
                         Event::Connected => {
-                            tracing::info!(%url, "connected to NATS");
+                            tracing::info!("connected to NATS");
                             on_event.notify_one();
                         }
                         Event::Disconnected => {
-                            tracing::warn!(%url, "disconnected from NATS; reconnecting")
+                            tracing::warn!("disconnected from NATS; reconnecting")
                         }
-                        other => tracing::info!(%url, event = %other, "NATS client event"),
+                        other => tracing::info!(event = %other, "NATS client event"),
                     }
                 }
             })
-            .connect(config.url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| {
-                EngineError::Unavailable(format!("cannot connect to NATS at {}: {e}", config.url))
+                EngineError::Unavailable(format!("cannot connect to NATS at {shown}: {e}"))
             })?;
+        let first = client.server_info();
+        tracing::info!(
+            servers = %shown, server = %first.server_name, port = first.port,
+            "NATS client started"
+        );
         let js = async_nats::jetstream::ContextBuilder::new()
             .timeout(config.timeout)
             .build(client.clone());
@@ -113,8 +126,7 @@ impl NatsEngine {
         };
         api.ping().await.map_err(|e| {
             EngineError::Unavailable(format!(
-                "NATS at {} answers but JetStream does not (is it enabled?): {e}",
-                config.url
+                "NATS at {shown} answers but JetStream does not (is it enabled?): {e}"
             ))
         })?;
         let sessions = Sessions::open(api.clone(), &config).await?;
@@ -131,6 +143,7 @@ impl NatsEngine {
             heads: Heads::default(),
             cache: TailCache::default(),
             known: Mutex::new(HashMap::new()),
+            behind: Mutex::new(HashMap::new()),
             sessions,
             reconnected,
         });
@@ -150,10 +163,10 @@ impl Drop for NatsEngine {
     }
 }
 
-/// Why a publish did not land: the stream is gone (retry after making it again), or
-/// anything else.
+/// Why a publish did not land: no server took it (NATS answered "no responders": nothing was
+/// stored, so it may be sent again), or anything else.
 enum PublishFailure {
-    Gone,
+    NoResponders,
     Failed(EngineError),
 }
 
@@ -338,7 +351,9 @@ impl Inner {
     fn publish_failure(&self, e: PublishError) -> PublishFailure {
         let failed = |e| PublishFailure::Failed(e);
         match e.kind() {
-            PublishErrorKind::StreamNotFound => PublishFailure::Gone,
+            // async-nats names NATS's "no responders" so. It is not JetStream saying the stream
+            // is gone: a stream whose leader died takes no publishes until the election ends.
+            PublishErrorKind::StreamNotFound => PublishFailure::NoResponders,
             PublishErrorKind::MaxPayloadExceeded => failed(EngineError::Limit(format!(
                 "the message is larger than the NATS server's max_payload: {e}"
             ))),
@@ -362,41 +377,56 @@ impl Inner {
             return Ok(Vec::new());
         }
         let names = self.names(stream);
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
         let mut epoch = self.epoch(stream, &names).await?;
         let time_ms = now_ms();
-        let acks = match self.publish(&names, &messages, time_ms).await {
-            Ok(acks) => acks,
-            Err(PublishFailure::Failed(e)) => return Err(e),
-            Err(PublishFailure::Gone) => {
-                // The stream is gone (deleted, or the server lost its data): what it held is
-                // lost with it, so these messages start its next history, in a new epoch.
-                tracing::warn!(%stream, "the JetStream stream vanished; creating it again");
-                self.forget(stream);
-                epoch = self.epoch(stream, &names).await?;
-                match self.publish(&names, &messages, time_ms).await {
-                    Ok(acks) => acks,
-                    Err(PublishFailure::Failed(e)) => return Err(e),
-                    Err(PublishFailure::Gone) => {
-                        return Err(EngineError::Unavailable(format!(
-                            "JetStream stream {} vanished again right after it was created",
-                            names.stream
-                        )));
-                    }
+        let mut checked = false;
+        let mut pause = Duration::from_millis(25);
+        let acks = loop {
+            match self.publish(&names, &messages, time_ms).await {
+                Ok(acks) => break acks,
+                Err(PublishFailure::Failed(e)) => return Err(e),
+                Err(PublishFailure::NoResponders) => {}
+            }
+            // Nothing took the publish, so nothing was stored and sending it again is safe.
+            // Either the JetStream stream is gone, or it has no leader right now (the election
+            // after its leader died takes seconds). Only JetStream's own "stream not found" is
+            // the former; then what the stream held is lost with it, and these messages start
+            // its next history, in a new epoch. Otherwise wait for the leader, within the
+            // engine timeout.
+            if !checked {
+                checked = true;
+                if !self.api.exists(&names.stream, deadline).await? {
+                    tracing::warn!(%stream, "the JetStream stream is gone; creating it again");
+                    self.forget(stream);
+                    epoch = tokio::time::timeout_at(deadline, self.epoch(stream, &names))
+                        .await
+                        .map_err(|_| no_leader(&names))??;
+                    continue;
                 }
             }
+            if tokio::time::Instant::now() + pause >= deadline {
+                return Err(no_leader(&names));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
         };
         // The acks landed in whichever JetStream stream has the subject now. Name the newest
         // epoch this node knows for it (another task may have learned of a remade stream
         // meanwhile), and now and then confirm it with JetStream, since another node may have
-        // deleted and remade the stream without this one hearing of it.
+        // deleted and remade the stream without this one hearing of it. The messages are
+        // stored either way: a failed check (JetStream busy electing a leader) keeps the epoch
+        // the publish went to rather than turn a stored publish into an error.
         let known = self.known.lock().get(stream).cloned();
         match known {
             Some((known, at)) if at.elapsed() <= RECHECK_EPOCH => epoch = known,
-            _ => {
-                if let Some(state) = self.fetch_state(stream, false).await? {
-                    epoch = state.epoch;
+            _ => match self.fetch_state(stream, false).await {
+                Ok(Some(state)) => epoch = state.epoch,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(%stream, error = %e, "cannot confirm the epoch after a publish")
                 }
-            }
+            },
         }
 
         let mut out = Vec::with_capacity(acks.len());
@@ -441,7 +471,9 @@ impl Inner {
         limit: usize,
     ) -> Result<ReadBatch, EngineError> {
         let names = self.names(stream);
+        let known = self.heads.current(stream);
         let mut state = self.must_state(stream).await?;
+        self.fresh(stream, &state, known)?;
         let mut messages = Vec::new();
         for attempt in 1..=READ_ATTEMPTS {
             let first = after.next();
@@ -458,17 +490,69 @@ impl Inner {
             }
             // The first message vanished between the info and the get: retention moved the
             // oldest on, or the stream was remade. Look again.
+            let known = self.heads.current(stream);
             let again = self.must_state(stream).await?;
+            self.fresh(stream, &again, known)?;
             let still_retained =
                 again.epoch == state.epoch && again.oldest <= first && first <= again.head;
             if still_retained && attempt == READ_ATTEMPTS {
-                return Err(EngineError::Internal(format!(
+                // Across a leader change the state and the gets may come from different
+                // leaders, the newer one still applying what the older acked: retry later.
+                return Err(EngineError::Unavailable(format!(
                     "message {first} of {stream:?} is missing though JetStream reports it retained"
                 )));
             }
             state = again;
         }
         Ok(ReadBatch { state, messages })
+    }
+
+    /// Checks a state JetStream reported for a read against `known`, the head this node knew
+    /// for the stream before it asked. JetStream never moves a stream's head back within one
+    /// epoch (a remade stream has a new epoch), and this node's head moves only on JetStream's
+    /// acks and its leader's answers, so an answer behind what was known before the question
+    /// comes from a server that has not applied everything yet — a stream leader elected a
+    /// moment ago — and is not lost history. Handing it to a reader past that head would tell
+    /// it `epoch_changed` for messages that are safe. So the read fails as `Unavailable`
+    /// (readers retry) until JetStream catches up. Should JetStream keep reporting an older head
+    /// for [`STALE_GRACE`], it did lose acked messages (see "When the engine loses data" in
+    /// docs/operations.md), and the node believes it. (The head known *before* asking: one
+    /// learned while the question was out may be newer than a correct answer.)
+    fn fresh(
+        &self,
+        stream: &StreamName,
+        state: &StreamState,
+        known: Option<Position>,
+    ) -> Result<(), EngineError> {
+        let seen = known.filter(|h| h.epoch == state.epoch && h.offset > state.head);
+        let mut behind = self.behind.lock();
+        let Some(seen) = seen else {
+            behind.remove(stream);
+            return Ok(());
+        };
+        if behind.len() >= MAX_KNOWN && !behind.contains_key(stream) {
+            behind.clear();
+        }
+        let (since, believed) = behind
+            .entry(stream.clone())
+            .or_insert_with(|| (Instant::now(), false));
+        if *believed {
+            return Ok(());
+        }
+        if since.elapsed() < STALE_GRACE {
+            return Err(EngineError::Unavailable(format!(
+                "JetStream reports stream {stream:?} at offset {}, behind offset {} it acknowledged: \
+                 a server that has not caught up (a leader change); not used",
+                state.head, seen.offset
+            )));
+        }
+        *believed = true;
+        tracing::warn!(
+            %stream, head = %state.head, seen = %seen.offset,
+            "JetStream has reported the stream behind offsets it acknowledged for {STALE_GRACE:?}: \
+             taking it as lost messages"
+        );
+        Ok(())
     }
 
     async fn must_state(&self, stream: &StreamName) -> Result<StreamState, EngineError> {
@@ -500,6 +584,14 @@ impl Inner {
     }
 }
 
+fn no_leader(names: &StreamNames) -> EngineError {
+    EngineError::Unavailable(format!(
+        "JetStream stream {} takes no publishes right now (no leader: an election is under way, \
+         or its servers are unreachable); nothing was published",
+        names.stream
+    ))
+}
+
 #[async_trait]
 impl Engine for NatsEngine {
     fn name(&self) -> &'static str {
@@ -524,7 +616,12 @@ impl Engine for NatsEngine {
     }
 
     async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
-        self.inner.fetch_state(stream, false).await
+        let known = self.inner.heads.current(stream);
+        let state = self.inner.fetch_state(stream, false).await?;
+        if let Some(state) = &state {
+            self.inner.fresh(stream, state, known)?;
+        }
+        Ok(state)
     }
 
     async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError> {
@@ -539,6 +636,10 @@ impl Engine for NatsEngine {
     async fn sweep(&self) -> Result<(), EngineError> {
         let gone = self.inner.heads.prune();
         self.inner.cache.forget(&gone);
+        let mut behind = self.inner.behind.lock();
+        for stream in &gone {
+            behind.remove(stream);
+        }
         Ok(())
     }
 
@@ -558,7 +659,7 @@ impl Engine for NatsEngine {
         if !self.inner.connected() {
             return Err(EngineError::Unavailable(format!(
                 "not connected to NATS at {}",
-                self.inner.config.url
+                redacted(&self.inner.config.url)
             )));
         }
         self.inner.api.ping().await

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::json;
 use spool_core::Offset;
 use spool_engine::EngineError;
+use tokio::time::Instant;
 
 /// JetStream error codes the engine acts on.
 const STREAM_NOT_FOUND: ErrorCode = ErrorCode::STREAM_NOT_FOUND;
@@ -56,11 +57,49 @@ struct MsgGet {
 }
 
 impl Api {
-    /// The stream's info, or `None` when it does not exist.
+    /// The stream's info as its leader reports it, or `None` when JetStream says the stream
+    /// does not exist. An answer from another replica (see [`from_leader`]) is not taken: the
+    /// request is repeated for a moment (the leader's own answer races it), then the call fails
+    /// with `Unavailable` — a replica's older head must never reach a reader, which would take
+    /// it for lost history.
     pub async fn info(&self, stream: &str) -> Result<Option<Info>, EngineError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(20);
+        let mut not_found = false;
+        loop {
+            match self.info_within(stream, deadline).await? {
+                Some(info) if from_leader(&info) => return Ok(Some(info)),
+                Some(info) => {
+                    if Instant::now() + pause >= deadline {
+                        return Err(not_from_leader(stream, &info));
+                    }
+                }
+                // "Not found" is definite from JetStream's meta leader, but a member still
+                // recovering the stream answers so too, racing the leader's answer: believe it
+                // when it comes twice.
+                None if not_found || Instant::now() + pause >= deadline => return Ok(None),
+                None => not_found = true,
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Whether JetStream has the stream, as any replica says. `false` only on JetStream's own
+    /// "stream not found"; no answer is an error, never "gone".
+    pub async fn exists(&self, stream: &str, deadline: Instant) -> Result<bool, EngineError> {
+        Ok(self.info_within(stream, deadline).await?.is_some())
+    }
+
+    /// One `STREAM.INFO`, answered by whichever server JetStream lets answer, by `deadline`.
+    async fn info_within(
+        &self,
+        stream: &str,
+        deadline: Instant,
+    ) -> Result<Option<Info>, EngineError> {
         let what = "reading a stream's state";
         let response: Response<Info> = self
-            .request(what, format!("STREAM.INFO.{stream}"), &json!({}))
+            .request_until(deadline, what, format!("STREAM.INFO.{stream}"), &json!({}))
             .await?;
         match response {
             Response::Ok(info) => Ok(Some(info)),
@@ -78,12 +117,23 @@ impl Api {
             .request(what, format!("STREAM.CREATE.{}", config.name), config)
             .await?;
         match response {
-            Response::Ok(info) => Ok(info),
+            Response::Ok(info) if from_leader(&info) => Ok(info),
+            // The stream was there already and a replica answered for it: ask its leader.
+            Response::Ok(_) => self.leader_info(&config.name).await,
             Response::Err { error } if error.error_code() == STREAM_NAME_EXIST => {
                 self.update(config).await
             }
             Response::Err { error } => Err(api_error(what, error)),
         }
+    }
+
+    /// The info of a stream that was just created or updated, from its leader.
+    async fn leader_info(&self, stream: &str) -> Result<Info, EngineError> {
+        self.info(stream).await?.ok_or_else(|| {
+            EngineError::Unavailable(format!(
+                "JetStream stream {stream} vanished while being created"
+            ))
+        })
     }
 
     async fn update(&self, config: &Config) -> Result<Info, EngineError> {
@@ -94,7 +144,11 @@ impl Api {
         match response {
             Response::Ok(info) => {
                 tracing::info!(stream = %config.name, "updated the JetStream stream's limits");
-                Ok(info)
+                if from_leader(&info) {
+                    Ok(info)
+                } else {
+                    self.leader_info(&config.name).await
+                }
             }
             Response::Err { error } => {
                 // A change JetStream will not make (e.g. another storage type): keep the stream
@@ -103,12 +157,7 @@ impl Api {
                     stream = %config.name, %error,
                     "the JetStream stream's configuration differs from Spool's and cannot be updated; using it as it is"
                 );
-                self.info(&config.name).await?.ok_or_else(|| {
-                    EngineError::Unavailable(format!(
-                        "JetStream stream {} vanished while being created",
-                        config.name
-                    ))
-                })
+                self.leader_info(&config.name).await
             }
         }
     }
@@ -190,7 +239,20 @@ impl Api {
         subject: impl ToSubject,
         payload: &T,
     ) -> Result<V, EngineError> {
-        match tokio::time::timeout(self.timeout, self.js.request(subject, payload)).await {
+        self.request_until(Instant::now() + self.timeout, what, subject, payload)
+            .await
+    }
+
+    /// [`Api::request`], answered or failed by `deadline` (at most the timeout from now).
+    async fn request_until<T: Serialize + ?Sized, V: DeserializeOwned>(
+        &self,
+        deadline: Instant,
+        what: &str,
+        subject: impl ToSubject,
+        payload: &T,
+    ) -> Result<V, EngineError> {
+        let deadline = deadline.min(Instant::now() + self.timeout);
+        match tokio::time::timeout_at(deadline, self.js.request(subject, payload)).await {
             Ok(answer) => answer.map_err(|e| self.request_error(what, e)),
             Err(_) => Err(EngineError::Unavailable(format!(
                 "{what}: NATS JetStream did not answer within {:?}",
@@ -211,6 +273,41 @@ impl Api {
             _ => EngineError::Unavailable(format!("{what}: {e}")),
         }
     }
+}
+
+/// Whether a stream's info comes from the stream's leader. In a JetStream cluster other
+/// replicas answer `STREAM.INFO` (and a create of an existing stream) at times: every member
+/// while the stream's group has no leader (the election after its leader died), and for its
+/// first seconds the group's preferred member after it restarted. Their state may lack
+/// messages the leader has acked, so their head may be behind offsets readers already got.
+/// The answer names the leader the answering server knows (`cluster.leader`) and every member
+/// except itself (`cluster.replicas`): it is the leader's own answer exactly when a leader is
+/// named and is not among the others. A server outside a cluster leads its streams (it sends
+/// no `cluster`).
+pub(crate) fn from_leader(info: &Info) -> bool {
+    let Some(cluster) = &info.cluster else {
+        return true;
+    };
+    match cluster.leader.as_deref() {
+        Some(leader) if !leader.is_empty() => !cluster.replicas.iter().any(|r| r.name == leader),
+        _ => false,
+    }
+}
+
+fn not_from_leader(stream: &str, info: &Info) -> EngineError {
+    let leader = info
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .filter(|l| !l.is_empty());
+    EngineError::Unavailable(match leader {
+        Some(leader) => format!(
+            "JetStream stream {stream}: only a replica that is not its leader ({leader}) answered; its state may be behind, so it is not used"
+        ),
+        None => {
+            format!("JetStream stream {stream} has no leader right now (an election is under way)")
+        }
+    })
 }
 
 /// An error JetStream answered with. Most are the store refusing for now (no quorum, out of

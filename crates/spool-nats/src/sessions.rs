@@ -79,23 +79,39 @@ impl Sessions {
 
     pub async fn save(&self, records: &[SessionRecord]) -> Result<(), EngineError> {
         match self.save_once(records).await {
-            Err(Gone) => {
-                // The bucket is gone (the NATS server lost its data): make it again, once.
-                tracing::warn!(bucket = %self.bucket, "the sessions bucket vanished; creating it again");
+            Err(NoResponders) => {
+                // Nothing took the writes. Only when JetStream says the bucket is gone (the
+                // NATS servers lost their data) is it made again, once; otherwise it has no
+                // leader right now and the server retries the batch later.
+                self.gone().await?;
+                tracing::warn!(bucket = %self.bucket, "the sessions bucket is gone; creating it again");
                 self.create_bucket().await?;
-                self.save_once(records).await.map_err(|_| {
-                    EngineError::Unavailable("the sessions bucket vanished again".into())
-                })?
+                self.save_once(records)
+                    .await
+                    .map_err(|_| no_leader(&self.bucket))?
             }
             Ok(done) => done,
         }
     }
 
-    /// `Err(Gone)` when the bucket does not exist. A record too large for NATS is skipped
+    /// `Ok` when JetStream says the bucket does not exist; `Unavailable` when it does (it has
+    /// no leader right now: an election) or JetStream does not answer.
+    async fn gone(&self) -> Result<(), EngineError> {
+        let deadline = tokio::time::Instant::now() + self.api.timeout;
+        if self.api.exists(&self.config.name, deadline).await? {
+            return Err(no_leader(&self.bucket));
+        }
+        Ok(())
+    }
+
+    /// `Err(NoResponders)` when nothing took a write (the bucket is gone or has no leader). A record too large for NATS is skipped
     /// (and reported as `Limit`) rather than failing the records after it: the server
     /// retries a failed batch whole, so one oversized session would otherwise keep every
     /// session batched with it from ever being saved.
-    async fn save_once(&self, records: &[SessionRecord]) -> Result<Result<(), EngineError>, Gone> {
+    async fn save_once(
+        &self,
+        records: &[SessionRecord],
+    ) -> Result<Result<(), EngineError>, NoResponders> {
         let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(records.len());
         let mut oversized = None;
         for record in records {
@@ -124,8 +140,9 @@ impl Sessions {
         }
         for ack in acks {
             if let Err(e) = ack.await {
+                // async-nats's name for NATS's "no responders".
                 if e.kind() == PublishErrorKind::StreamNotFound {
-                    return Err(Gone);
+                    return Err(NoResponders);
                 }
                 return Ok(Err(publish_error(&e)));
             }
@@ -168,14 +185,22 @@ impl Sessions {
             .map_err(|e| publish_error(&e))?;
         match ack.await {
             Ok(_) => Ok(()),
-            // No bucket, no session: deleted already.
-            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => Ok(()),
+            // No bucket, no session: deleted already. But "no responders" is also what a
+            // bucket without a leader (an election) answers; then the record is still there.
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => self.gone().await,
             Err(e) => Err(publish_error(&e)),
         }
     }
 }
 
-struct Gone;
+struct NoResponders;
+
+fn no_leader(bucket: &str) -> EngineError {
+    EngineError::Unavailable(format!(
+        "the sessions bucket {bucket} takes no writes right now (no leader: an election is under \
+         way, or its servers are unreachable)"
+    ))
+}
 
 fn publish_error(e: &async_nats::jetstream::context::PublishError) -> EngineError {
     EngineError::Unavailable(format!("cannot write a session record to NATS: {e}"))
