@@ -13,6 +13,12 @@
 //! headers as protocol headers, so a malformed header block written by some other client would
 //! make async-nats drop the whole connection on every read of it, where here it is just a
 //! message that does not decode.
+//!
+//! For the same reason a stream's info is taken only from its leader (see [`from_leader`]):
+//! in a JetStream cluster other replicas answer `STREAM.INFO` at times, with a state that may
+//! lack acked messages, and a head behind what a reader already got reads as lost history.
+//! Only JetStream's own "stream not found" means a stream is gone; no answer, "no responders"
+//! or a refusal is `Unavailable`.
 
 use std::time::Duration;
 
@@ -317,5 +323,51 @@ fn api_error(what: &str, error: jetstream::Error) -> EngineError {
         EngineError::Limit(format!("{what}: {error}"))
     } else {
         EngineError::Unavailable(format!("{what}: JetStream refused: {error}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `STREAM.INFO` answer with the given `cluster` section (as nats-server 2.9 sends it).
+    fn info(cluster: serde_json::Value) -> Info {
+        let mut answer = json!({
+            "config": {"name": "s", "subjects": ["s"], "retention": "limits",
+                "max_consumers": -1, "max_msgs": -1, "max_bytes": -1, "max_age": 0,
+                "max_msgs_per_subject": -1, "max_msg_size": -1, "discard": "old",
+                "storage": "file", "num_replicas": 3, "duplicate_window": 120000000000u64},
+            "created": "2026-11-30T03:06:52.622861876Z",
+            "state": {"messages": 0, "bytes": 0, "first_seq": 0,
+                "first_ts": "0001-01-01T00:00:00Z", "last_seq": 0,
+                "last_ts": "0001-01-01T00:00:00Z", "consumer_count": 0}
+        });
+        if !cluster.is_null() {
+            answer["cluster"] = cluster;
+        }
+        serde_json::from_value(answer).expect("a stream info")
+    }
+
+    fn peer(name: &str) -> serde_json::Value {
+        json!({"name": name, "current": true, "active": 1000})
+    }
+
+    #[test]
+    fn only_the_leaders_own_answer_counts() {
+        // A single server, and the leader of a replicated stream (it lists the others).
+        assert!(from_leader(&info(serde_json::Value::Null)));
+        assert!(from_leader(&info(json!({"name": "c", "leader": "n3"}))));
+        assert!(from_leader(&info(
+            json!({"name": "c", "leader": "n3", "replicas": [peer("n1"), peer("n2")]})
+        )));
+        // A follower (it lists the leader among the others), and a member while there is no
+        // leader (seen from a restarted server: every member listed, last_seq 0).
+        assert!(!from_leader(&info(
+            json!({"name": "c", "leader": "n1", "replicas": [peer("n1"), peer("n3")]})
+        )));
+        assert!(!from_leader(&info(
+            json!({"name": "c", "replicas": [peer("n1"), peer("n2"), peer("n3")]})
+        )));
+        assert!(!from_leader(&info(json!({"name": "c", "leader": ""}))));
     }
 }

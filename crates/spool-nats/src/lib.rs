@@ -71,6 +71,16 @@
 //! may still have been stored (it was on its way when the connection dropped): the client's
 //! retry with the same idempotency key is then answered as a duplicate at the original
 //! position, which is exactly right; a retry without a key may store the message twice.
+//!
+//! [`NatsConfig::url`] may name several servers (comma-separated); the client connects to one
+//! and moves to another when it goes away. When the server leading a replicated stream dies,
+//! the stream takes no publishes until its other replicas elect a leader (seconds): a publish
+//! then meets "no responders", which is not a lost stream — it is retried until the engine
+//! timeout and then answers `Unavailable`; only JetStream's own "stream not found" makes the
+//! stream again (a new epoch). Meanwhile other replicas may answer for the stream with a state
+//! that lacks acked messages; the engine takes a stream's state only from its leader, and
+//! treats a head behind one it already knew as not caught up yet (`Unavailable`) for a while,
+//! so readers never get a reset for history that is safe.
 
 //!
 //! # Limits and caveats
