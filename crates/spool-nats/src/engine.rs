@@ -334,16 +334,42 @@ impl Inner {
                 .map_err(|e| self.publish_failure(e))?;
             pending.push(ack);
         }
+        // Every answer is awaited: "no responders" means the whole batch may be sent again
+        // only when no message of it was taken (a leader elected part-way through takes the
+        // rest).
         let mut acks = Vec::with_capacity(pending.len());
+        let mut failure = None;
+        let mut unanswered = 0;
         for ack in pending {
-            let ack = ack.await.map_err(|e| self.publish_failure(e))?;
-            if ack.stream != names.stream {
-                return Err(PublishFailure::Failed(EngineError::Internal(format!(
-                    "a publish to {} was stored in JetStream stream {}, not {}",
-                    names.subject, ack.stream, names.stream
+            match ack.await.map_err(|e| self.publish_failure(e)) {
+                Ok(ack) => acks.push(ack),
+                Err(f) => {
+                    unanswered += usize::from(matches!(f, PublishFailure::NoResponders));
+                    failure.get_or_insert(f);
+                }
+            }
+        }
+        match failure {
+            Some(PublishFailure::NoResponders) if unanswered == messages.len() => {
+                return Err(PublishFailure::NoResponders);
+            }
+            Some(PublishFailure::NoResponders) => {
+                return Err(PublishFailure::Failed(EngineError::Unavailable(format!(
+                    "JetStream stream {} lost its leader during the publish: {} of {} messages \
+                     were acked; retry with the same idempotency keys",
+                    names.stream,
+                    acks.len(),
+                    messages.len()
                 ))));
             }
-            acks.push(ack);
+            Some(failed) => return Err(failed),
+            None => {}
+        }
+        if let Some(ack) = acks.iter().find(|ack| ack.stream != names.stream) {
+            return Err(PublishFailure::Failed(EngineError::Internal(format!(
+                "a publish to {} was stored in JetStream stream {}, not {}",
+                names.subject, ack.stream, names.stream
+            ))));
         }
         Ok(acks)
     }
