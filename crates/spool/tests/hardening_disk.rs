@@ -243,3 +243,136 @@ fn a_damaged_session_file_is_moved_aside_by_repair() {
         assert_eq!(body["messages"][0]["data"], "a message");
     });
 }
+
+/// `spool serve` on the disk engine with its log kept, to check what it logged.
+struct Logged {
+    child: std::process::Child,
+    addr: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Logged {
+    fn start(dir: &Path, extra: &[&str]) -> Logged {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--engine", "disk"])
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--api-key", API_KEY])
+            .args(extra)
+            .env("SPOOL_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn spool serve");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("listening")
+                    && let Some(rest) = line.split("addr=").nth(1)
+                {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("spool serve did not report its address");
+        Logged { child, addr, log }
+    }
+
+    fn logged(&self, what: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(what))
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn publish_status(http: &reqwest::Client, addr: &str, body: String) -> u16 {
+    http.post(format!("http://{addr}/v1/streams/rolls/messages"))
+        .bearer_auth(API_KEY)
+        .body(body)
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+async fn ready(http: &reqwest::Client, addr: &str) -> u16 {
+    http.get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+/// Issue 10, item 4: when the next WAL segment could not be created (the issue's case: file
+/// descriptors ran out while a segment rolled), the disk engine answered 503 "rolling to a new
+/// segment failed" and stayed stopped until restart, `/readyz` 503. Nothing had been written to
+/// the new segment, so now the roll is retried: publishes are acked meanwhile, and the log
+/// rolls once it can. (The server now keeps connections below the open-file limit, so clients
+/// can no longer exhaust its descriptors; a directory squatting on the next segment's name
+/// makes the creation fail the same way.)
+#[test]
+fn a_segment_that_cannot_be_created_stops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Logged::start(dir.path(), &["--segment-size", "4096"]);
+    let wal = dir.path().join("wal");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let payload = "x".repeat(500);
+        assert_eq!(publish_status(&http, &s.addr, payload.clone()).await, 201);
+        let active = segments(dir.path()).pop().unwrap();
+        let id: u64 = active
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        let blocker = wal.join(format!("{:020}.log", id + 1));
+        std::fs::create_dir(&blocker).unwrap();
+        std::fs::write(blocker.join("squatter"), b"x").unwrap();
+
+        for i in 0..30 {
+            let status = publish_status(&http, &s.addr, payload.clone()).await;
+            assert_eq!(status, 201, "publish {i} while the roll fails");
+        }
+        assert!(
+            s.logged("cannot start a new WAL segment"),
+            "the roll was tried and failed"
+        );
+        assert_eq!(ready(&http, &s.addr).await, 200);
+        assert!(std::fs::metadata(&active).unwrap().len() > 4 * 4096);
+
+        std::fs::remove_dir_all(&blocker).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !s.logged("started the new WAL segment") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log never rolled again"
+            );
+            assert_eq!(publish_status(&http, &s.addr, payload.clone()).await, 201);
+        }
+        assert!(blocker.is_file(), "the next segment was created");
+        assert_eq!(ready(&http, &s.addr).await, 200);
+    });
+    drop(s);
+
+    // Nothing was lost: every acked publish is there after a restart.
+    let s = Server::start_disk("127.0.0.1:0", dir.path(), &["--segment-size", "4096"]);
+    rt.block_on(async {
+        let (_, offsets, _) = history(&s, "rolls").await;
+        assert!(offsets.len() >= 32, "{offsets:?}");
+        assert_eq!(offsets, (1..=offsets.len() as u64).collect::<Vec<_>>());
+    });
+}

@@ -380,6 +380,7 @@ impl DiskEngine {
             segment_len: segment::HEADER_LEN + snapshot.len() as u64,
             segment_max: config.segment_size.max(segment::HEADER_LEN + 1),
             fsync: config.durability == Durability::Fsync,
+            roll_failures: 0,
         };
         std::thread::Builder::new()
             .name("spool-wal-writer".into())

@@ -537,3 +537,45 @@ async fn age_retention_applies_after_reopen() {
     let state = engine.state(&name("age")).await.unwrap().unwrap();
     assert_eq!((state.head, state.oldest), (Offset(1), Offset(2)));
 }
+
+/// A segment that cannot be started (here: a directory in its place; in production: no file
+/// descriptor left) is not a failed write: appends go on in the current segment, the roll is
+/// retried at the next commit, and nothing is lost.
+#[tokio::test]
+async fn a_failed_roll_is_retried_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.segment_size = 4096;
+    let wal = dir.path().join("wal");
+    let engine = DiskEngine::open(cfg.clone()).unwrap();
+    let active = *segment::list(&wal).unwrap().last().unwrap();
+    let blocker = segment::path(&wal, active + 1);
+    fs::create_dir(&blocker).unwrap();
+    fs::write(blocker.join("keep"), b"x").unwrap();
+    let payload = "x".repeat(500);
+    for _ in 0..40 {
+        engine
+            .append(&name("r"), vec![msg(payload.clone())])
+            .await
+            .expect("appends go on while the roll fails");
+    }
+    engine.ready().await.expect("still ready");
+    assert!(fs::metadata(segment::path(&wal, active)).unwrap().len() > 4096 * 4);
+
+    fs::remove_dir_all(&blocker).unwrap();
+    for _ in 0..20 {
+        engine
+            .append(&name("r"), vec![msg(payload.clone())])
+            .await
+            .unwrap();
+    }
+    assert!(
+        segment::path(&wal, active + 1).is_file(),
+        "the roll succeeded"
+    );
+    assert!(segment::list(&wal).unwrap().len() >= 3, "and rolls go on");
+    drop(engine);
+    let engine = DiskEngine::open(cfg).unwrap();
+    let offsets: Vec<u64> = payloads(&engine, "r").await.iter().map(|m| m.0).collect();
+    assert_eq!(offsets, (1..=60).collect::<Vec<u64>>());
+}

@@ -12,10 +12,13 @@
 //! If a write or fsync fails the engine stops accepting appends for good: after a failed
 //! fsync the kernel may have dropped the dirty pages, so nothing written since the last good
 //! fsync can be vouched for (PostgreSQL's "fsyncgate"). Restarting recovers what is on disk.
+//! Failing to *start* the next segment (no file descriptor left, a full directory) is not
+//! like that: nothing was written to it, so the writer removes what it began, keeps appending
+//! to the current segment, and tries the roll again at the next commit.
 
 use std::{
-    fs::File,
-    io::Write,
+    fs::{self, File},
+    io::{self, Write},
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
 };
@@ -51,6 +54,8 @@ pub struct Writer {
     pub segment_len: u64,
     pub segment_max: u64,
     pub fsync: bool,
+    /// Failed attempts to start the next segment since the last roll (0: none).
+    pub roll_failures: u64,
 }
 
 impl Writer {
@@ -96,8 +101,7 @@ impl Writer {
         if self.segment_len > segment::HEADER_LEN
             && self.segment_len + bytes as u64 > self.segment_max
         {
-            self.roll()
-                .map_err(|e| io_error("rolling to a new segment", e))?;
+            self.roll()?;
         }
         buf.clear();
         for request in batch {
@@ -121,21 +125,68 @@ impl Writer {
     /// Closes the active segment and starts the next one with a snapshot record of every
     /// stream (epoch and head), so that no older segment is ever the only place a stream's
     /// epoch is written: any older segment can be deleted once its messages are expired.
-    fn roll(&mut self) -> std::io::Result<()> {
-        self.file.sync_all()?;
+    ///
+    /// Only a failed fsync of the active segment is an error; when the next segment cannot be
+    /// started, the active one stays active (it grows past `segment_max` meanwhile) and the
+    /// next commit tries again.
+    fn roll(&mut self) -> Result<(), EngineError> {
+        self.file
+            .sync_all()
+            .map_err(|e| io_error("fsync of the WAL", e))?;
         let next = self.segment_id + 1;
-        let mut file = segment::create(&self.dir, next)?;
-        let snapshot = self.shared.snapshot_records();
-        file.write_all(&snapshot)?;
-        file.sync_data()?;
+        let (file, len) = match self.start_segment(next) {
+            Ok(started) => started,
+            Err(e) => {
+                self.roll_failures += 1;
+                // The first failure and then every 1000th, not one line per commit.
+                if self.roll_failures % 1000 == 1 {
+                    tracing::warn!(
+                        error = %e, segment = next, attempts = self.roll_failures,
+                        "cannot start a new WAL segment; appending to the current one and retrying (out of file descriptors?)"
+                    );
+                }
+                return Ok(());
+            }
+        };
+        if self.roll_failures > 0 {
+            tracing::info!(
+                segment = next,
+                attempts = self.roll_failures,
+                "started the new WAL segment after failed attempts"
+            );
+            self.roll_failures = 0;
+        }
         let previous = self.segment_id;
         self.file = file;
         self.segment_id = next;
-        self.segment_len = segment::HEADER_LEN + snapshot.len() as u64;
+        self.segment_len = len;
         self.shared.active_segment.store(next, Ordering::Release);
         self.shared.segments.lock().entry(next).or_insert(0);
         self.shared.release_if_dead(previous);
         Ok(())
+    }
+
+    /// Creates segment `id` with the snapshot, durably; on failure removes what it began (no
+    /// other process or thread creates segments while the writer runs, so a file with that id
+    /// can only be left from an earlier failed attempt).
+    fn start_segment(&self, id: u64) -> io::Result<(File, u64)> {
+        let path = segment::path(&self.dir, id);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let started = (|| {
+            let mut file = segment::create(&self.dir, id)?;
+            let snapshot = self.shared.snapshot_records();
+            file.write_all(&snapshot)?;
+            file.sync_data()?;
+            Ok((file, segment::HEADER_LEN + snapshot.len() as u64))
+        })();
+        if started.is_err() {
+            let _ = fs::remove_file(&path);
+        }
+        started
     }
 }
 
