@@ -11,9 +11,12 @@
 //! a bare payload stamped with JetStream's own time. A `Spool-Meta` that does not decode is
 //! corruption and reads as [`EngineError::Internal`], never a panic.
 
-use async_nats::{HeaderMap, HeaderValue, jetstream::message::StreamMessage};
+use async_nats::{
+    HeaderMap, HeaderValue,
+    jetstream::{message::StreamMessage, stream::Info},
+};
 use serde::{Deserialize, Serialize};
-use spool_core::{Epoch, Message, NewMessage, Offset};
+use spool_core::{Epoch, Message, NewMessage, Offset, StreamName};
 use spool_engine::EngineError;
 
 /// The header holding Spool's metadata.
@@ -100,20 +103,53 @@ pub(crate) fn decode(offset: Offset, stored: StreamMessage) -> Result<Message, E
     })
 }
 
-/// The epoch of a JetStream stream created at `created`: its creation time in nanoseconds, in
-/// lower-case hex. A stream that is deleted and made again (its data lost) gets another
-/// creation time and so another epoch, while the stream itself — with its sequence numbers —
-/// outlives the expiry of all its messages, so an idle stream keeps its epoch.
-pub(crate) fn epoch(created: &async_nats::jetstream::stream::Info) -> Result<Epoch, EngineError> {
-    let nanos = created.created.unix_timestamp_nanos();
-    let nanos = u128::try_from(nanos).map_err(|_| {
+/// The description of the JetStream stream made for `stream` in `epoch`: the Spool name, a
+/// space, the epoch. A stream name never holds whitespace, so the two part cleanly.
+///
+/// The epoch is chosen by the node that makes the stream — the placeholder its readers already
+/// wait in, or a fresh one — so readers that learned it before the first publish get offset 1
+/// with no reset. A stream that is deleted and made again (its data lost) is made with another
+/// epoch, while the stream itself — with its sequence numbers — outlives the expiry of all its
+/// messages, so an idle stream keeps its epoch.
+pub(crate) fn description(stream: &StreamName, epoch: &Epoch) -> String {
+    format!("{} {}", stream.as_str(), epoch.as_str())
+}
+
+/// The epoch of the JetStream stream `info` describes, after checking that it holds `stream`
+/// (an `Internal` error otherwise: a name collision, or a stream Spool did not make). Its
+/// description is `<name> <epoch>` (see [`description`]); a stream made by an earlier version
+/// of Spool has just the name, and its epoch is its creation time in nanoseconds, in lower-case
+/// hex.
+pub(crate) fn epoch(stream: &StreamName, info: &Info) -> Result<Epoch, EngineError> {
+    let description = info.config.description.as_deref().unwrap_or_default();
+    let (name, epoch) = match description.split_once(' ') {
+        Some((name, epoch)) => (name, Some(epoch)),
+        None => (description, None),
+    };
+    if name != stream.as_str() {
+        return Err(EngineError::Internal(format!(
+            "JetStream stream {} holds {:?}, not {stream:?}: a name collision or a stream Spool did not make",
+            info.config.name, info.config.description
+        )));
+    }
+    let epoch = match epoch {
+        Some(epoch) => epoch.to_owned(),
+        None => {
+            let nanos = u128::try_from(info.created.unix_timestamp_nanos()).map_err(|_| {
+                EngineError::Internal(format!(
+                    "JetStream stream {} reports a creation time before 1970",
+                    info.config.name
+                ))
+            })?;
+            format!("{nanos:x}")
+        }
+    };
+    Epoch::parse(&epoch).map_err(|e| {
         EngineError::Internal(format!(
-            "JetStream stream {} reports a creation time before 1970",
-            created.config.name
+            "JetStream stream {} has no valid epoch in its description {description:?}: {e}",
+            info.config.name
         ))
-    })?;
-    Epoch::parse(&format!("{nanos:x}"))
-        .map_err(|e| EngineError::Internal(format!("cannot make an epoch: {e}")))
+    })
 }
 
 fn unix_ms(time: &async_nats::datetime::DateTime) -> u64 {
@@ -125,6 +161,39 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+
+    /// A `STREAM.INFO` answer for a stream with `description`, created at 1 s past the epoch.
+    fn info(description: Option<&str>) -> Info {
+        serde_json::from_value(serde_json::json!({
+            "config": {"name": "spool_a", "description": description, "subjects": ["spool.s.a"],
+                "retention": "limits", "max_consumers": -1, "max_msgs": -1, "max_bytes": -1,
+                "max_age": 0, "max_msgs_per_subject": -1, "max_msg_size": -1,
+                "discard": "old", "storage": "file", "num_replicas": 1,
+                "duplicate_window": 120000000000u64},
+            "created": "1970-01-01T00:00:01Z",
+            "state": {"messages": 0, "bytes": 0, "first_seq": 0,
+                "first_ts": "0001-01-01T00:00:00Z", "last_seq": 0,
+                "last_ts": "0001-01-01T00:00:00Z", "consumer_count": 0}
+        }))
+        .expect("a stream info")
+    }
+
+    #[test]
+    fn the_epoch_is_the_one_the_stream_was_made_in_or_its_creation_time() {
+        let a = StreamName::new("a").unwrap();
+        let made_in = Epoch::generate();
+        let described = description(&a, &made_in);
+        assert_eq!(epoch(&a, &info(Some(&described))).unwrap(), made_in);
+        // Made by an earlier version: just the name, and the creation time in ns, in hex.
+        assert_eq!(epoch(&a, &info(Some("a"))).unwrap().as_str(), "3b9aca00");
+        // Another stream's, or not Spool's at all.
+        let b = StreamName::new("b").unwrap();
+        for other in [Some(described.as_str()), Some("a"), None] {
+            let e = epoch(&b, &info(other)).unwrap_err();
+            assert!(matches!(e, EngineError::Internal(_)), "{e:?}");
+        }
+        assert!(epoch(&a, &info(Some("a not/an/epoch"))).is_err());
+    }
 
     #[test]
     fn metadata_survives_any_utf8() {

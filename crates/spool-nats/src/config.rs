@@ -6,10 +6,13 @@ use async_nats::{
     ServerAddr,
     jetstream::stream::{Config, DiscardPolicy, StorageType},
 };
-use spool_core::{Retention, RetentionPolicy, StreamName};
+use spool_core::{Epoch, Retention, RetentionPolicy, StreamName};
 use spool_engine::EngineError;
 
-use crate::names::{self, StreamNames};
+use crate::{
+    codec,
+    names::{self, StreamNames},
+};
 
 /// How JetStream keeps the engine's streams and sessions (SPEC §4 durability levels).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,6 +52,10 @@ pub struct NatsConfig {
     /// How long any one request to NATS (a publish ack, an API call) may take before the
     /// engine answers `Unavailable`.
     pub timeout: Duration,
+    /// Most streams JetStream does not hold that this node's readers may wait on (placeholder
+    /// epochs kept in memory only; see the crate docs). Past it, with every one watched, a
+    /// watch of another such stream answers `StreamLimit`.
+    pub max_unpublished_streams: usize,
 }
 
 impl fmt::Debug for NatsConfig {
@@ -63,6 +70,7 @@ impl fmt::Debug for NatsConfig {
             .field("dedup_window", &self.dedup_window)
             .field("session_max_age", &self.session_max_age)
             .field("timeout", &self.timeout)
+            .field("max_unpublished_streams", &self.max_unpublished_streams)
             .finish()
     }
 }
@@ -112,7 +120,7 @@ impl NatsConfig {
     }
 
     /// Defaults: prefix `spool`, file storage with 1 replica, SPEC retention, a 2-minute dedup
-    /// window, sessions kept at most a day, a 2 s timeout.
+    /// window, sessions kept at most a day, a 2 s timeout, 100,000 placeholders.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -123,6 +131,7 @@ impl NatsConfig {
             dedup_window: Duration::from_secs(120),
             session_max_age: Duration::from_secs(24 * 3600),
             timeout: Duration::from_secs(2),
+            max_unpublished_streams: 100_000,
         }
     }
 
@@ -143,6 +152,9 @@ impl NatsConfig {
         if self.session_max_age.is_zero() {
             return bad("the session max age must be more than zero".into());
         }
+        if self.max_unpublished_streams == 0 {
+            return bad("the unpublished stream limit must be more than zero".into());
+        }
         self.servers().map(|_| ())
     }
 
@@ -153,14 +165,20 @@ impl NatsConfig {
         }
     }
 
-    /// The JetStream stream holding `stream`: its one subject, this node's retention as
-    /// JetStream limits (discarding the oldest), the dedup window, and the Spool name as the
-    /// description (checked on every info; see `names`).
-    pub(crate) fn stream_config(&self, stream: &StreamName, names: &StreamNames) -> Config {
+    /// The JetStream stream holding `stream`, made in `epoch`: its one subject, this node's
+    /// retention as JetStream limits (discarding the oldest), the dedup window, and the Spool
+    /// name and the epoch as the description (the name is checked on every info; see `names`
+    /// and `codec::epoch`).
+    pub(crate) fn stream_config(
+        &self,
+        stream: &StreamName,
+        names: &StreamNames,
+        epoch: &Epoch,
+    ) -> Config {
         let retention = self.retention.for_stream(stream);
         Config {
             name: names.stream.clone(),
-            description: Some(stream.as_str().to_owned()),
+            description: Some(codec::description(stream, epoch)),
             subjects: vec![names.subject.clone()],
             storage: self.storage(),
             num_replicas: self.replicas,
@@ -172,6 +190,20 @@ impl NatsConfig {
             ..Default::default()
         }
     }
+}
+
+/// Whether a JetStream stream configured as `have` already has everything of `want` that Spool
+/// sets, except the description (which carries the epoch the stream was made in, and is never
+/// changed: see `jetstream::Api::create`).
+pub(crate) fn same_limits(have: &Config, want: &Config) -> bool {
+    have.subjects == want.subjects
+        && have.storage == want.storage
+        && have.num_replicas == want.num_replicas
+        && have.max_messages == want.max_messages
+        && have.max_bytes == want.max_bytes
+        && have.max_age == want.max_age
+        && have.discard == want.discard
+        && have.duplicate_window == want.duplicate_window
 }
 
 /// JetStream refuses a duplicate window longer than `max_age` (0 = no age limit), and reads

@@ -1,7 +1,7 @@
 //! [`NatsEngine`]: the [`Engine`] trait on JetStream. See the crate docs for the design.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -47,6 +47,12 @@ const MAX_KNOWN: usize = 100_000;
 const RECHECK_EPOCH: Duration = Duration::from_secs(5);
 /// How often a read retries when its first message vanished under it (retention moving on).
 const READ_ATTEMPTS: usize = 3;
+/// How long a placeholder epoch outlives its last watcher: a reader that comes back within
+/// this time (the next long-poll, an SSE or WebSocket reconnect) finds the same epoch.
+const PLACEHOLDER_LINGER: Duration = Duration::from_secs(30);
+/// At the cap of placeholders, unwatched ones are dropped (a full scan). A scan that frees less
+/// than an eighth of the cap is not repeated for this long.
+const FUTILE_PRUNE_BACKOFF: Duration = Duration::from_secs(1);
 /// How long JetStream may report a stream's head behind an offset this node has already seen
 /// in the same epoch before the node believes it (see [`Inner::fresh`]).
 const STALE_GRACE: Duration = Duration::from_secs(10);
@@ -68,6 +74,9 @@ pub(crate) struct Inner {
     /// Watched streams JetStream currently reports behind their known head (see
     /// [`Inner::fresh`]): since when, and whether the node has given in and believes it.
     behind: Mutex<HashMap<StreamName, (Instant, bool)>>,
+    /// Epochs shown to this node's readers of streams JetStream does not hold (see
+    /// [`Placeholders`]).
+    placeholders: Mutex<Placeholders>,
     sessions: Sessions,
     /// Signalled by the client on every (re)connect.
     pub reconnected: Arc<Notify>,
@@ -136,6 +145,11 @@ impl NatsEngine {
             .map_err(|e| {
                 EngineError::Unavailable(format!("cannot subscribe to head notes: {e}"))
             })?;
+        let placeholders = Placeholders {
+            epochs: HashMap::new(),
+            max: config.max_unpublished_streams,
+            futile_prune_at: None,
+        };
         let inner = Arc::new(Inner {
             config,
             client,
@@ -144,6 +158,7 @@ impl NatsEngine {
             cache: TailCache::default(),
             known: Mutex::new(HashMap::new()),
             behind: Mutex::new(HashMap::new()),
+            placeholders: Mutex::new(placeholders),
             sessions,
             reconnected,
         });
@@ -170,6 +185,85 @@ enum PublishFailure {
     Failed(EngineError),
 }
 
+/// Placeholder epochs: for each stream JetStream does not hold that this node's readers watch
+/// (or did within [`PLACEHOLDER_LINGER`]), the epoch they were shown at head 0 — never
+/// written anywhere. This node's first append makes the JetStream stream in it, so those
+/// readers get offset 1 with no reset. An entry goes once JetStream is seen holding the stream
+/// (a state read, a head note), or when it is unwatched and has lingered. Capped by
+/// [`NatsConfig::max_unpublished_streams`]: at the cap unwatched entries are dropped at once,
+/// and only when every one is watched is a new watch refused.
+///
+/// Lock order: `placeholders`, then the `Heads`' own lock (never the other way).
+struct Placeholders {
+    /// The epoch, and when a watcher last held it (or it was made).
+    epochs: HashMap<StreamName, (Epoch, Instant)>,
+    max: usize,
+    /// When a prune at the cap last freed too little.
+    futile_prune_at: Option<Instant>,
+}
+
+impl Placeholders {
+    /// Keeps `epoch` for `stream` (one a watch is about to hold), unless one is kept already:
+    /// the epoch kept. At the cap, unwatched entries go first; if every one is watched, the
+    /// stream is refused.
+    fn keep(
+        &mut self,
+        stream: &StreamName,
+        epoch: Epoch,
+        heads: &Heads,
+    ) -> Result<Epoch, EngineError> {
+        let now = Instant::now();
+        if let Some((kept, touched)) = self.epochs.get_mut(stream) {
+            *touched = now;
+            return Ok(kept.clone());
+        }
+        if self.epochs.len() >= self.max {
+            let backoff = self
+                .futile_prune_at
+                .is_some_and(|at| now.duration_since(at) < FUTILE_PRUNE_BACKOFF);
+            if !backoff {
+                let watched: HashSet<StreamName> = heads.watched().into_iter().collect();
+                let before = self.epochs.len();
+                self.epochs.retain(|s, _| watched.contains(s));
+                if before - self.epochs.len() < (self.max / 8).max(1) {
+                    self.futile_prune_at = Some(now);
+                }
+            }
+            if self.epochs.len() >= self.max {
+                return Err(EngineError::StreamLimit(format!(
+                    "this node's readers already wait on {} streams nothing was published to \
+                     (--max-unpublished-streams); retry later",
+                    self.max
+                )));
+            }
+        }
+        self.epochs.insert(stream.clone(), (epoch.clone(), now));
+        Ok(epoch)
+    }
+
+    /// Whether `head` is the placeholder kept for `stream`.
+    fn shows(&self, stream: &StreamName, head: &Position) -> bool {
+        head.offset == Offset::ZERO
+            && self
+                .epochs
+                .get(stream)
+                .is_some_and(|(epoch, _)| *epoch == head.epoch)
+    }
+
+    /// Drops the entries no watcher held for [`PLACEHOLDER_LINGER`]; `watched` are the streams
+    /// the node's `Heads` still hold.
+    fn prune(&mut self, watched: &HashSet<StreamName>) {
+        let now = Instant::now();
+        self.epochs.retain(|stream, (_, touched)| {
+            if watched.contains(stream) {
+                *touched = now;
+                return true;
+            }
+            now.duration_since(*touched) < PLACEHOLDER_LINGER
+        });
+    }
+}
+
 impl Inner {
     pub fn connected(&self) -> bool {
         self.client.connection_state() == State::Connected
@@ -180,20 +274,15 @@ impl Inner {
     }
 
     /// The state a JetStream stream's info describes; remembers its epoch and moves this
-    /// node's watch of it (if any) to its head. When the epoch is news (the stream was made
-    /// again), the other nodes are told at once, so their appends stop naming the old one.
+    /// node's watch of it (if any) to its head (the stream has no placeholder any more). When
+    /// the epoch is news (the stream was made again), the other nodes are told at once, so
+    /// their appends stop naming the old one.
     async fn state_from(
         &self,
         stream: &StreamName,
         info: &Info,
     ) -> Result<StreamState, EngineError> {
-        if info.config.description.as_deref() != Some(stream.as_str()) {
-            return Err(EngineError::Internal(format!(
-                "JetStream stream {} holds {:?}, not {stream:?}: a name collision or a stream Spool did not make",
-                info.config.name, info.config.description
-            )));
-        }
-        let epoch = codec::epoch(info)?;
+        let epoch = codec::epoch(stream, info)?;
         let head = Offset(info.state.last_sequence);
         // With no message JetStream reports first = last + 1 (or 0 on a new stream).
         let oldest = if info.state.messages == 0 {
@@ -202,6 +291,7 @@ impl Inner {
             Offset(info.state.first_sequence)
         };
         let head_position = Position::new(epoch.clone(), head);
+        self.placeholders.lock().epochs.remove(stream);
         if self.remember(stream, &epoch) {
             self.tell(stream, &head_position).await;
         }
@@ -250,41 +340,86 @@ impl Inner {
         self.known.lock().remove(stream);
     }
 
-    /// The stream's current state from JetStream; with `create`, a missing stream is made
-    /// (registering it with a fresh epoch), without, it is `None`.
+    /// The stream's current state from JetStream, or `None` when JetStream does not hold it.
+    /// Never creates anything: only an append makes a JetStream stream.
     pub async fn fetch_state(
         &self,
         stream: &StreamName,
-        create: bool,
     ) -> Result<Option<StreamState>, EngineError> {
         let names = self.names(stream);
-        let info = match self.api.info(&names.stream).await? {
-            Some(info) => info,
-            None if create => self.create(stream, &names).await?,
+        match self.api.info(&names.stream).await? {
+            Some(info) => self.state_from(stream, &info).await.map(Some),
             // The epoch stays remembered: when the stream is made again, the new epoch is
             // news to tell the other nodes, and an append meanwhile finds no stream anyway.
-            None => return Ok(None),
-        };
-        self.state_from(stream, &info).await.map(Some)
+            None => Ok(None),
+        }
     }
 
-    async fn create(&self, stream: &StreamName, names: &StreamNames) -> Result<Info, EngineError> {
-        self.api
-            .create(&self.config.stream_config(stream, names))
-            .await
+    /// A stream's state for a reader: JetStream's (and `true`), or — for a stream JetStream
+    /// does not hold — head 0 of a placeholder epoch (and `false`): the one this node's
+    /// watchers wait in, or one kept from a moment ago, else a fresh one nobody keeps. Nothing
+    /// is created.
+    ///
+    /// When this node's watchers wait in a history JetStream no longer holds (the stream was
+    /// deleted, or NATS lost its data), they move to a fresh placeholder, so they are told (a
+    /// reset) instead of waiting in the lost one. Only if no note moved their head while
+    /// JetStream answered: a "not found" that raced the stream's creation is asked again.
+    pub async fn state_or_placeholder(
+        &self,
+        stream: &StreamName,
+    ) -> Result<(StreamState, bool), EngineError> {
+        for _ in 0..3 {
+            let before = self.heads.current(stream);
+            if let Some(state) = self.fetch_state(stream).await? {
+                return Ok((state, true));
+            }
+            let mut placeholders = self.placeholders.lock();
+            let epoch = match before {
+                Some(waiting) if placeholders.shows(stream, &waiting) => waiting.epoch,
+                Some(seen) => {
+                    let fresh = Epoch::generate();
+                    let placeholder = Position::new(fresh.clone(), Offset::ZERO);
+                    if !self.heads.replace_if(stream, &seen, placeholder) {
+                        continue;
+                    }
+                    placeholders
+                        .epochs
+                        .insert(stream.clone(), (fresh.clone(), Instant::now()));
+                    fresh
+                }
+                None => match placeholders.epochs.get(stream) {
+                    Some((kept, _)) => kept.clone(),
+                    None => Epoch::generate(),
+                },
+            };
+            return Ok((StreamState::empty(epoch), false));
+        }
+        Err(EngineError::Unavailable(format!(
+            "JetStream kept reporting no stream {stream:?} while notes moved its head; retry"
+        )))
     }
 
     /// The epoch appends to `stream` land in: remembered, or learned by creating the stream
-    /// (which answers with the existing one's info if it is there).
+    /// (which answers with the existing one's info if it is there). A stream JetStream does
+    /// not hold is made in the placeholder epoch this node's readers wait in, if any.
     async fn epoch(&self, stream: &StreamName, names: &StreamNames) -> Result<Epoch, EngineError> {
         if let Some((epoch, _)) = self.known.lock().get(stream) {
             return Ok(epoch.clone());
         }
-        let info = self.create(stream, names).await?;
+        let candidate = self
+            .placeholders
+            .lock()
+            .epochs
+            .get(stream)
+            .map(|(epoch, _)| epoch.clone())
+            .unwrap_or_else(Epoch::generate);
+        let config = self.config.stream_config(stream, names, &candidate);
+        let info = self.api.create(&config).await?;
         Ok(self.state_from(stream, &info).await?.epoch)
     }
 
-    /// A note from another node (or this one) that `stream`'s head moved.
+    /// A note from another node (or this one) that `stream`'s head moved: JetStream holds the
+    /// stream, so it has no placeholder any more.
     pub fn heard(&self, stream: &StreamName, head: Position) {
         let stale = self
             .known
@@ -294,7 +429,29 @@ impl Inner {
         if stale {
             self.forget(stream);
         }
+        self.placeholders.lock().epochs.remove(stream);
         self.heads.advance(stream, head);
+    }
+
+    /// A head watch of `stream`, whose state a read just gave (`found`: JetStream holds it).
+    /// For a stream JetStream does not hold, the watch shows the placeholder this node keeps
+    /// for it (kept from now on, within the cap); a watch this node already has is joined as
+    /// it is, never moved back to a placeholder.
+    fn watch(
+        &self,
+        stream: &StreamName,
+        state: StreamState,
+        found: bool,
+    ) -> Result<HeadWatch, EngineError> {
+        if found {
+            return Ok(self.heads.watch(stream, state.head_position()));
+        }
+        let mut placeholders = self.placeholders.lock();
+        if let Some(head) = self.heads.current(stream) {
+            return Ok(self.heads.watch(stream, head));
+        }
+        let epoch = placeholders.keep(stream, state.epoch, &self.heads)?;
+        Ok(self.heads.watch(stream, Position::new(epoch, Offset::ZERO)))
     }
 
     /// Publishes `messages` back to back on the one connection, then awaits their acks in
@@ -446,7 +603,7 @@ impl Inner {
         let known = self.known.lock().get(stream).cloned();
         match known {
             Some((known, at)) if at.elapsed() <= RECHECK_EPOCH => epoch = known,
-            _ => match self.fetch_state(stream, false).await {
+            _ => match self.fetch_state(stream).await {
                 Ok(Some(state)) => epoch = state.epoch,
                 Ok(None) => {}
                 Err(e) => {
@@ -498,7 +655,13 @@ impl Inner {
     ) -> Result<ReadBatch, EngineError> {
         let names = self.names(stream);
         let known = self.heads.current(stream);
-        let mut state = self.must_state(stream).await?;
+        let (mut state, found) = self.state_or_placeholder(stream).await?;
+        if !found {
+            return Ok(ReadBatch {
+                state,
+                messages: Vec::new(),
+            });
+        }
         self.fresh(stream, &state, known)?;
         let mut messages = Vec::new();
         for attempt in 1..=READ_ATTEMPTS {
@@ -517,7 +680,7 @@ impl Inner {
             // The first message vanished between the info and the get: retention moved the
             // oldest on, or the stream was remade. Look again.
             let known = self.heads.current(stream);
-            let again = self.must_state(stream).await?;
+            let (again, _) = self.state_or_placeholder(stream).await?;
             self.fresh(stream, &again, known)?;
             let still_retained =
                 again.epoch == state.epoch && again.oldest <= first && first <= again.head;
@@ -581,12 +744,6 @@ impl Inner {
         Ok(())
     }
 
-    async fn must_state(&self, stream: &StreamName) -> Result<StreamState, EngineError> {
-        self.fetch_state(stream, true).await?.ok_or_else(|| {
-            EngineError::Internal(format!("stream {stream:?} was created but has no state"))
-        })
-    }
-
     /// The messages at `offsets`, up to the first one missing (a read never has a hole).
     async fn fetch(
         &self,
@@ -643,16 +800,31 @@ impl Engine for NatsEngine {
 
     async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
         let known = self.inner.heads.current(stream);
-        let state = self.inner.fetch_state(stream, false).await?;
+        let state = self.inner.fetch_state(stream).await?;
         if let Some(state) = &state {
             self.inner.fresh(stream, state, known)?;
         }
         Ok(state)
     }
 
+    /// Like a read, creates nothing: a stream JetStream does not hold is watched at head 0 of
+    /// this node's placeholder for it (see [`Placeholders`]).
     async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError> {
-        let state = self.inner.must_state(stream).await?;
-        Ok(self.inner.heads.watch(stream, state.head_position()))
+        let (state, found) = self.inner.state_or_placeholder(stream).await?;
+        self.inner.watch(stream, state, found)
+    }
+
+    /// Cheap for a stream this node watches and has seen a message of; else one state read.
+    async fn exists(&self, stream: &StreamName) -> Result<bool, EngineError> {
+        if self
+            .inner
+            .heads
+            .current(stream)
+            .is_some_and(|head| head.offset > Offset::ZERO)
+        {
+            return Ok(true);
+        }
+        Ok(self.state(stream).await?.is_some())
     }
 
     fn retention(&self, stream: &StreamName) -> Retention {
@@ -662,9 +834,16 @@ impl Engine for NatsEngine {
     async fn sweep(&self) -> Result<(), EngineError> {
         let gone = self.inner.heads.prune();
         self.inner.cache.forget(&gone);
-        let mut behind = self.inner.behind.lock();
-        for stream in &gone {
-            behind.remove(stream);
+        {
+            let mut behind = self.inner.behind.lock();
+            for stream in &gone {
+                behind.remove(stream);
+            }
+        }
+        let mut placeholders = self.inner.placeholders.lock();
+        if !placeholders.epochs.is_empty() {
+            let watched: HashSet<StreamName> = self.inner.heads.watched().into_iter().collect();
+            placeholders.prune(&watched);
         }
         Ok(())
     }

@@ -76,7 +76,9 @@ pub(crate) async fn refresh(inner: Arc<Inner>) {
             .for_each_concurrent(REFRESH_CONCURRENCY, |stream| {
                 let inner = &inner;
                 async move {
-                    if let Err(e) = inner.fetch_state(&stream, true).await {
+                    // Creating nothing: a watched stream JetStream lost moves its watchers
+                    // to a placeholder, so they are told.
+                    if let Err(e) = inner.state_or_placeholder(&stream).await {
                         tracing::debug!(%stream, error = %e, "cannot refresh a watched stream");
                     }
                 }

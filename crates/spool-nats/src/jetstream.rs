@@ -36,6 +36,8 @@ use spool_core::Offset;
 use spool_engine::EngineError;
 use tokio::time::Instant;
 
+use crate::config::same_limits;
+
 /// JetStream error codes the engine acts on.
 const STREAM_NOT_FOUND: ErrorCode = ErrorCode::STREAM_NOT_FOUND;
 const STREAM_NAME_EXIST: ErrorCode = ErrorCode::STREAM_NAME_EXIST;
@@ -115,8 +117,10 @@ impl Api {
     }
 
     /// Creates the stream; an identical one already there is success (JetStream answers with
-    /// its info), which settles the race of two nodes creating it at once. One with another
-    /// configuration (retention changed since) is updated to `config`.
+    /// its info). One with another configuration — made by another node in another epoch (the
+    /// description names it), or with other limits (retention changed since) — is taken as it
+    /// is, which settles the race of two nodes creating it at once: its description, and so
+    /// its epoch, is never changed; only limits that differ from `config`'s are updated.
     pub async fn create(&self, config: &Config) -> Result<Info, EngineError> {
         let what = "creating a stream";
         let response: Response<Info> = self
@@ -127,7 +131,15 @@ impl Api {
             // The stream was there already and a replica answered for it: ask its leader.
             Response::Ok(_) => self.leader_info(&config.name).await,
             Response::Err { error } if error.error_code() == STREAM_NAME_EXIST => {
-                self.update(config).await
+                let info = self.leader_info(&config.name).await?;
+                if same_limits(&info.config, config) {
+                    return Ok(info);
+                }
+                let keep = Config {
+                    description: info.config.description.clone(),
+                    ..config.clone()
+                };
+                self.update(&keep).await
             }
             Response::Err { error } => Err(api_error(what, error)),
         }

@@ -17,20 +17,38 @@
 //! streams, not for millions; JetStream's account limits (`max_streams`) then answer
 //! [`EngineError::Limit`](spool_engine::EngineError::Limit).
 //!
-//! A stream is created on first touch — an append, a read or a watch registers it, as the
-//! engine contract asks — with this node's retention as JetStream limits (`max_msgs`,
-//! `max_bytes`, `max_age`, discarding the oldest). Creating is idempotent in JetStream, which
-//! settles two nodes creating one stream at once. (JetStream counts a message's bytes with its
-//! subject and headers, so `max_bytes` bites a little earlier than on the other engines.)
+//! A stream is created by its first append, with this node's retention as JetStream limits
+//! (`max_msgs`, `max_bytes`, `max_age`, discarding the oldest). Creating is idempotent in
+//! JetStream: a node that finds the stream made by another (in another epoch) takes it as it is,
+//! which settles two nodes creating one stream at once. (JetStream counts a message's bytes with
+//! its subject and headers, so `max_bytes` bites a little earlier than on the other engines.)
+//!
+//! # Reads create nothing
+//!
+//! A read, a watch or a state of a stream JetStream does not hold makes no JetStream stream
+//! (one per name read would cost JetStream a stream, and for R3 a Raft group, for every name
+//! any reader ever tried). It answers head 0 of a placeholder epoch the node keeps in memory
+//! while someone watches the stream (and 30 s after, so a reader that comes back finds the
+//! same epoch), capped by [`NatsConfig::max_unpublished_streams`]. This node's first append
+//! makes the JetStream stream in that epoch, so its waiting readers get offset 1 with no reset;
+//! a reader on another node follows the epoch the stream is made in from its start
+//! (`subscription.rs` knows its position was a placeholder). Watchers of a stream JetStream
+//! lost (deleted, or NATS came back without its data) move to a fresh placeholder when the node
+//! next reads it or re-reads its watched streams, so they get a reset instead of waiting in
+//! the lost history.
 //!
 //! # Epochs
 //!
-//! A stream's epoch is its JetStream creation time (nanoseconds, in hex). The JetStream stream,
-//! with its last sequence, outlives the expiry of all its messages, so an idle stream keeps its
-//! epoch and its offsets go on where they were. When the stream is deleted, or the NATS server
-//! loses its data, the next touch creates it again: a new creation time, a new epoch, offsets
-//! from 1 — and readers holding positions of the old history get a reset, never a silent gap.
-//!
+//! A stream's epoch is chosen by the node that makes it — its placeholder, or a fresh one — and
+//! kept in the JetStream stream's description next to the Spool name (a stream made by an
+//! earlier version of Spool has only the name there, and its epoch is its JetStream creation
+//! time, in hex). The JetStream stream, with its last sequence, outlives the expiry of all
+//! its messages, so an idle stream keeps its epoch and its offsets go on where they were. When
+//! the stream is deleted, or the NATS server loses its data, the next append makes it again in
+//! another epoch, offsets from 1 — and readers holding positions of the old history get a
+//! reset, never a silent gap. A description is never changed once made (nodes of an earlier
+//! version would refuse a stream described so: upgrade every node of a cluster together).
+
 //! # Durability ([`NatsDurability`])
 //!
 //! - `Memory`: JetStream memory storage. An ack means the message is in the memory of the

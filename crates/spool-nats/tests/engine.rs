@@ -123,10 +123,21 @@ async fn a_deleted_jetstream_stream_comes_back_with_a_new_epoch() {
         .expect("delete the JetStream stream");
     assert!(reader.state(&s).await.unwrap().is_none(), "gone is gone");
 
+    // The reader is told (a placeholder epoch at head 0, its watch moved there); reading
+    // makes nothing.
     let batch = reader.read(&s, Offset(2), 10).await.unwrap();
     assert_ne!(batch.state.epoch, old, "a new history, a new epoch");
     assert_eq!(batch.state.head, Offset(0));
-    let new = batch.state.epoch.clone();
+    let placeholder = batch.state.epoch.clone();
+    assert_eq!(watch.borrow_and_update().epoch, placeholder);
+    assert!(reader.state(&s).await.unwrap().is_none(), "reading made it");
+
+    // The writer still remembers the old epoch: its publish finds the stream gone and makes
+    // it again, in a new epoch, which the reader's watch follows.
+    let out = writer.append(&s, vec![msg("again")]).await.unwrap();
+    let new = out[0].position.epoch.clone();
+    assert_ne!(new, old);
+    assert_eq!(out[0].position.offset, Offset(1));
     tokio::time::timeout(Duration::from_secs(10), async {
         while watch.borrow_and_update().epoch != new {
             watch.changed().await.unwrap();
@@ -134,13 +145,82 @@ async fn a_deleted_jetstream_stream_comes_back_with_a_new_epoch() {
     })
     .await
     .expect("the watcher learns of the new epoch");
-
-    // The writer still remembers the old epoch; the reader's note tells it otherwise.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let out = writer.append(&s, vec![msg("again")]).await.unwrap();
-    assert_eq!(out[0].position.epoch, new);
-    assert_eq!(out[0].position.offset, Offset(1));
     assert_eq!(payloads(&reader, &s).await, ["again"]);
+}
+
+/// Names of the JetStream streams of a prefix (its session bucket's `KV_…` is not among them).
+async fn jetstream_streams(url: &str, prefix: &str) -> Vec<String> {
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    let mut names = js.stream_names();
+    let mut out = Vec::new();
+    while let Some(name) = names.next().await {
+        let name = name.expect("stream names");
+        if name.starts_with(&format!("{prefix}_")) {
+            out.push(name);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn reads_and_watches_make_no_jetstream_stream_and_the_first_append_takes_their_epoch() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    let (mut config, _cleanup) = setup(&url);
+    config.max_unpublished_streams = 3;
+    let engine = connect(&config).await;
+    let other = connect(&config).await;
+    let s = name("waited-on");
+    let watch = engine.watch(&s).await.unwrap();
+    let placeholder = watch.borrow().epoch.clone();
+    assert_eq!(watch.borrow().offset, Offset(0));
+    let batch = engine.read(&s, Offset(0), 10).await.unwrap();
+    assert_eq!(
+        batch.state.epoch, placeholder,
+        "one epoch per stream per node"
+    );
+    assert!(engine.state(&s).await.unwrap().is_none());
+    assert!(!engine.exists(&s).await.unwrap());
+    for i in 0..20 {
+        let ghost = name(&format!("ghost-{i}"));
+        engine.read(&ghost, Offset(0), 10).await.unwrap();
+        assert!(other.state(&ghost).await.unwrap().is_none());
+    }
+    assert!(
+        jetstream_streams(&url, &config.prefix).await.is_empty(),
+        "reads made JetStream streams"
+    );
+
+    // The cap: watched placeholders count; past it a watch of another unknown stream is
+    // refused, while reads without a watch and known streams go on.
+    let w2 = engine.watch(&name("w2")).await.unwrap();
+    let w3 = engine.watch(&name("w3")).await.unwrap();
+    let refused = engine.watch(&name("w4")).await.unwrap_err();
+    assert!(
+        matches!(refused, EngineError::StreamLimit(_)),
+        "{refused:?}"
+    );
+    engine.read(&name("w4"), Offset(0), 1).await.unwrap();
+    drop((w2, w3));
+    engine.sweep().await.unwrap();
+    // A scan at the cap that freed nothing is not repeated for a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let w4 = engine.watch(&name("w4")).await.expect("room again");
+
+    // The first append makes the stream, in the epoch the watcher waits in.
+    let out = engine.append(&s, vec![msg("first")]).await.unwrap();
+    assert_eq!(out[0].position.epoch, placeholder);
+    assert_eq!(out[0].position.offset, Offset(1));
+    assert_eq!(watch.borrow().offset, Offset(1));
+    assert_eq!(
+        other.state(&s).await.unwrap().unwrap().epoch,
+        placeholder,
+        "one epoch on every node"
+    );
+    assert_eq!(jetstream_streams(&url, &config.prefix).await.len(), 1);
+    drop(w4);
 }
 
 #[tokio::test]
@@ -240,21 +320,22 @@ async fn data_spool_did_not_write_reads_as_internal_not_a_panic() {
     let client = async_nats::connect(&url).await.unwrap();
     let js = async_nats::jetstream::new(client);
 
-    // A plain NATS publish (no Spool metadata) is a bare payload.
+    // A plain NATS publish (no Spool metadata) is a bare payload. (Spool makes the JetStream
+    // stream on its first append: reads make none.)
     let plain = name("plain");
-    engine.read(&plain, Offset(0), 1).await.unwrap();
+    engine.append(&plain, vec![msg("first")]).await.unwrap();
     js.publish(subject("plain"), "from nats".into())
         .await
         .unwrap()
         .await
         .unwrap();
-    let batch = engine.read(&plain, Offset(0), 10).await.unwrap();
+    let batch = engine.read(&plain, Offset(1), 10).await.unwrap();
     assert_eq!(batch.messages[0].payload, "from nats");
     assert!(batch.messages[0].time_ms > 0);
 
     // Metadata that is not Spool's JSON.
     let garbage = name("garbage");
-    engine.read(&garbage, Offset(0), 1).await.unwrap();
+    engine.append(&garbage, vec![msg("first")]).await.unwrap();
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Spool-Meta", "{not json");
     js.publish_with_headers(subject("garbage"), headers, "x".into())
@@ -268,7 +349,7 @@ async fn data_spool_did_not_write_reads_as_internal_not_a_panic() {
     // A header block that is not even UTF-8, written with the raw protocol: it must not break
     // the engine's connection either.
     let raw = name("raw");
-    engine.read(&raw, Offset(0), 1).await.unwrap();
+    engine.append(&raw, vec![msg("first")]).await.unwrap();
     raw_hpub(
         &url,
         &subject("raw"),
@@ -280,7 +361,7 @@ async fn data_spool_did_not_write_reads_as_internal_not_a_panic() {
     let err = loop {
         match engine.read(&raw, Offset(0), 10).await {
             Err(e) => break e,
-            Ok(b) if b.state.head == Offset(0) && tokio::time::Instant::now() < deadline => {
+            Ok(b) if b.state.head == Offset(1) && tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Ok(b) => panic!("read a garbage message: {:?}", b.messages),
@@ -289,7 +370,10 @@ async fn data_spool_did_not_write_reads_as_internal_not_a_panic() {
     assert!(matches!(err, EngineError::Internal(_)), "{err:?}");
     // The engine still works.
     engine.append(&plain, vec![msg("after")]).await.unwrap();
-    assert_eq!(payloads(&engine, &plain).await, ["from nats", "after"]);
+    assert_eq!(
+        payloads(&engine, &plain).await,
+        ["first", "from nats", "after"]
+    );
 }
 
 /// Publishes with the raw NATS protocol, headers as given.
