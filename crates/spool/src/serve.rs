@@ -299,6 +299,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 dedup_window: resolved.dedup_window,
                 session_max_age: resolved.server.ws.session_ttl.max(Duration::from_secs(60)),
                 timeout,
+                max_unpublished_streams: resolved.max_unpublished_streams,
                 ..spool_nats::NatsConfig::new(url)
             };
             // Every server of the comma-separated list, each checked, before connecting.
