@@ -18,7 +18,7 @@ use spool_core::{
 
 use crate::{
     Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, StreamCounts,
-    dedup::DedupWindow,
+    dedup::{DedupBudget, DedupWindow},
     registry::{Registry, Watched},
     sessions::SessionTable,
 };
@@ -29,6 +29,11 @@ pub struct MemoryConfig {
     pub retention: RetentionPolicy,
     /// How long an idempotency key is remembered.
     pub dedup_window: Duration,
+    /// The most idempotency keys remembered across all streams; past it the oldest are
+    /// forgotten early (`dedup.rs`).
+    pub max_idempotency_keys: usize,
+    /// The most WebSocket sessions kept; past it new sessions are not saved.
+    pub max_sessions: usize,
     /// The most streams the engine will create (streams something was published to).
     pub max_streams: usize,
     /// The most streams readers may wait on before anything is published to them (held in
@@ -41,6 +46,8 @@ impl Default for MemoryConfig {
         Self {
             retention: RetentionPolicy::default(),
             dedup_window: Duration::from_secs(120),
+            max_idempotency_keys: crate::dedup::DEFAULT_MAX_KEYS,
+            max_sessions: crate::sessions::MAX_SESSIONS,
             max_streams: 1_000_000,
             max_unpublished_streams: 100_000,
         }
@@ -52,6 +59,7 @@ pub struct MemoryEngine {
     config: MemoryConfig,
     streams: Registry<Mutex<StreamLog>>,
     sessions: SessionTable,
+    keys: DedupBudget,
 }
 
 struct StreamLog {
@@ -78,7 +86,8 @@ impl MemoryEngine {
     pub fn new(config: MemoryConfig) -> Self {
         Self {
             streams: Registry::new("memory", config.max_streams, config.max_unpublished_streams),
-            sessions: SessionTable::default(),
+            keys: DedupBudget::new(config.max_idempotency_keys),
+            sessions: SessionTable::new(config.max_sessions),
             config,
         }
     }
@@ -109,7 +118,7 @@ impl Engine for MemoryEngine {
         let mut out = Vec::with_capacity(messages.len());
         for new in messages {
             if let Some(key) = &new.idempotency_key
-                && let Some(original) = dedup.get(key, now)
+                && let Some(original) = dedup.get(key, now, &self.keys)
             {
                 out.push(Appended {
                     position: original.clone(),
@@ -121,7 +130,7 @@ impl Engine for MemoryEngine {
             let (message, key) = new.stamp(offset, now);
             log.push(Arc::new(message), 0);
             let position = Position::new(log.epoch().clone(), offset);
-            dedup.remember(stream, key, &position, dedup_until);
+            dedup.remember(key, &position, dedup_until, now, &self.keys);
             out.push(Appended {
                 position,
                 duplicate: false,
@@ -176,7 +185,7 @@ impl Engine for MemoryEngine {
         for log in logs {
             let mut guard = log.lock();
             guard.log.trim(now, |_| {});
-            guard.dedup.expire(now);
+            guard.dedup.expire(now, &self.keys);
         }
         self.streams.prune_unpublished(now);
         self.sessions.expire(now);

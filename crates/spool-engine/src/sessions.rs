@@ -24,34 +24,62 @@ pub struct SessionRecord {
     pub expires_at: u64,
 }
 
-/// The most sessions an engine keeps; past it, saving a new session fails (`Limit`).
+/// The default of the most sessions an engine keeps (`--max-sessions`).
 pub const MAX_SESSIONS: usize = 1_000_000;
 
+/// What a save at the limit answers: every session already stored was saved, the new ones
+/// past the limit were not (their clients get `session_not_restored` if they try to resume).
+fn refused(max: usize, refused: usize) -> EngineError {
+    EngineError::Limit(format!(
+        "{max} sessions are stored (--max-sessions): {refused} new sessions were not saved \
+         (sessions already stored were)"
+    ))
+}
+
 /// Sessions in memory.
-#[derive(Default)]
 pub struct SessionTable {
     records: Mutex<HashMap<String, (u64, Bytes)>>,
+    max: usize,
+}
+
+impl Default for SessionTable {
+    fn default() -> Self {
+        Self::new(MAX_SESSIONS)
+    }
 }
 
 impl SessionTable {
+    /// Keeps at most `max` sessions.
+    pub fn new(max: usize) -> Self {
+        Self {
+            records: Mutex::new(HashMap::new()),
+            max,
+        }
+    }
+
+    /// Saves `sessions`. At the limit (once expired records are purged) only new sessions
+    /// are refused — the rest of the batch is saved — and the answer is `Limit`.
     pub fn save(&self, sessions: Vec<SessionRecord>, now: u64) -> Result<(), EngineError> {
         let mut records = self.records.lock();
-        let new = sessions
-            .iter()
-            .filter(|s| !records.contains_key(&s.id))
-            .count();
-        if records.len() + new > MAX_SESSIONS {
-            records.retain(|_, (expires_at, _)| *expires_at > now);
-            if records.len() + new > MAX_SESSIONS {
-                return Err(EngineError::Limit(format!(
-                    "{MAX_SESSIONS} sessions are stored; no room for {new} more"
-                )));
-            }
-        }
+        let mut purged = false;
+        let mut refused_new = 0;
         for s in sessions {
+            if !records.contains_key(&s.id) && records.len() >= self.max {
+                if !purged {
+                    records.retain(|_, (expires_at, _)| *expires_at > now);
+                    purged = true;
+                }
+                if records.len() >= self.max {
+                    refused_new += 1;
+                    continue;
+                }
+            }
             records.insert(s.id, (s.expires_at, s.data));
         }
-        Ok(())
+        match refused_new {
+            0 => Ok(()),
+            n => Err(refused(self.max, n)),
+        }
     }
 
     pub fn load(&self, id: &str, now: u64) -> Option<Bytes> {
@@ -80,20 +108,22 @@ const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 /// its saves (one per second or so), so this costs little.
 pub struct SessionFile {
     db: Database,
+    max: usize,
 }
 
 impl SessionFile {
     /// Opens (or creates) the file. Every page's checksum is verified first, so a file damaged
     /// outside redb fails here with an error (`spool repair` moves it aside) instead of
     /// panicking later; the check reads the whole file once.
-    pub fn open(path: &Path) -> Result<Self, redb::Error> {
+    /// Keeps at most `max` sessions.
+    pub fn open(path: &Path, max: usize) -> Result<Self, redb::Error> {
         let db = Database::builder()
             .set_check_integrity_on_open(true)
             .create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(SESSIONS)?;
         txn.commit()?;
-        Ok(Self { db })
+        Ok(Self { db, max })
     }
 
     /// Whether the file at `path` opens and every record reads back: `Ok(Err(why))` when it
@@ -101,7 +131,7 @@ impl SessionFile {
     /// Opening commits (redb's integrity check), so run it on a copy to change nothing.
     pub fn check(path: &Path) -> std::io::Result<Result<(), String>> {
         let run = || -> Result<(), redb::Error> {
-            let file = Self::open(path)?;
+            let file = Self::open(path, MAX_SESSIONS)?;
             let txn = file.db.begin_read()?;
             let table = txn.open_table(SESSIONS)?;
             for entry in table.iter()? {
@@ -116,14 +146,33 @@ impl SessionFile {
         }
     }
 
-    pub fn save(&self, sessions: &[SessionRecord]) -> Result<(), EngineError> {
-        let run = || -> Result<(), redb::Error> {
+    /// Saves `sessions` in one transaction. At the limit (once expired records are purged)
+    /// only new sessions are refused — the rest of the batch is saved — and the answer is
+    /// `Limit`.
+    pub fn save(&self, sessions: &[SessionRecord], now: u64) -> Result<(), EngineError> {
+        let max = self.max as u64;
+        let run = || -> Result<usize, redb::Error> {
             let mut txn = self.db.begin_write()?;
             txn.set_durability(Durability::Immediate)?;
+            let mut refused_new = 0;
             {
                 let mut table = txn.open_table(SESSIONS)?;
+                let mut stored = table.len()?;
+                let mut purged = false;
                 let mut value = Vec::new();
                 for s in sessions {
+                    if table.get(s.id.as_str())?.is_none() {
+                        if stored >= max && !purged {
+                            table.retain(|_, v| split(v).is_some_and(|(exp, _)| exp > now))?;
+                            stored = table.len()?;
+                            purged = true;
+                        }
+                        if stored >= max {
+                            refused_new += 1;
+                            continue;
+                        }
+                        stored += 1;
+                    }
                     value.clear();
                     value.extend_from_slice(&s.expires_at.to_be_bytes());
                     value.extend_from_slice(&s.data);
@@ -131,9 +180,15 @@ impl SessionFile {
                 }
             }
             txn.commit()?;
-            Ok(())
+            Ok(refused_new)
         };
-        run().map_err(|e| EngineError::Unavailable(format!("cannot save sessions: {e}")))
+        match run() {
+            Ok(0) => Ok(()),
+            Ok(n) => Err(refused(self.max, n)),
+            Err(e) => Err(EngineError::Unavailable(format!(
+                "cannot save sessions: {e}"
+            ))),
+        }
     }
 
     pub fn load(&self, id: &str, now: u64) -> Result<Option<Bytes>, EngineError> {
@@ -221,11 +276,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sessions.redb");
         {
-            let f = SessionFile::open(&path).unwrap();
-            f.save(&[record("a", 100), record("b", 200)]).unwrap();
-            f.save(&[record("a", 300)]).unwrap();
+            let f = SessionFile::open(&path, 10).unwrap();
+            f.save(&[record("a", 100), record("b", 200)], 0).unwrap();
+            f.save(&[record("a", 300)], 0).unwrap();
         }
-        let f = SessionFile::open(&path).unwrap();
+        let f = SessionFile::open(&path, 10).unwrap();
         assert_eq!(f.load("a", 250).unwrap().unwrap(), "data of a");
         assert_eq!(f.expire(250).unwrap(), 1);
         assert!(f.load("b", 0).unwrap().is_none());
@@ -237,13 +292,43 @@ mod tests {
     fn a_damaged_file_is_reported_as_damage() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sessions.redb");
-        SessionFile::open(&path)
+        SessionFile::open(&path, 10)
             .unwrap()
-            .save(&[record("a", u64::MAX)])
+            .save(&[record("a", u64::MAX)], 0)
             .unwrap();
         assert_eq!(SessionFile::check(&path).unwrap(), Ok(()));
         std::fs::write(&path, b"not a database at all").unwrap();
         assert!(SessionFile::check(&path).unwrap().is_err());
-        assert!(damage(SessionFile::open(&path).err().unwrap()).is_ok());
+        assert!(damage(SessionFile::open(&path, 10).err().unwrap()).is_ok());
+    }
+
+    /// At the limit only new sessions are refused: the stored ones in the same batch are
+    /// saved, and room made by expiry is used.
+    #[test]
+    fn the_limit_refuses_only_new_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SessionFile::open(&dir.path().join("sessions.redb"), 2).unwrap();
+        let table = SessionTable::new(2);
+        let save = |records: Vec<SessionRecord>, now| {
+            (table.save(records.clone(), now), file.save(&records, now))
+        };
+        let (a, b) = save(vec![record("a", 100), record("b", 1000)], 0);
+        assert!(a.is_ok() && b.is_ok());
+        let updated = SessionRecord {
+            data: Bytes::from("a again"),
+            ..record("a", 100)
+        };
+        let (a, b) = save(vec![record("new", 1000), updated.clone()], 0);
+        assert!(matches!(a, Err(EngineError::Limit(_))), "{a:?}");
+        assert!(matches!(b, Err(EngineError::Limit(_))), "{b:?}");
+        assert_eq!(table.load("a", 0).unwrap(), "a again");
+        assert_eq!(file.load("a", 0).unwrap().unwrap(), "a again");
+        assert!(table.load("new", 0).is_none());
+        assert!(file.load("new", 0).unwrap().is_none());
+        // "a" has expired by 150: its room goes to the new session.
+        let (a, b) = save(vec![record("new", 1000)], 150);
+        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+        assert!(table.load("new", 150).is_some());
+        assert!(file.load("new", 150).unwrap().is_some());
     }
 }

@@ -86,6 +86,8 @@ pub struct FileConfig {
     max_streams: Option<usize>,
     max_unpublished_streams: Option<usize>,
     max_new_streams_per_minute: Option<u32>,
+    max_idempotency_keys: Option<usize>,
+    max_sessions: Option<usize>,
     #[serde(default)]
     retention: FileRetention,
 }
@@ -168,6 +170,10 @@ pub struct Resolved {
     pub max_streams: usize,
     /// Most streams readers may wait on before a first publish (`--max-unpublished-streams`).
     pub max_unpublished_streams: usize,
+    /// Most idempotency keys the memory and disk engines remember (`--max-idempotency-keys`).
+    pub max_idempotency_keys: usize,
+    /// Most sessions the memory and disk engines keep (`--max-sessions`).
+    pub max_sessions: usize,
 }
 
 pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
@@ -489,6 +495,16 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
             args.max_unpublished_streams
                 .or(file.max_unpublished_streams),
             spool_engine::memory::MemoryConfig::default().max_unpublished_streams,
+        )?,
+        max_idempotency_keys: at_least_one(
+            "idempotency key limit (--max-idempotency-keys / max_idempotency_keys)",
+            args.max_idempotency_keys.or(file.max_idempotency_keys),
+            spool_engine::memory::MemoryConfig::default().max_idempotency_keys,
+        )?,
+        max_sessions: at_least_one(
+            "session limit (--max-sessions / max_sessions)",
+            args.max_sessions.or(file.max_sessions),
+            spool_engine::memory::MemoryConfig::default().max_sessions,
         )?,
     })
 }
@@ -904,6 +920,27 @@ ws_max_inflight_publish_bytes = "4MiB"
             (1_000_000, 100_000, 1000)
         );
         for flag in ["--max-streams", "--max-unpublished-streams"] {
+            let err = resolve(&args(&[flag, "0"])).unwrap_err();
+            assert!(format!("{err:#}").contains("must be at least 1"), "{err:#}");
+        }
+    }
+
+    #[test]
+    fn key_and_session_limits_resolve_from_flags_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.toml");
+        std::fs::write(&path, "max_idempotency_keys = 500\nmax_sessions = 50\n").unwrap();
+        let file = path.to_str().unwrap();
+        let r = resolve(&args(&["--config", file])).unwrap();
+        assert_eq!((r.max_idempotency_keys, r.max_sessions), (500, 50));
+        let r = resolve(&args(&["--config", file, "--max-sessions", "7"])).unwrap();
+        assert_eq!((r.max_idempotency_keys, r.max_sessions), (500, 7));
+        let r = resolve(&args(&[])).unwrap();
+        assert_eq!(
+            (r.max_idempotency_keys, r.max_sessions),
+            (1_000_000, 1_000_000)
+        );
+        for flag in ["--max-idempotency-keys", "--max-sessions"] {
             let err = resolve(&args(&[flag, "0"])).unwrap_err();
             assert!(format!("{err:#}").contains("must be at least 1"), "{err:#}");
         }

@@ -187,6 +187,14 @@ pub struct ServeArgs {
     /// memory only (default 100000).
     #[arg(long, env = "SPOOL_MAX_UNPUBLISHED_STREAMS", value_name = "N")]
     pub max_unpublished_streams: Option<usize>,
+    /// Most idempotency keys the memory and disk engines remember across all streams; past
+    /// it the oldest are forgotten before their dedup window ends (default 1000000).
+    #[arg(long, env = "SPOOL_MAX_IDEMPOTENCY_KEYS", value_name = "N")]
+    pub max_idempotency_keys: Option<usize>,
+    /// Most WebSocket sessions the memory and disk engines keep; past it new sessions are not
+    /// saved, stored ones still are (default 1000000).
+    #[arg(long, env = "SPOOL_MAX_SESSIONS", value_name = "N")]
+    pub max_sessions: Option<usize>,
     /// Most new streams one identity (token sub, API key, anonymous client IP) may create per
     /// minute; 0 for no budget (default 1000).
     #[arg(long, env = "SPOOL_MAX_NEW_STREAMS_PER_MINUTE", value_name = "N")]
@@ -231,6 +239,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 dedup_window: resolved.dedup_window,
                 max_streams: resolved.max_streams,
                 max_unpublished_streams: resolved.max_unpublished_streams,
+                max_idempotency_keys: resolved.max_idempotency_keys,
+                max_sessions: resolved.max_sessions,
             }))
         }
         EngineKind::Disk {
@@ -245,6 +255,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 segment_size,
                 max_streams: resolved.max_streams,
                 max_unpublished_streams: resolved.max_unpublished_streams,
+                max_idempotency_keys: resolved.max_idempotency_keys,
+                max_sessions: resolved.max_sessions,
                 ..DiskConfig::new(dir)
             };
             tracing::info!(dir = %config.dir.display(), ?durability, "opening the disk engine");

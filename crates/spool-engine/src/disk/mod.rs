@@ -47,7 +47,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, StreamCounts,
-    dedup::DedupWindow,
+    dedup::{DedupBudget, DedupWindow},
     log::StreamLog,
     registry::{Registry, Watched},
     sessions::SessionFile,
@@ -71,6 +71,11 @@ pub struct DiskConfig {
     pub durability: Durability,
     pub retention: RetentionPolicy,
     pub dedup_window: Duration,
+    /// The most idempotency keys remembered across all streams; past it the oldest are
+    /// forgotten early (`dedup.rs`).
+    pub max_idempotency_keys: usize,
+    /// The most WebSocket sessions kept; past it new sessions are not saved.
+    pub max_sessions: usize,
     /// A segment is closed and a new one started past this size.
     pub segment_size: u64,
     /// The most streams the engine will create (streams something was published to).
@@ -87,6 +92,8 @@ impl DiskConfig {
             durability: Durability::Fsync,
             retention: RetentionPolicy::default(),
             dedup_window: Duration::from_secs(120),
+            max_idempotency_keys: crate::dedup::DEFAULT_MAX_KEYS,
+            max_sessions: crate::sessions::MAX_SESSIONS,
             segment_size: 64 * 1024 * 1024,
             max_streams: 1_000_000,
             max_unpublished_streams: 100_000,
@@ -256,6 +263,8 @@ pub struct DiskEngine {
     sessions: Arc<SessionFile>,
     /// When expired sessions were last purged (ms since the Unix epoch).
     sessions_swept: AtomicU64,
+    /// The bound on idempotency keys across streams.
+    keys: DedupBudget,
     _lock: fs::File,
 }
 
@@ -280,8 +289,8 @@ impl DiskEngine {
         }
 
         let sessions_path = dir.join(SESSIONS_FILE);
-        let sessions =
-            SessionFile::open(&sessions_path).map_err(|e| match crate::sessions::damage(e) {
+        let sessions = SessionFile::open(&sessions_path, config.max_sessions).map_err(|e| {
+            match crate::sessions::damage(e) {
                 Ok(why) => OpenError::SessionsDamaged {
                     file: sessions_path.clone(),
                     why,
@@ -291,7 +300,8 @@ impl DiskEngine {
                     path: sessions_path.clone(),
                     source,
                 },
-            })?;
+            }
+        })?;
 
         let shared = Arc::new(Shared {
             streams: Registry::new("disk", config.max_streams, config.max_unpublished_streams),
@@ -302,7 +312,8 @@ impl DiskEngine {
         });
         let ids = segment::list(&wal).map_err(io_err(&wal))?;
         let mut epochs = repair::EpochMap::load(&dir)?;
-        let mut recovery = Recovery::new(&config);
+        let keys = DedupBudget::new(config.max_idempotency_keys);
+        let mut recovery = Recovery::new(&config, &keys);
         for (i, &id) in ids.iter().enumerate() {
             let path = segment::path(&wal, id);
             let is_last = i + 1 == ids.len();
@@ -392,6 +403,7 @@ impl DiskEngine {
             tx,
             sessions: Arc::new(sessions),
             sessions_swept: AtomicU64::new(now_ms()),
+            keys,
             _lock: lock,
         })
     }
@@ -489,7 +501,7 @@ impl Engine for DiskEngine {
         let mut newest_duplicate = Offset::ZERO;
         for new in messages {
             if let Some(key) = &new.idempotency_key
-                && let Some(original) = state.dedup.get(key, now)
+                && let Some(original) = state.dedup.get(key, now, &self.keys)
             {
                 newest_duplicate = newest_duplicate.max(original.offset);
                 out.push(Appended {
@@ -503,7 +515,9 @@ impl Engine for DiskEngine {
             record::encode_message(&mut frames, name, &message, key.as_deref());
             state.reserved = offset;
             let position = Position::new(epoch.clone(), offset);
-            state.dedup.remember(name, key, &position, dedup_until);
+            state
+                .dedup
+                .remember(key, &position, dedup_until, now, &self.keys);
             publish.push(Publish {
                 stream: stream.clone(),
                 message: Arc::new(message),
@@ -581,7 +595,7 @@ impl Engine for DiskEngine {
         for s in streams {
             s.log.lock().trim(now, |e| dropped.push(e.tag));
             if let Ok(mut state) = s.append.try_lock() {
-                state.dedup.expire(now);
+                state.dedup.expire(now, &self.keys);
             }
         }
         self.shared.release(&dropped);
@@ -605,7 +619,7 @@ impl Engine for DiskEngine {
 
     async fn save_sessions(&self, records: Vec<SessionRecord>) -> Result<(), EngineError> {
         let sessions = self.sessions.clone();
-        blocking(move || sessions.save(&records)).await
+        blocking(move || sessions.save(&records, now_ms())).await
     }
 
     async fn load_session(&self, id: &str) -> Result<Option<bytes::Bytes>, EngineError> {
@@ -642,6 +656,7 @@ async fn blocking<T: Send + 'static>(
 /// Rebuilds streams from records, in WAL order.
 struct Recovery<'a> {
     config: &'a DiskConfig,
+    keys: &'a DedupBudget,
     streams: HashMap<StreamName, Rebuilt>,
     live: HashMap<u64, u64>,
     now: u64,
@@ -653,9 +668,10 @@ struct Rebuilt {
 }
 
 impl<'a> Recovery<'a> {
-    fn new(config: &'a DiskConfig) -> Self {
+    fn new(config: &'a DiskConfig, keys: &'a DedupBudget) -> Self {
         Self {
             config,
+            keys,
             streams: HashMap::new(),
             live: HashMap::new(),
             now: now_ms(),
@@ -665,6 +681,7 @@ impl<'a> Recovery<'a> {
     fn apply(&mut self, segment: u64, record: Record) -> Result<(), &'static str> {
         let Recovery {
             config,
+            keys,
             streams,
             live,
             now,
@@ -718,7 +735,8 @@ impl<'a> Recovery<'a> {
                     && message.time_ms + window > *now
                 {
                     let position = Position::new(s.log.epoch().clone(), message.offset);
-                    s.dedup.insert(key, position, message.time_ms + window);
+                    s.dedup
+                        .insert(key, position, message.time_ms + window, *now, keys);
                 }
                 s.log.push(Arc::new(message), segment);
                 *live.entry(segment).or_insert(0) += 1;
@@ -738,6 +756,7 @@ impl<'a> Recovery<'a> {
             streams: rebuilt,
             mut live,
             now,
+            ..
         } = self;
         let mut streams = HashMap::with_capacity(rebuilt.len());
         for (name, mut r) in rebuilt {
