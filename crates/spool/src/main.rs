@@ -80,7 +80,11 @@ fn repair(args: RepairArgs) -> anyhow::Result<()> {
             report.cut.len()
         );
         for c in report.cut.iter().take(LISTED_STREAMS) {
-            println!("  {} (epoch {} -> {})", c.stream, c.epoch, c.new_epoch);
+            if args.dry_run {
+                println!("  {} (epoch {} -> a new one)", c.stream, c.epoch);
+            } else {
+                println!("  {} (epoch {} -> {})", c.stream, c.epoch, c.new_epoch);
+            }
         }
         if report.cut.len() > LISTED_STREAMS {
             println!("  … and {} more", report.cut.len() - LISTED_STREAMS);

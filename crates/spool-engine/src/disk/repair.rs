@@ -415,3 +415,68 @@ fn plan(wal: &Path, ids: &[u64], map: &EpochMap) -> Result<RepairReport, OpenErr
         ..RepairReport::default()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream_record(name: &str, epoch: &str) -> Record {
+        Record::Stream {
+            name: StreamName::new(name).unwrap(),
+            epoch: Epoch::parse(epoch).unwrap(),
+            head: Offset(3),
+        }
+    }
+
+    fn epoch_of(record: &Record) -> &str {
+        match record {
+            Record::Stream { epoch, .. } => epoch.as_str(),
+            Record::Message { .. } => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_epoch_map_survives_a_reload_chains_repairs_and_is_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let renamed = |before, from: &str, to: &str| Renamed {
+            before,
+            stream: StreamName::new("chat:a").unwrap(),
+            from: Epoch::parse(from).unwrap(),
+            to: Epoch::parse(to).unwrap(),
+        };
+        let map = EpochMap {
+            entries: vec![renamed(5, "old", "mid"), renamed(9, "mid", "new")],
+        };
+        map.save(dir.path()).unwrap();
+        let mut map = EpochMap::load(dir.path()).unwrap();
+        assert_eq!(map.entries.len(), 2);
+
+        let mut r = stream_record("chat:a", "old");
+        map.apply(4, &mut r);
+        assert_eq!(epoch_of(&r), "new", "two repairs chain");
+        let mut r = stream_record("chat:a", "mid");
+        map.apply(7, &mut r);
+        assert_eq!(epoch_of(&r), "new");
+        let mut r = stream_record("chat:a", "mid");
+        map.apply(9, &mut r);
+        assert_eq!(
+            epoch_of(&r),
+            "mid",
+            "segments written after the repair are as they are"
+        );
+        let mut r = stream_record("chat:b", "old");
+        map.apply(1, &mut r);
+        assert_eq!(epoch_of(&r), "old", "other streams are untouched");
+
+        map.prune(dir.path(), 6).unwrap();
+        assert_eq!(EpochMap::load(dir.path()).unwrap().entries.len(), 1);
+        map.prune(dir.path(), 9).unwrap();
+        assert!(!dir.path().join(EPOCHS_FILE).exists());
+
+        fs::write(dir.path().join(EPOCHS_FILE), "12 not-a-line\n").unwrap();
+        assert!(
+            EpochMap::load(dir.path()).is_err(),
+            "a damaged map fails closed"
+        );
+    }
+}
