@@ -346,8 +346,18 @@ impl Inner {
         &self,
         stream: &StreamName,
     ) -> Result<Option<StreamState>, EngineError> {
+        self.fetch_state_confirming(stream, true).await
+    }
+
+    /// [`Inner::fetch_state`]; with `confirm` false, JetStream's first "stream not found" is
+    /// believed (see [`Api::info_or_not_found`]).
+    async fn fetch_state_confirming(
+        &self,
+        stream: &StreamName,
+        confirm: bool,
+    ) -> Result<Option<StreamState>, EngineError> {
         let names = self.names(stream);
-        match self.api.info(&names.stream).await? {
+        match self.api.info_or_not_found(&names.stream, confirm).await? {
             Some(info) => self.state_from(stream, &info).await.map(Some),
             // The epoch stays remembered: when the stream is made again, the new epoch is
             // news to tell the other nodes, and an append meanwhile finds no stream anyway.
@@ -370,7 +380,13 @@ impl Inner {
     ) -> Result<(StreamState, bool), EngineError> {
         for _ in 0..3 {
             let before = self.heads.current(stream);
-            if let Some(state) = self.fetch_state(stream).await? {
+            // "Not found" is believed when it comes twice (a member recovering the stream says
+            // so too) — but once is enough while this node's readers wait in its placeholder:
+            // a wrong answer then only keeps them there until the next read or note.
+            let waiting = before
+                .as_ref()
+                .is_some_and(|head| self.placeholders.lock().shows(stream, head));
+            if let Some(state) = self.fetch_state_confirming(stream, !waiting).await? {
                 return Ok((state, true));
             }
             let mut placeholders = self.placeholders.lock();

@@ -71,9 +71,20 @@ impl Api {
     /// with `Unavailable` — a replica's older head must never reach a reader, which would take
     /// it for lost history.
     pub async fn info(&self, stream: &str) -> Result<Option<Info>, EngineError> {
+        self.info_or_not_found(stream, true).await
+    }
+
+    /// [`Api::info`]; with `confirm` false, a first "not found" is believed at once — for a
+    /// stream the caller already takes to be missing, where a wrong answer only keeps it so a
+    /// moment longer (no reader is moved off a history by it).
+    pub async fn info_or_not_found(
+        &self,
+        stream: &str,
+        confirm: bool,
+    ) -> Result<Option<Info>, EngineError> {
         let deadline = Instant::now() + self.timeout;
         let mut pause = Duration::from_millis(20);
-        let mut not_found = false;
+        let mut not_found = !confirm;
         loop {
             match self.info_within(stream, deadline).await? {
                 Some(info) if from_leader(&info) => return Ok(Some(info)),
