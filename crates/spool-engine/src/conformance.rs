@@ -143,9 +143,10 @@ async fn offsets_are_gap_free_and_reads_are_ranges(backend: &dyn Backend) {
     assert_eq!((state.epoch, state.head), (epoch, Offset(3)));
 }
 
-/// A reader of a stream nothing was published to learns an epoch at head 0 (the memory and disk
-/// engines hold it in memory only, the cluster engines register it); while the reader watches,
-/// the first publish lands in that epoch, so the reader sees offset 1 with no reset.
+/// A reader of a stream nothing was published to learns an epoch at head 0 (a placeholder every
+/// engine holds in memory only; a cluster engine per node); while the reader watches, the first
+/// publish (on a cluster: through the reader's node) lands in that epoch, so the reader sees
+/// offset 1 with no reset.
 async fn a_watched_unknown_stream_keeps_its_epoch_for_the_first_publish(backend: &dyn Backend) {
     let ns = backend.namespace(Settings::default()).await;
     let engine = ns.node().await;

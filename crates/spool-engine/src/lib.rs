@@ -96,9 +96,10 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Result<Vec<Appended>, EngineError>;
 
     /// Reads up to `limit` messages after `after`. An unknown stream reads as empty, at head 0
-    /// of an epoch; reading never creates a stream: on the memory and disk engines the epoch
-    /// belongs to an in-memory placeholder that the first append adopts while a reader watches
-    /// it (see `registry.rs`), and nothing is written.
+    /// of an epoch; reading never creates a stream: the epoch belongs to an in-memory
+    /// placeholder that the first append adopts while a reader watches it (memory and disk:
+    /// `registry.rs`; Redis and NATS: per node, in its `cluster::Heads`), and nothing is
+    /// written.
     async fn read(
         &self,
         stream: &StreamName,
