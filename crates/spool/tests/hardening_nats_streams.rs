@@ -182,7 +182,7 @@ async fn readers_waiting_on_every_node_get_offset_1_without_a_reset() {
         "each node shows its own placeholder"
     );
     // Every reader is in place (SSE and the long-poll open their subscriptions as they start).
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         jetstream_streams(&cluster).await.is_empty(),
         "readers made it"
@@ -235,17 +235,14 @@ async fn a_nodes_placeholders_are_capped() {
     let node = cluster.node(0);
     let reader = reader_token();
     node.publish("known", "x").await;
-    let mut held = Vec::new();
+    // Three readers waiting on three unknown streams (a subscription is answered once its
+    // watch is taken).
+    let (mut held, _) = WsPeer::connect(&node.addr, &reader).await;
     for i in 0..3 {
-        held.push(
-            SseClient::connect(
-                node.http
-                    .get(node.url(&format!("/v1/streams/held-{i}/events?token={reader}"))),
-            )
-            .await,
-        );
+        held.send(json!({"type":"subscribe","id":i,"stream":format!("held-{i}"),"after":"now"}))
+            .await;
+        held.expect("subscribed").await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     // Every placeholder is watched: a read of another unknown stream is refused, clearly.
     let (status, body) = node.poll("one-more", "wait=0").await;
     assert_eq!(status, 507, "{body}");
@@ -257,6 +254,11 @@ async fn a_nodes_placeholders_are_capped() {
             .contains("--max-unpublished-streams"),
         "{body}"
     );
+    held.send(json!({"type":"subscribe","id":9,"stream":"ws-more","after":"now"}))
+        .await;
+    let refused = held.expect("error").await;
+    assert_eq!(refused["code"], "stream_limit", "{refused}");
+    assert_eq!(refused["id"], 9, "{refused}");
     // Streams that exist are read as before.
     let (status, known) = node.poll("known", "after=oldest&wait=0").await;
     assert_eq!(status, 200, "{known}");
