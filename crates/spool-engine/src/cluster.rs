@@ -108,6 +108,24 @@ impl Heads {
         }
     }
 
+    /// Like [`Heads::replace_if`], but the epoch left is not retired: for an engine whose "no
+    /// such stream" may be wrong for a moment (a NATS member still recovering the stream answers
+    /// so), moving watchers to a placeholder must not keep the stream's real history — if
+    /// reported again — from moving them back. Returns whether it moved.
+    pub fn park_if(&self, stream: &StreamName, expected: &Position, placeholder: Position) -> bool {
+        let mut streams = self.streams.lock();
+        match streams.get_mut(stream) {
+            Some(h) if *h.tx.borrow() == *expected && placeholder != *expected => {
+                if h.retired.contains(&placeholder.epoch) {
+                    return false;
+                }
+                h.tx.send_replace(placeholder);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The head this node knows for a watched stream.
     pub fn current(&self, stream: &StreamName) -> Option<Position> {
         self.streams
@@ -466,7 +484,20 @@ mod tests {
         assert!(!heads.advance(&name("a"), Position::new(e1.clone(), Offset(10))));
         assert_eq!(heads.current(&s).unwrap().epoch, e2);
         // Unwatched streams hold nothing.
-        assert!(!heads.advance(&name("b"), Position::new(e1, Offset(1))));
+        assert!(!heads.advance(&name("b"), Position::new(e1.clone(), Offset(1))));
+        // Parked on a placeholder, a watch can still go back to the epoch it left.
+        let e3 = Epoch::generate();
+        let at_e2 = heads.current(&s).unwrap();
+        let parked = Position::new(e3.clone(), Offset(0));
+        assert!(!heads.park_if(&s, &Position::new(e1.clone(), Offset(1)), parked.clone()));
+        assert!(heads.park_if(&s, &at_e2, parked.clone()));
+        assert_eq!(rx.borrow_and_update().epoch, e3);
+        assert!(heads.advance(&s, Position::new(at_e2.epoch.clone(), Offset(1))));
+        assert_eq!(rx.borrow_and_update().epoch, at_e2.epoch);
+        assert!(
+            !heads.advance(&s, Position::new(e1, Offset(11))),
+            "still retired"
+        );
         assert_eq!(heads.watched(), vec![s.clone()]);
         drop(rx);
         assert_eq!(heads.prune(), vec![s]);

@@ -395,7 +395,9 @@ impl Inner {
                 Some(seen) => {
                     let fresh = Epoch::generate();
                     let placeholder = Position::new(fresh.clone(), Offset::ZERO);
-                    if !self.heads.replace_if(stream, &seen, placeholder) {
+                    // Not retiring the epoch left: should the "not found" have been wrong,
+                    // the stream's head, read again, moves the watchers back.
+                    if !self.heads.park_if(stream, &seen, placeholder) {
                         continue;
                     }
                     placeholders
