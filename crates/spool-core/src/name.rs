@@ -31,19 +31,10 @@ pub enum InvalidStreamName {
 impl StreamName {
     /// Validates `name` as a stream name.
     pub fn new(name: &str) -> Result<Self, InvalidStreamName> {
-        if name.is_empty() {
-            return Err(InvalidStreamName::Empty);
-        }
-        if name.len() > MAX_STREAM_NAME_LEN {
-            return Err(InvalidStreamName::TooLong(name.len()));
-        }
-        if let Some(c) = name
-            .chars()
-            .find(|&c| c.is_control() || c.is_whitespace() || is_invisible(c))
-        {
+        if let Some(c) = name.chars().find(|&c| is_invisible(c)) {
             return Err(InvalidStreamName::BadChar(c));
         }
-        Ok(Self(Arc::from(name)))
+        Self::stored(name)
     }
 
     /// A name read back from storage. Data written by an earlier version may hold a name

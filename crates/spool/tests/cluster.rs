@@ -17,6 +17,7 @@ use common::{
     API_KEY, Proxy, Server, WsPeer,
     engines::{Backend, Cluster, OwnServer},
     follow::{Seen, subscribers},
+    refuses_to_start,
 };
 use serde_json::{Value, json};
 
@@ -319,24 +320,6 @@ cluster_tests! {
     nats => Backend::Nats,
 }
 
-/// `spool serve` with `args` must refuse to start: exit non-zero, quickly, saying `needle`.
-fn refuses_to_start(args: &[&str], needle: &str) {
-    let started = Instant::now();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--api-key", API_KEY])
-        .args(args)
-        .output()
-        .expect("run spool serve");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} started: {stderr}");
-    assert!(stderr.contains(needle), "{args:?}: {stderr}");
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "{args:?} took {:?} to give up",
-        started.elapsed()
-    );
-}
-
 #[test]
 fn an_unreachable_engine_at_startup_is_a_clear_error() {
     let port = common::free_port();
@@ -347,7 +330,7 @@ fn an_unreachable_engine_at_startup_is_a_clear_error() {
             "--redis-url",
             &format!("redis://127.0.0.1:{port}"),
         ],
-        "cannot start the redis engine",
+        &["cannot start the redis engine"],
     );
     refuses_to_start(
         &[
@@ -356,7 +339,7 @@ fn an_unreachable_engine_at_startup_is_a_clear_error() {
             "--nats-url",
             &format!("nats://127.0.0.1:{port}"),
         ],
-        "cannot start the nats engine",
+        &["cannot start the nats engine"],
     );
 }
 
@@ -376,6 +359,6 @@ fn fsync_on_a_redis_that_does_not_fsync_every_write_is_refused() {
             "--durability",
             "fsync",
         ],
-        "appendfsync",
+        &["appendfsync"],
     );
 }

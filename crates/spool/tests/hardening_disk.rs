@@ -292,15 +292,7 @@ impl Logged {
     }
 
     fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("read /proc/PID/status");
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("VmRSS");
-        kib * 1024
+        common::rss_of(self.child.id())
     }
 
     async fn batch(&self, http: &reqwest::Client, messages: Vec<Value>) -> Vec<Value> {

@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{API_KEY, Server, SseClient, WsPeer};
+use common::{API_KEY, Server, SseClient, WsPeer, refuses_to_start};
 use serde_json::{Value, json};
 
 const NATS_SERVER: &str = "/usr/sbin/nats-server";
@@ -305,23 +305,6 @@ async fn publish_until_acked(node: &Server, data: &str, within: Duration) -> Val
             "no publish was acked within {within:?}: {answer:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// `spool serve` with `args` must refuse to start: exit non-zero, saying every one of `needles`.
-fn refuses_to_start(args: &[&str], needles: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--api-key", API_KEY])
-        .args(args)
-        .output()
-        .expect("run spool serve");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} started: {stderr}");
-    for needle in needles {
-        assert!(
-            stderr.contains(needle),
-            "{args:?}: {needle:?} not in {stderr}"
-        );
     }
 }
 

@@ -15,7 +15,7 @@ mod common;
 use std::time::Duration;
 
 use common::engines::{Backend, Cluster};
-use common::{API_KEY, Server, SseClient, WsPeer, enc, jwt, now_secs};
+use common::{Server, SseClient, WsPeer, jwt, now_secs};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -39,19 +39,6 @@ async fn jetstream_streams(cluster: &Cluster) -> Vec<String> {
 
 fn reader_token() -> String {
     jwt(json!({"sub":"reader","exp":now_secs()+600,"subscribe":["*"]}))
-}
-
-/// The status of `GET /v1/streams/{stream}` (404: no such stream).
-async fn info_status(server: &Server, stream: &str) -> u16 {
-    server
-        .http
-        .get(server.url(&format!("/v1/streams/{}", enc(stream))))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .expect("stream info")
-        .status()
-        .as_u16()
 }
 
 #[tokio::test]
@@ -113,15 +100,15 @@ async fn reads_of_500_unknown_streams_make_no_jetstream_stream() {
         Vec::<String>::new(),
         "reads made JetStream streams"
     );
-    assert_eq!(info_status(a, "ghost-7").await, 404);
-    assert_eq!(info_status(b, "ws-ghost-3").await, 404);
+    assert_eq!(a.info_status("ghost-7").await, 404);
+    assert_eq!(b.info_status("ws-ghost-3").await, 404);
     drop((sse, peer));
 
     // A publish makes the stream, and only that one.
     let acked = a.publish("real", "x").await;
     assert_eq!(acked["offset"], 1);
     assert_eq!(jetstream_streams(&cluster).await.len(), 1);
-    assert_eq!(info_status(b, "real").await, 200);
+    assert_eq!(b.info_status("real").await, 200);
 }
 
 /// What waits on the stream `fresh` on one node: a WebSocket subscription, an SSE
@@ -187,7 +174,7 @@ async fn readers_waiting_on_every_node_get_offset_1_without_a_reset() {
         jetstream_streams(&cluster).await.is_empty(),
         "readers made it"
     );
-    assert_eq!(info_status(a, "fresh").await, 404);
+    assert_eq!(a.info_status("fresh").await, 404);
 
     // Node B publishes first: the stream is made in the epoch B's readers wait in.
     let acked = b.publish("fresh", "hello").await;

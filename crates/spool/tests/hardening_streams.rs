@@ -40,19 +40,6 @@ async fn batch_as(server: &Server, token: &str, messages: Vec<Value>) -> (u16, V
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-/// The status of `GET /v1/streams/{stream}` (404: the server holds no such stream).
-async fn info_status(server: &Server, stream: &str) -> u16 {
-    server
-        .http
-        .get(server.url(&format!("/v1/streams/{}", enc(stream))))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .expect("stream info")
-        .status()
-        .as_u16()
-}
-
 async fn streams_metric(server: &Server) -> f64 {
     server
         .metric("spool_streams")
@@ -130,16 +117,16 @@ async fn reads_of_unknown_streams_create_nothing_and_hold_no_memory() {
         unpublished <= 500.0,
         "placeholders are capped: {unpublished}"
     );
-    assert_eq!(info_status(&server, "ghost-7").await, 404);
+    assert_eq!(server.info_status("ghost-7").await, 404);
 
     // Nothing of them was persisted: after a restart only the published stream exists.
     server.terminate();
     let server = Server::start_disk("127.0.0.1:0", dir.path(), &[]);
     assert_eq!(streams_metric(&server).await, 1.0);
     assert_eq!(server.metric("spool_unpublished_streams").await, Some(0.0));
-    assert_eq!(info_status(&server, "ghost-7").await, 404);
-    assert_eq!(info_status(&server, "ws-ghost-3").await, 404);
-    assert_eq!(info_status(&server, "real").await, 200);
+    assert_eq!(server.info_status("ghost-7").await, 404);
+    assert_eq!(server.info_status("ws-ghost-3").await, 404);
+    assert_eq!(server.info_status("real").await, 200);
 }
 
 #[tokio::test]
@@ -157,7 +144,7 @@ async fn a_publisher_over_its_budget_gets_429_and_others_still_create_streams() 
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["code"], "stream_budget_exceeded");
     assert_eq!(streams_metric(&server).await, 0.0, "nothing was appended");
-    assert_eq!(info_status(&server, "chat:s0").await, 404);
+    assert_eq!(server.info_status("chat:s0").await, 404);
 
     // The budget itself: 20 new streams, then 429. The bucket refills continuously (one
     // stream per 3 s here), so a slow machine may fit one more in: count, do not assume.
@@ -333,7 +320,7 @@ async fn a_reader_waiting_on_a_stream_not_yet_created_gets_offset_1_without_a_re
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
-            info_status(&server, "fresh").await,
+            server.info_status("fresh").await,
             404,
             "not created by readers"
         );
@@ -417,8 +404,8 @@ async fn on_redis_reads_write_nothing_and_readers_on_every_node_get_offset_1() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(redis_stream_keys(&cluster), 0, "reads wrote to Redis");
-    assert_eq!(info_status(a, "ghost-1").await, 404);
-    assert_eq!(info_status(b, "fresh").await, 404);
+    assert_eq!(a.info_status("ghost-1").await, 404);
+    assert_eq!(b.info_status("fresh").await, 404);
 
     let acked = b.publish("fresh", "hello").await;
     assert_eq!(acked["offset"], 1);

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use common::{API_KEY, Server, WsEnd, WsPeer, free_port, jwt, now_secs};
+use common::{API_KEY, Server, WsEnd, WsPeer, connect_with, free_port, jwt, now_secs};
 use futures::SinkExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
@@ -36,16 +36,6 @@ fn rs256(claims: &Value) -> String {
         &EncodingKey::from_rsa_pem(&pem).unwrap(),
     )
     .unwrap()
-}
-
-/// Opens `/v1/ws` and sends `connect` with `fields`; returns the peer and the first answer.
-async fn connect_with(addr: &str, fields: Value) -> (WsPeer, Value) {
-    let mut peer = WsPeer::open(addr, &[]).await.expect("upgrade");
-    let mut connect = fields;
-    connect["type"] = json!("connect");
-    peer.send(connect).await;
-    let answer = peer.next(Duration::from_secs(10)).await.expect("an answer");
-    (peer, answer)
 }
 
 /// Connects with `token`, subscribes to `stream`, and returns the session id.

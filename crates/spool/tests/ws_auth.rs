@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{API_KEY, Server, WsPeer, jwt, now_secs};
+use common::{API_KEY, Server, WsPeer, connect_with, jwt, now_secs};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
@@ -272,16 +272,6 @@ async fn forbidden_streams_are_refused_and_the_connection_stays_open() {
     );
     peer.send(json!({"type":"ping"})).await;
     peer.expect("pong").await;
-}
-
-/// Opens a connection and sends `connect` with the given fields; returns the first answer.
-async fn connect_with(addr: &str, fields: Value) -> (WsPeer, Value) {
-    let mut peer = WsPeer::open(addr, &[]).await.expect("upgrade");
-    let mut connect = fields;
-    connect["type"] = json!("connect");
-    peer.send(connect).await;
-    let answer = peer.next(Duration::from_secs(10)).await.expect("an answer");
-    (peer, answer)
 }
 
 #[tokio::test]

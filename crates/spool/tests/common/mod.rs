@@ -373,17 +373,21 @@ impl Server {
         self.child.id()
     }
 
-    /// The server's resident set size (`VmRSS` of /proc/PID/status), in bytes.
+    /// The server's resident set size, in bytes.
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc/PID/status");
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("VmRSS in /proc/PID/status");
-        kib * 1024
+        rss_of(self.pid())
+    }
+
+    /// The status of `GET /v1/streams/{stream}` with the API key (404: no such stream).
+    pub async fn info_status(&self, stream: &str) -> u16 {
+        self.http
+            .get(self.url(&format!("/v1/streams/{}", enc(stream))))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .expect("stream info")
+            .status()
+            .as_u16()
     }
 
     /// Publishes `messages` (objects of the batch endpoint: `stream`, `data`, `key`, …) in
@@ -651,4 +655,51 @@ pub fn message_offset(frame: &str) -> Option<u64> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(rest.len());
     rest[..end].parse().ok()
+}
+
+/// The resident set size (`VmRSS` of /proc/PID/status) of process `pid`, in bytes.
+pub fn rss_of(pid: u32) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib * 1024
+}
+
+/// `spool serve` with `args` must refuse to start: exit non-zero within 15 s, saying every
+/// one of `needles`.
+pub fn refuses_to_start(args: &[&str], needles: &[&str]) {
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--api-key", API_KEY])
+        .args(args)
+        .output()
+        .expect("run spool serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} started: {stderr}");
+    for needle in needles {
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: {needle:?} not in {stderr}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{args:?} took {:?} to give up",
+        started.elapsed()
+    );
+}
+
+/// Opens `/v1/ws` and sends `connect` with `fields`; returns the peer and the first answer.
+pub async fn connect_with(addr: &str, fields: Value) -> (WsPeer, Value) {
+    let mut peer = WsPeer::open(addr, &[]).await.expect("upgrade");
+    let mut connect = fields;
+    connect["type"] = serde_json::json!("connect");
+    peer.send(connect).await;
+    let answer = peer.next(Duration::from_secs(10)).await.expect("an answer");
+    (peer, answer)
 }
