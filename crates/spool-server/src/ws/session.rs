@@ -417,10 +417,19 @@ impl Sessions {
             return;
         }
         let n = records.len();
-        if let Err(e) = self.engine.save_sessions(records).await {
-            tracing::warn!(error = %e, sessions = n, "could not save sessions; will retry");
-            for s in due {
-                s.inner.lock().dirty = true;
+        match self.engine.save_sessions(records).await {
+            Ok(()) => {}
+            // At the session limit the engine saved every session it already held and left
+            // only new ones unsaved: retrying the whole batch each second would only repeat
+            // that. A session left out is tried again when it next changes.
+            Err(e @ spool_engine::EngineError::Limit(_)) => {
+                tracing::warn!(error = %e, sessions = n, "session limit reached: new sessions are not saved (clients cannot resume them)");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, sessions = n, "could not save sessions; will retry");
+                for s in due {
+                    s.inner.lock().dirty = true;
+                }
             }
         }
     }
