@@ -1,6 +1,6 @@
 //! The engine conformance suite: the contract of [`Engine`] (SPEC §2–§4 at the storage layer)
-//! as one set of checks that every engine runs from the same code — memory and disk here, the
-//! Redis and NATS JetStream engines in their own crates.
+//! as one set of checks that every engine runs from the same code — memory here, the disk,
+//! Redis and NATS JetStream engines in their own crates' tests.
 //!
 //! An engine's test supplies a [`Backend`]: a way to make a fresh, isolated namespace (a temp
 //! dir, a key prefix, a stream-name prefix) and to open nodes on it. For a cluster engine every
@@ -434,18 +434,11 @@ async fn within<F: Future>(f: F, what: &str) -> F::Output {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        MemoryEngine,
-        disk::{DiskConfig, DiskEngine},
-        memory::MemoryConfig,
-    };
+    use crate::{MemoryEngine, memory::MemoryConfig};
 
     struct Memory;
-    /// A single-node engine (and the temp dir it lives in, kept until the namespace drops).
-    struct One(
-        Arc<dyn Engine>,
-        #[allow(dead_code)] Option<tempfile::TempDir>,
-    );
+    /// A single-node engine. (The disk engine runs this suite in `spool-disk`'s tests.)
+    struct One(Arc<dyn Engine>);
 
     #[async_trait]
     impl Namespace for One {
@@ -465,33 +458,12 @@ mod tests {
                 dedup_window: settings.dedup_window,
                 ..MemoryConfig::default()
             });
-            Box::new(One(Arc::new(engine), None))
-        }
-    }
-
-    struct Disk;
-
-    #[async_trait]
-    impl Backend for Disk {
-        async fn namespace(&self, settings: Settings) -> Box<dyn Namespace> {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let config = DiskConfig {
-                retention: settings.retention,
-                dedup_window: settings.dedup_window,
-                ..DiskConfig::new(dir.path())
-            };
-            let engine = DiskEngine::open(config).expect("open the disk engine");
-            Box::new(One(Arc::new(engine), Some(dir)))
+            Box::new(One(Arc::new(engine)))
         }
     }
 
     #[tokio::test]
     async fn memory_engine_conforms() {
         run(&Memory).await;
-    }
-
-    #[tokio::test]
-    async fn disk_engine_conforms() {
-        run(&Disk).await;
     }
 }

@@ -188,7 +188,7 @@ impl DedupWindow {
 
     /// How many keys the stream holds (forgotten ones included until dropped).
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.positions.len()
     }
 }

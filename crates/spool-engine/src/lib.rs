@@ -3,17 +3,22 @@
 //! An [`Engine`] owns stream history: it appends messages and gives each its offset, reads a
 //! range after an offset together with a consistent snapshot of the stream's bounds, enforces
 //! retention, remembers idempotency keys, and tells watchers when a stream's head moves. The
-//! memory engine lives here; the disk, Redis and NATS JetStream engines implement the same
-//! trait, and the server never knows which one it talks to.
+//! memory engine lives here; the disk (`spool-disk`), Redis (`spool-redis`) and NATS
+//! JetStream (`spool-nats`) engines implement the same trait, and the server never knows which
+//! one it talks to.
+//!
+//! Besides the trait, this crate holds the parts engines share: [`log`], [`dedup`] and
+//! [`registry`] (the in-memory side of the memory and disk engines), [`sessions`] (session
+//! records and their bound), [`cluster`] (the per-node state of the cluster engines) and the
+//! conformance suite every engine runs (feature `conformance`).
 
 pub mod cluster;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
-mod dedup;
-pub mod disk;
-mod log;
+pub mod dedup;
+pub mod log;
 pub mod memory;
-mod registry;
+pub mod registry;
 pub mod sessions;
 
 use std::sync::Arc;

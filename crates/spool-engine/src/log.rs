@@ -12,11 +12,16 @@ use tokio::sync::watch;
 
 use crate::HeadWatch;
 
+/// One retained message and the owning engine's tag for it.
 pub struct Entry {
     pub message: Arc<Message>,
+    /// What the owning engine needs to know about where the message lives (the disk engine:
+    /// its WAL segment); the memory engine uses 0.
     pub tag: u64,
 }
 
+/// One stream's epoch, head, retained messages (oldest first, within retention) and head
+/// watch. The owning engine serialises changes (it holds the log under its stream lock).
 pub struct StreamLog {
     epoch: Epoch,
     head: Offset,
@@ -27,6 +32,8 @@ pub struct StreamLog {
 }
 
 impl StreamLog {
+    /// An empty log of `epoch` at `head` (0 for a new stream, more for a recovered one whose
+    /// messages all expired).
     pub fn new(epoch: Epoch, head: Offset, retention: Retention) -> Self {
         let (head_tx, _) = watch::channel(Position::new(epoch.clone(), head));
         Self {
@@ -39,20 +46,24 @@ impl StreamLog {
         }
     }
 
+    /// The stream's epoch.
     pub fn epoch(&self) -> &Epoch {
         &self.epoch
     }
 
+    /// The offset of the newest message (0 before the first).
     pub fn head(&self) -> Offset {
         self.head
     }
 
+    /// The offset of the oldest retained message (`head + 1` when none is retained).
     pub fn oldest(&self) -> Offset {
         self.entries
             .front()
             .map_or(self.head.next(), |e| e.message.offset)
     }
 
+    /// The stream's bounds.
     pub fn state(&self) -> StreamState {
         StreamState {
             epoch: self.epoch.clone(),
@@ -61,6 +72,7 @@ impl StreamLog {
         }
     }
 
+    /// A watch on the head (see [`crate::Engine::watch`]).
     pub fn watch(&self) -> HeadWatch {
         self.head_tx.subscribe()
     }

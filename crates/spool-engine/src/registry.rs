@@ -38,6 +38,7 @@ const FUTILE_PRUNE_BACKOFF_MS: u64 = 1_000;
 
 /// What the registry needs to know of a stream: how many head watches are out.
 pub trait Watched {
+    /// How many head watches on the stream are out.
     fn watchers(&self) -> usize;
 }
 
@@ -52,6 +53,7 @@ struct Maps<T> {
     unpublished: HashMap<StreamName, Unpublished<T>>,
 }
 
+/// The streams of one engine by name, published and unpublished, each kind capped.
 pub struct Registry<T> {
     maps: RwLock<Maps<T>>,
     max: usize,
@@ -64,6 +66,8 @@ pub struct Registry<T> {
 }
 
 impl<T: Watched> Registry<T> {
+    /// An empty registry of the engine named `engine` (for error messages), holding at most
+    /// `max` published and `max_unpublished` unpublished streams.
     pub fn new(engine: &'static str, max: usize, max_unpublished: usize) -> Self {
         Self {
             maps: RwLock::new(Maps {
@@ -197,10 +201,12 @@ impl<T: Watched> Registry<T> {
         self.maps.read().published.values().cloned().collect()
     }
 
+    /// Sets the published streams, as recovered at startup (no cap is checked).
     pub fn replace_all(&self, streams: HashMap<StreamName, Arc<T>>) {
         self.maps.write().published = streams;
     }
 
+    /// How many streams the registry holds, for [`crate::Engine::stream_counts`].
     pub fn counts(&self) -> StreamCounts {
         let maps = self.maps.read();
         StreamCounts {

@@ -15,7 +15,7 @@ use spool_core::{
     Retention, RetentionPolicy, RetentionRule,
     retention::{de_opt_bytes, de_opt_duration},
 };
-use spool_engine::disk::Durability;
+use spool_disk::Durability;
 use spool_server::{
     ServerConfig,
     auth::{AuthConfigError, Authenticator},

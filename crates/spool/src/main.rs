@@ -55,7 +55,7 @@ const LISTED_STREAMS: usize = 50;
 fn repair(args: RepairArgs) -> anyhow::Result<()> {
     serve::init_logging(false);
     let dir = &args.data_dir;
-    let report = spool_engine::disk::repair(dir, args.dry_run)?;
+    let report = spool_disk::repair(dir, args.dry_run)?;
     if report.is_clean() {
         println!("nothing to repair in {}", dir.display());
         return Ok(());

@@ -5,11 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use clap::Args;
 use spool_core::retention::{parse_bytes, parse_duration};
-use spool_engine::{
-    Engine, MemoryEngine,
-    disk::{DiskConfig, DiskEngine},
-    memory::MemoryConfig,
-};
+use spool_disk::{DiskConfig, DiskEngine};
+use spool_engine::{Engine, MemoryEngine, memory::MemoryConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, EngineKind};

@@ -122,7 +122,7 @@ impl Candidate {
     fn description(self) -> &'static str {
         match self {
             Self::SpoolWal => {
-                "spool_engine::disk::DiskEngine, Durability::Fsync (one write + one fdatasync per drained batch)"
+                "spool_disk::DiskEngine, Durability::Fsync (one write + one fdatasync per drained batch)"
             }
             Self::Redb => {
                 "redb 4: writer thread, one write transaction (Durability::Immediate) per drained batch, key (stream, offset)"

@@ -7,10 +7,8 @@ use anyhow::Result;
 use async_trait::async_trait;
 use bytes::Bytes;
 use spool_core::{NewMessage, StreamName};
-use spool_engine::{
-    Engine,
-    disk::{DiskConfig, DiskEngine, Durability},
-};
+use spool_disk::{DiskConfig, DiskEngine, Durability};
+use spool_engine::Engine;
 
 use super::Store;
 

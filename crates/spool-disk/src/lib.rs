@@ -11,7 +11,13 @@
 //! - `record.rs`: the checksummed frame format.
 //! - `segment.rs`: segment files, scanning, torn-tail detection.
 //! - `writer.rs`: the writer thread (group commit, segment roll).
+//! - `repair.rs`: `spool repair` (cut damage out, new epochs for the streams it touched).
+//! - `sessions.rs`: the WebSocket session records, in `sessions.redb`.
 //! - here: the engine, the append path, recovery and segment reclamation.
+//!
+//! The in-memory side (each stream's retained messages and head watch, idempotency keys, the
+//! capped registry of streams) is shared with the memory engine: `spool_engine::{log, dedup,
+//! registry}`.
 //!
 //! Publishing to a stream: under the stream's append lock, check idempotency keys, reserve
 //! offsets, encode frames, and hand them to the writer (the lock is held until the request is
@@ -22,6 +28,7 @@
 mod record;
 mod repair;
 mod segment;
+pub mod sessions;
 mod writer;
 
 pub use repair::{Cut, Damage, EPOCHS_FILE, RepairReport, repair};
@@ -45,14 +52,14 @@ use spool_core::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{
+use record::Record;
+use sessions::SessionFile;
+use spool_engine::{
     Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, StreamCounts,
     dedup::{DedupBudget, DedupWindow},
     log::StreamLog,
     registry::{Registry, Watched},
-    sessions::SessionFile,
 };
-use record::Record;
 use writer::{Publish, WriteRequest, Writer};
 
 /// What the ack of a publish waits for.
@@ -92,8 +99,8 @@ impl DiskConfig {
             durability: Durability::Fsync,
             retention: RetentionPolicy::default(),
             dedup_window: Duration::from_secs(120),
-            max_idempotency_keys: crate::dedup::DEFAULT_MAX_KEYS,
-            max_sessions: crate::sessions::MAX_SESSIONS,
+            max_idempotency_keys: spool_engine::dedup::DEFAULT_MAX_KEYS,
+            max_sessions: spool_engine::sessions::MAX_SESSIONS,
             segment_size: 64 * 1024 * 1024,
             max_streams: 1_000_000,
             max_unpublished_streams: 100_000,

@@ -27,7 +27,7 @@ use spool_core::{Message, now_ms};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Shared, record, segment};
-use crate::EngineError;
+use spool_engine::EngineError;
 
 /// Most bytes written per group commit.
 pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use spool_core::{Message, NewMessage, Offset, StreamName};
 
 use super::*;
-use crate::Engine;
+use spool_engine::Engine;
 
 fn name(s: &str) -> StreamName {
     StreamName::new(s).unwrap()
