@@ -5,25 +5,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use spool_disk::{DiskConfig, DiskEngine};
-use spool_engine::{
-    Engine,
-    conformance::{Backend, Namespace, Settings, run},
-};
+use spool_engine::conformance::{Backend, Namespace, Settings, SingleNode, run};
 
 struct Disk;
-
-/// The engine, and the temp dir it lives in (kept until the namespace drops).
-struct One(Arc<dyn Engine>, #[allow(dead_code)] tempfile::TempDir);
-
-#[async_trait]
-impl Namespace for One {
-    async fn node(&self) -> Arc<dyn Engine> {
-        self.0.clone()
-    }
-    fn clustered(&self) -> bool {
-        false
-    }
-}
 
 #[async_trait]
 impl Backend for Disk {
@@ -35,7 +19,7 @@ impl Backend for Disk {
             ..DiskConfig::new(dir.path())
         };
         let engine = DiskEngine::open(config).expect("open the disk engine");
-        Box::new(One(Arc::new(engine), dir))
+        Box::new(SingleNode::new(Arc::new(engine), dir))
     }
 }
 

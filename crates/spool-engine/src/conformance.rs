@@ -52,6 +52,33 @@ pub trait Namespace: Send + Sync {
     fn clustered(&self) -> bool;
 }
 
+/// The namespace of a single-node engine: every node is the same instance. `keep` is held
+/// until the namespace drops (e.g. the temp dir the engine lives in).
+pub struct SingleNode {
+    engine: Arc<dyn Engine>,
+    _keep: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl SingleNode {
+    /// A namespace of `engine`, keeping `keep` alive as long as it.
+    pub fn new(engine: Arc<dyn Engine>, keep: impl std::any::Any + Send + Sync) -> Self {
+        Self {
+            engine,
+            _keep: Box::new(keep),
+        }
+    }
+}
+
+#[async_trait]
+impl Namespace for SingleNode {
+    async fn node(&self) -> Arc<dyn Engine> {
+        self.engine.clone()
+    }
+    fn clustered(&self) -> bool {
+        false
+    }
+}
+
 /// Runs every case; panics (with the case's name) at the first broken guarantee.
 pub async fn run(backend: &dyn Backend) {
     offsets_are_gap_free_and_reads_are_ranges(backend).await;
@@ -436,19 +463,8 @@ mod tests {
     use super::*;
     use crate::{MemoryEngine, memory::MemoryConfig};
 
+    /// The memory engine. (The disk engine runs this suite in `spool-disk`'s tests.)
     struct Memory;
-    /// A single-node engine. (The disk engine runs this suite in `spool-disk`'s tests.)
-    struct One(Arc<dyn Engine>);
-
-    #[async_trait]
-    impl Namespace for One {
-        async fn node(&self) -> Arc<dyn Engine> {
-            self.0.clone()
-        }
-        fn clustered(&self) -> bool {
-            false
-        }
-    }
 
     #[async_trait]
     impl Backend for Memory {
@@ -458,7 +474,7 @@ mod tests {
                 dedup_window: settings.dedup_window,
                 ..MemoryConfig::default()
             });
-            Box::new(One(Arc::new(engine)))
+            Box::new(SingleNode::new(Arc::new(engine), ()))
         }
     }
 
