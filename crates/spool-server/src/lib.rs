@@ -3,13 +3,14 @@
 //! [`Engine`].
 //!
 //! [`serve`] runs the server on a bound listener until a [`CancellationToken`] fires; the
-//! `spool` binary builds the configuration and the engine and calls it. Transports never read
-//! history themselves: they drive a [`subscription::Subscription`], which applies the
-//! continuity rule of `spool_core` to everything an engine returns.
+//! `spool` binary builds the configuration and the engine and calls it. Transports are thin
+//! adapters over the [`delivery`] layer (publish, encode once), and never read history
+//! themselves: they drive a [`subscription::Subscription`], which applies the continuity rule
+//! of `spool_core` to everything an engine returns.
 
 pub mod auth;
-pub mod budget;
 pub mod config;
+pub mod delivery;
 pub mod error;
 mod listener;
 pub mod metrics;
@@ -25,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::ServerConfig;
+pub use delivery::budget;
 
 use crate::{auth::Authenticator, metrics::Metrics, ws::session::Sessions};
 
@@ -38,8 +40,10 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// WebSocket sessions (SPEC §3).
     pub sessions: Arc<Sessions>,
-    /// How many new streams each identity may still create (`budget.rs`).
+    /// How many new streams each identity may still create (`delivery/budget.rs`).
     pub budget: Arc<budget::StreamBudget>,
+    /// Delivered messages' wire forms, encoded once for every subscriber (`delivery/encode.rs`).
+    pub encodings: Arc<delivery::encode::Encodings>,
     /// Upgraded WebSocket connections, which outlive their HTTP request: shutdown waits for
     /// them to say goodbye and save their sessions.
     pub tasks: TaskTracker,
@@ -60,6 +64,7 @@ pub async fn serve(
     let state = AppState {
         auth: Arc::new(Authenticator::new(&config.auth)),
         budget: Arc::new(budget::StreamBudget::new(config.max_new_streams_per_minute)),
+        encodings: Arc::default(),
         engine,
         config: Arc::new(config),
         metrics: Arc::new(Metrics::new()),

@@ -7,8 +7,6 @@ mod publish;
 mod sse;
 mod streams;
 
-pub(crate) use publish::validate as validate_publish;
-
 use std::time::{Duration, Instant};
 
 use axum::{

@@ -4,12 +4,14 @@
 //! the next message. Works through any proxy that passes plain HTTP (the Comet fallback).
 
 use axum::{
-    Json,
-    extract::{Path, RawQuery, State, rejection::PathRejection},
-    http::HeaderMap,
+    extract::rejection::PathRejection,
+    extract::{Path, RawQuery, State, ws::Utf8Bytes},
+    http::{HeaderMap, HeaderValue, header::CONTENT_TYPE},
+    response::IntoResponse,
 };
-use spool_core::{Epoch, Message, Start, StreamName};
-use spool_protocol::http::{MessageBody, MessagesResponse, ResetBody, encode_payload};
+use bytes::Bytes;
+use spool_core::Start;
+use spool_protocol::http::ResetBody;
 use tokio::time::Instant;
 
 use super::{authenticate, stream_name};
@@ -30,7 +32,7 @@ pub async fn long_poll(
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-) -> ApiResult<Json<MessagesResponse>> {
+) -> ApiResult<impl IntoResponse> {
     let query = QueryParams::parse(query.as_deref())?;
     let principal = authenticate(&state, &headers, &query)?;
     let stream = stream_name(path)?;
@@ -66,7 +68,7 @@ pub async fn long_poll(
     for event in events {
         match event {
             Event::Message { epoch, message } => {
-                messages.push(message_body(None, &epoch, &message))
+                messages.push(state.encodings.body(stream.as_str(), &epoch, &message))
             }
             Event::Reset { reason, head } => {
                 state.metrics.reset(reason);
@@ -86,26 +88,111 @@ pub async fn long_poll(
         .last_state()
         .map(|s| s.head_position().to_string())
         .unwrap_or_else(|| position.clone());
-    Ok(Json(MessagesResponse {
-        messages,
-        position,
-        head,
-        reset,
-    }))
+    let body = messages_response(&messages, &position, &head, reset.as_ref());
+    Ok((
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    ))
 }
 
-/// A stored message in its JSON wire form.
-pub(super) fn message_body(stream: Option<&StreamName>, epoch: &Epoch, m: &Message) -> MessageBody {
-    let (data, data_base64) = encode_payload(&m.payload);
-    MessageBody {
-        stream: stream.map(ToString::to_string),
-        epoch: epoch.to_string(),
-        offset: m.offset.get(),
-        time: m.time_ms,
-        data,
-        data_base64,
-        content_type: m.content_type.clone(),
-        key: m.key.clone(),
-        headers: m.headers.iter().cloned().collect(),
+/// `spool_protocol::http::MessagesResponse` as JSON, around message bodies encoded once
+/// (`delivery::encode`): the same bytes serde writes for it.
+fn messages_response(
+    messages: &[Utf8Bytes],
+    position: &str,
+    head: &str,
+    reset: Option<&ResetBody>,
+) -> Bytes {
+    let size = messages.iter().map(|m| m.len() + 1).sum::<usize>() + 128;
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(b"{\"messages\":[");
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(m.as_bytes());
+    }
+    out.extend_from_slice(b"],\"position\":");
+    // Writing strings and a plain struct to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, position);
+    out.extend_from_slice(b",\"head\":");
+    let _ = serde_json::to_writer(&mut out, head);
+    out.extend_from_slice(b",\"reset\":");
+    let _ = serde_json::to_writer(&mut out, &reset);
+    out.push(b'}');
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use spool_core::{Epoch, Message, Offset};
+    use spool_protocol::http::{MessageBody, MessagesResponse, encode_payload};
+
+    use super::*;
+    use crate::delivery::encode::Encodings;
+
+    #[test]
+    fn the_answer_is_what_serde_writes() {
+        let encodings = Encodings::default();
+        let epoch = Epoch::parse("e1").unwrap();
+        let messages: Vec<Arc<Message>> = [&b"text"[..], &[0xff, 0x00][..]]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Arc::new(Message {
+                    offset: Offset(i as u64 + 1),
+                    time_ms: 7,
+                    payload: Bytes::copy_from_slice(p),
+                    content_type: Some("text/plain".into()),
+                    key: None,
+                    headers: vec![("b".into(), "2".into()), ("a".into(), "\"1\"".into())],
+                })
+            })
+            .collect();
+        for reset in [
+            None,
+            Some(ResetBody {
+                stream: None,
+                reason: "epoch_changed".into(),
+                position: "e2:0".into(),
+            }),
+        ] {
+            for n in [0, 1, 2] {
+                let bodies: Vec<Utf8Bytes> = messages[..n]
+                    .iter()
+                    .map(|m| encodings.body("s", &epoch, m))
+                    .collect();
+                let ours = messages_response(&bodies, "e1:2", "e1:\"3", reset.as_ref());
+                let theirs = serde_json::to_vec(&MessagesResponse {
+                    messages: messages[..n]
+                        .iter()
+                        .map(|m| {
+                            let (data, data_base64) = encode_payload(&m.payload);
+                            MessageBody {
+                                stream: None,
+                                epoch: epoch.to_string(),
+                                offset: m.offset.get(),
+                                time: m.time_ms,
+                                data,
+                                data_base64,
+                                content_type: m.content_type.clone(),
+                                key: m.key.clone(),
+                                headers: m.headers.iter().cloned().collect(),
+                            }
+                        })
+                        .collect(),
+                    position: "e1:2".into(),
+                    head: "e1:\"3".into(),
+                    reset: reset.clone(),
+                })
+                .unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&ours),
+                    String::from_utf8_lossy(&theirs)
+                );
+            }
+        }
     }
 }

@@ -2,19 +2,20 @@
 //! many streams (`POST /v1/publish`). The answer is sent only once the engine says the
 //! messages are durable to its configured level.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+};
 
 use axum::{
     Json,
     body::{Body, Bytes},
-    extract::{Path, RawQuery, State, rejection::PathRejection},
+    extract::{ConnectInfo, Path, RawQuery, State, rejection::PathRejection},
     http::{
         Extensions, HeaderMap, StatusCode,
         header::{CONTENT_LENGTH, CONTENT_TYPE},
     },
 };
-use base64::Engine as _;
-use futures::future::try_join_all;
 use http_body_util::LengthLimitError;
 use spool_core::{NewMessage, StreamName};
 use spool_engine::Appended;
@@ -26,21 +27,14 @@ use spool_protocol::{
 use super::{authenticate, stream_name};
 use crate::{
     AppState, ServerConfig,
-    auth::{Action, Principal},
-    budget,
+    auth::Action,
+    delivery::publish::{
+        self as delivery, MAX_CONTENT_TYPE, MAX_IDEMPOTENCY_KEY, MAX_KEY, Payload, ToAppend,
+        Validated, check_len,
+    },
     error::{ApiError, ApiResult},
     query::QueryParams,
 };
-
-/// Longest idempotency key, in bytes.
-const MAX_IDEMPOTENCY_KEY: usize = 256;
-/// Longest conflation key, in bytes.
-const MAX_KEY: usize = 1024;
-/// Longest content type, in bytes.
-const MAX_CONTENT_TYPE: usize = 256;
-/// Most headers on one message, and the longest header name.
-const MAX_HEADERS: usize = 64;
-const MAX_HEADER_NAME: usize = 256;
 
 pub async fn publish_one(
     State(state): State<AppState>,
@@ -71,14 +65,22 @@ pub async fn publish_one(
         headers: Vec::new(),
         idempotency_key,
     };
-    let client = budget::client_ip(&extensions);
-    budget::admit(&state, &principal, client, [&stream]).await?;
-    let appended = state.engine.append(&stream, vec![message]).await?;
-    let appended = appended.into_iter().next().ok_or_else(|| {
+    let client = client_ip(&extensions);
+    delivery::admit(&*state.engine, &state.budget, &principal, client, [&stream]).await?;
+    let (stream, appended) = delivery::append_grouped(
+        state.engine.clone(),
+        None,
+        vec![Validated { stream, message }],
+    )
+    .await
+    .into_iter()
+    .next()
+    .ok_or_else(|| {
         ApiError::from(spool_engine::EngineError::Internal(
             "append returned nothing".into(),
         ))
     })?;
+    let appended = appended?;
     if !appended.duplicate {
         state.metrics.published.inc();
     }
@@ -109,114 +111,55 @@ pub async fn publish_batch(
     }
 
     // Validate everything before appending anything: a bad message fails the whole batch.
-    let mut order: Vec<(StreamName, usize)> = Vec::with_capacity(request.messages.len());
-    let mut by_stream: HashMap<StreamName, Vec<NewMessage>> = HashMap::new();
+    let mut messages = Vec::with_capacity(request.messages.len());
     for (i, m) in request.messages.into_iter().enumerate() {
         let at = |e: ApiError| ApiError {
             message: format!("messages[{i}]: {}", e.message),
             ..e
         };
-        let (stream, message) = validate(&state.config, &principal, m).map_err(at)?;
-        let slot = by_stream.entry(stream.clone()).or_default();
-        order.push((stream, slot.len()));
-        slot.push(message);
+        messages.push(delivery::validate(&state.config, &principal, to_append(m)).map_err(at)?);
     }
 
-    // One append per stream, all streams at once. If one fails the request fails; retrying
-    // with idempotency keys is safe.
-    let client = budget::client_ip(&extensions);
-    budget::admit(&state, &principal, client, by_stream.keys()).await?;
-    let engine = &state.engine;
-    let appended: HashMap<StreamName, Vec<Appended>> =
-        try_join_all(by_stream.into_iter().map(|(stream, messages)| async move {
-            let out = engine.append(&stream, messages).await?;
-            Ok::<_, ApiError>((stream, out))
-        }))
-        .await?
+    // New streams are admitted all at once, then one append per stream, all streams at once.
+    // If one fails the request fails; retrying with idempotency keys is safe.
+    let streams: HashSet<&StreamName> = messages.iter().map(|m| &m.stream).collect();
+    let client = client_ip(&extensions);
+    delivery::admit(&*state.engine, &state.budget, &principal, client, streams).await?;
+    let appended = delivery::append_grouped(state.engine.clone(), None, messages)
+        .await
         .into_iter()
-        .collect();
-
-    let mut results = Vec::with_capacity(order.len());
-    for (stream, i) in order {
-        let a = appended
-            .get(&stream)
-            .and_then(|v| v.get(i))
-            .ok_or_else(|| {
-                ApiError::from(spool_engine::EngineError::Internal(
-                    "append returned too few results".into(),
-                ))
-            })?;
+        .map(|(stream, result)| result.map(|a| (stream, a)))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let mut results = Vec::with_capacity(appended.len());
+    for (stream, a) in appended {
         if !a.duplicate {
             state.metrics.published.inc();
         }
-        results.push(response(&stream, a.clone()));
+        results.push(response(&stream, a));
     }
     Ok((StatusCode::CREATED, Json(BatchResponse { results })))
 }
 
-/// Checks one message of a batch (or of a WebSocket `publish`) against the caller's rights and
-/// the server's limits, and makes it ready to append.
-pub(crate) fn validate(
-    config: &ServerConfig,
-    principal: &Principal,
-    m: BatchMessage,
-) -> ApiResult<(StreamName, NewMessage)> {
-    let stream = StreamName::new(&m.stream).map_err(|e| ApiError::invalid_name(&m.stream, e))?;
-    principal.check(Action::Publish, &stream)?;
-    let payload = match (m.data, m.data_base64) {
-        (Some(text), None) => Bytes::from(text),
-        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-            .decode(b64.as_bytes())
-            .map(Bytes::from)
-            .map_err(|e| ApiError::bad_body(format!("data_base64 is not base64: {e}")))?,
-        _ => {
-            return Err(ApiError::bad_body(
-                "give exactly one of \"data\" and \"data_base64\"",
-            ));
-        }
-    };
-    // Everything a message stores counts against the limit, not just its payload: headers,
-    // key and content type are kept as long as the payload is.
-    let stored = payload.len()
-        + m.key.as_ref().map_or(0, String::len)
-        + m.content_type.as_ref().map_or(0, String::len)
-        + m.headers
-            .iter()
-            .map(|(name, value)| name.len() + value.len())
-            .sum::<usize>();
-    if stored > config.max_payload {
-        return Err(ApiError::too_large(format!(
-            "the message is {stored} bytes (payload {}, plus headers, key and content type); \
-             the limit is {}",
-            payload.len(),
-            config.max_payload
-        )));
-    }
-    check_len(
-        "idempotency_key",
-        m.idempotency_key.as_deref(),
-        MAX_IDEMPOTENCY_KEY,
-    )?;
-    check_len("key", m.key.as_deref(), MAX_KEY)?;
-    check_len("content_type", m.content_type.as_deref(), MAX_CONTENT_TYPE)?;
-    if m.headers.len() > MAX_HEADERS {
-        return Err(ApiError::bad_body(format!(
-            "at most {MAX_HEADERS} headers per message"
-        )));
-    }
-    for name in m.headers.keys() {
-        check_len("a header name", Some(name), MAX_HEADER_NAME)?;
-    }
-    Ok((
-        stream,
-        NewMessage {
-            payload,
-            content_type: m.content_type,
-            key: m.key,
-            headers: m.headers.into_iter().collect(),
-            idempotency_key: m.idempotency_key,
+/// A batch message in the delivery layer's terms.
+fn to_append(m: BatchMessage) -> ToAppend {
+    ToAppend {
+        stream: m.stream,
+        payload: Payload::Json {
+            data: m.data,
+            data_base64: m.data_base64,
         },
-    ))
+        content_type: m.content_type,
+        key: m.key,
+        headers: m.headers,
+        idempotency_key: m.idempotency_key,
+    }
+}
+
+/// The client's address, when the listener recorded it.
+fn client_ip(extensions: &Extensions) -> Option<IpAddr> {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip())
 }
 
 fn response(stream: &StreamName, appended: Appended) -> PublishResponse {
@@ -284,15 +227,4 @@ fn header_string(headers: &HeaderMap, name: &str, max: usize) -> ApiResult<Optio
         .map_err(|_| ApiError::bad_param(format!("header {name} must be visible ASCII")))?;
     check_len(name, Some(value), max)?;
     Ok(Some(value.to_owned()))
-}
-
-fn check_len(what: &str, value: Option<&str>, max: usize) -> ApiResult<()> {
-    match value {
-        Some("") => Err(ApiError::bad_param(format!("{what} must not be empty"))),
-        Some(v) if v.len() > max => Err(ApiError::bad_param(format!(
-            "{what} is {} bytes; the limit is {max}",
-            v.len()
-        ))),
-        _ => Ok(()),
-    }
 }

@@ -31,7 +31,7 @@ use spool_protocol::{
     http::{ReconnectBody, ResetBody},
 };
 
-use super::{authenticate, poll::message_body, stream_name};
+use super::{authenticate, stream_name};
 use crate::{
     AppState,
     auth::{Action, Principal},
@@ -439,7 +439,14 @@ impl Session {
                     delivered += 1;
                     match self.format {
                         Format::Json => {
-                            json_event("message", &message_body(stream, epoch, message))
+                            let name = self.names[i].as_str();
+                            let encodings = &self.state.encodings;
+                            let body = if self.multi {
+                                encodings.body_with_stream(name, epoch, message)
+                            } else {
+                                encodings.body(name, epoch, message)
+                            };
+                            SseEvent::default().data(&*body)
                         }
                         Format::Raw => SseEvent::default().data(raw_data(&message.payload)),
                     }

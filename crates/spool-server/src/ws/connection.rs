@@ -20,15 +20,13 @@ use std::{
 use axum::extract::ws::{Message as WsMessage, WebSocket};
 use futures::{
     FutureExt, StreamExt,
-    future::{BoxFuture, join_all},
+    future::BoxFuture,
     stream::{self, BoxStream},
 };
-use serde::Serialize;
 use spool_core::{NewMessage, Position, Start, StreamName, now_ms};
 use spool_engine::{Appended, EngineError};
 use spool_protocol::{
     ErrorCode,
-    http::BatchMessage,
     ws::{self as proto, ClientFrame, ServerFrame, close},
 };
 use tokio::time::{Instant, Sleep};
@@ -41,10 +39,10 @@ use super::{
 use crate::{
     AppState,
     auth::{Action, Principal, Proof},
+    delivery::publish::{self as delivery, Payload, ToAppend, Validated},
     error::ApiError,
     metrics::Transport,
     query::parse_start,
-    routes::validate_publish,
     subscription::{Budget, Event, Subscription, position_after},
 };
 
@@ -660,13 +658,15 @@ impl Connection {
             .as_ref()
             .ok_or_else(|| ApiError::bad_param("not connected"))?;
         let id = p.id;
-        let (stream, message) = validate_publish(
+        let Validated { stream, message } = delivery::validate(
             &self.state.config,
             principal,
-            BatchMessage {
+            ToAppend {
                 stream: p.stream,
-                data: p.data,
-                data_base64: p.data_base64,
+                payload: Payload::Json {
+                    data: p.data,
+                    data_base64: p.data_base64,
+                },
                 content_type: p.content_type,
                 key: p.key,
                 headers: p.headers,
@@ -689,50 +689,25 @@ impl Connection {
         // share one bucket, as the connection does not carry the client address here.
         let budget = self.state.budget.clone();
         let who = self.principal.as_ref().map(|p| budget.identity(p, None));
-        let mut order: Vec<(Option<u64>, StreamName, usize)> =
-            Vec::with_capacity(self.pending.len());
-        let mut groups: Vec<(StreamName, Vec<NewMessage>)> = Vec::new();
-        for p in self.pending.drain(..) {
-            let group = match groups.iter().position(|(s, _)| *s == p.stream) {
-                Some(i) => i,
-                None => {
-                    groups.push((p.stream.clone(), Vec::new()));
-                    groups.len() - 1
-                }
-            };
-            groups[group].1.push(p.message);
-            order.push((p.id, p.stream, group));
-        }
+        let (ids, messages): (Vec<Option<u64>>, Vec<Validated>) = self
+            .pending
+            .drain(..)
+            .map(|p| {
+                (
+                    p.id,
+                    Validated {
+                        stream: p.stream,
+                        message: p.message,
+                    },
+                )
+            })
+            .unzip();
         async move {
-            let results = join_all(groups.into_iter().map(|(stream, messages)| {
-                let (engine, budget) = (engine.clone(), budget.clone());
-                async move {
-                    let n = messages.len();
-                    if let Some(who) = who
-                        && let Err(e) = budget.admit(&*engine, who, [&stream]).await
-                    {
-                        return vec![Err(e); n];
-                    }
-                    match engine.append(&stream, messages).await {
-                        Ok(appended) => appended.into_iter().map(Ok).collect::<Vec<_>>(),
-                        Err(e) => vec![Err(ApiError::from(e)); n],
-                    }
-                }
-            }))
-            .await;
-            let mut cursors = vec![0usize; results.len()];
-            order
-                .into_iter()
-                .map(|(id, stream, group)| {
-                    let i = cursors[group];
-                    cursors[group] += 1;
-                    let result = results[group].get(i).cloned().unwrap_or_else(|| {
-                        Err(ApiError::from(EngineError::Internal(
-                            "append returned too few results".into(),
-                        )))
-                    });
-                    (id, stream, result)
-                })
+            let budget = who.map(|who| (budget, who));
+            let results = delivery::append_grouped(engine, budget, messages).await;
+            ids.into_iter()
+                .zip(results)
+                .map(|(id, (stream, result))| (id, stream, result))
                 .collect()
         }
         .boxed()
@@ -844,7 +819,7 @@ impl Connection {
             let text = match &event {
                 Event::Message { epoch, message } => {
                     delivered += 1;
-                    encode_delivery(stream, epoch.as_str(), message)
+                    self.state.encodings.ws_message(stream, epoch, message)
                 }
                 Event::Reset { reason, head } => {
                     self.state.metrics.reset(*reason);
@@ -853,6 +828,7 @@ impl Connection {
                         reason: reason.to_string(),
                         position: head.to_string(),
                     }))
+                    .into()
                 }
                 Event::Skipped {
                     epoch,
@@ -865,11 +841,12 @@ impl Connection {
                     after: after.get(),
                     through: through.get(),
                     count: *count,
-                })),
+                }))
+                .into(),
             };
             self.out
                 .send(Frame {
-                    message: WsMessage::Text(text.into()),
+                    message: WsMessage::Text(text),
                     room,
                     delivered: Some((stream.clone(), generation, position)),
                 })
@@ -1052,99 +1029,4 @@ fn encode(frame: &ServerFrame) -> String {
     serde_json::to_string(frame).unwrap_or_else(|e| {
         format!(r#"{{"type":"error","code":"internal","message":"could not encode a frame: {e}"}}"#)
     })
-}
-
-/// A `message` frame, serialized from borrowed parts (this is the hot path of fan-out).
-fn encode_delivery(stream: &str, epoch: &str, message: &spool_core::Message) -> String {
-    #[derive(Serialize)]
-    struct Out<'a> {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        stream: &'a str,
-        epoch: &'a str,
-        offset: u64,
-        time: u64,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        data: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        data_base64: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        content_type: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        key: Option<&'a str>,
-        #[serde(skip_serializing_if = "Headers::is_empty")]
-        headers: Headers<'a>,
-    }
-    struct Headers<'a>(&'a [(String, String)]);
-    impl Headers<'_> {
-        fn is_empty(&self) -> bool {
-            self.0.is_empty()
-        }
-    }
-    impl Serialize for Headers<'_> {
-        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
-        }
-    }
-    let (data, data_base64) = match std::str::from_utf8(&message.payload) {
-        Ok(text) => (Some(text), None),
-        Err(_) => {
-            use base64::Engine as _;
-            (
-                None,
-                Some(base64::engine::general_purpose::STANDARD.encode(&message.payload)),
-            )
-        }
-    };
-    let out = Out {
-        kind: "message",
-        stream,
-        epoch,
-        offset: message.offset.get(),
-        time: message.time_ms,
-        data,
-        data_base64,
-        content_type: message.content_type.as_deref(),
-        key: message.key.as_deref(),
-        headers: Headers(&message.headers),
-    };
-    serde_json::to_string(&out).unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::Bytes;
-
-    #[test]
-    fn delivery_encoding_matches_the_protocol_type() {
-        let message = spool_core::Message {
-            offset: spool_core::Offset(7),
-            time_ms: 42,
-            payload: Bytes::from_static(b"{\"a\":1}"),
-            content_type: Some("application/json".into()),
-            key: Some("k".into()),
-            headers: vec![("h".into(), "v".into())],
-        };
-        let text = encode_delivery("s", "e", &message);
-        let ServerFrame::Message(d) = serde_json::from_str::<ServerFrame>(&text).unwrap() else {
-            panic!("not a message frame: {text}");
-        };
-        assert_eq!(
-            (d.stream.as_str(), d.epoch.as_str(), d.offset, d.time),
-            ("s", "e", 7, 42)
-        );
-        assert_eq!(d.payload().unwrap(), b"{\"a\":1}");
-        assert_eq!(d.headers.get("h").map(String::as_str), Some("v"));
-        let binary = spool_core::Message {
-            payload: Bytes::from_static(&[0xff, 0]),
-            headers: vec![],
-            ..message
-        };
-        let text = encode_delivery("s", "e", &binary);
-        let ServerFrame::Message(d) = serde_json::from_str::<ServerFrame>(&text).unwrap() else {
-            panic!()
-        };
-        assert_eq!(d.payload().unwrap(), [0xff, 0]);
-    }
 }

@@ -19,12 +19,12 @@
 use std::{
     collections::{HashMap, HashSet},
     hash::{BuildHasher, Hash, Hasher},
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     sync::atomic::{AtomicU64, Ordering},
     time::Instant,
 };
 
-use axum::{extract::ConnectInfo, http::Extensions, http::StatusCode};
+use axum::http::StatusCode;
 use parking_lot::Mutex;
 use spool_core::StreamName;
 use spool_engine::{Engine, EngineError};
@@ -228,25 +228,6 @@ impl StreamBudget {
         buckets.insert(who, b);
         ok
     }
-}
-
-/// Before a publish by `principal` (from `client`, if known) to `streams`: the call each
-/// publish site makes (see [`StreamBudget::admit`]).
-pub async fn admit<'a>(
-    state: &crate::AppState,
-    principal: &Principal,
-    client: Option<IpAddr>,
-    streams: impl IntoIterator<Item = &'a StreamName>,
-) -> ApiResult<()> {
-    let who = state.budget.identity(principal, client);
-    state.budget.admit(&*state.engine, who, streams).await
-}
-
-/// The client's address, when the listener recorded it.
-pub fn client_ip(extensions: &Extensions) -> Option<IpAddr> {
-    extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip())
 }
 
 #[cfg(test)]
