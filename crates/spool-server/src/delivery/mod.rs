@@ -1,0 +1,16 @@
+//! The delivery layer: what every transport (HTTP, SSE, long-poll, WebSocket, and the ones to
+//! come) does the same way, written once. Transports are thin adapters: they decode their wire
+//! format into the types here, call in, and write the answers back in their own format. No
+//! transport imports another.
+//!
+//! - [`publish`]: a message to append, its validation against the server's limits and the
+//!   caller's rights, the stream-creation budget ([`budget`]), and the grouped append (one
+//!   engine call per stream, all streams at once, one result per message in input order).
+//! - [`encode`]: a delivered message's wire forms, encoded once and shared as bytes by every
+//!   subscriber that receives it in the same form.
+//!
+//! Consumer groups will live here next, beside publish.
+
+pub mod budget;
+pub mod encode;
+pub mod publish;
