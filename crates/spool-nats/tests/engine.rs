@@ -378,7 +378,7 @@ async fn data_spool_did_not_write_reads_as_internal_not_a_panic() {
 
 /// Publishes with the raw NATS protocol, headers as given.
 async fn raw_hpub(url: &str, subject: &str, headers: &[u8], body: &[u8]) {
-    let mut socket = tokio::net::TcpStream::connect(common::host_port(url))
+    let mut socket = tokio::net::TcpStream::connect(spool_testkit::engines::host_port(url))
         .await
         .unwrap();
     let mut info = [0u8; 4096];

@@ -3,14 +3,13 @@
 //! down, resume with the same epoch when it returns with its data, and start a new epoch
 //! when it returns without.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use spool_core::{NewMessage, Offset, StreamName};
 use spool_engine::{Engine, EngineError, SessionRecord};
 use spool_nats::{NatsConfig, NatsEngine};
+use spool_testkit::engines::{Backend, OwnServer};
 
 fn msg(payload: &'static str) -> NewMessage {
     NewMessage {
@@ -32,13 +31,10 @@ async fn until_ready(engine: &NatsEngine) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_fail_fast_while_nats_is_down_and_resume_after() {
-    let Some(binary) = common::nats_server_binary() else {
-        eprintln!("SKIPPED: nats-server is not installed");
+    let Some(mut server) = OwnServer::start(Backend::Nats) else {
         return;
     };
-    let store = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let server = common::OwnNats::start(&binary, port, store.path());
+    let port = server.port;
     let timeout = Duration::from_secs(1);
     let config = NatsConfig {
         timeout,
@@ -52,7 +48,7 @@ async fn appends_fail_fast_while_nats_is_down_and_resume_after() {
     let mut watch = engine.watch(&s).await.unwrap();
 
     // Down: an append says so within about the timeout, and so does ready().
-    server.stop();
+    server.kill();
     let started = Instant::now();
     let err = engine.append(&s, vec![msg("lost?")]).await.unwrap_err();
     assert!(matches!(err, EngineError::Unavailable(_)), "{err:?}");
@@ -79,7 +75,7 @@ async fn appends_fail_fast_while_nats_is_down_and_resume_after() {
 
     // Back with its data: same epoch, offsets go on. (The append that timed out may have been
     // stored on the way, as the crate docs say; count from what JetStream holds.)
-    let server = common::OwnNats::start(&binary, port, store.path());
+    server.restart();
     until_ready(&engine).await;
     let head = engine.state(&s).await.unwrap().unwrap();
     assert_eq!(head.epoch, epoch, "NATS kept the data: same epoch");
@@ -91,10 +87,9 @@ async fn appends_fail_fast_while_nats_is_down_and_resume_after() {
     assert_eq!(batch.messages.last().unwrap().payload, "3");
 
     // Back without its data (a wiped store): a new epoch, so readers reset; sessions work.
-    server.stop();
-    std::fs::remove_dir_all(store.path()).unwrap();
-    std::fs::create_dir_all(store.path()).unwrap();
-    let _server = common::OwnNats::start(&binary, port, store.path());
+    server.kill();
+    server.wipe();
+    server.restart();
     until_ready(&engine).await;
     tokio::time::timeout(Duration::from_secs(15), async {
         while watch.borrow_and_update().epoch == epoch {
@@ -130,13 +125,9 @@ fn server_url(port: u16) -> String {
 /// wait in that queue until NATS is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_calls_while_nats_is_down_all_fail_within_the_timeout() {
-    let Some(binary) = common::nats_server_binary() else {
-        eprintln!("SKIPPED: nats-server is not installed");
+    let Some(mut server) = OwnServer::start(Backend::Nats) else {
         return;
     };
-    let store = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let server = common::OwnNats::start(&binary, port, store.path());
     let timeout = Duration::from_secs(1);
     let config = NatsConfig {
         timeout,
@@ -145,7 +136,7 @@ async fn many_calls_while_nats_is_down_all_fail_within_the_timeout() {
     let engine = std::sync::Arc::new(NatsEngine::connect(config).await.expect("connect"));
     let s = StreamName::new("queue").unwrap();
     engine.append(&s, vec![msg("1")]).await.unwrap();
-    server.stop();
+    server.kill();
     while engine.ready().await.is_ok() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

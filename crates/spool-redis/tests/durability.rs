@@ -1,7 +1,5 @@
 //! Fsync and replicated durability against private `redis-server`s.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -9,7 +7,7 @@ use spool_core::{NewMessage, Offset, StreamName};
 use spool_engine::{Engine, EngineError};
 use spool_redis::{RedisConfig, RedisDurability, RedisEngine};
 
-use common::RedisServer;
+use spool_testkit::engines::{Backend, OwnServer};
 
 fn msg(s: &'static str) -> NewMessage {
     NewMessage {
@@ -20,7 +18,7 @@ fn msg(s: &'static str) -> NewMessage {
 
 const TIMEOUT: Duration = Duration::from_secs(1);
 
-fn config(server: &RedisServer, durability: RedisDurability) -> RedisConfig {
+fn config(server: &OwnServer, durability: RedisDurability) -> RedisConfig {
     RedisConfig {
         durability,
         timeout: TIMEOUT,
@@ -30,8 +28,10 @@ fn config(server: &RedisServer, durability: RedisDurability) -> RedisConfig {
 
 #[tokio::test]
 async fn fsync_needs_appendfsync_always() {
-    let Some(always) = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"])
-    else {
+    let Some(always) = OwnServer::start_with(
+        Backend::Redis,
+        &["--appendonly", "yes", "--appendfsync", "always"],
+    ) else {
         return;
     };
     let e = RedisEngine::connect(config(&always, RedisDurability::Fsync))
@@ -41,8 +41,10 @@ async fn fsync_needs_appendfsync_always() {
     let out = e.append(&s, vec![msg("1")]).await.unwrap();
     assert_eq!(out[0].position.offset, Offset(1));
 
-    let Some(everysec) = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "everysec"])
-    else {
+    let Some(everysec) = OwnServer::start_with(
+        Backend::Redis,
+        &["--appendonly", "yes", "--appendfsync", "everysec"],
+    ) else {
         return;
     };
     let Err(err) = RedisEngine::connect(config(&everysec, RedisDurability::Fsync)).await else {
@@ -57,11 +59,14 @@ async fn fsync_needs_appendfsync_always() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicated_waits_for_the_replica_and_fails_without_it() {
     // No 5 s wait before the replica's first sync.
-    let Some(primary) = RedisServer::start(&["--repl-diskless-sync-delay", "0"]) else {
+    let Some(primary) = OwnServer::start_with(Backend::Redis, &["--repl-diskless-sync-delay", "0"])
+    else {
         return;
     };
     let port = primary.port.to_string();
-    let Some(mut replica) = RedisServer::start(&["--replicaof", "127.0.0.1", &port]) else {
+    let Some(mut replica) =
+        OwnServer::start_with(Backend::Redis, &["--replicaof", "127.0.0.1", &port])
+    else {
         return;
     };
     // Wait until the replica is in sync.
@@ -69,7 +74,7 @@ async fn replicated_waits_for_the_replica_and_fails_without_it() {
     loop {
         let info: String = redis::cmd("INFO")
             .arg("replication")
-            .query(&mut replica.raw())
+            .query(&mut replica.redis())
             .unwrap();
         if info.contains("master_link_status:up") {
             break;

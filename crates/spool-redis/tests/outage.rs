@@ -1,7 +1,5 @@
 //! Redis going away and coming back empty, with a private `redis-server` per test.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -9,7 +7,7 @@ use spool_core::{NewMessage, Offset, StreamName};
 use spool_engine::{Engine, EngineError};
 use spool_redis::{RedisConfig, RedisEngine};
 
-use common::RedisServer;
+use spool_testkit::engines::{Backend, OwnServer};
 
 fn msg(s: &'static str) -> NewMessage {
     NewMessage {
@@ -22,7 +20,7 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_fails_fast_and_a_restart_without_data_is_a_new_epoch() {
-    let Some(mut server) = RedisServer::start(&[]) else {
+    let Some(mut server) = OwnServer::start(Backend::Redis) else {
         return;
     };
     let config = RedisConfig {
@@ -54,7 +52,7 @@ async fn an_outage_fails_fast_and_a_restart_without_data_is_a_new_epoch() {
     assert!(writer.ready().await.is_err());
     assert!(watcher.ready().await.is_err());
 
-    server.launch();
+    server.restart();
     let deadline = Instant::now() + Duration::from_secs(10);
     while writer.ready().await.is_err() {
         assert!(Instant::now() < deadline, "ready again after the restart");
@@ -95,7 +93,7 @@ async fn an_outage_fails_fast_and_a_restart_without_data_is_a_new_epoch() {
 
 #[tokio::test]
 async fn connect_fails_clearly_when_redis_is_unreachable() {
-    let port = common::free_port();
+    let port = spool_testkit::free_port();
     let config = RedisConfig {
         timeout: TIMEOUT,
         ..RedisConfig::new(format!("redis://127.0.0.1:{port}"))
@@ -111,10 +109,10 @@ async fn connect_fails_clearly_when_redis_is_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_an_engine_closes_its_connections() {
-    let Some(server) = RedisServer::start(&[]) else {
+    let Some(server) = OwnServer::start(Backend::Redis) else {
         return;
     };
-    let mut raw = server.raw();
+    let mut raw = server.redis();
     let clients = |raw: &mut redis::Connection| -> usize {
         let list: String = redis::cmd("CLIENT").arg("LIST").query(raw).unwrap();
         list.lines().count()
@@ -144,7 +142,7 @@ async fn dropping_an_engine_closes_its_connections() {
 /// coming back: its re-read fails, the others' notifications still wake their watchers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_watched_stream_does_not_stop_notifications_after_a_reconnect() {
-    let Some(server) = RedisServer::start(&[]) else {
+    let Some(server) = OwnServer::start(Backend::Redis) else {
         return;
     };
     let config = RedisConfig {
@@ -161,7 +159,7 @@ async fn a_corrupt_watched_stream_does_not_stop_notifications_after_a_reconnect(
         .unwrap()
         .stream(&bad)
         .meta;
-    let mut raw = server.raw();
+    let mut raw = server.redis();
     let _: () = redis::cmd("HSET")
         .arg(&meta)
         .arg("e")

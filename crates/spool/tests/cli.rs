@@ -14,7 +14,7 @@ use std::{
 use common::{API_KEY, Server};
 
 fn spool(server: &Server) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spool"));
+    let mut cmd = Command::new(common::spool_bin());
     cmd.env("SPOOL_SERVER", format!("http://{}", server.addr))
         .env("SPOOL_TOKEN", API_KEY)
         .env_remove("SPOOL_CONFIG");
@@ -285,7 +285,7 @@ fn bad_configuration_fails_at_startup_with_a_reason() {
         (vec!["--ws-outbound-messages", "0"], "must be at least 1"),
         (vec!["--ws-outbound-bytes", "1KiB"], "must be at least 4KiB"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+        let out = Command::new(common::spool_bin())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(&args)
             .output()

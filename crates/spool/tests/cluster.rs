@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::{
     API_KEY, Proxy, Server, WsPeer,
     engines::{Backend, Cluster, OwnServer},
-    follow::{Seen, subscribers},
+    follow::{gather, subscribers},
     refuses_to_start,
 };
 use serde_json::{Value, json};
@@ -96,19 +96,7 @@ async fn a_node_killed_under_load_loses_no_message(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    let mut totals = Seen::default();
-    let mut failures = Vec::new();
-    for (i, reader) in readers.into_iter().enumerate() {
-        let seen = reader.await.expect("reader");
-        if seen.last != TOTAL || !seen.problems.is_empty() {
-            failures.push(format!(
-                "subscriber {i}: last {}, {:?}",
-                seen.last, seen.problems
-            ));
-        }
-        totals.connects += seen.connects;
-        totals.resumed += seen.resumed;
-    }
+    let (totals, failures) = gather(readers, TOTAL).await;
     eprintln!(
         "{}: {SUBSCRIBERS} subscribers × {TOTAL} messages across a node kill in {:?}; {} connects ({} resumed)",
         backend.name(),

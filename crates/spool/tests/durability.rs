@@ -12,35 +12,8 @@ use std::{
     time::Duration,
 };
 
-use common::{API_KEY, Server, SseClient};
+use common::{API_KEY, Server, SseClient, TestRng};
 use serde_json::Value;
-
-/// A small xorshift generator: the crash moments vary per run, the seed is printed so a
-/// failure can be replayed with SPOOL_CRASH_SEED.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Self {
-        let seed = std::env::var("SPOOL_CRASH_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
-        eprintln!("crash test seed: SPOOL_CRASH_SEED={seed}");
-        Rng(seed)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 async fn read_all(s: &Server, stream: &str) -> (Vec<(u64, String)>, String) {
     let mut out = Vec::new();
@@ -85,7 +58,8 @@ async fn sigkill_under_load_loses_no_acked_message() {
     const PUBLISHERS: usize = 8;
     let dir = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", common::free_port());
-    let mut rng = Rng::new();
+    // The crash moments vary per run; the seed is printed, replay with SPOOL_CRASH_SEED.
+    let mut rng = TestRng::from_env("SPOOL_CRASH_SEED");
     let acked: Arc<Mutex<BTreeMap<u64, String>>> = Arc::default();
     let mut epoch: Option<String> = None;
     let mut seq = 0u64;
@@ -160,7 +134,7 @@ async fn sigkill_under_load_loses_no_acked_message() {
             }));
         }
         seq += 10_000_000;
-        tokio::time::sleep(Duration::from_millis(200 + rng.below(800))).await;
+        tokio::time::sleep(Duration::from_millis(200 + rng.range(0, 800))).await;
         s.kill();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         for t in tasks {
@@ -253,7 +227,7 @@ fn spool_tail_resumes_across_a_restart_without_a_reset() {
         .as_str()
         .unwrap()
         .to_owned();
-    let tail = Command::new(env!("CARGO_BIN_EXE_spool"))
+    let tail = Command::new(common::spool_bin())
         .args(["tail", "tailed", "--from-start", "--count", "3"])
         .env("SPOOL_SERVER", format!("http://{listen}"))
         .env("SPOOL_TOKEN", API_KEY)
@@ -334,7 +308,7 @@ fn a_corrupt_log_stops_the_server_until_repaired() {
     std::fs::write(&seg, bytes).unwrap();
 
     let serve = |extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_spool"))
+        Command::new(common::spool_bin())
             .args([
                 "serve",
                 "--listen",
@@ -362,7 +336,7 @@ fn a_corrupt_log_stops_the_server_until_repaired() {
     );
     assert!(stderr.contains("spool repair --data-dir"), "{stderr}");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+    let out = Command::new(common::spool_bin())
         .arg("repair")
         .arg("--data-dir")
         .arg(dir.path())

@@ -14,7 +14,7 @@ use common::{API_KEY, Server};
 use serde_json::Value;
 
 fn spool(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_spool"))
+    Command::new(common::spool_bin())
         .args(args)
         .arg("--data-dir")
         .arg(dir)
@@ -244,79 +244,6 @@ fn a_damaged_session_file_is_moved_aside_by_repair() {
     });
 }
 
-/// `spool serve` with its log kept, to check what it logged.
-struct Logged {
-    child: std::process::Child,
-    addr: String,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Logged {
-    fn start(engine: &[&str], extra: &[&str]) -> Logged {
-        use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(engine)
-            .args(["--api-key", API_KEY])
-            .args(extra)
-            .env("SPOOL_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn spool serve");
-        let stderr = child.stderr.take().unwrap();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if line.contains("listening")
-                    && let Some(rest) = line.split("addr=").nth(1)
-                {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let addr = rx
-            .recv_timeout(std::time::Duration::from_secs(20))
-            .expect("spool serve did not report its address");
-        Logged { child, addr, log }
-    }
-
-    fn logged(&self, what: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(what))
-    }
-
-    fn rss_bytes(&self) -> u64 {
-        common::rss_of(self.child.id())
-    }
-
-    async fn batch(&self, http: &reqwest::Client, messages: Vec<Value>) -> Vec<Value> {
-        let r = http
-            .post(format!("http://{}/v1/publish", self.addr))
-            .bearer_auth(API_KEY)
-            .json(&serde_json::json!({ "messages": messages }))
-            .send()
-            .await
-            .expect("batch publish");
-        let status = r.status();
-        let body: Value = r.json().await.expect("batch json");
-        assert!(status.is_success(), "batch answered {status}: {body}");
-        body["results"].as_array().expect("results").clone()
-    }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn publish_status(http: &reqwest::Client, addr: &str, body: String) -> u16 {
     http.post(format!("http://{addr}/v1/streams/rolls/messages"))
         .bearer_auth(API_KEY)
@@ -344,7 +271,8 @@ async fn ready(http: &reqwest::Client, addr: &str) -> u16 {
 fn a_segment_that_cannot_be_created_stops_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().to_str().unwrap();
-    let s = Logged::start(
+    let s = Server::spawn(
+        "127.0.0.1:0",
         &["--engine", "disk", "--data-dir", data_dir],
         &["--segment-size", "4096"],
     );
@@ -412,14 +340,14 @@ fn idempotency_keys_are_bounded_across_streams() {
     const KEYS: usize = 300_000;
     const BATCH: usize = 2_000;
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let s = Logged::start(
+    let s = Server::spawn(
+        "127.0.0.1:0",
         &["--engine", "memory"],
         &["--max-idempotency-keys", "20000", "--history-limit", "1"],
     );
     rt.block_on(async {
-        let http = reqwest::Client::new();
         let first = s
-            .batch(&http, vec![serde_json::json!({"stream": "keys-0", "data": "x", "idempotency_key": long_key(0)})])
+            .publish_batch(vec![serde_json::json!({"stream": "keys-0", "data": "x", "idempotency_key": long_key(0)})])
             .await;
         let before = s.rss_bytes();
         for start in (1..KEYS).step_by(BATCH) {
@@ -432,7 +360,7 @@ fn idempotency_keys_are_bounded_across_streams() {
                     })
                 })
                 .collect();
-            s.batch(&http, messages).await;
+            s.publish_batch(messages).await;
         }
         // Forgotten keys leave their streams at the next sweep (once a second).
         tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
@@ -451,8 +379,7 @@ fn idempotency_keys_are_bounded_across_streams() {
         // The newest keys still deduplicate; the oldest were forgotten and append again.
         let last = KEYS - 1;
         let again = s
-            .batch(
-                &http,
+            .publish_batch(
                 vec![
                     serde_json::json!({"stream": format!("keys-{}", last % 10), "data": "x", "idempotency_key": long_key(last)}),
                     serde_json::json!({"stream": "keys-0", "data": "x", "idempotency_key": long_key(0)}),

@@ -528,7 +528,7 @@ async fn a_connection_flood_cannot_exhaust_file_descriptors() {
     let addr = format!("127.0.0.1:{port}");
     let script = format!(
         "ulimit -n 512 && exec {} serve --listen {addr} --engine disk --data-dir {} --api-key {API_KEY} --segment-size 64KiB --header-timeout 60s",
-        env!("CARGO_BIN_EXE_spool"),
+        common::spool_bin().display(),
         dir.path().display()
     );
     let child = std::process::Command::new("sh")

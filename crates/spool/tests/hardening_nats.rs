@@ -10,15 +10,13 @@
 //!   with no gap and no reset (a lagging replica's state is never read as lost history), and
 //!   publishing recovers within a bound.
 //!
-//! The servers come from /usr/sbin/nats-server: without it the tests are skipped with a
-//! message, except under CI (`CI` set), where they fail.
+//! The servers are `nats-server` (found by `spool_testkit::engines::server_binary`): without
+//! it the tests are skipped with a message, except under CI (`CI` set), where they fail.
 
 mod common;
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -26,56 +24,51 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::engines::{Backend, OwnServer, server_binary};
 use common::{API_KEY, Server, SseClient, WsPeer, refuses_to_start};
 use serde_json::{Value, json};
 
-const NATS_SERVER: &str = "/usr/sbin/nats-server";
 const STREAM: &str = "load";
 
 /// Whether the NATS server binary is here (skips on a laptop without it, fails under CI).
 fn nats_installed() -> bool {
-    if std::path::Path::new(NATS_SERVER).exists() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{NATS_SERVER} is not installed; under CI this fails instead of skipping");
-    }
-    eprintln!("SKIPPED: {NATS_SERVER} is not installed");
-    false
+    server_binary("nats-server").is_some()
 }
 
-/// One server of a [`NatsCluster`].
-struct NatsNode {
-    name: String,
-    port: u16,
-    cluster_port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-/// Three clustered JetStream servers on spare loopback ports; killed when dropped.
+/// Three clustered JetStream servers on spare loopback ports, each with its store in a temp
+/// dir of its own; killed when dropped.
 struct NatsCluster {
-    root: tempfile::TempDir,
-    nodes: Vec<NatsNode>,
+    /// `(name, server)`, the name as the servers call themselves (`n1`…).
+    nodes: Vec<(String, OwnServer)>,
 }
 
 impl NatsCluster {
     fn start() -> NatsCluster {
-        let root = tempfile::tempdir().expect("temp dir");
+        let cluster_ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let nodes = (1..=3)
             .map(|i| {
-                let dir = root.path().join(format!("n{i}"));
-                std::fs::create_dir_all(&dir).expect("store dir");
-                NatsNode {
-                    name: format!("n{i}"),
-                    port: common::free_port(),
-                    cluster_port: common::free_port(),
-                    dir,
-                    child: None,
-                }
+                let name = format!("n{i}");
+                let cluster = format!("nats://127.0.0.1:{}", cluster_ports[i - 1]);
+                let args = [
+                    "--server_name",
+                    &name,
+                    "--cluster_name",
+                    "spool-test",
+                    "--cluster",
+                    &cluster,
+                    "--routes",
+                    &routes,
+                ];
+                let node = OwnServer::stopped(Backend::Nats, &args).expect("nats-server");
+                (name, node)
             })
             .collect();
-        let mut cluster = NatsCluster { root, nodes };
+        let mut cluster = NatsCluster { nodes };
         for i in 0..3 {
             cluster.start_node(i);
         }
@@ -83,7 +76,7 @@ impl NatsCluster {
     }
 
     fn url(&self, i: usize) -> String {
-        format!("nats://127.0.0.1:{}", self.nodes[i].port)
+        self.nodes[i].1.url()
     }
 
     /// Every server, comma-separated (as `--nats-url` takes them).
@@ -96,55 +89,20 @@ impl NatsCluster {
 
     /// Starts server `i` (again, on its port and store) and waits until it accepts clients.
     fn start_node(&mut self, i: usize) {
-        let routes = self
-            .nodes
-            .iter()
-            .map(|n| format!("nats://127.0.0.1:{}", n.cluster_port))
-            .collect::<Vec<_>>()
-            .join(",");
-        let node = &mut self.nodes[i];
-        assert!(node.child.is_none(), "{} is running", node.name);
-        let log = self.root.path().join(format!("{}.log", node.name));
-        let child = Command::new(NATS_SERVER)
-            .args(["-a", "127.0.0.1", "-p", &node.port.to_string(), "-js"])
-            .arg("-sd")
-            .arg(&node.dir)
-            .args(["--server_name", &node.name, "--cluster_name", "spool-test"])
-            .args([
-                "--cluster",
-                &format!("nats://127.0.0.1:{}", node.cluster_port),
-                "--routes",
-                &routes,
-            ])
-            .arg("-l")
-            .arg(&log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        node.child = Some(child);
-        let addr = format!("127.0.0.1:{}", node.port);
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(&addr).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("nats-server {} did not come up on {addr}", node.name);
+        let (name, node) = &mut self.nodes[i];
+        assert!(!node.running(), "{name} is running");
+        node.restart();
     }
 
     /// SIGKILL of server `i`.
     fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.nodes[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.nodes[i].1.kill();
     }
 
     fn index_of(&self, name: &str) -> usize {
         self.nodes
             .iter()
-            .position(|n| n.name == name)
+            .position(|(n, _)| n == name)
             .unwrap_or_else(|| panic!("no NATS server named {name:?}"))
     }
 
@@ -156,7 +114,7 @@ impl NatsCluster {
 
     async fn request(&self, subject: &str, body: Value, timeout: Duration) -> Option<Value> {
         let urls: Vec<String> = (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].child.is_some())
+            .filter(|&i| self.nodes[i].1.running())
             .map(|i| self.url(i))
             .collect();
         let options = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2));
@@ -214,14 +172,6 @@ impl NatsCluster {
                 "JetStream stream {name} had no leader within {within:?}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-impl Drop for NatsCluster {
-    fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            self.kill(i);
         }
     }
 }
@@ -700,13 +650,13 @@ async fn killing_the_stream_leader_loses_nothing_and_resets_no_subscriber() {
                 killed_at.elapsed() < RECOVERY + Duration::from_secs(5),
                 "round {round}: publishing did not recover within {:?} of killing the leader {}",
                 killed_at.elapsed(),
-                nats.nodes[leader].name
+                nats.nodes[leader].0
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         eprintln!(
             "round {round}: killed leader {}, publishing back after {:?}",
-            nats.nodes[leader].name,
+            nats.nodes[leader].0,
             killed_at.elapsed()
         );
         nats.start_node(leader);
@@ -803,7 +753,7 @@ async fn a_replica_answering_with_an_older_state_is_not_believed() {
     if !nats_installed() {
         return;
     }
-    let Some(own) = common::engines::OwnServer::start(common::engines::Backend::Nats) else {
+    let Some(own) = OwnServer::start(Backend::Nats) else {
         return;
     };
     let prefix = unique_prefix();

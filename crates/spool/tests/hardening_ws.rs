@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use common::engines::{Backend, OwnServer};
 use common::{API_KEY, Server, WsEnd, WsPeer, connect_with, free_port, jwt, now_secs};
 use futures::SinkExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -453,61 +454,6 @@ mod raw {
     }
 }
 
-/// A `redis-server` of the test's own on a spare port, killed when dropped.
-struct OwnRedis {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl OwnRedis {
-    /// Starts one, or `None` when `redis-server` is not installed.
-    async fn start() -> Option<OwnRedis> {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        let redis = OwnRedis {
-            child,
-            port,
-            _dir: dir,
-        };
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Some(redis);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("redis-server did not listen on port {port}");
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.signal("-CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The engine stalls (its Redis is stopped) while a client keeps sending 2 MB publishes and
 /// reads no ack: the server must stop reading at the in-flight bound instead of holding every
 /// publish it can read. (Any engine slower than the client shows it; a stopped Redis is one
@@ -515,11 +461,10 @@ impl Drop for OwnRedis {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_waiting_for_acks_are_bounded_in_bytes() {
     use tokio::io::AsyncWriteExt;
-    let Some(redis) = OwnRedis::start().await else {
-        eprintln!("skipped: redis-server is not installed");
+    let Some(redis) = OwnServer::start(Backend::Redis) else {
         return;
     };
-    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let url = redis.url();
     let server = Server::spawn(
         "127.0.0.1:0",
         &["--engine", "redis", "--redis-url", &url],

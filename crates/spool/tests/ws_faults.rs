@@ -14,7 +14,7 @@ use std::{
 
 use common::{
     Proxy, Server, TestRng,
-    follow::{Seen, subscribers},
+    follow::{gather, subscribers},
 };
 use serde_json::json;
 
@@ -71,20 +71,7 @@ async fn fifty_subscribers_behind_a_flaky_network_get_every_message_once_in_orde
     stop.store(true, Ordering::Relaxed);
     chaos.await.unwrap();
 
-    let mut totals = Seen::default();
-    let mut failures = Vec::new();
-    for (i, reader) in readers.into_iter().enumerate() {
-        let seen = reader.await.unwrap();
-        if seen.last != MESSAGES || !seen.problems.is_empty() {
-            failures.push(format!(
-                "subscriber {i}: last offset {}, {:?}",
-                seen.last, seen.problems
-            ));
-        }
-        totals.connects += seen.connects;
-        totals.resumed += seen.resumed;
-        totals.disconnects += seen.disconnects;
-    }
+    let (totals, failures) = gather(readers, MESSAGES).await;
     eprintln!(
         "{SUBSCRIBERS} subscribers × {MESSAGES} messages: published in {published:?}, all done in {:?}; \
          {} connections cut, {} disconnects seen, {} connects ({} resumed)",

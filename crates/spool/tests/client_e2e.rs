@@ -1,208 +1,19 @@
-//! The client against the real server: `spool serve` (the memory engine) started as a child
-//! process, reached through a TCP proxy the tests can cut or freeze to make the client
-//! reconnect. The `spool` binary is built on demand (`cargo build -p spool`).
+//! Spool's Rust client (`spool-client`) against the real server: `spool serve` (the memory
+//! engine) started by the test kit, reached through its fault proxy, which the tests cut,
+//! freeze or deafen to make the client reconnect.
 
-use std::{
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::{
-        Arc, OnceLock,
-        atomic::{AtomicBool, AtomicU8, Ordering},
-        mpsc as std_mpsc,
-    },
-    time::Duration,
-};
+mod common;
 
+use std::time::Duration;
+
+use common::{API_KEY, Proxy, Server};
 use spool_client::{Client, Config, Error, ErrorCode, Event, Message, Outgoing, Start};
-use tokio::{
-    io::copy_bidirectional,
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
 
-const API_KEY: &str = "test-api-key";
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A running `spool serve`; killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let mut child = Command::new(spool_binary())
-            .args(["serve", "--listen", "127.0.0.1:0", "--engine", "memory"])
-            .args(["--api-key", API_KEY])
-            .args(extra)
-            .env("SPOOL_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn spool serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std_mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var_os("SPOOL_TEST_LOGS").is_some() {
-                    eprintln!("[server] {line}");
-                }
-                if let Some(rest) = line.split("addr=").nth(1)
-                    && line.contains("listening")
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("spool serve did not report its address");
-            }
-        };
-        Server { child, addr }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}/v1/ws", self.addr)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `target/debug/spool`, built once per test run.
-fn spool_binary() -> PathBuf {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .current_dir(&root)
-                .args(["build", "-p", "spool", "--bin", "spool"])
-                .status()
-                .expect("run cargo build -p spool");
-            assert!(status.success(), "cargo build -p spool failed");
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
-            target.join("debug").join("spool")
-        })
-        .clone()
-}
-
-/// A TCP proxy in front of the server: [`Proxy::cut`] closes every connection through it,
-/// [`Proxy::freeze`] leaves them open but silent (a dead peer), [`Proxy::deafen`] loses
-/// what the server sends, [`Proxy::refuse`] turns new connections away.
-struct Proxy {
-    addr: String,
-    generation: watch::Sender<u64>,
-    mode: Arc<AtomicU8>,
-    refusing: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// What connections through the proxy do after a change.
-const CUT: u8 = 0;
-const FROZEN: u8 = 1;
-const DEAF: u8 = 2;
-
-impl Proxy {
-    async fn start(upstream: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let (generation, _) = watch::channel(0u64);
-        let mode = Arc::new(AtomicU8::new(CUT));
-        let refusing = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn({
-            let generation = generation.clone();
-            let mode = mode.clone();
-            let refusing = refusing.clone();
-            async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    if refusing.load(Ordering::SeqCst) {
-                        continue; // dropped: the client sees the connection close
-                    }
-                    let mut changed = generation.subscribe();
-                    let mode = mode.clone();
-                    let upstream = upstream.clone();
-                    tokio::spawn(async move {
-                        let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
-                            return;
-                        };
-                        tokio::select! {
-                            _ = copy_bidirectional(&mut inbound, &mut outbound) => return,
-                            _ = changed.changed() => {}
-                        }
-                        match mode.load(Ordering::SeqCst) {
-                            // Keep both sockets open, forward nothing, until the next change.
-                            FROZEN => {
-                                let _ = changed.changed().await;
-                            }
-                            // Forward only what the client sends, until the next change.
-                            DEAF => {
-                                let (mut from_client, _to_client) = inbound.split();
-                                let (_from_server, mut to_server) = outbound.split();
-                                tokio::select! {
-                                    _ = tokio::io::copy(&mut from_client, &mut to_server) => {}
-                                    _ = changed.changed() => {}
-                                }
-                            }
-                            _ => {}
-                        }
-                    });
-                }
-            }
-        });
-        Proxy {
-            addr,
-            generation,
-            mode,
-            refusing,
-            task,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}/v1/ws", self.addr)
-    }
-
-    fn change(&self, mode: u8) {
-        self.mode.store(mode, Ordering::SeqCst);
-        self.generation.send_modify(|g| *g += 1);
-    }
-
-    fn cut(&self) {
-        self.change(CUT);
-    }
-
-    fn freeze(&self) {
-        self.change(FROZEN);
-    }
-
-    /// The server's frames (acks included) are lost; the client's still arrive.
-    fn deafen(&self) {
-        self.change(DEAF);
-    }
-
-    fn refuse(&self, refusing: bool) {
-        self.refusing.store(refusing, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// The WebSocket endpoint of a server or proxy at `addr`.
+fn ws_url(addr: &str) -> String {
+    format!("ws://{addr}/v1/ws")
 }
 
 fn config(url: String) -> Config {
@@ -272,7 +83,7 @@ async fn publish_all(client: &Client, stream: &str, texts: &[&str]) {
 #[tokio::test]
 async fn subscribe_publish_receive() {
     let server = Server::start(&[]);
-    let client = Client::connect(config(server.url())).await.unwrap();
+    let client = Client::connect(config(ws_url(&server.addr))).await.unwrap();
     let Event::Connected { resumed, .. } = next_event(&client).await else {
         panic!("the first event is Connected");
     };
@@ -358,7 +169,7 @@ async fn subscribe_publish_receive() {
 #[tokio::test]
 async fn bad_credentials_fail_the_connect() {
     let server = Server::start(&[]);
-    let err = Client::connect(Config::new(server.url()).token("wrong"))
+    let err = Client::connect(Config::new(ws_url(&server.addr)).token("wrong"))
         .await
         .unwrap_err();
     assert!(
@@ -373,9 +184,9 @@ async fn bad_credentials_fail_the_connect() {
 #[tokio::test]
 async fn a_cut_connection_resumes_its_session_without_gaps_or_duplicates() {
     let server = Server::start(&[]);
-    let proxy = Proxy::start(server.addr.clone()).await;
-    let publisher = Client::connect(config(server.url())).await.unwrap();
-    let client = Client::connect(config(proxy.url())).await.unwrap();
+    let proxy = Proxy::start(&server.addr).await;
+    let publisher = Client::connect(config(ws_url(&server.addr))).await.unwrap();
+    let client = Client::connect(config(ws_url(&proxy.addr))).await.unwrap();
     let Event::Connected { session, .. } = next_event(&client).await else {
         panic!("the first event is Connected");
     };
@@ -384,7 +195,7 @@ async fn a_cut_connection_resumes_its_session_without_gaps_or_duplicates() {
     assert_eq!(texts(&messages(&client, 2).await), ["a", "b"]);
 
     proxy.refuse(true);
-    proxy.cut();
+    proxy.cut_all();
     until(&client, |e| matches!(e, Event::Disconnected { .. })).await;
     // Published while the client is away.
     publish_all(&publisher, "room", &["c", "d"]).await;
@@ -425,9 +236,11 @@ async fn an_expired_session_without_credentials_falls_back_to_a_fresh_connect() 
 
 async fn expired_session(extra: &[&str], config_for: impl Fn(String) -> Config) {
     let server = Server::start(&[&["--session-ttl", "1s"], extra].concat());
-    let proxy = Proxy::start(server.addr.clone()).await;
-    let publisher = Client::connect(config(server.url())).await.unwrap();
-    let client = Client::connect(config_for(proxy.url())).await.unwrap();
+    let proxy = Proxy::start(&server.addr).await;
+    let publisher = Client::connect(config(ws_url(&server.addr))).await.unwrap();
+    let client = Client::connect(config_for(ws_url(&proxy.addr)))
+        .await
+        .unwrap();
     let Event::Connected { session, .. } = next_event(&client).await else {
         panic!("the first event is Connected");
     };
@@ -439,7 +252,7 @@ async fn expired_session(extra: &[&str], config_for: impl Fn(String) -> Config) 
     assert_eq!(got.len(), 2);
 
     proxy.refuse(true);
-    proxy.cut();
+    proxy.cut_all();
     until(&client, |e| matches!(e, Event::Disconnected { .. })).await;
     publish_all(&publisher, "s1", &["1b"]).await;
     publish_all(&publisher, "s2", &["2b"]).await;
@@ -471,9 +284,9 @@ async fn expired_session(extra: &[&str], config_for: impl Fn(String) -> Config) 
 #[tokio::test]
 async fn a_silent_server_is_detected_and_left() {
     let server = Server::start(&["--ws-ping-interval", "300ms"]);
-    let proxy = Proxy::start(server.addr.clone()).await;
-    let publisher = Client::connect(config(server.url())).await.unwrap();
-    let client = Client::connect(config(proxy.url())).await.unwrap();
+    let proxy = Proxy::start(&server.addr).await;
+    let publisher = Client::connect(config(ws_url(&server.addr))).await.unwrap();
+    let client = Client::connect(config(ws_url(&proxy.addr))).await.unwrap();
     next_event(&client).await;
     client.subscribe("quiet", Start::Now).await.unwrap();
 
@@ -495,8 +308,8 @@ async fn a_silent_server_is_detected_and_left() {
 #[tokio::test]
 async fn publishes_cut_off_by_a_disconnect_are_sent_again_after_the_reconnect() {
     let server = Server::start(&[]);
-    let proxy = Proxy::start(server.addr.clone()).await;
-    let client = Client::connect(config(proxy.url())).await.unwrap();
+    let proxy = Proxy::start(&server.addr).await;
+    let client = Client::connect(config(ws_url(&proxy.addr))).await.unwrap();
     next_event(&client).await;
     client.subscribe("orders", Start::Now).await.unwrap();
 
@@ -512,7 +325,7 @@ async fn publishes_cut_off_by_a_disconnect_are_sent_again_after_the_reconnect() 
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.cut();
+    proxy.cut_all();
 
     let acks = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap();
     let mut acked: Vec<u64> = acks
@@ -530,13 +343,13 @@ async fn publishes_cut_off_by_a_disconnect_are_sent_again_after_the_reconnect() 
 #[tokio::test]
 async fn a_refresh_is_answered_and_the_session_resumes_after_it() {
     let server = Server::start(&["--api-key", "second-key"]);
-    let proxy = Proxy::start(server.addr.clone()).await;
-    let client = Client::connect(config(proxy.url())).await.unwrap();
+    let proxy = Proxy::start(&server.addr).await;
+    let client = Client::connect(config(ws_url(&proxy.addr))).await.unwrap();
     next_event(&client).await;
     let err = client.refresh("wrong").await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::InvalidToken), "{err}");
     client.refresh("second-key").await.unwrap();
-    proxy.cut();
+    proxy.cut_all();
     let Event::Connected { resumed, .. } =
         until(&client, |e| matches!(e, Event::Connected { .. })).await
     else {
@@ -549,8 +362,8 @@ async fn a_refresh_is_answered_and_the_session_resumes_after_it() {
 #[tokio::test]
 async fn publishes_whose_acks_were_lost_are_retried_without_duplicates() {
     let server = Server::start(&[]);
-    let proxy = Proxy::start(server.addr.clone()).await;
-    let client = Client::connect(config(proxy.url())).await.unwrap();
+    let proxy = Proxy::start(&server.addr).await;
+    let client = Client::connect(config(ws_url(&proxy.addr))).await.unwrap();
     next_event(&client).await;
     client.subscribe("payments", Start::Now).await.unwrap();
 
@@ -566,7 +379,7 @@ async fn publishes_whose_acks_were_lost_are_retried_without_duplicates() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy.cut();
+    proxy.cut_all();
 
     let acks = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap();
     let mut acked = Vec::new();

@@ -40,6 +40,30 @@ pub struct Seen {
     pub problems: Vec<String>,
 }
 
+/// Waits for every subscriber of [`subscribers`]; returns what they saw in total (connects,
+/// resumes, disconnects) and a line for each that did not see every message up to offset
+/// `total` in order, or saw a problem.
+pub async fn gather(
+    readers: Vec<tokio::task::JoinHandle<Seen>>,
+    total: u64,
+) -> (Seen, Vec<String>) {
+    let mut totals = Seen::default();
+    let mut failures = Vec::new();
+    for (i, reader) in readers.into_iter().enumerate() {
+        let seen = reader.await.expect("subscriber task");
+        if seen.last != total || !seen.problems.is_empty() {
+            failures.push(format!(
+                "subscriber {i}: last offset {}, {:?}",
+                seen.last, seen.problems
+            ));
+        }
+        totals.connects += seen.connects;
+        totals.resumed += seen.resumed;
+        totals.disconnects += seen.disconnects;
+    }
+    (totals, failures)
+}
+
 /// Reads the client's events until offset `total` arrived (or `deadline` passed), checking
 /// each message on the way: the next offset in turn, with its own payload.
 pub async fn follow(client: Client, total: u64, deadline: tokio::time::Instant) -> Seen {

@@ -11,7 +11,9 @@
 
 use std::time::Duration;
 
-use super::Server;
+use std::path::PathBuf;
+
+use crate::Server;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -37,10 +39,10 @@ pub fn nats_url() -> String {
 }
 
 /// `host:port` of a `scheme://host:port` URL.
-fn host_port(url: &str) -> String {
+pub fn host_port(url: &str) -> String {
     let rest = url.split("://").nth(1).unwrap_or(url);
     let rest = rest.rsplit('@').next().unwrap_or(rest);
-    rest.split('/').next().unwrap_or(rest).to_owned()
+    rest.split([',', '/']).next().unwrap_or(rest).to_owned()
 }
 
 impl Backend {
@@ -204,7 +206,7 @@ impl Drop for Cluster {
 }
 
 /// Deletes every key of a test's Redis prefix (best effort: a leftover only costs memory).
-fn delete_redis_prefix(url: &str, prefix: &str) {
+pub fn delete_redis_prefix(url: &str, prefix: &str) {
     let Ok(client) = redis::Client::open(url) else {
         return;
     };
@@ -220,78 +222,130 @@ fn delete_redis_prefix(url: &str, prefix: &str) {
     }
 }
 
-/// Deletes every JetStream stream and KV bucket of a test's NATS prefix (best effort).
-fn delete_nats_prefix(url: &str, prefix: &str) {
+/// Deletes every JetStream stream and KV bucket of a test's NATS prefix (best effort). Runs
+/// on a thread with a runtime of its own, so it works inside and outside a runtime (in Drop).
+pub fn delete_nats_prefix(url: &str, prefix: &str) {
     let (url, prefix) = (url.to_owned(), prefix.to_owned());
-    let run = async move {
-        use futures::StreamExt;
-        let Ok(client) = async_nats::connect(url).await else {
-            return;
-        };
-        let js = async_nats::jetstream::new(client);
-        let mut names = js.stream_names();
-        let mut doomed = Vec::new();
-        while let Some(Ok(name)) = names.next().await {
-            // Streams of the prefix (`PREFIX_…`) and its KV buckets (`KV_PREFIX_…`).
-            if name.starts_with(&format!("{prefix}_")) || name.starts_with(&format!("KV_{prefix}_"))
-            {
-                doomed.push(name);
-            }
-        }
-        for name in doomed {
-            let _ = js.delete_stream(&name).await;
-        }
-    };
-    // Drop may run inside or outside a runtime: use a thread with its own.
     let _ = std::thread::spawn(move || {
         if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
         {
+            // Streams of the prefix (`PREFIX_…`) and its KV buckets (`KV_PREFIX_…`).
+            let run = delete_nats_streams(&url, |name| {
+                name.starts_with(&format!("{prefix}_"))
+                    || name.starts_with(&format!("KV_{prefix}_"))
+            });
             let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), run).await });
         }
     })
     .join();
 }
 
-/// A Redis or NATS server of a test's own on a spare loopback port, to stop and restart
-/// mid-test (the shared ones must stay up for the other tests). Killed when dropped.
+/// Deletes the JetStream streams (KV buckets included: `KV_…`) at `url` whose name `matches`.
+pub async fn delete_nats_streams(url: &str, matches: impl Fn(&str) -> bool) {
+    use futures::StreamExt;
+    let Ok(client) = async_nats::connect(url).await else {
+        eprintln!("cleanup: cannot connect to {url}");
+        return;
+    };
+    let js = async_nats::jetstream::new(client);
+    let names: Vec<String> = js
+        .stream_names()
+        .filter_map(|n| async move { n.ok() })
+        .collect()
+        .await;
+    for name in names.into_iter().filter(|n| matches(n)) {
+        if let Err(e) = js.delete_stream(&name).await {
+            eprintln!("cleanup: cannot delete {name}: {e}");
+        }
+    }
+}
+
+/// The shared Redis if it is up (its URL), else `None`: skip on a laptop, fail under CI.
+pub fn shared_redis() -> Option<String> {
+    Backend::Redis.available().then(redis_url)
+}
+
+/// The shared NATS if it is up (its URL), else `None`: skip on a laptop, fail under CI.
+pub fn shared_nats() -> Option<String> {
+    Backend::Nats.available().then(nats_url)
+}
+
+/// The `redis-server` / `nats-server` binary: the first on `PATH`, else in the usual system
+/// directories (`/usr/sbin` is not on every user's `PATH`). When it is not installed the test
+/// is skipped with a message (`None`), except under CI (`CI` set), where it fails.
+pub fn server_binary(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let system = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"].map(PathBuf::from);
+    let found = std::env::split_paths(&path)
+        .chain(system)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("{name} is not installed; under CI this fails instead of skipping");
+        }
+        eprintln!("SKIPPED: {name} is not installed");
+    }
+    found
+}
+
+/// A Redis or NATS server of a test's own on a spare loopback port, to stop, freeze and
+/// restart mid-test (the shared ones must stay up for the other tests). Killed when dropped.
 pub struct OwnServer {
     pub port: u16,
+    /// Its data (Redis `--dir`, NATS `-sd`).
     pub dir: tempfile::TempDir,
     kind: Backend,
+    binary: PathBuf,
+    args: Vec<String>,
     child: Option<std::process::Child>,
 }
 
 impl OwnServer {
-    /// Starts one for `kind` (Redis or NATS), or `None` with a message when its binary is not
-    /// installed.
+    /// Starts one for `kind` (Redis or NATS), or `None` (see [`server_binary`]).
     pub fn start(kind: Backend) -> Option<OwnServer> {
-        let binary = match kind {
-            Backend::Redis => "/usr/bin/redis-server",
-            Backend::Nats => "/usr/sbin/nats-server",
-            _ => panic!("no own server for the {} engine", kind.name()),
-        };
-        if !std::path::Path::new(binary).exists() {
-            eprintln!("SKIPPED: {binary} is not installed");
-            return None;
-        }
-        let mut server = OwnServer {
-            port: super::free_port(),
-            dir: tempfile::tempdir().expect("temp dir"),
-            kind,
-            child: None,
-        };
+        Self::start_with(kind, &[])
+    }
+
+    /// Like [`OwnServer::start`], with `args` after the defaults (Redis: no persistence unless
+    /// `args` turn it on; NATS: JetStream).
+    pub fn start_with(kind: Backend, args: &[&str]) -> Option<OwnServer> {
+        let mut server = Self::stopped(kind, args)?;
         server.restart();
         Some(server)
     }
 
-    /// The engine flags that point a node at this server.
+    /// One that is not started yet (its port and dir are chosen): [`OwnServer::restart`]
+    /// starts it.
+    pub fn stopped(kind: Backend, args: &[&str]) -> Option<OwnServer> {
+        let name = match kind {
+            Backend::Redis => "redis-server",
+            Backend::Nats => "nats-server",
+            _ => panic!("no own server for the {} engine", kind.name()),
+        };
+        Some(OwnServer {
+            port: crate::free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            kind,
+            binary: server_binary(name)?,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        })
+    }
+
+    /// The URL a client or a node uses to reach this server.
     pub fn url(&self) -> String {
         match self.kind {
             Backend::Redis => format!("redis://127.0.0.1:{}", self.port),
             _ => format!("nats://127.0.0.1:{}", self.port),
         }
+    }
+
+    /// Whether it is running (started and not killed).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// SIGKILL.
@@ -302,51 +356,76 @@ impl OwnServer {
         }
     }
 
+    /// Sends `signal` (e.g. `-STOP`, `-CONT`) to the running server.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the server is running");
+        let status = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// A plain connection to this Redis, for poking at it directly.
+    pub fn redis(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            .expect("a connection to the test's own Redis")
+    }
+
     /// Starts it (again) on the same port and data dir, and waits until it accepts connections.
-    /// Redis runs without persistence, so a restarted Redis has lost everything; NATS keeps
-    /// its JetStream store in the dir unless [`OwnServer::wipe`] emptied it.
+    /// Redis runs without persistence (unless its args say otherwise), so a restarted Redis has
+    /// lost everything; NATS keeps its JetStream store in the dir unless [`OwnServer::wipe`]
+    /// emptied it.
     pub fn restart(&mut self) {
         self.kill();
         let port = self.port.to_string();
         let dir = self.dir.path().display().to_string();
-        let mut cmd = match self.kind {
-            Backend::Redis => {
-                let mut c = std::process::Command::new("/usr/bin/redis-server");
-                c.args([
-                    "--port",
-                    &port,
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .args(["--dir", &dir]);
-                c
-            }
-            _ => {
-                let mut c = std::process::Command::new("/usr/sbin/nats-server");
-                c.args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd", &dir]);
-                c
-            }
+        let mut cmd = std::process::Command::new(&self.binary);
+        match self.kind {
+            Backend::Redis => cmd.args(["--port", &port, "--bind", "127.0.0.1"]).args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir,
+            ]),
+            _ => cmd.args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd", &dir]),
         };
         let child = cmd
+            .args(&self.args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start the test's own engine server");
         self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let addr = format!("127.0.0.1:{port}");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(&addr).is_ok() {
-                // NATS accepts before JetStream is ready; give it a moment.
-                std::thread::sleep(Duration::from_millis(200));
-                return;
-            }
+        while !self.answers(&addr) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "own {} server on {addr} did not come up within 10 s",
+                self.kind.name()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("own {} server on {addr} did not come up", self.kind.name());
+        if self.kind == Backend::Nats {
+            // NATS accepts before JetStream is ready; give it a moment.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Whether the server at `addr` answers: a PING for Redis (it accepts while loading its
+    /// data), a connection for NATS.
+    fn answers(&self, addr: &str) -> bool {
+        match self.kind {
+            Backend::Redis => redis::Client::open(self.url())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_ok(),
+            _ => std::net::TcpStream::connect(addr).is_ok(),
+        }
     }
 
     /// Deletes everything the server stored (it must be stopped).
@@ -371,6 +450,6 @@ impl OwnServer {
 
 impl Drop for OwnServer {
     fn drop(&mut self) {
-        self.kill();
+        self.kill(); // SIGKILL ends a stopped (`-STOP`) one too
     }
 }
