@@ -866,6 +866,12 @@ impl Connection {
                 encode(&ServerFrame::Ping(proto::Ping {})).into(),
             ))
             .map_err(End::from)?;
+        if self.principal.is_none() {
+            // Before `connect` only the protocol's own ping counts: a WebSocket library
+            // answers control pings by itself, which would keep a peer that never speaks
+            // the protocol open until the connect timeout.
+            return Ok(());
+        }
         self.out
             .try_send(WsMessage::Ping(Default::default()))
             .map_err(End::from)
