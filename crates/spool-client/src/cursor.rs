@@ -64,12 +64,9 @@ impl Cursor {
     /// The `after` of a `subscribe` frame that re-creates this subscription: the cursor if
     /// known, else what the application originally asked for.
     pub(crate) fn after(&self, start: &Start) -> String {
-        match (&self.0, start) {
-            (Some(p), _) => p.to_string(),
-            (None, Start::After(p)) => p.to_string(),
-            (None, Start::Oldest) => "oldest".into(),
-            (None, Start::Latest) => "latest".into(),
-            (None, Start::Now) => "now".into(),
+        match &self.0 {
+            Some(p) => p.to_string(),
+            None => start.to_string(),
         }
     }
 }

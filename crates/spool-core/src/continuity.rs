@@ -6,9 +6,9 @@
 //! long-poll, WebSocket, the CLI — and every re-check during a live subscription goes through
 //! this function, so "no silent gap" is decided in exactly one place.
 
-use std::fmt;
+use std::{fmt, str::FromStr};
 
-use crate::position::{Epoch, Offset, Position};
+use crate::position::{Epoch, InvalidPosition, Offset, Position};
 
 /// Where a reader asks to start.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +21,33 @@ pub enum Start {
     Latest,
     /// From the head: only messages published from now on.
     Now,
+}
+
+/// The text form every transport and the CLI use: `EPOCH:OFFSET`, `oldest`, `latest` or
+/// `now`. [`FromStr`] reads it back.
+impl fmt::Display for Start {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Start::After(p) => fmt::Display::fmt(p, f),
+            Start::Oldest => f.write_str("oldest"),
+            Start::Latest => f.write_str("latest"),
+            Start::Now => f.write_str("now"),
+        }
+    }
+}
+
+/// Reads `oldest`, `latest`, `now` or a position `EPOCH:OFFSET`; the error says what is wrong
+/// with the text as a position (callers add that the keywords are accepted too).
+impl FromStr for Start {
+    type Err = InvalidPosition;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "oldest" => Ok(Start::Oldest),
+            "latest" => Ok(Start::Latest),
+            "now" => Ok(Start::Now),
+            _ => s.parse().map(Start::After),
+        }
+    }
 }
 
 /// A consistent snapshot of a stream's bounds, taken by an engine in one step.
@@ -133,6 +160,36 @@ pub fn decide(start: &Start, state: &StreamState) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_text_round_trips() {
+        for text in [
+            "oldest",
+            "latest",
+            "now",
+            "e1:0",
+            "e1:42",
+            "aB9-_x:18446744073709551615",
+        ] {
+            let start: Start = text.parse().unwrap();
+            assert_eq!(start.to_string(), text);
+        }
+        assert_eq!("oldest".parse::<Start>().unwrap(), Start::Oldest);
+        assert_eq!("latest".parse::<Start>().unwrap(), Start::Latest);
+        assert_eq!("now".parse::<Start>().unwrap(), Start::Now);
+        assert_eq!(
+            "e1:7".parse::<Start>().unwrap(),
+            Start::After(Position::new(Epoch::parse("e1").unwrap(), Offset(7)))
+        );
+    }
+
+    #[test]
+    fn bad_start_text_is_a_position_error() {
+        for bad in ["", "garbage", "Oldest", "NOW", "e1:", "e1:x", ":3", "e1:-1"] {
+            let err = bad.parse::<Start>().unwrap_err();
+            assert_eq!(Some(err), bad.parse::<Position>().err(), "{bad:?}");
+        }
+    }
 
     fn state(head: u64, oldest: u64) -> StreamState {
         StreamState {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use spool_core::{Position, Start};
+use spool_core::Start;
 
 use crate::error::{ApiError, ApiResult};
 
@@ -69,15 +69,8 @@ impl QueryParams {
 
 /// Parses one start: `EPOCH:OFFSET`, `oldest`, `latest` or `now`.
 pub fn parse_start(what: &str, s: &str) -> ApiResult<Start> {
-    match s {
-        "oldest" => Ok(Start::Oldest),
-        "latest" => Ok(Start::Latest),
-        "now" => Ok(Start::Now),
-        _ => s
-            .parse::<Position>()
-            .map(Start::After)
-            .map_err(|e| ApiError::invalid_position(what, e)),
-    }
+    s.parse::<Start>()
+        .map_err(|e| ApiError::invalid_position(what, e))
 }
 
 #[cfg(test)]

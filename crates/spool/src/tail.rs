@@ -142,17 +142,10 @@ async fn follow(
 
 /// `--after`: a position or a keyword, checked here so every transport says the same.
 fn parse_start(after: &str) -> anyhow::Result<Start> {
-    Ok(match after {
-        "oldest" => Start::Oldest,
-        "latest" => Start::Latest,
-        "now" => Start::Now,
-        _ => match after.parse::<Position>() {
-            Ok(position) => Start::After(position),
-            Err(e) => {
-                bail!("invalid_position: --after {after:?}: {e}; or give oldest, latest or now")
-            }
-        },
-    })
+    match after.parse::<Start>() {
+        Ok(start) => Ok(start),
+        Err(e) => bail!("invalid_position: --after {after:?}: {e}; or give oldest, latest or now"),
+    }
 }
 
 /// The stream's head and oldest retained offset now (`GET /v1/streams/STREAM`); `None` for

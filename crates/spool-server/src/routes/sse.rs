@@ -216,7 +216,7 @@ async fn open(
             }
             Err(EngineError::Unavailable(e)) => {
                 tracing::info!(stream = %stream, error = %e, "engine unavailable: the SSE subscription opens once it is back");
-                cursors.push(start_text(&start));
+                cursors.push(start.to_string());
                 Pending::Closed(stream.clone(), start)
             }
             Err(e) => return Err(e.into()),
@@ -343,17 +343,6 @@ fn subscription_events(index: usize, pending: Pending, reader: Reader) -> Tagged
         }
     })
     .boxed()
-}
-
-/// A start as a position list entry (`Last-Event-ID` of the multi-stream form): the position,
-/// or the keyword, which `parse_start` reads back.
-fn start_text(start: &Start) -> String {
-    match start {
-        Start::After(p) => p.to_string(),
-        Start::Oldest => "oldest".into(),
-        Start::Latest => "latest".into(),
-        Start::Now => "now".into(),
-    }
 }
 
 /// The state of one SSE connection: its subscriptions and the position of each.

@@ -21,12 +21,7 @@ pub(super) async fn run(
     start: &Start,
     printer: &mut Printer,
 ) -> anyhow::Result<()> {
-    let mut after = match start {
-        Start::After(p) => p.to_string(),
-        Start::Oldest => "oldest".to_owned(),
-        Start::Latest => "latest".to_owned(),
-        Start::Now => "now".to_owned(),
-    };
+    let mut after = start.to_string();
     let mut backoff = Backoff::new();
     let url = client.url(&["v1", "streams", &args.stream, "messages"]);
     let wait = if args.no_follow { 0 } else { POLL_WAIT_SECS };

@@ -36,13 +36,11 @@ pub(super) async fn run(
     let mut last_event_id: Option<String> = None;
     let mut last_printed: Option<(String, u64)> = None;
     let after = match start {
-        Start::After(p) => p.to_string(),
-        Start::Oldest => "oldest".to_owned(),
-        Start::Latest => "latest".to_owned(),
         // An SSE stream names no position until its first event; should the connection
         // drop before one, reconnecting with `now` would lose what was published meanwhile.
         // So `now` is pinned to the head first.
         Start::Now => head_position(client, &args.stream).await?,
+        _ => start.to_string(),
     };
     loop {
         let mut request = client
