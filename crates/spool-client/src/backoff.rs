@@ -3,6 +3,24 @@
 //! Attempt `n` waits a uniformly random time in `[0, min(max, min_delay × 2ⁿ)]` ("full
 //! jitter"), so thousands of clients dropped by one server restart do not come back in
 //! lockstep. A successful connect resets the attempt count.
+//!
+//! The WebSocket [`Client`](crate::Client) uses it for its reconnects; the HTTP readers and
+//! `spool tail` use the same one.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use spool_client::Backoff;
+//!
+//! # async fn try_once() -> Result<(), ()> { Ok(()) }
+//! # async fn demo() {
+//! let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+//! while try_once().await.is_err() {
+//!     eprintln!("failed; retrying in at most {:?}", backoff.ceiling());
+//!     backoff.wait().await;
+//! }
+//! backoff.reset();
+//! # }
+//! ```
 
 use std::time::Duration;
 
@@ -10,7 +28,7 @@ use rand::RngExt;
 
 /// The delay before each reconnect attempt.
 #[derive(Clone, Debug)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     min: Duration,
     max: Duration,
     attempt: u32,
@@ -18,7 +36,7 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     /// `min` is the ceiling of the first delay, `max` the ceiling of every delay.
-    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+    pub fn new(min: Duration, max: Duration) -> Self {
         Self {
             min,
             max: max.max(min),
@@ -27,22 +45,27 @@ impl Backoff {
     }
 
     /// The longest the next delay may be.
-    pub(crate) fn ceiling(&self) -> Duration {
+    pub fn ceiling(&self) -> Duration {
         // 2^31 × anything useful is past any sensible max, so the shift never overflows.
         let factor = 1u32 << self.attempt.min(31);
         self.min.saturating_mul(factor).min(self.max)
     }
 
     /// The delay before the next attempt (random, at most [`Backoff::ceiling`]); counts it.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.attempt = self.attempt.saturating_add(1);
         let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
         Duration::from_nanos(rand::rng().random_range(0..=nanos))
     }
 
+    /// Sleeps for [`Backoff::next_delay`].
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next_delay()).await;
+    }
+
     /// Forgets past failures: the next delay is short again.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.attempt = 0;
     }
 }

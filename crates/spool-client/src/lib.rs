@@ -49,7 +49,7 @@
 //! and when [`Client::next_event`] is not called the client stops reading the socket, so
 //! the server's flow control applies. Plain `ws://` only.
 
-mod backoff;
+pub mod backoff;
 mod client;
 mod config;
 mod connection;
@@ -58,6 +58,7 @@ mod error;
 mod event;
 mod outgoing;
 
+pub use backoff::Backoff;
 pub use client::Client;
 pub use config::Config;
 pub use error::Error;

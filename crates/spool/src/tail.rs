@@ -26,6 +26,7 @@ use std::{
 use anyhow::bail;
 use clap::{Args, ValueEnum};
 use reqwest::StatusCode;
+use spool_client::Backoff;
 use spool_core::{Position, Start};
 use spool_protocol::http::{MessageBody, StreamInfoResponse};
 use tokio_util::sync::CancellationToken;
@@ -152,7 +153,7 @@ fn parse_start(after: &str) -> anyhow::Result<Start> {
 /// a stream the server has no history of. Retries while the server cannot be reached.
 async fn stream_head(client: &Client, stream: &str) -> anyhow::Result<Option<StreamInfoResponse>> {
     let url = client.url(&["v1", "streams", stream]);
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     loop {
         let request = client.get(url.clone()).timeout(Duration::from_secs(30));
         match client.send_json::<StreamInfoResponse>(request).await {
@@ -160,7 +161,7 @@ async fn stream_head(client: &Client, stream: &str) -> anyhow::Result<Option<Str
             Err(RequestError::Rejected(StatusCode::NOT_FOUND, _)) => return Ok(None),
             Err(RequestError::Rejected(status, msg)) => bail!("{status}: {msg}"),
             Err(RequestError::Transient(msg)) => {
-                eprintln!("spool tail: {msg}; retrying in {:?}", backoff.delay());
+                eprintln!("spool tail: {msg}; retrying in {:?}", backoff.ceiling());
                 backoff.wait().await;
             }
         }
@@ -292,35 +293,9 @@ fn escape(text: &str) -> String {
     text.replace('\r', "\\r").replace('\n', "\\n")
 }
 
-/// Capped exponential backoff with jitter, for reconnects.
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Self {
-        Self(MIN_BACKOFF)
-    }
-
-    fn reset(&mut self) {
-        self.0 = MIN_BACKOFF;
-    }
-
-    /// The delay the next [`Backoff::wait`] is based on.
-    fn delay(&self) -> Duration {
-        self.0
-    }
-
-    async fn wait(&mut self) {
-        tokio::time::sleep(jitter(self.0)).await;
-        self.0 = (self.0 * 2).min(MAX_BACKOFF);
-    }
-}
-
-fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    d + d.mul_f64(f64::from(nanos % 1000) / 2000.0)
+/// The reconnect backoff every transport uses (spool-client's, with full jitter).
+fn backoff() -> Backoff {
+    Backoff::new(MIN_BACKOFF, MAX_BACKOFF)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use anyhow::bail;
 use spool_core::Start;
 use spool_protocol::http::MessagesResponse;
 
-use super::{Backoff, Flow, Printer, TailArgs};
+use super::{Flow, Printer, TailArgs, backoff};
 use crate::client::{Client, RequestError};
 
 /// Seconds each long-poll waits on the server.
@@ -22,7 +22,7 @@ pub(super) async fn run(
     printer: &mut Printer,
 ) -> anyhow::Result<()> {
     let mut after = start.to_string();
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     let url = client.url(&["v1", "streams", &args.stream, "messages"]);
     let wait = if args.no_follow { 0 } else { POLL_WAIT_SECS };
     let limit = args.limit.unwrap_or(DEFAULT_LIMIT);
@@ -38,7 +38,7 @@ pub(super) async fn run(
             Err(RequestError::Transient(msg)) => {
                 eprintln!(
                     "spool tail: {msg}; retrying in {:?} from {after}",
-                    backoff.delay()
+                    backoff.ceiling()
                 );
                 backoff.wait().await;
                 continue;

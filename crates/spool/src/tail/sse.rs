@@ -16,7 +16,7 @@ use spool_protocol::{
     http::{MessageBody, MessagesResponse, ReconnectBody, ResetBody},
 };
 
-use super::{Backoff, Flow, Printer, TailArgs};
+use super::{Flow, Printer, TailArgs, backoff};
 use crate::client::{Client, RequestError, check};
 
 /// The server sends a keep-alive comment every 15 s (`--heartbeat`); this long without a
@@ -32,7 +32,7 @@ pub(super) async fn run(
     printer: &mut Printer,
 ) -> anyhow::Result<()> {
     let url = client.url(&["v1", "streams", &args.stream, "events"]);
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     let mut last_event_id: Option<String> = None;
     let mut last_printed: Option<(String, u64)> = None;
     let after = match start {
@@ -83,7 +83,7 @@ pub(super) async fn run(
         };
         eprintln!(
             "spool tail: {ended}; reconnecting in {:?} from {}",
-            backoff.delay(),
+            backoff.ceiling(),
             last_event_id.as_deref().unwrap_or(&from)
         );
         backoff.wait().await;
@@ -93,7 +93,7 @@ pub(super) async fn run(
 /// Where the stream's head is now: a long-poll from `now` that does not wait.
 async fn head_position(client: &Client, stream: &str) -> anyhow::Result<String> {
     let url = client.url(&["v1", "streams", stream, "messages"]);
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     loop {
         let request = client
             .get(url.clone())
@@ -104,7 +104,7 @@ async fn head_position(client: &Client, stream: &str) -> anyhow::Result<String> 
             Ok(_) => return Ok("now".to_owned()),
             Err(RequestError::Rejected(status, msg)) => bail!("{status}: {msg}"),
             Err(RequestError::Transient(msg)) => {
-                eprintln!("spool tail: {msg}; retrying in {:?}", backoff.delay());
+                eprintln!("spool tail: {msg}; retrying in {:?}", backoff.ceiling());
                 backoff.wait().await;
             }
         }

@@ -8,7 +8,7 @@ use spool_client::{Client as WsClient, Config, Error, ErrorCode, Event, Start};
 use spool_protocol::ws::close;
 use tokio_util::sync::CancellationToken;
 
-use super::{Backoff, Flow, MAX_BACKOFF, MIN_BACKOFF, Printer, TailArgs, escape};
+use super::{Flow, MAX_BACKOFF, MIN_BACKOFF, Printer, TailArgs, backoff, escape};
 use crate::client::Client;
 
 pub(super) async fn run(
@@ -46,13 +46,13 @@ pub(super) async fn run(
 /// Connects, trying again with backoff while the server cannot be reached; gives up on
 /// what retrying cannot fix (credentials, a bad URL).
 async fn connect(config: Config) -> anyhow::Result<WsClient> {
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     loop {
         match WsClient::connect(config.clone()).await {
             Ok(ws) => return Ok(ws),
             Err(e) if !retryable(&e) => return Err(e).context("cannot connect over WebSocket"),
             Err(e) => {
-                eprintln!("spool tail: {e}; retrying in {:?}", backoff.delay());
+                eprintln!("spool tail: {e}; retrying in {:?}", backoff.ceiling());
                 backoff.wait().await;
             }
         }
