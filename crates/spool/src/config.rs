@@ -1,7 +1,11 @@
 //! `spool serve` configuration: flags > `SPOOL_*` environment > TOML file > defaults.
 //!
-//! clap reads flags and environment into `Option`s (unset stays `None`), the file fills what is
-//! still unset, and defaults fill the rest; [`Resolved`] is the outcome.
+//! Every setting is one field of [`Settings`], which is both the clap arguments (flag and
+//! `SPOOL_*` variable) and the TOML file (key): clap reads flags and environment into it (unset
+//! stays `None`), the file is read into another, [`Layer::or`] lets the file fill what is
+//! still unset, and [`resolve`] validates and applies the defaults; [`Resolved`] is the
+//! outcome. docs/configuration.md lists every setting; a test checks that each flag has its
+//! variable, its key and its row there.
 
 use std::{
     net::SocketAddr,
@@ -10,101 +14,317 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use clap::Args;
 use serde::Deserialize;
 use spool_core::{
     Retention, RetentionPolicy, RetentionRule,
-    retention::{de_opt_bytes, de_opt_duration},
+    retention::{de_opt_bytes, de_opt_duration, parse_bytes, parse_duration},
 };
 use spool_disk::Durability;
+use spool_nats::NatsDurability;
+use spool_redis::RedisDurability;
 use spool_server::{
     ServerConfig,
     auth::{AuthConfigError, Authenticator},
     config::{AuthConfig, HttpConfig, WsConfig},
 };
 
-use crate::serve::ServeArgs;
-
-/// The TOML file. Every key is optional; see docs/configuration.md.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    listen: Option<SocketAddr>,
-    engine: Option<String>,
-    data_dir: Option<PathBuf>,
-    durability: Option<String>,
-    #[serde(default, deserialize_with = "de_opt_bytes")]
-    segment_size: Option<u64>,
-    redis_url: Option<String>,
-    redis_prefix: Option<String>,
-    redis_replicas: Option<u32>,
-    nats_url: Option<String>,
-    nats_prefix: Option<String>,
-    nats_replicas: Option<usize>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    engine_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "de_opt_bytes")]
-    max_payload: Option<u64>,
-    api_keys: Option<Vec<String>>,
-    jwt_secret: Option<String>,
-    jwt_public_keys: Option<Vec<PathBuf>>,
-    jwt_issuer: Option<String>,
-    jwt_audience: Option<String>,
-    allow_anonymous: Option<bool>,
-    cors_origins: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    dedup_window: Option<Duration>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    heartbeat: Option<Duration>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    shutdown_timeout: Option<Duration>,
-    log_format: Option<String>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    session_ttl: Option<Duration>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    ws_ping_interval: Option<Duration>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    ws_ping_timeout: Option<Duration>,
-    ws_outbound_messages: Option<usize>,
-    #[serde(default, deserialize_with = "de_opt_bytes")]
-    ws_outbound_bytes: Option<u64>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    stuck_timeout: Option<Duration>,
-    conflate: Option<Vec<String>>,
-    ws_max_inflight_publishes: Option<usize>,
-    #[serde(default, deserialize_with = "de_opt_bytes")]
-    ws_max_inflight_publish_bytes: Option<u64>,
-    #[serde(default, deserialize_with = "de_opt_bytes")]
-    max_read_bytes: Option<u64>,
-    max_connections: Option<usize>,
-    max_connections_per_ip: Option<usize>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    header_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    idle_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    body_timeout: Option<Duration>,
-    max_streams: Option<usize>,
-    max_unpublished_streams: Option<usize>,
-    max_new_streams_per_minute: Option<u32>,
-    max_idempotency_keys: Option<usize>,
-    max_sessions: Option<usize>,
-    #[serde(default)]
-    retention: FileRetention,
+/// One layer of settings over another: what `self` sets wins, `lower` fills the rest.
+pub trait Layer {
+    fn or(self, lower: Self) -> Self;
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileRetention {
-    max_messages: Option<u64>,
-    #[serde(default, deserialize_with = "de_opt_bytes")]
-    max_bytes: Option<u64>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    max_age: Option<Duration>,
-    #[serde(default)]
-    rules: Vec<RetentionRule>,
+impl<T> Layer for Option<T> {
+    fn or(self, lower: Self) -> Self {
+        Option::or(self, lower)
+    }
 }
 
-impl FileConfig {
+/// A repeatable flag's list replaces the file's list whole.
+impl<T> Layer for Vec<T> {
+    fn or(self, lower: Self) -> Self {
+        if self.is_empty() { lower } else { self }
+    }
+}
+
+/// A switch (`--allow-anonymous`): on in either layer is on.
+impl Layer for bool {
+    fn or(self, lower: Self) -> Self {
+        self || lower
+    }
+}
+
+/// Declares a settings struct as written and implements [`Layer`] for it, field by field, so
+/// a new setting is one new field.
+macro_rules! layered {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident {
+            $(
+                $(#[$field_attr:meta])*
+                pub $field:ident: $ty:ty,
+            )*
+        }
+    ) => {
+        $(#[$attr])*
+        pub struct $name {
+            $(
+                $(#[$field_attr])*
+                pub $field: $ty,
+            )*
+        }
+
+        impl Layer for $name {
+            fn or(self, lower: Self) -> Self {
+                Self {
+                    $($field: Layer::or(self.$field, lower.$field),)*
+                }
+            }
+        }
+    };
+}
+
+layered! {
+    /// Every setting of `spool serve`: its flag and `SPOOL_*` variable (clap) and its TOML key
+    /// (serde; every key is optional, unknown keys are an error). See docs/configuration.md.
+    #[derive(Args, Clone, Debug, Default, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct Settings {
+        /// Address to listen on.
+        #[arg(long, env = "SPOOL_LISTEN", value_name = "ADDR")]
+        pub listen: Option<SocketAddr>,
+        /// Storage engine: disk (durable, the default), memory, redis or nats (cluster engines:
+        /// several nodes sharing one Redis or NATS JetStream).
+        #[arg(long, env = "SPOOL_ENGINE")]
+        pub engine: Option<String>,
+        /// Data directory of the disk engine (default ./spool-data).
+        #[arg(long, env = "SPOOL_DATA_DIR", value_name = "DIR")]
+        pub data_dir: Option<PathBuf>,
+        /// When a publish is acked: fsync (on disk; the disk engine's default), memory (written
+        /// to the OS / Redis' memory; the redis engine's default) or replicated (acknowledged by
+        /// the cluster engine's replicas; the nats engine's default). See docs/operations.md.
+        #[arg(long, env = "SPOOL_DURABILITY")]
+        pub durability: Option<String>,
+        /// Redis to use with --engine redis (default redis://127.0.0.1:6379).
+        #[arg(
+            long,
+            env = "SPOOL_REDIS_URL",
+            value_name = "URL",
+            hide_env_values = true
+        )]
+        pub redis_url: Option<String>,
+        /// Prefix of every Redis key this cluster uses (default spool).
+        #[arg(long, env = "SPOOL_REDIS_PREFIX", value_name = "PREFIX")]
+        pub redis_prefix: Option<String>,
+        /// Replicas that must acknowledge a publish with --durability replicated (default 1).
+        #[arg(long, env = "SPOOL_REDIS_REPLICAS", value_name = "N")]
+        pub redis_replicas: Option<u32>,
+        /// NATS server(s) to use with --engine nats (default nats://127.0.0.1:4222; comma-separated for several).
+        #[arg(
+            long,
+            env = "SPOOL_NATS_URL",
+            value_name = "URL",
+            hide_env_values = true
+        )]
+        pub nats_url: Option<String>,
+        /// Prefix of every JetStream stream, subject and bucket this cluster uses (default spool).
+        #[arg(long, env = "SPOOL_NATS_PREFIX", value_name = "PREFIX")]
+        pub nats_prefix: Option<String>,
+        /// Copies JetStream keeps of each stream, 1 to 5 (default 1; 3 for a quorum that survives a server).
+        #[arg(long, env = "SPOOL_NATS_REPLICAS", value_name = "N")]
+        pub nats_replicas: Option<usize>,
+        /// Longest wait for one call to Redis or NATS before the request fails with 503 (default 2s).
+        #[arg(long, env = "SPOOL_ENGINE_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub engine_timeout: Option<Duration>,
+        /// Size at which the disk engine starts a new WAL segment (default 64MiB).
+        #[arg(long, env = "SPOOL_SEGMENT_SIZE", value_name = "BYTES", value_parser = parse_bytes)]
+        #[serde(deserialize_with = "de_opt_bytes")]
+        pub segment_size: Option<u64>,
+        /// `--history-*` flags; `[retention]` table of the file.
+        #[command(flatten)]
+        pub retention: RetentionSettings,
+        /// Largest payload of one message (default 1MiB).
+        #[arg(long, env = "SPOOL_MAX_PAYLOAD", value_name = "BYTES", value_parser = parse_bytes)]
+        #[serde(deserialize_with = "de_opt_bytes")]
+        pub max_payload: Option<u64>,
+        /// API key for server-side publishing and reading (repeatable; env: comma-separated).
+        #[arg(
+            long,
+            env = "SPOOL_API_KEY",
+            value_name = "KEY",
+            value_delimiter = ',',
+            hide_env_values = true
+        )]
+        #[serde(rename = "api_keys")]
+        pub api_key: Vec<String>,
+        /// Secret for HS256 client tokens.
+        #[arg(
+            long,
+            env = "SPOOL_JWT_SECRET",
+            value_name = "SECRET",
+            hide_env_values = true
+        )]
+        pub jwt_secret: Option<String>,
+        /// PEM file of an RSA or EC P-256 public key for RS256 / ES256 client tokens (repeatable;
+        /// env: comma-separated paths).
+        #[arg(
+            long,
+            env = "SPOOL_JWT_PUBLIC_KEY",
+            value_name = "PATH",
+            value_delimiter = ','
+        )]
+        #[serde(rename = "jwt_public_keys")]
+        pub jwt_public_key: Vec<PathBuf>,
+        /// When set, client tokens must carry this `iss`.
+        #[arg(long, env = "SPOOL_JWT_ISSUER", value_name = "ISS")]
+        pub jwt_issuer: Option<String>,
+        /// When set, client tokens must list this `aud`.
+        #[arg(long, env = "SPOOL_JWT_AUDIENCE", value_name = "AUD")]
+        pub jwt_audience: Option<String>,
+        /// DEVELOPMENT ONLY: let requests without credentials publish and read everything.
+        #[arg(long, env = "SPOOL_ALLOW_ANONYMOUS")]
+        pub allow_anonymous: bool,
+        /// Origin allowed to call the API from a browser (repeatable, or `*`; env: comma-separated).
+        #[arg(
+            long,
+            env = "SPOOL_CORS_ORIGIN",
+            value_name = "ORIGIN",
+            value_delimiter = ','
+        )]
+        #[serde(rename = "cors_origins")]
+        pub cors_origin: Vec<String>,
+        /// How long an idempotency key is remembered (default 2m).
+        #[arg(long, env = "SPOOL_DEDUP_WINDOW", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub dedup_window: Option<Duration>,
+        /// Interval of SSE heartbeat comments (default 15s).
+        #[arg(long, env = "SPOOL_HEARTBEAT", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub heartbeat: Option<Duration>,
+        /// How long a WebSocket session outlives its connection (default 5m).
+        #[arg(long, env = "SPOOL_SESSION_TTL", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub session_ttl: Option<Duration>,
+        /// The server pings a quiet WebSocket connection this often (default 25s).
+        #[arg(long, env = "SPOOL_WS_PING_INTERVAL", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub ws_ping_interval: Option<Duration>,
+        /// A WebSocket connection silent this long after a ping is closed (default 20s).
+        #[arg(long, env = "SPOOL_WS_PING_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub ws_ping_timeout: Option<Duration>,
+        /// Most frames waiting to be written to one WebSocket connection (default 1024).
+        #[arg(long, env = "SPOOL_WS_OUTBOUND_MESSAGES", value_name = "N")]
+        pub ws_outbound_messages: Option<usize>,
+        /// Most bytes waiting to be written to one WebSocket connection (default 1MiB).
+        #[arg(long, env = "SPOOL_WS_OUTBOUND_BYTES", value_name = "BYTES", value_parser = parse_bytes)]
+        #[serde(deserialize_with = "de_opt_bytes")]
+        pub ws_outbound_bytes: Option<u64>,
+        /// A connection whose outbound buffer makes no progress this long is closed (default 60s).
+        #[arg(long, env = "SPOOL_STUCK_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub stuck_timeout: Option<Duration>,
+        /// Streams whose slow subscribers get only the newest message per key (repeatable;
+        /// env: comma-separated).
+        #[arg(
+            long,
+            env = "SPOOL_CONFLATE",
+            value_name = "PATTERN",
+            value_delimiter = ','
+        )]
+        pub conflate: Vec<String>,
+        /// Most publishes of one WebSocket connection waiting for their ack (default 1024).
+        #[arg(long, env = "SPOOL_WS_MAX_INFLIGHT_PUBLISHES", value_name = "N")]
+        pub ws_max_inflight_publishes: Option<usize>,
+        /// Most bytes of publishes of one WebSocket connection waiting for their ack; at the bound
+        /// the connection stops reading until acks drain (default 16MiB).
+        #[arg(long, env = "SPOOL_WS_MAX_INFLIGHT_PUBLISH_BYTES", value_name = "BYTES", value_parser = parse_bytes)]
+        #[serde(deserialize_with = "de_opt_bytes")]
+        pub ws_max_inflight_publish_bytes: Option<u64>,
+        /// Most bytes of messages in one long-poll answer or SSE batch (default 1MiB).
+        #[arg(long, env = "SPOOL_MAX_READ_BYTES", value_name = "BYTES", value_parser = parse_bytes)]
+        #[serde(deserialize_with = "de_opt_bytes")]
+        pub max_read_bytes: Option<u64>,
+        /// Most open connections in all: HTTP, SSE and WebSocket (default 25000).
+        #[arg(long, env = "SPOOL_MAX_CONNECTIONS", value_name = "N")]
+        pub max_connections: Option<usize>,
+        /// Most open connections from one client address; 0 for no bound (default 0).
+        #[arg(long, env = "SPOOL_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+        pub max_connections_per_ip: Option<usize>,
+        /// Longest wait for a request's headers, and for the next request on a kept-alive
+        /// connection (default 10s).
+        #[arg(long, env = "SPOOL_HEADER_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub header_timeout: Option<Duration>,
+        /// A connection that moves no byte while no request is answered is closed (default 2m).
+        #[arg(long, env = "SPOOL_IDLE_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub idle_timeout: Option<Duration>,
+        /// Longest time to receive a publish body (default 30s).
+        #[arg(long, env = "SPOOL_BODY_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub body_timeout: Option<Duration>,
+        /// Most streams the memory and disk engines create; past it, publishes that would create
+        /// a stream get 507 stream_limit and existing streams work on (default 1000000).
+        #[arg(long, env = "SPOOL_MAX_STREAMS", value_name = "N")]
+        pub max_streams: Option<usize>,
+        /// Most streams readers may wait on before anything is published to them, held in
+        /// memory only (default 100000).
+        #[arg(long, env = "SPOOL_MAX_UNPUBLISHED_STREAMS", value_name = "N")]
+        pub max_unpublished_streams: Option<usize>,
+        /// Most idempotency keys the memory and disk engines remember across all streams; past
+        /// it the oldest are forgotten before their dedup window ends (default 1000000).
+        #[arg(long, env = "SPOOL_MAX_IDEMPOTENCY_KEYS", value_name = "N")]
+        pub max_idempotency_keys: Option<usize>,
+        /// Most WebSocket sessions the memory and disk engines keep; past it new sessions are not
+        /// saved, stored ones still are (default 1000000).
+        #[arg(long, env = "SPOOL_MAX_SESSIONS", value_name = "N")]
+        pub max_sessions: Option<usize>,
+        /// Most new streams one identity (token sub, API key, anonymous client IP) may create per
+        /// minute; 0 for no budget (default 1000).
+        #[arg(long, env = "SPOOL_MAX_NEW_STREAMS_PER_MINUTE", value_name = "N")]
+        pub max_new_streams_per_minute: Option<u32>,
+        /// Longest wait for open requests on shutdown (default 10s).
+        #[arg(long, env = "SPOOL_SHUTDOWN_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub shutdown_timeout: Option<Duration>,
+        /// Log format: text or json.
+        #[arg(long, env = "SPOOL_LOG_FORMAT")]
+        pub log_format: Option<String>,
+        /// TOML configuration file.
+        #[arg(long, env = "SPOOL_CONFIG", value_name = "FILE")]
+        #[serde(skip)]
+        pub config: Option<PathBuf>,
+    }
+}
+
+layered! {
+    /// The default retention of every stream: `--history-*` flags, the `[retention]` table of
+    /// the file, whose `[[retention.rules]]` (file only) override it per stream pattern.
+    #[derive(Args, Clone, Debug, Default, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct RetentionSettings {
+        /// Messages kept per stream (default 10000).
+        #[arg(long = "history-limit", env = "SPOOL_HISTORY_LIMIT", value_name = "N")]
+        pub max_messages: Option<u64>,
+        /// Longest a message is kept, e.g. 24h, 90m (default 24h).
+        #[arg(long = "history-ttl", env = "SPOOL_HISTORY_TTL", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub max_age: Option<Duration>,
+        /// Bytes kept per stream, e.g. 64MiB (default 64MiB).
+        #[arg(long = "history-max-bytes", env = "SPOOL_HISTORY_MAX_BYTES", value_name = "BYTES", value_parser = parse_bytes)]
+        #[serde(deserialize_with = "de_opt_bytes")]
+        pub max_bytes: Option<u64>,
+        /// `[[retention.rules]]`, in the file only: the first rule whose pattern matches a
+        /// stream overrides these defaults for it.
+        #[arg(skip)]
+        pub rules: Vec<RetentionRule>,
+    }
+}
+
+impl Settings {
+    /// Reads the TOML file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
@@ -112,7 +332,7 @@ impl FileConfig {
     }
 }
 
-/// Engines `spool serve` can run on.
+/// Engines `spool serve` can run on, with the engines' own durability levels.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EngineKind {
     Memory,
@@ -136,26 +356,6 @@ pub enum EngineKind {
     },
 }
 
-/// When a publish on the Redis engine is acked (docs/operations.md says what each holds).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RedisDurability {
-    /// Redis applied it (in its memory; on disk as its own persistence settings say).
-    Memory,
-    /// Redis applied it and is configured to fsync every write (`appendfsync always`).
-    Fsync,
-    /// Redis applied it and this many replicas acknowledged it (`WAIT`).
-    Replicated { replicas: u32 },
-}
-
-/// When a publish on the NATS JetStream engine is acked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NatsDurability {
-    /// Stored by JetStream in memory storage (lost when the NATS servers restart).
-    Memory,
-    /// Stored by JetStream in file storage on a quorum of the stream's replicas.
-    Replicated,
-}
-
 /// Everything `spool serve` needs, resolved.
 #[derive(Debug)]
 pub struct Resolved {
@@ -176,18 +376,16 @@ pub struct Resolved {
     pub max_sessions: usize,
 }
 
-pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
+/// Flags and environment (`args`) over the TOML file (`--config`), validated, with defaults for
+/// what neither sets.
+pub fn resolve(args: &Settings) -> anyhow::Result<Resolved> {
     let file = match &args.config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
+        Some(path) => Settings::load(path)?,
+        None => Settings::default(),
     };
-    let durability = args.durability.as_deref().or(file.durability.as_deref());
-    let engine = match args
-        .engine
-        .as_deref()
-        .or(file.engine.as_deref())
-        .unwrap_or("disk")
-    {
+    let s = args.clone().or(file);
+    let durability = s.durability.as_deref();
+    let engine = match s.engine.as_deref().unwrap_or("disk") {
         "memory" if durability == Some("fsync") => {
             bail!("--durability fsync needs the disk engine (or redis)")
         }
@@ -196,34 +394,28 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
         }
         "memory" => EngineKind::Memory,
         "disk" => EngineKind::Disk {
-            dir: args
+            dir: s
                 .data_dir
                 .clone()
-                .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("spool-data")),
             durability: match durability.unwrap_or("fsync") {
                 "fsync" => Durability::Fsync,
                 "memory" => Durability::Memory,
                 other => bail!("durability must be fsync or memory, got {other:?}"),
             },
-            segment_size: args
-                .segment_size
-                .or(file.segment_size)
-                .unwrap_or(64 * 1024 * 1024)
-                .max(4096),
+            segment_size: s.segment_size.unwrap_or(64 * 1024 * 1024).max(4096),
         },
         "redis" => EngineKind::Redis {
-            url: args
+            url: s
                 .redis_url
                 .clone()
-                .or(file.redis_url)
                 .unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
-            prefix: prefix("Redis", args.redis_prefix.clone().or(file.redis_prefix))?,
+            prefix: prefix("Redis", s.redis_prefix.clone())?,
             durability: match durability.unwrap_or("memory") {
                 "memory" => RedisDurability::Memory,
                 "fsync" => RedisDurability::Fsync,
                 "replicated" => RedisDurability::Replicated {
-                    replicas: match args.redis_replicas.or(file.redis_replicas).unwrap_or(1) {
+                    replicas: match s.redis_replicas.unwrap_or(1) {
                         0 => bail!("--redis-replicas must be at least 1"),
                         n => n,
                     },
@@ -232,15 +424,14 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
                     "the redis engine's durability must be memory, fsync or replicated, got {other:?}"
                 ),
             },
-            timeout: engine_timeout(args, file.engine_timeout)?,
+            timeout: engine_timeout(s.engine_timeout)?,
         },
         "nats" => EngineKind::Nats {
-            url: args
+            url: s
                 .nats_url
                 .clone()
-                .or(file.nats_url)
                 .unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
-            prefix: prefix("NATS", args.nats_prefix.clone().or(file.nats_prefix))?,
+            prefix: prefix("NATS", s.nats_prefix.clone())?,
             durability: match durability.unwrap_or("replicated") {
                 "replicated" => NatsDurability::Replicated,
                 "memory" => NatsDurability::Memory,
@@ -253,67 +444,42 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
                     "the nats engine's durability must be replicated or memory, got {other:?}"
                 ),
             },
-            replicas: match args.nats_replicas.or(file.nats_replicas).unwrap_or(1) {
+            replicas: match s.nats_replicas.unwrap_or(1) {
                 n @ 1..=5 => n,
                 n => bail!("--nats-replicas must be 1 to 5 (JetStream's limit), got {n}"),
             },
-            timeout: engine_timeout(args, file.engine_timeout)?,
+            timeout: engine_timeout(s.engine_timeout)?,
         },
         other => bail!("unknown engine {other:?}; available: disk, memory, redis, nats"),
     };
     let defaults = Retention::default();
     let retention = RetentionPolicy {
         default: Retention {
-            max_messages: args
-                .history_limit
-                .or(file.retention.max_messages)
-                .unwrap_or(defaults.max_messages),
-            max_bytes: args
-                .history_max_bytes
-                .or(file.retention.max_bytes)
-                .unwrap_or(defaults.max_bytes),
-            max_age: args
-                .history_ttl
-                .or(file.retention.max_age)
-                .unwrap_or(defaults.max_age),
+            max_messages: s.retention.max_messages.unwrap_or(defaults.max_messages),
+            max_bytes: s.retention.max_bytes.unwrap_or(defaults.max_bytes),
+            max_age: s.retention.max_age.unwrap_or(defaults.max_age),
         },
-        rules: file.retention.rules,
+        rules: s.retention.rules,
     };
-    let log_format = args
-        .log_format
-        .as_deref()
-        .or(file.log_format.as_deref())
-        .unwrap_or("text");
-    let json_logs = match log_format {
+    let json_logs = match s.log_format.as_deref().unwrap_or("text") {
         "text" => false,
         "json" => true,
         other => bail!("log format must be text or json, got {other:?}"),
     };
     let defaults_server = ServerConfig::default();
-    let max_payload = args
-        .max_payload
-        .or(file.max_payload)
-        .unwrap_or(defaults_server.max_payload as u64);
+    let max_payload = s.max_payload.unwrap_or(defaults_server.max_payload as u64);
     let max_payload = usize::try_from(max_payload).context("max payload does not fit in memory")?;
     if max_payload == 0 {
         bail!("max payload must be at least 1 byte");
     }
-    let api_keys = if args.api_key.is_empty() {
-        file.api_keys.unwrap_or_default()
-    } else {
-        args.api_key.clone()
-    };
+    let api_keys = s.api_key;
     if api_keys.iter().any(|k| k.trim().is_empty()) {
         bail!("an API key must not be empty");
     }
-    let key_paths = if args.jwt_public_key.is_empty() {
-        file.jwt_public_keys.unwrap_or_default()
-    } else {
-        args.jwt_public_key.clone()
-    };
+    let key_paths = s.jwt_public_key;
     let auth = AuthConfig {
         api_keys,
-        jwt_secret: args.jwt_secret.clone().or(file.jwt_secret),
+        jwt_secret: s.jwt_secret,
         jwt_public_keys: key_paths
             .iter()
             .map(|path| {
@@ -321,12 +487,9 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
                     .with_context(|| format!("cannot read JWT public key {}", path.display()))
             })
             .collect::<anyhow::Result<_>>()?,
-        jwt_issuer: non_empty("JWT issuer", args.jwt_issuer.clone().or(file.jwt_issuer))?,
-        jwt_audience: non_empty(
-            "JWT audience",
-            args.jwt_audience.clone().or(file.jwt_audience),
-        )?,
-        allow_anonymous: args.allow_anonymous || file.allow_anonymous.unwrap_or(false),
+        jwt_issuer: non_empty("JWT issuer", s.jwt_issuer)?,
+        jwt_audience: non_empty("JWT audience", s.jwt_audience)?,
+        allow_anonymous: s.allow_anonymous,
     };
     // The server would only log and skip an unusable key; refuse to start instead.
     match Authenticator::try_new(&auth) {
@@ -337,9 +500,8 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
         Err(e) => bail!("{e}"),
     }
     let ws_defaults = WsConfig::default();
-    let ws_outbound_bytes = args
+    let ws_outbound_bytes = s
         .ws_outbound_bytes
-        .or(file.ws_outbound_bytes)
         .map_or(Ok(ws_defaults.outbound_bytes), usize::try_from)
         .context("WebSocket outbound bytes do not fit in memory")?;
     if ws_outbound_bytes < 4096 {
@@ -347,9 +509,8 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
             "WebSocket outbound bytes (--ws-outbound-bytes / ws_outbound_bytes) must be at least 4KiB, got {ws_outbound_bytes}"
         );
     }
-    let ws_max_inflight_publish_bytes = args
+    let ws_max_inflight_publish_bytes = s
         .ws_max_inflight_publish_bytes
-        .or(file.ws_max_inflight_publish_bytes)
         .map_or(Ok(ws_defaults.max_inflight_publish_bytes), usize::try_from)
         .context("WebSocket in-flight publish bytes do not fit in memory")?;
     if ws_max_inflight_publish_bytes == 0 {
@@ -357,39 +518,35 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
             "WebSocket in-flight publish bytes (--ws-max-inflight-publish-bytes / ws_max_inflight_publish_bytes) must be at least 1"
         );
     }
-    let conflate = if args.conflate.is_empty() {
-        file.conflate.unwrap_or_default()
-    } else {
-        args.conflate.clone()
-    };
+    let conflate = s.conflate;
     if conflate.iter().any(|p| p.trim().is_empty()) {
         bail!("a conflate pattern must not be empty");
     }
     let ws = WsConfig {
         session_ttl: positive(
             "session TTL (--session-ttl / session_ttl)",
-            args.session_ttl.or(file.session_ttl),
+            s.session_ttl,
             ws_defaults.session_ttl,
         )?,
         ping_interval: positive(
             "WebSocket ping interval (--ws-ping-interval / ws_ping_interval)",
-            args.ws_ping_interval.or(file.ws_ping_interval),
+            s.ws_ping_interval,
             ws_defaults.ping_interval,
         )?,
         ping_timeout: positive(
             "WebSocket ping timeout (--ws-ping-timeout / ws_ping_timeout)",
-            args.ws_ping_timeout.or(file.ws_ping_timeout),
+            s.ws_ping_timeout,
             ws_defaults.ping_timeout,
         )?,
         outbound_messages: at_least_one(
             "WebSocket outbound messages (--ws-outbound-messages / ws_outbound_messages)",
-            args.ws_outbound_messages.or(file.ws_outbound_messages),
+            s.ws_outbound_messages,
             ws_defaults.outbound_messages,
         )?,
         outbound_bytes: ws_outbound_bytes,
         stuck_timeout: positive(
             "stuck timeout (--stuck-timeout / stuck_timeout)",
-            args.stuck_timeout.or(file.stuck_timeout),
+            s.stuck_timeout,
             ws_defaults.stuck_timeout,
         )?,
         conflate: conflate
@@ -398,8 +555,7 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
             .collect(),
         max_inflight_publishes: at_least_one(
             "WebSocket in-flight publishes (--ws-max-inflight-publishes / ws_max_inflight_publishes)",
-            args.ws_max_inflight_publishes
-                .or(file.ws_max_inflight_publishes),
+            s.ws_max_inflight_publishes,
             ws_defaults.max_inflight_publishes,
         )?,
         max_inflight_publish_bytes: ws_max_inflight_publish_bytes,
@@ -409,32 +565,30 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
     let http = HttpConfig {
         max_connections: at_least_one(
             "connection limit (--max-connections / max_connections)",
-            args.max_connections.or(file.max_connections),
+            s.max_connections,
             http_defaults.max_connections,
         )?,
-        max_connections_per_ip: args
+        max_connections_per_ip: s
             .max_connections_per_ip
-            .or(file.max_connections_per_ip)
             .unwrap_or(http_defaults.max_connections_per_ip),
         header_timeout: positive(
             "header timeout (--header-timeout / header_timeout)",
-            args.header_timeout.or(file.header_timeout),
+            s.header_timeout,
             http_defaults.header_timeout,
         )?,
         idle_timeout: positive(
             "idle timeout (--idle-timeout / idle_timeout)",
-            args.idle_timeout.or(file.idle_timeout),
+            s.idle_timeout,
             http_defaults.idle_timeout,
         )?,
         body_timeout: positive(
             "body timeout (--body-timeout / body_timeout)",
-            args.body_timeout.or(file.body_timeout),
+            s.body_timeout,
             http_defaults.body_timeout,
         )?,
     };
-    let max_read_bytes = args
+    let max_read_bytes = s
         .max_read_bytes
-        .or(file.max_read_bytes)
         .map_or(defaults_server.max_read_bytes, |b| {
             usize::try_from(b).unwrap_or(usize::MAX)
         });
@@ -447,64 +601,49 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Resolved> {
         max_batch_bytes: defaults_server
             .max_batch_bytes
             .max(max_payload.saturating_mul(2)),
-        heartbeat: args
-            .heartbeat
-            .or(file.heartbeat)
-            .unwrap_or(defaults_server.heartbeat),
-        cors_origins: if args.cors_origin.is_empty() {
-            file.cors_origins.unwrap_or_default()
-        } else {
-            args.cors_origin.clone()
-        },
+        heartbeat: s.heartbeat.unwrap_or(defaults_server.heartbeat),
+        cors_origins: s.cors_origin,
         auth,
         ws,
         http,
-        max_new_streams_per_minute: args
+        max_new_streams_per_minute: s
             .max_new_streams_per_minute
-            .or(file.max_new_streams_per_minute)
             .unwrap_or(defaults_server.max_new_streams_per_minute),
         ..defaults_server
     };
     if server.heartbeat.is_zero() {
         bail!("heartbeat must be longer than zero");
     }
+    let engine_defaults = spool_engine::memory::MemoryConfig::default();
     Ok(Resolved {
-        listen: args
+        listen: s
             .listen
-            .or(file.listen)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070))),
         engine,
         retention,
-        dedup_window: args
-            .dedup_window
-            .or(file.dedup_window)
-            .unwrap_or(Duration::from_secs(120)),
-        shutdown_timeout: args
-            .shutdown_timeout
-            .or(file.shutdown_timeout)
-            .unwrap_or(Duration::from_secs(10)),
+        dedup_window: s.dedup_window.unwrap_or(Duration::from_secs(120)),
+        shutdown_timeout: s.shutdown_timeout.unwrap_or(Duration::from_secs(10)),
         json_logs,
         server,
         max_streams: at_least_one(
             "stream limit (--max-streams / max_streams)",
-            args.max_streams.or(file.max_streams),
-            spool_engine::memory::MemoryConfig::default().max_streams,
+            s.max_streams,
+            engine_defaults.max_streams,
         )?,
         max_unpublished_streams: at_least_one(
             "unpublished stream limit (--max-unpublished-streams / max_unpublished_streams)",
-            args.max_unpublished_streams
-                .or(file.max_unpublished_streams),
-            spool_engine::memory::MemoryConfig::default().max_unpublished_streams,
+            s.max_unpublished_streams,
+            engine_defaults.max_unpublished_streams,
         )?,
         max_idempotency_keys: at_least_one(
             "idempotency key limit (--max-idempotency-keys / max_idempotency_keys)",
-            args.max_idempotency_keys.or(file.max_idempotency_keys),
-            spool_engine::memory::MemoryConfig::default().max_idempotency_keys,
+            s.max_idempotency_keys,
+            engine_defaults.max_idempotency_keys,
         )?,
         max_sessions: at_least_one(
             "session limit (--max-sessions / max_sessions)",
-            args.max_sessions.or(file.max_sessions),
-            spool_engine::memory::MemoryConfig::default().max_sessions,
+            s.max_sessions,
+            engine_defaults.max_sessions,
         )?,
     })
 }
@@ -532,10 +671,10 @@ fn prefix(engine: &str, value: Option<String>) -> anyhow::Result<String> {
     Ok(prefix)
 }
 
-fn engine_timeout(args: &ServeArgs, file: Option<Duration>) -> anyhow::Result<Duration> {
+fn engine_timeout(value: Option<Duration>) -> anyhow::Result<Duration> {
     positive(
         "engine timeout (--engine-timeout / engine_timeout)",
-        args.engine_timeout.or(file),
+        value,
         Duration::from_secs(2),
     )
 }
@@ -572,10 +711,10 @@ mod tests {
     #[derive(Parser)]
     struct Wrapper {
         #[command(flatten)]
-        serve: ServeArgs,
+        serve: Settings,
     }
 
-    fn args(argv: &[&str]) -> ServeArgs {
+    fn args(argv: &[&str]) -> Settings {
         Wrapper::parse_from(std::iter::once("spool").chain(argv.iter().copied())).serve
     }
 
@@ -944,5 +1083,153 @@ ws_max_inflight_publish_bytes = "4MiB"
             let err = resolve(&args(&[flag, "0"])).unwrap_err();
             assert!(format!("{err:#}").contains("must be at least 1"), "{err:#}");
         }
+    }
+
+    /// The keys a `Deserialize` struct accepts, as serde names them (renames applied).
+    fn toml_keys<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+        use serde::de::{self, Visitor};
+        struct Keys<'a>(&'a mut &'static [&'static str]);
+        impl<'de> de::Deserializer<'de> for Keys<'_> {
+            type Error = de::value::Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                Err(de::Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                *self.0 = fields;
+                Err(de::Error::custom("only the keys were wanted"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+                enum identifier ignored_any
+            }
+        }
+        let mut keys: &'static [&'static str] = &[];
+        let _ = T::deserialize(Keys(&mut keys));
+        keys
+    }
+
+    /// Every flag of `spool serve` has its `SPOOL_*` variable, its TOML key, which sets the
+    /// same setting as the flag, and its row in docs/configuration.md naming all three; every
+    /// key of the file is a flag's. The three (four) cannot drift apart.
+    #[test]
+    fn every_flag_has_its_env_var_toml_key_and_docs_row() {
+        use clap::CommandFactory;
+        // Flags whose key is not the flag's name with `_` for `-` (docs/configuration.md).
+        let renamed = [
+            ("api-key", "api_keys"),
+            ("jwt-public-key", "jwt_public_keys"),
+            ("cors-origin", "cors_origins"),
+            ("history-limit", "retention.max_messages"),
+            ("history-ttl", "retention.max_age"),
+            ("history-max-bytes", "retention.max_bytes"),
+        ];
+        let docs = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/configuration.md"
+        ))
+        .unwrap()
+        .replace("\\|", "/");
+        let cli = crate::Cli::command();
+        let serve = cli.find_subcommand("serve").unwrap();
+        let mut flag_keys = Vec::new();
+        for arg in serve.get_arguments() {
+            let Some(long) = arg.get_long() else {
+                continue;
+            };
+            if long == "help" {
+                continue;
+            }
+            let env = format!("SPOOL_{}", long.to_uppercase().replace('-', "_"));
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(env.as_str()),
+                "--{long}"
+            );
+            let key = match renamed.iter().find(|(flag, _)| *flag == long) {
+                Some((_, key)) => key.to_string(),
+                None if long == "config" => "—".to_string(),
+                None => long.replace('-', "_"),
+            };
+            let row = docs
+                .lines()
+                .map(|line| line.split('|').map(str::trim).collect::<Vec<_>>())
+                .find(|cells| {
+                    cells.len() > 4
+                        && (cells[1] == format!("`--{long}`")
+                            || cells[1].starts_with(&format!("`--{long} ")))
+                })
+                .unwrap_or_else(|| panic!("no row for --{long} in docs/configuration.md"));
+            assert!(
+                row[2] == format!("`{env}`") || row[2].starts_with(&format!("`{env}")),
+                "--{long}: docs say {}",
+                row[2]
+            );
+            if long == "config" {
+                assert_eq!(row[3], "—");
+                continue;
+            }
+            assert!(
+                row[3].starts_with(&format!("`{key}`")),
+                "--{long}: docs say {}",
+                row[3]
+            );
+
+            // The key sets what the flag sets.
+            let (value, toml_value) = match arg.get_value_names().and_then(|v| v.first()) {
+                _ if matches!(arg.get_action(), clap::ArgAction::SetTrue) => {
+                    (None, "true".to_string())
+                }
+                Some(name) if name == "N" => (Some("3"), "3".to_string()),
+                Some(name) if name == "ADDR" => (Some("127.0.0.1:9"), "\"127.0.0.1:9\"".into()),
+                Some(name) if name == "DUR" => (Some("3s"), "\"3s\"".into()),
+                Some(name) if name == "BYTES" => (Some("5KiB"), "\"5KiB\"".into()),
+                _ => (Some("x"), "\"x\"".into()),
+            };
+            let toml_value = match arg.get_action() {
+                clap::ArgAction::Append => format!("[{toml_value}]"),
+                _ => toml_value,
+            };
+            let flag = format!("--{long}");
+            let argv = std::iter::once(flag.as_str()).chain(value);
+            let from_flag = args(&argv.collect::<Vec<_>>());
+            let toml = match key.split_once('.') {
+                Some((table, key)) => format!("[{table}]\n{key} = {toml_value}\n"),
+                None => format!("{key} = {toml_value}\n"),
+            };
+            let from_file: Settings = toml::from_str(&toml)
+                .unwrap_or_else(|e| panic!("--{long}: the file has no key {key}: {e}"));
+            assert_eq!(
+                format!("{from_flag:?}"),
+                format!("{from_file:?}"),
+                "--{long} and {key}"
+            );
+            assert_ne!(
+                format!("{from_flag:?}"),
+                format!("{:?}", Settings::default()),
+                "--{long} sets something"
+            );
+            flag_keys.push(key);
+        }
+        let mut file_keys: Vec<String> = toml_keys::<Settings>()
+            .iter()
+            .filter(|key| **key != "retention")
+            .map(|key| key.to_string())
+            .chain(
+                toml_keys::<RetentionSettings>()
+                    .iter()
+                    .filter(|key| **key != "rules")
+                    .map(|key| format!("retention.{key}")),
+            )
+            .collect();
+        assert!(file_keys.len() > 40, "{file_keys:?}");
+        file_keys.sort();
+        flag_keys.sort();
+        assert_eq!(file_keys, flag_keys, "every key of the file is a flag's");
     }
 }

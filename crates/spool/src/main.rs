@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(Box<serve::ServeArgs>),
+    Serve(Box<config::Settings>),
     /// Publish a message (or one per stdin line) to a stream.
     Publish(publish::PublishArgs),
     /// Print a stream's messages, then follow it live over WebSocket, SSE or long-poll;
