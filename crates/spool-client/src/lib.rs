@@ -48,6 +48,10 @@
 //! Everything between the application and the socket is bounded: requests wait for room,
 //! and when [`Client::next_event`] is not called the client stops reading the socket, so
 //! the server's flow control applies. Plain `ws://` only.
+//!
+//! Over plain HTTP, the same crate has a publish client ([`http::HttpClient`]), a
+//! Server-Sent Events reader ([`sse::SseReader`]) and a long-poll reader
+//! ([`poll::LongPoll`]); they keep their position and reconnect with the same [`Backoff`].
 
 pub mod backoff;
 mod client;
@@ -56,7 +60,10 @@ mod connection;
 mod cursor;
 mod error;
 mod event;
+pub mod http;
 mod outgoing;
+pub mod poll;
+pub mod sse;
 
 pub use backoff::Backoff;
 pub use client::Client;

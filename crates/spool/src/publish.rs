@@ -4,10 +4,11 @@
 
 use anyhow::{Context, bail};
 use clap::Args;
-use spool_protocol::http::{BatchMessage, BatchRequest, BatchResponse, PublishResponse};
+use spool_client::http::HttpClient as Client;
+use spool_protocol::http::{BatchMessage, PublishResponse};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
-use crate::client::{Client, ClientArgs};
+use crate::client::ClientArgs;
 
 /// Messages per batch request with `--lines`.
 const LINES_PER_BATCH: usize = 1000;
@@ -32,7 +33,7 @@ pub struct PublishArgs {
 }
 
 pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.client)?;
+    let client = args.client.http()?;
     if args.lines {
         if args.data.as_deref().is_some_and(|d| d != "-") {
             bail!("--lines reads stdin; do not give DATA");
@@ -50,16 +51,14 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
             buf
         }
     };
-    let mut request = client
-        .post(client.url(&["v1", "streams", &args.stream, "messages"]))
-        .body(payload);
-    if let Some(key) = &args.idempotency_key {
-        request = request.header("idempotency-key", key);
-    }
-    if let Some(ct) = &args.content_type {
-        request = request.header("content-type", ct);
-    }
-    let answer: PublishResponse = client.send_json(request).await?;
+    let answer = client
+        .publish(
+            &args.stream,
+            payload,
+            args.idempotency_key.as_deref(),
+            args.content_type.as_deref(),
+        )
+        .await?;
     print(&answer);
     Ok(())
 }
@@ -82,12 +81,7 @@ async fn publish_lines(client: &Client, args: &PublishArgs) -> anyhow::Result<()
             });
         }
         if batch.len() >= LINES_PER_BATCH || (done && !batch.is_empty()) {
-            let request = BatchRequest {
-                messages: std::mem::take(&mut batch),
-            };
-            let answer: BatchResponse = client
-                .send_json(client.post(client.url(&["v1", "publish"])).json(&request))
-                .await?;
+            let answer = client.publish_batch(std::mem::take(&mut batch)).await?;
             answer.results.iter().for_each(print);
         }
         if done {

@@ -7,8 +7,9 @@
 //!
 //! - `ws` (default): the WebSocket protocol through `spool-client`, which reconnects, resumes
 //!   its session and deduplicates by itself.
-//! - `sse`: Server-Sent Events, reconnecting with backoff and `Last-Event-ID`.
-//! - `poll`: long-polls, keeping the position between requests.
+//! - `sse`: Server-Sent Events, reconnecting with backoff and `Last-Event-ID`
+//!   (`spool_client::sse`).
+//! - `poll`: long-polls, keeping the position between requests (`spool_client::poll`).
 //!
 //! Each keeps its position, so when the connection drops or the server restarts it reconnects
 //! (with capped exponential backoff) and resumes exactly where it was: the server answers
@@ -26,12 +27,15 @@ use std::{
 use anyhow::bail;
 use clap::{Args, ValueEnum};
 use reqwest::StatusCode;
-use spool_client::Backoff;
+use spool_client::{
+    Backoff,
+    http::{HttpClient as Client, RequestError},
+};
 use spool_core::{Position, Start};
 use spool_protocol::http::{MessageBody, StreamInfoResponse};
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{Client, ClientArgs, RequestError};
+use crate::client::ClientArgs;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -83,7 +87,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         (None, true) => Start::Oldest,
         (None, false) => Start::Now,
     };
-    let client = Client::new(&args.client)?;
+    let client = args.client.http()?;
 
     // Ctrl-C: each transport stops at its next await, with everything printed flushed.
     let interrupted = CancellationToken::new();
@@ -159,11 +163,11 @@ async fn stream_head(client: &Client, stream: &str) -> anyhow::Result<Option<Str
         match client.send_json::<StreamInfoResponse>(request).await {
             Ok(info) => return Ok(Some(info)),
             Err(RequestError::Rejected(StatusCode::NOT_FOUND, _)) => return Ok(None),
-            Err(RequestError::Rejected(status, msg)) => bail!("{status}: {msg}"),
             Err(RequestError::Transient(msg)) => {
                 eprintln!("spool tail: {msg}; retrying in {:?}", backoff.ceiling());
                 backoff.wait().await;
             }
+            Err(e) => return Err(e.into()),
         }
     }
 }

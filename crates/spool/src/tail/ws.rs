@@ -9,7 +9,7 @@ use spool_protocol::ws::close;
 use tokio_util::sync::CancellationToken;
 
 use super::{Flow, MAX_BACKOFF, MIN_BACKOFF, Printer, TailArgs, backoff, escape};
-use crate::client::Client;
+use spool_client::http::HttpClient as Client;
 
 pub(super) async fn run(
     client: &Client,
