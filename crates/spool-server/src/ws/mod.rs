@@ -1,17 +1,21 @@
-//! The WebSocket protocol `spool.v1.json` on `/v1/ws` (docs/protocol.md): subscriptions to
-//! many streams with their own start positions, publishing with acks, resumable sessions,
-//! heartbeats, token refresh, and flow control.
+//! WebSocket on `/v1/ws` (docs/protocol.md): subscriptions to many streams with their own
+//! start positions, publishing with acks, resumable sessions, heartbeats, token refresh, and
+//! flow control, in the protocol the client picks by subprotocol.
 //!
-//! - [`connection`] runs one connection: it reads client frames, drives one
-//!   [`crate::subscription::Subscription`] per stream, and pipelines publishes.
-//! - [`outbound`] is the bounded buffer between the connection and the socket, drained by a
-//!   writer task (SPEC §8).
+//! - [`core`] is what every WebSocket protocol needs: one task per connection that reads
+//!   client frames, drives one [`crate::subscription::Subscription`] per stream and pipelines
+//!   publishes, and the bounded outbound buffer drained by a writer task (SPEC §8). A protocol
+//!   plugs in through [`core::Protocol`] (decode a frame into a command, encode an event).
+//! - [`spool_v1`] is `spool.v1.json`, the one protocol today.
 //! - [`session`] keeps sessions (SPEC §3): identity, subscriptions and delivered positions,
 //!   saved in the engine in batches.
+//!
+//! A second protocol is a new folder beside `spool_v1` implementing [`core::Protocol`], a
+//! variant of [`Speaks`], and its arm in [`upgrade`].
 
-mod connection;
-mod outbound;
+pub mod core;
 pub mod session;
+pub mod spool_v1;
 
 use axum::{
     extract::{RawQuery, State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection},
@@ -21,7 +25,9 @@ use axum::{
     },
     response::Response,
 };
-use spool_protocol::{ErrorCode, ws::SUBPROTOCOL};
+use spool_protocol::ErrorCode;
+
+use self::{core::Protocol, spool_v1::SpoolV1};
 
 use crate::{
     AppState,
@@ -46,7 +52,7 @@ pub async fn upgrade(
         )
     })?;
     check_origin(&headers, &state.config.cors_origins)?;
-    check_subprotocol(&headers)?;
+    let speaks = check_subprotocol(&headers)?;
     if state.shutdown.is_cancelled() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -72,7 +78,7 @@ pub async fn upgrade(
     let ws = &state.config.ws;
     let max_message = state.config.max_payload.saturating_mul(2) + 64 * 1024;
     let upgrade = upgrade
-        .protocols([SUBPROTOCOL])
+        .protocols([speaks.name()])
         .read_buffer_size(ws.read_buffer)
         .write_buffer_size(ws.write_buffer)
         .max_message_size(max_message)
@@ -81,7 +87,12 @@ pub async fn upgrade(
     Ok(upgrade.on_upgrade(move |socket| {
         let guard = state.metrics.connection(Transport::ws);
         tasks.track_future(async move {
-            connection::run(socket, state, principal).await;
+            match speaks {
+                Speaks::SpoolV1 => {
+                    let protocol = SpoolV1::new(state.encodings.clone());
+                    core::run(socket, state, principal, protocol).await;
+                }
+            }
             drop(guard);
         })
     }))
@@ -106,21 +117,46 @@ fn check_origin(headers: &HeaderMap, allowed: &[String]) -> ApiResult<()> {
     ))
 }
 
-/// A client that names subprotocols must name ours; one that names none gets ours anyway.
-fn check_subprotocol(headers: &HeaderMap) -> ApiResult<()> {
-    let offered: Vec<&HeaderValue> = headers.get_all(SEC_WEBSOCKET_PROTOCOL).iter().collect();
-    if offered.is_empty()
-        || offered.iter().any(|v| {
-            v.to_str()
-                .unwrap_or_default()
-                .split(',')
-                .any(|p| p.trim() == SUBPROTOCOL)
-        })
-    {
-        return Ok(());
+/// The WebSocket protocols this endpoint speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Speaks {
+    SpoolV1,
+}
+
+impl Speaks {
+    /// Every protocol, in order of preference; the first is for clients that name none.
+    const ALL: [Speaks; 1] = [Speaks::SpoolV1];
+
+    fn name(self) -> &'static str {
+        match self {
+            Speaks::SpoolV1 => SpoolV1::NAME,
+        }
     }
+}
+
+/// A client that names subprotocols must name one of ours (the first of ours it names is
+/// spoken); one that names none gets `spool.v1.json`.
+fn check_subprotocol(headers: &HeaderMap) -> ApiResult<Speaks> {
+    let offered: Vec<&HeaderValue> = headers.get_all(SEC_WEBSOCKET_PROTOCOL).iter().collect();
+    if offered.is_empty() {
+        return Ok(Speaks::ALL[0]);
+    }
+    let names = || {
+        offered
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or_default().split(','))
+            .map(str::trim)
+    };
+    if let Some(speaks) = Speaks::ALL
+        .into_iter()
+        .find(|s| names().any(|p| p == s.name()))
+    {
+        return Ok(speaks);
+    }
+    let ours: Vec<&str> = Speaks::ALL.iter().map(|s| s.name()).collect();
     Err(ApiError::bad_param(format!(
-        "unsupported WebSocket subprotocol; this endpoint speaks {SUBPROTOCOL}"
+        "unsupported WebSocket subprotocol; this endpoint speaks {}",
+        ours.join(", ")
     )))
 }
 

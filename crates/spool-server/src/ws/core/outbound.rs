@@ -27,7 +27,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::session::LiveSession;
+use crate::ws::session::LiveSession;
 
 /// Frames beyond the delivery budget that may wait: replies to requests.
 const REPLY_SLOTS: usize = 256;

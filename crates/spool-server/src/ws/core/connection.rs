@@ -1,14 +1,11 @@
-//! One WebSocket connection: a task that reads client frames, delivers every subscription's
-//! events through the bounded outbound buffer, pipelines publishes, and watches heartbeats,
-//! token expiry, session take-over and shutdown. The writer task owns the socket's sending
-//! half (see [`super::outbound`]).
-//!
-//! Deliveries of one subscription come from a stream that reads history only when the outbound
-//! buffer has room for it, so a slow client costs a cursor, not a queue; replay and live are the
-//! same read loop, as for SSE.
+//! One WebSocket connection, whatever its protocol: a task that reads client frames (decoded
+//! by the [`Protocol`] into commands), delivers every subscription's events through the
+//! bounded outbound buffer, pipelines publishes, and watches heartbeats, token expiry, session
+//! take-over and shutdown. The writer task owns the socket's sending half (see
+//! [`super::outbound`]); each subscription's deliveries come from [`super::deliveries`].
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     pin::Pin,
     sync::{
         Arc, OnceLock,
@@ -18,32 +15,27 @@ use std::{
 };
 
 use axum::extract::ws::{Message as WsMessage, WebSocket};
-use futures::{
-    FutureExt, StreamExt,
-    future::BoxFuture,
-    stream::{self, BoxStream},
-};
+use futures::{FutureExt, StreamExt, future::BoxFuture};
 use spool_core::{NewMessage, Position, Start, StreamName, now_ms};
 use spool_engine::{Appended, EngineError};
-use spool_protocol::{
-    ErrorCode,
-    ws::{self as proto, ClientFrame, ServerFrame, close},
-};
+use spool_protocol::ErrorCode;
 use tokio::time::{Instant, Sleep};
 use tokio_stream::StreamMap;
 
 use super::{
+    CloseReason, Command, Event, Protocol, SubscribedTo,
+    deliveries::{Deliveries, deliveries},
     outbound::{Close, Frame, Gone, Outbound, Taken},
-    session::{LiveSession, NotRestored, Sessions},
 };
 use crate::{
     AppState,
     auth::{Action, Principal, Proof},
-    delivery::publish::{self as delivery, Payload, ToAppend, Validated},
+    delivery::publish::{self as delivery, ToAppend, Validated},
     error::ApiError,
     metrics::Transport,
     query::parse_start,
-    subscription::{Budget, Event, Subscription, position_after},
+    subscription::{self, Subscription, position_after},
+    ws::session::{LiveSession, NotRestored, Sessions},
 };
 
 /// Messages read per engine call for one subscription.
@@ -52,16 +44,11 @@ const READ_BATCH: usize = 256;
 const MAX_BAD_FRAMES: u32 = 64;
 /// How long the writer gets to send what is queued and the close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// Longest wait between retries of a subscription whose engine reads fail.
-const MAX_RETRY: Duration = Duration::from_secs(5);
 /// Pings (WebSocket control pings and `ping` frames) one connection may send per
 /// [`PING_WINDOW`]; each costs a reply the client may never read, so a peer that floods them
 /// is closed (`1008`) instead of being answered without end.
 const MAX_PINGS: u32 = 100;
 const PING_WINDOW: Duration = Duration::from_secs(10);
-
-/// One subscription's deliveries: batches of events, each with the room it took.
-type Deliveries = BoxStream<'static, Vec<(Event, Taken)>>;
 
 /// A publish waiting for its ack.
 struct Pending {
@@ -72,10 +59,12 @@ struct Pending {
 
 type Round = BoxFuture<'static, Vec<(Option<u64>, StreamName, Result<Appended, ApiError>)>>;
 
-pub async fn run(
+/// Runs one connection speaking `protocol` until it ends, then saves its session.
+pub async fn run<P: Protocol>(
     socket: WebSocket,
     state: AppState,
     upgrade_principal: Option<(Principal, Proof)>,
+    protocol: P,
 ) {
     let (sink, mut inbound) = socket.split();
     let ws = state.config.ws.clone();
@@ -91,6 +80,7 @@ pub async fn run(
     let mut writer = tokio::spawn(writer.run(close_rx));
 
     let mut conn = Connection {
+        protocol,
         sessions: state.sessions.clone(),
         state,
         out,
@@ -139,18 +129,15 @@ pub async fn run(
         }
         let result: Result<(), End> = tokio::select! {
             _ = shutdown.cancelled() => {
-                let frame = ServerFrame::Reconnect(proto::Reconnect {
-                    reason: "server_shutdown".into(),
-                });
-                let _ = conn.reply(&frame).await;
-                Err(End::Close(close::GOING_AWAY, "server shutting down"))
+                let _ = conn.reply(&Event::Reconnect { reason: "server_shutdown" }).await;
+                Err(End::Close(CloseReason::ShuttingDown))
             }
             _ = async { taken_over.expect("guarded").cancelled().await }, if taken_over.is_some() => {
-                Err(End::Close(close::SESSION_TAKEN_OVER, "session resumed by another connection"))
+                Err(End::Close(CloseReason::TakenOver))
             }
             _ = async { expiry.as_mut().expect("guarded").await }, if expiry.is_some() => {
                 conn.error(None, ErrorCode::TokenExpired, "the token expired; refresh it before it does").await;
-                Err(End::Close(close::TOKEN_EXPIRED, "token expired"))
+                Err(End::Close(CloseReason::TokenExpired))
             }
             done = async { round.as_mut().expect("guarded").await }, if round.is_some() => {
                 round = None;
@@ -163,7 +150,7 @@ pub async fn run(
                     None => Err(End::Gone),
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "websocket read failed");
-                        Err(End::Close(close::MESSAGE_TOO_BIG, "unreadable or oversized frame"))
+                        Err(End::Close(CloseReason::Unreadable))
                     }
                     Some(Ok(message)) => {
                         conn.inbound(message, &mut subs, &mut expiry).await
@@ -191,7 +178,7 @@ pub async fn run(
                     answer_by = Some(Box::pin(tokio::time::sleep(ws.ping_timeout)));
                     Ok(())
                 } else {
-                    Err(End::Close(close::PING_TIMEOUT, "no frame from the client in time"))
+                    Err(End::Close(CloseReason::PingTimeout))
                 }
             }
             _ = tick.tick() => {
@@ -200,15 +187,16 @@ pub async fn run(
         };
         let result = match result {
             Ok(()) if conn.stuck.load(Ordering::Relaxed) => {
-                Err(End::Close(close::SLOW_CONSUMER, "slow consumer"))
+                Err(End::Close(CloseReason::SlowConsumer))
             }
             other => other,
         };
         if let Err(end) = result {
-            if let End::Close(code, reason) = end {
-                if let (Some(session), Some(why)) = (&conn.session, server_close_reason(code)) {
-                    session.set_last_close(why);
+            if let End::Close(why) = end {
+                if let (Some(session), Some(note)) = (&conn.session, why.session_note()) {
+                    session.set_last_close(note);
                 }
+                let (code, reason) = conn.protocol.close(why);
                 tracing::debug!(code, reason, "closing a websocket connection");
                 conn.close = Some(Close { code, reason });
             }
@@ -248,20 +236,8 @@ impl From<Gone> for End {
     fn from(gone: Gone) -> Self {
         match gone {
             Gone::Closed => End::Gone,
-            Gone::Stuck => End::Close(close::SLOW_CONSUMER, "slow consumer"),
+            Gone::Stuck => End::Close(CloseReason::SlowConsumer),
         }
-    }
-}
-
-/// The reason kept in a session when the server ends its connection for something the client
-/// should learn on resume (it may not have been able to read the close frame).
-fn server_close_reason(code: u16) -> Option<&'static str> {
-    match code {
-        close::SLOW_CONSUMER => Some("slow_consumer"),
-        close::PING_TIMEOUT => Some("ping_timeout"),
-        close::TOKEN_EXPIRED => Some("token_expired"),
-        close::GOING_AWAY => Some("server_shutdown"),
-        _ => None,
     }
 }
 
@@ -269,11 +245,12 @@ fn server_close_reason(code: u16) -> Option<&'static str> {
 enum End {
     /// The socket is gone: nothing more can be sent.
     Gone,
-    /// Close with this code and reason.
-    Close(u16, &'static str),
+    /// Close for this reason (the protocol names the code).
+    Close(CloseReason),
 }
 
-struct Connection {
+struct Connection<P> {
+    protocol: P,
     state: AppState,
     sessions: Arc<Sessions>,
     out: Outbound,
@@ -300,37 +277,27 @@ struct Connection {
     stuck: AtomicBool,
 }
 
-impl Connection {
-    async fn send_frame(
-        &self,
-        frame: &ServerFrame,
-        room: Taken,
-        delivered: Option<(Arc<str>, u64, Position)>,
-    ) -> Result<(), End> {
-        let text = encode(frame);
+impl<P: Protocol> Connection<P> {
+    async fn reply(&self, event: &Event<'_>) -> Result<(), End> {
         self.out
             .send(Frame {
-                message: WsMessage::Text(text.into()),
-                room,
-                delivered,
+                message: self.protocol.encode(event),
+                room: Taken::default(),
+                delivered: None,
             })
             .await
             .map_err(End::from)
     }
 
-    async fn reply(&self, frame: &ServerFrame) -> Result<(), End> {
-        self.send_frame(frame, Taken::default(), None).await
-    }
-
-    async fn error(&self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
+    async fn error(&self, id: Option<u64>, code: ErrorCode, message: impl AsRef<str>) {
         let sent = self
-            .reply(&ServerFrame::Error(proto::ErrorFrame {
+            .reply(&Event::Error {
                 id,
                 code,
-                message: message.into(),
-            }))
+                message: message.as_ref(),
+            })
             .await;
-        if let Err(End::Close(close::SLOW_CONSUMER, _)) = sent {
+        if let Err(End::Close(CloseReason::SlowConsumer)) = sent {
             self.stuck.store(true, Ordering::Relaxed);
         }
     }
@@ -351,67 +318,61 @@ impl Connection {
                 self.error(
                     None,
                     ErrorCode::BadFrame,
-                    "binary frames are not part of spool.v1.json; send JSON text frames",
+                    format!(
+                        "binary frames are not part of {}; send JSON text frames",
+                        P::NAME
+                    ),
                 )
                 .await;
-                return Err(End::Close(
-                    close::UNSUPPORTED_DATA,
-                    "binary frames are not supported",
-                ));
+                return Err(End::Close(CloseReason::Binary));
             }
             WsMessage::Close(_) => return Err(End::Gone),
             // The WebSocket layer answers a control ping by itself; count it.
             WsMessage::Ping(_) => return self.count_ping().await,
             WsMessage::Pong(_) => return Ok(()),
         };
-        let frame = match serde_json::from_str::<ClientFrame>(text.as_str()) {
-            Ok(frame) => frame,
+        let command = match self.protocol.decode(text.as_str()) {
+            Ok(command) => command,
             Err(e) => {
                 self.bad_frames += 1;
-                self.error(
-                    lenient_id(text.as_str()),
-                    ErrorCode::BadFrame,
-                    format!("not a frame of spool.v1.json: {e}"),
-                )
-                .await;
+                self.error(e.id, ErrorCode::BadFrame, e.message).await;
                 if self.bad_frames >= MAX_BAD_FRAMES {
-                    return Err(End::Close(
-                        close::TOO_MANY_ERRORS,
-                        "too many malformed frames",
-                    ));
+                    return Err(End::Close(CloseReason::TooManyBadFrames));
                 }
                 return Ok(());
             }
         };
-        match frame {
-            ClientFrame::Ping(_) => {
+        match command {
+            Command::Ping => {
                 self.count_ping().await?;
-                self.reply(&ServerFrame::Pong(proto::Ping {})).await
+                self.reply(&Event::Pong).await
             }
-            ClientFrame::Pong(_) => Ok(()),
-            ClientFrame::Connect(connect) => self.connect(connect, subs, expiry).await,
+            Command::Pong => Ok(()),
+            Command::Connect {
+                token,
+                session,
+                positions,
+            } => self.connect(token, session, positions, subs, expiry).await,
             _ if self.principal.is_none() => {
                 self.error(
-                    frame.id(),
+                    command.id(),
                     ErrorCode::NotConnected,
                     "send a connect frame first",
                 )
                 .await;
                 Ok(())
             }
-            ClientFrame::Subscribe(s) => {
-                if let Err(e) = self
-                    .subscribe(s.id, &s.stream, s.after.as_deref(), subs)
-                    .await
-                {
-                    self.api_error(s.id, e).await;
+            Command::Subscribe { id, stream, after } => {
+                if let Err(e) = self.subscribe(id, &stream, after.as_deref(), subs).await {
+                    self.api_error(id, e).await;
                 }
                 Ok(())
             }
-            ClientFrame::Unsubscribe(u) => self.end_subscription(subs, &u.stream, u.id, None).await,
-            ClientFrame::Publish(p) => {
-                let id = p.id;
-                match self.publish(p) {
+            Command::Unsubscribe { id, stream } => {
+                self.end_subscription(subs, &stream, id, None).await
+            }
+            Command::Publish { id, message } => {
+                match self.publish(id, message) {
                     Ok(pending) => {
                         self.pending_bytes += publish_bytes(&pending.message);
                         self.pending.push_back(pending);
@@ -420,13 +381,15 @@ impl Connection {
                 }
                 Ok(())
             }
-            ClientFrame::Refresh(r) => self.refresh(r, subs, expiry).await,
+            Command::Refresh { id, token } => self.refresh(id, &token, subs, expiry).await,
         }
     }
 
     async fn connect(
         &mut self,
-        connect: proto::Connect,
+        token: Option<String>,
+        session: Option<String>,
+        positions: BTreeMap<String, String>,
         subs: &mut StreamMap<Arc<str>, Deliveries>,
         expiry: &mut Option<Pin<Box<Sleep>>>,
     ) -> Result<(), End> {
@@ -439,18 +402,18 @@ impl Connection {
             .await;
             return Ok(());
         }
-        let credential = match connect.token.as_deref().filter(|t| !t.is_empty()) {
+        let credential = match token.as_deref().filter(|t| !t.is_empty()) {
             Some(token) => match self.state.auth.verify_with_proof(token) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     self.api_error(None, e).await;
-                    return Err(End::Close(close::UNAUTHORIZED, "invalid credentials"));
+                    return Err(End::Close(CloseReason::InvalidCredentials));
                 }
             },
             None => self.upgrade_principal.clone(),
         };
         let mut not_restored = None;
-        let (session, principal, resumed) = match connect.session.as_deref() {
+        let (session, principal, resumed) = match session.as_deref() {
             Some(id) => match self
                 .sessions
                 .restore(
@@ -494,7 +457,7 @@ impl Connection {
                             "credentials required: a token in connect, or Authorization / ?token= on the upgrade",
                         )
                         .await;
-                        return Err(End::Close(close::UNAUTHORIZED, "credentials required"));
+                        return Err(End::Close(CloseReason::CredentialsRequired));
                     }
                 };
                 (
@@ -514,8 +477,7 @@ impl Connection {
         let mut restored = Vec::new();
         let mut dropped = Vec::new();
         for (stream, delivered) in session.subscriptions() {
-            let position = connect
-                .positions
+            let position = positions
                 .get(stream.as_ref())
                 .and_then(|p| p.parse::<Position>().ok())
                 .unwrap_or(delivered);
@@ -534,29 +496,29 @@ impl Connection {
                 }
             }
         }
-        let connected = ServerFrame::Connected(proto::Connected {
-            session: session.id.clone(),
+        let connected = Event::Connected {
+            session: &session.id,
             resumed,
-            not_restored,
+            not_restored: not_restored.as_deref(),
             last_close: if resumed {
                 session.take_last_close()
             } else {
                 None
             },
-            subject: principal.subject().map(str::to_owned),
+            subject: principal.subject(),
             subscriptions: restored
                 .iter()
-                .map(|o| proto::Subscribed {
+                .map(|o| SubscribedTo {
                     id: None,
-                    stream: o.stream.to_string(),
-                    position: o.position.to_string(),
-                    head: o.head.to_string(),
+                    stream: &o.stream,
+                    position: &o.position,
+                    head: &o.head,
                 })
                 .collect(),
             session_ttl_ms: self.sessions.ttl().as_millis() as u64,
             ping_interval_ms: self.state.config.ws.ping_interval.as_millis() as u64,
             expires_at: principal.expires_at(),
-        });
+        };
         self.reply(&connected).await?;
         for (stream, reason) in dropped {
             self.end_subscription(subs, &stream, None, Some(reason))
@@ -594,11 +556,11 @@ impl Connection {
         }
         let start = parse_start("after", after.unwrap_or("now"))?;
         let opened = self.open(name, start).await?;
-        self.reply(&ServerFrame::Subscribed(proto::Subscribed {
+        self.reply(&Event::Subscribed(SubscribedTo {
             id,
-            stream: stream.to_owned(),
-            position: opened.position.to_string(),
-            head: opened.head.to_string(),
+            stream,
+            position: &opened.position,
+            head: &opened.head,
         }))
         .await
         .map_err(|_| ApiError::bad_param("connection closed"))?;
@@ -652,27 +614,13 @@ impl Connection {
         );
     }
 
-    fn publish(&self, p: proto::Publish) -> Result<Pending, ApiError> {
+    fn publish(&self, id: Option<u64>, message: ToAppend) -> Result<Pending, ApiError> {
         let principal = self
             .principal
             .as_ref()
             .ok_or_else(|| ApiError::bad_param("not connected"))?;
-        let id = p.id;
-        let Validated { stream, message } = delivery::validate(
-            &self.state.config,
-            principal,
-            ToAppend {
-                stream: p.stream,
-                payload: Payload::Json {
-                    data: p.data,
-                    data_base64: p.data_base64,
-                },
-                content_type: p.content_type,
-                key: p.key,
-                headers: p.headers,
-                idempotency_key: p.idempotency_key,
-            },
-        )?;
+        let Validated { stream, message } =
+            delivery::validate(&self.state.config, principal, message)?;
         Ok(Pending {
             id,
             stream,
@@ -723,13 +671,11 @@ impl Connection {
                     if !appended.duplicate {
                         self.state.metrics.published.inc();
                     }
-                    self.reply(&ServerFrame::Ack(proto::Ack {
+                    self.reply(&Event::Ack {
                         id,
-                        stream: stream.to_string(),
-                        epoch: appended.position.epoch.to_string(),
-                        offset: appended.position.offset.get(),
-                        duplicate: appended.duplicate,
-                    }))
+                        stream: &stream,
+                        appended: &appended,
+                    })
                     .await?;
                 }
                 Err(e) => self.api_error(id, e).await,
@@ -740,14 +686,15 @@ impl Connection {
 
     async fn refresh(
         &mut self,
-        r: proto::Refresh,
+        id: Option<u64>,
+        token: &str,
         subs: &mut StreamMap<Arc<str>, Deliveries>,
         expiry: &mut Option<Pin<Box<Sleep>>>,
     ) -> Result<(), End> {
-        let (principal, proof) = match self.state.auth.verify_with_proof(&r.token) {
+        let (principal, proof) = match self.state.auth.verify_with_proof(token) {
             Ok(p) => p,
             Err(e) => {
-                self.api_error(r.id, e).await;
+                self.api_error(id, e).await;
                 return Ok(());
             }
         };
@@ -757,7 +704,7 @@ impl Connection {
             .is_some_and(|current| current.same_identity(&principal))
         {
             self.error(
-                r.id,
+                id,
                 ErrorCode::Forbidden,
                 "a refresh must keep the identity (same sub); connect anew for another one",
             )
@@ -777,10 +724,10 @@ impl Connection {
             .cloned()
             .collect();
         self.principal = Some(principal.clone());
-        self.reply(&ServerFrame::Refreshed(proto::Refreshed {
-            id: r.id,
+        self.reply(&Event::Refreshed {
+            id,
             expires_at: principal.expires_at(),
-        }))
+        })
         .await?;
         for stream in lost {
             self.end_subscription(subs, &stream, None, Some("forbidden"))
@@ -803,50 +750,52 @@ impl Connection {
         if let Some(session) = &self.session {
             session.unsubscribe(stream);
         }
-        self.reply(&ServerFrame::Unsubscribed(proto::Unsubscribed {
-            id,
-            stream: stream.to_owned(),
-            reason: reason.map(str::to_owned),
-        }))
-        .await
+        self.reply(&Event::Unsubscribed { id, stream, reason })
+            .await
     }
 
-    async fn deliver(&mut self, stream: &Arc<str>, batch: Vec<(Event, Taken)>) -> Result<(), End> {
+    async fn deliver(
+        &mut self,
+        stream: &Arc<str>,
+        batch: Vec<(subscription::Event, Taken)>,
+    ) -> Result<(), End> {
         let generation = self.generations.get(stream).copied().unwrap_or(0);
         let mut delivered = 0;
         for (event, room) in batch {
             let position = position_after(&event);
-            let text = match &event {
-                Event::Message { epoch, message } => {
+            let message = match &event {
+                subscription::Event::Message { epoch, message } => {
                     delivered += 1;
-                    self.state.encodings.ws_message(stream, epoch, message)
+                    self.protocol.encode(&Event::Message {
+                        stream,
+                        epoch,
+                        message,
+                    })
                 }
-                Event::Reset { reason, head } => {
+                subscription::Event::Reset { reason, head } => {
                     self.state.metrics.reset(*reason);
-                    encode(&ServerFrame::Reset(proto::Reset {
-                        stream: stream.to_string(),
-                        reason: reason.to_string(),
-                        position: head.to_string(),
-                    }))
-                    .into()
+                    self.protocol.encode(&Event::Reset {
+                        stream,
+                        reason: *reason,
+                        head,
+                    })
                 }
-                Event::Skipped {
+                subscription::Event::Skipped {
                     epoch,
                     after,
                     through,
                     count,
-                } => encode(&ServerFrame::Skipped(proto::Skipped {
-                    stream: stream.to_string(),
-                    epoch: epoch.to_string(),
+                } => self.protocol.encode(&Event::Skipped {
+                    stream,
+                    epoch,
                     after: after.get(),
                     through: through.get(),
                     count: *count,
-                }))
-                .into(),
+                }),
             };
             self.out
                 .send(Frame {
-                    message: WsMessage::Text(text),
+                    message,
                     room,
                     delivered: Some((stream.clone(), generation, position)),
                 })
@@ -857,14 +806,12 @@ impl Connection {
         Ok(())
     }
 
-    /// A ping is due: a `ping` frame (for clients that watch for silence) and a WebSocket
+    /// A ping is due: the protocol's ping (for clients that watch for silence) and a WebSocket
     /// control ping (which any WebSocket library answers by itself). Dropped, not waited for,
     /// when the outbound channel is full.
     fn ping(&self) -> Result<(), End> {
         self.out
-            .try_send(WsMessage::Text(
-                encode(&ServerFrame::Ping(proto::Ping {})).into(),
-            ))
+            .try_send(self.protocol.encode(&Event::Ping))
             .map_err(End::from)?;
         if self.principal.is_none() {
             // Before `connect` only the protocol's own ping counts: a WebSocket library
@@ -887,35 +834,27 @@ impl Connection {
         if self.pings <= MAX_PINGS {
             return Ok(());
         }
-        let _ = self.out.try_send(WsMessage::Text(
-            encode(&ServerFrame::Error(proto::ErrorFrame {
-                id: None,
-                code: ErrorCode::LimitReached,
-                message: format!("more than {MAX_PINGS} pings in {} s", PING_WINDOW.as_secs()),
-            }))
-            .into(),
-        ));
-        Err(End::Close(close::POLICY_VIOLATION, "too many pings"))
+        let message = format!("more than {MAX_PINGS} pings in {} s", PING_WINDOW.as_secs());
+        let _ = self.out.try_send(self.protocol.encode(&Event::Error {
+            id: None,
+            code: ErrorCode::LimitReached,
+            message: &message,
+        }));
+        Err(End::Close(CloseReason::TooManyPings))
     }
 
     fn tick(&mut self, opened: Instant) -> Result<(), End> {
         let ws = &self.state.config.ws;
         if self.principal.is_none() && opened.elapsed() >= ws.connect_timeout {
-            return Err(End::Close(
-                close::CONNECT_TIMEOUT,
-                "no connect frame in time",
-            ));
+            return Err(End::Close(CloseReason::ConnectTimeout));
         }
         if self.out.stalled_for() >= ws.stuck_timeout {
-            let _ = self.out.try_send(WsMessage::Text(
-                encode(&ServerFrame::Error(proto::ErrorFrame {
-                    id: None,
-                    code: ErrorCode::SlowConsumer,
-                    message: "the client read nothing for too long; reconnect with the session to resume from history".into(),
-                }))
-                .into(),
-            ));
-            return Err(End::Close(close::SLOW_CONSUMER, "slow consumer"));
+            let _ = self.out.try_send(self.protocol.encode(&Event::Error {
+                id: None,
+                code: ErrorCode::SlowConsumer,
+                message: "the client read nothing for too long; reconnect with the session to resume from history",
+            }));
+            return Err(End::Close(CloseReason::SlowConsumer));
         }
         Ok(())
     }
@@ -936,87 +875,6 @@ fn deadline(principal: &Principal) -> Option<Pin<Box<Sleep>>> {
     Some(Box::pin(tokio::time::sleep(left)))
 }
 
-/// A subscription's deliveries. It reads only when the outbound buffer has room, as much as
-/// fits; an engine failure is retried with backoff (the client stays connected and catches up
-/// from history when the engine is back).
-fn deliveries(sub: Subscription, room: Arc<super::outbound::Room>, conflate: bool) -> Deliveries {
-    stream::unfold((sub, true), move |(mut sub, mut more)| {
-        let room = room.clone();
-        async move {
-            let mut retry = Duration::from_millis(100);
-            loop {
-                if !more
-                    && !sub.has_news()
-                    && let Err(e) = sub.changed().await
-                {
-                    tracing::warn!(error = %e, stream = %sub.stream(), "cannot watch a stream; retrying");
-                    tokio::time::sleep(retry).await;
-                    retry = (retry * 2).min(MAX_RETRY);
-                    continue;
-                }
-                let taken = room.take().await;
-                let budget = Budget {
-                    messages: taken.messages,
-                    bytes: taken.bytes,
-                    conflate,
-                };
-                let events = match sub.poll_within(budget).await {
-                    Ok(events) => events,
-                    Err(e) => {
-                        room.give_back(taken);
-                        tracing::warn!(error = %e, stream = %sub.stream(), "a subscription read failed; retrying");
-                        tokio::time::sleep(retry).await;
-                        retry = (retry * 2).min(MAX_RETRY);
-                        more = true;
-                        continue;
-                    }
-                };
-                more = match (sub.last_state(), sub.position()) {
-                    (Some(state), Some(position)) => {
-                        state.epoch == position.epoch && state.head > position.offset
-                    }
-                    _ => false,
-                };
-                if events.is_empty() {
-                    room.give_back(taken);
-                    continue;
-                }
-                // Share the room out over the messages; what is left goes back now.
-                let mut left = taken;
-                let batch: Vec<(Event, Taken)> = events
-                    .into_iter()
-                    .map(|event| {
-                        let share = match &event {
-                            Event::Message { message, .. } if left.messages > 0 => {
-                                let bytes = (message.retained_bytes() as usize).min(left.bytes);
-                                left.messages -= 1;
-                                left.bytes -= bytes;
-                                Taken { messages: 1, bytes }
-                            }
-                            _ => Taken::default(),
-                        };
-                        (event, share)
-                    })
-                    .collect();
-                room.give_back(left);
-                return Some((batch, (sub, more)));
-            }
-        }
-    })
-    .boxed()
-}
-
-/// The `id` of a frame that did not parse, if it has a readable one, so that its `error`
-/// can repeat it.
-fn lenient_id(text: &str) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct IdOnly {
-        #[serde(default)]
-        id: Option<serde_json::Value>,
-    }
-    serde_json::from_str::<IdOnly>(text).ok()?.id?.as_u64()
-}
-
 /// What a publish waiting for its ack holds in memory, roughly.
 fn publish_bytes(m: &NewMessage) -> usize {
     m.payload.len()
@@ -1028,11 +886,4 @@ fn publish_bytes(m: &NewMessage) -> usize {
             .map(|(k, v)| k.len() + v.len())
             .sum::<usize>()
         + 128
-}
-
-/// A server frame as JSON text.
-fn encode(frame: &ServerFrame) -> String {
-    serde_json::to_string(frame).unwrap_or_else(|e| {
-        format!(r#"{{"type":"error","code":"internal","message":"could not encode a frame: {e}"}}"#)
-    })
 }

@@ -1,0 +1,260 @@
+//! `spool.v1.json` (docs/protocol.md; frame types in `spool_protocol::ws`): one JSON object per
+//! text frame. Decodes client frames into core commands and encodes core events into frames;
+//! message frames are the delivery layer's shared encoding, built once per message for every
+//! subscriber.
+
+use std::sync::Arc;
+
+use axum::extract::ws::Message as WsMessage;
+use spool_protocol::ws::{self as proto, ClientFrame, ServerFrame, close};
+
+use super::core::{CloseReason, Command, DecodeError, Event, Protocol, SubscribedTo};
+use crate::delivery::{
+    encode::Encodings,
+    publish::{Payload, ToAppend},
+};
+
+/// The `spool.v1.json` protocol of one connection.
+pub struct SpoolV1 {
+    encodings: Arc<Encodings>,
+}
+
+impl SpoolV1 {
+    pub fn new(encodings: Arc<Encodings>) -> Self {
+        Self { encodings }
+    }
+}
+
+impl Protocol for SpoolV1 {
+    const NAME: &'static str = proto::SUBPROTOCOL;
+
+    fn decode(&mut self, text: &str) -> Result<Command, DecodeError> {
+        let frame = serde_json::from_str::<ClientFrame>(text).map_err(|e| DecodeError {
+            id: lenient_id(text),
+            message: format!("not a frame of spool.v1.json: {e}"),
+        })?;
+        Ok(match frame {
+            ClientFrame::Connect(c) => Command::Connect {
+                token: c.token,
+                session: c.session,
+                positions: c.positions,
+            },
+            ClientFrame::Subscribe(s) => Command::Subscribe {
+                id: s.id,
+                stream: s.stream,
+                after: s.after,
+            },
+            ClientFrame::Unsubscribe(u) => Command::Unsubscribe {
+                id: u.id,
+                stream: u.stream,
+            },
+            ClientFrame::Publish(p) => Command::Publish {
+                id: p.id,
+                message: ToAppend {
+                    stream: p.stream,
+                    payload: Payload::Json {
+                        data: p.data,
+                        data_base64: p.data_base64,
+                    },
+                    content_type: p.content_type,
+                    key: p.key,
+                    headers: p.headers,
+                    idempotency_key: p.idempotency_key,
+                },
+            },
+            ClientFrame::Refresh(r) => Command::Refresh {
+                id: r.id,
+                token: r.token,
+            },
+            ClientFrame::Ping(_) => Command::Ping,
+            ClientFrame::Pong(_) => Command::Pong,
+        })
+    }
+
+    fn encode(&self, event: &Event<'_>) -> WsMessage {
+        let frame = match event {
+            // The whole frame carries nothing per subscriber: encoded once, shared.
+            Event::Message {
+                stream,
+                epoch,
+                message,
+            } => return WsMessage::Text(self.encodings.ws_message(stream, epoch, message)),
+            Event::Connected {
+                session,
+                resumed,
+                not_restored,
+                last_close,
+                subject,
+                subscriptions,
+                session_ttl_ms,
+                ping_interval_ms,
+                expires_at,
+            } => ServerFrame::Connected(proto::Connected {
+                session: (*session).to_owned(),
+                resumed: *resumed,
+                not_restored: not_restored.map(str::to_owned),
+                last_close: last_close.clone(),
+                subject: subject.map(str::to_owned),
+                subscriptions: subscriptions.iter().map(subscribed).collect(),
+                session_ttl_ms: *session_ttl_ms,
+                ping_interval_ms: *ping_interval_ms,
+                expires_at: *expires_at,
+            }),
+            Event::Subscribed(s) => ServerFrame::Subscribed(subscribed(s)),
+            Event::Unsubscribed { id, stream, reason } => {
+                ServerFrame::Unsubscribed(proto::Unsubscribed {
+                    id: *id,
+                    stream: (*stream).to_owned(),
+                    reason: reason.map(str::to_owned),
+                })
+            }
+            Event::Reset {
+                stream,
+                reason,
+                head,
+            } => ServerFrame::Reset(proto::Reset {
+                stream: (*stream).to_owned(),
+                reason: reason.to_string(),
+                position: head.to_string(),
+            }),
+            Event::Skipped {
+                stream,
+                epoch,
+                after,
+                through,
+                count,
+            } => ServerFrame::Skipped(proto::Skipped {
+                stream: (*stream).to_owned(),
+                epoch: epoch.to_string(),
+                after: *after,
+                through: *through,
+                count: *count,
+            }),
+            Event::Ack {
+                id,
+                stream,
+                appended,
+            } => ServerFrame::Ack(proto::Ack {
+                id: *id,
+                stream: stream.to_string(),
+                epoch: appended.position.epoch.to_string(),
+                offset: appended.position.offset.get(),
+                duplicate: appended.duplicate,
+            }),
+            Event::Refreshed { id, expires_at } => ServerFrame::Refreshed(proto::Refreshed {
+                id: *id,
+                expires_at: *expires_at,
+            }),
+            Event::Error { id, code, message } => ServerFrame::Error(proto::ErrorFrame {
+                id: *id,
+                code: *code,
+                message: (*message).to_owned(),
+            }),
+            Event::Ping => ServerFrame::Ping(proto::Ping {}),
+            Event::Pong => ServerFrame::Pong(proto::Ping {}),
+            Event::Reconnect { reason } => ServerFrame::Reconnect(proto::Reconnect {
+                reason: (*reason).to_owned(),
+            }),
+        };
+        WsMessage::Text(encode(&frame).into())
+    }
+
+    fn close(&self, why: CloseReason) -> (u16, &'static str) {
+        match why {
+            CloseReason::ShuttingDown => (close::GOING_AWAY, "server shutting down"),
+            CloseReason::TakenOver => (
+                close::SESSION_TAKEN_OVER,
+                "session resumed by another connection",
+            ),
+            CloseReason::TokenExpired => (close::TOKEN_EXPIRED, "token expired"),
+            CloseReason::Unreadable => (close::MESSAGE_TOO_BIG, "unreadable or oversized frame"),
+            CloseReason::PingTimeout => (close::PING_TIMEOUT, "no frame from the client in time"),
+            CloseReason::SlowConsumer => (close::SLOW_CONSUMER, "slow consumer"),
+            CloseReason::InvalidCredentials => (close::UNAUTHORIZED, "invalid credentials"),
+            CloseReason::CredentialsRequired => (close::UNAUTHORIZED, "credentials required"),
+            CloseReason::Binary => (close::UNSUPPORTED_DATA, "binary frames are not supported"),
+            CloseReason::TooManyBadFrames => (close::TOO_MANY_ERRORS, "too many malformed frames"),
+            CloseReason::TooManyPings => (close::POLICY_VIOLATION, "too many pings"),
+            CloseReason::ConnectTimeout => (close::CONNECT_TIMEOUT, "no connect frame in time"),
+        }
+    }
+}
+
+fn subscribed(s: &SubscribedTo<'_>) -> proto::Subscribed {
+    proto::Subscribed {
+        id: s.id,
+        stream: s.stream.to_owned(),
+        position: s.position.to_string(),
+        head: s.head.to_string(),
+    }
+}
+
+/// The `id` of a frame that did not parse, if it has a readable one, so that its `error`
+/// can repeat it.
+fn lenient_id(text: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: Option<serde_json::Value>,
+    }
+    serde_json::from_str::<IdOnly>(text).ok()?.id?.as_u64()
+}
+
+/// A server frame as JSON text.
+fn encode(frame: &ServerFrame) -> String {
+    serde_json::to_string(frame).unwrap_or_else(|e| {
+        format!(r#"{{"type":"error","code":"internal","message":"could not encode a frame: {e}"}}"#)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(message: WsMessage) -> String {
+        match message {
+            WsMessage::Text(t) => t.as_str().to_owned(),
+            other => panic!("not a text frame: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_frames_into_commands() {
+        let mut p = SpoolV1::new(Arc::default());
+        let publish = p
+            .decode(r#"{"type":"publish","id":7,"stream":"a","data":"x","key":"k"}"#)
+            .unwrap();
+        match publish {
+            Command::Publish { id, message } => {
+                assert_eq!(id, Some(7));
+                assert_eq!(message.stream, "a");
+                assert_eq!(message.key.as_deref(), Some("k"));
+            }
+            other => panic!("not a publish: {other:?}"),
+        }
+        assert!(matches!(p.decode(r#"{"type":"ping"}"#), Ok(Command::Ping)));
+        let bad = p
+            .decode(r#"{"type":"subscribe","id":3,"strem":"a"}"#)
+            .unwrap_err();
+        assert_eq!(bad.id, Some(3));
+        assert!(bad.message.starts_with("not a frame of spool.v1.json: "));
+    }
+
+    #[test]
+    fn encodes_events_as_frames() {
+        let p = SpoolV1::new(Arc::default());
+        assert_eq!(text(p.encode(&Event::Ping)), r#"{"type":"ping"}"#);
+        assert_eq!(
+            text(p.encode(&Event::Unsubscribed {
+                id: None,
+                stream: "a",
+                reason: Some("forbidden"),
+            })),
+            r#"{"type":"unsubscribed","stream":"a","reason":"forbidden"}"#
+        );
+        assert_eq!(
+            p.close(CloseReason::SlowConsumer),
+            (close::SLOW_CONSUMER, "slow consumer")
+        );
+    }
+}
