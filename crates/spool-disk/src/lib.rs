@@ -55,7 +55,7 @@ use tokio::sync::{mpsc, oneshot};
 use record::Record;
 use sessions::SessionFile;
 use spool_engine::{
-    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, StreamCounts,
+    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, SessionStore, StreamCounts,
     dedup::{DedupBudget, DedupWindow},
     log::StreamLog,
     registry::{Registry, Watched},
@@ -624,6 +624,20 @@ impl Engine for DiskEngine {
         Some(self.shared.streams.counts())
     }
 
+    async fn ready(&self) -> Result<(), EngineError> {
+        match self.shared.failure() {
+            Some(reason) => Err(EngineError::Unavailable(format!(
+                "the disk engine has failed: {reason}"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Sessions in `sessions.redb` beside the log ([`SessionFile`]); `sweep` forgets the expired
+/// ones once a minute.
+#[async_trait]
+impl SessionStore for DiskEngine {
     async fn save_sessions(&self, records: Vec<SessionRecord>) -> Result<(), EngineError> {
         let sessions = self.sessions.clone();
         blocking(move || sessions.save(&records, now_ms())).await
@@ -639,15 +653,6 @@ impl Engine for DiskEngine {
         let sessions = self.sessions.clone();
         let id = id.to_owned();
         blocking(move || sessions.delete(&id)).await
-    }
-
-    async fn ready(&self) -> Result<(), EngineError> {
-        match self.shared.failure() {
-            Some(reason) => Err(EngineError::Unavailable(format!(
-                "the disk engine has failed: {reason}"
-            ))),
-            None => Ok(()),
-        }
     }
 }
 

@@ -1,12 +1,15 @@
-//! The engine conformance suite: the contract of [`Engine`] (SPEC §2–§4 at the storage layer)
-//! as one set of checks that every engine runs from the same code — memory here, the disk,
-//! Redis and NATS JetStream engines in their own crates' tests.
+//! The engine conformance suite: the contract of [`Engine`] and of the stores beside it
+//! ([`SessionStore`]; SPEC §2–§4 at the storage layer) as one set of checks that every engine
+//! runs from the same code — memory here, the disk, Redis and NATS JetStream engines in their
+//! own crates' tests.
 //!
 //! An engine's test supplies a [`Backend`]: a way to make a fresh, isolated namespace (a temp
 //! dir, a key prefix, a stream-name prefix) and to open nodes on it. For a cluster engine every
-//! [`Namespace::node`] call is a new engine instance sharing the namespace's data, as a second
-//! Spool node would; for a single-node engine it is the same instance again. The suite then
-//! checks what holds for every engine, and the cross-node cases where nodes share data.
+//! [`Namespace::node`] (or [`Namespace::session_store`]) call is a new engine instance sharing
+//! the namespace's data, as a second Spool node would; for a single-node engine it is the same
+//! instance again. The suite then checks what holds for every engine, and the cross-node cases
+//! where nodes share data. The session cases use only [`Namespace::session_store`], so they
+//! check the store through its own trait, as the server holds it.
 //!
 //! Enabled with the `conformance` feature (for dev-dependencies only).
 
@@ -16,7 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use spool_core::{NewMessage, Offset, RetentionPolicy, StreamName};
 
-use crate::{Engine, SessionRecord};
+use crate::{Engine, SessionRecord, SessionStore};
 
 /// Settings a case asks its namespace's engines to run with.
 #[derive(Clone, Debug)]
@@ -48,21 +51,32 @@ pub trait Namespace: Send + Sync {
     /// same instance again for a single-node one.
     async fn node(&self) -> Arc<dyn Engine>;
 
+    /// The session store of a node on this namespace: a new instance sharing its data for a
+    /// cluster engine (as [`Namespace::node`]), the same one again for a single-node engine.
+    async fn session_store(&self) -> Arc<dyn SessionStore>;
+
     /// Whether [`Namespace::node`] gives distinct instances that share data (a cluster).
     fn clustered(&self) -> bool;
 }
 
-/// The namespace of a single-node engine: every node is the same instance. `keep` is held
-/// until the namespace drops (e.g. the temp dir the engine lives in).
+/// The namespace of a single-node engine: every node is the same instance, its log and its
+/// session store. `keep` is held until the namespace drops (e.g. the temp dir the engine lives
+/// in).
 pub struct SingleNode {
     engine: Arc<dyn Engine>,
+    sessions: Arc<dyn SessionStore>,
     _keep: Box<dyn std::any::Any + Send + Sync>,
 }
 
 impl SingleNode {
-    /// A namespace of `engine`, keeping `keep` alive as long as it.
-    pub fn new(engine: Arc<dyn Engine>, keep: impl std::any::Any + Send + Sync) -> Self {
+    /// A namespace of `engine` (the log and the session store), keeping `keep` alive as long
+    /// as it.
+    pub fn new<E: Engine + SessionStore>(
+        engine: Arc<E>,
+        keep: impl std::any::Any + Send + Sync,
+    ) -> Self {
         Self {
+            sessions: engine.clone(),
             engine,
             _keep: Box::new(keep),
         }
@@ -73,6 +87,9 @@ impl SingleNode {
 impl Namespace for SingleNode {
     async fn node(&self) -> Arc<dyn Engine> {
         self.engine.clone()
+    }
+    async fn session_store(&self) -> Arc<dyn SessionStore> {
+        self.sessions.clone()
     }
     fn clustered(&self) -> bool {
         false
@@ -297,7 +314,7 @@ async fn watchers_see_the_head_move(backend: &dyn Backend) {
 
 async fn sessions_are_kept_until_they_expire(backend: &dyn Backend) {
     let ns = backend.namespace(Settings::default()).await;
-    let engine = ns.node().await;
+    let store = ns.session_store().await;
     let now = spool_core::now_ms();
     let record = |id: &str, data: &'static str, expires_at| SessionRecord {
         id: id.into(),
@@ -306,34 +323,34 @@ async fn sessions_are_kept_until_they_expire(backend: &dyn Backend) {
     };
     let id = format!("conformance-session-{now}");
     let gone = format!("conformance-expired-{now}");
-    engine
+    store
         .save_sessions(vec![
             record(&id, "one", now + 60_000),
             record(&gone, "old", now.saturating_sub(1)),
         ])
         .await
         .expect("save");
-    assert_eq!(engine.load_session(&id).await.unwrap().unwrap(), "one");
+    assert_eq!(store.load_session(&id).await.unwrap().unwrap(), "one");
     assert!(
-        engine.load_session(&gone).await.unwrap().is_none(),
+        store.load_session(&gone).await.unwrap().is_none(),
         "sessions: an expired record is not loaded"
     );
-    engine
+    store
         .save_sessions(vec![record(&id, "two", now + 60_000)])
         .await
         .unwrap();
-    assert_eq!(engine.load_session(&id).await.unwrap().unwrap(), "two");
+    assert_eq!(store.load_session(&id).await.unwrap().unwrap(), "two");
     if ns.clustered() {
-        let other = ns.node().await;
+        let other = ns.session_store().await;
         assert_eq!(
             other.load_session(&id).await.unwrap().unwrap(),
             "two",
             "sessions: a session saved on one node resumes on another"
         );
     }
-    engine.delete_session(&id).await.unwrap();
-    assert!(engine.load_session(&id).await.unwrap().is_none());
-    assert!(engine.load_session("never-saved").await.unwrap().is_none());
+    store.delete_session(&id).await.unwrap();
+    assert!(store.load_session(&id).await.unwrap().is_none());
+    assert!(store.load_session("never-saved").await.unwrap().is_none());
 }
 
 async fn concurrent_appends_from_every_node_get_unique_gap_free_offsets(backend: &dyn Backend) {

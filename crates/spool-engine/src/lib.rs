@@ -1,13 +1,14 @@
-//! The storage engine interface of Spool, and the in-memory engine.
+//! The storage interfaces of Spool, and the in-memory engine.
 //!
 //! An [`Engine`] owns stream history: it appends messages and gives each its offset, reads a
 //! range after an offset together with a consistent snapshot of the stream's bounds, enforces
-//! retention, remembers idempotency keys, and tells watchers when a stream's head moves. The
-//! memory engine lives here; the disk (`spool-disk`), Redis (`spool-redis`) and NATS
-//! JetStream (`spool-nats`) engines implement the same trait, and the server never knows which
-//! one it talks to.
+//! retention, remembers idempotency keys, and tells watchers when a stream's head moves. What
+//! the server keeps besides history has its own traits in [`store`]: [`SessionStore`] for
+//! WebSocket sessions (and, next, a group store for consumer groups). The memory engine lives
+//! here; the disk (`spool-disk`), Redis (`spool-redis`) and NATS JetStream (`spool-nats`)
+//! engines implement the same traits, and the server never knows which one it talks to.
 //!
-//! Besides the trait, this crate holds the parts engines share: [`log`], [`dedup`] and
+//! Besides the traits, this crate holds the parts engines share: [`log`], [`dedup`] and
 //! [`registry`] (the in-memory side of the memory and disk engines), [`sessions`] (session
 //! records and their bound), [`cluster`] (the per-node state of the cluster engines) and the
 //! conformance suite every engine runs (feature `conformance`).
@@ -20,16 +21,17 @@ pub mod log;
 pub mod memory;
 pub mod registry;
 pub mod sessions;
+pub mod store;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use spool_core::{Message, NewMessage, Offset, Position, Retention, StreamName, StreamState};
 use tokio::sync::watch;
 
 pub use memory::MemoryEngine;
 pub use sessions::SessionRecord;
+pub use store::SessionStore;
 
 /// The result of appending one message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,16 +141,6 @@ pub trait Engine: Send + Sync + 'static {
     async fn sweep(&self) -> Result<(), EngineError> {
         Ok(())
     }
-
-    /// Saves session records (SPEC §3), replacing any with the same id. The server batches
-    /// these: one call carries every session that changed since the last one.
-    async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError>;
-
-    /// A session record, unless it is unknown or expired.
-    async fn load_session(&self, id: &str) -> Result<Option<Bytes>, EngineError>;
-
-    /// Forgets a session.
-    async fn delete_session(&self, id: &str) -> Result<(), EngineError>;
 
     /// Whether the engine can serve requests right now (for `/readyz`).
     async fn ready(&self) -> Result<(), EngineError> {

@@ -17,7 +17,7 @@ use spool_core::{
 };
 
 use crate::{
-    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, StreamCounts,
+    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, SessionStore, StreamCounts,
     dedup::{DedupBudget, DedupWindow},
     registry::{Registry, Watched},
     sessions::SessionTable,
@@ -199,7 +199,11 @@ impl Engine for MemoryEngine {
     fn stream_counts(&self) -> Option<StreamCounts> {
         Some(self.streams.counts())
     }
+}
 
+/// Sessions in a [`SessionTable`] beside the streams; `sweep` forgets the expired ones.
+#[async_trait]
+impl SessionStore for MemoryEngine {
     async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError> {
         self.sessions.save(sessions, now_ms())
     }
@@ -263,6 +267,32 @@ mod tests {
             .unwrap();
         let state = engine.state(&s).await.unwrap().unwrap();
         assert_eq!((state.oldest, state.head), (Offset(2), Offset(2)));
+    }
+
+    /// `--max-sessions` through the store as the server holds it: a new session past the bound
+    /// is refused with `Limit`, a stored one is still saved in the same batch.
+    #[tokio::test]
+    async fn session_limit_through_the_session_store() {
+        let store: Arc<dyn SessionStore> = Arc::new(MemoryEngine::new(MemoryConfig {
+            max_sessions: 1,
+            ..MemoryConfig::default()
+        }));
+        let record = |id: &str, data: &'static str| SessionRecord {
+            id: id.into(),
+            data: Bytes::from_static(data.as_bytes()),
+            expires_at: now_ms() + 60_000,
+        };
+        store.save_sessions(vec![record("a", "1")]).await.unwrap();
+        let err = store
+            .save_sessions(vec![record("b", "1"), record("a", "2")])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EngineError::Limit(_)), "{err:?}");
+        assert_eq!(store.load_session("a").await.unwrap().unwrap(), "2");
+        assert!(store.load_session("b").await.unwrap().is_none());
+        store.delete_session("a").await.unwrap();
+        store.save_sessions(vec![record("b", "1")]).await.unwrap();
+        assert_eq!(store.load_session("b").await.unwrap().unwrap(), "1");
     }
 
     #[tokio::test]

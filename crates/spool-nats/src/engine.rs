@@ -23,7 +23,7 @@ use spool_core::{
     Epoch, Message, NewMessage, Offset, Position, Retention, StreamName, StreamState, now_ms,
 };
 use spool_engine::{
-    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord,
+    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, SessionStore,
     cluster::{Heads, TailCache},
 };
 use tokio::{sync::Notify, task::AbortHandle};
@@ -866,6 +866,20 @@ impl Engine for NatsEngine {
         Ok(())
     }
 
+    async fn ready(&self) -> Result<(), EngineError> {
+        if !self.inner.connected() {
+            return Err(EngineError::Unavailable(format!(
+                "not connected to NATS at {}",
+                redacted(&self.inner.config.url)
+            )));
+        }
+        self.inner.api.ping().await
+    }
+}
+
+/// Sessions in the `<prefix>_sessions` KV bucket (`sessions.rs`), on the node's connection.
+#[async_trait]
+impl SessionStore for NatsEngine {
     async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError> {
         self.inner.sessions.save(&sessions).await
     }
@@ -876,15 +890,5 @@ impl Engine for NatsEngine {
 
     async fn delete_session(&self, id: &str) -> Result<(), EngineError> {
         self.inner.sessions.delete(id).await
-    }
-
-    async fn ready(&self) -> Result<(), EngineError> {
-        if !self.inner.connected() {
-            return Err(EngineError::Unavailable(format!(
-                "not connected to NATS at {}",
-                redacted(&self.inner.config.url)
-            )));
-        }
-        self.inner.api.ping().await
     }
 }

@@ -1,5 +1,6 @@
 //! The engine conformance suite against a real NATS JetStream: every namespace has its own
-//! prefix, every node is a new engine with its own connection, as separate Spool nodes would.
+//! prefix, every node (log or session store) is a new engine with its own connection, as
+//! separate Spool nodes would.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use spool_engine::{
-    Engine,
+    Engine, SessionStore,
     conformance::{self, Backend, Namespace, Settings},
 };
 use spool_nats::{NatsConfig, NatsEngine};
@@ -41,14 +42,25 @@ impl Backend for Nats {
     }
 }
 
-#[async_trait]
-impl Namespace for Prefix {
-    async fn node(&self) -> Arc<dyn Engine> {
+impl Prefix {
+    /// A new node on this prefix, with its own connection.
+    async fn connect(&self) -> Arc<NatsEngine> {
         Arc::new(
             NatsEngine::connect(self.config.clone())
                 .await
                 .expect("connect to NATS"),
         )
+    }
+}
+
+#[async_trait]
+impl Namespace for Prefix {
+    async fn node(&self) -> Arc<dyn Engine> {
+        self.connect().await
+    }
+
+    async fn session_store(&self) -> Arc<dyn SessionStore> {
+        self.connect().await
     }
 
     fn clustered(&self) -> bool {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use spool_core::{NewMessage, Offset, StreamName};
-use spool_engine::{Engine, EngineError, SessionRecord};
+use spool_engine::{Engine, EngineError, SessionRecord, SessionStore};
 use spool_nats::{NatsConfig, NatsEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

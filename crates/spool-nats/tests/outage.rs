@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use spool_core::{NewMessage, Offset, StreamName};
-use spool_engine::{Engine, EngineError, SessionRecord};
+use spool_engine::{Engine, EngineError, SessionRecord, SessionStore};
 use spool_nats::{NatsConfig, NatsEngine};
 use spool_testkit::engines::{Backend, OwnServer};
 

@@ -74,7 +74,7 @@ use spool_core::{
     Epoch, Message, NewMessage, Offset, Position, Retention, StreamName, StreamState, now_ms,
 };
 use spool_engine::{
-    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord,
+    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, SessionStore,
     cluster::{Heads, TailCache},
 };
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -593,6 +593,20 @@ impl Engine for RedisEngine {
         Ok(())
     }
 
+    async fn ready(&self) -> Result<(), EngineError> {
+        within(
+            "PING",
+            self.shared.config.timeout,
+            redis::cmd("PING").query_async::<Value>(&mut self.shared.conn.clone()),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// Sessions as keys expiring at the record's own expiry (`PXAT`), on the same connection.
+#[async_trait]
+impl SessionStore for RedisEngine {
     async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError> {
         if sessions.is_empty() {
             return Ok(());
@@ -641,15 +655,5 @@ impl Engine for RedisEngine {
                 .query_async::<()>(&mut self.shared.conn.clone()),
         )
         .await
-    }
-
-    async fn ready(&self) -> Result<(), EngineError> {
-        within(
-            "PING",
-            self.shared.config.timeout,
-            redis::cmd("PING").query_async::<Value>(&mut self.shared.conn.clone()),
-        )
-        .await
-        .map(|_| ())
     }
 }

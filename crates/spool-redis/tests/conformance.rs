@@ -1,5 +1,5 @@
 //! The engine conformance suite against a real Redis: each namespace a fresh key prefix,
-//! each node a new engine instance on it (a second Spool node).
+//! each node (log or session store) a new engine instance on it (a second Spool node).
 
 mod common;
 
@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use spool_engine::{
-    Engine,
+    Engine, SessionStore,
     conformance::{Backend, Namespace, Settings, run},
 };
 use spool_redis::{RedisConfig, RedisEngine};
@@ -31,9 +31,9 @@ impl Backend for Redis {
     }
 }
 
-#[async_trait]
-impl Namespace for Space {
-    async fn node(&self) -> Arc<dyn Engine> {
+impl Space {
+    /// A new node on this namespace.
+    async fn connect(&self) -> Arc<RedisEngine> {
         let config = RedisConfig {
             retention: self.settings.retention.clone(),
             dedup_window: self.settings.dedup_window,
@@ -44,6 +44,17 @@ impl Namespace for Space {
                 .await
                 .expect("connect to the test Redis"),
         )
+    }
+}
+
+#[async_trait]
+impl Namespace for Space {
+    async fn node(&self) -> Arc<dyn Engine> {
+        self.connect().await
+    }
+
+    async fn session_store(&self) -> Arc<dyn SessionStore> {
+        self.connect().await
     }
 
     fn clustered(&self) -> bool {

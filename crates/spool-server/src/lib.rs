@@ -3,10 +3,10 @@
 //! [`Engine`].
 //!
 //! [`serve`] runs the server on a bound listener until a [`CancellationToken`] fires; the
-//! `spool` binary builds the configuration and the engine and calls it. Transports are thin
-//! adapters over the [`delivery`] layer (publish, encode once), and never read history
-//! themselves: they drive a [`subscription::Subscription`], which applies the continuity rule
-//! of `spool_core` to everything an engine returns.
+//! `spool` binary builds the configuration, the engine and its [`SessionStore`] and calls it.
+//! Transports are thin adapters over the [`delivery`] layer (publish, encode once), and never
+//! read history themselves: they drive a [`subscription::Subscription`], which applies the
+//! continuity rule of `spool_core` to everything an engine returns.
 
 pub mod auth;
 pub mod config;
@@ -21,7 +21,7 @@ pub mod ws;
 
 use std::{sync::Arc, time::Duration};
 
-use spool_engine::Engine;
+use spool_engine::{Engine, SessionStore};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -38,7 +38,10 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
-    /// WebSocket sessions (SPEC §3).
+    /// Where WebSocket session records are kept (the engine's store; a group store for
+    /// consumer groups will sit beside it).
+    pub session_store: Arc<dyn SessionStore>,
+    /// WebSocket sessions (SPEC §3), saved to `session_store`.
     pub sessions: Arc<Sessions>,
     /// How many new streams each identity may still create (`delivery/budget.rs`).
     pub budget: Arc<budget::StreamBudget>,
@@ -51,16 +54,18 @@ pub struct AppState {
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then stops accepting, ends every
 /// SSE stream with a `reconnect` event, answers pending long-polls, and returns once open
-/// requests are done.
+/// requests are done. `engine` holds the streams, `session_store` the WebSocket sessions
+/// (`spool serve` passes the same engine for both).
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<dyn Engine>,
+    session_store: Arc<dyn SessionStore>,
     config: ServerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let mut config = config;
     listener::fit_to_file_limit(&mut config.http);
-    let sessions = Arc::new(Sessions::new(engine.clone(), config.ws.session_ttl));
+    let sessions = Arc::new(Sessions::new(session_store.clone(), config.ws.session_ttl));
     let state = AppState {
         auth: Arc::new(Authenticator::new(&config.auth)),
         budget: Arc::new(budget::StreamBudget::new(config.max_new_streams_per_minute)),
@@ -69,6 +74,7 @@ pub async fn serve(
         config: Arc::new(config),
         metrics: Arc::new(Metrics::new()),
         shutdown: shutdown.clone(),
+        session_store,
         sessions: sessions.clone(),
         tasks: TaskTracker::new(),
     };

@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use spool_disk::{DiskConfig, DiskEngine};
-use spool_engine::{Engine, MemoryEngine, memory::MemoryConfig};
+use spool_engine::{Engine, MemoryEngine, SessionStore, memory::MemoryConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, EngineKind, Settings};
@@ -28,12 +28,13 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
         );
     }
 
-    let engine: Arc<dyn Engine> = match resolved.engine {
+    // Every engine keeps the sessions too: the same instance is the log and the session store.
+    let (engine, session_store) = match resolved.engine {
         EngineKind::Memory => {
             tracing::warn!(
                 "memory engine: history is lost on restart and every stream gets a new epoch"
             );
-            Arc::new(MemoryEngine::new(MemoryConfig {
+            stores(MemoryEngine::new(MemoryConfig {
                 retention: resolved.retention.clone(),
                 dedup_window: resolved.dedup_window,
                 max_streams: resolved.max_streams,
@@ -62,7 +63,7 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
             let engine = tokio::task::spawn_blocking(move || DiskEngine::open(config))
                 .await
                 .context("the disk engine's recovery panicked")??;
-            Arc::new(engine)
+            stores(engine)
         }
         EngineKind::Redis {
             url,
@@ -79,7 +80,7 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
                 timeout,
                 ..spool_redis::RedisConfig::new(url)
             };
-            Arc::new(
+            stores(
                 spool_redis::RedisEngine::connect(config)
                     .await
                     .context("cannot start the redis engine")?,
@@ -113,7 +114,7 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
                 anyhow::anyhow!("invalid --nats-url (SPOOL_NATS_URL, nats_url): {why}")
             })?;
             tracing::info!(servers = servers.len(), "NATS servers to connect to");
-            Arc::new(
+            stores(
                 spool_nats::NatsEngine::connect(config)
                     .await
                     .context("cannot start the nats engine")?,
@@ -132,6 +133,7 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
     let server = tokio::spawn(spool_server::serve(
         listener,
         engine,
+        session_store,
         resolved.server,
         shutdown.clone(),
     ));
@@ -145,6 +147,12 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `engine` as the server's log and as its session store.
+fn stores<E: Engine + SessionStore>(engine: E) -> (Arc<dyn Engine>, Arc<dyn SessionStore>) {
+    let engine = Arc::new(engine);
+    (engine.clone(), engine)
 }
 
 /// Registers SIGTERM and SIGINT handlers now — before the server reports that it listens, so

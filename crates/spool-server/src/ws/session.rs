@@ -3,9 +3,10 @@
 //!
 //! A connected session lives in memory ([`LiveSession`]); the writer of its connection moves
 //! the positions as frames reach the socket, and [`Sessions`] saves every changed session to
-//! the engine about once a second in one batch (and once more when its connection ends), so a
-//! busy connection costs one small write per second, not one per message. Records expire in
-//! the engine `session_ttl` after their last save; a live session is re-saved well before that.
+//! the [`SessionStore`] (the engine's, given to `serve` beside the engine) about once a second
+//! in one batch (and once more when its connection ends), so a busy connection costs one small
+//! write per second, not one per message. Records expire in the store `session_ttl` after their
+//! last save; a live session is re-saved well before that.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -18,7 +19,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use spool_core::{Position, now_ms};
-use spool_engine::{Engine, EngineError, SessionRecord};
+use spool_engine::{EngineError, SessionRecord, SessionStore};
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +34,7 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// How long a resume waits for the connection that holds the session to let go of it.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 
-/// What a session record holds (JSON in the engine).
+/// What a session record holds (JSON in the session store).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Stored {
     principal: Principal,
@@ -235,7 +236,7 @@ impl LiveSession {
     }
 
     /// Whether it should be saved now: changed, or not saved for a third of the TTL (so the
-    /// engine's record of a quiet live session never expires).
+    /// store's record of a quiet live session never expires).
     fn due(&self, ttl: Duration) -> bool {
         let inner = self.inner.lock();
         inner.dirty || inner.saved_at.elapsed() >= ttl / 3
@@ -250,7 +251,7 @@ pub struct Restored {
 
 /// Every session of this node, and their persistence.
 pub struct Sessions {
-    engine: Arc<dyn Engine>,
+    store: Arc<dyn SessionStore>,
     ttl: Duration,
     live: Mutex<HashMap<String, Arc<LiveSession>>>,
     /// Held from taking records to their save, so a newer record of a session is never
@@ -259,9 +260,9 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub fn new(engine: Arc<dyn Engine>, ttl: Duration) -> Self {
+    pub fn new(store: Arc<dyn SessionStore>, ttl: Duration) -> Self {
         Self {
-            engine,
+            store,
             ttl,
             live: Mutex::new(HashMap::new()),
             saving: tokio::sync::Mutex::new(()),
@@ -318,7 +319,7 @@ impl Sessions {
             holder.taken_over.cancel();
             let _ = tokio::time::timeout(TAKEOVER_WAIT, released.wait_for(|r| *r)).await;
         }
-        let Some(data) = self.engine.load_session(id).await? else {
+        let Some(data) = self.store.load_session(id).await? else {
             return Ok(Err(NotRestored::Unknown));
         };
         let Ok(stored) = serde_json::from_slice::<Stored>(&data) else {
@@ -385,7 +386,7 @@ impl Sessions {
     pub async fn release(&self, session: &Arc<LiveSession>) {
         let saving = self.saving.lock().await;
         if let Some(record) = session.record(self.ttl)
-            && let Err(e) = self.engine.save_sessions(vec![record]).await
+            && let Err(e) = self.store.save_sessions(vec![record]).await
         {
             tracing::warn!(error = %e, "could not save a session on disconnect");
         }
@@ -402,7 +403,7 @@ impl Sessions {
         session.released.send_replace(true);
     }
 
-    /// Saves every live session that is due, in one engine call.
+    /// Saves every live session that is due, in one call to the session store.
     pub async fn flush(&self) {
         let _saving = self.saving.lock().await;
         let due: Vec<Arc<LiveSession>> = self
@@ -417,9 +418,9 @@ impl Sessions {
             return;
         }
         let n = records.len();
-        match self.engine.save_sessions(records).await {
+        match self.store.save_sessions(records).await {
             Ok(()) => {}
-            // At the session limit the engine saved every session it already held and left
+            // At the session limit the store saved every session it already held and left
             // only new ones unsaved: retrying the whole batch each second would only repeat
             // that. A session left out is tried again when it next changes.
             Err(e @ spool_engine::EngineError::Limit(_)) => {
