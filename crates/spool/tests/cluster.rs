@@ -271,8 +271,18 @@ async fn expect_reset_then(peer: &mut WsPeer, ack: &Value) {
     );
     let position = reset["position"].as_str().expect("reset position");
     let (epoch, offset) = position.rsplit_once(':').expect("EPOCH:OFFSET");
-    assert_eq!(epoch, ack["epoch"].as_str().expect("ack epoch"), "{reset}");
     let mut at: u64 = offset.parse().expect("offset");
+    if epoch != ack["epoch"].as_str().expect("ack epoch") {
+        // The subscriber's node noticed the loss before the publish and parked it at head 0
+        // of its own placeholder (reads create no stream); the stream was then made by a
+        // publish in another epoch, which the subscriber follows from its first message — no
+        // history of the placeholder to lose, so no second reset.
+        assert_eq!(
+            (reset["reason"].as_str(), at),
+            (Some("unknown_stream"), 0),
+            "a reset to another epoch than the publish's must be to an empty placeholder: {reset}"
+        );
+    }
     let target = ack["offset"].as_u64().expect("ack offset");
     while at < target {
         let m = next_frame(peer).await;
