@@ -189,6 +189,9 @@ struct KeySet {
 /// Checks credentials against the configured API keys, JWT secret and JWT public keys.
 pub struct Authenticator {
     api_keys: Vec<Vec<u8>>,
+    /// The fingerprint of each of `api_keys`, in the same order, computed once: a session
+    /// record keeps it instead of the key (see [`Proof`]).
+    api_key_fingerprints: Vec<String>,
     /// One entry per accepted algorithm that has at least one key.
     jwt: Vec<KeySet>,
     allow_anonymous: bool,
@@ -244,12 +247,14 @@ impl Authenticator {
             validation: validation(alg, config),
         })
         .collect();
+        let api_keys: Vec<Vec<u8>> = config
+            .api_keys
+            .iter()
+            .map(|k| k.as_bytes().to_vec())
+            .collect();
         Self {
-            api_keys: config
-                .api_keys
-                .iter()
-                .map(|k| k.as_bytes().to_vec())
-                .collect(),
+            api_key_fingerprints: api_keys.iter().map(|k| fingerprint(k)).collect(),
+            api_keys,
             jwt,
             allow_anonymous: config.allow_anonymous,
         }
@@ -261,8 +266,10 @@ impl Authenticator {
         headers: &HeaderMap,
         query_token: Option<&str>,
     ) -> Result<Principal, ApiError> {
-        self.authenticate_with_proof(headers, query_token)
-            .map(|(principal, _)| principal)
+        match self.credential(headers, query_token)? {
+            None => Ok(Principal::Anonymous),
+            Some(credential) => self.verify(credential),
+        }
     }
 
     /// [`Authenticator::authenticate`], with what a WebSocket session keeps to check the
@@ -272,6 +279,19 @@ impl Authenticator {
         headers: &HeaderMap,
         query_token: Option<&str>,
     ) -> Result<(Principal, Proof), ApiError> {
+        match self.credential(headers, query_token)? {
+            None => Ok((Principal::Anonymous, Proof::Anonymous)),
+            Some(credential) => self.verify_with_proof(credential),
+        }
+    }
+
+    /// The credential a request carries, `None` for an anonymous request that is allowed, or
+    /// why the request is refused.
+    fn credential<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        query_token: Option<&'a str>,
+    ) -> Result<Option<&'a str>, ApiError> {
         let credential = match headers.get(AUTHORIZATION) {
             Some(value) => {
                 let value = value
@@ -288,13 +308,13 @@ impl Authenticator {
             None => query_token,
         };
         match credential {
-            None | Some("") if self.allow_anonymous => Ok((Principal::Anonymous, Proof::Anonymous)),
+            None | Some("") if self.allow_anonymous => Ok(None),
             None | Some("") => Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,
                 "credentials required: send \"Authorization: Bearer <api key or token>\" or ?token=",
             )),
-            Some(credential) => self.verify_with_proof(credential),
+            Some(credential) => Ok(Some(credential)),
         }
     }
 
@@ -305,7 +325,12 @@ impl Authenticator {
         let proof = match &principal {
             Principal::Anonymous => Proof::Anonymous,
             Principal::ApiKey => Proof::ApiKey {
-                fingerprint: fingerprint(credential.as_bytes()),
+                fingerprint: self
+                    .api_keys
+                    .iter()
+                    .position(|k| bool::from(k.as_slice().ct_eq(credential.as_bytes())))
+                    .and_then(|i| self.api_key_fingerprints.get(i).cloned())
+                    .unwrap_or_else(|| fingerprint(credential.as_bytes())),
             },
             Principal::Token { .. } => Proof::Token {
                 token: credential.to_owned(),
@@ -330,9 +355,9 @@ impl Authenticator {
                 let stored = stored.as_bytes();
                 if !stored.is_empty()
                     && self
-                        .api_keys
+                        .api_key_fingerprints
                         .iter()
-                        .any(|k| bool::from(fingerprint(k).as_bytes().ct_eq(stored)))
+                        .any(|f| bool::from(f.as_bytes().ct_eq(stored)))
                 {
                     Ok(Principal::ApiKey)
                 } else {
