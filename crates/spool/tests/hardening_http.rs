@@ -609,3 +609,70 @@ async fn a_connection_flood_cannot_exhaust_file_descriptors() {
         assert_eq!(publish(i).await, 201, "publish {i} after the flood");
     }
 }
+
+/// Anonymous WebSocket publishers spend the stream budget of their own address, as over HTTP:
+/// one that used up its budget does not stop another address from creating streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_websocket_publishers_have_a_budget_per_address() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    let server = Server::start(&["--allow-anonymous", "--max-new-streams-per-minute", "3"]);
+    // A WebSocket from `source` (any 127.0.0.0/8 address is this machine) that connects
+    // anonymously, publishes one message to each of `streams` and returns the reply types.
+    let publish_from = |source: &'static str, streams: Vec<String>| {
+        let addr = server.addr.clone();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+            let tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
+            let mut request = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
+            request
+                .headers_mut()
+                .insert("sec-websocket-protocol", "spool.v1.json".parse().unwrap());
+            let (mut ws, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+            let mut replies = Vec::new();
+            let mut frames = vec![json!({"type":"connect"})];
+            for (id, stream) in streams.iter().enumerate() {
+                frames.push(json!({"type":"publish","id":id,"stream":stream,"data":"x"}));
+            }
+            for frame in frames {
+                ws.send(Message::text(frame.to_string())).await.unwrap();
+                let reply = loop {
+                    let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                        .await
+                        .expect("a reply")
+                        .expect("open")
+                        .unwrap();
+                    if let Message::Text(t) = msg {
+                        let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                        if v["type"] != "ping" {
+                            break v;
+                        }
+                    }
+                };
+                replies.push(reply);
+            }
+            replies
+        }
+    };
+    let first: Vec<String> = (0..6).map(|i| format!("one:{i}")).collect();
+    let replies = publish_from("127.0.0.1", first).await;
+    assert_eq!(replies[0]["type"], "connected", "{:?}", replies[0]);
+    let refused: Vec<&Value> = replies[1..]
+        .iter()
+        .filter(|r| r["type"] == "error")
+        .collect();
+    assert!(refused.len() >= 2, "{replies:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|r| r["code"] == "stream_budget_exceeded"),
+        "{refused:?}"
+    );
+    // Another address has a budget of its own.
+    let replies = publish_from("127.0.0.2", vec!["two:0".into(), "two:1".into()]).await;
+    assert!(
+        replies[1..].iter().all(|r| r["type"] == "ack"),
+        "{replies:?}"
+    );
+}

@@ -42,8 +42,12 @@ pub async fn upgrade(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    extensions: axum::http::Extensions,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    let client = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|axum::extract::ConnectInfo(addr)| addr.ip());
     let upgrade = upgrade.map_err(|e| {
         ApiError::new(
             e.status(),
@@ -90,7 +94,7 @@ pub async fn upgrade(
             match speaks {
                 Speaks::SpoolV1 => {
                     let protocol = SpoolV1::new(state.encodings.clone());
-                    core::run(socket, state, principal, protocol).await;
+                    core::run(socket, state, principal, client, protocol).await;
                 }
             }
             drop(guard);

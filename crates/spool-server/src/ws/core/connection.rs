@@ -64,6 +64,7 @@ pub async fn run<P: Protocol>(
     socket: WebSocket,
     state: AppState,
     upgrade_principal: Option<(Principal, Proof)>,
+    client: Option<std::net::IpAddr>,
     protocol: P,
 ) {
     let (sink, mut inbound) = socket.split();
@@ -88,6 +89,7 @@ pub async fn run<P: Protocol>(
         session: None,
         principal: None,
         upgrade_principal,
+        client,
         generation: 0,
         generations: HashMap::new(),
         pending: VecDeque::new(),
@@ -260,6 +262,9 @@ struct Connection<P> {
     principal: Option<Principal>,
     /// A credential checked on the upgrade request, used when `connect` carries none.
     upgrade_principal: Option<(Principal, Proof)>,
+    /// The client's address, when the listener recorded it: an anonymous caller's identity
+    /// for the stream budget.
+    client: Option<std::net::IpAddr>,
     /// Generation of the latest subscription per stream (see `LiveSession::delivered`).
     generation: u64,
     generations: HashMap<Arc<str>, u64>,
@@ -633,10 +638,13 @@ impl<P: Protocol> Connection<P> {
     fn start_round(&mut self) -> Round {
         self.round_bytes = std::mem::take(&mut self.pending_bytes);
         let engine = self.state.engine.clone();
-        // New streams spend the identity's budget (budget.rs); anonymous WebSocket callers
-        // share one bucket, as the connection does not carry the client address here.
+        // New streams spend the identity's budget (budget.rs); an anonymous caller's identity
+        // is its address, as over HTTP.
         let budget = self.state.budget.clone();
-        let who = self.principal.as_ref().map(|p| budget.identity(p, None));
+        let who = self
+            .principal
+            .as_ref()
+            .map(|p| budget.identity(p, self.client));
         let (ids, messages): (Vec<Option<u64>>, Vec<Validated>) = self
             .pending
             .drain(..)
