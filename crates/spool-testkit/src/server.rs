@@ -189,6 +189,20 @@ impl Server {
         body["results"].as_array().expect("results").clone()
     }
 
+    /// Waits until the server counts no open WebSocket connection (each has ended and saved
+    /// its session). A session's position is the last message written to its socket, so a
+    /// test that publishes "while the client is away" waits for this first: on a loaded
+    /// machine the server may otherwise still write into the dead socket.
+    pub async fn wait_for_no_ws_connection(&self) {
+        for _ in 0..200 {
+            if self.metric("spool_connections{transport=\"ws\"}").await == Some(0.0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the server still counts an open WebSocket connection after 10 s");
+    }
+
     /// The value of the Prometheus sample whose line starts with `sample` (name and labels,
     /// e.g. `spool_connections{transport="ws"}`), if present.
     pub async fn metric(&self, sample: &str) -> Option<f64> {

@@ -108,7 +108,7 @@ async fn a_session_resumes_across_graceful_restarts_of_the_disk_engine() {
 
     // Messages published before a restart while the client was away arrive after it.
     drop(peer);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.wait_for_no_ws_connection().await;
     publish_range(&server, "chat:1", 7..=8).await;
     assert!(server.terminate().success());
     let server = Server::start_disk(&listen, dir.path(), &[]);
