@@ -41,6 +41,10 @@ use crate::config::same_limits;
 /// JetStream error codes the engine acts on.
 const STREAM_NOT_FOUND: ErrorCode = ErrorCode::STREAM_NOT_FOUND;
 const STREAM_NAME_EXIST: ErrorCode = ErrorCode::STREAM_NAME_EXIST;
+/// "subjects overlap with an existing stream": a stream's subjects are its name's own, so this
+/// is the same stream being created by another node at this moment (JetStream 2.9 answers so
+/// while that creation is in flight).
+const STREAM_SUBJECT_OVERLAP: ErrorCode = ErrorCode::STREAM_SUBJECT_OVERLAP;
 const NO_MESSAGE_FOUND: ErrorCode = ErrorCode::NO_MESSAGE_FOUND;
 /// "maximum number of streams reached" (account limit).
 const MAXIMUM_STREAMS_LIMIT: ErrorCode = ErrorCode(10027);
@@ -141,7 +145,10 @@ impl Api {
             Response::Ok(info) if from_leader(&info) => Ok(info),
             // The stream was there already and a replica answered for it: ask its leader.
             Response::Ok(_) => self.leader_info(&config.name).await,
-            Response::Err { error } if error.error_code() == STREAM_NAME_EXIST => {
+            Response::Err { error }
+                if error.error_code() == STREAM_NAME_EXIST
+                    || error.error_code() == STREAM_SUBJECT_OVERLAP =>
+            {
                 let info = self.leader_info(&config.name).await?;
                 if same_limits(&info.config, config) {
                     return Ok(info);
