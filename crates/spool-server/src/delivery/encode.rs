@@ -287,7 +287,7 @@ fn payload(payload: &[u8]) -> (Option<&str>, Option<String>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use bytes::Bytes;
     use spool_core::Offset;
     use spool_protocol::{
@@ -309,7 +309,7 @@ mod tests {
     }
 
     /// What the SSE and long-poll code serialized before: `MessageBody` from cloned fields.
-    fn message_body(stream: Option<&str>, epoch: &Epoch, m: &Message) -> MessageBody {
+    pub(crate) fn message_body(stream: Option<&str>, epoch: &Epoch, m: &Message) -> MessageBody {
         let (data, data_base64) = encode_payload(&m.payload);
         MessageBody {
             stream: stream.map(ToString::to_string),

@@ -128,10 +128,10 @@ mod tests {
     use std::sync::Arc;
 
     use spool_core::{Epoch, Message, Offset};
-    use spool_protocol::http::{MessageBody, MessagesResponse, encode_payload};
+    use spool_protocol::http::MessagesResponse;
 
     use super::*;
-    use crate::delivery::encode::Encodings;
+    use crate::delivery::encode::{Encodings, tests::message_body};
 
     #[test]
     fn the_answer_is_what_serde_writes() {
@@ -168,20 +168,7 @@ mod tests {
                 let theirs = serde_json::to_vec(&MessagesResponse {
                     messages: messages[..n]
                         .iter()
-                        .map(|m| {
-                            let (data, data_base64) = encode_payload(&m.payload);
-                            MessageBody {
-                                stream: None,
-                                epoch: epoch.to_string(),
-                                offset: m.offset.get(),
-                                time: m.time_ms,
-                                data,
-                                data_base64,
-                                content_type: m.content_type.clone(),
-                                key: m.key.clone(),
-                                headers: m.headers.iter().cloned().collect(),
-                            }
-                        })
+                        .map(|m| message_body(None, &epoch, m))
                         .collect(),
                     position: "e1:2".into(),
                     head: "e1:\"3".into(),
