@@ -153,7 +153,8 @@ pub(crate) fn fit_to_file_limit(config: &mut HttpConfig) {
             max_connections = config.max_connections,
             open_file_limit = limit.rlim_cur,
             using = room,
-            "--max-connections is above what the open-file limit allows; using {room} (raise              `ulimit -n` to allow more)"
+            "--max-connections is above what the open-file limit allows; using {room} (raise \
+             `ulimit -n` to allow more)"
         );
         config.max_connections = room;
     }
