@@ -16,7 +16,6 @@ mod listener;
 pub mod metrics;
 mod query;
 mod routes;
-pub mod subscription;
 pub mod ws;
 
 use std::{sync::Arc, time::Duration};
@@ -28,7 +27,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 pub use config::ServerConfig;
 pub use delivery::budget;
 
-use crate::{auth::Authenticator, metrics::Metrics, ws::session::Sessions};
+use crate::{auth::Authenticator, delivery::session::Sessions, metrics::Metrics};
 
 /// What every handler shares.
 #[derive(Clone)]

@@ -14,3 +14,5 @@
 pub mod budget;
 pub mod encode;
 pub mod publish;
+pub mod session;
+pub mod subscription;

@@ -18,10 +18,10 @@ use super::{authenticate, stream_name};
 use crate::{
     AppState,
     auth::Action,
+    delivery::subscription::{Budget, Event, Subscription},
     error::ApiResult,
     metrics::Transport,
     query::{QueryParams, parse_start},
-    subscription::{Budget, Event, Subscription},
 };
 
 /// Messages per answer when the request does not say.

@@ -35,10 +35,10 @@ use super::{authenticate, stream_name};
 use crate::{
     AppState,
     auth::{Action, Principal},
+    delivery::subscription::{Budget, Event, Idle, Subscription, position_after},
     error::{ApiError, ApiResult},
     metrics::{ConnectionGuard, Transport},
     query::{QueryParams, parse_start},
-    subscription::{Budget, Event, Idle, Subscription, position_after},
 };
 
 /// How long EventSource should wait before reconnecting (sent as `retry:`).

@@ -3,7 +3,7 @@
 //! flow control, in the protocol the client picks by subprotocol.
 //!
 //! - [`core`] is what every WebSocket protocol needs: one task per connection that reads
-//!   client frames, drives one [`crate::subscription::Subscription`] per stream and pipelines
+//!   client frames, drives one [`crate::delivery::subscription::Subscription`] per stream and pipelines
 //!   publishes, and the bounded outbound buffer drained by a writer task (SPEC §8). A protocol
 //!   plugs in through [`core::Protocol`] (decode a frame into a command, encode an event).
 //! - [`spool_v1`] is `spool.v1.json`, the one protocol today.
@@ -14,7 +14,6 @@
 //! variant of [`Speaks`], and its arm in [`upgrade`].
 
 pub mod core;
-pub mod session;
 pub mod spool_v1;
 
 use axum::{

@@ -31,11 +31,13 @@ use crate::{
     AppState,
     auth::{Action, Principal, Proof},
     delivery::publish::{self as delivery, ToAppend, Validated},
+    delivery::{
+        session::{LiveSession, NotRestored, Sessions},
+        subscription::{self, Subscription, position_after},
+    },
     error::ApiError,
     metrics::Transport,
     query::parse_start,
-    subscription::{self, Subscription, position_after},
-    ws::session::{LiveSession, NotRestored, Sessions},
 };
 
 /// Messages read per engine call for one subscription.

@@ -10,7 +10,7 @@ use futures::{
 };
 
 use super::outbound::{Room, Taken};
-use crate::subscription::{Budget, Event, Subscription};
+use crate::delivery::subscription::{Budget, Event, Subscription};
 
 /// Longest wait between retries of a subscription whose engine reads fail.
 const MAX_RETRY: Duration = Duration::from_secs(5);

@@ -27,7 +27,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::ws::session::LiveSession;
+use crate::delivery::session::LiveSession;
 
 /// Frames beyond the delivery budget that may wait: replies to requests.
 const REPLY_SLOTS: usize = 256;
