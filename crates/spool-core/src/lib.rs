@@ -5,6 +5,7 @@
 //! Every engine and every transport speaks in these types, so the guarantees of SPEC §1–§2 are
 //! decided in one place ([`continuity`]) and proven once by property tests.
 
+pub mod clock;
 pub mod continuity;
 pub mod message;
 pub mod name;
@@ -12,6 +13,7 @@ pub mod pattern;
 pub mod position;
 pub mod retention;
 
+pub use clock::{Clock, ManualClock};
 pub use continuity::{Decision, ResetReason, Start, StreamState};
 pub use message::{Message, NewMessage};
 pub use name::{InvalidStreamName, StreamName};
