@@ -7,6 +7,7 @@
 
 pub mod clock;
 pub mod continuity;
+pub mod group;
 pub mod message;
 pub mod name;
 pub mod pattern;
@@ -15,6 +16,7 @@ pub mod retention;
 
 pub use clock::{Clock, ManualClock};
 pub use continuity::{Decision, ResetReason, Start, StreamState};
+pub use group::{GroupConfig, GroupConfigError, GroupName, MemberName};
 pub use message::{Message, NewMessage};
 pub use name::{InvalidStreamName, StreamName};
 pub use pattern::Pattern;
