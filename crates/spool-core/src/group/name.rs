@@ -99,6 +99,21 @@ name_type!(
     "consumer"
 );
 
+/// Serde for a [`StreamName`] inside group records (spool-core's `StreamName` has no serde of
+/// its own; stored names are read back with [`StreamName::stored`]).
+pub(crate) mod stream_name_serde {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(name: &StreamName, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(name.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<StreamName, D::Error> {
+        let s = String::deserialize(d)?;
+        StreamName::stored(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
