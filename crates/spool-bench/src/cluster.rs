@@ -25,7 +25,6 @@
 use std::{
     fmt::Write as _,
     net::SocketAddr,
-    path::PathBuf,
     str::FromStr,
     sync::{
         Arc,
@@ -39,7 +38,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use futures::SinkExt;
-use parking_lot::Mutex;
 use reqwest::{
     Url,
     header::{AUTHORIZATION, HeaderValue},
@@ -47,7 +45,7 @@ use reqwest::{
 use serde_json::{Value, json};
 use spool_protocol::{
     http::PublishResponse,
-    ws::{ClientFrame, Connect, SUBPROTOCOL, ServerFrame, Subscribe},
+    ws::{Connect, SUBPROTOCOL},
 };
 use tokio::{
     sync::{Semaphore, mpsc},
@@ -57,6 +55,7 @@ use tokio::{
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
+    JsonArgs, SpoolBinArgs,
     publish::Verdict,
     readback::{self, ReadBack},
     runner::{self, RunConfig, RunResult},
@@ -69,7 +68,7 @@ use crate::{
     },
     workload::Workload,
     ws::{
-        Errors,
+        self, Errors,
         measure::{self, CpuMark, Latencies, Quantiles, now_us},
         wire,
     },
@@ -96,12 +95,8 @@ const DATA_FIELD: &[u8] = br#""data":""#;
 /// Options of `spool-bench cluster`.
 #[derive(Args, Debug, Clone)]
 pub struct ClusterArgs {
-    /// The spool binary to benchmark.
-    #[arg(long, value_name = "PATH", default_value = "target/release/spool")]
-    pub spool_bin: PathBuf,
-    /// Extra argument for every `spool serve` (repeatable).
-    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
-    pub server_args: Vec<String>,
+    #[command(flatten)]
+    pub spool: SpoolBinArgs,
     /// The nats-server binary (redis-server is taken from the PATH).
     #[arg(long, value_name = "PATH", default_value = "nats-server")]
     pub nats_server: String,
@@ -161,9 +156,8 @@ pub struct ClusterArgs {
     /// Fan-out: subscriber handshakes at once.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub connect_concurrency: usize,
-    /// Also write the raw results as JSON to this file.
-    #[arg(long, value_name = "PATH")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: JsonArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -244,7 +238,7 @@ struct Cluster {
     setup: Setup,
     /// Stopped first (fields drop in declaration order), then the engine, then the files.
     nodes: Vec<SpoolProcess>,
-    engine: Option<Mutex<PeerProcess>>,
+    engine: Option<PeerProcess>,
     engine_line: Option<String>,
     engine_pid: Option<u32>,
     _work: tempfile::TempDir,
@@ -325,19 +319,19 @@ impl Cluster {
             "--config".into(),
             config.display().to_string(),
         ]);
-        node_args.extend(args.server_args.iter().cloned());
+        node_args.extend(args.spool.server_args.iter().cloned());
         let engine_line = engine.as_ref().map(|e| e.command_line.clone());
         let engine_pid = engine.as_ref().map(PeerProcess::pid);
         let mut cluster = Self {
             setup,
             nodes: Vec::with_capacity(setup.nodes),
-            engine: engine.map(Mutex::new),
+            engine,
             engine_line,
             engine_pid,
             _work: work,
         };
         for _ in 0..setup.nodes {
-            let node = SpoolProcess::start(&args.spool_bin, &node_args).await?;
+            let node = SpoolProcess::start(&args.spool.spool_bin, &node_args).await?;
             cluster.nodes.push(node);
         }
         Ok(cluster)
@@ -349,7 +343,7 @@ impl Cluster {
                 .with_context(|| format!("node {} of {}", i + 1, self.nodes.len()))?;
         }
         if let Some(engine) = &self.engine {
-            engine.lock().check_alive()?;
+            engine.check_alive()?;
         }
         Ok(())
     }
@@ -648,37 +642,10 @@ async fn subscriber(
         let _permit = setup.acquire().await;
         let path = format!("/v1/ws?token={API_KEY}");
         let mut ws = wire::ws_open(addr, &path, Some(SUBPROTOCOL)).await?;
-        let connect = ClientFrame::Connect(Connect::default());
-        ws.send(Message::text(serde_json::to_string(&connect)?))
-            .await?;
-        loop {
-            let text = wire::next_text(&mut ws)
-                .await?
-                .context("closed before `connected`")?;
-            match serde_json::from_str::<ServerFrame>(&text) {
-                Ok(ServerFrame::Connected(_)) => break,
-                Ok(ServerFrame::Error(e)) => bail!("connect refused: {}", e.message),
-                _ => continue,
-            }
-        }
-        let subscribe = ClientFrame::Subscribe(Subscribe {
-            id: Some(1),
-            stream: FANOUT_STREAM.to_owned(),
-            after: Some(after),
-        });
-        ws.send(Message::text(serde_json::to_string(&subscribe)?))
-            .await?;
-        loop {
-            let text = wire::next_text(&mut ws)
-                .await?
-                .context("closed before `subscribed`")?;
-            match serde_json::from_str::<ServerFrame>(&text) {
-                Ok(ServerFrame::Subscribed(_)) => return anyhow::Ok(ws),
-                Ok(ServerFrame::Error(e)) => bail!("subscribe refused: {}", e.message),
-                // Nothing is published while subscribers connect: no delivery is skipped.
-                _ => continue,
-            }
-        }
+        wire::spool_connect(&mut ws, Connect::default()).await?;
+        // Nothing is published while subscribers connect: no delivery is skipped.
+        wire::spool_subscribe(&mut ws, FANOUT_STREAM, after).await?;
+        anyhow::Ok(ws)
     }
     .await;
     let mut ws = match opened {
@@ -767,19 +734,15 @@ async fn fanout_phase(cluster: &Cluster, args: &ClusterArgs) -> Result<FanoutRes
             first.offset,
         ));
     }
-    let deadline = Instant::now() + SETUP_TIMEOUT;
-    while shared.ready.load(Ordering::Relaxed) + (shared.errors.count() as usize) < args.subscribers
-    {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {} subscribers subscribed within {SETUP_TIMEOUT:?}",
-                shared.ready.load(Ordering::Relaxed),
-                args.subscribers
-            );
-        }
-        cluster.check_alive()?;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    ws::wait_for_subscribers(
+        args.subscribers,
+        &shared.ready,
+        &shared.errors,
+        "subscribed",
+        SETUP_TIMEOUT,
+        || cluster.check_alive(),
+    )
+    .await?;
     if shared.errors.count() > 0 {
         bail!(
             "{} subscribers could not subscribe, e.g. {}",
@@ -1002,7 +965,7 @@ pub async fn run(args: ClusterArgs) -> Result<Verdict> {
     }
     let report = markdown(&args, &machine, &results);
     println!("{report}");
-    crate::ws::write_json(args.json.as_ref(), &to_json(&args, &results))?;
+    args.out.write(&to_json(&args, &results))?;
     let clean = results.iter().all(|r| {
         r.publish
             .as_ref()

@@ -79,15 +79,47 @@ pub struct LoadArgs {
     pub warmup: u64,
 }
 
-/// Options of `spool-bench publish`.
+/// The spool binary under test, for every benchmark that starts Spool.
 #[derive(Args, Debug, Clone)]
-pub struct PublishArgs {
+pub struct SpoolBinArgs {
     /// The spool binary to benchmark.
     #[arg(long, value_name = "PATH", default_value = "target/release/spool")]
     pub spool_bin: PathBuf,
-    /// Extra argument for `spool serve` (repeatable), e.g. `--server-arg=--dedup-window=1m`.
+    /// Extra argument for `spool serve` (repeatable; for every node in `cluster`), e.g.
+    /// `--server-arg=--dedup-window=1m`.
     #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub server_args: Vec<String>,
+}
+
+/// Where the raw results go, for every benchmark.
+#[derive(Args, Debug, Clone)]
+pub struct JsonArgs {
+    /// Also write the raw results as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+}
+
+impl JsonArgs {
+    /// Writes `value` to `--json`'s file, when one was given.
+    pub fn write(&self, value: &serde_json::Value) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let Some(path) = &self.json else {
+            return Ok(());
+        };
+        let text =
+            serde_json::to_string_pretty(value).context("cannot encode the results as JSON")?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+        Ok(())
+    }
+}
+
+/// Options of `spool-bench publish`.
+#[derive(Args, Debug, Clone)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub spool: SpoolBinArgs,
     #[command(flatten)]
     pub load: LoadArgs,
     /// Streams to publish to, round-robin (`bench-0`, `bench-1`, …).
@@ -105,9 +137,8 @@ pub struct PublishArgs {
     /// The target whose throughput the ratio column divides by.
     #[arg(long, value_name = "TARGET", default_value = "peer")]
     pub baseline: String,
-    /// Also write the raw results as JSON to this file.
-    #[arg(long, value_name = "PATH")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: JsonArgs,
 }
 
 #[tokio::main]

@@ -26,8 +26,8 @@ pub enum Verdict {
 pub async fn run(args: PublishArgs) -> Result<Verdict> {
     let workload = Arc::new(Workload::new(args.streams, args.load.size));
     let spool = SpoolOptions {
-        bin: args.spool_bin.clone(),
-        extra_args: args.server_args.clone(),
+        bin: args.spool.spool_bin.clone(),
+        extra_args: args.spool.server_args.clone(),
     };
     let mut kinds: Vec<TargetKind> = Vec::new();
     for kind in &args.targets {
@@ -101,13 +101,7 @@ pub async fn run(args: PublishArgs) -> Result<Verdict> {
     drop(targets);
 
     print!("{}", report.markdown());
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report.json())
-            .context("cannot encode the results as JSON")?;
-        std::fs::write(path, text + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
+    args.out.write(&report.json())?;
     Ok(if report.clean() {
         Verdict::Clean
     } else {

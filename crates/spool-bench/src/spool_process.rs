@@ -1,10 +1,13 @@
 //! A `spool serve` child process on a free 127.0.0.1 port, stopped when its guard drops
-//! (also on error and panic), so a benchmark never leaves a server behind.
+//! (also on error and panic), so a benchmark never leaves a server behind. Every benchmark
+//! starts Spool here: [`SpoolProcess::start_on`] with one of the engines the benchmarks use
+//! (and a fresh data directory for the disk engine), or [`SpoolProcess::start`] with the
+//! engine flags spelled out (the cluster engines).
 
 use std::{
     collections::VecDeque,
     io::{BufRead, BufReader},
-    net::{Ipv4Addr, SocketAddr, TcpListener},
+    net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -14,6 +17,8 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::time::{Instant, sleep};
+
+use crate::targets::process::free_port;
 
 /// Longest wait for a new server to answer `/healthz`.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -30,6 +35,17 @@ const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// The server's last log lines, filled by a thread that drains its stderr.
 type LogTail = Arc<Mutex<VecDeque<String>>>;
 
+/// How `spool serve` stores messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpoolEngine {
+    /// `--engine memory`.
+    Memory,
+    /// `--engine disk --durability fsync`: ack after fsync (the default setup).
+    DiskFsync,
+    /// `--engine disk --durability memory`: ack once written to the OS.
+    DiskNosync,
+}
+
 /// A running `spool serve`.
 pub struct SpoolProcess {
     child: Mutex<Child>,
@@ -38,6 +54,9 @@ pub struct SpoolProcess {
     log: LogTail,
     /// The thread that fills `log`; it ends when the child's stderr closes.
     drain: Option<JoinHandle<()>>,
+    /// The disk engine's data directory, removed on drop — after `Drop::drop` stopped the
+    /// child, since fields drop after it.
+    _data: Option<tempfile::TempDir>,
 }
 
 /// Why one start attempt failed.
@@ -48,6 +67,37 @@ enum StartError {
 }
 
 impl SpoolProcess {
+    /// Runs `BIN serve --listen 127.0.0.1:PORT --engine … ARGS…` on `engine` (the disk engine
+    /// in a fresh data directory) and waits until it answers `/healthz`.
+    pub async fn start_on(bin: &Path, engine: SpoolEngine, args: &[String]) -> Result<Self> {
+        let data = match engine {
+            SpoolEngine::Memory => None,
+            SpoolEngine::DiskFsync | SpoolEngine::DiskNosync => {
+                Some(tempfile::tempdir().context("cannot create a data directory")?)
+            }
+        };
+        let mut all: Vec<String> = match (&data, engine) {
+            (Some(dir), SpoolEngine::DiskFsync | SpoolEngine::DiskNosync) => vec![
+                "--engine".into(),
+                "disk".into(),
+                "--data-dir".into(),
+                dir.path().display().to_string(),
+                "--durability".into(),
+                if engine == SpoolEngine::DiskFsync {
+                    "fsync"
+                } else {
+                    "memory"
+                }
+                .into(),
+            ],
+            _ => vec!["--engine".into(), "memory".into()],
+        };
+        all.extend(args.iter().cloned());
+        let mut process = Self::start(bin, &all).await?;
+        process._data = data;
+        Ok(process)
+    }
+
     /// Runs `BIN serve --listen 127.0.0.1:PORT ARGS…` and waits until it answers `/healthz`.
     pub async fn start(bin: &Path, args: &[String]) -> Result<Self> {
         if !bin.is_file() {
@@ -132,6 +182,7 @@ impl SpoolProcess {
             command_line,
             log,
             drain,
+            _data: None,
         };
         match process.wait_ready().await {
             Ok(()) => Ok(process),
@@ -219,15 +270,8 @@ impl Drop for SpoolProcess {
             Ok(child) => child,
             Err(poisoned) => poisoned.into_inner(),
         };
-        // The memory engine has nothing to flush: a hard kill is fine and cannot hang.
+        // Nothing a benchmark stores is kept afterwards: a hard kill is fine and cannot hang.
         let _ = child.kill();
         let _ = child.wait();
     }
-}
-
-/// A port free on 127.0.0.1 right now (the OS picks it; it is released for the child).
-fn free_port() -> Result<SocketAddr> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("cannot find a free port on 127.0.0.1")?;
-    listener.local_addr().context("cannot read the free port")
 }

@@ -19,7 +19,7 @@ use anyhow::Result;
 use async_trait::async_trait;
 use clap::ValueEnum;
 
-use crate::{readback::ReadBack, workload::Workload};
+use crate::{readback::ReadBack, spool_process::SpoolEngine, workload::Workload};
 
 /// A system under test.
 #[async_trait]
@@ -86,13 +86,13 @@ pub async fn start(
 ) -> Result<Box<dyn Target>> {
     Ok(match kind {
         TargetKind::Spool => {
-            Box::new(spool::SpoolTarget::start(spool, spool::Engine::Memory, workload).await?)
+            Box::new(spool::SpoolTarget::start(spool, SpoolEngine::Memory, workload).await?)
         }
         TargetKind::SpoolFsync => {
-            Box::new(spool::SpoolTarget::start(spool, spool::Engine::DiskFsync, workload).await?)
+            Box::new(spool::SpoolTarget::start(spool, SpoolEngine::DiskFsync, workload).await?)
         }
         TargetKind::SpoolNosync => {
-            Box::new(spool::SpoolTarget::start(spool, spool::Engine::DiskNosync, workload).await?)
+            Box::new(spool::SpoolTarget::start(spool, SpoolEngine::DiskNosync, workload).await?)
         }
         TargetKind::Peer => Box::new(peer::PeerTarget::start(workload)?),
         TargetKind::Redis => Box::new(redis::RedisTarget::start(workload).await?),

@@ -11,13 +11,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use async_nats::jetstream;
 use async_trait::async_trait;
-use parking_lot::Mutex;
 
 use super::{Publisher, Target, process::PeerProcess};
 use crate::workload::Workload;
 
 pub struct NatsTarget {
-    process: Mutex<PeerProcess>,
+    process: PeerProcess,
     url: String,
     workload: Arc<Workload>,
 }
@@ -54,7 +53,7 @@ impl NatsTarget {
             .await
             .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream: {e}"))?;
         Ok(Self {
-            process: Mutex::new(process),
+            process,
             url,
             workload,
         })
@@ -70,7 +69,7 @@ impl Target for NatsTarget {
     fn description(&self) -> String {
         format!(
             "`{}`, file-storage stream, acked JetStream publish per message",
-            self.process.lock().command_line
+            self.process.command_line
         )
     }
 
@@ -91,7 +90,7 @@ impl Target for NatsTarget {
     }
 
     fn check_alive(&self) -> Result<()> {
-        self.process.lock().check_alive()
+        self.process.check_alive()
     }
 }
 

@@ -1,5 +1,6 @@
-//! Peer servers (redis-server, nats-server) as child processes on free 127.0.0.1 ports, each
-//! with its own data directory, stopped and cleaned up when the guard drops.
+//! Peer servers (redis-server, nats-server, the socket.io peer) as child processes on free
+//! 127.0.0.1 ports, each with its own data directory, stopped and cleaned up when the guard
+//! drops.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
@@ -8,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use parking_lot::Mutex;
 use tokio::time::{Instant, sleep};
 
 /// Longest wait for a peer server to accept connections.
@@ -15,7 +17,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A running peer server.
 pub struct PeerProcess {
-    child: Child,
+    child: Mutex<Child>,
     pub addr: SocketAddr,
     pub command_line: String,
     /// Removed after the child is stopped (see `Drop`).
@@ -26,8 +28,8 @@ impl PeerProcess {
     /// Starts `program` with `args(port, data_dir)` and waits until its port accepts.
     pub async fn start(program: &str, args: impl Fn(u16, &str) -> Vec<String>) -> Result<Self> {
         let data = tempfile::tempdir().context("cannot create a data directory")?;
-        let port = free_port()?;
-        let args = args(port, &data.path().display().to_string());
+        let addr = free_port()?;
+        let args = args(addr.port(), &data.path().display().to_string());
         let child = Command::new(program)
             .args(&args)
             .stdin(Stdio::null())
@@ -35,9 +37,9 @@ impl PeerProcess {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot run {program}: is it installed?"))?;
-        let mut process = Self {
-            child,
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        let process = Self {
+            child: Mutex::new(child),
+            addr,
             command_line: format!("{program} {}", args.join(" ")),
             data: Some(data),
         };
@@ -46,7 +48,7 @@ impl PeerProcess {
             if tokio::net::TcpStream::connect(process.addr).await.is_ok() {
                 return Ok(process);
             }
-            if let Some(status) = process.child.try_wait()? {
+            if let Some(status) = process.child.lock().try_wait()? {
                 bail!(
                     "{} exited with {status} before accepting connections",
                     process.command_line
@@ -64,11 +66,12 @@ impl PeerProcess {
 
     /// The server's process id (for its memory and CPU readings in `/proc`).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.lock().id()
     }
 
-    pub fn check_alive(&mut self) -> Result<()> {
-        match self.child.try_wait()? {
+    /// Fails when the server has exited.
+    pub fn check_alive(&self) -> Result<()> {
+        match self.child.lock().try_wait()? {
             None => Ok(()),
             Some(status) => bail!("{} exited with {status}", self.command_line),
         }
@@ -77,15 +80,16 @@ impl PeerProcess {
 
 impl Drop for PeerProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.child.get_mut();
+        let _ = child.kill();
+        let _ = child.wait();
         drop(self.data.take());
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("cannot find a free port")?
-        .local_addr()?
-        .port())
+/// A port free on 127.0.0.1 right now (the OS picks it; it is released for the child).
+pub fn free_port() -> Result<SocketAddr> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("cannot find a free port on 127.0.0.1")?;
+    listener.local_addr().context("cannot read the free port")
 }

@@ -6,13 +6,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
-use parking_lot::Mutex;
 
 use super::{Publisher, Target, process::PeerProcess};
 use crate::workload::Workload;
 
 pub struct RedisTarget {
-    process: Mutex<PeerProcess>,
+    process: PeerProcess,
     client: redis::Client,
     workload: Arc<Workload>,
 }
@@ -51,7 +50,7 @@ impl RedisTarget {
         let client =
             redis::Client::open(format!("redis://{}/", process.addr)).context("bad redis URL")?;
         Ok(Self {
-            process: Mutex::new(process),
+            process,
             client,
             workload,
         })
@@ -65,7 +64,7 @@ impl Target for RedisTarget {
     }
 
     fn description(&self) -> String {
-        format!("`{}`, `XADD` per message", self.process.lock().command_line)
+        format!("`{}`, `XADD` per message", self.process.command_line)
     }
 
     async fn connect(&self, _client_idx: usize) -> Result<Box<dyn Publisher>> {
@@ -81,7 +80,7 @@ impl Target for RedisTarget {
     }
 
     fn check_alive(&self) -> Result<()> {
-        self.process.lock().check_alive()
+        self.process.check_alive()
     }
 }
 

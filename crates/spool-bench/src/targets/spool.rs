@@ -13,89 +13,54 @@ use super::{
 };
 use crate::{
     readback::{self, ReadBack},
-    spool_process::SpoolProcess,
+    spool_process::{SpoolEngine, SpoolProcess},
     workload::Workload,
 };
 
 /// The API key the benchmark server is started with.
 pub const API_KEY: &str = "bench-key";
 
-/// Which engine `spool serve` runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Engine {
-    Memory,
-    DiskFsync,
-    DiskNosync,
-}
-
-impl Engine {
-    fn name(self) -> &'static str {
-        match self {
-            Engine::Memory => "spool",
-            Engine::DiskFsync => "spool-fsync",
-            Engine::DiskNosync => "spool-nosync",
-        }
+/// The name of a target on `engine` in the report.
+fn name(engine: SpoolEngine) -> &'static str {
+    match engine {
+        SpoolEngine::Memory => "spool",
+        SpoolEngine::DiskFsync => "spool-fsync",
+        SpoolEngine::DiskNosync => "spool-nosync",
     }
 }
 
 /// `spool serve` under test.
 pub struct SpoolTarget {
-    engine: Engine,
-    /// Stopped on drop.
+    engine: SpoolEngine,
+    /// Stopped on drop (with its data directory).
     process: SpoolProcess,
     base: Url,
     urls: Arc<[Url]>,
     auth: HeaderValue,
     workload: Arc<Workload>,
     acks: Arc<AckCounts>,
-    /// The disk engine's data directory, removed on drop — after `process` stopped, since
-    /// fields drop in declaration order.
-    _data: Option<tempfile::TempDir>,
 }
 
 impl SpoolTarget {
     /// Starts `spool serve` on a free 127.0.0.1 port and waits until it answers.
     pub async fn start(
         options: &SpoolOptions,
-        engine: Engine,
+        engine: SpoolEngine,
         workload: Arc<Workload>,
     ) -> Result<Self> {
-        let data = match engine {
-            Engine::Memory => None,
-            Engine::DiskFsync | Engine::DiskNosync => {
-                Some(tempfile::tempdir().context("cannot create a data directory")?)
-            }
-        };
-        let mut args: Vec<String> = match (&data, engine) {
-            (Some(dir), Engine::DiskFsync | Engine::DiskNosync) => vec![
-                "--engine".into(),
-                "disk".into(),
-                "--data-dir".into(),
-                dir.path().display().to_string(),
-                "--durability".into(),
-                if engine == Engine::DiskFsync {
-                    "fsync"
-                } else {
-                    "memory"
-                }
-                .into(),
-            ],
-            _ => vec!["--engine".into(), "memory".into()],
-        };
-        args.extend(
-            [
-                "--api-key",
-                API_KEY,
-                // Keep everything the benchmark publishes, so the read-back can count it all.
-                "--history-limit",
-                "1000000",
-                "--history-max-bytes",
-                "4GiB",
-            ]
-            .map(String::from),
-        );
+        let mut args: Vec<String> = [
+            "--api-key",
+            API_KEY,
+            // Keep everything the benchmark publishes, so the read-back can count it all.
+            "--history-limit",
+            "1000000",
+            "--history-max-bytes",
+            "4GiB",
+        ]
+        .map(String::from)
+        .to_vec();
         args.extend(options.extra_args.iter().cloned());
-        let process = SpoolProcess::start(&options.bin, &args).await?;
+        let process = SpoolProcess::start_on(&options.bin, engine, &args).await?;
         let base =
             Url::parse(&format!("http://{}/", process.addr())).context("bad spool base URL")?;
         let urls = publish_urls(&base, &workload)?;
@@ -103,7 +68,6 @@ impl SpoolTarget {
             .context("bad Authorization header")?;
         Ok(Self {
             engine,
-            _data: data,
             process,
             base,
             urls,
@@ -117,7 +81,7 @@ impl SpoolTarget {
 #[async_trait]
 impl Target for SpoolTarget {
     fn name(&self) -> &str {
-        self.engine.name()
+        name(self.engine)
     }
 
     fn description(&self) -> String {

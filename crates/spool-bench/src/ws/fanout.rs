@@ -20,7 +20,6 @@
 
 use std::{
     fmt::Write as _,
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -36,11 +35,11 @@ use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
 use super::{
     Errors, ServerArgs, WsTarget,
     measure::{self, Latencies, Quantiles, now_us},
-    server::{Server, SpoolEngine},
+    server::Server,
     stream_name,
     wire::{Conn, Delivery, Publisher},
 };
-use crate::publish::Verdict;
+use crate::{JsonArgs, publish::Verdict, spool_process::SpoolEngine};
 
 /// Longest wait for every published message to reach every subscriber after a phase.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -99,9 +98,8 @@ pub struct FanoutArgs {
     /// listen backlog, so the setup does not wait on SYN retransmits).
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub connect_concurrency: usize,
-    /// Also write the raw results as JSON to this file.
-    #[arg(long, value_name = "PATH")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: JsonArgs,
 }
 
 /// What every subscriber task shares.
@@ -209,7 +207,7 @@ pub async fn run(args: FanoutArgs) -> Result<Verdict> {
     }
     let report = markdown(&args, &machine, &scenarios);
     println!("{report}");
-    super::write_json(args.json.as_ref(), &to_json(&args, &scenarios))?;
+    args.out.write(&to_json(&args, &scenarios))?;
     let clean = scenarios
         .iter()
         .all(|s| s.failed == 0 && s.phases.iter().all(|p| p.missing == 0));
@@ -244,16 +242,9 @@ async fn scenario(args: &FanoutArgs, target: WsTarget, streams: usize) -> Result
         let (shared, setup, addr) = (shared.clone(), setup.clone(), server.addr);
         let stream = names[i % streams].clone();
         tasks.spawn(async move {
-            let opened = async {
-                let _permit = setup.acquire().await;
-                let mut conn = Conn::open(target, addr).await?;
-                conn.hello(None).await?;
-                conn.subscribe(&stream).await?;
-                anyhow::Ok(conn)
-            }
-            .await;
+            let opened = Conn::subscriber(target, addr, &stream, &setup).await;
             let mut conn = match opened {
-                Ok(conn) => conn,
+                Ok((conn, _)) => conn,
                 Err(e) => return shared.errors.record(&e.context("subscriber setup")),
             };
             shared.ready.fetch_add(1, Ordering::Relaxed);
@@ -265,19 +256,15 @@ async fn scenario(args: &FanoutArgs, target: WsTarget, streams: usize) -> Result
             }
         });
     }
-    let deadline = Instant::now() + SETUP_TIMEOUT;
-    while shared.ready.load(Ordering::Relaxed) + (shared.errors.count() as usize) < args.subscribers
-    {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {} subscribers connected within {SETUP_TIMEOUT:?}",
-                shared.ready.load(Ordering::Relaxed),
-                args.subscribers
-            );
-        }
-        server.check_alive()?;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    super::wait_for_subscribers(
+        args.subscribers,
+        &shared.ready,
+        &shared.errors,
+        "connected",
+        SETUP_TIMEOUT,
+        || server.check_alive(),
+    )
+    .await?;
     let setup_secs = started.elapsed().as_secs_f64();
     if shared.errors.count() > 0 {
         bail!(

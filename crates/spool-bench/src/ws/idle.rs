@@ -16,7 +16,7 @@
 //! Spool closes a connection that has not sent `connect` within 10 s, so stage 1 must not last
 //! longer than that (10,000 connections take about a second here).
 
-use std::{fmt::Write as _, path::PathBuf, time::Duration};
+use std::{fmt::Write as _, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -24,13 +24,8 @@ use futures::{StreamExt, stream};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::{
-    ServerArgs, WsTarget, measure,
-    server::{Server, SpoolEngine},
-    stream_name,
-    wire::Conn,
-};
-use crate::publish::Verdict;
+use super::{ServerArgs, WsTarget, measure, server::Server, stream_name, wire::Conn};
+use crate::{JsonArgs, publish::Verdict, spool_process::SpoolEngine};
 
 /// Options of `spool-bench ws-idle`.
 #[derive(Args, Debug, Clone)]
@@ -62,9 +57,8 @@ pub struct IdleArgs {
     /// shows as a second round that costs little).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub rounds: usize,
-    /// Also write the raw results as JSON to this file.
-    #[arg(long, value_name = "PATH")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: JsonArgs,
 }
 
 /// One target's readings, in KiB.
@@ -120,7 +114,7 @@ pub async fn run(args: IdleArgs) -> Result<Verdict> {
         all.extend(rounds);
     }
     println!("{}", markdown(&args, &machine, &all));
-    super::write_json(args.json.as_ref(), &to_json(&args, &all))?;
+    args.out.write(&to_json(&args, &all))?;
     Ok(
         if all
             .iter()

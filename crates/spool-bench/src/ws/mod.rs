@@ -20,10 +20,20 @@ pub mod resume;
 mod server;
 pub(crate) mod wire;
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use clap::{Args, ValueEnum};
 use parking_lot::Mutex;
+
+/// How often [`wait_until`] looks.
+const SETUP_POLL: Duration = Duration::from_millis(20);
 
 /// A system a WebSocket benchmark can measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -49,12 +59,8 @@ impl WsTarget {
 /// How to start the servers.
 #[derive(Args, Debug, Clone)]
 pub struct ServerArgs {
-    /// The spool binary to benchmark.
-    #[arg(long, value_name = "PATH", default_value = "target/release/spool")]
-    pub spool_bin: PathBuf,
-    /// Extra argument for `spool serve` (repeatable), e.g. `--server-arg=--ws-outbound-messages=64`.
-    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
-    pub server_args: Vec<String>,
+    #[command(flatten)]
+    pub spool: crate::SpoolBinArgs,
     /// The Node.js binary that runs the socket.io peer.
     #[arg(long, value_name = "PATH", default_value = "node")]
     pub node: String,
@@ -72,7 +78,7 @@ pub struct ServerArgs {
 /// The first few errors of many client tasks, and how many there were.
 #[derive(Default)]
 pub struct Errors {
-    count: std::sync::atomic::AtomicU64,
+    count: AtomicU64,
     samples: Mutex<Vec<String>>,
 }
 
@@ -82,8 +88,7 @@ impl Errors {
     }
 
     pub fn record(&self, e: &anyhow::Error) {
-        self.count
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
         let text = format!("{e:#}");
         let mut samples = self.samples.lock();
         if samples.len() < 3 && !samples.contains(&text) {
@@ -92,7 +97,7 @@ impl Errors {
     }
 
     pub fn count(&self) -> u64 {
-        self.count.load(std::sync::atomic::Ordering::Relaxed)
+        self.count.load(Ordering::Relaxed)
     }
 
     pub fn samples(&self) -> Vec<String> {
@@ -100,20 +105,48 @@ impl Errors {
     }
 }
 
+/// Polls `done` until it says yes (`Ok(true)`), checking `alive` (the server) between looks;
+/// `Ok(false)` when `timeout` passed first.
+pub async fn wait_until(
+    timeout: Duration,
+    mut done: impl FnMut() -> anyhow::Result<bool>,
+    alive: impl Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<bool> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !done()? {
+        if tokio::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        alive()?;
+        tokio::time::sleep(SETUP_POLL).await;
+    }
+    Ok(true)
+}
+
+/// Waits until every one of `n` subscriber tasks is `ready` or has failed (`errors`),
+/// checking `alive` (the servers) between looks; after `timeout`, fails with "only R of N
+/// subscribers DONE within T".
+pub async fn wait_for_subscribers(
+    n: usize,
+    ready: &AtomicUsize,
+    errors: &Errors,
+    done: &str,
+    timeout: Duration,
+    alive: impl Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let all_set = || Ok(ready.load(Ordering::Relaxed) + errors.count() as usize >= n);
+    if !wait_until(timeout, all_set, alive).await? {
+        anyhow::bail!(
+            "only {} of {n} subscribers {done} within {timeout:?}",
+            ready.load(Ordering::Relaxed)
+        );
+    }
+    Ok(())
+}
+
 /// Stream `i` of a benchmark (a Spool stream, a socket.io room, a NATS subject).
 pub fn stream_name(prefix: &str, i: usize) -> String {
     format!("{prefix}-{i}")
-}
-
-/// Writes a JSON report when asked to.
-pub fn write_json(path: Option<&PathBuf>, value: &serde_json::Value) -> anyhow::Result<()> {
-    if let Some(path) = path {
-        let text = serde_json::to_string_pretty(value)?;
-        std::fs::write(path, text)
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(())
 }
 
 /// Facts about the machine for the reports.

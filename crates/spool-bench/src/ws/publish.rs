@@ -12,7 +12,7 @@
 //! Every run: `--warmup` untimed, then `--duration` timed (answers received in that window,
 //! and their latency from send to answer), then the in-flight publishes drain.
 
-use std::{collections::VecDeque, fmt::Write as _, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::VecDeque, fmt::Write as _, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::{Buf, BytesMut};
@@ -30,11 +30,13 @@ use tokio_tungstenite::tungstenite::Message;
 use super::{
     ServerArgs, WsTarget,
     measure::{self, Quantiles, now_us},
-    server::{Server, SpoolEngine},
+    server::Server,
     wire::Conn,
 };
 use crate::{
+    JsonArgs,
     publish::Verdict,
+    spool_process::SpoolEngine,
     targets::{process::PeerProcess, redis::start_aof_always},
     workload::Workload,
 };
@@ -103,9 +105,8 @@ pub struct WsPublishArgs {
     /// Untimed start of each run.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub warmup: Duration,
-    /// Also write the raw results as JSON to this file.
-    #[arg(long, value_name = "PATH")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: JsonArgs,
 }
 
 /// A started target.
@@ -136,7 +137,7 @@ impl Running {
         }
     }
 
-    fn check_alive(&mut self) -> Result<()> {
+    fn check_alive(&self) -> Result<()> {
         match self {
             Running::Spool(s) => s.check_alive(),
             Running::Redis(p) => p.check_alive(),
@@ -187,7 +188,7 @@ pub async fn run(args: WsPublishArgs) -> Result<Verdict> {
     }
     let mut results = Vec::new();
     for &clients in &args.clients {
-        for (t, r) in &mut running {
+        for (t, r) in &running {
             let result = one_run(&args, *t, r, clients, &workload)
                 .await
                 .with_context(|| format!("{} with {clients} connections failed", t.name()))?;
@@ -208,7 +209,7 @@ pub async fn run(args: WsPublishArgs) -> Result<Verdict> {
         .map(|(t, r)| (*t, r.command_line()))
         .collect();
     println!("{}", markdown(&args, &machine, &descriptions, &results));
-    super::write_json(args.json.as_ref(), &to_json(&args, &results))?;
+    args.out.write(&to_json(&args, &results))?;
     Ok(if results.iter().all(|r| r.errors == 0) {
         Verdict::Clean
     } else {

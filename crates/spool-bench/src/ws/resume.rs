@@ -20,7 +20,6 @@
 
 use std::{
     fmt::Write as _,
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -36,11 +35,11 @@ use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
 use super::{
     Errors, ServerArgs, WsTarget,
     measure::{self, Quantiles, now_us},
-    server::{Server, SpoolEngine},
+    server::Server,
     stream_name,
     wire::{Conn, Delivery, Publisher, Resume},
 };
-use crate::publish::Verdict;
+use crate::{JsonArgs, publish::Verdict, spool_process::SpoolEngine};
 
 /// Longest wait for the setup (connect, primer) and for the storm.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -86,9 +85,8 @@ pub struct ResumeArgs {
     /// Longest the storm may take.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// Also write the raw results as JSON to this file.
-    #[arg(long, value_name = "PATH")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub out: JsonArgs,
 }
 
 /// A client's state between its two connections.
@@ -165,7 +163,7 @@ pub async fn run(args: ResumeArgs) -> Result<Verdict> {
         }
     }
     println!("{}", markdown(&args, &machine, &results));
-    super::write_json(args.json.as_ref(), &to_json(&args, &results))?;
+    args.out.write(&to_json(&args, &results))?;
     Ok(
         if results
             .iter()
@@ -192,46 +190,42 @@ async fn storm(args: &ResumeArgs, target: WsTarget, streams: usize) -> Result<Re
         let (setup, ready, addr) = (setup.clone(), ready.clone(), server.addr);
         let stream = names[index % streams].clone();
         tasks.spawn(async move {
-            let mut conn = {
-                let _permit = setup.acquire().await;
-                let mut conn = Conn::open(target, addr).await?;
-                let hello = conn.hello(None).await?;
-                conn.subscribe(&stream).await?;
-                ready.fetch_add(1, Ordering::Relaxed);
-                (conn, hello.session)
-            };
+            let (mut conn, hello) = Conn::subscriber(target, addr, &stream, &setup).await?;
+            ready.fetch_add(1, Ordering::Relaxed);
             let mut offset: Option<String> = None;
             let mut got = false;
             while !got {
-                conn.0
-                    .read(&mut |d: Delivery<'_>| {
-                        got = true;
-                        offset = d.offset.map(str::to_owned);
-                    })
-                    .await?;
+                conn.read(&mut |d: Delivery<'_>| {
+                    got = true;
+                    offset = d.offset.map(str::to_owned);
+                })
+                .await?;
             }
             // Dropping the connection closes the TCP connection without a close frame.
-            drop(conn.0);
+            drop(conn);
             anyhow::Ok(Away {
                 index,
-                session: conn.1,
+                session: hello.session,
                 offset,
             })
         });
     }
-    let deadline = Instant::now() + SETUP_TIMEOUT;
-    while (ready.load(Ordering::Relaxed) as usize) < args.clients {
-        // No task ends before the primer is published, unless it failed.
-        if let Some(joined) = tasks.try_join_next() {
-            joined
-                .context("a client task panicked")?
-                .context("a client could not connect")?;
-        }
-        if Instant::now() > deadline {
-            bail!("the clients did not connect within {SETUP_TIMEOUT:?}");
-        }
-        server.check_alive()?;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let connected = super::wait_until(
+        SETUP_TIMEOUT,
+        || {
+            // No task ends before the primer is published, unless it failed.
+            if let Some(joined) = tasks.try_join_next() {
+                joined
+                    .context("a client task panicked")?
+                    .context("a client could not connect")?;
+            }
+            Ok(ready.load(Ordering::Relaxed) as usize >= args.clients)
+        },
+        || server.check_alive(),
+    )
+    .await?;
+    if !connected {
+        bail!("the clients did not connect within {SETUP_TIMEOUT:?}");
     }
     eprintln!("{} clients connected and subscribed", args.clients);
     let mut publisher = Publisher::open(target, server.addr).await?;

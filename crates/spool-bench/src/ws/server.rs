@@ -5,28 +5,16 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use parking_lot::Mutex;
 
 use super::{ServerArgs, WsTarget, measure};
-use crate::{spool_process::SpoolProcess, targets::process::PeerProcess};
-
-/// How `spool serve` stores messages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SpoolEngine {
-    Memory,
-    /// `--engine disk --durability fsync`: ack after fsync.
-    DiskFsync,
-    /// `--engine disk --durability memory`: ack once written to the OS.
-    DiskNosync,
-}
+use crate::{
+    spool_process::{SpoolEngine, SpoolProcess},
+    targets::process::PeerProcess,
+};
 
 enum Guard {
-    Spool {
-        process: SpoolProcess,
-        /// Removed after the process stopped (fields drop in order).
-        _data: Option<tempfile::TempDir>,
-    },
-    Peer(Mutex<PeerProcess>),
+    Spool(SpoolProcess),
+    Peer(PeerProcess),
 }
 
 /// A running server.
@@ -45,40 +33,13 @@ impl Server {
     pub async fn start(target: WsTarget, args: &ServerArgs, engine: SpoolEngine) -> Result<Self> {
         let (guard, addr, pid, command_line) = match target {
             WsTarget::Spool => {
-                let data = match engine {
-                    SpoolEngine::Memory => None,
-                    _ => Some(tempfile::tempdir().context("cannot create a data directory")?),
-                };
-                let mut server_args: Vec<String> = match (&data, engine) {
-                    (Some(dir), SpoolEngine::DiskFsync | SpoolEngine::DiskNosync) => vec![
-                        "--engine".into(),
-                        "disk".into(),
-                        "--data-dir".into(),
-                        dir.path().display().to_string(),
-                        "--durability".into(),
-                        if engine == SpoolEngine::DiskFsync {
-                            "fsync"
-                        } else {
-                            "memory"
-                        }
-                        .into(),
-                    ],
-                    _ => vec!["--engine".into(), "memory".into()],
-                };
-                server_args.push("--allow-anonymous".into());
-                server_args.extend(args.server_args.iter().cloned());
-                let process = SpoolProcess::start(&args.spool_bin, &server_args).await?;
+                let mut server_args = vec!["--allow-anonymous".to_owned()];
+                server_args.extend(args.spool.server_args.iter().cloned());
+                let process =
+                    SpoolProcess::start_on(&args.spool.spool_bin, engine, &server_args).await?;
                 let (addr, pid) = (process.addr(), process.pid());
                 let line = process.command_line().to_owned();
-                (
-                    Guard::Spool {
-                        process,
-                        _data: data,
-                    },
-                    addr,
-                    pid,
-                    line,
-                )
+                (Guard::Spool(process), addr, pid, line)
             }
             WsTarget::Socketio => {
                 let script = &args.socketio_script;
@@ -96,7 +57,7 @@ impl Server {
                 })
                 .await?;
                 let (addr, pid, line) = (process.addr, process.pid(), process.command_line.clone());
-                (Guard::Peer(Mutex::new(process)), addr, pid, line)
+                (Guard::Peer(process), addr, pid, line)
             }
             WsTarget::Nats => {
                 let process = PeerProcess::start(&args.nats_server, |port, _dir| {
@@ -109,7 +70,7 @@ impl Server {
                 })
                 .await?;
                 let (addr, pid, line) = (process.addr, process.pid(), process.command_line.clone());
-                (Guard::Peer(Mutex::new(process)), addr, pid, line)
+                (Guard::Peer(process), addr, pid, line)
             }
         };
         Ok(Self {
@@ -210,8 +171,8 @@ impl Server {
     /// Fails when the server has exited.
     pub fn check_alive(&self) -> Result<()> {
         match &self.guard {
-            Guard::Spool { process, .. } => process.check_alive(),
-            Guard::Peer(process) => process.lock().check_alive(),
+            Guard::Spool(process) => process.check_alive(),
+            Guard::Peer(process) => process.check_alive(),
         }
     }
 }

@@ -25,13 +25,14 @@ use anyhow::{Context, Result, anyhow, bail};
 use bytes::{Buf, BytesMut};
 use futures::{SinkExt, StreamExt, stream::SplitSink};
 use serde_json::Value;
-use spool_protocol::ws::{ClientFrame, Connect, SUBPROTOCOL, ServerFrame, Subscribe};
+use spool_protocol::ws::{ClientFrame, Connect, Connected, SUBPROTOCOL, ServerFrame, Subscribe};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
+    sync::Semaphore,
     task::JoinHandle,
 };
 use tokio_tungstenite::{
@@ -101,6 +102,62 @@ pub(crate) async fn next_text(
     }
 }
 
+/// Spool's `connect` on an open `/v1/ws` socket: sends it and waits for `connected`.
+pub(crate) async fn spool_connect(ws: &mut Ws, connect: Connect) -> Result<Connected> {
+    spool_exchange(
+        ws,
+        &ClientFrame::Connect(connect),
+        "connect",
+        "`connected`",
+        |frame| match frame {
+            ServerFrame::Connected(c) => Some(c),
+            _ => None,
+        },
+    )
+    .await
+}
+
+/// Spool's `subscribe` to `stream` after `after` (`now`, or a position): sends it and waits
+/// for `subscribed`; frames before it are skipped (the benchmarks publish nothing meanwhile).
+pub(crate) async fn spool_subscribe(ws: &mut Ws, stream: &str, after: String) -> Result<()> {
+    let frame = ClientFrame::Subscribe(Subscribe {
+        id: Some(1),
+        stream: stream.to_owned(),
+        after: Some(after),
+    });
+    spool_exchange(ws, &frame, "subscribe", "`subscribed`", |frame| {
+        matches!(frame, ServerFrame::Subscribed(_)).then_some(())
+    })
+    .await
+}
+
+/// Sends `frame`, then reads until `answer` picks a frame; an `error` frame fails as `VERB
+/// refused`.
+async fn spool_exchange<T>(
+    ws: &mut Ws,
+    frame: &ClientFrame,
+    verb: &str,
+    waiting_for: &str,
+    mut answer: impl FnMut(ServerFrame) -> Option<T>,
+) -> Result<T> {
+    ws.send(Message::text(serde_json::to_string(frame)?))
+        .await?;
+    loop {
+        let text = next_text(ws)
+            .await?
+            .with_context(|| format!("closed before {waiting_for}"))?;
+        match serde_json::from_str::<ServerFrame>(&text) {
+            Ok(ServerFrame::Error(e)) => bail!("{verb} refused: {}", e.message),
+            Ok(frame) => {
+                if let Some(found) = answer(frame) {
+                    return Ok(found);
+                }
+            }
+            Err(_) => continue,
+        }
+    }
+}
+
 /// One delivered message, as a subscriber sees it.
 pub struct Delivery<'a> {
     pub payload: &'a [u8],
@@ -166,31 +223,36 @@ impl Conn {
         }
     }
 
+    /// A subscriber: the transport, the handshake and one subscription to `stream`, all while
+    /// holding a permit of `setup` (at most that many handshakes at once).
+    pub async fn subscriber(
+        target: WsTarget,
+        addr: SocketAddr,
+        stream: &str,
+        setup: &Semaphore,
+    ) -> Result<(Self, Hello)> {
+        let _permit = setup.acquire().await?;
+        let mut conn = Conn::open(target, addr).await?;
+        let hello = conn.hello(None).await?;
+        conn.subscribe(stream).await?;
+        Ok((conn, hello))
+    }
+
     /// The protocol's own handshake: Spool's `connect` (anonymous, or resuming a session),
     /// socket.io's namespace `CONNECT` (with `pid`/`offset` to recover), NATS `CONNECT`.
     pub async fn hello(&mut self, resume: Option<Resume<'_>>) -> Result<Hello> {
         match self {
             Conn::Spool(ws) => {
-                let frame = ClientFrame::Connect(Connect {
+                let connect = Connect {
                     session: resume.map(|r| r.session.to_owned()),
                     ..Connect::default()
-                });
-                ws.send(Message::text(serde_json::to_string(&frame)?))
-                    .await?;
-                loop {
-                    let text = next_text(ws).await?.context("closed before `connected`")?;
-                    match serde_json::from_str::<ServerFrame>(&text) {
-                        Ok(ServerFrame::Connected(c)) => {
-                            return Ok(Hello {
-                                session: c.session,
-                                resumed: c.resumed,
-                                early: Vec::new(),
-                            });
-                        }
-                        Ok(ServerFrame::Error(e)) => bail!("connect refused: {}", e.message),
-                        _ => continue,
-                    }
-                }
+                };
+                let c = spool_connect(ws, connect).await?;
+                Ok(Hello {
+                    session: c.session,
+                    resumed: c.resumed,
+                    early: Vec::new(),
+                })
             }
             Conn::Socketio { ws, .. } => {
                 let packet = match &resume {
@@ -242,23 +304,7 @@ impl Conn {
     /// `SUB` on the subject) and waits until the server confirmed it.
     pub async fn subscribe(&mut self, stream: &str) -> Result<()> {
         match self {
-            Conn::Spool(ws) => {
-                let frame = ClientFrame::Subscribe(Subscribe {
-                    id: Some(1),
-                    stream: stream.to_owned(),
-                    after: Some("now".into()),
-                });
-                ws.send(Message::text(serde_json::to_string(&frame)?))
-                    .await?;
-                loop {
-                    let text = next_text(ws).await?.context("closed before `subscribed`")?;
-                    match serde_json::from_str::<ServerFrame>(&text) {
-                        Ok(ServerFrame::Subscribed(_)) => return Ok(()),
-                        Ok(ServerFrame::Error(e)) => bail!("subscribe refused: {}", e.message),
-                        _ => continue,
-                    }
-                }
-            }
+            Conn::Spool(ws) => spool_subscribe(ws, stream, "now".into()).await,
             Conn::Socketio { ws, next_id } => {
                 let id = *next_id;
                 *next_id += 1;
