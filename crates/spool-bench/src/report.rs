@@ -82,10 +82,10 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\n| target | clients | msgs/s | p50 ms | p99 ms | p999 ms | errors | ÷ {} |",
+            "\n| target | clients | msgs/s | p50 ms | p99 ms | p999 ms | server µs/msg | errors | ÷ {} |",
             s.baseline
         );
-        let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|");
+        let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|--:|");
         for run in &self.runs {
             let latencies: Vec<String> = QUANTILES
                 .iter()
@@ -96,13 +96,15 @@ impl Report {
                 .collect();
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
                 run.target,
                 run.clients,
                 run.msgs_per_sec(),
                 latencies[0],
                 latencies[1],
                 latencies[2],
+                run.server_us_per_msg()
+                    .map_or("—".into(), |us| format!("{us:.1}")),
                 run.all_errors(),
                 self.ratio(run).map_or("—".into(), |r| format!("{r:.2}")),
             );
@@ -207,6 +209,8 @@ impl Report {
                     "warmup_errors": r.warmup_errors,
                     "elapsed_s": r.elapsed.as_secs_f64(),
                     "msgs_per_sec": r.msgs_per_sec(),
+                    "server_cpu_s": r.server_cpu.map(|c| c.as_secs_f64()),
+                    "server_us_per_msg": r.server_us_per_msg(),
                     "latency": latency,
                     "over_baseline": self.ratio(r),
                     "error_samples": r.error_samples,

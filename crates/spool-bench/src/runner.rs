@@ -4,7 +4,8 @@
 //! A warm-up phase on the same connections comes first and is not timed. Each task records
 //! its ack latencies in its own histogram (no shared state on the hot path); the histograms
 //! are merged when the tasks end. Throughput is acked messages over the wall time from the
-//! start of the timed phase to the end of its slowest client.
+//! start of the timed phase to the end of its slowest client; when the target is a server
+//! process, its CPU time (user + system, from `/proc`) over the same phase is read too.
 
 use std::time::Duration;
 
@@ -13,7 +14,10 @@ use futures::future::try_join_all;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
-use crate::targets::{Publisher, Target};
+use crate::{
+    targets::{Publisher, Target},
+    ws::measure::CpuMark,
+};
 
 /// Highest latency the histograms track exactly (60 s, in µs); slower ones are clamped.
 const MAX_LATENCY_US: u64 = 60_000_000;
@@ -48,6 +52,9 @@ pub struct RunResult {
     pub warmup_errors: u64,
     /// Wall time of the timed phase.
     pub elapsed: Duration,
+    /// CPU time (user + system) the server process used in the timed phase, when the target
+    /// is one.
+    pub server_cpu: Option<Duration>,
     /// Ack latency of every acked message of the timed phase, in µs.
     pub latency_us: Histogram<u64>,
     /// A few of the errors, for the report.
@@ -70,6 +77,12 @@ impl RunResult {
         (!self.latency_us.is_empty()).then(|| self.latency_us.value_at_quantile(q) as f64 / 1000.0)
     }
 
+    /// Server CPU per acked message of the timed phase, in µs.
+    pub fn server_us_per_msg(&self) -> Option<f64> {
+        let cpu = self.server_cpu?;
+        (self.acked > 0).then(|| cpu.as_secs_f64() * 1e6 / self.acked as f64)
+    }
+
     /// Every error of the run, warm-up included.
     pub fn all_errors(&self) -> u64 {
         self.errors + self.warmup_errors
@@ -82,9 +95,13 @@ pub async fn run(target: &dyn Target, config: RunConfig) -> Result<RunResult> {
         .await
         .with_context(|| format!("cannot connect to {}", target.name()))?;
     let (publishers, warmup) = phase(publishers, config.warmup).await?;
+    let cpu = target.server_pid().map(CpuMark::now).transpose()?;
     let started = Instant::now();
     let (_publishers, timed) = phase(publishers, config.messages).await?;
     let elapsed = started.elapsed();
+    let server_cpu = cpu
+        .map(|mark| mark.since().map(|(cpu, _)| cpu))
+        .transpose()?;
     target.check_alive()?;
 
     // Warm-up errors first (they usually explain the rest); each distinct error once.
@@ -108,6 +125,7 @@ pub async fn run(target: &dyn Target, config: RunConfig) -> Result<RunResult> {
         errors: timed.errors,
         warmup_errors: warmup.errors,
         elapsed,
+        server_cpu,
         latency_us: timed.latency_us,
         error_samples,
     })

@@ -33,6 +33,11 @@ pub trait Target: Send + Sync {
     /// Opens the connection client `client_idx` publishes on.
     async fn connect(&self, client_idx: usize) -> Result<Box<dyn Publisher>>;
 
+    /// The server process, when the target is one (its CPU time is read from `/proc`).
+    fn server_pid(&self) -> Option<u32> {
+        None
+    }
+
     /// Fails when the target can no longer be trusted (e.g. its server exited); checked
     /// after every run.
     fn check_alive(&self) -> Result<()> {

@@ -89,6 +89,10 @@ impl Target for NatsTarget {
         }))
     }
 
+    fn server_pid(&self) -> Option<u32> {
+        Some(self.process.pid())
+    }
+
     fn check_alive(&self) -> Result<()> {
         self.process.check_alive()
     }

@@ -79,6 +79,10 @@ impl Target for RedisTarget {
         }))
     }
 
+    fn server_pid(&self) -> Option<u32> {
+        Some(self.process.pid())
+    }
+
     fn check_alive(&self) -> Result<()> {
         self.process.check_alive()
     }
