@@ -439,14 +439,14 @@ impl DiskEngine {
                 done,
             })
             .await
-            .map_err(|_| EngineError::Unavailable("the WAL writer has stopped".into()))?;
+            .map_err(|_| EngineError::unavailable("the WAL writer has stopped"))?;
         Ok(rx)
     }
 }
 
 async fn wait(rx: oneshot::Receiver<Result<(), EngineError>>) -> Result<(), EngineError> {
     rx.await
-        .map_err(|_| EngineError::Unavailable("the WAL writer has stopped".into()))?
+        .map_err(|_| EngineError::unavailable("the WAL writer has stopped"))?
 }
 
 impl Watched for DiskStream {
@@ -487,7 +487,7 @@ impl Engine for DiskEngine {
         messages: Vec<NewMessage>,
     ) -> Result<Vec<Appended>, EngineError> {
         if let Some(reason) = self.shared.failure() {
-            return Err(EngineError::Unavailable(format!(
+            return Err(EngineError::unavailable(format!(
                 "the disk engine has failed: {reason}"
             )));
         }
@@ -626,7 +626,7 @@ impl Engine for DiskEngine {
 
     async fn ready(&self) -> Result<(), EngineError> {
         match self.shared.failure() {
-            Some(reason) => Err(EngineError::Unavailable(format!(
+            Some(reason) => Err(EngineError::unavailable(format!(
                 "the disk engine has failed: {reason}"
             ))),
             None => Ok(()),
@@ -662,7 +662,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, EngineError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| EngineError::Internal(format!("a blocking task failed: {e}")))?
+        .map_err(|e| EngineError::internal_from("a blocking task failed", e))?
 }
 
 /// Rebuilds streams from records, in WAL order.

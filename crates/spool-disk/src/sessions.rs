@@ -97,9 +97,7 @@ impl SessionFile {
         match run() {
             Ok(0) => Ok(()),
             Ok(n) => Err(refused(self.max, n)),
-            Err(e) => Err(EngineError::Unavailable(format!(
-                "cannot save sessions: {e}"
-            ))),
+            Err(e) => Err(EngineError::unavailable_from("cannot save sessions", e)),
         }
     }
 
@@ -114,7 +112,7 @@ impl SessionFile {
                 (expires_at > now).then(|| Bytes::copy_from_slice(data))
             }))
         };
-        run().map_err(|e| EngineError::Unavailable(format!("cannot load a session: {e}")))
+        run().map_err(|e| EngineError::unavailable_from("cannot load a session", e))
     }
 
     pub fn delete(&self, id: &str) -> Result<(), EngineError> {
@@ -124,7 +122,7 @@ impl SessionFile {
             txn.commit()?;
             Ok(())
         };
-        run().map_err(|e| EngineError::Unavailable(format!("cannot delete a session: {e}")))
+        run().map_err(|e| EngineError::unavailable_from("cannot delete a session", e))
     }
 
     /// Deletes expired records; returns how many.
@@ -141,7 +139,7 @@ impl SessionFile {
             txn.commit()?;
             Ok(removed as usize)
         };
-        run().map_err(|e| EngineError::Unavailable(format!("cannot expire sessions: {e}")))
+        run().map_err(|e| EngineError::unavailable_from("cannot expire sessions", e))
     }
 }
 
@@ -221,8 +219,20 @@ mod tests {
             ..record("a", 100)
         };
         let (a, b) = save(vec![record("new", 1000), updated.clone()], 0);
-        assert!(matches!(a, Err(EngineError::Limit(_))), "{a:?}");
-        assert!(matches!(b, Err(EngineError::Limit(_))), "{b:?}");
+        assert!(
+            matches!(
+                a,
+                Err(EngineError::Limit(spool_engine::Limit::Sessions { .. }))
+            ),
+            "{a:?}"
+        );
+        assert!(
+            matches!(
+                b,
+                Err(EngineError::Limit(spool_engine::Limit::Sessions { .. }))
+            ),
+            "{b:?}"
+        );
         assert_eq!(table.load("a", 0).unwrap(), "a again");
         assert_eq!(file.load("a", 0).unwrap().unwrap(), "a again");
         assert!(table.load("new", 0).is_none());

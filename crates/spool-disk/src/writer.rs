@@ -90,7 +90,7 @@ impl Writer {
 
     fn commit(&mut self, batch: &[WriteRequest], buf: &mut Vec<u8>) -> Result<(), EngineError> {
         if let Some(reason) = self.shared.failure() {
-            return Err(EngineError::Unavailable(format!(
+            return Err(EngineError::unavailable(format!(
                 "the disk engine has failed: {reason}"
             )));
         }
@@ -215,7 +215,7 @@ fn publish(shared: &Shared, segment_id: u64, publish: Vec<Publish>) {
 }
 
 fn io_error(what: &str, e: std::io::Error) -> EngineError {
-    EngineError::Unavailable(format!("{what} failed: {e}"))
+    EngineError::unavailable_from(format!("{what} failed"), e)
 }
 
 /// Encodes the snapshot record of one stream.

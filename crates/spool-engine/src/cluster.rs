@@ -644,7 +644,7 @@ mod tests {
             let fetch = async {
                 fetches.fetch_add(1, Ordering::SeqCst);
                 tokio::task::yield_now().await;
-                Err(EngineError::Unavailable("down".into()))
+                Err(EngineError::unavailable("down"))
             };
             cache.read_through(&heads, &s, Offset(3), 10, fetch).await
         };
@@ -652,7 +652,7 @@ mod tests {
         let all = futures_join((0..50).map(|_| failing(())).collect::<Vec<_>>()).await;
         assert!(
             all.iter()
-                .all(|r| matches!(r, Err(EngineError::Unavailable(_))))
+                .all(|r| matches!(r, Err(EngineError::Unavailable { .. })))
         );
         assert_eq!(fetches.load(Ordering::SeqCst) - before, 1);
     }

@@ -17,6 +17,7 @@ pub mod cluster;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod dedup;
+mod error;
 pub mod log;
 pub mod memory;
 pub mod registry;
@@ -29,6 +30,7 @@ use async_trait::async_trait;
 use spool_core::{Message, NewMessage, Offset, Position, Retention, StreamName, StreamState};
 use tokio::sync::watch;
 
+pub use error::{Cause, EngineError, Limit, StreamLimit};
 pub use memory::MemoryEngine;
 pub use sessions::SessionRecord;
 pub use store::SessionStore;
@@ -50,24 +52,6 @@ pub struct ReadBatch {
     /// Empty when the message right after the requested offset is no longer retained: the
     /// caller sees that in `state` and resets.
     pub messages: Vec<Arc<Message>>,
-}
-
-/// What went wrong inside an engine. The server maps these to HTTP statuses and error codes.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum EngineError {
-    /// The engine's backing store cannot be reached or used right now; retry later.
-    #[error("engine unavailable: {0}")]
-    Unavailable(String),
-    /// A limit of the engine itself was hit (e.g. too many sessions, a message too large).
-    #[error("engine limit reached: {0}")]
-    Limit(String),
-    /// The engine holds as many streams as it may: the stream cannot be created (streams that
-    /// exist go on working).
-    #[error("stream limit reached: {0}")]
-    StreamLimit(String),
-    /// Anything else: a bug or corrupted data.
-    #[error("engine failure: {0}")]
-    Internal(String),
 }
 
 /// How many streams an engine holds, for `/metrics` and `/readyz`.

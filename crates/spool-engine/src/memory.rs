@@ -287,7 +287,13 @@ mod tests {
             .save_sessions(vec![record("b", "1"), record("a", "2")])
             .await
             .unwrap_err();
-        assert!(matches!(err, EngineError::Limit(_)), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                EngineError::Limit(crate::Limit::Sessions { max: 1, refused: 1 })
+            ),
+            "{err:?}"
+        );
         assert_eq!(store.load_session("a").await.unwrap().unwrap(), "2");
         assert!(store.load_session("b").await.unwrap().is_none());
         store.delete_session("a").await.unwrap();
@@ -303,7 +309,10 @@ mod tests {
         });
         engine.append(&name("a"), vec![msg("1")]).await.unwrap();
         let err = engine.append(&name("b"), vec![msg("1")]).await.unwrap_err();
-        assert!(matches!(err, EngineError::StreamLimit(_)));
+        assert!(matches!(
+            err,
+            EngineError::StreamLimit(crate::StreamLimit::Streams { max: 1, .. })
+        ));
         assert!(engine.state(&name("b")).await.unwrap().is_none());
         // The stream that exists goes on; reads of others still work.
         engine.append(&name("a"), vec![msg("2")]).await.unwrap();

@@ -25,7 +25,7 @@ use std::{
 use parking_lot::RwLock;
 use spool_core::{StreamName, now_ms};
 
-use crate::{EngineError, StreamCounts};
+use crate::{EngineError, StreamCounts, StreamLimit};
 
 /// How long an unpublished stream outlives its last watcher, in ms: a reader that comes back
 /// within this time (the next long-poll, an SSE or WebSocket reconnect) finds the same epoch.
@@ -104,11 +104,10 @@ impl<T: Watched> Registry<T> {
         }
         if maps.published.len() >= self.max {
             self.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(EngineError::StreamLimit(format!(
-                "the {} engine holds its maximum of {} streams (--max-streams): new streams \
-                 cannot be created, existing ones work as before",
-                self.engine, self.max
-            )));
+            return Err(EngineError::StreamLimit(StreamLimit::Streams {
+                engine: self.engine,
+                max: self.max as u64,
+            }));
         }
         let s = match maps.unpublished.remove(name) {
             Some(u) => u.stream,
@@ -156,11 +155,10 @@ impl<T: Watched> Registry<T> {
                 }
             }
             if maps.unpublished.len() >= self.max_unpublished {
-                return Err(EngineError::StreamLimit(format!(
-                    "the {} engine already has readers waiting on {} streams nothing was \
-                     published to (--max-unpublished-streams); retry later",
-                    self.engine, self.max_unpublished
-                )));
+                return Err(EngineError::StreamLimit(StreamLimit::Unpublished {
+                    engine: Some(self.engine),
+                    max: self.max_unpublished as u64,
+                }));
             }
         }
         let stream = Arc::new(make());
@@ -271,7 +269,10 @@ mod tests {
         // The published cap refuses creations only, and counts them.
         r.get_or_create(&name("e"), S::default).unwrap();
         let err = r.get_or_create(&name("f"), S::default).unwrap_err();
-        assert!(matches!(err, EngineError::StreamLimit(_)));
+        assert!(matches!(
+            err,
+            EngineError::StreamLimit(StreamLimit::Streams { max: 2, .. })
+        ));
         assert!(!r.get_or_create(&name("e"), S::default).unwrap().1);
         assert_eq!(r.counts().refused, 1);
     }

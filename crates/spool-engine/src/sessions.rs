@@ -29,10 +29,7 @@ pub const MAX_SESSIONS: usize = 1_000_000;
 /// past the limit were not (their clients get `session_not_restored` if they try to resume).
 /// `max` is the limit, `refused` how many new sessions of the batch were not saved.
 pub fn refused(max: usize, refused: usize) -> EngineError {
-    EngineError::Limit(format!(
-        "{max} sessions are stored (--max-sessions): {refused} new sessions were not saved \
-         (sessions already stored were)"
-    ))
+    EngineError::Limit(crate::Limit::Sessions { max, refused })
 }
 
 /// Sessions in memory.

@@ -44,10 +44,10 @@ pub(crate) fn headers(message: &NewMessage, time_ms: u64) -> Result<HeaderMap, E
         h: message.headers.clone(),
     };
     let json = serde_json::to_string(&meta)
-        .map_err(|e| EngineError::Internal(format!("cannot encode message metadata: {e}")))?;
+        .map_err(|e| EngineError::internal_from("cannot encode message metadata", e))?;
     let value: HeaderValue = ascii_json(&json)
         .parse()
-        .map_err(|e| EngineError::Internal(format!("cannot encode message metadata: {e}")))?;
+        .map_err(|e| EngineError::internal_from("cannot encode message metadata", e))?;
     let mut headers = HeaderMap::new();
     headers.insert(META, value);
     Ok(headers)
@@ -77,14 +77,14 @@ fn ascii_json(json: &str) -> String {
 /// The Spool message stored at `offset`.
 pub(crate) fn decode(offset: Offset, stored: StreamMessage) -> Result<Message, EngineError> {
     if stored.sequence != offset.get() {
-        return Err(EngineError::Internal(format!(
+        return Err(EngineError::internal(format!(
             "asked JetStream for message {offset}, got {}",
             stored.sequence
         )));
     }
     let meta = match stored.headers.get(META) {
         Some(value) => serde_json::from_str::<Meta>(value.as_str()).map_err(|e| {
-            EngineError::Internal(format!(
+            EngineError::internal(format!(
                 "message {offset} has a corrupt {META} header ({e}); it was not written by Spool"
             ))
         })?,
@@ -127,7 +127,7 @@ pub(crate) fn epoch(stream: &StreamName, info: &Info) -> Result<Epoch, EngineErr
         None => (description, None),
     };
     if name != stream.as_str() {
-        return Err(EngineError::Internal(format!(
+        return Err(EngineError::internal(format!(
             "JetStream stream {} holds {:?}, not {stream:?}: a name collision or a stream Spool did not make",
             info.config.name, info.config.description
         )));
@@ -136,7 +136,7 @@ pub(crate) fn epoch(stream: &StreamName, info: &Info) -> Result<Epoch, EngineErr
         Some(epoch) => epoch.to_owned(),
         None => {
             let nanos = u128::try_from(info.created.unix_timestamp_nanos()).map_err(|_| {
-                EngineError::Internal(format!(
+                EngineError::internal(format!(
                     "JetStream stream {} reports a creation time before 1970",
                     info.config.name
                 ))
@@ -145,7 +145,7 @@ pub(crate) fn epoch(stream: &StreamName, info: &Info) -> Result<Epoch, EngineErr
         }
     };
     Epoch::parse(&epoch).map_err(|e| {
-        EngineError::Internal(format!(
+        EngineError::internal(format!(
             "JetStream stream {} has no valid epoch in its description {description:?}: {e}",
             info.config.name
         ))
@@ -190,7 +190,7 @@ mod tests {
         let b = StreamName::new("b").unwrap();
         for other in [Some(described.as_str()), Some("a"), None] {
             let e = epoch(&b, &info(other)).unwrap_err();
-            assert!(matches!(e, EngineError::Internal(_)), "{e:?}");
+            assert!(matches!(e, EngineError::Internal { .. }), "{e:?}");
         }
         assert!(epoch(&a, &info(Some("a not/an/epoch"))).is_err());
     }

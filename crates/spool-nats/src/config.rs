@@ -104,12 +104,12 @@ impl NatsConfig {
                     "the NATS URL".to_owned()
                 };
                 if entry.is_empty() {
-                    return Err(EngineError::Internal(format!(
+                    return Err(EngineError::internal(format!(
                         "{which} is empty (servers are separated by single commas)"
                     )));
                 }
                 entry.parse::<ServerAddr>().map_err(|e| {
-                    EngineError::Internal(format!(
+                    EngineError::internal(format!(
                         "{which}, {:?}, is not a NATS server URL \
                          (nats://host:port, tls://… or ws://…): {e}",
                         redacted(entry)
@@ -136,7 +136,7 @@ impl NatsConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<(), EngineError> {
-        let bad = |what: String| Err(EngineError::Internal(format!("NATS engine: {what}")));
+        let bad = |what: String| Err(EngineError::internal(format!("NATS engine: {what}")));
         if !names::valid_prefix(&self.prefix) {
             return bad(format!(
                 "prefix {:?} must be 1-32 characters from [A-Za-z0-9-]",

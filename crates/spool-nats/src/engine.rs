@@ -23,7 +23,8 @@ use spool_core::{
     Epoch, Message, NewMessage, Offset, Position, Retention, StreamName, StreamState, now_ms,
 };
 use spool_engine::{
-    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, SessionStore,
+    Appended, Engine, EngineError, HeadWatch, Limit, ReadBatch, SessionRecord, SessionStore,
+    StreamLimit,
     cluster::{Heads, TailCache},
 };
 use tokio::{sync::Notify, task::AbortHandle};
@@ -119,7 +120,7 @@ impl NatsEngine {
             .connect(servers)
             .await
             .map_err(|e| {
-                EngineError::Unavailable(format!("cannot connect to NATS at {shown}: {e}"))
+                EngineError::unavailable_from(format!("cannot connect to NATS at {shown}"), e)
             })?;
         let first = client.server_info();
         tracing::info!(
@@ -134,17 +135,16 @@ impl NatsEngine {
             timeout: config.timeout,
         };
         api.ping().await.map_err(|e| {
-            EngineError::Unavailable(format!(
-                "NATS at {shown} answers but JetStream does not (is it enabled?): {e}"
-            ))
+            EngineError::unavailable_from(
+                format!("NATS at {shown} answers but JetStream does not (is it enabled?)"),
+                e,
+            )
         })?;
         let sessions = Sessions::open(api.clone(), &config).await?;
         let notes = client
             .subscribe(format!("{}.heads", config.prefix))
             .await
-            .map_err(|e| {
-                EngineError::Unavailable(format!("cannot subscribe to head notes: {e}"))
-            })?;
+            .map_err(|e| EngineError::unavailable_from("cannot subscribe to head notes", e))?;
         let placeholders = Placeholders {
             epochs: HashMap::new(),
             max: config.max_unpublished_streams,
@@ -230,11 +230,10 @@ impl Placeholders {
                 }
             }
             if self.epochs.len() >= self.max {
-                return Err(EngineError::StreamLimit(format!(
-                    "this node's readers already wait on {} streams nothing was published to \
-                     (--max-unpublished-streams); retry later",
-                    self.max
-                )));
+                return Err(EngineError::StreamLimit(StreamLimit::Unpublished {
+                    engine: None,
+                    max: self.max as u64,
+                }));
             }
         }
         self.epochs.insert(stream.clone(), (epoch.clone(), now));
@@ -412,7 +411,7 @@ impl Inner {
             };
             return Ok((StreamState::empty(epoch), false));
         }
-        Err(EngineError::Unavailable(format!(
+        Err(EngineError::unavailable(format!(
             "JetStream kept reporting no stream {stream:?} while notes moved its head; retry"
         )))
     }
@@ -484,8 +483,8 @@ impl Inner {
         // reconnects — long after this call answered 503. Refuse up front instead, so "503"
         // means "not stored" whenever the engine can know it.
         if !self.connected() {
-            return Err(PublishFailure::Failed(EngineError::Unavailable(
-                "not connected to NATS (reconnecting); nothing was published".into(),
+            return Err(PublishFailure::Failed(EngineError::unavailable(
+                "not connected to NATS (reconnecting); nothing was published",
             )));
         }
         let mut pending = Vec::with_capacity(messages.len());
@@ -495,9 +494,10 @@ impl Inner {
                 && !self.config.dedup_window.is_zero()
             {
                 let id: async_nats::HeaderValue = names::msg_id(key).parse().map_err(|e| {
-                    PublishFailure::Failed(EngineError::Internal(format!(
-                        "cannot encode an idempotency key: {e}"
-                    )))
+                    PublishFailure::Failed(EngineError::internal_from(
+                        "cannot encode an idempotency key",
+                        e,
+                    ))
                 })?;
                 headers.insert("Nats-Msg-Id", id);
             }
@@ -506,8 +506,8 @@ impl Inner {
                 .js
                 .publish_with_headers(names.subject.clone(), headers, message.payload.clone())
                 .await
-                .map_err(|e| self.publish_failure(e))?;
-            pending.push(ack);
+                .map_err(|e| self.publish_failure(e, message.payload.len()))?;
+            pending.push((ack, message.payload.len()));
         }
         // Every answer is awaited: "no responders" means the whole batch may be sent again
         // only when no message of it was taken (a leader elected part-way through takes the
@@ -515,8 +515,8 @@ impl Inner {
         let mut acks = Vec::with_capacity(pending.len());
         let mut failure = None;
         let mut unanswered = 0;
-        for ack in pending {
-            match ack.await.map_err(|e| self.publish_failure(e)) {
+        for (ack, size) in pending {
+            match ack.await.map_err(|e| self.publish_failure(e, size)) {
                 Ok(ack) => acks.push(ack),
                 Err(f) => {
                     unanswered += usize::from(matches!(f, PublishFailure::NoResponders));
@@ -529,7 +529,7 @@ impl Inner {
                 return Err(PublishFailure::NoResponders);
             }
             Some(PublishFailure::NoResponders) => {
-                return Err(PublishFailure::Failed(EngineError::Unavailable(format!(
+                return Err(PublishFailure::Failed(EngineError::unavailable(format!(
                     "JetStream stream {} lost its leader during the publish: {} of {} messages \
                      were acked; retry with the same idempotency keys",
                     names.stream,
@@ -541,7 +541,7 @@ impl Inner {
             None => {}
         }
         if let Some(ack) = acks.iter().find(|ack| ack.stream != names.stream) {
-            return Err(PublishFailure::Failed(EngineError::Internal(format!(
+            return Err(PublishFailure::Failed(EngineError::internal(format!(
                 "a publish to {} was stored in JetStream stream {}, not {}",
                 names.subject, ack.stream, names.stream
             ))));
@@ -549,23 +549,30 @@ impl Inner {
         Ok(acks)
     }
 
-    fn publish_failure(&self, e: PublishError) -> PublishFailure {
+    /// `size` is the message's payload in bytes.
+    fn publish_failure(&self, e: PublishError, size: usize) -> PublishFailure {
         let failed = |e| PublishFailure::Failed(e);
         match e.kind() {
             // async-nats names NATS's "no responders" so. It is not JetStream saying the stream
             // is gone: a stream whose leader died takes no publishes until the election ends.
             PublishErrorKind::StreamNotFound => PublishFailure::NoResponders,
-            PublishErrorKind::MaxPayloadExceeded => failed(EngineError::Limit(format!(
-                "the message is larger than the NATS server's max_payload: {e}"
-            ))),
-            PublishErrorKind::TimedOut => failed(EngineError::Unavailable(format!(
+            PublishErrorKind::MaxPayloadExceeded => {
+                failed(EngineError::Limit(Limit::MessageTooLarge {
+                    store: "NATS",
+                    size,
+                    max: Some(self.client.server_info().max_payload),
+                    source: Some(Arc::new(e)),
+                }))
+            }
+            PublishErrorKind::TimedOut => failed(EngineError::unavailable(format!(
                 "NATS JetStream did not acknowledge the publish within {:?}; it may still be \
                  stored, so retry with the same idempotency key",
                 self.config.timeout
             ))),
-            _ => failed(EngineError::Unavailable(format!(
-                "publishing to NATS JetStream failed: {e}"
-            ))),
+            _ => failed(EngineError::unavailable_from(
+                "publishing to NATS JetStream failed",
+                e,
+            )),
         }
     }
 
@@ -705,7 +712,7 @@ impl Inner {
             if still_retained && attempt == READ_ATTEMPTS {
                 // Across a leader change the state and the gets may come from different
                 // leaders, the newer one still applying what the older acked: retry later.
-                return Err(EngineError::Unavailable(format!(
+                return Err(EngineError::unavailable(format!(
                     "message {first} of {stream:?} is missing though JetStream reports it retained"
                 )));
             }
@@ -747,7 +754,7 @@ impl Inner {
             return Ok(());
         }
         if since.elapsed() < STALE_GRACE {
-            return Err(EngineError::Unavailable(format!(
+            return Err(EngineError::unavailable(format!(
                 "JetStream reports stream {stream:?} at offset {}, behind offset {} it acknowledged: \
                  a server that has not caught up (a leader change); not used",
                 state.head, seen.offset
@@ -786,7 +793,7 @@ impl Inner {
 }
 
 fn no_leader(names: &StreamNames) -> EngineError {
-    EngineError::Unavailable(format!(
+    EngineError::unavailable(format!(
         "JetStream stream {} takes no publishes right now (no leader: an election is under way, \
          or its servers are unreachable); nothing was published",
         names.stream
@@ -868,7 +875,7 @@ impl Engine for NatsEngine {
 
     async fn ready(&self) -> Result<(), EngineError> {
         if !self.inner.connected() {
-            return Err(EngineError::Unavailable(format!(
+            return Err(EngineError::unavailable(format!(
                 "not connected to NATS at {}",
                 redacted(&self.inner.config.url)
             )));

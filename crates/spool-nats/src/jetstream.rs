@@ -20,7 +20,7 @@
 //! Only JetStream's own "stream not found" means a stream is gone; no answer, "no responders"
 //! or a refusal is `Unavailable`.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{
     self, Context, ErrorCode,
@@ -33,7 +33,7 @@ use async_nats::subject::ToSubject;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::json;
 use spool_core::Offset;
-use spool_engine::EngineError;
+use spool_engine::{EngineError, Limit};
 use tokio::time::Instant;
 
 use crate::config::same_limits;
@@ -166,7 +166,7 @@ impl Api {
     /// The info of a stream that was just created or updated, from its leader.
     async fn leader_info(&self, stream: &str) -> Result<Info, EngineError> {
         self.info(stream).await?.ok_or_else(|| {
-            EngineError::Unavailable(format!(
+            EngineError::unavailable(format!(
                 "JetStream stream {stream} vanished while being created"
             ))
         })
@@ -211,7 +211,7 @@ impl Api {
         if let Some(m) = &message
             && m.sequence != offset.get()
         {
-            return Err(EngineError::Internal(format!(
+            return Err(EngineError::internal(format!(
                 "asked JetStream stream {stream} for message {offset}, got {}",
                 m.sequence
             )));
@@ -239,11 +239,16 @@ impl Api {
             .request(what, format!("STREAM.MSG.GET.{stream}"), &request)
             .await?;
         match response {
-            Response::Ok(got) => StreamMessage::try_from(got.message).map(Some).map_err(|e| {
-                EngineError::Internal(format!(
-                    "a message of JetStream stream {stream} ({request}) does not decode: {e}"
-                ))
-            }),
+            Response::Ok(got) => {
+                StreamMessage::try_from(got.message)
+                    .map(Some)
+                    .map_err(|e| EngineError::Internal {
+                        what: format!(
+                            "a message of JetStream stream {stream} ({request}) does not decode"
+                        ),
+                        source: Some(Arc::from(e)),
+                    })
+            }
             Response::Err { error }
                 if error.error_code() == NO_MESSAGE_FOUND
                     || error.error_code() == STREAM_NOT_FOUND =>
@@ -290,7 +295,7 @@ impl Api {
         let deadline = deadline.min(Instant::now() + self.timeout);
         match tokio::time::timeout_at(deadline, self.js.request(subject, payload)).await {
             Ok(answer) => answer.map_err(|e| self.request_error(what, e)),
-            Err(_) => Err(EngineError::Unavailable(format!(
+            Err(_) => Err(EngineError::unavailable(format!(
                 "{what}: NATS JetStream did not answer within {:?}",
                 self.timeout
             ))),
@@ -299,14 +304,14 @@ impl Api {
 
     pub fn request_error(&self, what: &str, e: RequestError) -> EngineError {
         match e.kind() {
-            RequestErrorKind::TimedOut => EngineError::Unavailable(format!(
+            RequestErrorKind::TimedOut => EngineError::unavailable(format!(
                 "{what}: NATS JetStream did not answer within {:?}",
                 self.timeout
             )),
-            RequestErrorKind::NoResponders => EngineError::Unavailable(format!(
+            RequestErrorKind::NoResponders => EngineError::unavailable(format!(
                 "{what}: NATS JetStream is not available (no responders)"
             )),
-            _ => EngineError::Unavailable(format!("{what}: {e}")),
+            _ => EngineError::unavailable_from(what, e),
         }
     }
 }
@@ -336,7 +341,7 @@ fn not_from_leader(stream: &str, info: &Info) -> EngineError {
         .as_ref()
         .and_then(|c| c.leader.clone())
         .filter(|l| !l.is_empty());
-    EngineError::Unavailable(match leader {
+    EngineError::unavailable(match leader {
         Some(leader) => format!(
             "JetStream stream {stream}: only a replica that is not its leader ({leader}) answered; its state may be behind, so it is not used"
         ),
@@ -350,9 +355,12 @@ fn not_from_leader(stream: &str, info: &Info) -> EngineError {
 /// storage), so `Unavailable`; the account's stream limit is a `Limit`.
 fn api_error(what: &str, error: jetstream::Error) -> EngineError {
     if error.error_code() == MAXIMUM_STREAMS_LIMIT {
-        EngineError::Limit(format!("{what}: {error}"))
+        EngineError::Limit(Limit::Store {
+            what: what.to_owned(),
+            source: Some(Arc::new(error)),
+        })
     } else {
-        EngineError::Unavailable(format!("{what}: JetStream refused: {error}"))
+        EngineError::unavailable_from(format!("{what}: JetStream refused"), error)
     }
 }
 

@@ -19,7 +19,7 @@ use async_nats::{
     },
 };
 use bytes::{BufMut, Bytes, BytesMut};
-use spool_engine::{EngineError, SessionRecord};
+use spool_engine::{EngineError, Limit, SessionRecord};
 
 use crate::{config::NatsConfig, jetstream::Api, names};
 
@@ -66,10 +66,10 @@ impl Sessions {
             .await
             .map(|_| ())
             .map_err(|e| {
-                EngineError::Unavailable(format!(
-                    "cannot open the sessions bucket {}: {e}",
-                    self.bucket
-                ))
+                EngineError::unavailable_from(
+                    format!("cannot open the sessions bucket {}", self.bucket),
+                    e,
+                )
             })
     }
 
@@ -127,12 +127,12 @@ impl Sessions {
                 Ok(ack) => acks.push(ack),
                 Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
                     oversized.get_or_insert_with(|| {
-                        EngineError::Limit(format!(
-                            "session record {:?} ({} bytes) is larger than the NATS server's \
-                             max_payload; it was not saved: {e}",
-                            record.id,
-                            record.data.len()
-                        ))
+                        EngineError::Limit(Limit::SessionTooLarge {
+                            id: record.id.clone(),
+                            size: record.data.len(),
+                            store: "NATS",
+                            source: Some(std::sync::Arc::new(e)),
+                        })
                     });
                 }
                 Err(e) => return Ok(Err(publish_error(&e))),
@@ -163,7 +163,7 @@ impl Sessions {
             return Ok(None);
         }
         let Some((expires_at, data)) = message.payload.split_first_chunk::<8>() else {
-            return Err(EngineError::Internal(format!(
+            return Err(EngineError::internal(format!(
                 "session record {id:?} is {} bytes, too short to hold its expiry",
                 message.payload.len()
             )));
@@ -196,12 +196,12 @@ impl Sessions {
 struct NoResponders;
 
 fn no_leader(bucket: &str) -> EngineError {
-    EngineError::Unavailable(format!(
+    EngineError::unavailable(format!(
         "the sessions bucket {bucket} takes no writes right now (no leader: an election is under \
          way, or its servers are unreachable)"
     ))
 }
 
 fn publish_error(e: &async_nats::jetstream::context::PublishError) -> EngineError {
-    EngineError::Unavailable(format!("cannot write a session record to NATS: {e}"))
+    EngineError::unavailable(format!("cannot write a session record to NATS: {e}"))
 }

@@ -51,7 +51,7 @@ async fn appends_fail_fast_while_nats_is_down_and_resume_after() {
     server.kill();
     let started = Instant::now();
     let err = engine.append(&s, vec![msg("lost?")]).await.unwrap_err();
-    assert!(matches!(err, EngineError::Unavailable(_)), "{err:?}");
+    assert!(matches!(err, EngineError::Unavailable { .. }), "{err:?}");
     assert!(
         started.elapsed() < timeout + Duration::from_secs(1),
         "took {:?}",
@@ -64,7 +64,7 @@ async fn appends_fail_fast_while_nats_is_down_and_resume_after() {
     assert!(engine.ready().await.is_err());
     assert!(matches!(
         engine.read(&s, Offset(0), 10).await,
-        Err(EngineError::Unavailable(_))
+        Err(EngineError::Unavailable { .. })
     ));
     // A new engine cannot start without NATS, and says why.
     let err = match NatsEngine::connect(config.clone()).await {
@@ -159,7 +159,7 @@ async fn many_calls_while_nats_is_down_all_fail_within_the_timeout() {
         .expect("every call answers within about the timeout while NATS is down");
     for call in all {
         let err = call.unwrap().unwrap_err();
-        assert!(matches!(err, EngineError::Unavailable(_)), "{err:?}");
+        assert!(matches!(err, EngineError::Unavailable { .. }), "{err:?}");
     }
     eprintln!("3000 calls failed after {:?}", started.elapsed());
 }

@@ -28,9 +28,9 @@ pub fn map(what: &str, e: RedisError) -> EngineError {
         Some("MISCONF" | "OOM" | "NOREPLICAS" | "BUSY" | "NOAUTH" | "WRONGPASS" | "LOADING")
     );
     if down {
-        EngineError::Unavailable(format!("redis {what}: {e}"))
+        EngineError::unavailable_from(format!("redis {what}"), e)
     } else {
-        EngineError::Internal(format!("redis {what}: {e}"))
+        EngineError::internal_from(format!("redis {what}"), e)
     }
 }
 
@@ -44,7 +44,7 @@ pub async fn within<T>(
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(map(what, e)),
-        Err(_) => Err(EngineError::Unavailable(format!(
+        Err(_) => Err(EngineError::unavailable(format!(
             "redis {what}: no answer within {timeout:?}"
         ))),
     }

@@ -118,9 +118,9 @@ impl RedisEngine {
     /// notifications. Fails with a message saying what is wrong when Redis is unreachable
     /// (`Unavailable`; a supervisor restarts the node) or unfit (`Internal`).
     pub async fn connect(config: RedisConfig) -> Result<Self, EngineError> {
-        let keys = Keys::new(&config.prefix).map_err(EngineError::Internal)?;
+        let keys = Keys::new(&config.prefix).map_err(EngineError::internal)?;
         let client = Client::open(config.url.as_str())
-            .map_err(|e| EngineError::Internal(format!("invalid Redis URL: {e}")))?;
+            .map_err(|e| EngineError::internal_from("invalid Redis URL", e))?;
         let conn = manager(&client, &config).await?;
         let writer = match config.durability {
             RedisDurability::Replicated { .. } => manager(&client, &config).await?,
@@ -161,11 +161,11 @@ impl RedisEngine {
                 shared,
                 _fanout: fanout,
             }),
-            Ok(Err(e)) => Err(EngineError::Unavailable(format!(
+            Ok(Err(e)) => Err(EngineError::unavailable(format!(
                 "cannot subscribe to Redis head notifications: {e}"
             ))),
-            Err(_) => Err(EngineError::Internal(
-                "the Redis notification task ended before subscribing".into(),
+            Err(_) => Err(EngineError::internal(
+                "the Redis notification task ended before subscribing",
             )),
         }
     }
@@ -187,7 +187,7 @@ async fn manager(client: &Client, config: &RedisConfig) -> Result<ConnectionMana
         client.get_connection_manager_with_config(settings),
     )
     .await
-    .map_err(|e| EngineError::Unavailable(format!("cannot connect to Redis: {e}")))
+    .map_err(|e| EngineError::unavailable_from("cannot connect to Redis", e))
 }
 
 /// PING, then what the durability needs: `appendfsync always` for fsync. Warns about an
@@ -254,7 +254,7 @@ async fn check_server(
     if config.durability == RedisDurability::Fsync
         && (get("appendonly") != "yes" || get("appendfsync") != "always")
     {
-        return Err(EngineError::Internal(format!(
+        return Err(EngineError::internal(format!(
             "fsync durability needs Redis with appendonly yes and appendfsync always, and this \
              one has appendonly {} and appendfsync {}: set them (redis.conf or CONFIG SET) or \
              choose another durability",
@@ -346,7 +346,7 @@ impl Shared {
         while let Some((stream, read)) = reads.next().await {
             match read {
                 Ok(_) => {}
-                Err(e @ EngineError::Unavailable(_)) => return Err(e),
+                Err(e @ EngineError::Unavailable { .. }) => return Err(e),
                 Err(e) => tracing::warn!(%stream, error = %e, "cannot re-read a watched stream"),
             }
         }
@@ -467,7 +467,7 @@ impl Shared {
                 None => return Ok((empty(Epoch::generate()), false)),
             }
         }
-        Err(EngineError::Unavailable(format!(
+        Err(EngineError::unavailable(format!(
             "Redis kept reporting no stream {stream:?} while notifications moved its head; retry"
         )))
     }
@@ -489,7 +489,7 @@ impl Shared {
         )
         .await?;
         if acked < u64::from(replicas) {
-            return Err(EngineError::Unavailable(format!(
+            return Err(EngineError::unavailable(format!(
                 "replicated durability: {acked} of {replicas} replicas acknowledged within \
                  {timeout:?}; the message may be stored — retry with the same idempotency key"
             )));

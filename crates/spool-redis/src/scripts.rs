@@ -183,7 +183,7 @@ fn ms(d: Duration) -> u64 {
 }
 
 fn bad(what: &str) -> EngineError {
-    EngineError::Internal(format!("unexpected reply from Redis: {what}"))
+    EngineError::internal(format!("unexpected reply from Redis: {what}"))
 }
 
 fn text(v: &Value) -> Option<&str> {
@@ -203,7 +203,8 @@ fn number(v: &Value) -> Option<u64> {
 
 fn epoch(v: &Value) -> Result<Epoch, EngineError> {
     let s = text(v).ok_or_else(|| bad("epoch is not text"))?;
-    Epoch::parse(s).map_err(|_| EngineError::Internal(format!("stored epoch {s:?} is invalid")))
+    Epoch::parse(s)
+        .map_err(|e| EngineError::internal_from(format!("stored epoch {s:?} is invalid"), e))
 }
 
 /// An entry id `<offset>-0`.
@@ -213,8 +214,8 @@ fn entry_offset(v: &Value) -> Result<Offset, EngineError> {
         Some((offset, "0")) => offset
             .parse()
             .map(Offset)
-            .map_err(|_| EngineError::Internal(format!("entry id {id:?} is not <offset>-0"))),
-        _ => Err(EngineError::Internal(format!(
+            .map_err(|_| EngineError::internal(format!("entry id {id:?} is not <offset>-0"))),
+        _ => Err(EngineError::internal(format!(
             "entry id {id:?} is not <offset>-0"
         ))),
     }
@@ -295,7 +296,7 @@ pub fn parse_read(v: Value, first: Offset) -> Result<Option<ReadBatch>, EngineEr
     for entry in entries {
         let message = parse_entry(entry)?;
         if message.offset != expected {
-            return Err(EngineError::Internal(format!(
+            return Err(EngineError::internal(format!(
                 "stream data has a hole: offset {} where {expected} was expected",
                 message.offset
             )));
@@ -338,10 +339,10 @@ fn parse_entry(entry: Value) -> Result<Message, EngineError> {
         }
     }
     let (Some(time_ms), Some(data)) = (time_ms, data) else {
-        return Err(EngineError::Internal(format!(
+        return Err(EngineError::internal(format!(
             "stream entry {offset} lacks its time or data"
         )));
     };
     codec::decode(offset, time_ms, data)
-        .map_err(|e| EngineError::Internal(format!("stream entry {offset} is corrupt: {e}")))
+        .map_err(|e| EngineError::internal(format!("stream entry {offset} is corrupt: {e}")))
 }

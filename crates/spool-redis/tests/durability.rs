@@ -107,13 +107,13 @@ async fn replicated_waits_for_the_replica_and_fails_without_it() {
     };
     let err = e.append(&s, vec![keyed.clone()]).await.unwrap_err();
     let took = started.elapsed();
-    assert!(matches!(err, EngineError::Unavailable(_)), "{err}");
+    assert!(matches!(err, EngineError::Unavailable { .. }), "{err}");
     assert!(err.to_string().contains("0 of 1"), "{err}");
     assert!(took < TIMEOUT + Duration::from_secs(1), "took {took:?}");
     // It was stored, but a retry with the same key is not acknowledged either while the
     // replica is missing, and appends nothing.
     let err = e.append(&s, vec![keyed]).await.unwrap_err();
-    assert!(matches!(err, EngineError::Unavailable(_)), "{err}");
+    assert!(matches!(err, EngineError::Unavailable { .. }), "{err}");
     let state = e.state(&s).await.unwrap().unwrap();
     assert_eq!(state.head, Offset(4));
 }

@@ -73,7 +73,7 @@ impl ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let (status, code) = match &e {
-            EngineError::Unavailable(_) => (
+            EngineError::Unavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::EngineUnavailable,
             ),
@@ -81,7 +81,9 @@ impl From<EngineError> for ApiError {
             EngineError::StreamLimit(_) => {
                 (StatusCode::INSUFFICIENT_STORAGE, ErrorCode::StreamLimit)
             }
-            EngineError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
+            EngineError::Internal { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal)
+            }
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %e, "engine failure");

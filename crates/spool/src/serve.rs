@@ -108,7 +108,7 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
             // Every server of the comma-separated list, each checked, before connecting.
             let servers = config.servers().map_err(|e| {
                 let why = match e {
-                    spool_engine::EngineError::Internal(why) => why,
+                    spool_engine::EngineError::Internal { what, .. } => what,
                     other => other.to_string(),
                 };
                 anyhow::anyhow!("invalid --nats-url (SPOOL_NATS_URL, nats_url): {why}")

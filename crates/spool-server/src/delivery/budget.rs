@@ -150,10 +150,14 @@ impl StreamBudget {
             && held.saturating_add(u64::from(new)) > max
         {
             self.refused_at_limit.fetch_add(1, Ordering::Relaxed);
-            return Err(ApiError::from(EngineError::StreamLimit(format!(
-                "the {} engine holds {held} of its maximum of {max} streams (--max-streams) and                  this request would create {new}: nothing was published. New streams cannot be                  created, existing ones work as before",
-                engine.name()
-            ))));
+            return Err(ApiError::from(EngineError::StreamLimit(
+                spool_engine::StreamLimit::Request {
+                    engine: engine.name(),
+                    held,
+                    max,
+                    new,
+                },
+            )));
         }
         if self.per_minute == 0 || self.take(who, new) {
             return Ok(());

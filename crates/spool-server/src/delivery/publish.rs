@@ -201,8 +201,8 @@ pub async fn append_grouped(
         .into_iter()
         .map(|(stream, group)| {
             let result = results[group].next().unwrap_or_else(|| {
-                Err(ApiError::from(EngineError::Internal(
-                    "append returned too few results".into(),
+                Err(ApiError::from(EngineError::internal(
+                    "append returned too few results",
                 )))
             });
             (stream, result)

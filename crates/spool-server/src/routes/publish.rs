@@ -76,8 +76,8 @@ pub async fn publish_one(
     .into_iter()
     .next()
     .ok_or_else(|| {
-        ApiError::from(spool_engine::EngineError::Internal(
-            "append returned nothing".into(),
+        ApiError::from(spool_engine::EngineError::internal(
+            "append returned nothing",
         ))
     })?;
     let appended = appended?;

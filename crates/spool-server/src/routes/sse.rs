@@ -214,7 +214,7 @@ async fn open(
                 cursors.push(sub.position().map(ToString::to_string).unwrap_or_default());
                 Pending::Open(sub)
             }
-            Err(EngineError::Unavailable(e)) => {
+            Err(e @ EngineError::Unavailable { .. }) => {
                 tracing::info!(stream = %stream, error = %e, "engine unavailable: the SSE subscription opens once it is back");
                 cursors.push(start.to_string());
                 Pending::Closed(stream.clone(), start)
@@ -329,7 +329,7 @@ fn subscription_events(index: usize, pending: Pending, reader: Reader) -> Tagged
                     }
                 };
                 match failure {
-                    EngineError::Unavailable(e) => {
+                    e @ EngineError::Unavailable { .. } => {
                         tracing::debug!(error = %e, ?backoff, "SSE read failed; retrying");
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
