@@ -187,89 +187,89 @@ impl Encodings {
 
 /// A stored message as `spool_protocol::http::MessageBody` JSON, from borrowed parts.
 pub fn encode_body(stream: Option<&str>, epoch: &Epoch, m: &Message) -> String {
-    #[derive(Serialize)]
-    struct Body<'a> {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        stream: Option<&'a str>,
-        epoch: &'a str,
-        offset: u64,
-        time: u64,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        data: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        data_base64: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        content_type: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        key: Option<&'a str>,
-        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-        headers: BTreeMap<&'a str, &'a str>,
-    }
-    let (data, data_base64) = payload(&m.payload);
-    let body = Body {
-        stream,
-        epoch: epoch.as_str(),
-        offset: m.offset.get(),
-        time: m.time_ms,
-        data,
-        data_base64,
-        content_type: m.content_type.as_deref(),
-        key: m.key.as_deref(),
-        headers: m
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect(),
-    };
-    serde_json::to_string(&body).unwrap_or_default()
+    Wire::new(None, stream, epoch.as_str(), m).to_json()
 }
 
 /// A `message` frame of `spool.v1.json`, from borrowed parts.
 pub fn encode_ws_message(stream: &str, epoch: &str, message: &Message) -> String {
-    #[derive(Serialize)]
-    struct Out<'a> {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        stream: &'a str,
+    Wire::new(Some("message"), Some(stream), epoch, message).to_json()
+}
+
+/// The one field list of a delivered message on the wire, borrowed from the stored message:
+/// `MessageBody` (long-poll, SSE) and the WebSocket `message` frame differ only in the
+/// leading `type` and whether `stream` is present.
+#[derive(Serialize)]
+struct Wire<'a> {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<&'a str>,
+    epoch: &'a str,
+    offset: u64,
+    time: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Headers::is_empty")]
+    headers: Headers<'a>,
+}
+
+impl<'a> Wire<'a> {
+    fn new(
+        kind: Option<&'static str>,
+        stream: Option<&'a str>,
         epoch: &'a str,
-        offset: u64,
-        time: u64,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        data: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        data_base64: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        content_type: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        key: Option<&'a str>,
-        #[serde(skip_serializing_if = "Headers::is_empty")]
-        headers: Headers<'a>,
-    }
-    struct Headers<'a>(&'a [(String, String)]);
-    impl Headers<'_> {
-        fn is_empty(&self) -> bool {
-            self.0.is_empty()
+        m: &'a Message,
+    ) -> Self {
+        let (data, data_base64) = payload(&m.payload);
+        Wire {
+            kind,
+            stream,
+            epoch,
+            offset: m.offset.get(),
+            time: m.time_ms,
+            data,
+            data_base64,
+            content_type: m.content_type.as_deref(),
+            key: m.key.as_deref(),
+            headers: Headers(&m.headers),
         }
     }
-    impl Serialize for Headers<'_> {
-        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+
+    fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// A message's headers as a JSON object in name order, one value per name (what a map gives).
+/// Publish takes them from a map, so they are stored that way and written as they are; only
+/// headers stored otherwise go through a map first.
+struct Headers<'a>(&'a [(String, String)]);
+
+impl Headers<'_> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for Headers<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.is_sorted_by(|(a, _), (b, _)| a < b) {
             s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+        } else {
+            s.collect_map(
+                self.0
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect::<BTreeMap<_, _>>(),
+            )
         }
     }
-    let (data, data_base64) = payload(&message.payload);
-    let out = Out {
-        kind: "message",
-        stream,
-        epoch,
-        offset: message.offset.get(),
-        time: message.time_ms,
-        data,
-        data_base64,
-        content_type: message.content_type.as_deref(),
-        key: message.key.as_deref(),
-        headers: Headers(&message.headers),
-    };
-    serde_json::to_string(&out).unwrap_or_default()
 }
 
 /// The payload as `data` (UTF-8 text) or `data_base64`.
