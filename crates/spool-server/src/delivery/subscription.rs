@@ -249,9 +249,16 @@ impl Subscription {
                 Decision::Reset { reason, head } => {
                     self.start = None;
                     self.cursor = Some(head.clone());
-                    // Reset to head 0 of a stream the engine does not hold: a placeholder.
-                    self.unborn =
-                        head.offset == Offset::ZERO && !self.engine.exists(&self.stream).await?;
+                    // Reset to head 0 of a stream the engine did not hold: a placeholder.
+                    // Asked after the read, so the stream may have been created since (by a
+                    // publish on another node): then it holds another epoch than the one read,
+                    // and the head read was still the placeholder's.
+                    self.unborn = head.offset == Offset::ZERO
+                        && self
+                            .engine
+                            .state(&self.stream)
+                            .await?
+                            .is_none_or(|now| now.epoch != head.epoch);
                     return Ok(vec![Event::Reset { reason, head }]);
                 }
             }
