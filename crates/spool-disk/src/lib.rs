@@ -47,8 +47,8 @@ use std::{
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use spool_core::{
-    Epoch, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName, StreamState,
-    now_ms,
+    Clock, Epoch, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName,
+    StreamState,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -90,6 +90,9 @@ pub struct DiskConfig {
     /// The most streams readers may wait on before anything is published to them (in memory
     /// only, never written; see `registry.rs`).
     pub max_unpublished_streams: usize,
+    /// What every expiry here is decided by: retention's age, idempotency keys, sessions,
+    /// placeholders. The system clock but in tests.
+    pub clock: Clock,
 }
 
 impl DiskConfig {
@@ -104,6 +107,7 @@ impl DiskConfig {
             segment_size: 64 * 1024 * 1024,
             max_streams: 1_000_000,
             max_unpublished_streams: 100_000,
+            clock: Clock::system(),
         }
     }
 }
@@ -193,6 +197,7 @@ pub struct Shared {
     active_segment: AtomicU64,
     dir: PathBuf,
     failure: Mutex<Option<String>>,
+    clock: Clock,
 }
 
 impl Shared {
@@ -311,11 +316,17 @@ impl DiskEngine {
         })?;
 
         let shared = Arc::new(Shared {
-            streams: Registry::new("disk", config.max_streams, config.max_unpublished_streams),
+            streams: Registry::new(
+                "disk",
+                config.max_streams,
+                config.max_unpublished_streams,
+                config.clock.clone(),
+            ),
             segments: Mutex::new(HashMap::new()),
             active_segment: AtomicU64::new(u64::MAX),
             dir: dir.clone(),
             failure: Mutex::new(None),
+            clock: config.clock.clone(),
         });
         let ids = segment::list(&wal).map_err(io_err(&wal))?;
         let mut epochs = repair::EpochMap::load(&dir)?;
@@ -406,10 +417,10 @@ impl DiskEngine {
             .map_err(io_err(&dir))?;
         Ok(Self {
             shared,
+            sessions_swept: AtomicU64::new(config.clock.now_ms()),
             config,
             tx,
             sessions: Arc::new(sessions),
-            sessions_swept: AtomicU64::new(now_ms()),
             keys,
             _lock: lock,
         })
@@ -495,7 +506,7 @@ impl Engine for DiskEngine {
             .shared
             .streams
             .get_or_create(name, || self.new_stream(name))?;
-        let now = now_ms();
+        let now = self.config.clock.now_ms();
         let dedup_until = now + self.config.dedup_window.as_millis() as u64;
         let mut state = stream.append.lock().await;
         let epoch = stream.log.lock().epoch().clone();
@@ -559,7 +570,7 @@ impl Engine for DiskEngine {
             || self.new_stream(name),
             |stream| {
                 let mut log = stream.log.lock();
-                log.trim(now_ms(), |e| dropped.push(e.tag));
+                log.trim(self.config.clock.now_ms(), |e| dropped.push(e.tag));
                 ReadBatch {
                     state: log.state(),
                     messages: log.read(after, limit),
@@ -576,7 +587,7 @@ impl Engine for DiskEngine {
         };
         let mut log = stream.log.lock();
         let mut dropped = Vec::new();
-        log.trim(now_ms(), |e| dropped.push(e.tag));
+        log.trim(self.config.clock.now_ms(), |e| dropped.push(e.tag));
         let state = log.state();
         drop(log);
         self.shared.release(&dropped);
@@ -597,7 +608,7 @@ impl Engine for DiskEngine {
 
     async fn sweep(&self) -> Result<(), EngineError> {
         let streams = self.shared.streams.all();
-        let now = now_ms();
+        let now = self.config.clock.now_ms();
         let mut dropped = Vec::new();
         for s in streams {
             s.log.lock().trim(now, |e| dropped.push(e.tag));
@@ -606,7 +617,7 @@ impl Engine for DiskEngine {
             }
         }
         self.shared.release(&dropped);
-        self.shared.streams.prune_unpublished(now);
+        self.shared.streams.prune_unpublished();
         let last = self.sessions_swept.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= SESSION_SWEEP_MS {
             self.sessions_swept.store(now, Ordering::Relaxed);
@@ -640,13 +651,15 @@ impl Engine for DiskEngine {
 impl SessionStore for DiskEngine {
     async fn save_sessions(&self, records: Vec<SessionRecord>) -> Result<(), EngineError> {
         let sessions = self.sessions.clone();
-        blocking(move || sessions.save(&records, now_ms())).await
+        let now = self.config.clock.now_ms();
+        blocking(move || sessions.save(&records, now)).await
     }
 
     async fn load_session(&self, id: &str) -> Result<Option<bytes::Bytes>, EngineError> {
         let sessions = self.sessions.clone();
         let id = id.to_owned();
-        blocking(move || sessions.load(&id, now_ms())).await
+        let now = self.config.clock.now_ms();
+        blocking(move || sessions.load(&id, now)).await
     }
 
     async fn delete_session(&self, id: &str) -> Result<(), EngineError> {
@@ -686,7 +699,7 @@ impl<'a> Recovery<'a> {
             keys,
             streams: HashMap::new(),
             live: HashMap::new(),
-            now: now_ms(),
+            now: config.clock.now_ms(),
         }
     }
 

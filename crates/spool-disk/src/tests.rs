@@ -523,19 +523,45 @@ proptest! {
     }
 }
 
+/// Retention's age and the idempotency window are decided by the engine's clock, in a running
+/// engine and in recovery alike: moved by the test, never slept through.
 #[tokio::test]
-async fn age_retention_applies_after_reopen() {
+async fn age_retention_and_idempotency_follow_the_clock_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
+    let time = spool_core::ManualClock::new(1_000_000);
     let mut cfg = config(dir.path());
+    cfg.clock = time.clock();
+    cfg.dedup_window = Duration::from_secs(120);
     {
         let engine = DiskEngine::open(cfg.clone()).unwrap();
         engine.append(&name("age"), vec![msg("old")]).await.unwrap();
+        engine
+            .append(&name("o"), vec![keyed("paid", "order-1")])
+            .await
+            .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    cfg.retention.default.max_age = Duration::from_millis(10);
+    // Reopened inside the window, the key is remembered.
+    time.advance(Duration::from_secs(119));
+    {
+        let engine = DiskEngine::open(cfg.clone()).unwrap();
+        let retry = engine
+            .append(&name("o"), vec![keyed("paid", "order-1")])
+            .await
+            .unwrap();
+        assert!(retry[0].duplicate);
+    }
+    // Reopened past it, the same key is a new message; and with a max age the old message is
+    // gone at recovery, the head kept.
+    time.advance(Duration::from_secs(2));
+    cfg.retention.default.max_age = Duration::from_secs(120);
     let engine = DiskEngine::open(cfg).unwrap();
     let state = engine.state(&name("age")).await.unwrap().unwrap();
     assert_eq!((state.head, state.oldest), (Offset(1), Offset(2)));
+    let again = engine
+        .append(&name("o"), vec![keyed("paid", "order-1")])
+        .await
+        .unwrap();
+    assert_eq!((again[0].duplicate, again[0].position.offset), (false, Offset(2)));
 }
 
 /// A segment that cannot be started (here: a directory in its place; in production: no file

@@ -23,7 +23,7 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use spool_core::{Message, now_ms};
+use spool_core::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Shared, record, segment};
@@ -196,7 +196,7 @@ fn publish(shared: &Shared, segment_id: u64, publish: Vec<Publish>) {
         return;
     }
     *shared.segments.lock().entry(segment_id).or_insert(0) += publish.len() as u64;
-    let now = now_ms();
+    let now = shared.clock.now_ms();
     let mut i = 0;
     while i < publish.len() {
         // Messages of one stream arrive together: take the lock once per run.

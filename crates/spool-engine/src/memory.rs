@@ -12,8 +12,8 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use spool_core::{
-    Epoch, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName, StreamState,
-    now_ms,
+    Clock, Epoch, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName,
+    StreamState,
 };
 
 use crate::{
@@ -39,6 +39,9 @@ pub struct MemoryConfig {
     /// The most streams readers may wait on before anything is published to them (held in
     /// memory while watched, never counted in `max_streams`).
     pub max_unpublished_streams: usize,
+    /// What every expiry here is decided by: retention's age, idempotency keys, sessions,
+    /// placeholders. The system clock but in tests.
+    pub clock: Clock,
 }
 
 impl Default for MemoryConfig {
@@ -50,6 +53,7 @@ impl Default for MemoryConfig {
             max_sessions: crate::sessions::MAX_SESSIONS,
             max_streams: 1_000_000,
             max_unpublished_streams: 100_000,
+            clock: Clock::system(),
         }
     }
 }
@@ -85,11 +89,20 @@ impl Watched for Mutex<StreamLog> {
 impl MemoryEngine {
     pub fn new(config: MemoryConfig) -> Self {
         Self {
-            streams: Registry::new("memory", config.max_streams, config.max_unpublished_streams),
+            streams: Registry::new(
+                "memory",
+                config.max_streams,
+                config.max_unpublished_streams,
+                config.clock.clone(),
+            ),
             keys: DedupBudget::new(config.max_idempotency_keys),
             sessions: SessionTable::new(config.max_sessions),
             config,
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.config.clock.now_ms()
     }
 
     fn new_stream(&self, name: &StreamName) -> Mutex<StreamLog> {
@@ -111,7 +124,7 @@ impl Engine for MemoryEngine {
         let (log, _) = self
             .streams
             .get_or_create(stream, || self.new_stream(stream))?;
-        let now = now_ms();
+        let now = self.now_ms();
         let dedup_until = now + self.config.dedup_window.as_millis() as u64;
         let mut guard = log.lock();
         let StreamLog { log, dedup } = &mut *guard;
@@ -152,7 +165,7 @@ impl Engine for MemoryEngine {
             || self.new_stream(stream),
             |log| {
                 let mut guard = log.lock();
-                guard.log.trim(now_ms(), |_| {});
+                guard.log.trim(self.now_ms(), |_| {});
                 ReadBatch {
                     state: guard.log.state(),
                     messages: guard.log.read(after, limit),
@@ -166,7 +179,7 @@ impl Engine for MemoryEngine {
             return Ok(None);
         };
         let mut guard = log.lock();
-        guard.log.trim(now_ms(), |_| {});
+        guard.log.trim(self.now_ms(), |_| {});
         Ok(Some(guard.log.state()))
     }
 
@@ -181,13 +194,13 @@ impl Engine for MemoryEngine {
 
     async fn sweep(&self) -> Result<(), EngineError> {
         let logs = self.streams.all();
-        let now = now_ms();
+        let now = self.now_ms();
         for log in logs {
             let mut guard = log.lock();
             guard.log.trim(now, |_| {});
             guard.dedup.expire(now, &self.keys);
         }
-        self.streams.prune_unpublished(now);
+        self.streams.prune_unpublished();
         self.sessions.expire(now);
         Ok(())
     }
@@ -205,11 +218,11 @@ impl Engine for MemoryEngine {
 #[async_trait]
 impl SessionStore for MemoryEngine {
     async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError> {
-        self.sessions.save(sessions, now_ms())
+        self.sessions.save(sessions, self.now_ms())
     }
 
     async fn load_session(&self, id: &str) -> Result<Option<bytes::Bytes>, EngineError> {
-        Ok(self.sessions.load(id, now_ms()))
+        Ok(self.sessions.load(id, self.now_ms()))
     }
 
     async fn delete_session(&self, id: &str) -> Result<(), EngineError> {
@@ -280,7 +293,7 @@ mod tests {
         let record = |id: &str, data: &'static str| SessionRecord {
             id: id.into(),
             data: Bytes::from_static(data.as_bytes()),
-            expires_at: now_ms() + 60_000,
+            expires_at: spool_core::now_ms() + 60_000,
         };
         store.save_sessions(vec![record("a", "1")]).await.unwrap();
         let err = store
@@ -320,9 +333,70 @@ mod tests {
         assert_eq!(engine.stream_counts().unwrap().refused, 1);
     }
 
+    /// Every expiry the memory engine decides — retention's age, idempotency keys, sessions —
+    /// follows its clock: moved by the test, never slept through.
+    #[tokio::test]
+    async fn expiry_follows_the_engine_clock() {
+        let time = spool_core::ManualClock::new(1_000_000);
+        let mut config = MemoryConfig {
+            dedup_window: Duration::from_secs(120),
+            clock: time.clock(),
+            ..MemoryConfig::default()
+        };
+        config.retention.default.max_age = Duration::from_secs(3600);
+        let engine = MemoryEngine::new(config);
+        let s = name("aging");
+        let keyed = |key: &str| NewMessage {
+            idempotency_key: Some(key.into()),
+            ..msg("k")
+        };
+
+        let first = engine.append(&s, vec![keyed("once")]).await.unwrap();
+        assert_eq!(first[0].position.offset, Offset(1));
+        let batch = engine.read(&s, Offset(0), 10).await.unwrap();
+        assert_eq!(batch.messages[0].time_ms, 1_000_000, "stamped by the clock");
+
+        // Inside the idempotency window a retry is a duplicate; past it, a new message.
+        time.advance(Duration::from_secs(119));
+        let retry = engine.append(&s, vec![keyed("once")]).await.unwrap();
+        assert!(retry[0].duplicate);
+        time.advance(Duration::from_secs(2));
+        engine.sweep().await.unwrap();
+        let later = engine.append(&s, vec![keyed("once")]).await.unwrap();
+        assert_eq!((later[0].duplicate, later[0].position.offset), (false, Offset(2)));
+
+        // Retention by age: offset 1 (t0) goes once it is older than an hour; 2 (t0+121s) stays.
+        time.advance(Duration::from_secs(3600 - 121));
+        engine.sweep().await.unwrap();
+        assert_eq!(engine.state(&s).await.unwrap().unwrap().oldest, Offset(1));
+        time.advance(Duration::from_millis(1));
+        engine.sweep().await.unwrap();
+        let state = engine.state(&s).await.unwrap().unwrap();
+        assert_eq!((state.oldest, state.head), (Offset(2), Offset(2)));
+
+        // A session lives until its expiry and not a millisecond more.
+        let expires_at = time.now_ms() + 60_000;
+        engine
+            .save_sessions(vec![SessionRecord {
+                id: "s1".into(),
+                data: Bytes::from_static(b"cursor"),
+                expires_at,
+            }])
+            .await
+            .unwrap();
+        time.set(expires_at - 1);
+        assert!(engine.load_session("s1").await.unwrap().is_some());
+        time.set(expires_at);
+        assert!(engine.load_session("s1").await.unwrap().is_none());
+    }
+
     #[tokio::test]
     async fn reads_and_watches_create_no_stream() {
-        let engine = MemoryEngine::new(MemoryConfig::default());
+        let time = spool_core::ManualClock::new(1_000_000);
+        let engine = MemoryEngine::new(MemoryConfig {
+            clock: time.clock(),
+            ..MemoryConfig::default()
+        });
         let s = name("never-published");
         let watch = engine.watch(&s).await.unwrap();
         let read = engine.read(&s, Offset(0), 10).await.unwrap();
@@ -346,11 +420,10 @@ mod tests {
         // its position then gets a reset (another epoch at head 0: `unknown_stream`).
         let other = name("read-once");
         let gone = engine.watch(&other).await.unwrap().borrow().clone();
-        engine.streams.prune_unpublished(now_ms());
+        engine.streams.prune_unpublished();
         assert_eq!(engine.stream_counts().unwrap().unpublished, 1, "lingers");
-        engine
-            .streams
-            .prune_unpublished(now_ms() + crate::registry::LINGER_MS);
+        time.advance(Duration::from_millis(crate::registry::LINGER_MS));
+        engine.streams.prune_unpublished();
         assert_eq!(engine.stream_counts().unwrap().unpublished, 0);
         let again = engine.read(&other, Offset(0), 10).await.unwrap().state;
         assert_ne!(again.epoch, gone.epoch);

@@ -23,7 +23,7 @@ use std::{
 };
 
 use parking_lot::RwLock;
-use spool_core::{StreamName, now_ms};
+use spool_core::{Clock, StreamName};
 
 use crate::{EngineError, StreamCounts, StreamLimit};
 
@@ -63,12 +63,14 @@ pub struct Registry<T> {
     refused: AtomicU64,
     /// When a prune at the cap last freed too little (ms since the Unix epoch).
     futile_prune_at: AtomicU64,
+    clock: Clock,
 }
 
 impl<T: Watched> Registry<T> {
     /// An empty registry of the engine named `engine` (for error messages), holding at most
     /// `max` published and `max_unpublished` unpublished streams.
-    pub fn new(engine: &'static str, max: usize, max_unpublished: usize) -> Self {
+    /// `clock` decides how long an unwatched placeholder lingers.
+    pub fn new(engine: &'static str, max: usize, max_unpublished: usize, clock: Clock) -> Self {
         Self {
             maps: RwLock::new(Maps {
                 published: HashMap::new(),
@@ -79,6 +81,7 @@ impl<T: Watched> Registry<T> {
             engine,
             refused: AtomicU64::new(0),
             futile_prune_at: AtomicU64::new(0),
+            clock,
         }
     }
 
@@ -132,11 +135,11 @@ impl<T: Watched> Registry<T> {
                 return Ok(f(s));
             }
             if let Some(u) = maps.unpublished.get(name) {
-                u.touched.store(now_ms(), Ordering::Relaxed);
+                u.touched.store(self.clock.now_ms(), Ordering::Relaxed);
                 return Ok(f(&u.stream));
             }
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut maps = self.maps.write();
         if let Some(s) = maps.published.get(name) {
             return Ok(f(s));
@@ -174,7 +177,8 @@ impl<T: Watched> Registry<T> {
     }
 
     /// Drops unpublished streams no watcher has held for [`LINGER_MS`]. Called by the sweep.
-    pub fn prune_unpublished(&self, now: u64) {
+    pub fn prune_unpublished(&self) {
+        let now = self.clock.now_ms();
         {
             let maps = self.maps.read();
             if maps.unpublished.is_empty() {
@@ -237,7 +241,8 @@ mod tests {
 
     #[test]
     fn readers_hold_placeholders_that_an_append_adopts_or_a_prune_drops() {
-        let r: Registry<S> = Registry::new("test", 2, 2);
+        let time = spool_core::ManualClock::new(1_000_000);
+        let r: Registry<S> = Registry::new("test", 2, 2, time.clock());
         // A watched placeholder: not published, adopted as it is by the first append.
         let p = r
             .with_for_reader(&name("a"), S::default, |s| {
@@ -260,10 +265,13 @@ mod tests {
         // At the cap (2) with one idle: the idle one makes room.
         r.with_for_reader(&name("d"), S::default, |_| ()).unwrap();
         assert_eq!(r.counts().unpublished, 2);
-        let now = now_ms();
-        r.prune_unpublished(now);
+        r.prune_unpublished();
         assert_eq!(r.counts().unpublished, 2, "lingers");
-        r.prune_unpublished(now + LINGER_MS);
+        time.advance(std::time::Duration::from_millis(LINGER_MS - 1));
+        r.prune_unpublished();
+        assert_eq!(r.counts().unpublished, 2, "lingers until the end of its time");
+        time.advance(std::time::Duration::from_millis(1));
+        r.prune_unpublished();
         assert_eq!(r.counts().unpublished, 1, "the watched one stays");
 
         // The published cap refuses creations only, and counts them.

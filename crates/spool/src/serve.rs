@@ -41,6 +41,7 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
                 max_unpublished_streams: resolved.max_unpublished_streams,
                 max_idempotency_keys: resolved.max_idempotency_keys,
                 max_sessions: resolved.max_sessions,
+                ..MemoryConfig::default()
             }))
         }
         EngineKind::Disk {
