@@ -275,6 +275,7 @@ impl GroupState {
             .iter()
             .copied()
             .filter(|o| self.eligible(*o, &self.entries[o], now_ms))
+            .take(room)
             .collect();
         for offset in ready {
             if deliveries.len() >= room {
