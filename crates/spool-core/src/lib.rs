@@ -16,7 +16,10 @@ pub mod retention;
 
 pub use clock::{Clock, ManualClock};
 pub use continuity::{Decision, ResetReason, Start, StreamState};
-pub use group::{GroupConfig, GroupConfigError, GroupName, MemberName};
+pub use group::{
+    GroupConfig, GroupConfigError, GroupName, GroupState, GroupStats, MemberName, Receipt,
+    ReceiptResult,
+};
 pub use message::{Message, NewMessage};
 pub use name::{InvalidStreamName, StreamName};
 pub use pattern::Pattern;

@@ -50,6 +50,32 @@
 //!
 //! Time is the caller's: leases compare `until_ms` with the `now_ms` given, so on a cluster
 //! nodes' clocks should agree to well within a visibility timeout.
+//!
+//! # How an engine and the delivery layer use it
+//!
+//! One owner at a time operates on a group (a task or lock per group on one node; on a cluster
+//! engine, a compare-and-set on the engine's own revision of the group's record):
+//!
+//! - create: [`GroupConfig::from_spec`] (a `400` on error), [`GroupState::new`] against the
+//!   stream's state now, store [`GroupState::snapshot`]; update:
+//!   [`GroupState::update_config`].
+//! - receive: [`GroupState::want`] → `Engine::read(stream, want.after, want.limit)` →
+//!   [`GroupState::receive`] with the read's `StreamState` and messages → store the outcome →
+//!   if `read_again`, once more for the rest → read the payloads of redeliveries by offset →
+//!   answer. Long-poll: with nothing delivered, wait for the stream's head watch or until
+//!   [`GroupState::next_wakeup`], then receive again.
+//! - ack / nack / extend / terminate: the receipts' texts as the client sent them, one
+//!   [`ReceiptResult`] each; validate `Reason`s and durations first ([`OpError`] is a `400`).
+//! - a timer at [`GroupState::next_wakeup`] runs [`GroupState::expire`] (dead letters and
+//!   stats without waiting for a receive).
+//! - stats: [`GroupState::stats`] with the stream's state (and the publish time of the message
+//!   after the cursor, if at hand); metrics are the same numbers.
+//! - load: [`GroupState::from_snapshot`], then [`GroupState::apply`] each stored change in
+//!   order; compact by storing a new snapshot and dropping the changes before it.
+//!
+//! Deleting a group is the engine's (drop its records; a group created again has a new
+//! [`GroupId`], so old receipts are `unknown`). Redrive is an engine read of the dead-letter
+//! stream and a publish into the source stream: new messages, new offsets.
 
 pub mod change;
 pub mod config;

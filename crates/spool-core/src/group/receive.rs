@@ -290,11 +290,9 @@ impl GroupState {
             }
         }
 
-        let read_again = reset.as_ref().is_some_and(|r| r.to != r.from)
-            && deliveries.len() < room
-            && stream.head > self.cursor.offset;
         // New messages, continuing the cursor without a gap.
-        if stream.epoch == self.cursor.epoch && !read_again {
+        let mut took = false;
+        if stream.epoch == self.cursor.epoch {
             let mut last = self.cursor.offset;
             for message in fetched {
                 let message = message.borrow();
@@ -329,11 +327,18 @@ impl GroupState {
                 }
             }
             if last != self.cursor.offset {
+                took = true;
                 let cursor = Position::new(self.cursor.epoch.clone(), last);
                 let head = stream.head.max(last);
                 self.commit(&mut tx, Change::CursorMoved { cursor, head });
             }
         }
+        // The batch was read after the cursor as it was before a reset moved it: read again.
+        let read_again = reset.as_ref().is_some_and(|r| r.to != r.from)
+            && !took
+            && deliveries.len() < room
+            && self.entries.len() < self.max_entries()
+            && stream.head > self.cursor.offset;
         let received = Received {
             deliveries,
             reset,
