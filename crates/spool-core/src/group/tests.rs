@@ -630,3 +630,38 @@ fn snapshots_and_changes_round_trip_through_json() {
     assert_eq!(g.config().max_in_flight, 5);
     assert_replays(&before, &update.changes, &g);
 }
+
+#[test]
+fn after_a_crash_everything_not_acked_comes_back_and_nothing_acked_does() {
+    let mut s = FakeStream::new();
+    for _ in 0..6 {
+        s.publish(None, 0);
+    }
+    let mut g = group(config(r#"{"visibility_timeout": "5s"}"#), &s);
+    // The store: the creation snapshot, then each outcome's changes once "durable".
+    let snapshot = g.snapshot();
+    let mut stored: Vec<Change> = Vec::new();
+    let out = receive(&mut g, &s, "w", 4, 0);
+    stored.extend(out.changes.clone());
+    let r = receipts(&out);
+    let acked = g.ack(&r[..2], 100).unwrap();
+    stored.extend(acked.changes);
+    // This ack's changes never reached the store: the process died before answering it.
+    let lost = g.ack(&r[2..3], 200).unwrap();
+    assert_eq!(lost.value, [Done]);
+
+    let mut g = GroupState::from_snapshot(snapshot).unwrap();
+    for c in &stored {
+        g.apply(c);
+    }
+    // A member that outlived the restart still holds a valid lease on 4.
+    assert_eq!(g.ack(&r[3..], 300).unwrap().value, [Done]);
+    // The unanswered ack of 3 is undone: 3 comes back once its lease ends.
+    assert_eq!(offsets(&receive(&mut g, &s, "w", 1, 4_999)), [5]);
+    let again = receive(&mut g, &s, "w", 10, 5_000);
+    assert_eq!(offsets(&again), [3, 6]);
+    assert_eq!(again.value.deliveries[0].deliveries, 2);
+    // 1 and 2 (acked and stored) never come back.
+    assert!(g.entry(Offset(1)).is_none() && g.entry(Offset(2)).is_none());
+    assert_eq!(g.counters().acked, 3);
+}
