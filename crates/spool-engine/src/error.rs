@@ -145,6 +145,13 @@ pub enum Limit {
         #[source]
         source: Option<Cause>,
     },
+    /// A group would be created while the engine holds `max` (`--max-groups`); groups that
+    /// exist go on working.
+    #[error(
+        "{max} consumer groups exist (--max-groups): new groups cannot be created, existing \
+         ones work as before"
+    )]
+    Groups { max: usize },
     /// A limit the backing store enforces on its own (e.g. a JetStream account's maximum
     /// number of streams).
     #[error("{what}{}", Because(.source))]

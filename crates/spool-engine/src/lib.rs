@@ -4,7 +4,7 @@
 //! range after an offset together with a consistent snapshot of the stream's bounds, enforces
 //! retention, remembers idempotency keys, and tells watchers when a stream's head moves. What
 //! the server keeps besides history has its own traits in [`store`]: [`SessionStore`] for
-//! WebSocket sessions (and, next, a group store for consumer groups). The memory engine lives
+//! WebSocket sessions and [`GroupStore`] for consumer groups. The memory engine lives
 //! here; the disk (`spool-disk`), Redis (`spool-redis`) and NATS JetStream (`spool-nats`)
 //! engines implement the same traits, and the server never knows which one it talks to.
 //!
@@ -18,6 +18,9 @@ pub mod cluster;
 pub mod conformance;
 pub mod dedup;
 mod error;
+#[cfg(any(test, feature = "conformance"))]
+pub mod group_conformance;
+pub mod groups;
 pub mod log;
 pub mod memory;
 pub mod registry;
@@ -33,7 +36,7 @@ use tokio::sync::watch;
 pub use error::{Cause, EngineError, Limit, StreamLimit};
 pub use memory::MemoryEngine;
 pub use sessions::SessionRecord;
-pub use store::SessionStore;
+pub use store::{Committed, GroupStore, SessionStore, StoredGroup};
 
 /// The result of appending one message.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,13 +12,16 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use spool_core::{
-    Clock, Epoch, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName,
-    StreamState,
+    Clock, Epoch, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName, StreamState,
 };
 
+use spool_core::group::{Change, GroupName, GroupSnapshot};
+
 use crate::{
-    Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, SessionStore, StreamCounts,
+    Appended, Committed, Engine, EngineError, GroupStore, HeadWatch, ReadBatch, SessionRecord,
+    SessionStore, StoredGroup, StreamCounts,
     dedup::{DedupBudget, DedupWindow},
+    groups::GroupTable,
     registry::{Registry, Watched},
     sessions::SessionTable,
 };
@@ -39,6 +42,8 @@ pub struct MemoryConfig {
     /// The most streams readers may wait on before anything is published to them (held in
     /// memory while watched, never counted in `max_streams`).
     pub max_unpublished_streams: usize,
+    /// The most consumer groups kept (`--max-groups`).
+    pub max_groups: usize,
     /// What every expiry here is decided by: retention's age, idempotency keys, sessions,
     /// placeholders. The system clock but in tests.
     pub clock: Clock,
@@ -53,6 +58,7 @@ impl Default for MemoryConfig {
             max_sessions: crate::sessions::MAX_SESSIONS,
             max_streams: 1_000_000,
             max_unpublished_streams: 100_000,
+            max_groups: crate::groups::MAX_GROUPS,
             clock: Clock::system(),
         }
     }
@@ -63,6 +69,7 @@ pub struct MemoryEngine {
     config: MemoryConfig,
     streams: Registry<Mutex<StreamLog>>,
     sessions: SessionTable,
+    groups: GroupTable,
     keys: DedupBudget,
 }
 
@@ -97,6 +104,7 @@ impl MemoryEngine {
             ),
             keys: DedupBudget::new(config.max_idempotency_keys),
             sessions: SessionTable::new(config.max_sessions),
+            groups: GroupTable::new(config.max_groups),
             config,
         }
     }
@@ -233,6 +241,56 @@ impl SessionStore for MemoryEngine {
 
 // Offsets, reads, idempotency and watches are checked for every engine by
 // `crate::conformance`; these are the memory engine's own limits.
+#[async_trait]
+impl GroupStore for MemoryEngine {
+    async fn create_group(&self, snapshot: &GroupSnapshot) -> Result<bool, EngineError> {
+        self.groups.create(snapshot)
+    }
+
+    async fn load_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<Option<StoredGroup>, EngineError> {
+        Ok(self.groups.load(stream, group))
+    }
+
+    async fn list_groups(
+        &self,
+        stream: Option<&StreamName>,
+    ) -> Result<Vec<(StreamName, GroupName)>, EngineError> {
+        Ok(self.groups.list(stream))
+    }
+
+    async fn commit_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        expected: u64,
+        changes: &[Change],
+    ) -> Result<Committed, EngineError> {
+        Ok(self.groups.commit(stream, group, expected, changes))
+    }
+
+    async fn compact_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        version: u64,
+        snapshot: &GroupSnapshot,
+    ) -> Result<Committed, EngineError> {
+        Ok(self.groups.compact(stream, group, version, snapshot))
+    }
+
+    async fn delete_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<bool, EngineError> {
+        Ok(self.groups.delete(stream, group))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -333,6 +391,39 @@ mod tests {
         assert_eq!(engine.stream_counts().unwrap().refused, 1);
     }
 
+    #[tokio::test]
+    async fn group_store_conforms() {
+        crate::group_conformance::run(&MemoryEngine::new(MemoryConfig::default())).await;
+    }
+
+    #[tokio::test]
+    async fn groups_are_bounded() {
+        let engine = MemoryEngine::new(MemoryConfig {
+            max_groups: 1,
+            ..MemoryConfig::default()
+        });
+        let at = StreamState::empty(Epoch::generate());
+        let make = |g: &str| {
+            spool_core::group::GroupState::new(
+                name("s"),
+                spool_core::group::GroupName::new(g).unwrap(),
+                spool_core::group::GroupConfig::default(),
+                &at,
+                0,
+            )
+            .unwrap()
+            .snapshot()
+        };
+        assert!(engine.create_group(&make("a")).await.unwrap());
+        let err = engine.create_group(&make("b")).await.unwrap_err();
+        assert!(
+            matches!(err, EngineError::Limit(crate::Limit::Groups { max: 1 })),
+            "{err:?}"
+        );
+        // The one that exists is still "already there", not a limit.
+        assert!(!engine.create_group(&make("a")).await.unwrap());
+    }
+
     /// Every expiry the memory engine decides — retention's age, idempotency keys, sessions —
     /// follows its clock: moved by the test, never slept through.
     #[tokio::test]
@@ -363,7 +454,10 @@ mod tests {
         time.advance(Duration::from_secs(2));
         engine.sweep().await.unwrap();
         let later = engine.append(&s, vec![keyed("once")]).await.unwrap();
-        assert_eq!((later[0].duplicate, later[0].position.offset), (false, Offset(2)));
+        assert_eq!(
+            (later[0].duplicate, later[0].position.offset),
+            (false, Offset(2))
+        );
 
         // Retention by age: offset 1 (t0) goes once it is older than an hour; 2 (t0+121s) stays.
         time.advance(Duration::from_secs(3600 - 121));

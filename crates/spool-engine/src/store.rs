@@ -7,9 +7,11 @@
 //!
 //! - [`SessionStore`]: WebSocket session records (SPEC §3), opaque bytes under an id until
 //!   they expire. The records themselves and their bound are in [`crate::sessions`].
-//! - `GroupStore` (consumer groups, not written yet) will sit here beside it: the groups'
-//!   members, leases and committed positions, one more trait every engine implements from its
-//!   own storage and the server holds as one more `Arc<dyn …>`.
+//! - [`GroupStore`]: consumer groups (SPEC §7). A group's state machine is pure code
+//!   (`spool_core::group`); the store keeps what it needs to rebuild it — a snapshot and the
+//!   changes committed since — and decides, by a version compared on every commit, which of
+//!   several writers (nodes of a cluster) commits first. The in-memory keeper is
+//!   [`crate::groups::GroupTable`].
 //!
 //! Every engine of this workspace implements its stores on the same struct as its log (one
 //! connection, one file set, one `--max-sessions`), so `spool serve` hands the same engine to
@@ -17,6 +19,10 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use spool_core::{
+    StreamName,
+    group::{Change, GroupName, GroupSnapshot},
+};
 
 use crate::{EngineError, SessionRecord};
 
@@ -37,4 +43,75 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Forgets a session.
     async fn delete_session(&self, id: &str) -> Result<(), EngineError>;
+}
+
+/// A consumer group as its store holds it: the snapshot it was created or last compacted
+/// with, every change committed since, in commit order, and the version the next commit must
+/// name. `GroupState::from_snapshot(snapshot)` then `apply` of each change rebuilds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredGroup {
+    pub snapshot: GroupSnapshot,
+    pub changes: Vec<Change>,
+    /// How many commits the group has had since it was created (compaction does not count).
+    pub version: u64,
+}
+
+/// The answer to a versioned write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// Written and durable; the group is now at `version`.
+    Done { version: u64 },
+    /// The group is no longer at the version named (another writer committed first) or is
+    /// gone: nothing was written. Load it again and redo the operation on what it is now.
+    Conflict,
+}
+
+/// Where consumer groups are kept (SPEC §7). All methods are safe to call concurrently, from
+/// any number of servers sharing the store; commits are atomic and ordered by the version, so
+/// two writers never both commit against the same state. A call that returns is durable as the
+/// engine makes messages durable (the disk engine: fsynced before it returns).
+#[async_trait]
+pub trait GroupStore: Send + Sync + 'static {
+    /// Creates a group from its first snapshot, at version 0. False, and nothing written, when
+    /// the stream already has a group of that name. `Limit` past the engine's `--max-groups`.
+    async fn create_group(&self, snapshot: &GroupSnapshot) -> Result<bool, EngineError>;
+
+    /// A group, unless there is none of that name on that stream.
+    async fn load_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<Option<StoredGroup>, EngineError>;
+
+    /// The groups of `stream`, or of every stream, in name order.
+    async fn list_groups(
+        &self,
+        stream: Option<&StreamName>,
+    ) -> Result<Vec<(StreamName, GroupName)>, EngineError>;
+
+    /// Appends `changes` to the group if it is still at version `expected`.
+    async fn commit_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        expected: u64,
+        changes: &[Change],
+    ) -> Result<Committed, EngineError>;
+
+    /// Replaces the group's snapshot and changes with `snapshot` (the state at version
+    /// `version`), if it is still at that version: the store stays as small as the state.
+    async fn compact_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        version: u64,
+        snapshot: &GroupSnapshot,
+    ) -> Result<Committed, EngineError>;
+
+    /// Forgets a group (not its stream, nor its dead-letter stream). False if there was none.
+    async fn delete_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<bool, EngineError>;
 }
