@@ -8,9 +8,11 @@
 //! finished has an [`Entry`]: its delivery count, key, publish time, and whether it is
 //! waiting (never handed out: blocked behind its key), leased (to a member, until a time, under
 //! a random [`LeaseId`]) or visible again at a time (after a nack's delay or the backoff).
-//! A message is finished when it is acked or dead-lettered, and its entry goes. So at any
-//! moment each message of the stream is exactly one of: beyond the cursor (pending, still in
-//! the stream), an entry, or finished.
+//! A message is finished when it is acked or dead-lettered (or lost to a reset, counted in
+//! `expired`), and its entry goes. So at any moment each message of the stream is exactly one
+//! of: beyond the cursor (pending, still in the stream), an entry, or finished. (SPEC §7 calls
+//! the cursor the position up to which everything was handed out; here a message blocked
+//! behind its key may be taken before it is handed out, and still counts as `pending`.)
 //!
 //! Receive ([`GroupState::want`], then [`GroupState::receive`] with what the engine read)
 //! reclaims run-out leases, checks continuity, leases due entries oldest first and then takes
@@ -31,7 +33,8 @@
 //! Leased entries ≤ `max_in_flight` (receive returns fewer). All entries ≤
 //! [`GroupState::max_entries`] = 2 × `max_in_flight`: the look-ahead beyond the leases holds
 //! messages waiting behind their key or for a delay; the group takes nothing new from the
-//! stream when it is full. With `max_in_flight` ≤ [`config::MAX_IN_FLIGHT_CAP`] and members ≤
+//! stream when it is full (so under key ordering, a window filled by one slow key holds the
+//! other keys back until it moves: the price of bounded memory). With `max_in_flight` ≤ [`config::MAX_IN_FLIGHT_CAP`] and members ≤
 //! [`state::MAX_MEMBERS`], a group's memory and snapshot are bounded whatever the backlog:
 //! a backlog of a million messages lives in the stream, beyond the cursor.
 //!
