@@ -47,8 +47,7 @@ use std::{
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use spool_core::{
-    Clock, Epoch, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName,
-    StreamState,
+    Clock, Epoch, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName, StreamState,
 };
 use tokio::sync::{mpsc, oneshot};
 

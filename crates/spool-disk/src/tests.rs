@@ -561,7 +561,10 @@ async fn age_retention_and_idempotency_follow_the_clock_across_reopen() {
         .append(&name("o"), vec![keyed("paid", "order-1")])
         .await
         .unwrap();
-    assert_eq!((again[0].duplicate, again[0].position.offset), (false, Offset(2)));
+    assert_eq!(
+        (again[0].duplicate, again[0].position.offset),
+        (false, Offset(2))
+    );
 }
 
 /// A segment that cannot be started (here: a directory in its place; in production: no file

@@ -79,7 +79,11 @@ async fn create_load_list_delete(store: &dyn GroupStore) {
     let loaded = store.load_group(&stream, &group("g1")).await.unwrap();
     let loaded = loaded.expect("the group just created");
     assert_eq!(
-        (loaded.snapshot.clone(), loaded.changes.len(), loaded.version),
+        (
+            loaded.snapshot.clone(),
+            loaded.changes.len(),
+            loaded.version
+        ),
         (state.snapshot(), 0, 0)
     );
     assert!(
@@ -107,7 +111,10 @@ async fn create_load_list_delete(store: &dyn GroupStore) {
             .is_none()
     );
     assert_eq!(
-        store.commit_group(&stream, &group("g1"), 0, &[]).await.unwrap(),
+        store
+            .commit_group(&stream, &group("g1"), 0, &[])
+            .await
+            .unwrap(),
         Committed::Conflict,
         "a deleted group takes no commit"
     );
@@ -135,7 +142,12 @@ async fn commits_are_versioned(store: &dyn GroupStore) {
         visibility_timeout: None,
     };
     let received = state
-        .receive(&request, &stream_state, &fetched[..want.limit.min(5)], 2_000)
+        .receive(
+            &request,
+            &stream_state,
+            &fetched[..want.limit.min(5)],
+            2_000,
+        )
         .unwrap();
     assert_eq!(received.value.deliveries.len(), 3);
     assert!(!received.changes.is_empty());

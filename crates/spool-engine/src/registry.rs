@@ -269,7 +269,11 @@ mod tests {
         assert_eq!(r.counts().unpublished, 2, "lingers");
         time.advance(std::time::Duration::from_millis(LINGER_MS - 1));
         r.prune_unpublished();
-        assert_eq!(r.counts().unpublished, 2, "lingers until the end of its time");
+        assert_eq!(
+            r.counts().unpublished,
+            2,
+            "lingers until the end of its time"
+        );
         time.advance(std::time::Duration::from_millis(1));
         r.prune_unpublished();
         assert_eq!(r.counts().unpublished, 1, "the watched one stays");
