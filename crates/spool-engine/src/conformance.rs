@@ -103,6 +103,7 @@ pub async fn run(backend: &dyn Backend) {
     retention_keeps_the_newest_by_count(backend).await;
     idempotency_keys_answer_the_original_position(backend).await;
     watchers_see_the_head_move(backend).await;
+    a_watch_set_up_while_another_node_publishes_misses_nothing(backend).await;
     sessions_are_kept_until_they_expire(backend).await;
     concurrent_appends_from_every_node_get_unique_gap_free_offsets(backend).await;
     reads_never_see_holes_while_appends_run(backend).await;
@@ -309,6 +310,53 @@ async fn watchers_see_the_head_move(backend: &dyn Backend) {
         let batch = engine.read(&s, Offset(1), 10).await.unwrap();
         assert_eq!(batch.messages.len(), 1, "watch: the woken node reads it");
         assert_eq!(batch.messages[0].payload, "2");
+    }
+}
+
+/// A watch taken while another node publishes to the stream sees that publish at once. On a
+/// cluster engine a node ignores notes about streams it does not watch, so a note that lands
+/// between the watch's first read of the head and the watch's creation would be lost if the
+/// watch did not read again (`cluster::ClusterNode::watch`): its subscribers would wait for a
+/// periodic refresh (NATS: 5 s) or forever (Redis). Streams that exist and streams the publish
+/// creates, many at once to hit that moment.
+async fn a_watch_set_up_while_another_node_publishes_misses_nothing(backend: &dyn Backend) {
+    /// Well under any periodic refresh; a note takes milliseconds.
+    const PROMPTLY: Duration = Duration::from_secs(3);
+    let ns = backend.namespace(Settings::default()).await;
+    let (watcher, publisher) = (ns.node().await, ns.node().await);
+    let names: Vec<StreamName> = (0..32)
+        .map(|i| stream(&format!("conformance/gap-{i}")))
+        .collect();
+    for s in names.iter().step_by(2) {
+        publisher.append(s, vec![msg("1")]).await.unwrap();
+    }
+    let raced = names.iter().map(|s| {
+        let (watcher, publisher) = (watcher.clone(), publisher.clone());
+        async move {
+            let (watch, appended) =
+                tokio::join!(watcher.watch(s), publisher.append(s, vec![msg("next")]));
+            (
+                watch.expect("watch"),
+                appended.expect("append")[0].position.clone(),
+            )
+        }
+    });
+    for (s, (mut watch, appended)) in names.iter().zip(futures::future::join_all(raced).await) {
+        let seen = matches!(
+            tokio::time::timeout(
+                PROMPTLY,
+                watch.wait_for(|head| {
+                    head.epoch == appended.epoch && head.offset >= appended.offset
+                }),
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        assert!(
+            seen,
+            "{s}: the watch stayed at {} after another node's publish at {appended}",
+            *watch.borrow()
+        );
     }
 }
 

@@ -25,7 +25,7 @@ use spool_core::{
 use spool_engine::{
     Appended, Engine, EngineError, HeadWatch, Limit, ReadBatch, SessionRecord, SessionStore,
     StreamLimit,
-    cluster::{Heads, TailCache},
+    cluster::{ClusterNode, HeadNote, Heads, Store},
 };
 use tokio::{sync::Notify, task::AbortHandle};
 
@@ -68,8 +68,9 @@ pub(crate) struct Inner {
     config: NatsConfig,
     client: Client,
     api: Api,
-    pub heads: Heads,
-    cache: TailCache,
+    /// Heads, tail cache, watch and resync: the part every cluster engine shares, over this
+    /// engine's reads (`impl Store for Inner`).
+    pub node: ClusterNode,
     /// The epoch of each stream this node has touched, and when it was last confirmed.
     known: Mutex<HashMap<StreamName, (Epoch, Instant)>>,
     /// Watched streams JetStream currently reports behind their known head (see
@@ -154,8 +155,7 @@ impl NatsEngine {
             config,
             client,
             api,
-            heads: Heads::default(),
-            cache: TailCache::default(),
+            node: ClusterNode::default(),
             known: Mutex::new(HashMap::new()),
             behind: Mutex::new(HashMap::new()),
             placeholders: Mutex::new(placeholders),
@@ -294,7 +294,7 @@ impl Inner {
         if self.remember(stream, &epoch) {
             self.tell(stream, &head_position).await;
         }
-        self.heads.advance(stream, head_position);
+        self.node.heads().advance(stream, head_position);
         Ok(StreamState {
             epoch,
             head,
@@ -318,9 +318,7 @@ impl Inner {
     /// client's command queue is not drained while it reconnects, so once it is full a
     /// publish would wait there (holding up an append already acked) until NATS is back.
     async fn tell(&self, stream: &StreamName, head: &Position) {
-        let Some(note) = fanout::note(stream, head) else {
-            return;
-        };
+        let note = HeadNote::new(stream.clone(), head.clone()).encode();
         if !self.connected() {
             tracing::debug!(%stream, "not connected: no head note");
             return;
@@ -378,7 +376,7 @@ impl Inner {
         stream: &StreamName,
     ) -> Result<(StreamState, bool), EngineError> {
         for _ in 0..3 {
-            let before = self.heads.current(stream);
+            let before = self.node.heads().current(stream);
             // "Not found" is believed when it comes twice (a member recovering the stream says
             // so too) — but once is enough while this node's readers wait in its placeholder:
             // a wrong answer then only keeps them there until the next read or note.
@@ -396,7 +394,7 @@ impl Inner {
                     let placeholder = Position::new(fresh.clone(), Offset::ZERO);
                     // Not retiring the epoch left: should the "not found" have been wrong,
                     // the stream's head, read again, moves the watchers back.
-                    if !self.heads.park_if(stream, &seen, placeholder) {
+                    if !self.node.heads().park_if(stream, &seen, placeholder) {
                         continue;
                     }
                     placeholders
@@ -447,28 +445,7 @@ impl Inner {
             self.forget(stream);
         }
         self.placeholders.lock().epochs.remove(stream);
-        self.heads.advance(stream, head);
-    }
-
-    /// A head watch of `stream`, whose state a read just gave (`found`: JetStream holds it).
-    /// For a stream JetStream does not hold, the watch shows the placeholder this node keeps
-    /// for it (kept from now on, within the cap); a watch this node already has is joined as
-    /// it is, never moved back to a placeholder.
-    fn watch(
-        &self,
-        stream: &StreamName,
-        state: StreamState,
-        found: bool,
-    ) -> Result<HeadWatch, EngineError> {
-        if found {
-            return Ok(self.heads.watch(stream, state.head_position()));
-        }
-        let mut placeholders = self.placeholders.lock();
-        if let Some(head) = self.heads.current(stream) {
-            return Ok(self.heads.watch(stream, head));
-        }
-        let epoch = placeholders.keep(stream, state.epoch, &self.heads)?;
-        Ok(self.heads.watch(stream, Position::new(epoch, Offset::ZERO)))
+        self.node.heads().advance(stream, head);
     }
 
     /// Publishes `messages` back to back on the one connection, then awaits their acks in
@@ -651,23 +628,10 @@ impl Inner {
         }
         if let Some(last) = fresh.last() {
             let head = Position::new(epoch.clone(), last.offset);
-            self.cache.appended(stream, &epoch, &fresh);
-            self.heads.advance(stream, head.clone());
+            self.node.appended(stream, head.clone(), &fresh);
             self.tell(stream, &head).await;
         }
         Ok(out)
-    }
-
-    async fn read(
-        &self,
-        stream: &StreamName,
-        after: Offset,
-        limit: usize,
-    ) -> Result<ReadBatch, EngineError> {
-        let fetch = self.read_jetstream(stream, after, limit);
-        self.cache
-            .read_through(&self.heads, stream, after, limit, fetch)
-            .await
     }
 
     /// A read straight from JetStream: the stream's info (the snapshot's bounds), then its
@@ -679,7 +643,7 @@ impl Inner {
         limit: usize,
     ) -> Result<ReadBatch, EngineError> {
         let names = self.names(stream);
-        let known = self.heads.current(stream);
+        let known = self.node.heads().current(stream);
         let (mut state, found) = self.state_or_placeholder(stream).await?;
         if !found {
             return Ok(ReadBatch {
@@ -704,7 +668,7 @@ impl Inner {
             }
             // The first message vanished between the info and the get: retention moved the
             // oldest on, or the stream was remade. Look again.
-            let known = self.heads.current(stream);
+            let known = self.node.heads().current(stream);
             let (again, _) = self.state_or_placeholder(stream).await?;
             self.fresh(stream, &again, known)?;
             let still_retained =
@@ -792,6 +756,40 @@ impl Inner {
     }
 }
 
+/// What the node shares with the Redis engine (`spool_engine::cluster::ClusterNode`) reads
+/// through: JetStream, a stream it does not hold being a placeholder ([`Placeholders`]).
+impl Store for Inner {
+    async fn read_head(&self, stream: &StreamName) -> Result<(StreamState, bool), EngineError> {
+        self.state_or_placeholder(stream).await
+    }
+
+    async fn read_range(
+        &self,
+        stream: &StreamName,
+        after: Offset,
+        limit: usize,
+    ) -> Result<ReadBatch, EngineError> {
+        self.read_jetstream(stream, after, limit).await
+    }
+
+    async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
+        let known = self.node.heads().current(stream);
+        let state = self.fetch_state(stream).await?;
+        if let Some(state) = &state {
+            self.fresh(stream, state, known)?;
+        }
+        Ok(state)
+    }
+
+    /// Kept from now on, within the cap (lock order: the node's watch lock, then
+    /// `placeholders`, then the heads').
+    fn keep_placeholder(&self, stream: &StreamName, epoch: Epoch) -> Result<Epoch, EngineError> {
+        self.placeholders
+            .lock()
+            .keep(stream, epoch, self.node.heads())
+    }
+}
+
 fn no_leader(names: &StreamNames) -> EngineError {
     EngineError::unavailable(format!(
         "JetStream stream {} takes no publishes right now (no leader: an election is under way, \
@@ -820,36 +818,25 @@ impl Engine for NatsEngine {
         after: Offset,
         limit: usize,
     ) -> Result<ReadBatch, EngineError> {
-        self.inner.read(stream, after, limit).await
+        let inner = &*self.inner;
+        inner.node.read(inner, stream, after, limit).await
     }
 
     async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
-        let known = self.inner.heads.current(stream);
-        let state = self.inner.fetch_state(stream).await?;
-        if let Some(state) = &state {
-            self.inner.fresh(stream, state, known)?;
-        }
-        Ok(state)
+        self.inner.state(stream).await
     }
 
     /// Like a read, creates nothing: a stream JetStream does not hold is watched at head 0 of
     /// this node's placeholder for it (see [`Placeholders`]).
     async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError> {
-        let (state, found) = self.inner.state_or_placeholder(stream).await?;
-        self.inner.watch(stream, state, found)
+        let inner = &*self.inner;
+        inner.node.watch(inner, stream).await
     }
 
     /// Cheap for a stream this node watches and has seen a message of; else one state read.
     async fn exists(&self, stream: &StreamName) -> Result<bool, EngineError> {
-        if self
-            .inner
-            .heads
-            .current(stream)
-            .is_some_and(|head| head.offset > Offset::ZERO)
-        {
-            return Ok(true);
-        }
-        Ok(self.state(stream).await?.is_some())
+        let inner = &*self.inner;
+        inner.node.exists(inner, stream).await
     }
 
     fn retention(&self, stream: &StreamName) -> Retention {
@@ -857,8 +844,7 @@ impl Engine for NatsEngine {
     }
 
     async fn sweep(&self) -> Result<(), EngineError> {
-        let gone = self.inner.heads.prune();
-        self.inner.cache.forget(&gone);
+        let gone = self.inner.node.prune();
         {
             let mut behind = self.inner.behind.lock();
             for stream in &gone {
@@ -867,7 +853,8 @@ impl Engine for NatsEngine {
         }
         let mut placeholders = self.inner.placeholders.lock();
         if !placeholders.epochs.is_empty() {
-            let watched: HashSet<StreamName> = self.inner.heads.watched().into_iter().collect();
+            let watched: HashSet<StreamName> =
+                self.inner.node.heads().watched().into_iter().collect();
             placeholders.prune(&watched);
         }
         Ok(())

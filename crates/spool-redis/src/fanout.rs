@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use redis::Client;
-use spool_core::{Epoch, Offset, Position, StreamName};
+use spool_engine::cluster::HeadNote;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -84,8 +84,11 @@ async fn subscribe(
         .map_err(|_| format!("no SUBSCRIBE answer within {timeout:?}"))?
         .map_err(|e| e.to_string())?;
     if resync {
-        shared.cache.clear();
-        shared.resync().await.map_err(|e| e.to_string())?;
+        shared
+            .node
+            .resubscribed(shared)
+            .await
+            .map_err(|e| e.to_string())?;
     }
     Ok((sink, stream))
 }
@@ -103,9 +106,9 @@ async fn listen(
         tokio::select! {
             _ = cancel.cancelled() => return true,
             msg = stream.next() => match msg {
-                Some(msg) => match parse(msg.get_payload_bytes()) {
-                    Some((name, head)) => {
-                        shared.heads.advance(&name, head);
+                Some(msg) => match HeadNote::decode(msg.get_payload_bytes()) {
+                    Some(note) => {
+                        shared.node.heads().advance(&note.stream, note.head);
                     }
                     None => tracing::warn!(
                         channel = %shared.channel,
@@ -123,40 +126,6 @@ async fn listen(
                     return false;
                 }
             }
-        }
-    }
-}
-
-/// `<epoch> <head> <stream>`; `None` for anything else.
-fn parse(payload: &[u8]) -> Option<(StreamName, Position)> {
-    let text = std::str::from_utf8(payload).ok()?;
-    let mut parts = text.splitn(3, ' ');
-    let epoch = Epoch::parse(parts.next()?).ok()?;
-    let head = parts.next()?.parse().ok()?;
-    let stream = StreamName::new(parts.next()?).ok()?;
-    Some((stream, Position::new(epoch, Offset(head))))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn notifications_parse_defensively() {
-        let (s, p) = parse(b"abc 42 chat:room/1").unwrap();
-        assert_eq!(s.as_str(), "chat:room/1");
-        assert_eq!(p.to_string(), "abc:42");
-        for bad in [
-            &b""[..],
-            b"abc",
-            b"abc 42",
-            b"abc x s",
-            b"a:b 1 s",
-            b"abc -1 s",
-            b"abc 1 two words",
-            b"\xff 1 s",
-        ] {
-            assert!(parse(bad).is_none(), "{:?}", String::from_utf8_lossy(bad));
         }
     }
 }

@@ -57,6 +57,7 @@ mod codec;
 mod config;
 mod error;
 mod fanout;
+mod groups;
 pub mod keys;
 mod scripts;
 
@@ -64,8 +65,6 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
-use parking_lot::Mutex;
 use redis::{
     Client, Value,
     aio::{ConnectionManager, ConnectionManagerConfig},
@@ -75,7 +74,7 @@ use spool_core::{
 };
 use spool_engine::{
     Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, SessionStore,
-    cluster::{Heads, TailCache},
+    cluster::{ClusterNode, Store},
 };
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -87,14 +86,13 @@ use crate::{
     scripts::{AppendReply, Scripts},
 };
 
-/// How many watched streams are re-read at once after the notification channel was down.
-const RESYNC_CONCURRENCY: usize = 32;
-
 /// A Spool node's handle on Redis; see the crate docs.
 pub struct RedisEngine {
     shared: Arc<Shared>,
     /// Stops the notification task when the engine is dropped.
     _fanout: DropGuard,
+    /// Consumer groups (`impl GroupStore` in `groups.rs`).
+    groups: groups::Groups,
 }
 
 /// What the engine and its notification task share.
@@ -107,10 +105,9 @@ struct Shared {
     /// own, as `WAIT` blocks the connection it is sent on.
     writer: ConnectionManager,
     scripts: Scripts,
-    heads: Heads,
-    cache: TailCache,
-    /// Makes "was the stream watched?" and creating its watch one step, against pruning.
-    watching: Mutex<()>,
+    /// Heads, tail cache, watch and resync: the part every cluster engine shares, over this
+    /// engine's reads (`impl Store for Shared`).
+    node: ClusterNode,
 }
 
 impl RedisEngine {
@@ -136,15 +133,14 @@ impl RedisEngine {
             )
             .await?;
         }
+        let groups = groups::Groups::new(&config, conn.clone(), writer.clone());
         let shared = Arc::new(Shared {
             channel: keys.heads_channel(),
             keys,
             conn,
             writer,
             scripts,
-            heads: Heads::default(),
-            cache: TailCache::default(),
-            watching: Mutex::new(()),
+            node: ClusterNode::default(),
             config,
         });
         let cancel = CancellationToken::new();
@@ -160,6 +156,7 @@ impl RedisEngine {
             Ok(Ok(())) => Ok(Self {
                 shared,
                 _fanout: fanout,
+                groups,
             }),
             Ok(Err(e)) => Err(EngineError::unavailable(format!(
                 "cannot subscribe to Redis head notifications: {e}"
@@ -319,38 +316,12 @@ impl Shared {
         if let Some(batch) = &batch {
             // A read may be the first to see another node's append or a new epoch (Redis
             // lost the stream): wake this node's watchers.
-            self.heads.advance(
+            self.node.heads().advance(
                 stream,
                 Position::new(batch.state.epoch.clone(), batch.state.head),
             );
         }
         Ok(batch)
-    }
-
-    /// Re-reads every watched stream (creating none) and moves its head; watchers of a stream
-    /// Redis lost move to a placeholder (see [`Shared::read_or_placeholder`]).
-    /// Fails only when Redis is unavailable: a stream whose data is corrupt (`Internal`) is
-    /// skipped, as failing would drop the notification channel of every stream for it, again
-    /// on every retry.
-    async fn resync(&self) -> Result<(), EngineError> {
-        let watched = self.heads.watched();
-        if !watched.is_empty() {
-            tracing::info!(streams = watched.len(), "re-reading watched streams");
-        }
-        let mut reads = futures::stream::iter(watched)
-            .map(|stream| async move {
-                let read = self.read_or_placeholder(&stream, Offset::ZERO, 0).await;
-                (stream, read)
-            })
-            .buffer_unordered(RESYNC_CONCURRENCY);
-        while let Some((stream, read)) = reads.next().await {
-            match read {
-                Ok(_) => {}
-                Err(e @ EngineError::Unavailable { .. }) => return Err(e),
-                Err(e) => tracing::warn!(%stream, error = %e, "cannot re-read a watched stream"),
-            }
-        }
-        Ok(())
     }
 
     async fn append(
@@ -411,10 +382,11 @@ impl Shared {
                 Arc::new(message)
             })
             .collect();
-        // The cache first, so the watchers woken next find the messages there.
-        self.cache.appended(stream, &reply.epoch, &fresh);
-        self.heads
-            .advance(stream, Position::new(reply.epoch.clone(), reply.head));
+        self.node.appended(
+            stream,
+            Position::new(reply.epoch.clone(), reply.head),
+            &fresh,
+        );
         // Duplicates wait too: the retry of an append whose WAIT failed must not be acked
         // before the original reached the replicas. The script always writes (expiries), so
         // WAIT covers everything applied before it, whichever node wrote it.
@@ -427,7 +399,7 @@ impl Shared {
     /// The epoch this node shows readers of a stream Redis does not hold: the one its watchers
     /// already wait in (a head at offset 0: no message was ever seen in it), else a fresh one.
     fn placeholder(&self, stream: &StreamName) -> Epoch {
-        match self.heads.current(stream) {
+        match self.node.heads().current(stream) {
             Some(head) if head.offset == Offset::ZERO => head.epoch,
             _ => Epoch::generate(),
         }
@@ -451,7 +423,7 @@ impl Shared {
             messages: Vec::new(),
         };
         for _ in 0..3 {
-            let before = self.heads.current(stream);
+            let before = self.node.heads().current(stream);
             if let Some(batch) = self.read_script(stream, after, limit).await? {
                 return Ok((batch, true));
             }
@@ -459,7 +431,7 @@ impl Shared {
                 Some(seen) if seen.offset > Offset::ZERO => {
                     let epoch = Epoch::generate();
                     let placeholder = Position::new(epoch.clone(), Offset::ZERO);
-                    if self.heads.replace_if(stream, &seen, placeholder) {
+                    if self.node.heads().replace_if(stream, &seen, placeholder) {
                         return Ok((empty(epoch), false));
                     }
                 }
@@ -498,6 +470,31 @@ impl Shared {
     }
 }
 
+/// What the node shares with the NATS engine (`spool_engine::cluster::ClusterNode`) reads
+/// through: the read script, a stream Redis does not hold being a placeholder.
+impl Store for Shared {
+    async fn read_head(&self, stream: &StreamName) -> Result<(StreamState, bool), EngineError> {
+        let (batch, found) = self.read_or_placeholder(stream, Offset::ZERO, 0).await?;
+        Ok((batch.state, found))
+    }
+
+    async fn read_range(
+        &self,
+        stream: &StreamName,
+        after: Offset,
+        limit: usize,
+    ) -> Result<ReadBatch, EngineError> {
+        Ok(self.read_or_placeholder(stream, after, limit).await?.0)
+    }
+
+    async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
+        Ok(self
+            .read_script(stream, Offset::ZERO, 0)
+            .await?
+            .map(|batch| batch.state))
+    }
+}
+
 /// The data key lives as long as its newest message may (plus a second, so the expiry never
 /// beats the age check, which keeps a message exactly `max_age` old).
 fn data_ttl_ms(retention: &Retention) -> u64 {
@@ -524,44 +521,19 @@ impl Engine for RedisEngine {
         after: Offset,
         limit: usize,
     ) -> Result<ReadBatch, EngineError> {
-        let shared = &self.shared;
-        let fetch = async { Ok(shared.read_or_placeholder(stream, after, limit).await?.0) };
-        shared
-            .cache
-            .read_through(&shared.heads, stream, after, limit, fetch)
-            .await
+        let shared = &*self.shared;
+        shared.node.read(shared, stream, after, limit).await
     }
 
     async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
-        Ok(self
-            .shared
-            .read_script(stream, Offset::ZERO, 0)
-            .await?
-            .map(|batch| batch.state))
+        self.shared.state(stream).await
     }
 
+    /// Creates nothing: a stream Redis does not hold is watched at head 0 of this node's
+    /// placeholder for it (see [`Shared::placeholder`]).
     async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError> {
-        let shared = &self.shared;
-        let (batch, found) = shared.read_or_placeholder(stream, Offset::ZERO, 0).await?;
-        let current = Position::new(batch.state.epoch, batch.state.head);
-        let (watch, first) = {
-            let _guard = shared.watching.lock();
-            let existing = shared.heads.current(stream);
-            let first = existing.is_none();
-            // Another watcher's placeholder (head 0: Redis never holds a stream at head 0)
-            // stays: one epoch per stream per node, so waiting readers get no reset.
-            let current = match existing {
-                Some(head) if !found && head.offset == Offset::ZERO => head,
-                _ => current,
-            };
-            (shared.heads.watch(stream, current), first)
-        };
-        if first {
-            // Notifications for this stream were ignored until the watch existed: read again
-            // so that an append in between is not missed.
-            shared.read_script(stream, Offset::ZERO, 0).await?;
-        }
-        Ok(watch)
+        let shared = &*self.shared;
+        shared.node.watch(shared, stream).await
     }
 
     fn retention(&self, stream: &StreamName) -> Retention {
@@ -570,26 +542,15 @@ impl Engine for RedisEngine {
 
     /// Cheap for a stream this node watches and has seen a message of; else one read.
     async fn exists(&self, stream: &StreamName) -> Result<bool, EngineError> {
-        if self
-            .shared
-            .heads
-            .current(stream)
-            .is_some_and(|head| head.offset > Offset::ZERO)
-        {
-            return Ok(true);
-        }
-        Ok(self.state(stream).await?.is_some())
+        let shared = &*self.shared;
+        shared.node.exists(shared, stream).await
     }
 
     /// Forgets the heads and cached tails of streams nobody on this node watches any more.
     /// Age-based trimming needs no sweep: reads and appends trim, and a stream left alone
     /// expires as a whole (its data key's TTL).
     async fn sweep(&self) -> Result<(), EngineError> {
-        let gone = {
-            let _guard = self.shared.watching.lock();
-            self.shared.heads.prune()
-        };
-        self.shared.cache.forget(&gone);
+        self.shared.node.prune();
         Ok(())
     }
 
