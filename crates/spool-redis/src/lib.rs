@@ -57,7 +57,6 @@ mod codec;
 mod config;
 mod error;
 mod fanout;
-mod groups;
 pub mod keys;
 mod scripts;
 
@@ -91,8 +90,6 @@ pub struct RedisEngine {
     shared: Arc<Shared>,
     /// Stops the notification task when the engine is dropped.
     _fanout: DropGuard,
-    /// Consumer groups (`impl GroupStore` in `groups.rs`).
-    groups: groups::Groups,
 }
 
 /// What the engine and its notification task share.
@@ -133,7 +130,6 @@ impl RedisEngine {
             )
             .await?;
         }
-        let groups = groups::Groups::new(&config, conn.clone(), writer.clone());
         let shared = Arc::new(Shared {
             channel: keys.heads_channel(),
             keys,
@@ -156,7 +152,6 @@ impl RedisEngine {
             Ok(Ok(())) => Ok(Self {
                 shared,
                 _fanout: fanout,
-                groups,
             }),
             Ok(Err(e)) => Err(EngineError::unavailable(format!(
                 "cannot subscribe to Redis head notifications: {e}"
