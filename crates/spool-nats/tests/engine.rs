@@ -318,6 +318,38 @@ async fn one_oversized_session_does_not_keep_the_others_of_its_batch_from_being_
     assert!(engine.load_session("huge").await.unwrap().is_none());
 }
 
+/// A message over NATS's `max_payload` is a `Limit` that names its size and the bound, and
+/// stores nothing.
+#[tokio::test]
+async fn an_oversized_message_is_a_limit_naming_its_size() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    let (config, _cleanup) = setup(&url);
+    let engine = connect(&config).await;
+    let s = StreamName::new("oversized").unwrap();
+    engine.append(&s, vec![msg("small")]).await.unwrap();
+    let huge = NewMessage {
+        payload: Bytes::from(vec![b'x'; 2 << 20]),
+        ..Default::default()
+    };
+    let err = engine.append(&s, vec![huge]).await.unwrap_err();
+    match &err {
+        EngineError::Limit(spool_engine::Limit::MessageTooLarge {
+            size,
+            max: Some(max),
+            ..
+        }) => {
+            assert_eq!(*size, 2 << 20);
+            assert!(*max < *size, "{err}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("max_payload"), "{err}");
+    let state = engine.state(&s).await.unwrap().unwrap();
+    assert_eq!(state.head, Offset(1), "nothing stored");
+}
+
 #[tokio::test]
 async fn data_spool_did_not_write_reads_as_internal_not_a_panic() {
     let Some(url) = common::shared_nats() else {
