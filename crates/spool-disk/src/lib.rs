@@ -13,6 +13,7 @@
 //! - `writer.rs`: the writer thread (group commit, segment roll).
 //! - `repair.rs`: `spool repair` (cut damage out, new epochs for the streams it touched).
 //! - `sessions.rs`: the WebSocket session records, in `sessions.redb`.
+//! - `groups.rs`: consumer groups (the `GroupStore`), as WAL records beside the messages.
 //! - here: the engine, the append path, recovery and segment reclamation.
 //!
 //! The in-memory side (each stream's retained messages and head watch, idempotency keys, the
@@ -25,13 +26,14 @@
 //! durable and only then visible to readers, in WAL order, so no reader ever sees a message
 //! that a crash could take back.
 
+pub mod groups;
 mod record;
 mod repair;
 mod segment;
 pub mod sessions;
 mod writer;
 
-pub use repair::{Cut, Damage, EPOCHS_FILE, RepairReport, repair};
+pub use repair::{Cut, Damage, EPOCHS_FILE, GroupRollback, RepairReport, repair};
 
 use std::{
     collections::HashMap,
@@ -89,6 +91,8 @@ pub struct DiskConfig {
     /// The most streams readers may wait on before anything is published to them (in memory
     /// only, never written; see `registry.rs`).
     pub max_unpublished_streams: usize,
+    /// The most consumer groups kept (`--max-groups`); past it only creation is refused.
+    pub max_groups: usize,
     /// What every expiry here is decided by: retention's age, idempotency keys, sessions,
     /// placeholders. The system clock but in tests.
     pub clock: Clock,
@@ -106,6 +110,7 @@ impl DiskConfig {
             segment_size: 64 * 1024 * 1024,
             max_streams: 1_000_000,
             max_unpublished_streams: 100_000,
+            max_groups: spool_engine::groups::MAX_GROUPS,
             clock: Clock::system(),
         }
     }
@@ -166,6 +171,8 @@ const EPOCH_RESET_MARKER: &str = "EPOCH_RESET";
 const QUARANTINE_DIR: &str = "quarantine";
 const LOCK_FILE: &str = "LOCK";
 #[cfg(test)]
+mod group_tests;
+#[cfg(test)]
 mod tests;
 
 /// Bound of the writer's queue, in requests.
@@ -197,6 +204,29 @@ pub struct Shared {
     dir: PathBuf,
     failure: Mutex<Option<String>>,
     clock: Clock,
+    groups: groups::Groups,
+    wal: WalCounters,
+}
+
+/// What the writer has done since the engine opened ([`DiskEngine::wal_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalStats {
+    /// Group commits: one write (and with `Durability::Fsync` one fsync) each.
+    pub batches: u64,
+    /// Requests written: appends and group operations (barriers not counted).
+    pub requests: u64,
+    /// Of those, group operations (create, commit, compact, delete).
+    pub group_requests: u64,
+    /// Batches that carried both messages and group operations: they shared one fsync.
+    pub mixed_batches: u64,
+}
+
+#[derive(Default)]
+struct WalCounters {
+    batches: AtomicU64,
+    requests: AtomicU64,
+    group_requests: AtomicU64,
+    mixed_batches: AtomicU64,
 }
 
 impl Shared {
@@ -208,8 +238,9 @@ impl Shared {
         self.failure.lock().clone()
     }
 
-    /// Snapshot records of every persisted stream.
-    fn snapshot_records(&self) -> Vec<u8> {
+    /// Snapshot records of every persisted stream, then of every consumer group (as durable
+    /// now: `groups.rs`). Fails only if a group cannot be encoded (a bug).
+    fn snapshot_records(&self) -> std::io::Result<Vec<u8>> {
         let streams = self.streams.all();
         let mut out = Vec::new();
         for s in streams {
@@ -218,7 +249,11 @@ impl Shared {
                 writer::snapshot_record(&mut out, &s);
             }
         }
-        out
+        self.groups
+            .snapshot_records(&mut out)
+            .map_err(std::io::Error::other)?;
+        record::encode_snapshot_end(&mut out);
+        Ok(out)
     }
 
     /// One message per tag left the retained set.
@@ -314,19 +349,6 @@ impl DiskEngine {
             }
         })?;
 
-        let shared = Arc::new(Shared {
-            streams: Registry::new(
-                "disk",
-                config.max_streams,
-                config.max_unpublished_streams,
-                config.clock.clone(),
-            ),
-            segments: Mutex::new(HashMap::new()),
-            active_segment: AtomicU64::new(u64::MAX),
-            dir: dir.clone(),
-            failure: Mutex::new(None),
-            clock: config.clock.clone(),
-        });
         let ids = segment::list(&wal).map_err(io_err(&wal))?;
         let mut epochs = repair::EpochMap::load(&dir)?;
         let keys = DedupBudget::new(config.max_idempotency_keys);
@@ -373,15 +395,36 @@ impl DiskEngine {
         }
         let reset_marker = dir.join(EPOCH_RESET_MARKER);
         let reset_epochs = reset_marker.exists();
-        let (streams, live) = recovery.finish(reset_epochs);
+        let (streams, live, recovered_groups) = recovery.finish(reset_epochs);
         let recovered = streams.len();
+        let group_count = recovered_groups.len();
+        let groups = groups::Groups::new(config.max_groups, recovered_groups).map_err(|e| {
+            OpenError::Io {
+                path: wal.clone(),
+                source: std::io::Error::other(e),
+            }
+        })?;
+        let shared = Arc::new(Shared {
+            streams: Registry::new(
+                "disk",
+                config.max_streams,
+                config.max_unpublished_streams,
+                config.clock.clone(),
+            ),
+            segments: Mutex::new(live),
+            active_segment: AtomicU64::new(u64::MAX),
+            dir: dir.clone(),
+            failure: Mutex::new(None),
+            clock: config.clock.clone(),
+            groups,
+            wal: WalCounters::default(),
+        });
         shared.streams.replace_all(streams);
-        *shared.segments.lock() = live;
 
         // Always continue in a fresh segment that starts with a snapshot of every stream.
         let active = ids.last().map_or(1, |last| last + 1);
         let mut file = segment::create(&wal, active).map_err(io_err(&wal))?;
-        let snapshot = shared.snapshot_records();
+        let snapshot = shared.snapshot_records().map_err(io_err(&wal))?;
         std::io::Write::write_all(&mut file, &snapshot).map_err(io_err(&wal))?;
         file.sync_data().map_err(io_err(&wal))?;
         shared.active_segment.store(active, Ordering::Release);
@@ -397,7 +440,7 @@ impl DiskEngine {
         epochs
             .prune(&dir, oldest.first().copied().unwrap_or(active))
             .map_err(io_err(&dir))?;
-        tracing::info!(dir = %dir.display(), streams = recovered, segment = active, "disk engine opened");
+        tracing::info!(dir = %dir.display(), streams = recovered, groups = group_count, segment = active, "disk engine opened");
 
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer = Writer {
@@ -406,6 +449,7 @@ impl DiskEngine {
             file,
             segment_id: active,
             segment_len: segment::HEADER_LEN + snapshot.len() as u64,
+            segment_start: segment::HEADER_LEN + snapshot.len() as u64,
             segment_max: config.segment_size.max(segment::HEADER_LEN + 1),
             fsync: config.durability == Durability::Fsync,
             roll_failures: 0,
@@ -425,6 +469,18 @@ impl DiskEngine {
         })
     }
 
+    /// What the writer has done since the engine opened: how many writes (group commits) it
+    /// made and how many requests shared them.
+    pub fn wal_stats(&self) -> WalStats {
+        let c = &self.shared.wal;
+        WalStats {
+            batches: c.batches.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            group_requests: c.group_requests.load(Ordering::Relaxed),
+            mixed_batches: c.mixed_batches.load(Ordering::Relaxed),
+        }
+    }
+
     /// A stream not in the WAL yet: the first append writes its epoch record.
     fn new_stream(&self, name: &StreamName) -> DiskStream {
         DiskStream::new(
@@ -436,16 +492,20 @@ impl DiskEngine {
         )
     }
 
+    /// Queues frames for the writer; `group` is applied to the groups' durable table once
+    /// they are durable. No frames: a barrier, answered once everything before it is durable.
     async fn write(
         &self,
         frames: Vec<u8>,
         publish: Vec<Publish>,
+        group: Option<groups::GroupApply>,
     ) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
         let (done, rx) = oneshot::channel();
         self.tx
             .send(WriteRequest {
                 frames,
                 publish,
+                group,
                 done,
             })
             .await
@@ -551,7 +611,7 @@ impl Engine for DiskEngine {
             return Ok(out);
         }
         state.persisted = true;
-        let done = self.write(frames, publish).await;
+        let done = self.write(frames, publish, None).await;
         drop(state);
         wait(done?).await?;
         Ok(out)
@@ -684,6 +744,7 @@ struct Recovery<'a> {
     streams: HashMap<StreamName, Rebuilt>,
     live: HashMap<u64, u64>,
     now: u64,
+    groups: groups::GroupRecovery,
 }
 
 struct Rebuilt {
@@ -699,6 +760,7 @@ impl<'a> Recovery<'a> {
             streams: HashMap::new(),
             live: HashMap::new(),
             now: config.clock.now_ms(),
+            groups: groups::GroupRecovery::default(),
         }
     }
 
@@ -709,6 +771,7 @@ impl<'a> Recovery<'a> {
             streams,
             live,
             now,
+            groups,
         } = self;
         let new_log = |name: &StreamName, epoch, head| {
             StreamLog::new(epoch, head, config.retention.for_stream(name))
@@ -765,21 +828,41 @@ impl<'a> Recovery<'a> {
                 s.log.push(Arc::new(message), segment);
                 *live.entry(segment).or_insert(0) += 1;
             }
+            Record::GroupPut {
+                version,
+                snapshot,
+                changes,
+            } => groups.put(segment, version, snapshot, changes),
+            Record::GroupCommit {
+                stream,
+                group,
+                id,
+                version,
+                changes,
+            } => groups.commit(stream, group, id, version, changes),
+            Record::GroupDeleted { stream, group } => groups.delete(stream, group),
+            Record::SnapshotEnd => groups.snapshot_end(segment),
         }
         Ok(())
     }
 
     /// Applies retention and builds the engine's streams; with `reset_epochs`, every stream
     /// starts a new, empty history.
+    #[allow(clippy::type_complexity)]
     fn finish(
         self,
         reset_epochs: bool,
-    ) -> (HashMap<StreamName, Arc<DiskStream>>, HashMap<u64, u64>) {
+    ) -> (
+        HashMap<StreamName, Arc<DiskStream>>,
+        HashMap<u64, u64>,
+        Vec<spool_engine::store::StoredGroup>,
+    ) {
         let Recovery {
             config,
             streams: rebuilt,
             mut live,
             now,
+            groups,
             ..
         } = self;
         let mut streams = HashMap::with_capacity(rebuilt.len());
@@ -806,7 +889,7 @@ impl<'a> Recovery<'a> {
             };
             streams.insert(name, Arc::new(stream));
         }
-        (streams, live)
+        (streams, live, groups.finish())
     }
 }
 

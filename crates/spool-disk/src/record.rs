@@ -11,15 +11,35 @@
 //!                  | [idem_len u16 | idem_key]    (flags & 4)
 //!                  | header_count u16 | (k_len u16 | k | v_len u32 | v)*
 //!                  | payload_len u32 | payload
+//! kind 3  GroupPut     version u64 | snapshot_len u32 | snapshot (JSON) | changes (JSON array)
+//! kind 4  GroupCommit  name_len u16 | name | group_len u16 | group | id u64 | version u64
+//!                      | changes (JSON array)
+//! kind 5  GroupDeleted name_len u16 | name | group_len u16 | group
+//! kind 6  SnapshotEnd  (empty)
 //! ```
 //!
 //! A `Stream` record states a stream's epoch (and its head when written as a snapshot at the
 //! start of a segment); `Message` records that follow belong to that epoch. Decoding never
 //! trusts a length: every read is bounds-checked, so a corrupted frame is an error, never a
 //! panic or a huge allocation.
+//!
+//! Consumer groups (kinds 3–5, `groups.rs`): a `GroupPut` is a group whole — its
+//! `spool_core::group::GroupSnapshot` and the changes committed since, at a version — written
+//! when it is created (version 0, no changes), compacted (no changes), and for every group at
+//! the start of every segment; a `GroupCommit` is one versioned commit (`version` is the
+//! group's version after it, `id` its incarnation); `GroupDeleted` forgets it. `SnapshotEnd`
+//! closes the snapshot a segment starts with: from there, the groups are exactly those the
+//! snapshot restated (a group deleted in a segment that is gone does not come back), and a
+//! segment without it (a crash while starting it) restates nothing for sure. Snapshot and
+//! changes are the state machine's own JSON (`GroupSnapshot::version` versions the snapshot,
+//! `Change` is tagged by `change`); a record whose JSON does not decode is corrupt like any
+//! other. Spool versions before groups refuse a log holding these kinds as undecodable.
 
 use bytes::{BufMut, Bytes};
-use spool_core::{Epoch, Message, Offset, StreamName};
+use spool_core::{
+    Epoch, Message, Offset, StreamName,
+    group::{Change, GroupId, GroupName, GroupSnapshot},
+};
 
 pub const FRAME_HEADER: usize = 8;
 /// Upper bound on one record body; anything larger in a length field is corruption.
@@ -27,6 +47,10 @@ pub const MAX_RECORD: usize = 64 * 1024 * 1024;
 
 const KIND_STREAM: u8 = 1;
 const KIND_MESSAGE: u8 = 2;
+const KIND_GROUP_PUT: u8 = 3;
+const KIND_GROUP_COMMIT: u8 = 4;
+const KIND_GROUP_DELETED: u8 = 5;
+const KIND_SNAPSHOT_END: u8 = 6;
 const HAS_CONTENT_TYPE: u8 = 1;
 const HAS_KEY: u8 = 2;
 const HAS_IDEMPOTENCY_KEY: u8 = 4;
@@ -44,6 +68,26 @@ pub enum Record {
         message: Message,
         idempotency_key: Option<String>,
     },
+    /// A consumer group whole: created, compacted, or restated at the start of a segment.
+    GroupPut {
+        version: u64,
+        snapshot: Box<GroupSnapshot>,
+        changes: Vec<Change>,
+    },
+    /// One commit of a group: its version after the commit, and the changes.
+    GroupCommit {
+        stream: StreamName,
+        group: GroupName,
+        id: GroupId,
+        version: u64,
+        changes: Vec<Change>,
+    },
+    GroupDeleted {
+        stream: StreamName,
+        group: GroupName,
+    },
+    /// The end of the snapshot a segment starts with.
+    SnapshotEnd,
 }
 
 /// What [`decode_frame`] found at a place in a buffer.
@@ -104,6 +148,61 @@ pub fn encode_message(
         b.put_u32_le(m.payload.len() as u32);
         b.put_slice(&m.payload);
     });
+}
+
+/// A group whole. `snapshot` and `changes` are JSON already encoded (`snapshot_json`,
+/// `changes_json`), so a
+/// caller measures them before it writes.
+pub fn encode_group_put(out: &mut Vec<u8>, version: u64, snapshot: &[u8], changes: &[u8]) {
+    frame(out, |b| {
+        b.put_u8(KIND_GROUP_PUT);
+        b.put_u64_le(version);
+        b.put_u32_le(snapshot.len() as u32);
+        b.put_slice(snapshot);
+        b.put_slice(changes);
+    });
+}
+
+/// One commit of a group; `changes` is the JSON array (`changes_json`).
+pub fn encode_group_commit(
+    out: &mut Vec<u8>,
+    stream: &StreamName,
+    group: &GroupName,
+    id: GroupId,
+    version: u64,
+    changes: &[u8],
+) {
+    frame(out, |b| {
+        b.put_u8(KIND_GROUP_COMMIT);
+        put_str16(b, stream.as_str());
+        put_str16(b, group.as_str());
+        b.put_u64_le(id.0);
+        b.put_u64_le(version);
+        b.put_slice(changes);
+    });
+}
+
+pub fn encode_group_deleted(out: &mut Vec<u8>, stream: &StreamName, group: &GroupName) {
+    frame(out, |b| {
+        b.put_u8(KIND_GROUP_DELETED);
+        put_str16(b, stream.as_str());
+        put_str16(b, group.as_str());
+    });
+}
+
+pub fn encode_snapshot_end(out: &mut Vec<u8>) {
+    frame(out, |b| b.put_u8(KIND_SNAPSHOT_END));
+}
+
+/// A group snapshot as a group record holds it (JSON). Fails only on a bug (every map of a
+/// snapshot has string keys, and nothing does I/O).
+pub fn snapshot_json(snapshot: &GroupSnapshot) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(snapshot)
+}
+
+/// Changes as a group record holds them (a JSON array).
+pub fn changes_json(changes: &[Change]) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(changes)
 }
 
 /// The bytes a message's frame takes, to size buffers and segments.
@@ -266,6 +365,38 @@ fn decode_body(body: &[u8]) -> Option<Record> {
                 idempotency_key,
             })
         }
+        KIND_GROUP_PUT => {
+            let version = r.u64()?;
+            let snapshot_len = r.u32()? as usize;
+            let snapshot = serde_json::from_slice(r.take(snapshot_len)?).ok()?;
+            let changes = serde_json::from_slice(r.0).ok()?;
+            Some(Record::GroupPut {
+                version,
+                snapshot,
+                changes,
+            })
+        }
+        KIND_GROUP_COMMIT => {
+            let stream = StreamName::stored(&r.str16()?).ok()?;
+            let group = GroupName::new(&r.str16()?).ok()?;
+            let id = GroupId(r.u64()?);
+            let version = r.u64()?;
+            let changes = serde_json::from_slice(r.0).ok()?;
+            Some(Record::GroupCommit {
+                stream,
+                group,
+                id,
+                version,
+                changes,
+            })
+        }
+        KIND_GROUP_DELETED => {
+            let stream = StreamName::stored(&r.str16()?).ok()?;
+            let group = GroupName::new(&r.str16()?).ok()?;
+            r.0.is_empty()
+                .then_some(Record::GroupDeleted { stream, group })
+        }
+        KIND_SNAPSHOT_END => r.0.is_empty().then_some(Record::SnapshotEnd),
         _ => None,
     }
 }

@@ -19,6 +19,13 @@
 //! record of an older segment naming an old epoch as the new one, so the segments are never
 //! rewritten, and a stream's messages in them belong to the new epoch on every later start
 //! too. An entry is dropped once no segment it applies to is left.
+//!
+//! Consumer groups lose nothing to damage that a later segment's complete snapshot follows:
+//! it restates every group as it was durable then. Damage that none follows (in the newest
+//! segment) takes the group records after it: every group comes back as it was at the
+//! damaged byte — an older version, whose messages not acked by then are delivered again — and
+//! a group created after it is gone, one deleted after it is back. The report lists the groups
+//! so rolled back ([`GroupRollback`]), and the repair logs them.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -27,7 +34,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use spool_core::{Epoch, Offset, StreamName};
+use spool_core::{Epoch, Offset, StreamName, group::GroupName};
 
 use super::{LOCK_FILE, OpenError, QUARANTINE_DIR, SESSIONS_FILE, io_err, record::Record, segment};
 
@@ -154,6 +161,15 @@ pub struct Cut {
     pub new_epoch: Epoch,
 }
 
+/// A consumer group that comes back older after a repair: as it was at the damaged byte.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRollback {
+    pub stream: StreamName,
+    pub group: GroupName,
+    /// The version it comes back at (commits after it are lost).
+    pub version: u64,
+}
+
 /// What a repair does (or, with `--dry-run`, would do).
 #[derive(Debug, Default)]
 pub struct RepairReport {
@@ -162,6 +178,8 @@ pub struct RepairReport {
     pub cut: Vec<Cut>,
     /// Streams that keep their epoch and every message.
     pub intact: usize,
+    /// Consumer groups that come back as they were at the damage (see the module docs).
+    pub groups_rolled_back: Vec<GroupRollback>,
     /// Why `sessions.redb` cannot be opened, if it cannot.
     pub sessions_damaged: Option<String>,
     /// Where the damaged files went (empty on a dry run).
@@ -238,6 +256,15 @@ pub fn repair(dir: &Path, dry_run: bool) -> Result<RepairReport, OpenError> {
             copy = %to.display(), kept = keep, "cut a damaged segment at its first bad byte"
         );
         report.quarantined.push(to);
+    }
+    if !report.groups_rolled_back.is_empty() {
+        tracing::warn!(
+            groups = report.groups_rolled_back.len(),
+            "consumer groups come back as they were at the damaged byte: commits after it are lost, so their messages not acked by then are delivered again"
+        );
+        for g in report.groups_rolled_back.iter().take(50) {
+            tracing::warn!(stream = %g.stream, group = %g.group, version = g.version, "consumer group rolled back");
+        }
     }
     if report.sessions_damaged.is_some() {
         fs::create_dir_all(&quarantine).map_err(io_err(&quarantine))?;
@@ -327,11 +354,16 @@ fn plan(wal: &Path, ids: &[u64], map: &EpochMap) -> Result<RepairReport, OpenErr
     let mut settling = false;
     let mut cut: HashSet<StreamName> = HashSet::new();
     let mut damaged = Vec::new();
+    // Each group's version, as recovery rebuilds it; and the groups as they were at damage
+    // that no complete snapshot has followed yet.
+    let mut groups: HashMap<(StreamName, GroupName), u64> = HashMap::new();
+    let mut groups_at_damage: Option<HashMap<(StreamName, GroupName), u64>> = None;
     for (i, &id) in ids.iter().enumerate() {
         let path = segment::path(wal, id);
         let scan = segment::scan(&path, i + 1 == ids.len()).map_err(io_err(&path))?;
         let mut snapshot = true;
         let mut seen = HashSet::new();
+        let mut restated = HashSet::new();
         for mut record in scan.records {
             map.apply(id, &mut record);
             match record {
@@ -369,6 +401,40 @@ fn plan(wal: &Path, ids: &[u64], map: &EpochMap) -> Result<RepairReport, OpenErr
                         s.1 = s.1.max(message.offset);
                     }
                 }
+                Record::SnapshotEnd => {
+                    if snapshot {
+                        snapshot = false;
+                        settling = false;
+                        cut.extend(unsettled.drain().map(|(name, _)| name));
+                    }
+                    let restated = std::mem::take(&mut restated);
+                    groups.retain(|key, _| restated.contains(key));
+                    groups_at_damage = None;
+                }
+                Record::GroupPut {
+                    version,
+                    snapshot: s,
+                    ..
+                } => {
+                    let key = (s.stream, s.group);
+                    restated.insert(key.clone());
+                    groups.insert(key, version);
+                }
+                Record::GroupCommit {
+                    stream,
+                    group,
+                    version,
+                    ..
+                } => {
+                    if let Some(v) = groups.get_mut(&(stream, group))
+                        && version == *v + 1
+                    {
+                        *v = version;
+                    }
+                }
+                Record::GroupDeleted { stream, group } => {
+                    groups.remove(&(stream, group));
+                }
             }
         }
         match scan.tail {
@@ -381,6 +447,7 @@ fn plan(wal: &Path, ids: &[u64], map: &EpochMap) -> Result<RepairReport, OpenErr
             }
             segment::Tail::Torn { .. } => {}
             segment::Tail::Corrupt { at, why } => {
+                groups_at_damage.get_or_insert_with(|| groups.clone());
                 settling = true;
                 for (name, s) in &state {
                     unsettled.entry(name.clone()).or_insert_with(|| s.clone());
@@ -408,10 +475,23 @@ fn plan(wal: &Path, ids: &[u64], map: &EpochMap) -> Result<RepairReport, OpenErr
         .collect();
     cut.sort_by(|a, b| a.stream.as_str().cmp(b.stream.as_str()));
     let intact = state.len() - cut.len();
+    let mut groups_rolled_back: Vec<GroupRollback> = groups_at_damage
+        .unwrap_or_default()
+        .into_iter()
+        .map(|((stream, group), version)| GroupRollback {
+            stream,
+            group,
+            version,
+        })
+        .collect();
+    groups_rolled_back.sort_by(|a, b| {
+        (a.stream.as_str(), a.group.as_str()).cmp(&(b.stream.as_str(), b.group.as_str()))
+    });
     Ok(RepairReport {
         damaged,
         cut,
         intact,
+        groups_rolled_back,
         ..RepairReport::default()
     })
 }
@@ -431,7 +511,7 @@ mod tests {
     fn epoch_of(record: &Record) -> &str {
         match record {
             Record::Stream { epoch, .. } => epoch.as_str(),
-            Record::Message { .. } => unreachable!(),
+            _ => unreachable!(),
         }
     }
 

@@ -9,6 +9,10 @@
 //! messages share each fsync. A blocking thread (not a tokio task) because `write` and
 //! `fsync` block.
 //!
+//! Consumer group operations (`groups.rs`) are requests like appends: their records go into
+//! the same batches and share the same fsync, and each is applied to the groups' durable
+//! table, in channel order, after the fsync and before its caller is answered.
+//!
 //! If a write or fsync fails the engine stops accepting appends for good: after a failed
 //! fsync the kernel may have dropped the dirty pages, so nothing written since the last good
 //! fsync can be vouched for (PostgreSQL's "fsyncgate"). Restarting recovers what is on disk.
@@ -43,6 +47,8 @@ pub struct WriteRequest {
     /// is durable).
     pub frames: Vec<u8>,
     pub publish: Vec<Publish>,
+    /// A consumer group operation to apply once durable.
+    pub group: Option<super::groups::GroupApply>,
     pub done: oneshot::Sender<Result<(), EngineError>>,
 }
 
@@ -52,6 +58,9 @@ pub struct Writer {
     pub file: File,
     pub segment_id: u64,
     pub segment_len: u64,
+    /// Where the active segment's snapshot ends: `segment_max` bounds what is written after
+    /// it, so a snapshot larger than `segment_max` (many groups) does not roll every commit.
+    pub segment_start: u64,
     pub segment_max: u64,
     pub fsync: bool,
     /// Failed attempts to start the next segment since the last roll (0: none).
@@ -79,12 +88,38 @@ impl Writer {
                 tracing::error!(error = %e, "WAL write failed; the disk engine stops accepting publishes until restarted");
                 self.shared.fail(e.to_string());
             }
+            if result.is_ok() {
+                self.count(&batch);
+            }
             for request in batch.drain(..) {
                 if result.is_ok() {
                     publish(&self.shared, self.segment_id, request.publish);
+                    if let Some(op) = request.group {
+                        self.shared.groups.apply(op);
+                    }
                 }
                 let _ = request.done.send(result.clone());
             }
+        }
+    }
+
+    /// Counts a written batch ([`super::WalStats`]).
+    fn count(&self, batch: &[WriteRequest]) {
+        let written = batch.iter().filter(|r| !r.frames.is_empty());
+        let (mut requests, mut groups) = (0, 0);
+        for r in written {
+            requests += 1;
+            groups += u64::from(r.group.is_some());
+        }
+        if requests == 0 {
+            return;
+        }
+        let wal = &self.shared.wal;
+        wal.batches.fetch_add(1, Ordering::Relaxed);
+        wal.requests.fetch_add(requests, Ordering::Relaxed);
+        wal.group_requests.fetch_add(groups, Ordering::Relaxed);
+        if groups > 0 && groups < requests {
+            wal.mixed_batches.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -98,9 +133,8 @@ impl Writer {
         if bytes == 0 {
             return Ok(());
         }
-        if self.segment_len > segment::HEADER_LEN
-            && self.segment_len + bytes as u64 > self.segment_max
-        {
+        let written = self.segment_len - self.segment_start;
+        if written > 0 && written + bytes as u64 > self.segment_max {
             self.roll()?;
         }
         buf.clear();
@@ -123,8 +157,9 @@ impl Writer {
     }
 
     /// Closes the active segment and starts the next one with a snapshot record of every
-    /// stream (epoch and head), so that no older segment is ever the only place a stream's
-    /// epoch is written: any older segment can be deleted once its messages are expired.
+    /// stream (epoch and head) and of every consumer group, so that no older segment is ever
+    /// the only place a stream's epoch or a group's state is written: any older segment can be
+    /// deleted once its messages are expired.
     ///
     /// Only a failed fsync of the active segment is an error; when the next segment cannot be
     /// started, the active one stays active (it grows past `segment_max` meanwhile) and the
@@ -160,6 +195,7 @@ impl Writer {
         self.file = file;
         self.segment_id = next;
         self.segment_len = len;
+        self.segment_start = len;
         self.shared.active_segment.store(next, Ordering::Release);
         self.shared.segments.lock().entry(next).or_insert(0);
         self.shared.release_if_dead(previous);
@@ -178,7 +214,7 @@ impl Writer {
         }
         let started = (|| {
             let mut file = segment::create(&self.dir, id)?;
-            let snapshot = self.shared.snapshot_records();
+            let snapshot = self.shared.snapshot_records()?;
             file.write_all(&snapshot)?;
             file.sync_data()?;
             Ok((file, segment::HEADER_LEN + snapshot.len() as u64))
