@@ -37,6 +37,8 @@ pub struct RedisConfig {
     pub meta_ttl: Duration,
     /// The longest any one Redis call may take before the engine answers `Unavailable`.
     pub timeout: Duration,
+    /// The most consumer groups kept (`--max-groups`); past it a creation is refused.
+    pub max_groups: usize,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -50,6 +52,7 @@ impl fmt::Debug for RedisConfig {
             .field("dedup_window", &self.dedup_window)
             .field("meta_ttl", &self.meta_ttl)
             .field("timeout", &self.timeout)
+            .field("max_groups", &self.max_groups)
             .finish()
     }
 }
@@ -66,7 +69,7 @@ fn redacted(url: &str) -> String {
 
 impl RedisConfig {
     /// Defaults: prefix `spool`, [`RedisDurability::Memory`], the default retention, a
-    /// 2-minute dedup window, 30 days of metadata, a 2 s timeout.
+    /// 2-minute dedup window, 30 days of metadata, a 2 s timeout, 10,000 groups.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -76,6 +79,7 @@ impl RedisConfig {
             dedup_window: Duration::from_secs(120),
             meta_ttl: Duration::from_secs(30 * 24 * 3600),
             timeout: Duration::from_secs(2),
+            max_groups: spool_engine::groups::MAX_GROUPS,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! | `<prefix>:{<stream>}:i:<key>` | `<epoch>:<offset>` of an idempotency key, expires with the dedup window |
 //! | `<prefix>:session:<id>` | a session record, expires with it |
 //! | `<prefix>:heads` | pub/sub channel: `<epoch> <head> <stream>` after each append |
+//! | `<prefix>:groups{<prefix>}:…` | consumer groups: an index, and per group a hash (version, snapshot) and a list of commits (see `groups`) |
 //!
 //! # Why scripts
 //!
@@ -57,6 +58,7 @@ mod codec;
 mod config;
 mod error;
 mod fanout;
+mod groups;
 pub mod keys;
 mod scripts;
 
@@ -90,6 +92,8 @@ pub struct RedisEngine {
     shared: Arc<Shared>,
     /// Stops the notification task when the engine is dropped.
     _fanout: DropGuard,
+    /// Consumer groups (`impl GroupStore` in `groups.rs`).
+    groups: groups::Groups,
 }
 
 /// What the engine and its notification task share.
@@ -130,6 +134,7 @@ impl RedisEngine {
             )
             .await?;
         }
+        let groups = groups::Groups::new(&config, conn.clone(), writer.clone());
         let shared = Arc::new(Shared {
             channel: keys.heads_channel(),
             keys,
@@ -152,6 +157,7 @@ impl RedisEngine {
             Ok(Ok(())) => Ok(Self {
                 shared,
                 _fanout: fanout,
+                groups,
             }),
             Ok(Err(e)) => Err(EngineError::unavailable(format!(
                 "cannot subscribe to Redis head notifications: {e}"
