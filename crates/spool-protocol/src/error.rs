@@ -60,6 +60,14 @@ pub enum ErrorCode {
     RequestTimeout,
     /// The connection limit was reached; the connection is closed (503).
     TooManyConnections,
+    /// The consumer group does not exist on that stream (404).
+    GroupNotFound,
+    /// A consumer group name is not valid, or is reserved (400).
+    InvalidGroupName,
+    /// This server's engine keeps no consumer groups yet (501).
+    GroupsUnavailable,
+    /// Other nodes kept changing the group while this request tried to; retry (503).
+    GroupBusy,
 }
 
 impl ErrorCode {
@@ -90,6 +98,10 @@ impl ErrorCode {
             ErrorCode::StreamLimit => "stream_limit",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::GroupNotFound => "group_not_found",
+            ErrorCode::InvalidGroupName => "invalid_group_name",
+            ErrorCode::GroupsUnavailable => "groups_unavailable",
+            ErrorCode::GroupBusy => "group_busy",
         }
     }
 }
@@ -129,6 +141,10 @@ mod tests {
             ErrorCode::Internal,
             ErrorCode::SessionNotRestored,
             ErrorCode::OriginNotAllowed,
+            ErrorCode::GroupNotFound,
+            ErrorCode::InvalidGroupName,
+            ErrorCode::GroupsUnavailable,
+            ErrorCode::GroupBusy,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

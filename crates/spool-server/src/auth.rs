@@ -2,8 +2,9 @@
 //!
 //! Credentials come as `Authorization: Bearer …` or, for EventSource (which cannot set
 //! headers), a `token` query parameter. A credential is either one of the server's API keys
-//! (full access, for back-end publishers) or a JWT whose `subscribe` / `publish` claims list
-//! the stream patterns its holder may read and publish to.
+//! (full access, for back-end publishers) or a JWT whose `subscribe` / `publish` / `consume`
+//! claims list the stream patterns its holder may read, publish to, and consume through
+//! consumer groups (SPEC §7: receive, settle, and manage the stream's groups).
 //!
 //! Tokens may be signed with HS256 (the shared `jwt_secret`), RS256 (an RSA public key) or
 //! ES256 (an EC P-256 public key). The token header's `alg` picks the kind of key, and only
@@ -35,6 +36,10 @@ pub enum Principal {
         subject: Option<String>,
         subscribe: Vec<Pattern>,
         publish: Vec<Pattern>,
+        /// Streams whose consumer groups the holder may use and manage (absent in sessions
+        /// stored before the claim existed: none).
+        #[serde(default)]
+        consume: Vec<Pattern>,
         /// The token's `exp`, in ms since the Unix epoch.
         expires_at: Option<u64>,
     },
@@ -70,6 +75,8 @@ impl std::fmt::Debug for Proof {
 pub enum Action {
     Subscribe,
     Publish,
+    /// Use the stream's consumer groups: create, update, delete, receive, settle, redrive.
+    Consume,
 }
 
 impl Principal {
@@ -109,15 +116,17 @@ impl Principal {
                     subject: None,
                     subscribe: s1,
                     publish: p1,
+                    consume: c1,
                     ..
                 },
                 Principal::Token {
                     subject: None,
                     subscribe: s2,
                     publish: p2,
+                    consume: c2,
                     ..
                 },
-            ) => s1 == s2 && p1 == p2,
+            ) => s1 == s2 && p1 == p2 && c1 == c2,
             _ => false,
         }
     }
@@ -126,11 +135,15 @@ impl Principal {
         match self {
             Principal::Anonymous | Principal::ApiKey => true,
             Principal::Token {
-                subscribe, publish, ..
+                subscribe,
+                publish,
+                consume,
+                ..
             } => {
                 let patterns = match action {
                     Action::Subscribe => subscribe,
                     Action::Publish => publish,
+                    Action::Consume => consume,
                 };
                 patterns.iter().any(|p| p.matches(stream.as_str()))
             }
@@ -145,6 +158,7 @@ impl Principal {
         let verb = match action {
             Action::Subscribe => "read",
             Action::Publish => "publish to",
+            Action::Consume => "consume (consumer groups of)",
         };
         Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -166,6 +180,8 @@ struct Claims {
     subscribe: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
+    #[serde(default)]
+    consume: Vec<String>,
 }
 
 /// A JWT setting that cannot be used.
@@ -563,6 +579,7 @@ fn principal(claims: Claims) -> Principal {
         subject: claims.sub,
         subscribe: claims.subscribe.iter().map(|p| Pattern::new(p)).collect(),
         publish: claims.publish.iter().map(|p| Pattern::new(p)).collect(),
+        consume: claims.consume.iter().map(|p| Pattern::new(p)).collect(),
         expires_at: claims.exp.map(|s| s.saturating_mul(1000)),
     }
 }
@@ -685,6 +702,20 @@ mod tests {
         assert!(p.may(Action::Subscribe, &chat));
         assert!(!p.may(Action::Subscribe, &other));
         assert!(!p.may(Action::Publish, &chat));
+        // Consuming is its own claim, denied unless listed.
+        assert!(!p.may(Action::Consume, &chat));
+        let t = token(
+            serde_json::json!({"exp":exp(60),"consume":["orders*"]}),
+            "s3cret",
+        );
+        let c = auth().authenticate(&HeaderMap::new(), Some(&t)).unwrap();
+        let orders = StreamName::new("orders").unwrap();
+        assert!(c.may(Action::Consume, &orders));
+        assert!(!c.may(Action::Subscribe, &orders) && !c.may(Action::Consume, &chat));
+        assert_eq!(
+            c.check(Action::Consume, &chat).unwrap_err().code,
+            ErrorCode::Forbidden
+        );
         assert_eq!(
             p.check(Action::Publish, &chat).unwrap_err().code,
             ErrorCode::Forbidden

@@ -29,6 +29,12 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     pub ws: WsConfig,
     pub http: HttpConfig,
+    /// Most consumer groups whose live state this server caches (`--max-groups`, the same
+    /// bound the engine keeps on stored groups); idle ones are evicted past it.
+    pub max_groups: usize,
+    /// The clock consumer-group leases are decided by: the system clock, or a test's
+    /// `ManualClock`.
+    pub clock: spool_core::Clock,
 }
 
 /// What one TCP connection and one request may hold (see `listener.rs`).
@@ -141,6 +147,8 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             ws: WsConfig::default(),
             http: HttpConfig::default(),
+            max_groups: spool_engine::groups::MAX_GROUPS,
+            clock: spool_core::Clock::system(),
         }
     }
 }

@@ -70,6 +70,77 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// `404 group_not_found`.
+    pub fn group_not_found(stream: &str, group: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::GroupNotFound,
+            format!(
+                "stream {stream:?} has no consumer group {group:?}; create it with PUT \
+                 /v1/streams/{{stream}}/groups/{{group}}"
+            ),
+        )
+    }
+
+    /// `400 invalid_group_name`.
+    pub fn invalid_group_name(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidGroupName,
+            message,
+        )
+    }
+
+    /// `501 groups_unavailable`: the engine has no group store (yet).
+    pub fn groups_unavailable(engine: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_IMPLEMENTED,
+            ErrorCode::GroupsUnavailable,
+            format!(
+                "consumer groups are not available on the {engine} engine of this server yet; \
+                 run spool serve with --engine memory or an engine that keeps groups \
+                 (see docs/http-api.md, Consumer groups)"
+            ),
+        )
+    }
+
+    /// `503 group_busy`: commits kept conflicting with other writers.
+    pub fn group_busy(tries: usize) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::GroupBusy,
+            format!(
+                "the group changed under this request {tries} times in a row (other nodes are \
+                 committing to it); nothing of this request was stored: retry"
+            ),
+        )
+    }
+}
+
+impl From<crate::delivery::groups::GroupError> for ApiError {
+    fn from(e: crate::delivery::groups::GroupError) -> Self {
+        use crate::delivery::groups::GroupError as G;
+        match e {
+            G::NotFound { stream, group } => Self::group_not_found(stream.as_str(), group.as_str()),
+            G::Config(e) => Self::bad_body(e.to_string()),
+            G::Op(e) => Self::bad_body(e.to_string()),
+            G::Reason(e) => Self::bad_body(format!("reason: {e}")),
+            G::Reserved => Self::invalid_group_name(e.to_string()),
+            G::Busy(tries) => Self::group_busy(tries),
+            G::Snapshot(_) => {
+                tracing::error!(error = %e, "a stored consumer group cannot be read");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Internal,
+                    e.to_string(),
+                )
+            }
+            G::Engine(e) => e.into(),
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let (status, code) = match &e {

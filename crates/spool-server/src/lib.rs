@@ -20,7 +20,7 @@ pub mod ws;
 
 use std::{sync::Arc, time::Duration};
 
-use spool_engine::{Engine, SessionStore};
+use spool_engine::{Engine, GroupStore, SessionStore};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -49,22 +49,41 @@ pub struct AppState {
     /// Upgraded WebSocket connections, which outlive their HTTP request: shutdown waits for
     /// them to say goodbye and save their sessions.
     pub tasks: TaskTracker,
+    /// Consumer groups (`delivery/groups.rs`), when the engine keeps them; `None` answers the
+    /// group routes `501 groups_unavailable`.
+    pub groups: Option<Arc<delivery::groups::Groups>>,
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then stops accepting, ends every
 /// SSE stream with a `reconnect` event, answers pending long-polls, and returns once open
-/// requests are done. `engine` holds the streams, `session_store` the WebSocket sessions
-/// (`spool serve` passes the same engine for both).
+/// requests are done. `engine` holds the streams, `session_store` the WebSocket sessions and
+/// `group_store` the consumer groups (`spool serve` passes the same engine for each; `None`
+/// for an engine that keeps no groups yet: the group routes answer `501`).
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<dyn Engine>,
     session_store: Arc<dyn SessionStore>,
+    group_store: Option<Arc<dyn GroupStore>>,
     config: ServerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let mut config = config;
     listener::fit_to_file_limit(&mut config.http);
     let sessions = Arc::new(Sessions::new(session_store.clone(), config.ws.session_ttl));
+    let groups = group_store.map(|store| {
+        delivery::groups::Groups::new(
+            engine.clone(),
+            store,
+            delivery::groups::GroupsConfig {
+                max_cached: config.max_groups,
+                max_payload: config.max_payload,
+                clock: config.clock.clone(),
+            },
+        )
+    });
+    let group_sweeper = groups
+        .clone()
+        .map(|g| tokio::spawn(g.run_sweeper(shutdown.clone())));
     let state = AppState {
         auth: Arc::new(Authenticator::new(&config.auth)),
         budget: Arc::new(budget::StreamBudget::new(config.max_new_streams_per_minute)),
@@ -76,6 +95,7 @@ pub async fn serve(
         session_store,
         sessions: sessions.clone(),
         tasks: TaskTracker::new(),
+        groups,
     };
     let tasks = state.tasks.clone();
     let sweeper = tokio::spawn(sweep(state.engine.clone(), shutdown.clone()));
@@ -91,6 +111,9 @@ pub async fn serve(
     let _ = flusher.await;
     sessions.flush().await;
     sweeper.abort();
+    if let Some(task) = group_sweeper {
+        task.abort();
+    }
     result
 }
 

@@ -3,12 +3,17 @@
 //! Labels are enums where they sit on a hot path (one delivery per message per subscriber), so
 //! counting allocates nothing.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use spool_core::ResetReason;
+use spool_core::{
+    ResetReason, StreamName,
+    group::{GroupName, GroupStats},
+};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -53,6 +58,35 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// A consumer group's labels. Bounded: groups by `--max-groups`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub stream: String,
+    pub group: String,
+}
+
+/// A group member's labels. Bounded: members per group by the state machine (1024).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberLabels {
+    pub stream: String,
+    pub group: String,
+    pub consumer: String,
+}
+
+/// Consumer groups' stats (SPEC §7), refilled from the groups' own numbers at each scrape
+/// ([`Metrics::observe_groups`]), so a deleted group's series go with it.
+#[derive(Default)]
+pub struct GroupMetrics {
+    pub pending: Family<GroupLabels, Gauge>,
+    pub in_flight: Family<GroupLabels, Gauge>,
+    pub oldest_age: Family<GroupLabels, Gauge<f64, AtomicU64>>,
+    pub acked: Family<GroupLabels, Counter>,
+    pub redelivered: Family<GroupLabels, Counter>,
+    pub dead_lettered: Family<GroupLabels, Counter>,
+    pub expired: Family<GroupLabels, Counter>,
+    pub member_nacks: Family<MemberLabels, Counter>,
+}
+
 /// Every metric the server exports.
 pub struct Metrics {
     registry: Registry,
@@ -66,6 +100,7 @@ pub struct Metrics {
     pub connections_refused: Counter,
     /// Failed accepts (typically: out of file descriptors).
     pub accept_errors: Counter,
+    pub groups: GroupMetrics,
 }
 
 impl Default for Metrics {
@@ -145,6 +180,47 @@ impl Metrics {
              (stream_limit) or over --max-new-streams-per-minute (budget)",
             streams.refused.clone(),
         );
+        let groups = GroupMetrics::default();
+        registry.register(
+            "group_pending",
+            "Messages of a consumer group's stream not handed out yet",
+            groups.pending.clone(),
+        );
+        registry.register(
+            "group_in_flight",
+            "Messages of a consumer group leased to members now",
+            groups.in_flight.clone(),
+        );
+        registry.register(
+            "group_oldest_unacked_age_seconds",
+            "Age of a consumer group's oldest unfinished message (0: none)",
+            groups.oldest_age.clone(),
+        );
+        registry.register(
+            "group_acked",
+            "Messages a consumer group acked",
+            groups.acked.clone(),
+        );
+        registry.register(
+            "group_redelivered",
+            "Deliveries after the first in a consumer group",
+            groups.redelivered.clone(),
+        );
+        registry.register(
+            "group_dead_lettered",
+            "Messages a consumer group sent to its dead-letter stream",
+            groups.dead_lettered.clone(),
+        );
+        registry.register(
+            "group_expired",
+            "Messages lost before a consumer group finished them (retention, epoch change)",
+            groups.expired.clone(),
+        );
+        registry.register(
+            "group_member_nacks",
+            "Messages a consumer group's member nacked",
+            groups.member_nacks.clone(),
+        );
         for reason in ["stream_limit", "budget"] {
             drop(streams.refused.get_or_create(&RefusedLabels { reason }));
         }
@@ -164,6 +240,46 @@ impl Metrics {
             streams,
             connections_refused,
             accept_errors,
+            groups,
+        }
+    }
+
+    /// Replaces every group series with `observed` (each group's stats now). The counters are
+    /// the groups' own totals, which only grow while a group lives.
+    pub fn observe_groups(&self, observed: &[(StreamName, GroupName, GroupStats)]) {
+        let g = &self.groups;
+        g.pending.clear();
+        g.in_flight.clear();
+        g.oldest_age.clear();
+        g.acked.clear();
+        g.redelivered.clear();
+        g.dead_lettered.clear();
+        g.expired.clear();
+        g.member_nacks.clear();
+        for (stream, group, s) in observed {
+            let labels = GroupLabels {
+                stream: stream.to_string(),
+                group: group.to_string(),
+            };
+            g.pending.get_or_create(&labels).set(s.pending as i64);
+            g.in_flight.get_or_create(&labels).set(s.in_flight as i64);
+            g.oldest_age
+                .get_or_create(&labels)
+                .set(s.oldest_age_ms as f64 / 1000.0);
+            g.acked.get_or_create(&labels).inc_by(s.acked);
+            g.redelivered.get_or_create(&labels).inc_by(s.redelivered);
+            g.dead_lettered
+                .get_or_create(&labels)
+                .inc_by(s.dead_lettered);
+            g.expired.get_or_create(&labels).inc_by(s.expired);
+            for m in &s.members {
+                let member = MemberLabels {
+                    stream: labels.stream.clone(),
+                    group: labels.group.clone(),
+                    consumer: m.consumer.to_string(),
+                };
+                g.member_nacks.get_or_create(&member).inc_by(m.nacks);
+            }
         }
     }
 

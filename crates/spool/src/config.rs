@@ -281,6 +281,11 @@ layered! {
         /// saved, stored ones still are (default 1000000).
         #[arg(long, env = "SPOOL_MAX_SESSIONS", value_name = "N")]
         pub max_sessions: Option<usize>,
+        /// Most consumer groups the engine keeps; past it creating a group gets 503 limit_reached,
+        /// existing groups work on. Also the most groups whose live state a node caches
+        /// (default 10000).
+        #[arg(long, env = "SPOOL_MAX_GROUPS", value_name = "N")]
+        pub max_groups: Option<usize>,
         /// Most new streams one identity (token sub, API key, anonymous client IP) may create per
         /// minute; 0 for no budget (default 1000).
         #[arg(long, env = "SPOOL_MAX_NEW_STREAMS_PER_MINUTE", value_name = "N")]
@@ -374,6 +379,8 @@ pub struct Resolved {
     pub max_idempotency_keys: usize,
     /// Most sessions the memory and disk engines keep (`--max-sessions`).
     pub max_sessions: usize,
+    /// Most consumer groups the engine keeps and a node caches (`--max-groups`).
+    pub max_groups: usize,
 }
 
 /// Flags and environment (`args`) over the TOML file (`--config`), validated, with defaults for
@@ -615,6 +622,15 @@ pub fn resolve(args: &Settings) -> anyhow::Result<Resolved> {
         bail!("heartbeat must be longer than zero");
     }
     let engine_defaults = spool_engine::memory::MemoryConfig::default();
+    let max_groups = at_least_one(
+        "group limit (--max-groups / max_groups)",
+        s.max_groups,
+        spool_engine::groups::MAX_GROUPS,
+    )?;
+    let server = ServerConfig {
+        max_groups,
+        ..server
+    };
     Ok(Resolved {
         listen: s
             .listen
@@ -645,6 +661,7 @@ pub fn resolve(args: &Settings) -> anyhow::Result<Resolved> {
             s.max_sessions,
             engine_defaults.max_sessions,
         )?,
+        max_groups,
     })
 }
 

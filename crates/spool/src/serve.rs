@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use spool_disk::{DiskConfig, DiskEngine};
-use spool_engine::{Engine, MemoryEngine, SessionStore, memory::MemoryConfig};
+use spool_engine::{Engine, GroupStore, MemoryEngine, SessionStore, memory::MemoryConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, EngineKind, Settings};
@@ -28,19 +28,21 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
         );
     }
 
-    // Every engine keeps the sessions too: the same instance is the log and the session store.
-    let (engine, session_store) = match resolved.engine {
+    // Every engine keeps the sessions too: the same instance is the log and the session store,
+    // and, for engines whose group store is written (`stores_with_groups`), the group store.
+    let (engine, session_store, group_store) = match resolved.engine {
         EngineKind::Memory => {
             tracing::warn!(
                 "memory engine: history is lost on restart and every stream gets a new epoch"
             );
-            stores(MemoryEngine::new(MemoryConfig {
+            stores_with_groups(MemoryEngine::new(MemoryConfig {
                 retention: resolved.retention.clone(),
                 dedup_window: resolved.dedup_window,
                 max_streams: resolved.max_streams,
                 max_unpublished_streams: resolved.max_unpublished_streams,
                 max_idempotency_keys: resolved.max_idempotency_keys,
                 max_sessions: resolved.max_sessions,
+                max_groups: resolved.max_groups,
                 ..MemoryConfig::default()
             }))
         }
@@ -58,13 +60,14 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
                 max_unpublished_streams: resolved.max_unpublished_streams,
                 max_idempotency_keys: resolved.max_idempotency_keys,
                 max_sessions: resolved.max_sessions,
+                max_groups: resolved.max_groups,
                 ..DiskConfig::new(dir)
             };
             tracing::info!(dir = %config.dir.display(), ?durability, "opening the disk engine");
             let engine = tokio::task::spawn_blocking(move || DiskEngine::open(config))
                 .await
                 .context("the disk engine's recovery panicked")??;
-            stores(engine)
+            stores_with_groups(engine)
         }
         EngineKind::Redis {
             url,
@@ -135,6 +138,7 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
         listener,
         engine,
         session_store,
+        group_store,
         resolved.server,
         shutdown.clone(),
     ));
@@ -150,10 +154,24 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `engine` as the server's log and as its session store.
-fn stores<E: Engine + SessionStore>(engine: E) -> (Arc<dyn Engine>, Arc<dyn SessionStore>) {
+/// The stores `spool serve` hands the server: the log, the session store and the group store.
+type Stores = (
+    Arc<dyn Engine>,
+    Arc<dyn SessionStore>,
+    Option<Arc<dyn GroupStore>>,
+);
+
+/// `engine` as the server's log and as its session store; it keeps no consumer groups yet
+/// (the group routes answer `501 groups_unavailable`).
+fn stores<E: Engine + SessionStore>(engine: E) -> Stores {
     let engine = Arc::new(engine);
-    (engine.clone(), engine)
+    (engine.clone(), engine, None)
+}
+
+/// `engine` as the server's log, session store and group store.
+fn stores_with_groups<E: Engine + SessionStore + GroupStore>(engine: E) -> Stores {
+    let engine = Arc::new(engine);
+    (engine.clone(), engine.clone(), Some(engine))
 }
 
 /// Registers SIGTERM and SIGINT handlers now — before the server reports that it listens, so

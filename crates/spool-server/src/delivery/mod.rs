@@ -9,10 +9,13 @@
 //! - [`encode`]: a delivered message's wire forms, encoded once and shared as bytes by every
 //!   subscriber that receives it in the same form.
 //!
-//! Consumer groups will live here next, beside publish.
+//! - [`groups`]: consumer groups (SPEC §7) — the driver between the group state machine, the
+//!   engine and the group store: receive with long-poll, settle, dead letters, redrive, the
+//!   sweeper.
 
 pub mod budget;
 pub mod encode;
+pub mod groups;
 pub mod publish;
 pub mod session;
 pub mod subscription;

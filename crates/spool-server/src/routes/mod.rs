@@ -1,6 +1,7 @@
 //! The HTTP routes, one file per concern, and what they share: the router, CORS, request
 //! metrics, JSON fallbacks, and extracting a stream name and a principal from a request.
 
+mod groups;
 mod ops;
 mod poll;
 mod publish;
@@ -40,6 +41,20 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/streams/{stream}/events", get(sse::single))
         .route("/v1/events", get(sse::multi))
         .route("/v1/ws", get(crate::ws::upgrade))
+        // Consumer groups (SPEC §7): bodies are read after authentication (groups.rs).
+        .route(ROUTES[9], get(groups::list))
+        .route(
+            ROUTES[10],
+            axum::routing::put(groups::put)
+                .get(groups::get)
+                .delete(groups::delete),
+        )
+        .route(ROUTES[11], post(groups::receive))
+        .route(ROUTES[12], post(groups::ack))
+        .route(ROUTES[13], post(groups::nack))
+        .route(ROUTES[14], post(groups::extend))
+        .route(ROUTES[15], post(groups::terminate))
+        .route(ROUTES[16], post(groups::redrive))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -79,7 +94,13 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     Some(
         CorsLayer::new()
             .allow_origin(allow_origin)
-            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::DELETE,
+                Method::OPTIONS,
+            ])
             .allow_headers([
                 axum::http::header::AUTHORIZATION,
                 axum::http::header::CONTENT_TYPE,
@@ -92,7 +113,7 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 }
 
 /// Every route, so request metrics can label with a `&'static str` (no allocation per request).
-const ROUTES: [&str; 9] = [
+const ROUTES: [&str; 17] = [
     "/v1/streams/{stream}/messages",
     "/v1/publish",
     "/v1/streams/{stream}",
@@ -102,6 +123,14 @@ const ROUTES: [&str; 9] = [
     "/healthz",
     "/readyz",
     "/metrics",
+    "/v1/streams/{stream}/groups",
+    "/v1/streams/{stream}/groups/{group}",
+    "/v1/streams/{stream}/groups/{group}/receive",
+    "/v1/streams/{stream}/groups/{group}/ack",
+    "/v1/streams/{stream}/groups/{group}/nack",
+    "/v1/streams/{stream}/groups/{group}/extend",
+    "/v1/streams/{stream}/groups/{group}/terminate",
+    "/v1/streams/{stream}/groups/{group}/redrive",
 ];
 
 async fn record_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -109,6 +138,8 @@ async fn record_request(State(state): State<AppState>, request: Request, next: N
     let method = match *request.method() {
         Method::GET => "GET",
         Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
         Method::OPTIONS => "OPTIONS",
         Method::HEAD => "HEAD",
         _ => "other",

@@ -54,6 +54,11 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         }),
         state.budget.refused(),
     );
+    if let Some(groups) = &state.groups {
+        let observed = groups.observe().await;
+        let _one_at_a_time = groups.observing();
+        state.metrics.observe_groups(&observed);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -174,7 +174,7 @@ fn response(stream: &StreamName, appended: Appended) -> PublishResponse {
 /// Reads a request body of at most `limit` bytes within the body timeout. Called only once
 /// the request head has passed authentication, so an anonymous caller never makes the server
 /// buffer anything, and a caller that stalls mid-body holds its buffer for a bounded time.
-async fn read_body(
+pub(super) async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: usize,

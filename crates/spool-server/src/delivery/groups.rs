@@ -1,0 +1,1238 @@
+//! Consumer groups (SPEC §7) for every transport: the driver between the pure state machine
+//! (`spool_core::group::GroupState`), the stream history (`Engine`) and the group's durable
+//! home (`GroupStore`).
+//!
+//! # One live entry per group
+//!
+//! Each (stream, group) this node works with has a [`Live`] entry: the loaded `GroupState` and
+//! the store version it was loaded or last committed at, behind a tokio mutex, so operations on
+//! one group run one at a time on this node. Entries sit in a map bounded by `--max-groups`;
+//! past it an idle entry (nobody holds it) is evicted, the least recently used first. An
+//! entry's state is dropped (and loaded again on next use) whenever a store call fails.
+//!
+//! # Every operation
+//!
+//! Lock → compute with the state machine at the [`Clock`]'s `now` → per the `Outcome` contract:
+//! append the dead letters to their streams (`Engine::append`, each with its idempotency key,
+//! so a redo appends nothing twice) → `commit_group(version, changes)` → answer. A commit that
+//! answers `Conflict` (another node committed first, or the group is gone) drops the state,
+//! loads it again and redoes the operation on what the store holds — at most [`MAX_TRIES`]
+//! times, then `503 group_busy`. Every [`COMPACT_EVERY`] commits the group's snapshot replaces
+//! its changes in the store.
+//!
+//! # Receive
+//!
+//! `want` (under the lock) → `Engine::read` (without it) → `receive` (under it) → the payloads
+//! of redeliveries read by offset (without it) → answer. A read another receive overtook is
+//! harmless: `receive` takes only messages that continue its cursor, and the round is repeated
+//! (bounded). Long-poll waits, holding no lock, for the stream's head watch, a change of the
+//! group on this node (a nack, an expiry), the group's next lease end or visibility
+//! (`next_wakeup`), the deadline, or shutdown.
+//!
+//! # Sweeper
+//!
+//! One task for all groups ([`Groups::run_sweeper`]): once a second it runs `expire` on every
+//! cached group whose next lease end or visibility is due, so dead-lettering after
+//! `max_deliveries` and stats do not wait for a receive; every 30 s it loads groups of the
+//! store it does not hold yet (after a restart, or created on another node), up to the bound.
+//!
+//! # Redrive
+//!
+//! An internal consumer of the dead-letter stream: the group `spool:redrive:<hash of the source
+//! stream>` on the dead-letter stream (names starting with `spool:` are reserved), created on
+//! first use from the oldest message. Redrive receives from it, appends each message whose
+//! `spool-dead-stream` header names the source stream to the source stream — payload, key,
+//! content type and headers as they were, without the `spool-dead-*` headers (a redriven
+//! message is a new message, delivered afresh) — and acks; dead letters of other streams (a
+//! shared dead-letter stream) are acked and counted as skipped. The appends carry idempotency
+//! keys, so a redrive retried after a failure does not publish twice within the dedup window.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering as AtomicOrdering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use spool_core::{
+    Clock, Message, NewMessage, Offset, StreamName, StreamState,
+    group::{
+        Change, DeadLetter, Delivery, GroupConfig, GroupConfigError, GroupConfigSpec, GroupName,
+        GroupReset, GroupState, GroupStats, InvalidReason, MemberName, OpError, Outcome, Reason,
+        ReceiptResult, ReceiveRequest, SnapshotError,
+        dead::{HEADER_STREAM, MAX_REASON_LEN},
+    },
+};
+use spool_engine::{Committed, Engine, EngineError, GroupStore};
+use tokio::{
+    sync::{Mutex, MutexGuard, Notify},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+/// Commits tried per operation before giving up with `group_busy`.
+pub const MAX_TRIES: usize = 8;
+/// Commits between two compactions of a group's stored changes into a snapshot.
+pub const COMPACT_EVERY: u64 = 256;
+/// Receive rounds (want → read → receive) one receive makes before answering or waiting.
+const MAX_ROUNDS: usize = 8;
+/// Group names starting with this are the server's own (redrive), refused for users.
+pub const RESERVED_PREFIX: &str = "spool:";
+/// The prefix of every dead letter's header; a redriven message goes back without them.
+const DEAD_HEADER_PREFIX: &str = "spool-dead-";
+/// Messages one redrive call moves at most; `more` says when it stopped there.
+pub const REDRIVE_MAX: u64 = 10_000;
+/// How often the sweeper looks for groups it does not hold yet.
+const DISCOVER_EVERY: Duration = Duration::from_secs(30);
+
+/// Why a group operation failed as a whole. Per-receipt problems are never errors: they are
+/// `unknown` / `expired` answers.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("stream {stream:?} has no consumer group {group:?}")]
+    NotFound {
+        stream: StreamName,
+        group: GroupName,
+    },
+    #[error("{0}")]
+    Config(#[from] GroupConfigError),
+    #[error("{0}")]
+    Op(#[from] OpError),
+    #[error("{0}")]
+    Reason(#[from] InvalidReason),
+    #[error("group names starting with {RESERVED_PREFIX:?} are reserved for the server")]
+    Reserved,
+    #[error("the group changed under this request {0} times in a row; retry")]
+    Busy(usize),
+    #[error("the stored group cannot be read: {0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// What the driver is told at start.
+#[derive(Clone, Debug)]
+pub struct GroupsConfig {
+    /// Most live entries cached (`--max-groups`).
+    pub max_cached: usize,
+    /// The publish limit dead letters and redriven messages must fit (`--max-payload`).
+    pub max_payload: usize,
+    pub clock: Clock,
+}
+
+type Key = (StreamName, GroupName);
+
+/// One group's live entry on this node.
+struct Live {
+    state: Mutex<Option<Loaded>>,
+    /// Woken after every change this node commits and every sweep of the group: a waiting
+    /// receive looks again.
+    changed: Notify,
+    /// When the entry was last used (the clock's ms), for eviction.
+    used_ms: AtomicU64,
+    /// The group's `next_wakeup` after its last operation (`u64::MAX`: none), for the sweeper.
+    due_ms: AtomicU64,
+}
+
+struct Loaded {
+    state: GroupState,
+    version: u64,
+    /// Changes stored since the snapshot.
+    since_compact: u64,
+}
+
+/// A leased message with its payload.
+#[derive(Clone, Debug)]
+pub struct Leased {
+    pub delivery: Delivery,
+    pub message: Arc<Message>,
+}
+
+/// The answer of a receive.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiveAnswer {
+    pub messages: Vec<Leased>,
+    pub reset: Option<GroupReset>,
+}
+
+/// A group's description.
+#[derive(Clone, Debug)]
+pub struct GroupView {
+    pub config: GroupConfig,
+    pub dead_letter: StreamName,
+    pub created_ms: u64,
+    pub stats: GroupStats,
+}
+
+/// What a redrive did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Redriven {
+    pub dead_letter: Option<StreamName>,
+    pub moved: u64,
+    pub skipped: u64,
+    pub more: bool,
+}
+
+/// The settle operations, with their arguments.
+#[derive(Clone, Debug)]
+pub enum Settle {
+    Ack,
+    Nack {
+        delay: Duration,
+        reason: Option<Reason>,
+    },
+    Extend {
+        visibility_timeout: Option<Duration>,
+    },
+    Terminate {
+        reason: Option<Reason>,
+    },
+}
+
+/// Consumer groups over one engine and one group store.
+pub struct Groups {
+    engine: Arc<dyn Engine>,
+    store: Arc<dyn GroupStore>,
+    config: GroupsConfig,
+    cache: parking_lot::Mutex<HashMap<Key, Arc<Live>>>,
+    /// Serializes metric observations (they reset and refill the families).
+    observing: parking_lot::Mutex<()>,
+}
+
+impl Groups {
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        store: Arc<dyn GroupStore>,
+        config: GroupsConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            engine,
+            store,
+            config,
+            cache: parking_lot::Mutex::new(HashMap::new()),
+            observing: parking_lot::Mutex::new(()),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.config.clock.now_ms()
+    }
+
+    /// Refuses the server's own group names.
+    pub fn check_user_name(group: &GroupName) -> Result<(), GroupError> {
+        if group.as_str().starts_with(RESERVED_PREFIX) {
+            return Err(GroupError::Reserved);
+        }
+        Ok(())
+    }
+
+    // ---- the cache ----
+
+    /// The live entry of a group, cached unless the cache is full of entries in use (then a
+    /// private one: the store's versions still keep its commits in order).
+    fn live(&self, key: &Key) -> Arc<Live> {
+        let now = self.now();
+        let mut cache = self.cache.lock();
+        if let Some(live) = cache.get(key) {
+            live.used_ms.store(now, AtomicOrdering::Relaxed);
+            return live.clone();
+        }
+        let live = Arc::new(Live {
+            state: Mutex::new(None),
+            changed: Notify::new(),
+            used_ms: AtomicU64::new(now),
+            due_ms: AtomicU64::new(u64::MAX),
+        });
+        if cache.len() >= self.config.max_cached.max(1) {
+            let idle = cache
+                .iter()
+                .filter(|(_, l)| Arc::strong_count(l) == 1)
+                .min_by_key(|(_, l)| l.used_ms.load(AtomicOrdering::Relaxed))
+                .map(|(k, _)| k.clone());
+            match idle {
+                Some(old) => {
+                    cache.remove(&old);
+                }
+                None => return live,
+            }
+        }
+        cache.insert(key.clone(), live.clone());
+        live
+    }
+
+    /// Forgets a cached entry, if it is still `live`.
+    fn forget(&self, key: &Key, live: &Arc<Live>) {
+        let mut cache = self.cache.lock();
+        if cache.get(key).is_some_and(|l| Arc::ptr_eq(l, live)) {
+            cache.remove(key);
+        }
+    }
+
+    fn cached(&self) -> Vec<(Key, Arc<Live>)> {
+        self.cache
+            .lock()
+            .iter()
+            .map(|(k, l)| (k.clone(), l.clone()))
+            .collect()
+    }
+
+    /// Loads the group into `slot` unless it is there.
+    async fn ensure_loaded<'a>(
+        &self,
+        key: &Key,
+        slot: &'a mut Option<Loaded>,
+    ) -> Result<&'a mut Loaded, GroupError> {
+        if slot.is_none() {
+            let Some(stored) = self.store.load_group(&key.0, &key.1).await? else {
+                return Err(GroupError::NotFound {
+                    stream: key.0.clone(),
+                    group: key.1.clone(),
+                });
+            };
+            let mut state = GroupState::from_snapshot(stored.snapshot)?;
+            for change in &stored.changes {
+                state.apply(change);
+            }
+            *slot = Some(Loaded {
+                state,
+                version: stored.version,
+                since_compact: stored.changes.len() as u64,
+            });
+        }
+        // Just filled when it was empty.
+        slot.as_mut().ok_or_else(|| {
+            GroupError::Engine(EngineError::internal("group state vanished while loading"))
+        })
+    }
+
+    /// Runs `op` on the group under its lock and stores its outcome (dead letters, then
+    /// changes), redoing it on a reloaded state after a `Conflict`.
+    async fn run<T>(
+        &self,
+        key: &Key,
+        live: &Arc<Live>,
+        mut op: impl FnMut(&mut GroupState, u64) -> Result<Outcome<T>, GroupError>,
+    ) -> Result<T, GroupError> {
+        for _ in 0..MAX_TRIES {
+            let mut guard = live.state.lock().await;
+            let loaded = match self.ensure_loaded(key, &mut guard).await {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    if matches!(e, GroupError::NotFound { .. }) {
+                        drop(guard);
+                        self.forget(key, live);
+                    }
+                    return Err(e);
+                }
+            };
+            let now = self.now();
+            let outcome = op(&mut loaded.state, now)?;
+            match self
+                .persist(key, &mut guard, outcome.changes, outcome.dead_letters)
+                .await
+            {
+                Ok(()) => {
+                    if let Some(loaded) = guard.as_ref() {
+                        let due = loaded.state.next_wakeup(now).unwrap_or(u64::MAX);
+                        live.due_ms.store(due, AtomicOrdering::Relaxed);
+                    }
+                    drop(guard);
+                    live.changed.notify_waiters();
+                    return Ok(outcome.value);
+                }
+                Err(None) => continue,
+                Err(Some(e)) => return Err(e),
+            }
+        }
+        Err(GroupError::Busy(MAX_TRIES))
+    }
+
+    /// Stores an outcome: dead letters first, then the changes, then (now and then) a
+    /// compaction. `Err(None)` is a conflict (the state was dropped: reload and redo);
+    /// `Err(Some(e))` a failure (the state was dropped too).
+    async fn persist(
+        &self,
+        key: &Key,
+        guard: &mut MutexGuard<'_, Option<Loaded>>,
+        changes: Vec<Change>,
+        dead_letters: Vec<DeadLetter>,
+    ) -> Result<(), Option<GroupError>> {
+        if !dead_letters.is_empty()
+            && let Err(e) = self.publish_dead_letters(&dead_letters).await
+        {
+            **guard = None;
+            return Err(Some(e));
+        }
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let Some(loaded) = guard.as_mut() else {
+            return Err(None);
+        };
+        match self
+            .store
+            .commit_group(&key.0, &key.1, loaded.version, &changes)
+            .await
+        {
+            Ok(Committed::Done { version }) => {
+                loaded.version = version;
+                loaded.since_compact += 1;
+            }
+            Ok(Committed::Conflict) => {
+                **guard = None;
+                return Err(None);
+            }
+            Err(e) => {
+                **guard = None;
+                return Err(Some(e.into()));
+            }
+        }
+        if loaded.since_compact >= COMPACT_EVERY {
+            let snapshot = loaded.state.snapshot();
+            match self
+                .store
+                .compact_group(&key.0, &key.1, loaded.version, &snapshot)
+                .await
+            {
+                Ok(Committed::Done { .. }) => loaded.since_compact = 0,
+                // Committed and answered all the same; the next load sees what is stored.
+                Ok(Committed::Conflict) => **guard = None,
+                Err(e) => {
+                    tracing::warn!(stream = %key.0, group = %key.1, error = %e, "compacting a consumer group failed");
+                    **guard = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends dead letters to their streams: each the source message as it is (payload, key,
+    /// content type, headers without older `spool-dead-*` ones) plus the dead-letter headers,
+    /// with the dead letter's idempotency key. A source message retention removed goes as an
+    /// empty payload with the headers; one that would exceed `--max-payload` with the headers
+    /// goes without its payload and says so in `spool-dead-payload`.
+    async fn publish_dead_letters(&self, dead: &[DeadLetter]) -> Result<(), GroupError> {
+        let mut per_stream: Vec<(StreamName, Vec<NewMessage>)> = Vec::new();
+        for d in dead {
+            let source = self
+                .engine
+                .read(&d.source, Offset(d.offset.get().saturating_sub(1)), 1)
+                .await?;
+            let original = source
+                .messages
+                .first()
+                .filter(|m| m.offset == d.offset && source.state.epoch == d.epoch);
+            let mut headers: Vec<(String, String)> = original
+                .map(|m| {
+                    m.headers
+                        .iter()
+                        .filter(|(k, _)| !k.starts_with(DEAD_HEADER_PREFIX))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            headers.extend(d.headers());
+            let mut message = NewMessage {
+                payload: original.map(|m| m.payload.clone()).unwrap_or_default(),
+                content_type: original.and_then(|m| m.content_type.clone()),
+                key: d
+                    .key
+                    .clone()
+                    .or_else(|| original.and_then(|m| m.key.clone())),
+                headers,
+                idempotency_key: Some(d.idempotency_key.clone()),
+            };
+            let size = stored_size(&message);
+            if size > self.config.max_payload {
+                message.payload = Bytes::new();
+                message.headers.push((
+                    "spool-dead-payload".to_owned(),
+                    format!(
+                        "dropped: {size} bytes with the dead-letter headers exceed --max-payload ({})",
+                        self.config.max_payload
+                    ),
+                ));
+            }
+            message.headers.sort();
+            match per_stream.iter_mut().find(|(s, _)| *s == d.to) {
+                Some((_, list)) => list.push(message),
+                None => per_stream.push((d.to.clone(), vec![message])),
+            }
+        }
+        for (stream, messages) in per_stream {
+            self.engine.append(&stream, messages).await?;
+        }
+        Ok(())
+    }
+
+    // ---- management ----
+
+    /// Creates the group, or updates it when it exists. True when created.
+    pub async fn put(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        spec: &GroupConfigSpec,
+    ) -> Result<bool, GroupError> {
+        let config = GroupConfig::from_spec(spec)?;
+        config.dead_letter_for(stream, group)?;
+        let key = (stream.clone(), group.clone());
+        // The stream's state now, for the start (a stream nothing was published to reads as
+        // head 0 of a placeholder epoch; reading creates nothing).
+        let at = self.engine.read(stream, Offset::ZERO, 0).await?.state;
+        let live = self.live(&key);
+        for _ in 0..MAX_TRIES {
+            let exists = {
+                let mut guard = live.state.lock().await;
+                match self.ensure_loaded(&key, &mut guard).await {
+                    Ok(_) => true,
+                    Err(GroupError::NotFound { .. }) => {
+                        let state = GroupState::new(
+                            stream.clone(),
+                            group.clone(),
+                            config.clone(),
+                            &at,
+                            self.now(),
+                        )?;
+                        if self.store.create_group(&state.snapshot()).await? {
+                            *guard = Some(Loaded {
+                                state,
+                                version: 0,
+                                since_compact: 0,
+                            });
+                            return Ok(true);
+                        }
+                        // Created meanwhile by someone else: update it.
+                        true
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            if exists {
+                let result = self
+                    .run(&key, &live, |state, _| {
+                        let new = state.config().updated(spec)?;
+                        Ok(state.update_config(new)?)
+                    })
+                    .await;
+                match result {
+                    Ok(()) => return Ok(false),
+                    // Deleted between: create it.
+                    Err(GroupError::NotFound { .. }) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Err(GroupError::Busy(MAX_TRIES))
+    }
+
+    /// The group's settings and stats.
+    pub async fn describe(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<GroupView, GroupError> {
+        let key = (stream.clone(), group.clone());
+        let live = self.live(&key);
+        let cursor = {
+            let mut guard = live.state.lock().await;
+            match self.ensure_loaded(&key, &mut guard).await {
+                Ok(loaded) => loaded.state.cursor().clone(),
+                Err(e) => {
+                    drop(guard);
+                    if matches!(e, GroupError::NotFound { .. }) {
+                        self.forget(&key, &live);
+                    }
+                    return Err(e);
+                }
+            }
+        };
+        let next = self.engine.read(stream, cursor.offset, 1).await?;
+        let mut guard = live.state.lock().await;
+        let loaded = self.ensure_loaded(&key, &mut guard).await?;
+        Ok(view(&loaded.state, &next.state, &next.messages, self.now()))
+    }
+
+    /// The user groups of a stream, in name order.
+    pub async fn list(&self, stream: &StreamName) -> Result<Vec<GroupName>, GroupError> {
+        Ok(self
+            .store
+            .list_groups(Some(stream))
+            .await?
+            .into_iter()
+            .map(|(_, g)| g)
+            .filter(|g| !g.as_str().starts_with(RESERVED_PREFIX))
+            .collect())
+    }
+
+    /// Deletes the group (not its stream, nor its dead-letter stream). False if there was
+    /// none. Its receipts are `unknown` from now on, also to a group created again.
+    pub async fn delete(&self, stream: &StreamName, group: &GroupName) -> Result<bool, GroupError> {
+        let key = (stream.clone(), group.clone());
+        let live = self.live(&key);
+        let mut guard = live.state.lock().await;
+        *guard = None;
+        let deleted = self.store.delete_group(stream, group).await?;
+        drop(guard);
+        self.forget(&key, &live);
+        live.changed.notify_waiters();
+        Ok(deleted)
+    }
+
+    // ---- receive ----
+
+    /// Leases up to `request.max` messages to `request.member`, waiting (long-poll) until
+    /// `deadline` when there are none, or until `shutdown`.
+    pub async fn receive(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        request: &ReceiveRequest,
+        deadline: Option<Instant>,
+        shutdown: &CancellationToken,
+    ) -> Result<ReceiveAnswer, GroupError> {
+        request.validate()?;
+        let key = (stream.clone(), group.clone());
+        let live = self.live(&key);
+        let mut watch = None;
+        loop {
+            let changed = live.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(w) = watch.as_mut() {
+                let _ = spool_engine::HeadWatch::borrow_and_update(w);
+            }
+            let (answer, wakeup) = self.receive_rounds(&key, &live, request).await?;
+            let waiting = deadline.is_some_and(|d| d > Instant::now());
+            if !answer.messages.is_empty() || answer.reset.is_some() || !waiting {
+                return Ok(answer);
+            }
+            let Some(deadline) = deadline else {
+                return Ok(answer);
+            };
+            // Take the stream's watch before the next round reads, so nothing published
+            // after that read is missed; the first wait only takes it.
+            let w = match watch.as_mut() {
+                Some(w) => w,
+                None => {
+                    watch = Some(self.engine.watch(stream).await?);
+                    continue;
+                }
+            };
+            let mut until = deadline;
+            if let Some(at) = wakeup {
+                let now = self.now();
+                let lease_end = Instant::now() + Duration::from_millis(at.saturating_sub(now));
+                until = until.min(lease_end);
+            }
+            if shutdown.is_cancelled() {
+                return Ok(answer);
+            }
+            tokio::select! {
+                r = w.changed() => {
+                    if r.is_err() {
+                        // The engine dropped the stream's watch: take a new one.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        watch = Some(self.engine.watch(stream).await?);
+                    }
+                }
+                _ = &mut changed => {}
+                _ = tokio::time::sleep_until(until) => {}
+                _ = shutdown.cancelled() => return Ok(answer),
+            }
+        }
+    }
+
+    /// One receive without waiting: rounds of want → read → receive until `max` is reached or
+    /// nothing more can be had; also the group's next wake-up.
+    async fn receive_rounds(
+        &self,
+        key: &Key,
+        live: &Arc<Live>,
+        request: &ReceiveRequest,
+    ) -> Result<(ReceiveAnswer, Option<u64>), GroupError> {
+        let mut answer = ReceiveAnswer::default();
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        let mut fetched: HashMap<Offset, Arc<Message>> = HashMap::new();
+        let mut fetched_epoch = None;
+        for _ in 0..MAX_ROUNDS {
+            let room = request.max as usize - deliveries.len();
+            if room == 0 {
+                break;
+            }
+            let want = {
+                let mut guard = live.state.lock().await;
+                match self.ensure_loaded(key, &mut guard).await {
+                    Ok(loaded) => loaded.state.want(room as u32, self.now()),
+                    Err(e) => {
+                        drop(guard);
+                        if matches!(e, GroupError::NotFound { .. }) {
+                            self.forget(key, live);
+                        }
+                        return Err(e);
+                    }
+                }
+            };
+            let batch = self.engine.read(&key.0, want.after, want.limit).await?;
+            let round = ReceiveRequest {
+                max: room as u32,
+                ..request.clone()
+            };
+            let received = self
+                .run(key, live, |state, now| {
+                    Ok(state.receive(&round, &batch.state, &batch.messages, now)?)
+                })
+                .await?;
+            let got = received.deliveries.len();
+            let overtaken = !batch.messages.is_empty()
+                && !received.deliveries.iter().any(|d| d.offset > want.after);
+            fetched_epoch = Some(batch.state.epoch.clone());
+            for m in batch.messages {
+                fetched.insert(m.offset, m);
+            }
+            if received.reset.is_some() {
+                answer.reset = received.reset;
+            }
+            deliveries.extend(received.deliveries);
+            let full_read = want.limit > 0 && fetched.len() >= want.limit;
+            let again = received.read_again || overtaken || (got > 0 && full_read);
+            if !again {
+                break;
+            }
+        }
+        let wakeup = {
+            let guard = live.state.lock().await;
+            guard.as_ref().and_then(|l| l.state.next_wakeup(self.now()))
+        };
+        answer.messages = self
+            .attach_payloads(&key.0, deliveries, fetched, fetched_epoch)
+            .await?;
+        Ok((answer, wakeup))
+    }
+
+    /// Pairs each delivery with its message: from what the rounds read, else read by offset
+    /// (redeliveries). A message retention removed in between is left out of the answer; its
+    /// lease runs out and the group counts it expired.
+    async fn attach_payloads(
+        &self,
+        stream: &StreamName,
+        deliveries: Vec<Delivery>,
+        mut fetched: HashMap<Offset, Arc<Message>>,
+        fetched_epoch: Option<spool_core::Epoch>,
+    ) -> Result<Vec<Leased>, GroupError> {
+        if fetched_epoch.is_some_and(|e| deliveries.first().is_some_and(|d| d.epoch != e)) {
+            fetched.clear();
+        }
+        let missing: Vec<Offset> = deliveries
+            .iter()
+            .map(|d| d.offset)
+            .filter(|o| !fetched.contains_key(o))
+            .collect();
+        // One read per run of consecutive offsets.
+        let mut i = 0;
+        while i < missing.len() {
+            let mut j = i + 1;
+            while j < missing.len() && missing[j].get() == missing[j - 1].get() + 1 {
+                j += 1;
+            }
+            let first = missing[i];
+            let read = self
+                .engine
+                .read(stream, Offset(first.get() - 1), j - i)
+                .await?;
+            let epoch_ok = deliveries
+                .first()
+                .is_none_or(|d| d.epoch == read.state.epoch);
+            if epoch_ok {
+                for m in read.messages {
+                    fetched.insert(m.offset, m);
+                }
+            }
+            i = j;
+        }
+        let mut sorted = deliveries;
+        sorted.sort_by_key(|d| d.offset);
+        Ok(sorted
+            .into_iter()
+            .filter_map(|delivery| {
+                let message = fetched.get(&delivery.offset)?.clone();
+                Some(Leased { delivery, message })
+            })
+            .collect())
+    }
+
+    // ---- settling ----
+
+    /// Ack, nack, extend or terminate: one result per receipt, in order.
+    pub async fn settle(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        receipts: &[String],
+        how: &Settle,
+    ) -> Result<Vec<ReceiptResult>, GroupError> {
+        let key = (stream.clone(), group.clone());
+        let live = self.live(&key);
+        self.run(&key, &live, |state, now| {
+            Ok(match how {
+                Settle::Ack => state.ack(receipts, now)?,
+                Settle::Nack { delay, reason } => {
+                    state.nack(receipts, *delay, reason.as_ref(), now)?
+                }
+                Settle::Extend { visibility_timeout } => {
+                    let v = visibility_timeout.unwrap_or(state.config().visibility_timeout);
+                    state.extend(receipts, v, now)?
+                }
+                Settle::Terminate { reason } => state.terminate(receipts, reason.as_ref(), now)?,
+            })
+        })
+        .await
+    }
+
+    /// A reason as a client gave it.
+    pub fn reason(text: Option<&str>) -> Result<Option<Reason>, GroupError> {
+        text.map(|t| {
+            if t.len() > MAX_REASON_LEN {
+                return Err(InvalidReason::TooLong(t.len()).into());
+            }
+            Reason::new(t).map_err(GroupError::from)
+        })
+        .transpose()
+    }
+
+    // ---- redrive ----
+
+    /// Moves the dead-letter stream's messages of `stream` back into `stream` (see the module
+    /// docs), at most [`REDRIVE_MAX`] per call.
+    pub async fn redrive(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<Redriven, GroupError> {
+        let dead_letter = {
+            let key = (stream.clone(), group.clone());
+            let live = self.live(&key);
+            let mut guard = live.state.lock().await;
+            match self.ensure_loaded(&key, &mut guard).await {
+                Ok(loaded) => loaded.state.dead_letter().clone(),
+                Err(e) => {
+                    drop(guard);
+                    if matches!(e, GroupError::NotFound { .. }) {
+                        self.forget(&key, &live);
+                    }
+                    return Err(e);
+                }
+            }
+        };
+        let internal = redrive_group(stream);
+        let spec = GroupConfigSpec {
+            start: Some("oldest".into()),
+            visibility_timeout: Some(spool_core::group::config::DurationText(
+                Duration::from_secs(60),
+            )),
+            max_deliveries: Some(spool_core::group::config::MAX_DELIVERIES_CAP),
+            ..GroupConfigSpec::default()
+        };
+        let key = (dead_letter.clone(), internal.clone());
+        match self.live_exists(&key).await? {
+            true => {}
+            false => {
+                self.put(&dead_letter, &internal, &spec).await?;
+            }
+        }
+        let member = MemberName::new("redrive").map_err(|e| {
+            GroupError::Engine(EngineError::internal(format!("redrive member name: {e}")))
+        })?;
+        let mut done = Redriven {
+            dead_letter: Some(dead_letter.clone()),
+            ..Redriven::default()
+        };
+        let never = CancellationToken::new();
+        while done.moved + done.skipped < REDRIVE_MAX {
+            let request = ReceiveRequest {
+                member: member.clone(),
+                max: 100,
+                visibility_timeout: None,
+            };
+            let answer = self
+                .receive(&dead_letter, &internal, &request, None, &never)
+                .await?;
+            if answer.messages.is_empty() {
+                return Ok(done);
+            }
+            let mut back = Vec::new();
+            let mut receipts = Vec::new();
+            for leased in &answer.messages {
+                receipts.push(leased.delivery.receipt.encode());
+                let m = &leased.message;
+                let source = m
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == HEADER_STREAM)
+                    .map(|(_, v)| v.as_str());
+                if source != Some(stream.as_str()) {
+                    done.skipped += 1;
+                    continue;
+                }
+                back.push(NewMessage {
+                    payload: m.payload.clone(),
+                    content_type: m.content_type.clone(),
+                    key: m.key.clone(),
+                    headers: m
+                        .headers
+                        .iter()
+                        .filter(|(k, _)| !k.starts_with(DEAD_HEADER_PREFIX))
+                        .cloned()
+                        .collect(),
+                    idempotency_key: Some(format!(
+                        "spool-redrive:{}:{}:{}",
+                        dead_letter, leased.delivery.epoch, leased.delivery.offset
+                    ))
+                    .filter(|k| k.len() <= crate::delivery::publish::MAX_IDEMPOTENCY_KEY)
+                    .or_else(|| {
+                        Some(format!(
+                            "spool-redrive:{}:{}:{}",
+                            leased.delivery.receipt.group,
+                            leased.delivery.epoch,
+                            leased.delivery.offset
+                        ))
+                    }),
+                });
+            }
+            let n = back.len() as u64;
+            if !back.is_empty() {
+                self.engine.append(stream, back).await?;
+            }
+            done.moved += n;
+            self.settle(&dead_letter, &internal, &receipts, &Settle::Ack)
+                .await?;
+        }
+        done.more = true;
+        Ok(done)
+    }
+
+    /// Whether a group exists (loading it).
+    async fn live_exists(&self, key: &Key) -> Result<bool, GroupError> {
+        let live = self.live(key);
+        let mut guard = live.state.lock().await;
+        match self.ensure_loaded(key, &mut guard).await {
+            Ok(_) => Ok(true),
+            Err(GroupError::NotFound { .. }) => {
+                drop(guard);
+                self.forget(key, &live);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    // ---- the sweeper ----
+
+    /// Runs `expire` for every cached group with a due lease end or visibility, once a second,
+    /// and loads the store's groups it does not hold every [`DISCOVER_EVERY`], until
+    /// `shutdown`.
+    pub async fn run_sweeper(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut discovered: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if discovered.is_none_or(|at| at.elapsed() >= DISCOVER_EVERY) {
+                discovered = Some(Instant::now());
+                self.discover().await;
+            }
+            self.sweep_once().await;
+        }
+    }
+
+    /// Expires what is due in every cached group.
+    pub async fn sweep_once(&self) {
+        let now = self.now();
+        for (key, live) in self.cached() {
+            if live.due_ms.load(AtomicOrdering::Relaxed) > now {
+                continue;
+            }
+            match self
+                .run(&key, &live, |state, now| Ok(state.expire(now)))
+                .await
+            {
+                Ok(()) => live.changed.notify_waiters(),
+                Err(GroupError::NotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(stream = %key.0, group = %key.1, error = %e, "expiring a consumer group's leases failed");
+                }
+            }
+        }
+    }
+
+    /// Loads groups of the store this node does not hold yet, while the cache has room.
+    async fn discover(&self) {
+        let all = match self.store.list_groups(None).await {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing consumer groups failed");
+                return;
+            }
+        };
+        for key in all {
+            {
+                let cache = self.cache.lock();
+                if cache.contains_key(&key) {
+                    continue;
+                }
+                if cache.len() >= self.config.max_cached {
+                    return;
+                }
+            }
+            let live = self.live(&key);
+            let mut guard = live.state.lock().await;
+            match self.ensure_loaded(&key, &mut guard).await {
+                Ok(loaded) => {
+                    let due = loaded.state.next_wakeup(self.now()).unwrap_or(u64::MAX);
+                    live.due_ms.store(due, AtomicOrdering::Relaxed);
+                }
+                Err(e) => {
+                    drop(guard);
+                    self.forget(&key, &live);
+                    tracing::debug!(stream = %key.0, group = %key.1, error = %e, "loading a consumer group failed");
+                }
+            }
+        }
+    }
+
+    // ---- metrics ----
+
+    /// Every cached group's stats, for `/metrics`: (stream, group, stats). Groups busy right
+    /// now are left out of this observation.
+    pub async fn observe(&self) -> Vec<(StreamName, GroupName, GroupStats)> {
+        let mut out = Vec::new();
+        for (key, live) in self.cached() {
+            if key.1.as_str().starts_with(RESERVED_PREFIX) {
+                continue;
+            }
+            let cursor = match live.state.try_lock() {
+                Ok(guard) => match guard.as_ref() {
+                    Some(l) => l.state.cursor().offset,
+                    None => continue,
+                },
+                Err(_) => continue,
+            };
+            let Ok(next) = self.engine.read(&key.0, cursor, 1).await else {
+                continue;
+            };
+            let Ok(guard) = live.state.try_lock() else {
+                continue;
+            };
+            let Some(loaded) = guard.as_ref() else {
+                continue;
+            };
+            let stats = view(&loaded.state, &next.state, &next.messages, self.now()).stats;
+            out.push((key.0, key.1, stats));
+        }
+        out
+    }
+
+    /// Serializes `/metrics` observations.
+    pub fn observing(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.observing.lock()
+    }
+}
+
+/// The group's description against a read of one message after its cursor.
+fn view(state: &GroupState, at: &StreamState, next: &[Arc<Message>], now: u64) -> GroupView {
+    let next_time = next
+        .first()
+        .filter(|m| m.offset == state.cursor().offset.next() && at.epoch == state.cursor().epoch)
+        .map(|m| m.time_ms);
+    GroupView {
+        config: state.config().clone(),
+        dead_letter: state.dead_letter().clone(),
+        created_ms: state.created_ms(),
+        stats: state.stats(at, next_time, now),
+    }
+}
+
+/// What a message stores, as publish counts it against `--max-payload`.
+fn stored_size(m: &NewMessage) -> usize {
+    m.payload.len()
+        + m.key.as_ref().map_or(0, String::len)
+        + m.content_type.as_ref().map_or(0, String::len)
+        + m.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
+/// The internal group that redrives `stream`'s dead letters: `spool:redrive:` and a 64-bit
+/// FNV-1a hash of the stream name (names may be 255 bytes, group names too).
+fn redrive_group(stream: &StreamName) -> GroupName {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in stream.as_str().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // Always a valid name: ASCII without whitespace, 30 bytes.
+    GroupName::new(&format!("{RESERVED_PREFIX}redrive:{h:016x}"))
+        .unwrap_or_else(|_| unreachable!("a fixed ASCII name is valid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use spool_core::{ManualClock, group::GroupConfigSpec};
+    use spool_engine::{MemoryEngine, memory::MemoryConfig};
+
+    use super::*;
+
+    fn setup() -> (Arc<Groups>, Arc<MemoryEngine>, ManualClock) {
+        let time = ManualClock::new(1_000_000);
+        let engine = Arc::new(MemoryEngine::new(MemoryConfig {
+            clock: time.clock(),
+            ..MemoryConfig::default()
+        }));
+        let groups = Groups::new(
+            engine.clone(),
+            engine.clone(),
+            GroupsConfig {
+                max_cached: 16,
+                max_payload: 1024 * 1024,
+                clock: time.clock(),
+            },
+        );
+        (groups, engine, time)
+    }
+
+    fn name(s: &str) -> StreamName {
+        StreamName::new(s).unwrap()
+    }
+
+    fn group(s: &str) -> GroupName {
+        GroupName::new(s).unwrap()
+    }
+
+    fn request(member: &str, max: u32) -> ReceiveRequest {
+        ReceiveRequest {
+            member: MemberName::new(member).unwrap(),
+            max,
+            visibility_timeout: None,
+        }
+    }
+
+    async fn publish(engine: &MemoryEngine, stream: &str, n: usize) {
+        let messages = (0..n)
+            .map(|i| NewMessage {
+                payload: Bytes::from(format!("m{i}")),
+                ..NewMessage::default()
+            })
+            .collect();
+        engine.append(&name(stream), messages).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lease_runs_out_by_the_clock_and_the_sweeper_dead_letters() {
+        let (groups, engine, time) = setup();
+        let (s, g) = (name("s"), group("g"));
+        let spec: GroupConfigSpec =
+            serde_json::from_str(r#"{"visibility_timeout":"1s","max_deliveries":2}"#).unwrap();
+        assert!(groups.put(&s, &g, &spec).await.unwrap());
+        assert!(!groups.put(&s, &g, &spec).await.unwrap());
+        publish(&engine, "s", 1).await;
+        let never = CancellationToken::new();
+        for round in 1..=2 {
+            let a = groups
+                .receive(&s, &g, &request("w", 10), None, &never)
+                .await
+                .unwrap();
+            assert_eq!(a.messages.len(), 1);
+            assert_eq!(a.messages[0].delivery.deliveries, round);
+            assert_eq!(&a.messages[0].message.payload[..], b"m0");
+            time.advance(Duration::from_millis(1001));
+        }
+        groups.sweep_once().await;
+        let dead = engine.read(&name("s.g.dead"), Offset(0), 10).await.unwrap();
+        assert_eq!(dead.messages.len(), 1);
+        assert_eq!(&dead.messages[0].payload[..], b"m0");
+        let view = groups.describe(&s, &g).await.unwrap();
+        assert_eq!(view.stats.dead_lettered, 1);
+        assert_eq!(view.stats.members[0].timeouts, 2);
+        // Redrive puts it back as a new message; a second redrive moves nothing.
+        let r = groups.redrive(&s, &g).await.unwrap();
+        assert_eq!((r.moved, r.skipped, r.more), (1, 0, false));
+        assert_eq!(engine.state(&s).await.unwrap().unwrap().head, Offset(2));
+        assert_eq!(groups.redrive(&s, &g).await.unwrap().moved, 0);
+        assert!(groups.list(&name("s.g.dead")).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stale_cache_conflicts_reloads_and_redoes() {
+        let (a, engine, time) = setup();
+        // A second driver over the same store: another node.
+        let b = Groups::new(
+            engine.clone(),
+            engine.clone(),
+            GroupsConfig {
+                max_cached: 16,
+                max_payload: 1024,
+                clock: time.clock(),
+            },
+        );
+        let (s, g) = (name("s"), group("g"));
+        a.put(&s, &g, &GroupConfigSpec::default()).await.unwrap();
+        publish(&engine, "s", 4).await;
+        let never = CancellationToken::new();
+        let x = a
+            .receive(&s, &g, &request("a", 2), None, &never)
+            .await
+            .unwrap();
+        let y = b
+            .receive(&s, &g, &request("b", 2), None, &never)
+            .await
+            .unwrap();
+        // `a` is now stale; its next receive conflicts, reloads, and gets what is left.
+        let z = a
+            .receive(&s, &g, &request("a", 2), None, &never)
+            .await
+            .unwrap();
+        let mut offsets: Vec<u64> = [&x, &y, &z]
+            .iter()
+            .flat_map(|r| r.messages.iter().map(|m| m.delivery.offset.get()))
+            .collect();
+        offsets.sort();
+        assert_eq!(offsets, [1, 2, 3, 4], "disjoint leases across nodes");
+        let receipts: Vec<String> = x
+            .messages
+            .iter()
+            .map(|m| m.delivery.receipt.encode())
+            .collect();
+        let results = b.settle(&s, &g, &receipts, &Settle::Ack).await.unwrap();
+        assert_eq!(results, [ReceiptResult::Ok, ReceiptResult::Ok]);
+    }
+
+    #[tokio::test]
+    async fn the_cache_is_bounded_and_evicts_idle_entries() {
+        let (groups, _engine, _time) = setup();
+        let s = name("s");
+        for i in 0..40 {
+            groups
+                .put(&s, &group(&format!("g{i}")), &GroupConfigSpec::default())
+                .await
+                .unwrap();
+            assert!(groups.cache.lock().len() <= 16);
+        }
+        assert_eq!(groups.list(&s).await.unwrap().len(), 40);
+        // An evicted group loads again.
+        assert!(groups.describe(&s, &group("g0")).await.is_ok());
+    }
+
+    #[test]
+    fn redrive_groups_are_reserved_names() {
+        let g = redrive_group(&name(&"x".repeat(255)));
+        assert!(Groups::check_user_name(&g).is_err());
+        assert!(Groups::check_user_name(&group("billing")).is_ok());
+    }
+}
