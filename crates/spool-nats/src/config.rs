@@ -56,6 +56,8 @@ pub struct NatsConfig {
     /// epochs kept in memory only; see the crate docs). Past it, with every one watched, a
     /// watch of another such stream answers `StreamLimit`.
     pub max_unpublished_streams: usize,
+    /// The most consumer groups kept (`--max-groups`); past it a creation is refused.
+    pub max_groups: usize,
 }
 
 impl fmt::Debug for NatsConfig {
@@ -71,6 +73,7 @@ impl fmt::Debug for NatsConfig {
             .field("session_max_age", &self.session_max_age)
             .field("timeout", &self.timeout)
             .field("max_unpublished_streams", &self.max_unpublished_streams)
+            .field("max_groups", &self.max_groups)
             .finish()
     }
 }
@@ -120,7 +123,7 @@ impl NatsConfig {
     }
 
     /// Defaults: prefix `spool`, file storage with 1 replica, SPEC retention, a 2-minute dedup
-    /// window, sessions kept at most a day, a 2 s timeout, 100,000 placeholders.
+    /// window, sessions kept at most a day, a 2 s timeout, 100,000 placeholders, 10,000 groups.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -132,6 +135,7 @@ impl NatsConfig {
             session_max_age: Duration::from_secs(24 * 3600),
             timeout: Duration::from_secs(2),
             max_unpublished_streams: 100_000,
+            max_groups: spool_engine::groups::MAX_GROUPS,
         }
     }
 

@@ -62,6 +62,8 @@ const STALE_GRACE: Duration = Duration::from_secs(10);
 pub struct NatsEngine {
     inner: Arc<Inner>,
     tasks: Vec<AbortHandle>,
+    /// Consumer groups (`impl GroupStore` in `groups.rs`).
+    pub(crate) groups: crate::groups::Groups,
 }
 
 pub(crate) struct Inner {
@@ -142,6 +144,7 @@ impl NatsEngine {
             )
         })?;
         let sessions = Sessions::open(api.clone(), &config).await?;
+        let groups = crate::groups::Groups::new(api.clone(), &config);
         let notes = client
             .subscribe(format!("{}.heads", config.prefix))
             .await
@@ -166,7 +169,11 @@ impl NatsEngine {
             tokio::spawn(fanout::listen(inner.clone(), notes)).abort_handle(),
             tokio::spawn(fanout::refresh(inner.clone())).abort_handle(),
         ];
-        Ok(Self { inner, tasks })
+        Ok(Self {
+            inner,
+            tasks,
+            groups,
+        })
     }
 }
 

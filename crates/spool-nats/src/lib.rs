@@ -112,11 +112,17 @@
 //!   (`STREAM.MSG.GET`), not replicas, so `allow_direct` is left off (see `jetstream`).
 //! - The sessions bucket is a JetStream KV bucket made and used through the plain JetStream
 //!   API (see `sessions`), so NATS tools (`nats kv`) can inspect it.
+//! - Consumer groups live in one more JetStream stream, `<prefix>__groups`, a subject per
+//!   group, every write version-checked with `Nats-Expected-Last-Subject-Sequence` (see
+//!   `groups`). A request made while the client is disconnected is sent once it is back, so a
+//!   group call answered `Unavailable` may still take effect then (a commit only at the
+//!   version it named, so never against a state it did not see).
 
 mod codec;
 mod config;
 mod engine;
 mod fanout;
+mod groups;
 mod jetstream;
 mod names;
 mod sessions;

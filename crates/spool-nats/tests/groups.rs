@@ -1,0 +1,424 @@
+//! The NATS group store: the group-store conformance suite, two nodes racing commits to one
+//! group, the `--max-groups` bound, an outage that the groups survive, and (ignored, run by
+//! hand) commit throughput.
+
+mod common;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use spool_core::{
+    Epoch, NewMessage, Offset, StreamName, StreamState,
+    group::{Change, Counters, GroupConfig, GroupName, GroupState, MemberName, ReceiveRequest},
+};
+use spool_engine::{Committed, EngineError, GroupStore, Limit, group_conformance};
+use spool_nats::{NatsConfig, NatsEngine};
+use spool_testkit::engines::{Backend, OwnServer};
+
+async fn connect(config: NatsConfig) -> Arc<NatsEngine> {
+    Arc::new(
+        NatsEngine::connect(config)
+            .await
+            .expect("connect to the test NATS"),
+    )
+}
+
+/// A fresh prefix on the shared NATS, deleted when dropped.
+struct Prefix {
+    config: NatsConfig,
+    _cleanup: common::Cleanup,
+}
+
+impl Prefix {
+    async fn new(url: &str) -> Self {
+        common::sweep_stale(url).await;
+        let prefix = common::unique_prefix();
+        Self {
+            config: NatsConfig {
+                prefix: prefix.clone(),
+                ..NatsConfig::new(url)
+            },
+            _cleanup: common::Cleanup {
+                url: url.to_owned(),
+                prefix,
+            },
+        }
+    }
+
+    fn config(&self) -> NatsConfig {
+        self.config.clone()
+    }
+}
+
+fn stream_state(head: u64) -> StreamState {
+    StreamState {
+        epoch: Epoch::parse("e1").expect("epoch"),
+        oldest: Offset(1),
+        head: Offset(head),
+    }
+}
+
+fn new_group(stream: &str, group: &str, head: u64) -> GroupState {
+    GroupState::new(
+        StreamName::new(stream).unwrap(),
+        GroupName::new(group).unwrap(),
+        GroupConfig {
+            start: spool_core::Start::Oldest,
+            ..GroupConfig::default()
+        },
+        &stream_state(head),
+        1_000,
+    )
+    .expect("a valid group")
+}
+
+fn messages(from: u64, to: u64) -> Vec<spool_core::Message> {
+    (from..=to)
+        .map(|i| {
+            NewMessage {
+                payload: bytes::Bytes::from(format!("m{i}")),
+                ..Default::default()
+            }
+            .stamp(Offset(i), 1_000)
+            .0
+        })
+        .collect()
+}
+
+fn rebuild(stored: spool_engine::StoredGroup) -> GroupState {
+    let mut state = GroupState::from_snapshot(stored.snapshot).expect("a stored snapshot loads");
+    for change in &stored.changes {
+        state.apply(change);
+    }
+    state
+}
+
+/// One member's receive of up to 2 messages on its own copy of the group: the changes to
+/// commit, and the state they lead to.
+fn receive(state: &mut GroupState, member: &str, head: u64, now: u64) -> Vec<Change> {
+    let want = state.want(2, now);
+    let fetched = messages(
+        want.after.get() + 1,
+        head.min(want.after.get() + want.limit as u64),
+    );
+    let request = ReceiveRequest {
+        member: MemberName::new(member).unwrap(),
+        max: 2,
+        visibility_timeout: None,
+    };
+    state
+        .receive(&request, &stream_state(head), &fetched, now)
+        .expect("a receive")
+        .changes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_group_store_conforms() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    let prefix = Prefix::new(&url).await;
+    let engine = connect(prefix.config()).await;
+    tokio::time::timeout(Duration::from_secs(60), group_conformance::run(&*engine))
+        .await
+        .expect("the group conformance suite finishes within a minute");
+}
+
+/// Two nodes load the same version and commit different operations at once: exactly one
+/// commit wins each round, the loser reloads, and both nodes load the same state — the
+/// winner's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_racing_on_one_group_commit_one_at_a_time() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    let prefix = Prefix::new(&url).await;
+    let (a, b) = (
+        connect(prefix.config()).await,
+        connect(prefix.config()).await,
+    );
+    let head = 200;
+    let created = new_group("race", "workers", head);
+    assert!(a.create_group(&created.snapshot()).await.unwrap());
+    let (s, g) = (
+        StreamName::new("race").unwrap(),
+        GroupName::new("workers").unwrap(),
+    );
+    for round in 0..25u64 {
+        let now = 2_000 + round;
+        let from_a = a.load_group(&s, &g).await.unwrap().expect("on node a");
+        let from_b = b.load_group(&s, &g).await.unwrap().expect("on node b");
+        assert_eq!(from_a, from_b, "round {round}: both nodes load one state");
+        assert_eq!(from_a.version, round);
+        let version = from_a.version;
+        let (mut state_a, mut state_b) = (rebuild(from_a), rebuild(from_b));
+        let changes_a = receive(&mut state_a, "on-a", head, now);
+        let changes_b = receive(&mut state_b, "on-b", head, now);
+        let (ra, rb) = tokio::join!(
+            a.commit_group(&s, &g, version, &changes_a),
+            b.commit_group(&s, &g, version, &changes_b)
+        );
+        let winner = match (ra.unwrap(), rb.unwrap()) {
+            (Committed::Done { version: v }, Committed::Conflict) => {
+                assert_eq!(v, version + 1);
+                state_a
+            }
+            (Committed::Conflict, Committed::Done { version: v }) => {
+                assert_eq!(v, version + 1);
+                state_b
+            }
+            other => panic!("round {round}: exactly one commit must win, got {other:?}"),
+        };
+        let after_a = a.load_group(&s, &g).await.unwrap().unwrap();
+        let after_b = b.load_group(&s, &g).await.unwrap().unwrap();
+        assert_eq!(after_a, after_b);
+        assert_eq!(after_a.version, version + 1);
+        assert_eq!(
+            rebuild(after_a).snapshot(),
+            winner.snapshot(),
+            "round {round}: the store holds the winner's state"
+        );
+        if round == 12 {
+            // A compaction by one node does not disturb the other's next commit at that
+            // version, and a stale one is refused.
+            let current = b.load_group(&s, &g).await.unwrap().unwrap();
+            let v = current.version;
+            let snapshot = rebuild(current).snapshot();
+            assert_eq!(
+                a.compact_group(&s, &g, v - 1, &snapshot).await.unwrap(),
+                Committed::Conflict
+            );
+            assert_eq!(
+                a.compact_group(&s, &g, v, &snapshot).await.unwrap(),
+                Committed::Done { version: v }
+            );
+            let compacted = b.load_group(&s, &g).await.unwrap().unwrap();
+            assert!(compacted.changes.is_empty());
+            assert_eq!(compacted.version, v);
+        }
+    }
+    assert!(b.delete_group(&s, &g).await.unwrap());
+    assert!(a.load_group(&s, &g).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_groups_bounds_creation_only() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    let prefix = Prefix::new(&url).await;
+    let config = NatsConfig {
+        max_groups: 2,
+        ..prefix.config()
+    };
+    let (a, b) = (connect(config.clone()).await, connect(config).await);
+    assert!(
+        a.create_group(&new_group("s1", "g1", 0).snapshot())
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.create_group(&new_group("s2", "g1", 0).snapshot())
+            .await
+            .unwrap()
+    );
+    let third = new_group("s1", "g2", 0);
+    match b.create_group(&third.snapshot()).await {
+        Err(EngineError::Limit(Limit::Groups { max: 2 })) => {}
+        other => panic!("a third group past --max-groups 2: {other:?}"),
+    }
+    // An existing name is still answered "exists", and groups that exist still commit.
+    assert!(
+        !a.create_group(&new_group("s1", "g1", 0).snapshot())
+            .await
+            .unwrap()
+    );
+    let s1 = StreamName::new("s1").unwrap();
+    let g1 = GroupName::new("g1").unwrap();
+    let counters = Change::CountersSet {
+        counters: Counters::default(),
+    };
+    assert_eq!(
+        b.commit_group(&s1, &g1, 0, &[counters]).await.unwrap(),
+        Committed::Done { version: 1 }
+    );
+    assert_eq!(a.list_groups(None).await.unwrap().len(), 2);
+    assert!(a.delete_group(&s1, &g1).await.unwrap());
+    assert!(b.create_group(&third.snapshot()).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_unavailable_and_the_groups_survive_it() {
+    let Some(mut server) = OwnServer::start(Backend::Nats) else {
+        return;
+    };
+    let timeout = Duration::from_secs(1);
+    let engine = connect(NatsConfig {
+        timeout,
+        ..NatsConfig::new(server.url())
+    })
+    .await;
+    let state = new_group("down", "g", 0);
+    let (s, g) = (
+        StreamName::new("down").unwrap(),
+        GroupName::new("g").unwrap(),
+    );
+    assert!(engine.create_group(&state.snapshot()).await.unwrap());
+    let counters = Change::CountersSet {
+        counters: Counters::default(),
+    };
+    assert_eq!(
+        engine.commit_group(&s, &g, 0, &[counters]).await.unwrap(),
+        Committed::Done { version: 1 }
+    );
+    let before = engine.load_group(&s, &g).await.unwrap().unwrap();
+    server.kill();
+    let started = Instant::now();
+    let errors = [
+        engine.load_group(&s, &g).await.map(|_| ()),
+        engine.commit_group(&s, &g, 0, &[]).await.map(|_| ()),
+        engine.list_groups(None).await.map(|_| ()),
+        engine.create_group(&state.snapshot()).await.map(|_| ()),
+        // Not a delete: the client keeps requests made while it is disconnected and sends
+        // them once it is back, so a delete answered `Unavailable` may still happen then.
+    ];
+    for e in errors {
+        let e = e.expect_err("NATS is down");
+        assert!(e.is_unavailable(), "{e}");
+    }
+    assert!(started.elapsed() < 5 * (timeout + Duration::from_secs(1)));
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        match engine.load_group(&s, &g).await {
+            Ok(found) => break found,
+            Err(e) => {
+                assert!(e.is_unavailable(), "{e}");
+                assert!(Instant::now() < deadline, "NATS is back: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(after, Some(before), "the group survived NATS's restart");
+    assert_eq!(
+        engine.commit_group(&s, &g, 1, &[]).await.unwrap(),
+        Committed::Done { version: 2 }
+    );
+}
+
+const COMPACT_EVERY: u64 = 64;
+
+/// Successful commits per second on one group: `committers` tasks over two nodes, each
+/// committing an ack-sized change at the version it knows, reloading on `Conflict` and
+/// compacting every [`COMPACT_EVERY`] versions.
+async fn throughput(nodes: &[Arc<NatsEngine>], committers: usize, run: Duration) -> (u64, u64) {
+    let state = new_group("bench", "g", 0);
+    let (s, g) = (
+        StreamName::new("bench").unwrap(),
+        GroupName::new(&format!("g{committers}")).unwrap(),
+    );
+    let mut snapshot = state.snapshot();
+    snapshot.group = g.clone();
+    assert!(nodes[0].create_group(&snapshot).await.unwrap());
+    let until = Instant::now() + run;
+    let tasks: Vec<_> = (0..committers)
+        .map(|i| {
+            let node = nodes[i % nodes.len()].clone();
+            let (s, g, snapshot) = (s.clone(), g.clone(), snapshot.clone());
+            tokio::spawn(async move {
+                let (mut done, mut conflicts) = (0u64, 0u64);
+                let mut version = 0;
+                let changes = [
+                    Change::EntryRemoved {
+                        offset: Offset(i as u64),
+                    },
+                    Change::CountersSet {
+                        counters: Counters::default(),
+                    },
+                ];
+                while Instant::now() < until {
+                    match node.commit_group(&s, &g, version, &changes).await.unwrap() {
+                        Committed::Done { version: v } => {
+                            version = v;
+                            done += 1;
+                            // As the server does every so many commits: the store stays small.
+                            if v % COMPACT_EVERY == 0 {
+                                node.compact_group(&s, &g, v, &snapshot).await.unwrap();
+                            }
+                        }
+                        Committed::Conflict => {
+                            conflicts += 1;
+                            version = node.load_group(&s, &g).await.unwrap().unwrap().version;
+                        }
+                    }
+                }
+                (done, conflicts)
+            })
+        })
+        .collect();
+    let (mut done, mut conflicts) = (0, 0);
+    for t in tasks {
+        let (d, c) = t.await.unwrap();
+        done += d;
+        conflicts += c;
+    }
+    let stored = nodes[0].load_group(&s, &g).await.unwrap().unwrap();
+    assert_eq!(stored.version, done, "every Done is one version, no more");
+    (done, conflicts)
+}
+
+/// `cargo test -p spool-nats --test groups -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement, run by hand"]
+async fn commit_throughput() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    let prefix = Prefix::new(&url).await;
+    let nodes = [
+        connect(prefix.config()).await,
+        connect(prefix.config()).await,
+    ];
+    let run = Duration::from_secs(3);
+    for committers in [1, 8] {
+        let (done, conflicts) = throughput(&nodes, committers, run).await;
+        println!(
+            "nats: {committers} committer(s) on one group over 2 nodes: {:.0} commits/s \
+             ({conflicts} conflicts, each a reload)",
+            done as f64 / run.as_secs_f64()
+        );
+    }
+}
+
+/// Names too long to encode into a subject are hashed there; listing still answers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_with_hashed_names_are_listed_by_their_names() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    let prefix = Prefix::new(&url).await;
+    let engine = connect(prefix.config()).await;
+    // 6 encoded characters per é: both names are past the 160 kept as they are.
+    let (long, long_g) = ("é".repeat(60), "é".repeat(30));
+    let plain = new_group("a.b:c", "g_1", 0);
+    let hashed = new_group(&long, &long_g, 0);
+    assert!(engine.create_group(&plain.snapshot()).await.unwrap());
+    assert!(engine.create_group(&hashed.snapshot()).await.unwrap());
+    let long_name = StreamName::new(&long).unwrap();
+    let long_group = GroupName::new(&long_g).unwrap();
+    assert_eq!(
+        engine.list_groups(Some(&long_name)).await.unwrap(),
+        vec![(long_name.clone(), long_group.clone())]
+    );
+    let mut all = vec![
+        (
+            StreamName::new("a.b:c").unwrap(),
+            GroupName::new("g_1").unwrap(),
+        ),
+        (long_name, long_group),
+    ];
+    all.sort();
+    assert_eq!(engine.list_groups(None).await.unwrap(), all);
+}
