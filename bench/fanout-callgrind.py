@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """bench/fanout-callgrind.sh drives this. Fixed fan-out against a running `spool serve` (memory engine, anonymous allowed):
-N_WS WebSocket and N_SSE SSE subscribers on one stream, then K messages published over HTTP.
-Run once with K messages and once with K=0 under callgrind: the difference of the two totals is
-the cost of publishing K messages and delivering them to every subscriber."""
+N_WS WebSocket and N_SSE SSE subscribers on one stream (or spread over STREAMS streams, subscriber i
+on stream i % STREAMS), then K messages per stream published over HTTP (round-robin over the
+streams). Run once with K messages and once with K=0 under callgrind: the difference of the two
+totals is the cost of publishing the messages and delivering K to every subscriber."""
 import asyncio, base64, os, sys, time
 
 host, port = "127.0.0.1", int(sys.argv[1])
 _pid, n_ws, n_sse, k = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-STREAM = "fan"
+n_streams = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+STREAMS = ["fan"] if n_streams == 1 else [f"fan-{s}" for s in range(n_streams)]
 counts = {}
 
 def ws_frame(text):
@@ -25,7 +27,7 @@ async def ws_sub(i, ready):
     w.write((f"GET /v1/ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
              f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: spool.v1.json\r\n\r\n").encode())
     await r.readuntil(b"\r\n\r\n")
-    w.write(ws_frame('{"type":"connect"}') + ws_frame('{"type":"subscribe","stream":"%s"}' % STREAM))
+    w.write(ws_frame('{"type":"connect"}') + ws_frame('{"type":"subscribe","stream":"%s"}' % STREAMS[i % n_streams]))
     await w.drain()
     n = 0
     while True:
@@ -47,7 +49,7 @@ async def ws_sub(i, ready):
 
 async def sse_sub(i, ready):
     r, w = await asyncio.open_connection(host, port)
-    w.write(f"GET /v1/streams/{STREAM}/events?format=json HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
+    w.write(f"GET /v1/streams/{STREAMS[i % n_streams]}/events?format=json HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
     head = await r.readuntil(b"\r\n\r\n")
     assert b" 200 " in head.split(b"\r\n")[0], head
     ready.set()
@@ -65,9 +67,9 @@ async def sse_sub(i, ready):
 
 async def publish():
     r, w = await asyncio.open_connection(host, port)
-    for m in range(k):
+    for m in range(k * n_streams):
         body = (f"{m}:" + "x" * 120).encode()
-        w.write((f"POST /v1/streams/{STREAM}/messages HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/plain\r\n"
+        w.write((f"POST /v1/streams/{STREAMS[m % n_streams]}/messages HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/plain\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
         head = await r.readuntil(b"\r\n\r\n")
         ln = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
