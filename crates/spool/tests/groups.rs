@@ -950,3 +950,79 @@ async fn a_pending_receive_answers_at_once_on_shutdown() {
         .unwrap();
     assert_eq!(status.ok(), Some(200));
 }
+
+/// The disk engine keeps a group across a restart: an acked message is never delivered again,
+/// an unacked one is, once its lease (stored with its end) runs out.
+#[tokio::test]
+async fn on_disk_a_group_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (acked, held) = {
+        let mut s = Server::start_disk(&listen, dir.path(), &[]);
+        let g = Group::new(&s, "durable", "g");
+        g.create(json!({"visibility_timeout": "1s"})).await;
+        for i in 0..3 {
+            s.publish("durable", &format!("m{i}")).await;
+        }
+        let got = g.receive("w", 2, "0s").await;
+        assert_eq!(g.ack(&[&got[0]["receipt"]]).await, ["ok"]);
+        let ids = (got[0]["offset"].as_u64(), got[1]["offset"].as_u64());
+        assert!(s.terminate().success());
+        ids
+    };
+    let s = Server::start_disk(&listen, dir.path(), &[]);
+    let g = Group::new(&s, "durable", "g");
+    let stats = g.stats().await;
+    assert_eq!(stats["acked"], 1);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 2 && Instant::now() < deadline {
+        for m in g.receive("w2", 10, "3s").await {
+            seen.push((m["offset"].as_u64(), m["deliveries"].as_u64()));
+            assert_eq!(g.ack(&[&m["receipt"]]).await, ["ok"]);
+        }
+    }
+    seen.sort();
+    assert!(
+        !seen.iter().any(|(o, _)| *o == acked),
+        "an acked message came back: {seen:?}"
+    );
+    assert_eq!(seen, [(held, Some(2)), (Some(3), Some(1))]);
+}
+
+#[tokio::test]
+async fn redrive_works_for_the_longest_names() {
+    let node = start("memory", &[]);
+    let s = &node.server;
+    let stream = "s".repeat(220);
+    let g = Group {
+        group: "g".repeat(40),
+        ..Group::new(s, &stream, "x")
+    };
+    // The default dead-letter name would be too long: the group must name one.
+    let (status, body) = g.put(json!({})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_body")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("dead_letter")
+    );
+    let dlq = "d".repeat(255);
+    g.create(json!({"dead_letter": dlq, "max_deliveries": 1}))
+        .await;
+    s.publish(&stream, "x").await;
+    let m = g.receive("w", 1, "0s").await;
+    assert_eq!(
+        g.settle("nack", json!({"receipts": [m[0]["receipt"]]}))
+            .await,
+        ["ok"]
+    );
+    let (status, r) = g.post("redrive", json!({})).await;
+    assert_eq!((status, r["moved"].as_u64()), (200, Some(1)), "{r}");
+}

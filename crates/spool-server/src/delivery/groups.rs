@@ -834,6 +834,10 @@ impl Groups {
                 Duration::from_secs(60),
             )),
             max_deliveries: Some(spool_core::group::config::MAX_DELIVERIES_CAP),
+            // Never used in practice (every message is acked at once); named so that the
+            // default `{dead letter}.{group}.dead` cannot be too long a name. A message this
+            // group ever dead-lettered would land where redrive sends it anyway.
+            dead_letter: Some(stream.to_string()),
             ..GroupConfigSpec::default()
         };
         let key = (dead_letter.clone(), internal.clone());
