@@ -82,9 +82,10 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
                 retention: resolved.retention.clone(),
                 dedup_window: resolved.dedup_window,
                 timeout,
+                max_groups: resolved.max_groups,
                 ..spool_redis::RedisConfig::new(url)
             };
-            stores(
+            stores_with_groups(
                 spool_redis::RedisEngine::connect(config)
                     .await
                     .context("cannot start the redis engine")?,
@@ -107,6 +108,7 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
                 session_max_age: resolved.server.ws.session_ttl.max(Duration::from_secs(60)),
                 timeout,
                 max_unpublished_streams: resolved.max_unpublished_streams,
+                max_groups: resolved.max_groups,
                 ..spool_nats::NatsConfig::new(url)
             };
             // Every server of the comma-separated list, each checked, before connecting.
@@ -118,7 +120,7 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
                 anyhow::anyhow!("invalid --nats-url (SPOOL_NATS_URL, nats_url): {why}")
             })?;
             tracing::info!(servers = servers.len(), "NATS servers to connect to");
-            stores(
+            stores_with_groups(
                 spool_nats::NatsEngine::connect(config)
                     .await
                     .context("cannot start the nats engine")?,
@@ -160,13 +162,6 @@ type Stores = (
     Arc<dyn SessionStore>,
     Option<Arc<dyn GroupStore>>,
 );
-
-/// `engine` as the server's log and as its session store; it keeps no consumer groups yet
-/// (the group routes answer `501 groups_unavailable`).
-fn stores<E: Engine + SessionStore>(engine: E) -> Stores {
-    let engine = Arc::new(engine);
-    (engine.clone(), engine, None)
-}
 
 /// `engine` as the server's log, session store and group store.
 fn stores_with_groups<E: Engine + SessionStore + GroupStore>(engine: E) -> Stores {
