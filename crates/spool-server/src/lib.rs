@@ -77,6 +77,7 @@ pub async fn serve(
             delivery::groups::GroupsConfig {
                 max_cached: config.max_groups,
                 max_payload: config.max_payload,
+                max_read_bytes: config.max_read_bytes,
                 clock: config.clock.clone(),
             },
         )

@@ -120,6 +120,8 @@ pub struct GroupsConfig {
     pub max_cached: usize,
     /// The publish limit dead letters and redriven messages must fit (`--max-payload`).
     pub max_payload: usize,
+    /// Most bytes of new messages one receive answer takes (`--max-read-bytes`).
+    pub max_read_bytes: usize,
     pub clock: Clock,
 }
 
@@ -658,9 +660,12 @@ impl Groups {
         let mut deliveries: Vec<Delivery> = Vec::new();
         let mut fetched: HashMap<Offset, Arc<Message>> = HashMap::new();
         let mut fetched_epoch = None;
+        // New messages taken per answer are bounded by `--max-read-bytes`, as a long-poll
+        // read is (one larger message still goes alone).
+        let mut bytes = 0usize;
         for _ in 0..MAX_ROUNDS {
             let room = request.max as usize - deliveries.len();
-            if room == 0 {
+            if room == 0 || bytes >= self.config.max_read_bytes {
                 break;
             }
             let want = {
@@ -676,7 +681,17 @@ impl Groups {
                     }
                 }
             };
-            let batch = self.engine.read(&key.0, want.after, want.limit).await?;
+            let mut batch = self.engine.read(&key.0, want.after, want.limit).await?;
+            let mut keep = 0;
+            for m in &batch.messages {
+                let size = m.retained_bytes() as usize;
+                if (keep > 0 || bytes > 0) && bytes + size > self.config.max_read_bytes {
+                    break;
+                }
+                bytes += size;
+                keep += 1;
+            }
+            batch.messages.truncate(keep);
             let round = ReceiveRequest {
                 max: room as u32,
                 ..request.clone()
@@ -1105,6 +1120,7 @@ mod tests {
             GroupsConfig {
                 max_cached: 16,
                 max_payload: 1024 * 1024,
+                max_read_bytes: 1024 * 1024,
                 clock: time.clock(),
             },
         );
@@ -1182,6 +1198,7 @@ mod tests {
             GroupsConfig {
                 max_cached: 16,
                 max_payload: 1024,
+                max_read_bytes: 1024 * 1024,
                 clock: time.clock(),
             },
         );
@@ -1231,6 +1248,84 @@ mod tests {
         assert_eq!(groups.list(&s).await.unwrap().len(), 40);
         // An evicted group loads again.
         assert!(groups.describe(&s, &group("g0")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_store_is_compacted_every_so_many_commits() {
+        let (groups, engine, _time) = setup();
+        let (s, g) = (name("s"), group("g"));
+        groups
+            .put(&s, &g, &GroupConfigSpec::default())
+            .await
+            .unwrap();
+        publish(&engine, "s", 300).await;
+        let never = CancellationToken::new();
+        for _ in 0..300 {
+            let a = groups
+                .receive(&s, &g, &request("w", 1), None, &never)
+                .await
+                .unwrap();
+            let receipts = [a.messages[0].delivery.receipt.encode()];
+            let r = groups
+                .settle(&s, &g, &receipts, &Settle::Ack)
+                .await
+                .unwrap();
+            assert_eq!(r, [ReceiptResult::Ok]);
+        }
+        let stored = engine.load_group(&s, &g).await.unwrap().unwrap();
+        assert_eq!(stored.version, 600, "one commit per receive and per ack");
+        assert!(
+            stored.changes.len() < COMPACT_EVERY as usize,
+            "{} changes kept",
+            stored.changes.len()
+        );
+        assert_eq!(groups.describe(&s, &g).await.unwrap().stats.acked, 300);
+    }
+
+    #[tokio::test]
+    async fn a_receive_answer_is_bounded_by_max_read_bytes() {
+        let time = ManualClock::new(1_000_000);
+        let engine = Arc::new(MemoryEngine::new(MemoryConfig {
+            clock: time.clock(),
+            ..MemoryConfig::default()
+        }));
+        let groups = Groups::new(
+            engine.clone(),
+            engine.clone(),
+            GroupsConfig {
+                max_cached: 4,
+                max_payload: 1024 * 1024,
+                max_read_bytes: 1000,
+                clock: time.clock(),
+            },
+        );
+        let (s, g) = (name("s"), group("g"));
+        groups
+            .put(&s, &g, &GroupConfigSpec::default())
+            .await
+            .unwrap();
+        let big = (0..10)
+            .map(|_| NewMessage {
+                payload: Bytes::from(vec![b'x'; 300]),
+                ..NewMessage::default()
+            })
+            .collect();
+        engine.append(&s, big).await.unwrap();
+        let never = CancellationToken::new();
+        let a = groups
+            .receive(&s, &g, &request("w", 10), None, &never)
+            .await
+            .unwrap();
+        assert_eq!(a.messages.len(), 3, "3 × 300 bytes fit 1000");
+        let b = groups
+            .receive(&s, &g, &request("w", 10), None, &never)
+            .await
+            .unwrap();
+        assert_eq!(
+            b.messages[0].delivery.offset,
+            Offset(4),
+            "the rest stays pending"
+        );
     }
 
     #[test]
