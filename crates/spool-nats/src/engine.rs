@@ -144,7 +144,7 @@ impl NatsEngine {
             )
         })?;
         let sessions = Sessions::open(api.clone(), &config).await?;
-        let groups = crate::groups::Groups::new(api.clone(), &config);
+        let groups = crate::groups::Groups::new(api.clone(), &config, &first);
         let notes = client
             .subscribe(format!("{}.heads", config.prefix))
             .await

@@ -18,7 +18,10 @@
 //! version the writer computed against, so JetStream refuses it (wrong last sequence) if any
 //! other record reached the subject since: a stale commit gets `Conflict` and writes nothing.
 //! Creation expects sequence 0 (an empty subject), so two nodes creating one name cannot
-//! both win. A compaction publishes the new snapshot with `Nats-Rollup: sub` as well, which
+//! both win. (A JetStream *cluster* of nats-server before 2.9.21 checks that header only
+//! before the Raft proposal, so racing writes may both land — nats-io/nats-server#4320: on
+//! such servers group writes are refused with a message saying so, see [`unserializable`]; a
+//! single server is safe in every version.) A compaction publishes the new snapshot with `Nats-Rollup: sub` as well, which
 //! makes JetStream drop every earlier record of the subject in the same step: a compaction is
 //! atomic and the subject stays as small as the state. Deletion purges the subject.
 //!
@@ -50,7 +53,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::{
-    HeaderMap,
+    HeaderMap, ServerInfo,
     jetstream::{
         context::PublishErrorKind,
         message::StreamMessage,
@@ -94,6 +97,8 @@ pub(crate) struct Groups {
     /// Per group this node wrote or loaded: its version and the sequence of the record that
     /// carries it.
     known: Mutex<HashMap<(StreamName, GroupName), (u64, u64)>>,
+    /// Why group writes are refused on this NATS, if they are (see [`unserializable`]).
+    refused: Option<String>,
 }
 
 /// A group's last record, as far as a commit needs it.
@@ -103,9 +108,15 @@ struct Last {
 }
 
 impl Groups {
-    /// The store; its stream is made by the first group written.
-    pub fn new(api: Api, config: &NatsConfig) -> Self {
+    /// The store; its stream is made by the first group written. `server` is the NATS server
+    /// the engine connected to.
+    pub fn new(api: Api, config: &NatsConfig, server: &ServerInfo) -> Self {
+        let refused = unserializable(server);
+        if let Some(why) = &refused {
+            tracing::warn!("{why}");
+        }
         Self {
+            refused,
             config: Config {
                 name: format!("{}__groups", config.prefix),
                 description: Some("Spool consumer groups".into()),
@@ -325,7 +336,16 @@ impl Groups {
             .map_or(0, |info| info.state.subjects_count))
     }
 
+    /// `Internal` when group writes are refused on this NATS (see [`unserializable`]).
+    fn writable(&self) -> Result<(), EngineError> {
+        match &self.refused {
+            Some(why) => Err(EngineError::internal(why.clone())),
+            None => Ok(()),
+        }
+    }
+
     async fn create(&self, snapshot: &GroupSnapshot) -> Result<bool, EngineError> {
+        self.writable()?;
         let subject = self.subject(&snapshot.stream, &snapshot.group);
         if self.count().await? >= self.max as u64 {
             // At the bound only a new name is refused.
@@ -427,6 +447,7 @@ impl Groups {
         expected: u64,
         changes: &[Change],
     ) -> Result<Committed, EngineError> {
+        self.writable()?;
         let subject = self.subject(stream, group);
         let known = self
             .known
@@ -478,6 +499,7 @@ impl Groups {
                 snapshot.group, snapshot.stream
             )));
         }
+        self.writable()?;
         let subject = self.subject(stream, group);
         let id = id_text(snapshot)?;
         // The incarnation is checked on the snapshot that starts the subject: the first
@@ -632,6 +654,36 @@ impl Groups {
     }
 }
 
+/// Why group writes cannot be trusted on this NATS, if so: a JetStream cluster (the server
+/// names one) of nats-server before 2.9.21 checks `Nats-Expected-Last-Subject-Sequence` only
+/// before proposing the write to its Raft group, so two racing commits at one version may both
+/// be accepted (nats-io/nats-server#4320, fixed in 2.9.21). A single server checks and stores
+/// under one lock, which is safe in every version.
+fn unserializable(server: &ServerInfo) -> Option<String> {
+    let cluster = server.cluster.as_deref().filter(|c| !c.is_empty())?;
+    if !version_before(&server.version, (2, 9, 21)) {
+        return None;
+    }
+    Some(format!(
+        "consumer groups are read-only on this NATS: it is a JetStream cluster ({cluster:?}) of \
+         nats-server {}, which may accept two racing commits to one group \
+         (nats-io/nats-server#4320); upgrade the NATS servers to 2.9.21 or later",
+        server.version
+    ))
+}
+
+/// Whether `version` (`major.minor.patch`, anything after ignored) is before `than`. An
+/// unreadable version is taken as old.
+fn version_before(version: &str, than: (u64, u64, u64)) -> bool {
+    let mut parts = version
+        .split(['.', '-', '+'])
+        .map(|p| p.parse::<u64>().ok());
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(Some(a)), Some(Some(b)), Some(Some(c))) => (a, b, c) < than,
+        _ => true,
+    }
+}
+
 /// The inverse of `names::encode` for a name that was not hashed; `None` for a hashed one.
 fn decode(token: &str) -> Option<String> {
     if token.starts_with("_h") {
@@ -744,6 +796,24 @@ impl GroupStore for NatsEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn old_clustered_servers_are_refused() {
+        assert!(version_before("2.9.10", (2, 9, 21)));
+        assert!(!version_before("2.9.21", (2, 9, 21)));
+        assert!(!version_before("2.10.0-beta.1", (2, 9, 21)));
+        assert!(version_before("junk", (2, 9, 21)));
+        let mut server = ServerInfo {
+            version: "2.9.10".into(),
+            ..Default::default()
+        };
+        assert!(unserializable(&server).is_none(), "a single server is safe");
+        server.cluster = Some("c1".into());
+        let why = unserializable(&server).expect("an old cluster");
+        assert!(why.contains("2.9.21") && why.contains("#4320"), "{why}");
+        server.version = "2.10.4".into();
+        assert!(unserializable(&server).is_none());
+    }
 
     #[test]
     fn encoded_names_decode() {

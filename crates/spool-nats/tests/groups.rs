@@ -422,3 +422,116 @@ async fn groups_with_hashed_names_are_listed_by_their_names() {
     all.sort();
     assert_eq!(engine.list_groups(None).await.unwrap(), all);
 }
+
+/// A JetStream cluster of nats-server before 2.9.21 may accept two racing publishes with one
+/// `Nats-Expected-Last-Subject-Sequence` (nats-io/nats-server#4320): on such a cluster the
+/// store refuses group writes with a message saying why (reads still work); on a newer one,
+/// two nodes racing one group still commit one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_old_jetstream_cluster_refuses_group_writes_and_a_new_one_serializes_them() {
+    let Some(nodes) = three_servers() else {
+        return;
+    };
+    let urls = nodes
+        .iter()
+        .map(OwnServer::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let config = NatsConfig {
+        replicas: 3,
+        ..NatsConfig::new(urls)
+    };
+    // The cluster elects its JetStream meta leader first.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (a, b) = loop {
+        match (
+            NatsEngine::connect(config.clone()).await,
+            NatsEngine::connect(config.clone()).await,
+        ) {
+            (Ok(a), Ok(b)) => break (a, b),
+            (Err(e), _) | (_, Err(e)) => {
+                assert!(Instant::now() < deadline, "the NATS cluster is up: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    let version = async_nats::connect(nodes[0].url())
+        .await
+        .expect("connect to the cluster")
+        .server_info()
+        .version;
+    let numbers: Vec<u64> = version
+        .split(['.', '-', '+'])
+        .take(3)
+        .map(|n| n.parse().unwrap_or(0))
+        .collect();
+    let old = numbers < vec![2, 9, 21];
+    let state = new_group("clustered", "g", 0);
+    let (s, g) = (
+        StreamName::new("clustered").unwrap(),
+        GroupName::new("g").unwrap(),
+    );
+    if old {
+        let e = a.create_group(&state.snapshot()).await.unwrap_err();
+        assert!(
+            matches!(e, EngineError::Internal { .. })
+                && e.to_string().contains("2.9.21")
+                && e.to_string().contains("#4320"),
+            "{e}"
+        );
+        assert!(a.load_group(&s, &g).await.unwrap().is_none());
+        assert!(b.list_groups(None).await.unwrap().is_empty());
+        eprintln!("nats-server {version} in a cluster: group writes refused, as they must be");
+        return;
+    }
+    assert!(a.create_group(&state.snapshot()).await.unwrap());
+    for round in 0..10u64 {
+        let counters = [Change::CountersSet {
+            counters: Counters::default(),
+        }];
+        let (ra, rb) = tokio::join!(
+            a.commit_group(&s, &g, round, &counters),
+            b.commit_group(&s, &g, round, &counters)
+        );
+        let results = [ra.unwrap(), rb.unwrap()];
+        assert_eq!(
+            results
+                .iter()
+                .filter(|r| **r == Committed::Done { version: round + 1 })
+                .count(),
+            1,
+            "round {round}: {results:?}"
+        );
+    }
+}
+
+/// Three clustered JetStream servers of the test's own, or `None` (skipped; under CI a
+/// missing nats-server fails).
+fn three_servers() -> Option<Vec<OwnServer>> {
+    let ports: Vec<u16> = (0..3).map(|_| spool_testkit::free_port()).collect();
+    let routes = ports
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let name = format!("n{}", i + 1);
+        let cluster = format!("nats://127.0.0.1:{port}");
+        let args = [
+            "--server_name",
+            name.as_str(),
+            "--cluster_name",
+            "spool-groups-test",
+            "--cluster",
+            cluster.as_str(),
+            "--routes",
+            routes.as_str(),
+        ];
+        nodes.push(OwnServer::stopped(Backend::Nats, &args)?);
+    }
+    for node in &mut nodes {
+        node.restart();
+    }
+    Some(nodes)
+}
