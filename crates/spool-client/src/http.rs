@@ -129,6 +129,16 @@ impl HttpClient {
         self.auth(self.http.post(url))
     }
 
+    /// A `PUT` with the credentials.
+    pub fn put(&self, url: Url) -> RequestBuilder {
+        self.auth(self.http.put(url))
+    }
+
+    /// A `DELETE` with the credentials.
+    pub fn delete(&self, url: Url) -> RequestBuilder {
+        self.auth(self.http.delete(url))
+    }
+
     fn auth(&self, request: RequestBuilder) -> RequestBuilder {
         match &self.token {
             Some(token) => request.bearer_auth(token),

@@ -60,6 +60,7 @@ mod connection;
 mod cursor;
 mod error;
 mod event;
+pub mod groups;
 pub mod http;
 mod outgoing;
 pub mod poll;

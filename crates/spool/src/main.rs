@@ -1,8 +1,9 @@
 //! `spool`: the server (`spool serve`) and client commands for scripts and debugging
-//! (`spool publish`, `spool tail`).
+//! (`spool publish`, `spool tail`, `spool consume`).
 
 mod client;
 mod config;
+mod consume;
 mod publish;
 mod serve;
 mod tail;
@@ -34,6 +35,9 @@ enum Command {
     /// Print a stream's messages, then follow it live over WebSocket, SSE or long-poll;
     /// resumes by itself after disconnects.
     Tail(tail::TailArgs),
+    /// Be a member of a consumer group: receive leased messages, print them (or run a
+    /// command per message) and ack; a failed command nacks, so the message comes back.
+    Consume(consume::ConsumeArgs),
     /// Cut damaged WAL segments (and a damaged session file) out of the disk engine's data
     /// directory so the server can start again; only streams that lost messages get a new epoch.
     Repair(RepairArgs),
@@ -123,6 +127,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(*args).await,
             Command::Publish(args) => publish::run(args).await,
             Command::Tail(args) => tail::run(args).await,
+            Command::Consume(args) => consume::run(args).await,
             Command::Repair(args) => repair(args),
         }
     });
