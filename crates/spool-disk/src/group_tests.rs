@@ -1,6 +1,7 @@
 //! Consumer groups on disk (`groups.rs`) against the engine's own files: reopen, torn tails,
-//! segment rolls and deletion, repair, the `--max-groups` bound, and commits sharing the
-//! writer's fsyncs with appends. The store's contract itself is the conformance suite's
+//! segment rolls and deletion, repair, the `--max-groups` bound, commits sharing the
+//! writer's fsyncs with appends, and a property test of random group operations among
+//! appends, rolls, tears and reopens against a model. The store's contract itself is the conformance suite's
 //! (`tests/conformance.rs`).
 
 use std::sync::Arc;
@@ -660,4 +661,152 @@ async fn group_commits_share_fsyncs_with_appends() {
         engine.state(&stream("shared")).await.unwrap().unwrap().head,
         Offset(640)
     );
+}
+
+mod random_ops {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use spool_core::group::{Change, Counters};
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Create(u8),
+        Commit(u8, u8),
+        Compact(u8),
+        Delete(u8),
+        Append(u8),
+        Reopen,
+        TearTail(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => (0u8..4).prop_map(Op::Create),
+            6 => (0u8..4, 1u8..4).prop_map(|(g, n)| Op::Commit(g, n)),
+            1 => (0u8..4).prop_map(Op::Compact),
+            1 => (0u8..4).prop_map(Op::Delete),
+            3 => (1u8..6).prop_map(Op::Append),
+            1 => Just(Op::Reopen),
+            1 => (1u8..40).prop_map(Op::TearTail),
+        ]
+    }
+
+    fn counters(n: u64) -> Counters {
+        Counters {
+            acked: n,
+            ..Counters::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        /// Random group operations among appends, with segments so small that the log rolls
+        /// and retention deletes old segments all the time, reopened at random and with
+        /// garbage on the tail (a torn write): what the store holds is always exactly what
+        /// was answered — every group, version, snapshot and change, and no deleted group.
+        #[test]
+        fn groups_survive_random_rolls_tears_and_reopens(ops in prop::collection::vec(op(), 1..50)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let mut cfg = DiskConfig::new(dir.path());
+                cfg.retention.default.max_messages = 3;
+                cfg.segment_size = 700;
+                cfg.durability = Durability::Memory;
+                let mut engine = Some(DiskEngine::open(cfg.clone()).unwrap());
+                let mut model: BTreeMap<(StreamName, GroupName), StoredGroup> = BTreeMap::new();
+                let mut n = 0u64;
+                for op in ops {
+                    let e = engine.as_ref().unwrap();
+                    n += 1;
+                    match op {
+                        Op::Create(g) => {
+                            let name = format!("g{g}");
+                            let state = GroupState::new(
+                                stream("p"), gname(&name), GroupConfig::default(), &stream_state(), n,
+                            ).unwrap();
+                            let created = e.create_group(&state.snapshot()).await.unwrap();
+                            let k = key("p", &name);
+                            assert_eq!(created, !model.contains_key(&k));
+                            model.entry(k).or_insert(StoredGroup {
+                                snapshot: state.snapshot(),
+                                changes: Vec::new(),
+                                version: 0,
+                            });
+                        }
+                        Op::Commit(g, count) => {
+                            let k = key("p", &format!("g{g}"));
+                            let changes: Vec<Change> = (0..count as u64)
+                                .map(|i| Change::CountersSet { counters: counters(n * 10 + i) })
+                                .collect();
+                            let version = model.get(&k).map_or(0, |m| m.version);
+                            let done = e.commit_group(&k.0, &k.1, version, &changes).await.unwrap();
+                            match model.get_mut(&k) {
+                                Some(m) => {
+                                    assert_eq!(done, Committed::Done { version: version + 1 });
+                                    m.changes.extend(changes);
+                                    m.version += 1;
+                                }
+                                None => assert_eq!(done, Committed::Conflict),
+                            }
+                            // A stale version never commits.
+                            if version > 0 {
+                                assert_eq!(
+                                    e.commit_group(&k.0, &k.1, version - 1, &[]).await.unwrap(),
+                                    Committed::Conflict
+                                );
+                            }
+                        }
+                        Op::Compact(g) => {
+                            let k = key("p", &format!("g{g}"));
+                            if let Some(m) = model.get_mut(&k) {
+                                let mut snapshot = m.snapshot.clone();
+                                snapshot.counters = counters(n);
+                                let done = e.compact_group(&k.0, &k.1, m.version, &snapshot).await.unwrap();
+                                assert_eq!(done, Committed::Done { version: m.version });
+                                m.snapshot = snapshot;
+                                m.changes.clear();
+                            }
+                        }
+                        Op::Delete(g) => {
+                            let k = key("p", &format!("g{g}"));
+                            let deleted = e.delete_group(&k.0, &k.1).await.unwrap();
+                            assert_eq!(deleted, model.remove(&k).is_some());
+                        }
+                        Op::Append(count) => {
+                            for _ in 0..count {
+                                e.append(&stream("fill"), vec![NewMessage {
+                                    payload: Bytes::from(vec![b'f'; 200]),
+                                    ..Default::default()
+                                }]).await.unwrap();
+                            }
+                        }
+                        Op::Reopen => {
+                            drop(engine.take());
+                            engine = Some(DiskEngine::open(cfg.clone()).unwrap());
+                        }
+                        Op::TearTail(len) => {
+                            drop(engine.take());
+                            let wal = dir.path().join("wal");
+                            let last = segment::path(&wal, *wal_ids(dir.path()).last().unwrap());
+                            let mut f = fs::OpenOptions::new().append(true).open(&last).unwrap();
+                            std::io::Write::write_all(&mut f, &vec![0xA5; len as usize]).unwrap();
+                            drop(f);
+                            engine = Some(DiskEngine::open(cfg.clone()).unwrap());
+                        }
+                    }
+                    let e = engine.as_ref().unwrap();
+                    let held = all_groups(e).await;
+                    let want: Vec<StoredGroup> = model.values().cloned().collect();
+                    assert_eq!(held, want);
+                }
+                // The log was rolled and old segments deleted along the way (when it grew).
+                let ids = wal_ids(dir.path());
+                assert!(ids.len() <= 6, "old segments are deleted: {ids:?}");
+            });
+        }
+    }
 }
