@@ -108,6 +108,13 @@ pub trait GroupStore: Send + Sync + 'static {
         snapshot: &GroupSnapshot,
     ) -> Result<Committed, EngineError>;
 
+    /// Whether other servers may commit to the same groups (the cluster engines). The server
+    /// then loads a group again before it answers from a state it holds without storing
+    /// anything (a commit would have caught a stale state as `Conflict`; a read does not).
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Forgets a group (not its stream, nor its dead-letter stream). False if there was none.
     async fn delete_group(
         &self,

@@ -745,6 +745,11 @@ fn id_text(snapshot: &GroupSnapshot) -> Result<String, EngineError> {
 /// The engine's group store: see the module docs.
 #[async_trait]
 impl GroupStore for NatsEngine {
+    /// Every node of a cluster commits to the same groups.
+    fn shared(&self) -> bool {
+        true
+    }
+
     async fn create_group(&self, snapshot: &GroupSnapshot) -> Result<bool, EngineError> {
         self.groups.create(snapshot).await
     }

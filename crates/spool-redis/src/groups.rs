@@ -454,6 +454,11 @@ fn parse_member(member: &str) -> Result<(StreamName, GroupName), EngineError> {
 /// The engine's group store: see the module docs.
 #[async_trait]
 impl GroupStore for RedisEngine {
+    /// Every node of a cluster commits to the same groups.
+    fn shared(&self) -> bool {
+        true
+    }
+
     async fn create_group(&self, snapshot: &GroupSnapshot) -> Result<bool, EngineError> {
         self.groups.create(snapshot).await
     }

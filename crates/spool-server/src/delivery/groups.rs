@@ -74,7 +74,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 /// Commits tried per operation before giving up with `group_busy`.
-pub const MAX_TRIES: usize = 8;
+pub const MAX_TRIES: usize = 16;
 /// Commits between two compactions of a group's stored changes into a snapshot.
 pub const COMPACT_EVERY: u64 = 256;
 /// Receive rounds (want → read → receive) one receive makes before answering or waiting.
@@ -318,8 +318,19 @@ impl Groups {
         live: &Arc<Live>,
         mut op: impl FnMut(&mut GroupState, u64) -> Result<Outcome<T>, GroupError>,
     ) -> Result<T, GroupError> {
-        for _ in 0..MAX_TRIES {
+        // On a store other servers commit to, a state held here may be behind: a commit
+        // catches that (`Conflict`), but an operation with nothing to store commits nothing —
+        // an ack of a receipt another node leased would answer `unknown` from a stale state.
+        // Such an answer is given only from a state loaded for this very call.
+        let shared = self.store.shared();
+        for attempt in 0..MAX_TRIES {
+            if attempt > 0 {
+                // Nodes racing one group: spread the retries out (full jitter, up to 64 ms).
+                let cap = 1u64 << attempt.min(6);
+                tokio::time::sleep(Duration::from_millis(rand::random_range(0..=cap))).await;
+            }
             let mut guard = live.state.lock().await;
+            let cached = guard.is_some();
             let loaded = match self.ensure_loaded(key, &mut guard).await {
                 Ok(loaded) => loaded,
                 Err(e) => {
@@ -332,6 +343,11 @@ impl Groups {
             };
             let now = self.now();
             let outcome = op(&mut loaded.state, now)?;
+            if shared && cached && outcome.is_noop() {
+                // Load it again and redo (the next try starts from the store).
+                *guard = None;
+                continue;
+            }
             match self
                 .persist(key, &mut guard, outcome.changes, outcome.dead_letters)
                 .await
@@ -541,6 +557,10 @@ impl Groups {
         let live = self.live(&key);
         let cursor = {
             let mut guard = live.state.lock().await;
+            if self.store.shared() {
+                // Other servers commit to this group too: describe what the store holds.
+                *guard = None;
+            }
             match self.ensure_loaded(&key, &mut guard).await {
                 Ok(loaded) => loaded.state.cursor().clone(),
                 Err(e) => {
