@@ -29,6 +29,8 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     pub ws: WsConfig,
     pub http: HttpConfig,
+    /// The AnyCable-compatible endpoint (`/cable`, `/_broadcast`).
+    pub anycable: crate::ws::actioncable::AnycableConfig,
     /// Most consumer groups whose live state this server caches (`--max-groups`, the same
     /// bound the engine keeps on stored groups); idle ones are evicted past it.
     pub max_groups: usize,
@@ -147,6 +149,7 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             ws: WsConfig::default(),
             http: HttpConfig::default(),
+            anycable: Default::default(),
             max_groups: spool_engine::groups::MAX_GROUPS,
             clock: spool_core::Clock::system(),
         }

@@ -29,6 +29,34 @@ use spool_server::{
     config::{AuthConfig, HttpConfig, WsConfig},
 };
 
+/// The AnyCable endpoint's settings (`--anycable-*`).
+fn anycable(s: &Settings) -> anyhow::Result<spool_server::ws::actioncable::AnycableConfig> {
+    let defaults = spool_server::ws::actioncable::AnycableConfig::default();
+    let path = s.anycable_path.clone().unwrap_or(defaults.path);
+    if !path.starts_with('/') || path.len() < 2 || path.starts_with("/v1/") || path.contains('{') {
+        bail!("--anycable-path must be a path of its own such as /cable, got {path:?}");
+    }
+    let config = spool_server::ws::actioncable::AnycableConfig {
+        path,
+        secret: non_empty("AnyCable secret", s.anycable_secret.clone())?,
+        streams_secret: non_empty("AnyCable streams secret", s.anycable_streams_secret.clone())?,
+        jwt_secret: non_empty("AnyCable JWT secret", s.anycable_jwt_secret.clone())?,
+        jwt_param: s.anycable_jwt_param.clone().unwrap_or(defaults.jwt_param),
+        enforce_jwt: s.anycable_enforce_jwt,
+        public_streams: s.anycable_public_streams,
+        broadcast_key: non_empty("AnyCable broadcast key", s.anycable_broadcast_key.clone())?,
+        ping_interval: positive(
+            "AnyCable ping interval (--anycable-ping-interval / anycable_ping_interval)",
+            s.anycable_ping_interval,
+            defaults.ping_interval,
+        )?,
+    };
+    if config.enforce_jwt && config.jwt_secret().is_none() {
+        bail!("--anycable-enforce-jwt needs --anycable-jwt-secret or --anycable-secret");
+    }
+    Ok(config)
+}
+
 /// One layer of settings over another: what `self` sets wins, `lower` fills the rest.
 pub trait Layer {
     fn or(self, lower: Self) -> Self;
@@ -294,6 +322,35 @@ layered! {
         #[arg(long, env = "SPOOL_SHUTDOWN_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
         #[serde(deserialize_with = "de_opt_duration")]
         pub shutdown_timeout: Option<Duration>,
+        /// Path of the AnyCable-compatible WebSocket endpoint (default /cable).
+        #[arg(long, env = "SPOOL_ANYCABLE_PATH", value_name = "PATH")]
+        pub anycable_path: Option<String>,
+        /// AnyCable's application secret: the default streams secret, JWT secret and (as hex
+        /// HMAC-SHA256(secret, "broadcast-cable")) broadcast key.
+        #[arg(long, env = "SPOOL_ANYCABLE_SECRET", value_name = "S")]
+        pub anycable_secret: Option<String>,
+        /// Secret that signed stream names are verified with (default: --anycable-secret).
+        #[arg(long, env = "SPOOL_ANYCABLE_STREAMS_SECRET", value_name = "S")]
+        pub anycable_streams_secret: Option<String>,
+        /// HS256 secret of AnyCable identification tokens (default: --anycable-secret).
+        #[arg(long, env = "SPOOL_ANYCABLE_JWT_SECRET", value_name = "S")]
+        pub anycable_jwt_secret: Option<String>,
+        /// Query parameter of the identification token; its header is X-<param> (default jid).
+        #[arg(long, env = "SPOOL_ANYCABLE_JWT_PARAM", value_name = "NAME")]
+        pub anycable_jwt_param: Option<String>,
+        /// Refuse /cable connections without an identification token.
+        #[arg(long, env = "SPOOL_ANYCABLE_ENFORCE_JWT")]
+        pub anycable_enforce_jwt: bool,
+        /// Allow $pubsub subscriptions to unsigned stream names (stream_name).
+        #[arg(long, env = "SPOOL_ANYCABLE_PUBLIC_STREAMS")]
+        pub anycable_public_streams: bool,
+        /// Bearer key of POST /_broadcast (default: derived from --anycable-secret).
+        #[arg(long, env = "SPOOL_ANYCABLE_BROADCAST_KEY", value_name = "KEY")]
+        pub anycable_broadcast_key: Option<String>,
+        /// How often /cable connections get a ping; a client's ?pi= overrides it (default 3s).
+        #[arg(long, env = "SPOOL_ANYCABLE_PING_INTERVAL", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub anycable_ping_interval: Option<Duration>,
         /// Log format: text or json.
         #[arg(long, env = "SPOOL_LOG_FORMAT")]
         pub log_format: Option<String>,
@@ -391,6 +448,7 @@ pub fn resolve(args: &Settings) -> anyhow::Result<Resolved> {
         None => Settings::default(),
     };
     let s = args.clone().or(file);
+    let anycable = anycable(&s)?;
     let durability = s.durability.as_deref();
     let engine = match s.engine.as_deref().unwrap_or("disk") {
         "memory" if durability == Some("fsync") => {
@@ -616,6 +674,7 @@ pub fn resolve(args: &Settings) -> anyhow::Result<Resolved> {
         max_new_streams_per_minute: s
             .max_new_streams_per_minute
             .unwrap_or(defaults_server.max_new_streams_per_minute),
+        anycable,
         ..defaults_server
     };
     if server.heartbeat.is_zero() {

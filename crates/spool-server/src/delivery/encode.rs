@@ -9,6 +9,9 @@
 //! - [`Encodings::ws_message`]: the whole WebSocket `message` frame of `spool.v1.json`. It
 //!   carries nothing per subscriber (only the stream, the epoch and the message), so every
 //!   subscriber of the stream sends the same frame and no splicing is needed.
+//! - [`Encodings::cable_frame`]: AnyCable's broadcast frame (`ws/actioncable`), which names
+//!   the subscription's channel identifier: kept for the first identifier asked for (all the
+//!   subscribers of a stream usually share one), encoded per subscriber for any other.
 //!
 //! # Why a small table keyed by the message's allocation
 //!
@@ -70,6 +73,8 @@ struct Forms {
     body: OnceLock<Utf8Bytes>,
     body_with_stream: OnceLock<Utf8Bytes>,
     ws_message: OnceLock<Utf8Bytes>,
+    /// AnyCable frames with and without the position fields, with the identifier they name.
+    cable: [OnceLock<(Box<str>, Utf8Bytes)>; 2],
 }
 
 impl Drop for Forms {
@@ -78,6 +83,12 @@ impl Drop for Forms {
             .iter()
             .filter_map(|cell| cell.get())
             .map(|b| b.len())
+            .chain(
+                self.cable
+                    .iter()
+                    .filter_map(|c| c.get())
+                    .map(|(_, b)| b.len()),
+            )
             .sum();
         self.held.bytes.fetch_sub(kept, Ordering::Relaxed);
     }
@@ -130,6 +141,37 @@ impl Encodings {
         })
     }
 
+    /// AnyCable's broadcast frame of a message for the subscription named `identifier`,
+    /// `positioned` (with `stream_id`, `epoch`, `offset`) or not; `encode` builds it.
+    pub fn cable_frame(
+        &self,
+        stream: &str,
+        epoch: &Epoch,
+        message: &Arc<Message>,
+        identifier: &str,
+        positioned: bool,
+        encode: impl FnOnce() -> String,
+    ) -> Utf8Bytes {
+        let forms = self.forms(stream, epoch, message);
+        let cell = &forms.cable[usize::from(positioned)];
+        if let Some((kept_for, bytes)) = cell.get() {
+            if **kept_for == *identifier {
+                return bytes.clone();
+            }
+            return Utf8Bytes::from(encode());
+        }
+        let bytes = Utf8Bytes::from(encode());
+        self.held.encoded.fetch_add(1, Ordering::Relaxed);
+        let len = bytes.len();
+        let before = self.held.bytes.fetch_add(len, Ordering::Relaxed);
+        if before.saturating_add(len) > self.held.max
+            || cell.set((identifier.into(), bytes.clone())).is_err()
+        {
+            self.held.bytes.fetch_sub(len, Ordering::Relaxed);
+        }
+        bytes
+    }
+
     /// Forms encoded since the start.
     pub fn encoded(&self) -> u64 {
         self.held.encoded.load(Ordering::Relaxed)
@@ -157,6 +199,7 @@ impl Encodings {
             body: OnceLock::new(),
             body_with_stream: OnceLock::new(),
             ws_message: OnceLock::new(),
+            cable: Default::default(),
         });
         let old = slot.replace(Entry {
             message: Arc::downgrade(message),

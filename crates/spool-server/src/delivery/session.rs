@@ -45,6 +45,10 @@ struct Stored {
     proof: Option<Proof>,
     /// Stream → the last position delivered (`EPOCH:OFFSET`).
     subscriptions: BTreeMap<String, String>,
+    /// Stream → the protocol's own name for the subscription (AnyCable's channel
+    /// identifier), where it gave one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
     /// Why the server closed the last connection, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_close: Option<String>,
@@ -90,6 +94,7 @@ impl NotRestored {
 struct Cursor {
     generation: u64,
     position: Position,
+    label: Option<Arc<str>>,
 }
 
 struct Inner {
@@ -151,16 +156,29 @@ impl LiveSession {
         }
     }
 
-    pub fn subscribe(&self, stream: Arc<str>, generation: u64, position: Position) {
+    pub fn subscribe(
+        &self,
+        stream: Arc<str>,
+        generation: u64,
+        position: Position,
+        label: Option<Arc<str>>,
+    ) {
         let mut inner = self.inner.lock();
         inner.subscriptions.insert(
             stream,
             Cursor {
                 generation,
                 position,
+                label,
             },
         );
         inner.dirty = true;
+    }
+
+    /// The last position delivered on a subscription, if subscribed.
+    pub fn position(&self, stream: &str) -> Option<Position> {
+        let inner = self.inner.lock();
+        inner.subscriptions.get(stream).map(|c| c.position.clone())
     }
 
     pub fn unsubscribe(&self, stream: &str) {
@@ -207,6 +225,18 @@ impl LiveSession {
         out
     }
 
+    /// The subscriptions with their last delivered positions and labels.
+    pub fn labelled_subscriptions(&self) -> Vec<(Arc<str>, Position, Option<Arc<str>>)> {
+        let inner = self.inner.lock();
+        let mut out: Vec<_> = inner
+            .subscriptions
+            .iter()
+            .map(|(s, c)| (s.clone(), c.position.clone(), c.label.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     fn record(&self, ttl: Duration) -> Option<SessionRecord> {
         let mut inner = self.inner.lock();
         let stored = Stored {
@@ -216,6 +246,11 @@ impl LiveSession {
                 .subscriptions
                 .iter()
                 .map(|(s, c)| (s.to_string(), c.position.to_string()))
+                .collect(),
+            labels: inner
+                .subscriptions
+                .iter()
+                .filter_map(|(s, c)| Some((s.to_string(), c.label.as_deref()?.to_owned())))
                 .collect(),
             last_close: inner.last_close.clone(),
         };
@@ -357,16 +392,19 @@ impl Sessions {
                 }
             }
         };
+        let mut labels = stored.labels;
         let subscriptions = stored
             .subscriptions
             .into_iter()
             .filter_map(|(stream, position)| {
                 let position = position.parse::<Position>().ok()?;
+                let label = labels.remove(&stream).map(Arc::from);
                 Some((
                     Arc::<str>::from(stream),
                     Cursor {
                         generation: 0,
                         position,
+                        label,
                     },
                 ))
             })
@@ -518,7 +556,7 @@ mod tests {
         let (principal, proof) = user("u1");
         let live = s.create(principal.clone(), proof);
         let p: Position = "ep:3".parse().unwrap();
-        live.subscribe("a".into(), 1, "ep:0".parse().unwrap());
+        live.subscribe("a".into(), 1, "ep:0".parse().unwrap(), None);
         live.delivered(&mut vec![
             ("a".into(), 1, p.clone()),
             ("a".into(), 0, "ep:9".parse().unwrap()), // a stale generation: ignored

@@ -1,6 +1,7 @@
 //! The HTTP routes, one file per concern, and what they share: the router, CORS, request
 //! metrics, JSON fallbacks, and extracting a stream name and a principal from a request.
 
+mod broadcast;
 mod groups;
 mod ops;
 mod poll;
@@ -41,6 +42,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/streams/{stream}/events", get(sse::single))
         .route("/v1/events", get(sse::multi))
         .route("/v1/ws", get(crate::ws::upgrade))
+        // AnyCable compatibility (docs/anycable.md).
+        .route(&config.anycable.path, get(crate::ws::cable))
+        .route("/_broadcast", post(broadcast::broadcast))
         // Consumer groups (SPEC §7): bodies are read after authentication (groups.rs).
         .route(ROUTES[9], get(groups::list))
         .route(

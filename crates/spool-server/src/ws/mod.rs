@@ -6,15 +6,19 @@
 //!   client frames, drives one [`crate::delivery::subscription::Subscription`] per stream and pipelines
 //!   publishes, and the bounded outbound buffer drained by a writer task (SPEC §8). A protocol
 //!   plugs in through [`core::Protocol`] (decode a frame into a command, encode an event).
-//! - [`spool_v1`] is `spool.v1.json`, the one protocol today.
+//! - [`spool_v1`] is `spool.v1.json` on `/v1/ws`; [`actioncable`] is AnyCable's
+//!   `actioncable-v1-json` and `actioncable-v1-ext-json` on `/cable` ([`cable`]).
 //! - [`session`] keeps sessions (SPEC §3): identity, subscriptions and delivered positions,
 //!   saved in the engine in batches.
 //!
-//! A second protocol is a new folder beside `spool_v1` implementing [`core::Protocol`], a
-//! variant of [`Speaks`], and its arm in [`upgrade`].
+//! A protocol is a folder implementing [`core::Protocol`], a variant of [`Speaks`], and its
+//! arm in [`run`].
 
+pub mod actioncable;
 pub mod core;
 pub mod spool_v1;
+
+use std::sync::Arc;
 
 use axum::{
     extract::{RawQuery, State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection},
@@ -26,7 +30,11 @@ use axum::{
 };
 use spool_protocol::ErrorCode;
 
-use self::{core::Protocol, spool_v1::SpoolV1};
+use self::{
+    actioncable::{ActionCable, Opening, identity::Identity},
+    core::Protocol,
+    spool_v1::SpoolV1,
+};
 
 use crate::{
     AppState,
@@ -78,6 +86,95 @@ pub async fn upgrade(
         None
     };
 
+    Ok(run(state, upgrade, speaks, principal, client))
+}
+
+/// `GET /cable` (`--anycable-path`): AnyCable's protocols. The upgrade is the handshake: the
+/// identity (a JWT in `?jid=`, `X-JID` or an `anycable-token.` subprotocol; anonymous unless
+/// `--anycable-enforce-jwt`) and a session to restore (`X-ANYCABLE-RESTORE-SID`, `?sid=`) are
+/// read here; a refused identity is told with `disconnect` once the socket is open, as
+/// AnyCable does.
+pub async fn cable(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    extensions: axum::http::Extensions,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let client = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|axum::extract::ConnectInfo(addr)| addr.ip());
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            ErrorCode::InvalidParameter,
+            format!("not a WebSocket upgrade: {e}"),
+        )
+    })?;
+    check_origin(&headers, &state.config.cors_origins)?;
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ShuttingDown,
+            "the server is shutting down; connect to another node or retry shortly",
+        ));
+    }
+    let config = state.config.anycable.clone();
+    let query = QueryParams::parse(query.as_deref())?;
+    let ext = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or_default().split(','))
+        .any(|p| p.trim() == actioncable::EXT);
+    let token = actioncable::identity::token(&headers, query.get(&config.jwt_param), &config);
+    let (opening, principal) = match actioncable::identity::identify(token, &config) {
+        Identity::Token(principal, proof) => {
+            (Opening::Connect { restore: None }, Some((principal, proof)))
+        }
+        Identity::None => (
+            Opening::Connect { restore: None },
+            Some((
+                crate::auth::Principal::Anonymous,
+                crate::auth::Proof::Anonymous,
+            )),
+        ),
+        Identity::Unauthorized => (Opening::Unauthorized, None),
+        Identity::Expired => (Opening::TokenExpired, None),
+    };
+    let opening = match opening {
+        Opening::Connect { .. } => Opening::Connect {
+            restore: headers
+                .get(actioncable::RESTORE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .or(query.get("sid"))
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+        },
+        refused => refused,
+    };
+    // `?pi=` is the ping interval in seconds.
+    let ping_interval = query
+        .get("pi")
+        .and_then(|pi| pi.parse::<u64>().ok())
+        .filter(|pi| (1..=3600).contains(pi))
+        .map(std::time::Duration::from_secs);
+    let speaks = Speaks::ActionCable {
+        ext,
+        opening,
+        ping_interval,
+    };
+    Ok(run(state, upgrade, speaks, principal, client))
+}
+
+/// Hands the upgraded socket to a connection task speaking `speaks`, tracked for graceful
+/// shutdown.
+fn run(
+    state: AppState,
+    upgrade: WebSocketUpgrade,
+    speaks: Speaks,
+    principal: Option<(crate::auth::Principal, crate::auth::Proof)>,
+    client: Option<std::net::IpAddr>,
+) -> Response {
     let ws = &state.config.ws;
     let max_message = state.config.max_payload.saturating_mul(2) + 64 * 1024;
     let upgrade = upgrade
@@ -87,7 +184,7 @@ pub async fn upgrade(
         .max_message_size(max_message)
         .max_frame_size(max_message);
     let tasks = state.tasks.clone();
-    Ok(upgrade.on_upgrade(move |socket| {
+    upgrade.on_upgrade(move |socket| {
         let guard = state.metrics.connection(Transport::ws);
         tasks.track_future(async move {
             match speaks {
@@ -95,10 +192,24 @@ pub async fn upgrade(
                     let protocol = SpoolV1::new(state.encodings.clone());
                     core::run(socket, state, principal, client, protocol).await;
                 }
+                Speaks::ActionCable {
+                    ext,
+                    opening,
+                    ping_interval,
+                } => {
+                    let protocol = ActionCable::new(
+                        ext,
+                        Arc::new(state.config.anycable.clone()),
+                        state.encodings.clone(),
+                        opening,
+                        ping_interval,
+                    );
+                    core::run(socket, state, principal, client, protocol).await;
+                }
             }
             drop(guard);
         })
-    }))
+    })
 }
 
 /// A browser's `Origin` must be listed with `--cors-origin` (or `*` be). An origin equal to
@@ -120,46 +231,42 @@ fn check_origin(headers: &HeaderMap, allowed: &[String]) -> ApiResult<()> {
     ))
 }
 
-/// The WebSocket protocols this endpoint speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The WebSocket protocols Spool speaks.
+#[derive(Debug)]
 enum Speaks {
     SpoolV1,
+    /// AnyCable's, on `/cable`: extended if the client named `actioncable-v1-ext-json`.
+    ActionCable {
+        ext: bool,
+        opening: Opening,
+        ping_interval: Option<std::time::Duration>,
+    },
 }
 
 impl Speaks {
-    /// Every protocol, in order of preference; the first is for clients that name none.
-    const ALL: [Speaks; 1] = [Speaks::SpoolV1];
-
-    fn name(self) -> &'static str {
+    fn name(&self) -> &'static str {
         match self {
             Speaks::SpoolV1 => SpoolV1::NAME,
+            Speaks::ActionCable { ext: true, .. } => actioncable::EXT,
+            Speaks::ActionCable { ext: false, .. } => actioncable::BASE,
         }
     }
 }
 
-/// A client that names subprotocols must name one of ours (the first of ours it names is
-/// spoken); one that names none gets `spool.v1.json`.
+/// `/v1/ws`: a client that names subprotocols must name ours; one that names none gets
+/// `spool.v1.json`.
 fn check_subprotocol(headers: &HeaderMap) -> ApiResult<Speaks> {
     let offered: Vec<&HeaderValue> = headers.get_all(SEC_WEBSOCKET_PROTOCOL).iter().collect();
-    if offered.is_empty() {
-        return Ok(Speaks::ALL[0]);
+    let named = offered
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or_default().split(','))
+        .any(|p| p.trim() == SpoolV1::NAME);
+    if offered.is_empty() || named {
+        return Ok(Speaks::SpoolV1);
     }
-    let names = || {
-        offered
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or_default().split(','))
-            .map(str::trim)
-    };
-    if let Some(speaks) = Speaks::ALL
-        .into_iter()
-        .find(|s| names().any(|p| p == s.name()))
-    {
-        return Ok(speaks);
-    }
-    let ours: Vec<&str> = Speaks::ALL.iter().map(|s| s.name()).collect();
     Err(ApiError::bad_param(format!(
         "unsupported WebSocket subprotocol; this endpoint speaks {}",
-        ours.join(", ")
+        SpoolV1::NAME
     )))
 }
 

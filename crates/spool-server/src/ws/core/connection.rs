@@ -23,7 +23,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_stream::StreamMap;
 
 use super::{
-    CloseReason, Command, Event, Protocol, SubscribedTo,
+    CloseReason, Command, Event, Protocol, SubscribeOptions, SubscribedTo,
     deliveries::{Deliveries, deliveries},
     outbound::{Close, Frame, Gone, Outbound, Taken},
 };
@@ -51,6 +51,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// is closed (`1008`) instead of being answered without end.
 const MAX_PINGS: u32 = 100;
 const PING_WINDOW: Duration = Duration::from_secs(10);
+/// Longest a restored subscription waits for the client to say where it is
+/// ([`Command::Connect`]'s `hold_restored`) before it delivers from the session's position.
+const HOLD_RESTORED: Duration = Duration::from_secs(5);
 
 /// A publish waiting for its ack.
 struct Pending {
@@ -102,25 +105,38 @@ pub async fn run<P: Protocol>(
         bad_frames: 0,
         close: None,
         stuck: AtomicBool::new(false),
+        history: HashMap::new(),
+        not_before: HashMap::new(),
+        held: HashMap::new(),
     };
     let mut subs: StreamMap<Arc<str>, Deliveries> = StreamMap::new();
     let mut round: Option<Round> = None;
     let mut expiry: Option<Pin<Box<Sleep>>> = None;
     let opened = Instant::now();
+    let ping_interval = conn.protocol.ping_interval(ws.ping_interval);
+    // A protocol whose handshake is the upgrade itself connects before reading anything.
+    let mut first = match conn.protocol.opening() {
+        Some(command) => conn.command(command, &mut subs, &mut expiry).await.err(),
+        None => None,
+    };
     // Heartbeats run on their own clock, not on the coarse tick below: a ping every
     // `ping_interval` exactly, and, from the first ping not yet answered, `ping_timeout` for
     // any frame from the client to arrive.
-    let mut ping_at = Box::pin(tokio::time::sleep(ws.ping_interval));
+    let mut ping_at = Box::pin(tokio::time::sleep(ping_interval));
     let mut answer_by: Option<Pin<Box<Sleep>>> = None;
     let tick_every = (ws.stuck_timeout / 4)
         .min(ws.connect_timeout / 4)
-        .min(ws.ping_interval)
+        .min(ping_interval)
         .max(Duration::from_millis(100));
     let mut tick = tokio::time::interval_at(Instant::now() + tick_every, tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let shutdown = conn.state.shutdown.clone();
 
     loop {
+        if let Some(end) = first.take() {
+            conn.end(end);
+            break;
+        }
         let taken_over = conn.session.as_ref().map(|s| s.taken_over.clone());
         // Publishes waiting for their ack are bounded in count and in bytes: at either bound,
         // client frames are not read until acks drain (backpressure through TCP).
@@ -166,9 +182,9 @@ pub async fn run<P: Protocol>(
             }
             _ = ping_at.as_mut() => {
                 // The next ping is due one interval after this one was: no drift.
-                let next = ping_at.deadline() + ws.ping_interval;
+                let next = ping_at.deadline() + ping_interval;
                 let now = Instant::now();
-                ping_at.as_mut().reset(if next > now { next } else { now + ws.ping_interval });
+                ping_at.as_mut().reset(if next > now { next } else { now + ping_interval });
                 if answer_by.is_none() {
                     answer_by = Some(Box::pin(tokio::time::sleep(ws.ping_timeout)));
                 }
@@ -186,7 +202,7 @@ pub async fn run<P: Protocol>(
                 }
             }
             _ = tick.tick() => {
-                conn.tick(opened)
+                conn.tick(opened, &mut subs)
             }
         };
         let result = match result {
@@ -196,14 +212,7 @@ pub async fn run<P: Protocol>(
             other => other,
         };
         if let Err(end) = result {
-            if let End::Close(why) = end {
-                if let (Some(session), Some(note)) = (&conn.session, why.session_note()) {
-                    session.set_last_close(note);
-                }
-                let (code, reason) = conn.protocol.close(why);
-                tracing::debug!(code, reason, "closing a websocket connection");
-                conn.close = Some(Close { code, reason });
-            }
+            conn.end(end);
             break;
         }
         if round.is_none() && !conn.pending.is_empty() {
@@ -282,13 +291,44 @@ struct Connection<P> {
     /// An error reply found no room within the stuck timeout (the client reads nothing while
     /// it keeps sending requests): the connection closes as stuck once the request is handled.
     stuck: AtomicBool,
+    /// Subscriptions that asked to be told when their history is delivered
+    /// ([`SubscribeOptions::report_caught_up`]): the request id and the head to reach.
+    history: HashMap<Arc<str>, (Option<u64>, Position)>,
+    /// Subscriptions skipping messages older than a time ([`SubscribeOptions::not_before_ms`]).
+    not_before: HashMap<Arc<str>, u64>,
+    /// Restored subscriptions not delivering yet (`hold_restored`), since when.
+    held: HashMap<Arc<str>, (Opened, Instant)>,
 }
 
 impl<P: Protocol> Connection<P> {
+    /// The connection ends: for a close, the session notes why, the protocol may say it in a
+    /// frame of its own, and the writer is told the close code.
+    fn end(&mut self, end: End) {
+        let End::Close(why) = end else {
+            return;
+        };
+        if let (Some(session), Some(note)) = (&self.session, why.session_note()) {
+            session.set_last_close(note);
+        }
+        if let Some(farewell) = self.protocol.farewell(why) {
+            let _ = self.out.try_send(farewell);
+        }
+        let (code, reason) = self.protocol.close(why);
+        tracing::debug!(code, reason, "closing a websocket connection");
+        self.close = Some(Close { code, reason });
+    }
+
     async fn reply(&self, event: &Event<'_>) -> Result<(), End> {
+        let Some(message) = self.protocol.encode(event) else {
+            return Ok(());
+        };
+        self.send(message).await
+    }
+
+    async fn send(&self, message: WsMessage) -> Result<(), End> {
         self.out
             .send(Frame {
-                message: self.protocol.encode(event),
+                message,
                 room: Taken::default(),
                 delivered: None,
             })
@@ -349,7 +389,18 @@ impl<P: Protocol> Connection<P> {
                 return Ok(());
             }
         };
+        self.command(command, subs, expiry).await
+    }
+
+    async fn command(
+        &mut self,
+        command: Command,
+        subs: &mut StreamMap<Arc<str>, Deliveries>,
+        expiry: &mut Option<Pin<Box<Sleep>>>,
+    ) -> Result<(), End> {
         match command {
+            Command::Answer(Some(frame)) => self.send(frame).await,
+            Command::Answer(None) => Ok(()),
             Command::Ping => {
                 self.count_ping().await?;
                 self.reply(&Event::Pong).await
@@ -359,7 +410,18 @@ impl<P: Protocol> Connection<P> {
                 token,
                 session,
                 positions,
-            } => self.connect(token, session, positions, subs, expiry).await,
+                fresh_if_not_restored,
+                anonymous,
+                hold_restored,
+            } => {
+                let how = ConnectHow {
+                    fresh_if_not_restored,
+                    anonymous,
+                    hold_restored,
+                };
+                self.connect(token, session, positions, how, subs, expiry)
+                    .await
+            }
             _ if self.principal.is_none() => {
                 self.error(
                     command.id(),
@@ -369,8 +431,16 @@ impl<P: Protocol> Connection<P> {
                 .await;
                 Ok(())
             }
-            Command::Subscribe { id, stream, after } => {
-                if let Err(e) = self.subscribe(id, &stream, after.as_deref(), subs).await {
+            Command::Subscribe {
+                id,
+                stream,
+                after,
+                options,
+            } => {
+                if let Err(e) = self
+                    .subscribe(id, &stream, after.as_deref(), options, subs)
+                    .await
+                {
                     self.api_error(id, e).await;
                 }
                 Ok(())
@@ -397,6 +467,7 @@ impl<P: Protocol> Connection<P> {
         token: Option<String>,
         session: Option<String>,
         positions: BTreeMap<String, String>,
+        how: ConnectHow,
         subs: &mut StreamMap<Arc<str>, Deliveries>,
         expiry: &mut Option<Pin<Box<Sleep>>>,
     ) -> Result<(), End> {
@@ -435,8 +506,19 @@ impl<P: Protocol> Connection<P> {
                     return Ok(());
                 }
                 Ok(Ok(restored)) => (restored.session, restored.principal, true),
-                Ok(Err(NotRestored::Unknown)) if credential.is_some() => {
-                    not_restored = Some("unknown_session".to_owned());
+                Ok(Err(why))
+                    if credential.is_some()
+                        && (why == NotRestored::Unknown || how.fresh_if_not_restored) =>
+                {
+                    not_restored = Some(
+                        match why {
+                            NotRestored::Unknown => "unknown_session",
+                            NotRestored::OtherIdentity => "other_identity",
+                            NotRestored::CredentialExpired => "credential_expired",
+                            NotRestored::CredentialRevoked => "credential_revoked",
+                        }
+                        .to_owned(),
+                    );
                     let (principal, proof) =
                         credential.unwrap_or((Principal::Anonymous, Proof::Anonymous));
                     (
@@ -454,7 +536,10 @@ impl<P: Protocol> Connection<P> {
             None => {
                 let (principal, proof) = match credential {
                     Some(credential) => credential,
-                    None if self.state.config.auth.allow_anonymous => {
+                    None if how
+                        .anonymous
+                        .unwrap_or(self.state.config.auth.allow_anonymous) =>
+                    {
                         (Principal::Anonymous, Proof::Anonymous)
                     }
                     None => {
@@ -483,7 +568,7 @@ impl<P: Protocol> Connection<P> {
         // (frames in flight when it dropped are sent again), else after what was delivered.
         let mut restored = Vec::new();
         let mut dropped = Vec::new();
-        for (stream, delivered) in session.subscriptions() {
+        for (stream, delivered, label) in session.labelled_subscriptions() {
             let position = positions
                 .get(stream.as_ref())
                 .and_then(|p| p.parse::<Position>().ok())
@@ -496,7 +581,10 @@ impl<P: Protocol> Connection<P> {
                 continue;
             }
             match self.open(name, Start::After(position)).await {
-                Ok(opened) => restored.push(opened),
+                Ok(mut opened) => {
+                    opened.label = label;
+                    restored.push(opened)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, stream = %stream, "could not restore a subscription");
                     dropped.push((stream, "engine_unavailable"));
@@ -518,6 +606,7 @@ impl<P: Protocol> Connection<P> {
                 .map(|o| SubscribedTo {
                     id: None,
                     stream: &o.stream,
+                    label: o.label.as_deref(),
                     position: &o.position,
                     head: &o.head,
                 })
@@ -532,7 +621,12 @@ impl<P: Protocol> Connection<P> {
                 .await?;
         }
         for opened in restored {
-            self.activate(opened, subs);
+            if how.hold_restored {
+                self.held
+                    .insert(opened.stream.clone(), (opened, Instant::now()));
+            } else {
+                self.activate(opened, subs);
+            }
         }
         Ok(())
     }
@@ -542,11 +636,61 @@ impl<P: Protocol> Connection<P> {
         id: Option<u64>,
         stream: &str,
         after: Option<&str>,
+        options: SubscribeOptions,
         subs: &mut StreamMap<Arc<str>, Deliveries>,
     ) -> Result<(), ApiError> {
         let name = StreamName::new(stream).map_err(|e| ApiError::invalid_name(stream, e))?;
         if let Some(principal) = &self.principal {
             principal.check(Action::Subscribe, &name)?;
+        }
+        let start = parse_start("after", after.unwrap_or("now"))?;
+        if options.reposition
+            && let Some((held, _)) = self.held.remove(stream)
+        {
+            // A held restored subscription starts where the client says it is.
+            let mut opened = match &start {
+                Start::After(p) if *p == held.position => held,
+                _ => self.open(name, start).await?,
+            };
+            opened.label = options.label.clone().map(Arc::from).or(opened.label);
+            self.watch_history(id, &opened, &options).await;
+            self.activate(opened, subs);
+            return Ok(());
+        }
+        if options.reposition {
+            if !subs.contains_key(stream) {
+                return Err(ApiError::bad_param(format!("not subscribed to {stream:?}")));
+            }
+            // Where the subscription already is (what it delivered last), the history asked
+            // for is what it delivers next: reopening would send some messages twice.
+            let at = self
+                .session
+                .as_ref()
+                .and_then(|s| s.position(stream))
+                .filter(|at| matches!(&start, Start::After(p) if p == at));
+            let Some(at) = at else {
+                let mut opened = self.open(name, start).await?;
+                opened.label = options.label.clone().map(Arc::from);
+                self.watch_history(id, &opened, &options).await;
+                subs.remove(stream);
+                self.activate(opened, subs);
+                return Ok(());
+            };
+            if options.report_caught_up {
+                let head = self.open(name, Start::Now).await?.head;
+                let stream: Arc<str> = Arc::from(stream);
+                if at.epoch == head.epoch && at.offset >= head.offset {
+                    let _ = self
+                        .reply(&Event::CaughtUp {
+                            id,
+                            stream: &stream,
+                        })
+                        .await;
+                } else {
+                    self.history.insert(stream, (id, head));
+                }
+            }
+            return Ok(());
         }
         if subs.contains_key(stream) {
             return Err(ApiError::bad_param(format!(
@@ -561,18 +705,50 @@ impl<P: Protocol> Connection<P> {
                 format!("at most {max} subscriptions per connection"),
             ));
         }
-        let start = parse_start("after", after.unwrap_or("now"))?;
-        let opened = self.open(name, start).await?;
+        let mut opened = self.open(name, start).await?;
+        opened.label = options.label.clone().map(Arc::from);
         self.reply(&Event::Subscribed(SubscribedTo {
             id,
             stream,
+            label: opened.label.as_deref(),
             position: &opened.position,
             head: &opened.head,
         }))
         .await
         .map_err(|_| ApiError::bad_param("connection closed"))?;
+        self.watch_history(id, &opened, &options).await;
         self.activate(opened, subs);
         Ok(())
+    }
+
+    /// Sets up what [`SubscribeOptions`] asks of a subscription about to deliver: the time
+    /// filter, and the caught-up report (now, when there is no history to deliver).
+    async fn watch_history(
+        &mut self,
+        id: Option<u64>,
+        opened: &Opened,
+        options: &SubscribeOptions,
+    ) {
+        let stream = opened.stream.clone();
+        self.history.remove(&stream);
+        self.not_before.remove(&stream);
+        if let Some(ms) = options.not_before_ms {
+            self.not_before.insert(stream.clone(), ms);
+        }
+        if !options.report_caught_up {
+            return;
+        }
+        let (at, head) = (&opened.position, &opened.head);
+        if at.epoch == head.epoch && at.offset >= head.offset {
+            let _ = self
+                .reply(&Event::CaughtUp {
+                    id,
+                    stream: &stream,
+                })
+                .await;
+        } else {
+            self.history.insert(stream, (id, head.clone()));
+        }
     }
 
     /// Opens a subscription and resolves where it starts.
@@ -597,6 +773,7 @@ impl<P: Protocol> Connection<P> {
             sub,
             position,
             head,
+            label: None,
         })
     }
 
@@ -605,7 +782,12 @@ impl<P: Protocol> Connection<P> {
         self.generation += 1;
         let generation = self.generation;
         if let Some(session) = &self.session {
-            session.subscribe(opened.stream.clone(), generation, opened.position.clone());
+            session.subscribe(
+                opened.stream.clone(),
+                generation,
+                opened.position.clone(),
+                opened.label.clone(),
+            );
         }
         self.generations.insert(opened.stream.clone(), generation);
         let conflate = self
@@ -756,7 +938,10 @@ impl<P: Protocol> Connection<P> {
         reason: Option<&str>,
     ) -> Result<(), End> {
         subs.remove(stream);
+        self.held.remove(stream);
         self.generations.remove(stream);
+        self.history.remove(stream);
+        self.not_before.remove(stream);
         if let Some(session) = &self.session {
             session.unsubscribe(stream);
         }
@@ -773,8 +958,31 @@ impl<P: Protocol> Connection<P> {
         let mut delivered = 0;
         for (event, room) in batch {
             let position = position_after(&event);
+            // The history asked for is delivered with this message (or a reset says it
+            // cannot be).
+            let caught_up = match &event {
+                subscription::Event::Message { message, epoch } => self
+                    .history
+                    .get(stream)
+                    .is_some_and(|(_, head)| &head.epoch == epoch && message.offset >= head.offset),
+                subscription::Event::Reset { .. } => {
+                    self.history.remove(stream);
+                    self.not_before.remove(stream);
+                    false
+                }
+                subscription::Event::Skipped { .. } => false,
+            };
             let message = match &event {
+                subscription::Event::Message { message, .. }
+                    if self
+                        .not_before
+                        .get(stream)
+                        .is_some_and(|t| message.time_ms < *t) =>
+                {
+                    None
+                }
                 subscription::Event::Message { epoch, message } => {
+                    self.not_before.remove(stream);
                     delivered += 1;
                     self.protocol.encode(&Event::Message {
                         stream,
@@ -803,14 +1011,21 @@ impl<P: Protocol> Connection<P> {
                     count: *count,
                 }),
             };
-            self.out
-                .send(Frame {
-                    message,
-                    room,
-                    delivered: Some((stream.clone(), generation, position)),
-                })
-                .await
-                .map_err(End::from)?;
+            match message {
+                Some(message) => self
+                    .out
+                    .send(Frame {
+                        message,
+                        room,
+                        delivered: Some((stream.clone(), generation, position)),
+                    })
+                    .await
+                    .map_err(End::from)?,
+                None => self.out.room.give_back(room),
+            }
+            if caught_up && let Some((id, _)) = self.history.remove(stream) {
+                self.reply(&Event::CaughtUp { id, stream }).await?;
+            }
         }
         self.state.metrics.delivered(Transport::ws, delivered);
         Ok(())
@@ -820,9 +1035,9 @@ impl<P: Protocol> Connection<P> {
     /// control ping (which any WebSocket library answers by itself). Dropped, not waited for,
     /// when the outbound channel is full.
     fn ping(&self) -> Result<(), End> {
-        self.out
-            .try_send(self.protocol.encode(&Event::Ping))
-            .map_err(End::from)?;
+        if let Some(ping) = self.protocol.encode(&Event::Ping) {
+            self.out.try_send(ping).map_err(End::from)?;
+        }
         if self.principal.is_none() {
             // Before `connect` only the protocol's own ping counts: a WebSocket library
             // answers control pings by itself, which would keep a peer that never speaks
@@ -845,25 +1060,43 @@ impl<P: Protocol> Connection<P> {
             return Ok(());
         }
         let message = format!("more than {MAX_PINGS} pings in {} s", PING_WINDOW.as_secs());
-        let _ = self.out.try_send(self.protocol.encode(&Event::Error {
+        if let Some(error) = self.protocol.encode(&Event::Error {
             id: None,
             code: ErrorCode::LimitReached,
             message: &message,
-        }));
+        }) {
+            let _ = self.out.try_send(error);
+        }
         Err(End::Close(CloseReason::TooManyPings))
     }
-
-    fn tick(&mut self, opened: Instant) -> Result<(), End> {
+    fn tick(
+        &mut self,
+        opened: Instant,
+        subs: &mut StreamMap<Arc<str>, Deliveries>,
+    ) -> Result<(), End> {
+        let due: Vec<Arc<str>> = self
+            .held
+            .iter()
+            .filter(|(_, (_, since))| since.elapsed() >= HOLD_RESTORED)
+            .map(|(stream, _)| stream.clone())
+            .collect();
+        for stream in due {
+            if let Some((opened, _)) = self.held.remove(&stream) {
+                self.activate(opened, subs);
+            }
+        }
         let ws = &self.state.config.ws;
         if self.principal.is_none() && opened.elapsed() >= ws.connect_timeout {
             return Err(End::Close(CloseReason::ConnectTimeout));
         }
         if self.out.stalled_for() >= ws.stuck_timeout {
-            let _ = self.out.try_send(self.protocol.encode(&Event::Error {
+            if let Some(error) = self.protocol.encode(&Event::Error {
                 id: None,
                 code: ErrorCode::SlowConsumer,
                 message: "the client read nothing for too long; reconnect with the session to resume from history",
-            }));
+            }) {
+                let _ = self.out.try_send(error);
+            }
             return Err(End::Close(CloseReason::SlowConsumer));
         }
         Ok(())
@@ -876,6 +1109,15 @@ struct Opened {
     sub: Subscription,
     position: Position,
     head: Position,
+    /// The protocol's name for it ([`SubscribeOptions::label`]).
+    label: Option<Arc<str>>,
+}
+
+/// How a `connect` treats a session it cannot restore and a missing credential.
+struct ConnectHow {
+    fresh_if_not_restored: bool,
+    anonymous: Option<bool>,
+    hold_restored: bool,
 }
 
 /// When a credential expiring at `expires_at` (ms) must close the connection.

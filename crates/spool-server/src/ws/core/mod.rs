@@ -5,9 +5,9 @@
 //!
 //! A protocol plugs in through [`Protocol`]: it decodes a client frame into a [`Command`] and
 //! encodes an [`Event`] into a frame, and names the close code and reason of each
-//! [`CloseReason`]. The core never names a frame type of any protocol; `super::spool_v1` is
-//! the one protocol today. A second one is a new folder beside it implementing [`Protocol`],
-//! and a line in `super::upgrade` that picks it by subprotocol.
+//! [`CloseReason`]. The core never names a frame type of any protocol; `super::spool_v1` and
+//! `super::actioncable` are the protocols over it, each a folder implementing [`Protocol`],
+//! picked by subprotocol in `super::upgrade`.
 
 mod connection;
 mod deliveries;
@@ -33,12 +33,30 @@ pub trait Protocol: Send + 'static {
     /// A client text frame as a command, or why it is not one.
     fn decode(&mut self, text: &str) -> Result<Command, DecodeError>;
 
-    /// An event as the frame to send. A message delivery should reuse the delivery layer's
-    /// shared encoding (`delivery::encode::Encodings`), not encode per subscriber.
-    fn encode(&self, event: &Event<'_>) -> WsMessage;
+    /// An event as the frame to send, or `None` when the protocol has no frame for it (the
+    /// event is then not sent). A message delivery should reuse the delivery layer's shared
+    /// encoding (`delivery::encode::Encodings`), not encode per subscriber.
+    fn encode(&self, event: &Event<'_>) -> Option<WsMessage>;
 
     /// The close code and reason sent when the connection ends for `why`.
     fn close(&self, why: CloseReason) -> (u16, &'static str);
+
+    /// A command the core runs as soon as the socket is open, before reading any frame: for
+    /// protocols whose handshake is the upgrade request itself (the server speaks first).
+    fn opening(&mut self) -> Option<Command> {
+        None
+    }
+
+    /// A last frame sent before the close frame when the connection ends for `why`, for
+    /// protocols that say why in a frame of their own.
+    fn farewell(&self, _why: CloseReason) -> Option<WsMessage> {
+        None
+    }
+
+    /// How often this connection is pinged, given the server's setting.
+    fn ping_interval(&self, configured: std::time::Duration) -> std::time::Duration {
+        configured
+    }
 }
 
 /// A client frame the protocol could not decode.
@@ -58,11 +76,23 @@ pub enum Command {
         token: Option<String>,
         session: Option<String>,
         positions: BTreeMap<String, String>,
+        /// A session that cannot be restored, for any reason, is replaced by a new one for the
+        /// credential (the client is told in `Connected`), instead of an error.
+        fresh_if_not_restored: bool,
+        /// `Some(false)`: no credential means no connection, whatever `--allow-anonymous`
+        /// says (the protocol has its own rule); `None`: the server's setting.
+        anonymous: Option<bool>,
+        /// Restored subscriptions wait for the client to say where it is (a subscribe with
+        /// [`SubscribeOptions::reposition`]) before delivering — for protocols whose client
+        /// asks for its history right after a restore, so nothing is sent twice or out of
+        /// order — or for a few seconds at most.
+        hold_restored: bool,
     },
     Subscribe {
         id: Option<u64>,
         stream: String,
         after: Option<String>,
+        options: SubscribeOptions,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -81,6 +111,27 @@ pub enum Command {
     Ping,
     /// The client's answer to [`Event::Ping`].
     Pong,
+    /// A frame the protocol answered by itself (a refusal it decides alone, or something it
+    /// ignores): the core sends this frame, if any, and does nothing else.
+    Answer(Option<WsMessage>),
+}
+
+/// What a protocol may add to a subscribe.
+#[derive(Debug, Default)]
+pub struct SubscribeOptions {
+    /// The protocol's own name for the subscription, kept in the session beside it and
+    /// reported with it when the session is restored.
+    pub label: Option<String>,
+    /// Send [`Event::CaughtUp`] once the stream's history up to its head at subscribe time
+    /// has been delivered (immediately when there is none); a reset instead means the history
+    /// could not be delivered.
+    pub report_caught_up: bool,
+    /// Skip messages published before this time (ms since the Unix epoch) until the first
+    /// one that is not; with `after: "oldest"`, replays history since a time.
+    pub not_before_ms: Option<u64>,
+    /// If already subscribed to the stream: continue from `after` instead (unless that is
+    /// where the subscription already is), without a new `Subscribed`.
+    pub reposition: bool,
 }
 
 impl Command {
@@ -91,7 +142,7 @@ impl Command {
             | Command::Unsubscribe { id, .. }
             | Command::Publish { id, .. }
             | Command::Refresh { id, .. } => *id,
-            Command::Connect { .. } | Command::Ping | Command::Pong => None,
+            Command::Connect { .. } | Command::Ping | Command::Pong | Command::Answer(_) => None,
         }
     }
 }
@@ -101,6 +152,8 @@ impl Command {
 pub struct SubscribedTo<'a> {
     pub id: Option<u64>,
     pub stream: &'a str,
+    /// The protocol's name for it ([`SubscribeOptions::label`]), if it gave one.
+    pub label: Option<&'a str>,
     pub position: &'a Position,
     pub head: &'a Position,
 }
@@ -159,6 +212,12 @@ pub enum Event<'a> {
         id: Option<u64>,
         code: ErrorCode,
         message: &'a str,
+    },
+    /// A subscription asked for [`SubscribeOptions::report_caught_up`] has delivered the
+    /// history it asked for.
+    CaughtUp {
+        id: Option<u64>,
+        stream: &'a str,
     },
     /// The server's heartbeat (a WebSocket control ping is sent beside it by the core).
     Ping,

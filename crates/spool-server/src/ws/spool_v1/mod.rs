@@ -8,7 +8,9 @@ use std::sync::Arc;
 use axum::extract::ws::Message as WsMessage;
 use spool_protocol::ws::{self as proto, ClientFrame, ServerFrame, close};
 
-use super::core::{CloseReason, Command, DecodeError, Event, Protocol, SubscribedTo};
+use super::core::{
+    CloseReason, Command, DecodeError, Event, Protocol, SubscribeOptions, SubscribedTo,
+};
 use crate::delivery::{
     encode::Encodings,
     publish::{Payload, ToAppend},
@@ -38,11 +40,15 @@ impl Protocol for SpoolV1 {
                 token: c.token,
                 session: c.session,
                 positions: c.positions,
+                fresh_if_not_restored: false,
+                anonymous: None,
+                hold_restored: false,
             },
             ClientFrame::Subscribe(s) => Command::Subscribe {
                 id: s.id,
                 stream: s.stream,
                 after: s.after,
+                options: SubscribeOptions::default(),
             },
             ClientFrame::Unsubscribe(u) => Command::Unsubscribe {
                 id: u.id,
@@ -71,14 +77,20 @@ impl Protocol for SpoolV1 {
         })
     }
 
-    fn encode(&self, event: &Event<'_>) -> WsMessage {
+    fn encode(&self, event: &Event<'_>) -> Option<WsMessage> {
         let frame = match event {
             // The whole frame carries nothing per subscriber: encoded once, shared.
             Event::Message {
                 stream,
                 epoch,
                 message,
-            } => return WsMessage::Text(self.encodings.ws_message(stream, epoch, message)),
+            } => {
+                return Some(WsMessage::Text(
+                    self.encodings.ws_message(stream, epoch, message),
+                ));
+            }
+            // Never asked for by this protocol's subscribe.
+            Event::CaughtUp { .. } => return None,
             Event::Connected {
                 session,
                 resumed,
@@ -156,7 +168,7 @@ impl Protocol for SpoolV1 {
                 reason: (*reason).to_owned(),
             }),
         };
-        WsMessage::Text(encode(&frame).into())
+        Some(WsMessage::Text(encode(&frame).into()))
     }
 
     fn close(&self, why: CloseReason) -> (u16, &'static str) {
@@ -211,9 +223,9 @@ fn encode(frame: &ServerFrame) -> String {
 mod tests {
     use super::*;
 
-    fn text(message: WsMessage) -> String {
+    fn text(message: Option<WsMessage>) -> String {
         match message {
-            WsMessage::Text(t) => t.as_str().to_owned(),
+            Some(WsMessage::Text(t)) => t.as_str().to_owned(),
             other => panic!("not a text frame: {other:?}"),
         }
     }
