@@ -1,14 +1,15 @@
 //! Group commits against appends on the disk engine, measured by hand (not a test):
 //!
 //! ```text
-//! cargo run --release -p spool-disk --example group_commit [-- DIR [SECONDS]]
+//! cargo run --release -p spool-disk --example group_commit [-- DIR [SECONDS [memory]]]
 //! ```
 //!
 //! For 1 and 32 concurrent callers, for `SECONDS` each (default 3): appends of one 256-byte
 //! message, then consumer group commits (each caller its own group, alternating a receive of
 //! one message and its ack — the commits an ack path makes), then both at once. Prints
 //! operations per second, and writes (fsyncs) per second from the engine's `WalStats`.
-//! `DIR` (default: a temp dir) decides the file system, hence the fsync cost.
+//! `DIR` (default: a temp dir) decides the file system, hence the fsync cost; `memory` runs
+//! with `Durability::Memory` (no fsync), which compares what each operation costs the CPU.
 
 use std::{
     sync::Arc,
@@ -20,7 +21,7 @@ use spool_core::{
     Epoch, NewMessage, Offset, Start, StreamName, StreamState,
     group::{GroupConfig, GroupName, GroupState, MemberName, ReceiveRequest},
 };
-use spool_disk::{DiskConfig, DiskEngine};
+use spool_disk::{DiskConfig, DiskEngine, Durability};
 use spool_engine::{Committed, Engine, GroupStore};
 
 const HEAD: u64 = 1 << 40;
@@ -164,8 +165,18 @@ async fn main() {
         .next()
         .map_or_else(|| tmp.path().to_owned(), std::path::PathBuf::from);
     let secs = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
-    let engine = Arc::new(DiskEngine::open(DiskConfig::new(&dir)).expect("open"));
-    println!("data dir {} (fsync on every write)", dir.display());
+    let durability = match args.next().as_deref() {
+        Some("memory") => Durability::Memory,
+        _ => Durability::Fsync,
+    };
+    let engine = Arc::new(
+        DiskEngine::open(DiskConfig {
+            durability,
+            ..DiskConfig::new(&dir)
+        })
+        .expect("open"),
+    );
+    println!("data dir {} (durability {durability:?})", dir.display());
     for callers in [1, 32] {
         run(
             &engine,
