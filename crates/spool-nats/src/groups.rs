@@ -86,6 +86,9 @@ const STREAM_NOT_FOUND: u64 = 10059;
 /// The most groups whose last record this node remembers; past it the memory is cleared
 /// (each costs one more round trip on its next commit).
 const MAX_KNOWN: usize = 100_000;
+/// The most groups whose whole stored form this node keeps for its next load (snapshot and
+/// changes since: up to a few hundred KiB each); past it the memory is cleared.
+const MAX_LOADED: usize = 256;
 
 /// The group store of one engine.
 pub(crate) struct Groups {
@@ -97,6 +100,9 @@ pub(crate) struct Groups {
     /// Per group this node wrote or loaded: its version and the sequence of the record that
     /// carries it.
     known: Mutex<HashMap<(StreamName, GroupName), (u64, u64)>>,
+    /// The groups this node loaded or wrote last, with the sequence of the record they end
+    /// at, so that loading again reads only what other nodes wrote since.
+    loaded: Mutex<HashMap<(StreamName, GroupName), (StoredGroup, u64)>>,
     /// Why group writes are refused on this NATS, if they are (see [`unserializable`]).
     refused: Option<String>,
 }
@@ -135,6 +141,7 @@ impl Groups {
             subjects: format!("{}.g.", config.prefix),
             max: config.max_groups,
             known: Mutex::new(HashMap::new()),
+            loaded: Mutex::new(HashMap::new()),
             api,
         }
     }
@@ -366,18 +373,41 @@ impl Groups {
         }
     }
 
+    /// The group as its records say: from the copy this node loaded or wrote last, if it has
+    /// one, reading only the records after it (one round trip when nothing changed), else
+    /// from the subject's first record.
     async fn load(
         &self,
         stream: &StreamName,
         group: &GroupName,
     ) -> Result<Option<StoredGroup>, EngineError> {
         let subject = self.subject(stream, group);
-        let mut at = 0u64;
-        let mut found: Option<(GroupSnapshot, Vec<Change>, u64, u64)> = None;
-        while let Some(message) = self
-            .get(json!({ "seq": at, "next_by_subj": subject }))
-            .await?
-        {
+        let key = (stream.clone(), group.clone());
+        let Some(end) = self.last(&subject).await? else {
+            self.loaded.lock().remove(&key);
+            return Ok(None);
+        };
+        let cached = self.loaded.lock().get(&key).cloned();
+        let (mut found, mut at) = match cached {
+            Some((stored, sequence))
+                if sequence == end.sequence && stored.version == end.version =>
+            {
+                self.remember(stream, group, end.version, end.sequence);
+                return Ok(Some(stored));
+            }
+            Some((stored, sequence)) if sequence < end.sequence => (
+                Some((stored.snapshot, stored.changes, stored.version, sequence)),
+                sequence + 1,
+            ),
+            _ => (None, 0),
+        };
+        while at <= end.sequence {
+            let Some(message) = self
+                .get(json!({ "seq": at, "next_by_subj": subject }))
+                .await?
+            else {
+                break;
+            };
             at = message.sequence + 1;
             let (kind, version, _) = headers(&message)?;
             let bad = |what: String| {
@@ -417,12 +447,22 @@ impl Groups {
         }
         Ok(found.map(|(snapshot, changes, version, sequence)| {
             self.remember(stream, group, version, sequence);
-            StoredGroup {
+            let stored = StoredGroup {
                 snapshot,
                 changes,
                 version,
-            }
+            };
+            self.keep_loaded(key, stored.clone(), sequence);
+            stored
         }))
+    }
+
+    fn keep_loaded(&self, key: (StreamName, GroupName), stored: StoredGroup, sequence: u64) {
+        let mut loaded = self.loaded.lock();
+        if loaded.len() >= MAX_LOADED && !loaded.contains_key(&key) {
+            loaded.clear();
+        }
+        loaded.insert(key, (stored, sequence));
     }
 
     /// The group's last record if the group is at `version`.
@@ -472,6 +512,19 @@ impl Groups {
         match self.publish(subject, headers, payload, "commit").await {
             Ok(Some(at)) => {
                 self.remember(stream, group, version, at);
+                let mut loaded = self.loaded.lock();
+                let key = (stream.clone(), group.clone());
+                match loaded.get_mut(&key) {
+                    // The copy this commit follows: it is now the commit's.
+                    Some((stored, last)) if *last == sequence && stored.version == expected => {
+                        stored.changes.extend_from_slice(changes);
+                        stored.version = version;
+                        *last = at;
+                    }
+                    _ => {
+                        loaded.remove(&key);
+                    }
+                }
                 Ok(Committed::Done { version })
             }
             Ok(None) => {
@@ -527,6 +580,12 @@ impl Groups {
         match self.publish(subject, headers, payload, "compaction").await {
             Ok(Some(at)) => {
                 self.remember(stream, group, version, at);
+                let stored = StoredGroup {
+                    snapshot: snapshot.clone(),
+                    changes: Vec::new(),
+                    version,
+                };
+                self.keep_loaded((stream.clone(), group.clone()), stored, at);
                 Ok(Committed::Done { version })
             }
             Ok(None) => {
@@ -548,6 +607,7 @@ impl Groups {
         }
         let subject = self.subject(stream, group);
         self.forget(stream, group);
+        self.loaded.lock().remove(&(stream.clone(), group.clone()));
         let what = "deleting a group";
         let response: Response<Purged> = self
             .request(
