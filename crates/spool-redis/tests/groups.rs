@@ -388,3 +388,67 @@ async fn commit_throughput() {
         again / rounds as u32
     );
 }
+
+/// Group writes are as durable as appends: `fsync` works against a Redis with `appendfsync
+/// always`; `replicated` waits for the replicas, and with too few says so (`Unavailable`) —
+/// the write may be stored, which the caller learns by loading the group again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_writes_follow_the_engines_durability() {
+    let Some(server) = OwnServer::start_with(
+        Backend::Redis,
+        &["--appendonly", "yes", "--appendfsync", "always"],
+    ) else {
+        return;
+    };
+    let timeout = Duration::from_secs(1);
+    let config = |durability| RedisConfig {
+        durability,
+        timeout,
+        ..RedisConfig::new(server.url())
+    };
+    let fsync = connect(config(spool_redis::RedisDurability::Fsync)).await;
+    let state = new_group("durable", "g", 0);
+    let (s, g) = (
+        StreamName::new("durable").unwrap(),
+        GroupName::new("g").unwrap(),
+    );
+    assert!(fsync.create_group(&state.snapshot()).await.unwrap());
+    let counters = [Change::CountersSet {
+        counters: Counters::default(),
+    }];
+    assert_eq!(
+        fsync.commit_group(&s, &g, 0, &counters).await.unwrap(),
+        Committed::Done { version: 1 }
+    );
+
+    // No replica is connected: a replicated commit is refused after the WAIT, though stored.
+    let replicated = connect(config(spool_redis::RedisDurability::Replicated {
+        replicas: 1,
+    }))
+    .await;
+    let started = Instant::now();
+    let e = replicated
+        .commit_group(&s, &g, 1, &counters)
+        .await
+        .expect_err("no replica acknowledged");
+    assert!(
+        e.is_unavailable() && e.to_string().contains("0 of 1"),
+        "{e}"
+    );
+    assert!(started.elapsed() < timeout + Duration::from_secs(2));
+    assert_eq!(
+        replicated
+            .load_group(&s, &g)
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        2,
+        "the write itself was applied; reloading shows it"
+    );
+    // A stale commit is refused without waiting for anything.
+    assert_eq!(
+        replicated.commit_group(&s, &g, 1, &counters).await.unwrap(),
+        Committed::Conflict
+    );
+}
