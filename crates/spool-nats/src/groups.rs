@@ -33,9 +33,13 @@
 //!
 //! A commit is one publish and its ack (one round trip) when this node wrote or read the
 //! version it names (it remembers the sequence of each group's last record it saw), else two
-//! (the subject's last record, from the stream's leader, first). A load reads the records one
-//! by one from the leader (`STREAM.MSG.GET` with `next_by_subj`): one round trip per record,
-//! so one plus the commits since the last compaction. `list_groups` reads the stream's subjects
+//! (the subject's last record, from the stream's leader, first). A load asks for the
+//! subject's last record, then reads the records one by one from the leader (`STREAM.MSG.GET`
+//! with `next_by_subj`) — but only those after the copy this node loaded or wrote last (it
+//! keeps up to 256 groups): one round trip when nothing changed, two after another node's
+//! commit; a cold load costs one per commit since the last compaction (a group 256 commits
+//! after its snapshot: tens of ms on one machine). A compaction costs three round trips (the
+//! last and first records, the publish). `list_groups` reads the stream's subjects
 //! (`STREAM.INFO` with a subject filter); `--max-groups` is checked against the stream's count
 //! of subjects before a creation, so nodes creating groups at the same moment may pass the
 //! bound by one each (the other engines' bound is exact).
