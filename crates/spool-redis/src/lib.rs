@@ -189,7 +189,8 @@ async fn manager(client: &Client, config: &RedisConfig) -> Result<ConnectionMana
 }
 
 /// PING, then what the durability needs: `appendfsync always` for fsync. Warns about an
-/// eviction policy, which could drop any key (they all have a TTL).
+/// eviction policy, which could drop any key (stream keys have a TTL, so even the `volatile-*`
+/// policies; consumer group keys have none, so the `allkeys-*` ones).
 async fn check_server(
     conn: &mut ConnectionManager,
     config: &RedisConfig,
@@ -265,7 +266,7 @@ async fn check_server(
         tracing::warn!(
             policy,
             "Redis may evict keys under memory pressure (maxmemory-policy is not noeviction): \
-             streams may then lose history or epochs early"
+             streams may then lose history or epochs early, and consumer groups their state"
         );
     }
     Ok(())
