@@ -120,7 +120,7 @@ async fn run(backend: Backend) {
     for m in members {
         m.await.expect("a member panicked");
     }
-    let ledger = ledger.lock().unwrap();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
     let held: Vec<u64> = doomed_hold.lock().unwrap().clone();
     for offset in 1..=MESSAGES {
         assert_eq!(
