@@ -1026,3 +1026,83 @@ async fn redrive_works_for_the_longest_names() {
     let (status, r) = g.post("redrive", json!({})).await;
     assert_eq!((status, r["moved"].as_u64()), (200, Some(1)), "{r}");
 }
+
+/// Receive + ack throughput over HTTP (not a test: run with `--ignored --nocapture`): members
+/// each receive up to `batch` messages and ack them in one call, until all are acked.
+#[tokio::test]
+#[ignore = "a measurement"]
+async fn measure_receive_and_ack_throughput() {
+    for engine in ENGINES {
+        for (members, batch) in [(1usize, 1u32), (8, 1), (1, 32), (8, 32)] {
+            let node = start(engine, &[]);
+            let s = &node.server;
+            let total: usize = if batch == 1 { 4_000 } else { 32_000 };
+            let payload = "x".repeat(256);
+            for chunk in 0..total / 1000 {
+                let messages = (0..1000)
+                    .map(|i| json!({"stream": "bench", "data": payload, "key": format!("{}", chunk * 1000 + i)}))
+                    .collect();
+                s.publish_batch(messages).await;
+            }
+            let g = Group::new(s, "bench", "g");
+            g.create(json!({})).await;
+            let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for w in 0..members {
+                let (http, base, done) = (s.http.clone(), g.url(""), done.clone());
+                tasks.push(tokio::spawn(async move {
+                    while done.load(std::sync::atomic::Ordering::Relaxed) < total {
+                        let r: Value = http
+                            .post(format!("{base}/receive"))
+                            .bearer_auth(API_KEY)
+                            .json(&json!({"consumer": format!("w{w}"), "max": batch, "wait": "1s"}))
+                            .send()
+                            .await
+                            .unwrap()
+                            .json()
+                            .await
+                            .unwrap();
+                        let receipts: Vec<Value> = r["messages"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|m| m["receipt"].clone())
+                            .collect();
+                        if receipts.is_empty() {
+                            continue;
+                        }
+                        let n = receipts.len();
+                        let a: Value = http
+                            .post(format!("{base}/ack"))
+                            .bearer_auth(API_KEY)
+                            .json(&json!({ "receipts": receipts }))
+                            .send()
+                            .await
+                            .unwrap()
+                            .json()
+                            .await
+                            .unwrap();
+                        assert!(
+                            a["results"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .all(|r| r["result"] == "ok")
+                        );
+                        done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let secs = started.elapsed().as_secs_f64();
+            assert_eq!(g.stats().await["acked"], total as u64);
+            println!(
+                "{engine}: {members} members, batch {batch}: {total} messages in {secs:.2} s = {:.0} msg/s",
+                total as f64 / secs
+            );
+        }
+    }
+}

@@ -62,8 +62,7 @@ use spool_core::{
     group::{
         Change, DeadLetter, Delivery, GroupConfig, GroupConfigError, GroupConfigSpec, GroupName,
         GroupReset, GroupState, GroupStats, InvalidReason, MemberName, OpError, Outcome, Reason,
-        ReceiptResult, ReceiveRequest, SnapshotError,
-        dead::{HEADER_STREAM, MAX_REASON_LEN},
+        ReceiptResult, ReceiveRequest, SnapshotError, dead::HEADER_STREAM,
     },
 };
 use spool_engine::{Committed, Engine, EngineError, GroupStore};
@@ -202,6 +201,8 @@ pub struct Groups {
     cache: parking_lot::Mutex<HashMap<Key, Arc<Live>>>,
     /// Serializes metric observations (they reset and refill the families).
     observing: parking_lot::Mutex<()>,
+    /// Receive rounds made since the start (for tests and measurements).
+    rounds: AtomicU64,
 }
 
 impl Groups {
@@ -216,6 +217,7 @@ impl Groups {
             config,
             cache: parking_lot::Mutex::new(HashMap::new()),
             observing: parking_lot::Mutex::new(()),
+            rounds: AtomicU64::new(0),
         })
     }
 
@@ -311,11 +313,15 @@ impl Groups {
     }
 
     /// Runs `op` on the group under its lock and stores its outcome (dead letters, then
-    /// changes), redoing it on a reloaded state after a `Conflict`.
+    /// changes), redoing it on a reloaded state after a `Conflict`. With `wake`, receives
+    /// waiting on the group look again when something was stored (an ack, a nack, an
+    /// expiry may have made messages available); a receive's own commits never wake anyone,
+    /// so a waiting receive does not wake itself.
     async fn run<T>(
         &self,
         key: &Key,
         live: &Arc<Live>,
+        wake: bool,
         mut op: impl FnMut(&mut GroupState, u64) -> Result<Outcome<T>, GroupError>,
     ) -> Result<T, GroupError> {
         // On a store other servers commit to, a state held here may be behind: a commit
@@ -348,6 +354,7 @@ impl Groups {
                 *guard = None;
                 continue;
             }
+            let stored = !outcome.changes.is_empty();
             match self
                 .persist(key, &mut guard, outcome.changes, outcome.dead_letters)
                 .await
@@ -358,7 +365,9 @@ impl Groups {
                         live.due_ms.store(due, AtomicOrdering::Relaxed);
                     }
                     drop(guard);
-                    live.changed.notify_waiters();
+                    if wake && stored {
+                        live.changed.notify_waiters();
+                    }
                     return Ok(outcome.value);
                 }
                 Err(None) => continue,
@@ -531,7 +540,7 @@ impl Groups {
             };
             if exists {
                 let result = self
-                    .run(&key, &live, |state, _| {
+                    .run(&key, &live, true, |state, _| {
                         let new = state.config().updated(spec)?;
                         Ok(state.update_config(new)?)
                     })
@@ -684,6 +693,7 @@ impl Groups {
         // read is (one larger message still goes alone).
         let mut bytes = 0usize;
         for _ in 0..MAX_ROUNDS {
+            self.rounds.fetch_add(1, AtomicOrdering::Relaxed);
             let room = request.max as usize - deliveries.len();
             if room == 0 || bytes >= self.config.max_read_bytes {
                 break;
@@ -717,7 +727,7 @@ impl Groups {
                 ..request.clone()
             };
             let received = self
-                .run(key, live, |state, now| {
+                .run(key, live, false, |state, now| {
                     Ok(state.receive(&round, &batch.state, &batch.messages, now)?)
                 })
                 .await?;
@@ -811,7 +821,7 @@ impl Groups {
     ) -> Result<Vec<ReceiptResult>, GroupError> {
         let key = (stream.clone(), group.clone());
         let live = self.live(&key);
-        self.run(&key, &live, |state, now| {
+        self.run(&key, &live, true, |state, now| {
             Ok(match how {
                 Settle::Ack => state.ack(receipts, now)?,
                 Settle::Nack { delay, reason } => {
@@ -829,13 +839,7 @@ impl Groups {
 
     /// A reason as a client gave it.
     pub fn reason(text: Option<&str>) -> Result<Option<Reason>, GroupError> {
-        text.map(|t| {
-            if t.len() > MAX_REASON_LEN {
-                return Err(InvalidReason::TooLong(t.len()).into());
-            }
-            Reason::new(t).map_err(GroupError::from)
-        })
-        .transpose()
+        Ok(text.map(Reason::new).transpose()?)
     }
 
     // ---- redrive ----
@@ -926,19 +930,14 @@ impl Groups {
                         .filter(|(k, _)| !k.starts_with(DEAD_HEADER_PREFIX))
                         .cloned()
                         .collect(),
+                    // The internal group's incarnation and the dead letter's position: the
+                    // same for every attempt to move this dead letter, and short.
                     idempotency_key: Some(format!(
                         "spool-redrive:{}:{}:{}",
-                        dead_letter, leased.delivery.epoch, leased.delivery.offset
-                    ))
-                    .filter(|k| k.len() <= crate::delivery::publish::MAX_IDEMPOTENCY_KEY)
-                    .or_else(|| {
-                        Some(format!(
-                            "spool-redrive:{}:{}:{}",
-                            leased.delivery.receipt.group,
-                            leased.delivery.epoch,
-                            leased.delivery.offset
-                        ))
-                    }),
+                        leased.delivery.receipt.group,
+                        leased.delivery.epoch,
+                        leased.delivery.offset
+                    )),
                 });
             }
             let n = back.len() as u64;
@@ -998,7 +997,7 @@ impl Groups {
                 continue;
             }
             match self
-                .run(&key, &live, |state, now| Ok(state.expire(now)))
+                .run(&key, &live, false, |state, now| Ok(state.expire(now)))
                 .await
             {
                 Ok(()) => live.changed.notify_waiters(),
@@ -1345,6 +1344,28 @@ mod tests {
             b.messages[0].delivery.offset,
             Offset(4),
             "the rest stays pending"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receive_does_not_spin() {
+        let (groups, _engine, _time) = setup();
+        let (s, g) = (name("s"), group("g"));
+        groups
+            .put(&s, &g, &GroupConfigSpec::default())
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let never = CancellationToken::new();
+        let a = groups
+            .receive(&s, &g, &request("w", 1), Some(deadline), &never)
+            .await
+            .unwrap();
+        assert!(a.messages.is_empty());
+        let rounds = groups.rounds.load(AtomicOrdering::Relaxed);
+        assert!(
+            rounds <= 4,
+            "{rounds} rounds while waiting 300 ms on an idle group"
         );
     }
 
