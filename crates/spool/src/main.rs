@@ -98,6 +98,21 @@ fn repair(args: RepairArgs) -> anyhow::Result<()> {
             report.intact
         );
     }
+    if !report.groups_rolled_back.is_empty() {
+        println!(
+            "{} consumer groups {will} rolled back to their state at the damaged byte (commits after it are lost: their messages not acked by then are delivered again):",
+            report.groups_rolled_back.len()
+        );
+        for g in report.groups_rolled_back.iter().take(LISTED_STREAMS) {
+            println!("  {} on {} (version {})", g.group, g.stream, g.version);
+        }
+        if report.groups_rolled_back.len() > LISTED_STREAMS {
+            println!(
+                "  … and {} more",
+                report.groups_rolled_back.len() - LISTED_STREAMS
+            );
+        }
+    }
     if let Some(why) = &report.sessions_damaged {
         println!(
             "damaged: {} ({why}): {will} moved aside; WebSocket clients cannot resume their sessions and connect fresh",
