@@ -31,6 +31,15 @@ pub enum InvalidStreamName {
 impl StreamName {
     /// Validates `name` as a stream name.
     pub fn new(name: &str) -> Result<Self, InvalidStreamName> {
+        // Most names are printable ASCII (`!` to `~`): no control, whitespace or invisible
+        // character can be among them, so one pass over the bytes decides (every publish
+        // validates its stream's name).
+        if !name.is_empty()
+            && name.len() <= MAX_STREAM_NAME_LEN
+            && name.bytes().all(|b| (b'!'..=b'~').contains(&b))
+        {
+            return Ok(Self(Arc::from(name)));
+        }
         if let Some(c) = name.chars().find(|&c| is_invisible(c)) {
             return Err(InvalidStreamName::BadChar(c));
         }
@@ -146,6 +155,21 @@ mod tests {
             StreamName::new("a\u{7f}"),
             Err(InvalidStreamName::BadChar('\u{7f}'))
         );
+    }
+
+    #[test]
+    fn the_ascii_shortcut_decides_as_the_full_rules_do() {
+        for b in 0u8..0x80 {
+            let c = char::from(b);
+            for name in [format!("{c}"), format!("a{c}b")] {
+                let full = if c.is_control() || c.is_whitespace() {
+                    Err(InvalidStreamName::BadChar(c))
+                } else {
+                    Ok(())
+                };
+                assert_eq!(StreamName::new(&name).map(|_| ()), full, "{name:?}");
+            }
+        }
     }
 
     #[test]

@@ -165,6 +165,12 @@ pub async fn append_grouped(
     per_stream_budget: Option<(Arc<StreamBudget>, Identity)>,
     messages: Vec<Validated>,
 ) -> Vec<(StreamName, ApiResult<Appended>)> {
+    // Most rounds publish to one stream: one admit and one append, no grouping.
+    if let Some(first) = messages.first()
+        && messages[1..].iter().all(|m| m.stream == first.stream)
+    {
+        return append_one_stream(engine, per_stream_budget, messages).await;
+    }
     let mut order: Vec<(StreamName, usize)> = Vec::with_capacity(messages.len());
     let mut groups: Vec<(StreamName, Vec<NewMessage>)> = Vec::new();
     for Validated { stream, message } in messages {
@@ -208,6 +214,44 @@ pub async fn append_grouped(
             (stream, result)
         })
         .collect()
+}
+
+/// [`append_grouped`] when every message goes to one stream (and there is at least one).
+async fn append_one_stream(
+    engine: Arc<dyn Engine>,
+    per_stream_budget: Option<(Arc<StreamBudget>, Identity)>,
+    messages: Vec<Validated>,
+) -> Vec<(StreamName, ApiResult<Appended>)> {
+    let mut streams = Vec::with_capacity(messages.len());
+    let mut batch = Vec::with_capacity(messages.len());
+    for Validated { stream, message } in messages {
+        streams.push(stream);
+        batch.push(message);
+    }
+    let stream = &streams[0];
+    let results = match &per_stream_budget {
+        Some((budget, who)) => budget.admit(&*engine, *who, [stream]).await,
+        None => Ok(()),
+    };
+    let results = match results {
+        Err(e) => Err(e),
+        Ok(()) => engine.append(stream, batch).await.map_err(ApiError::from),
+    };
+    match results {
+        Ok(appended) => {
+            let mut appended = appended.into_iter();
+            streams
+                .into_iter()
+                .map(|stream| {
+                    let result = appended.next().ok_or_else(|| {
+                        ApiError::from(EngineError::internal("append returned too few results"))
+                    });
+                    (stream, result)
+                })
+                .collect()
+        }
+        Err(e) => streams.into_iter().map(|s| (s, Err(e.clone()))).collect(),
+    }
 }
 
 #[cfg(test)]
@@ -322,6 +366,37 @@ mod tests {
                         Err(ErrorCode::StreamBudgetExceeded)
                     ],
             "{codes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_stream_rounds_answer_every_message_and_spend_the_budget() {
+        let engine = engine(100);
+        let budget = Arc::new(StreamBudget::new(1));
+        let who = budget.identity(&Principal::ApiKey, None);
+        let per_stream = || Some((budget.clone(), who));
+        let x = vec![message("x", "x1"), message("x", "x2"), message("x", "x3")];
+        let results = append_grouped(engine.clone(), per_stream(), x).await;
+        let ok: Vec<_> = [1, 2, 3]
+            .iter()
+            .map(|o| ("x".to_string(), Ok(*o)))
+            .collect();
+        assert_eq!(summary(&results), ok);
+        // The budget of one new stream is spent: a second new stream is refused whole, and
+        // publishing to the existing one still works.
+        let y = vec![message("y", "y1"), message("y", "y2")];
+        let results = append_grouped(engine.clone(), per_stream(), y).await;
+        let refused = Err(ErrorCode::StreamBudgetExceeded);
+        assert_eq!(
+            summary(&results),
+            [("y".to_string(), refused), ("y".to_string(), refused)]
+        );
+        let results = append_grouped(engine.clone(), per_stream(), vec![message("x", "x4")]).await;
+        assert_eq!(summary(&results), [("x".to_string(), Ok(4))]);
+        assert!(
+            append_grouped(engine, per_stream(), Vec::new())
+                .await
+                .is_empty()
         );
     }
 
