@@ -9,9 +9,11 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use spool_protocol::{groups::ReceiptOutcome, ws};
+
 use crate::{
     Ack, Config, Error, Event, Outgoing, Subscription,
-    connection::{Command, Connection, End, Reply},
+    connection::{Command, Connection, End, Reply, SettleOp},
 };
 
 /// A connection to a Spool server that keeps itself up: it reconnects with backoff,
@@ -109,6 +111,98 @@ impl Client {
         let token = token.into();
         self.request(|reply| Command::Refresh { token, reply })
             .await
+    }
+
+    /// Joins consumer group `group` of `stream` as member `consumer` with a window of
+    /// `credit` messages (0–1000; docs/protocol.md "Consumer groups"): the server pushes up
+    /// to `credit` unsettled leases as [`Event::Leased`], and each ack, nack or terminate
+    /// (or a lease running out) makes room for the next. Resolves once the server accepted
+    /// it. After a reconnect the client consumes again by itself; the leases held when the
+    /// connection ended were given back (they come again, with `deliveries` one higher).
+    pub async fn consume(
+        &self,
+        stream: impl Into<String>,
+        group: impl Into<String>,
+        consumer: impl Into<String>,
+        credit: u32,
+    ) -> Result<(), Error> {
+        let frame = ws::Consume {
+            id: None,
+            stream: stream.into(),
+            group: group.into(),
+            consumer: consumer.into(),
+            credit,
+            visibility_timeout: None,
+        };
+        self.consume_with(frame).await
+    }
+
+    /// [`Client::consume`] with every field of the `consume` frame (e.g. a
+    /// `visibility_timeout`); its `id` is the client's.
+    pub async fn consume_with(&self, frame: ws::Consume) -> Result<(), Error> {
+        self.request(|reply| Command::Consume { frame, reply })
+            .await
+    }
+
+    /// Sets a consume's window (0 pauses it; leases already pushed stay).
+    pub async fn credit(
+        &self,
+        stream: impl Into<String>,
+        group: impl Into<String>,
+        credit: u32,
+    ) -> Result<(), Error> {
+        let (stream, group) = (stream.into(), group.into());
+        self.request(|reply| Command::Credit {
+            stream,
+            group,
+            credit,
+            reply,
+        })
+        .await
+    }
+
+    /// Acks leases of a consumed group by receipt: one result per receipt, in order
+    /// (`ok`, `expired` or `unknown`).
+    pub async fn ack(
+        &self,
+        stream: impl Into<String>,
+        group: impl Into<String>,
+        receipts: Vec<String>,
+    ) -> Result<Vec<ReceiptOutcome>, Error> {
+        let frame = ws::Settle {
+            stream: stream.into(),
+            group: group.into(),
+            receipts,
+            ..Default::default()
+        };
+        self.settle(SettleOp::Ack, frame).await
+    }
+
+    /// Any settle operation with every field of its frame (`delay` and `reason` for a
+    /// nack, `reason` for a terminate, `visibility_timeout` for an extend); its `id` is the
+    /// client's.
+    pub async fn settle(
+        &self,
+        op: SettleOp,
+        frame: ws::Settle,
+    ) -> Result<Vec<ReceiptOutcome>, Error> {
+        self.request(|reply| Command::Settle { op, frame, reply })
+            .await
+    }
+
+    /// Leaves a consumed group: the leases still held are given back at once.
+    pub async fn stop_consuming(
+        &self,
+        stream: impl Into<String>,
+        group: impl Into<String>,
+    ) -> Result<(), Error> {
+        let (stream, group) = (stream.into(), group.into());
+        self.request(|reply| Command::StopConsuming {
+            stream,
+            group,
+            reply,
+        })
+        .await
     }
 
     /// The next event; `None` once the client is closed and every event was read.

@@ -43,6 +43,19 @@ pub enum Event {
         stream: String,
         reason: Option<String>,
     },
+    /// A message leased to this client's member of a consumed group
+    /// ([`Client::consume`](crate::Client::consume)): settle it by its `receipt`.
+    Leased(spool_protocol::ws::Leased),
+    /// A consumed group recorded a loss of continuity (SPEC §7).
+    GroupReset(spool_protocol::ws::GroupReset),
+    /// The server ended a consume the application did not stop (`reason`:
+    /// `group_not_found`, `forbidden`, or the refusal of the consume sent again after a
+    /// reconnect).
+    ConsumeStopped {
+        stream: String,
+        group: String,
+        reason: Option<String>,
+    },
     /// The connection was lost; the client reconnects with backoff and resumes.
     Disconnected { reason: String },
     /// Something went wrong. When `terminal`, the client has stopped: no events follow.

@@ -68,6 +68,7 @@ pub mod sse;
 
 pub use backoff::Backoff;
 pub use client::Client;
+pub use connection::SettleOp;
 pub use config::Config;
 pub use error::Error;
 pub use event::{Event, Message, Subscription};

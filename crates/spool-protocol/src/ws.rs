@@ -27,6 +27,13 @@ pub enum ClientFrame {
     Unsubscribe(Unsubscribe),
     Publish(Publish),
     Refresh(Refresh),
+    Consume(Consume),
+    Credit(Credit),
+    Ack(Settle),
+    Nack(Settle),
+    Extend(Settle),
+    Terminate(Settle),
+    StopConsuming(StopConsuming),
     Ping(Ping),
     Pong(Ping),
 }
@@ -39,6 +46,13 @@ impl ClientFrame {
             ClientFrame::Unsubscribe(f) => f.id,
             ClientFrame::Publish(f) => f.id,
             ClientFrame::Refresh(f) => f.id,
+            ClientFrame::Consume(f) => f.id,
+            ClientFrame::Credit(f) => f.id,
+            ClientFrame::Ack(f)
+            | ClientFrame::Nack(f)
+            | ClientFrame::Extend(f)
+            | ClientFrame::Terminate(f) => f.id,
+            ClientFrame::StopConsuming(f) => f.id,
             ClientFrame::Connect(_) | ClientFrame::Ping(_) | ClientFrame::Pong(_) => None,
         }
     }
@@ -114,6 +128,68 @@ pub struct Refresh {
     pub token: String,
 }
 
+/// Most credit one consume may grant: unsettled leases pushed at once.
+pub const MAX_CREDIT: u32 = 1000;
+
+/// Join a consumer group (SPEC §7) as `consumer`: the server pushes `leased` frames while the
+/// member holds fewer unsettled leases than `credit`. One consume per (stream, group) per
+/// connection; a consume is not part of the session (see docs/protocol.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consume {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub stream: String,
+    pub group: String,
+    /// The member (same rules as a stream name).
+    pub consumer: String,
+    /// The window: most unsettled leases pushed at once, 0–[`MAX_CREDIT`] (0: paused).
+    pub credit: u32,
+    /// The lease length of this member's messages (default: the group's), `"30s"` or seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visibility_timeout: Option<crate::groups::DurationText>,
+}
+
+/// Sets a consume's window to `credit` (0–[`MAX_CREDIT`]); leases already pushed stay.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub stream: String,
+    pub group: String,
+    pub credit: u32,
+}
+
+/// `ack`, `nack`, `extend` and `terminate` of leases of a consume on this connection, by
+/// receipt (up to 1000). `delay` and `reason` are for `nack`, `reason` for `terminate`,
+/// `visibility_timeout` for `extend`; any other combination is refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settle {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub stream: String,
+    pub group: String,
+    pub receipts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<crate::groups::DurationText>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visibility_timeout: Option<crate::groups::DurationText>,
+}
+
+/// Leave a consumer group: the leases still held are given back at once.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopConsuming {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub stream: String,
+    pub group: String,
+}
+
 /// A heartbeat; either side sends `ping`, the other answers `pong`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -131,6 +207,11 @@ pub enum ServerFrame {
     Skipped(Skipped),
     Ack(Ack),
     Refreshed(Refreshed),
+    Consuming(Consuming),
+    Leased(Leased),
+    Settled(Settled),
+    GroupReset(GroupReset),
+    Stopped(Stopped),
     Error(ErrorFrame),
     Ping(Ping),
     Pong(Ping),
@@ -263,6 +344,90 @@ pub struct Refreshed {
     pub expires_at: Option<u64>,
 }
 
+/// A consume is active (the answer to `consume` and to `credit`), with its window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consuming {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub stream: String,
+    pub group: String,
+    pub consumer: String,
+    pub credit: u32,
+}
+
+/// A message leased to this connection's member of `group`: settle it by `receipt`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leased {
+    pub stream: String,
+    pub group: String,
+    /// Settles this lease (ack, nack, extend, terminate); valid for this delivery only.
+    pub receipt: String,
+    /// 1 on the first delivery.
+    pub deliveries: u32,
+    pub epoch: String,
+    pub offset: u64,
+    /// Publish time, ms since the Unix epoch.
+    pub time: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Leased {
+    /// The payload bytes, decoded from `data` or `data_base64`.
+    pub fn payload(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        crate::http::decode_payload(self.data.as_deref(), self.data_base64.as_deref())
+    }
+}
+
+/// The answer of `ack`, `nack`, `extend` and `terminate`: one result per receipt, in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settled {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub stream: String,
+    pub group: String,
+    /// `ack`, `nack`, `extend` or `terminate`.
+    pub op: String,
+    pub results: Vec<crate::groups::ReceiptOutcome>,
+}
+
+/// The group recorded a loss of continuity while this member consumed (never silent).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupReset {
+    pub stream: String,
+    pub group: String,
+    /// `epoch_changed`, `history_expired` or `unknown_stream`.
+    pub reason: String,
+    /// Messages lost (a lower bound after an epoch change).
+    pub lost: u64,
+    /// When, ms since the Unix epoch.
+    pub at: u64,
+    /// The group's cursor before and after, `EPOCH:OFFSET`.
+    pub from: String,
+    pub to: String,
+}
+
+/// A consume ended: asked for (`stop_consuming`), or by the server with `reason`
+/// (`group_not_found`: the group was deleted; `forbidden`: a refresh took the right away).
+/// The leases it held have been given back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stopped {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub stream: String,
+    pub group: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// A request failed, or the connection is about to close (then a close frame follows).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorFrame {
@@ -362,6 +527,38 @@ mod tests {
     }
 
     #[test]
+    fn consume_frames_parse() {
+        let f: ClientFrame = serde_json::from_str(
+            r#"{"type":"consume","id":1,"stream":"jobs","group":"g","consumer":"w1","credit":10,"visibility_timeout":"30s"}"#,
+        )
+        .unwrap();
+        let ClientFrame::Consume(c) = f else {
+            panic!("not a consume: {f:?}")
+        };
+        assert_eq!(
+            (c.credit, c.visibility_timeout.unwrap().0.as_secs()),
+            (10, 30)
+        );
+        let f: ClientFrame = serde_json::from_str(
+            r#"{"type":"nack","id":2,"stream":"jobs","group":"g","receipts":["a"],"delay":"1s"}"#,
+        )
+        .unwrap();
+        assert!(matches!(f, ClientFrame::Nack(ref s) if s.receipts == ["a"]));
+        assert_eq!(f.id(), Some(2));
+        let f: ClientFrame =
+            serde_json::from_str(r#"{"type":"stop_consuming","stream":"jobs","group":"g"}"#)
+                .unwrap();
+        assert!(matches!(f, ClientFrame::StopConsuming(_)));
+        for bad in [
+            r#"{"type":"consume","stream":"a","group":"g","consumer":"w"}"#,
+            r#"{"type":"credit","stream":"a","group":"g","credit":-1}"#,
+            r#"{"type":"ack","stream":"a","group":"g","receipts":[],"max":1}"#,
+        ] {
+            assert!(serde_json::from_str::<ClientFrame>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn server_frames_round_trip() {
         let frames = [
             ServerFrame::Ack(Ack {
@@ -377,6 +574,22 @@ mod tests {
                 message: "x".into(),
             }),
             ServerFrame::Ping(Ping {}),
+            ServerFrame::Settled(Settled {
+                id: Some(2),
+                stream: "s".into(),
+                group: "g".into(),
+                op: "ack".into(),
+                results: vec![crate::groups::ReceiptOutcome {
+                    receipt: "r".into(),
+                    result: crate::groups::ReceiptResult::Ok,
+                }],
+            }),
+            ServerFrame::Stopped(Stopped {
+                id: None,
+                stream: "s".into(),
+                group: "g".into(),
+                reason: Some("group_not_found".into()),
+            }),
         ];
         for f in frames {
             let text = serde_json::to_string(&f).unwrap();

@@ -7,7 +7,7 @@ use spool_core::{Epoch, Offset, Position};
 use spool_protocol::ws::{self, ClientFrame, ServerFrame, close};
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
-use super::{Connection, End, handshake::closed};
+use super::{Connection, End, GroupAnswer, handshake::closed};
 use crate::{Ack, Error, Event, Message, Subscription};
 
 impl Connection {
@@ -133,6 +133,62 @@ impl Connection {
                 self.going_away = Some(reconnect.reason);
                 Ok(())
             }
+            ServerFrame::Consuming(consuming) => {
+                let Some(id) = consuming.id else {
+                    return Ok(());
+                };
+                let key = (consuming.stream, consuming.group);
+                if let Some(consume) = self.consumes.get_mut(&key)
+                    && consume.pending == Some(id)
+                {
+                    consume.pending = None;
+                    if let Some(waiter) = consume.waiter.take() {
+                        let _ = waiter.send(Ok(()));
+                    }
+                } else if let Some(GroupAnswer::Done(reply)) = self.group_answers.remove(&id) {
+                    let _ = reply.send(Ok(()));
+                }
+                Ok(())
+            }
+            ServerFrame::Leased(leased) => {
+                if !self
+                    .consumes
+                    .contains_key(&(leased.stream.clone(), leased.group.clone()))
+                {
+                    return Ok(()); // stopped since: the server gives it back
+                }
+                self.emit(Event::Leased(leased)).await
+            }
+            ServerFrame::Settled(settled) => {
+                if let Some(GroupAnswer::Settled(reply)) =
+                    settled.id.and_then(|id| self.group_answers.remove(&id))
+                {
+                    let _ = reply.send(Ok(settled.results));
+                }
+                Ok(())
+            }
+            ServerFrame::GroupReset(reset) => self.emit(Event::GroupReset(reset)).await,
+            ServerFrame::Stopped(stopped) => {
+                if let Some(GroupAnswer::Done(reply)) =
+                    stopped.id.and_then(|id| self.group_answers.remove(&id))
+                {
+                    let _ = reply.send(Ok(()));
+                }
+                if stopped.reason.is_some()
+                    && self
+                        .consumes
+                        .remove(&(stopped.stream.clone(), stopped.group.clone()))
+                        .is_some()
+                {
+                    self.emit(Event::ConsumeStopped {
+                        stream: stopped.stream,
+                        group: stopped.group,
+                        reason: stopped.reason,
+                    })
+                    .await?;
+                }
+                Ok(())
+            }
             ServerFrame::Connected(_) => {
                 self.warn(Error::Protocol("a second `connected`".into()))
                     .await
@@ -191,6 +247,42 @@ impl Connection {
             }
             if let Some(refresh) = self.refreshes.remove(&id) {
                 let _ = refresh.reply.send(Err(error));
+                return Ok(());
+            }
+            match self.group_answers.remove(&id) {
+                Some(GroupAnswer::Done(reply)) => {
+                    let _ = reply.send(Err(error));
+                    return Ok(());
+                }
+                Some(GroupAnswer::Settled(reply)) => {
+                    let _ = reply.send(Err(error));
+                    return Ok(());
+                }
+                None => {}
+            }
+            let refused = self
+                .consumes
+                .iter()
+                .find(|(_, c)| c.pending == Some(id))
+                .map(|(key, _)| key.clone());
+            if let Some(key) = refused
+                && let Some(consume) = self.consumes.remove(&key)
+            {
+                match consume.waiter {
+                    Some(waiter) => {
+                        let _ = waiter.send(Err(error));
+                    }
+                    // A consume sent again after a reconnect was refused (the group is
+                    // gone, or the token no longer allows it): it is over.
+                    None => {
+                        self.emit(Event::ConsumeStopped {
+                            stream: key.0,
+                            group: key.1,
+                            reason: Some(frame.code.as_str().to_owned()),
+                        })
+                        .await?;
+                    }
+                }
                 return Ok(());
             }
             let refused = self

@@ -39,6 +39,8 @@ use tokio_tungstenite::{
 use tokio_util::sync::CancellationToken;
 
 use self::frames::subscription;
+use spool_protocol::groups::ReceiptOutcome;
+
 use crate::{Ack, Config, Error, Event, Subscription, backoff::Backoff, cursor::Cursor};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -73,6 +75,53 @@ pub(crate) enum Command {
         token: String,
         reply: Reply<Option<u64>>,
     },
+    /// Consumer groups (docs/protocol.md "Consumer groups").
+    Consume {
+        frame: ws::Consume,
+        reply: Reply<()>,
+    },
+    Credit {
+        stream: String,
+        group: String,
+        credit: u32,
+        reply: Reply<()>,
+    },
+    Settle {
+        op: SettleOp,
+        frame: ws::Settle,
+        reply: Reply<Vec<ReceiptOutcome>>,
+    },
+    StopConsuming {
+        stream: String,
+        group: String,
+        reply: Reply<()>,
+    },
+}
+
+/// The settle operations of a consumed group's leases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettleOp {
+    Ack,
+    Nack,
+    Extend,
+    Terminate,
+}
+
+/// A consume, kept across connections: sent again after a reconnect (the server gave its
+/// leases back when the connection ended).
+struct Consuming {
+    frame: ws::Consume,
+    /// The id of the `consume` sent on this connection and not answered yet.
+    pending: Option<u64>,
+    /// The application's `consume` call, until the first `consuming`.
+    waiter: Option<Reply<()>>,
+}
+
+/// A consumer-group request waiting for its answer on this connection.
+enum GroupAnswer {
+    /// `credit` and `stop_consuming`.
+    Done(Reply<()>),
+    Settled(Reply<Vec<ReceiptOutcome>>),
 }
 
 /// Why a connection (or the whole task) ended.
@@ -121,6 +170,9 @@ pub(crate) struct Connection {
     refreshes: BTreeMap<u64, PendingRefresh>,
     /// Refreshes answered by the next `connected` (its token is already in `token`).
     refreshes_after_connect: Vec<Reply<Option<u64>>>,
+    /// Consumes by (stream, group), and their requests waiting for an answer by id.
+    consumes: BTreeMap<(String, String), Consuming>,
+    group_answers: BTreeMap<u64, GroupAnswer>,
     next_id: u64,
     /// The write half of the current connection, if there is one.
     sink: Option<Sink>,
@@ -148,6 +200,8 @@ impl Connection {
             publishes: BTreeMap::new(),
             refreshes: BTreeMap::new(),
             refreshes_after_connect: Vec::new(),
+            consumes: BTreeMap::new(),
+            group_answers: BTreeMap::new(),
             next_id: 1,
             sink: None,
             going_away: None,
@@ -271,6 +325,10 @@ impl Connection {
         for frame in frames {
             self.feed(ClientFrame::Publish(frame)).await?;
         }
+        let consumes: Vec<(String, String)> = self.consumes.keys().cloned().collect();
+        for key in consumes {
+            self.send_consume(&key).await?;
+        }
         self.flush().await
     }
 
@@ -285,6 +343,23 @@ impl Connection {
         for (_, refresh) in std::mem::take(&mut self.refreshes) {
             self.token = Some(refresh.token);
             self.refreshes_after_connect.push(refresh.reply);
+        }
+        // Consumes are sent again on the next connection (with the credit asked for last);
+        // the leases they held were given back, so their settles cannot be answered.
+        for consume in self.consumes.values_mut() {
+            consume.pending = None;
+        }
+        for (_, answer) in std::mem::take(&mut self.group_answers) {
+            match answer {
+                GroupAnswer::Done(reply) => drop(reply.send(Ok(()))),
+                GroupAnswer::Settled(reply) => drop(
+                    reply.send(Err(Error::ConnectionLost(
+                        "the connection was lost before the settle was answered; the leases \
+                     were given back"
+                            .into(),
+                    ))),
+                ),
+            }
         }
     }
 
@@ -409,6 +484,17 @@ impl Connection {
                 let _ = waiter.send(Err(error.clone()));
             }
         }
+        for (_, consume) in std::mem::take(&mut self.consumes) {
+            if let Some(waiter) = consume.waiter {
+                let _ = waiter.send(Err(error.clone()));
+            }
+        }
+        for (_, answer) in std::mem::take(&mut self.group_answers) {
+            match answer {
+                GroupAnswer::Done(reply) => drop(reply.send(Err(error.clone()))),
+                GroupAnswer::Settled(reply) => drop(reply.send(Err(error.clone()))),
+            }
+        }
         self.commands.close();
         while let Ok(command) = self.commands.try_recv() {
             command.fail(error.clone());
@@ -460,6 +546,97 @@ impl Connection {
                     .await?;
                 }
                 let _ = reply.send(Ok(()));
+            }
+            Command::Consume { frame, reply } => {
+                let key = (frame.stream.clone(), frame.group.clone());
+                if self.consumes.contains_key(&key) {
+                    let _ = reply.send(Err(Error::Protocol(format!(
+                        "already consuming group {:?} of stream {:?}; use credit",
+                        key.1, key.0
+                    ))));
+                    return Ok(());
+                }
+                self.consumes.insert(
+                    key.clone(),
+                    Consuming {
+                        frame,
+                        pending: None,
+                        waiter: Some(reply),
+                    },
+                );
+                if self.sink.is_some() {
+                    self.send_consume(&key).await?;
+                }
+            }
+            Command::Credit {
+                stream,
+                group,
+                credit,
+                reply,
+            } => {
+                let Some(consume) = self.consumes.get_mut(&(stream.clone(), group.clone())) else {
+                    let _ = reply.send(Err(Error::Protocol(format!(
+                        "not consuming group {group:?} of stream {stream:?}"
+                    ))));
+                    return Ok(());
+                };
+                consume.frame.credit = credit;
+                if self.sink.is_none() {
+                    // Sent with the consume on the next connection.
+                    let _ = reply.send(Ok(()));
+                    return Ok(());
+                }
+                let id = self.take_id();
+                self.group_answers.insert(id, GroupAnswer::Done(reply));
+                self.feed(ClientFrame::Credit(ws::Credit {
+                    id: Some(id),
+                    stream,
+                    group,
+                    credit,
+                }))
+                .await?;
+            }
+            Command::Settle {
+                op,
+                mut frame,
+                reply,
+            } => {
+                if self.sink.is_none() {
+                    let _ = reply.send(Err(Error::ConnectionLost(
+                        "not connected: the leases were given back when the connection ended"
+                            .into(),
+                    )));
+                    return Ok(());
+                }
+                let id = self.take_id();
+                frame.id = Some(id);
+                self.group_answers.insert(id, GroupAnswer::Settled(reply));
+                self.feed(match op {
+                    SettleOp::Ack => ClientFrame::Ack(frame),
+                    SettleOp::Nack => ClientFrame::Nack(frame),
+                    SettleOp::Extend => ClientFrame::Extend(frame),
+                    SettleOp::Terminate => ClientFrame::Terminate(frame),
+                })
+                .await?;
+            }
+            Command::StopConsuming {
+                stream,
+                group,
+                reply,
+            } => {
+                let was = self.consumes.remove(&(stream.clone(), group.clone()));
+                if was.is_none() || self.sink.is_none() {
+                    let _ = reply.send(Ok(()));
+                    return Ok(());
+                }
+                let id = self.take_id();
+                self.group_answers.insert(id, GroupAnswer::Done(reply));
+                self.feed(ClientFrame::StopConsuming(ws::StopConsuming {
+                    id: Some(id),
+                    stream,
+                    group,
+                }))
+                .await?;
             }
             Command::Publish { mut frame, reply } => {
                 let id = self.take_id();
@@ -516,6 +693,18 @@ impl Connection {
         .await
     }
 
+    /// Sends the `consume` of `key` on this connection.
+    async fn send_consume(&mut self, key: &(String, String)) -> Result<(), End> {
+        let id = self.take_id();
+        let Some(consume) = self.consumes.get_mut(key) else {
+            return Ok(());
+        };
+        consume.pending = Some(id);
+        let mut frame = consume.frame.clone();
+        frame.id = Some(id);
+        self.feed(ClientFrame::Consume(frame)).await
+    }
+
     fn take_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -569,6 +758,10 @@ impl Command {
             Command::Unsubscribe { reply, .. } => drop(reply.send(Err(error))),
             Command::Publish { reply, .. } => drop(reply.send(Err(error))),
             Command::Refresh { reply, .. } => drop(reply.send(Err(error))),
+            Command::Consume { reply, .. }
+            | Command::Credit { reply, .. }
+            | Command::StopConsuming { reply, .. } => drop(reply.send(Err(error))),
+            Command::Settle { reply, .. } => drop(reply.send(Err(error))),
         }
     }
 }

@@ -24,6 +24,7 @@ use tokio_stream::StreamMap;
 
 use super::{
     CloseReason, Command, Event, Protocol, SubscribeOptions, SubscribedTo,
+    consume::Consumes,
     deliveries::{Deliveries, deliveries},
     outbound::{Close, Frame, Gone, Outbound, Taken},
 };
@@ -84,6 +85,7 @@ pub async fn run<P: Protocol>(
     );
     let (close_tx, close_rx) = tokio::sync::oneshot::channel();
     let mut writer = tokio::spawn(writer.run(close_rx));
+    let (consumes, mut consumed) = Consumes::new(&state, out.room.clone());
 
     let mut conn = Connection {
         protocol,
@@ -108,6 +110,7 @@ pub async fn run<P: Protocol>(
         history: HashMap::new(),
         not_before: HashMap::new(),
         held: HashMap::new(),
+        consumes,
     };
     let mut subs: StreamMap<Arc<str>, Deliveries> = StreamMap::new();
     let mut round: Option<Round> = None;
@@ -141,7 +144,8 @@ pub async fn run<P: Protocol>(
         // Publishes waiting for their ack are bounded in count and in bytes: at either bound,
         // client frames are not read until acks drain (backpressure through TCP).
         let reading = conn.pending.len() < ws.max_inflight_publishes
-            && conn.pending_bytes + conn.round_bytes < ws.max_inflight_publish_bytes;
+            && conn.pending_bytes + conn.round_bytes < ws.max_inflight_publish_bytes
+            && conn.consumes.accepting();
         if !reading {
             // While the server does not read, the client's answer cannot be seen: the next
             // ping starts the wait again.
@@ -179,6 +183,9 @@ pub async fn run<P: Protocol>(
             }
             Some((stream, batch)) = subs.next(), if !subs.is_empty() => {
                 conn.deliver(&stream, batch).await
+            }
+            Some(event) = consumed.recv() => {
+                conn.consumes.on_event(event, &conn.protocol, &conn.out).await.map_err(End::from)
             }
             _ = ping_at.as_mut() => {
                 // The next ping is due one interval after this one was: no drift.
@@ -298,6 +305,8 @@ struct Connection<P> {
     not_before: HashMap<Arc<str>, u64>,
     /// Restored subscriptions not delivering yet (`hold_restored`), since when.
     held: HashMap<Arc<str>, (Opened, Instant)>,
+    /// Consumer groups consumed on this connection (`super::consume`).
+    consumes: Consumes,
 }
 
 impl<P: Protocol> Connection<P> {
@@ -459,6 +468,15 @@ impl<P: Protocol> Connection<P> {
                 Ok(())
             }
             Command::Refresh { id, token } => self.refresh(id, &token, subs, expiry).await,
+            Command::Consume(command) => {
+                let Some(principal) = self.principal.as_ref() else {
+                    return Ok(());
+                };
+                self.consumes
+                    .command(command, principal, &self.state, &self.protocol, &self.out)
+                    .await
+                    .map_err(End::from)
+            }
         }
     }
 
@@ -916,6 +934,7 @@ impl<P: Protocol> Connection<P> {
             .cloned()
             .collect();
         self.principal = Some(principal.clone());
+        self.consumes.retain_allowed(&principal);
         self.reply(&Event::Refreshed {
             id,
             expires_at: principal.expires_at(),

@@ -10,6 +10,7 @@
 //! picked by subprotocol in `super::upgrade`.
 
 mod connection;
+pub mod consume;
 mod deliveries;
 mod outbound;
 
@@ -50,6 +51,12 @@ pub trait Protocol: Send + 'static {
     /// A last frame sent before the close frame when the connection ends for `why`, for
     /// protocols that say why in a frame of their own.
     fn farewell(&self, _why: CloseReason) -> Option<WsMessage> {
+        None
+    }
+
+    /// A consumer-group event as the frame to send, for protocols that decode consume
+    /// commands ([`Command::Consume`]); `None`: the protocol has no frame for it.
+    fn encode_consume(&self, _event: &consume::ConsumeEvent<'_>) -> Option<WsMessage> {
         None
     }
 
@@ -111,6 +118,9 @@ pub enum Command {
     Ping,
     /// The client's answer to [`Event::Ping`].
     Pong,
+    /// Consumer groups: consume, credit, ack / nack / extend / terminate, stop
+    /// ([`consume`]).
+    Consume(consume::ConsumeCommand),
     /// A frame the protocol answered by itself (a refusal it decides alone, or something it
     /// ignores): the core sends this frame, if any, and does nothing else.
     Answer(Option<WsMessage>),
@@ -142,6 +152,7 @@ impl Command {
             | Command::Unsubscribe { id, .. }
             | Command::Publish { id, .. }
             | Command::Refresh { id, .. } => *id,
+            Command::Consume(c) => c.id(),
             Command::Connect { .. } | Command::Ping | Command::Pong | Command::Answer(_) => None,
         }
     }

@@ -6,10 +6,14 @@
 use std::sync::Arc;
 
 use axum::extract::ws::Message as WsMessage;
-use spool_protocol::ws::{self as proto, ClientFrame, ServerFrame, close};
+use spool_protocol::{
+    groups::ReceiptOutcome,
+    ws::{self as proto, ClientFrame, ServerFrame, close},
+};
 
 use super::core::{
     CloseReason, Command, DecodeError, Event, Protocol, SubscribeOptions, SubscribedTo,
+    consume::{ConsumeCommand, ConsumeEvent, SettleOp},
 };
 use crate::delivery::{
     encode::Encodings,
@@ -72,6 +76,29 @@ impl Protocol for SpoolV1 {
                 id: r.id,
                 token: r.token,
             },
+            ClientFrame::Consume(c) => Command::Consume(ConsumeCommand::Start {
+                id: c.id,
+                stream: c.stream,
+                group: c.group,
+                consumer: c.consumer,
+                credit: c.credit,
+                visibility_timeout: c.visibility_timeout.map(|d| d.0),
+            }),
+            ClientFrame::Credit(c) => Command::Consume(ConsumeCommand::Credit {
+                id: c.id,
+                stream: c.stream,
+                group: c.group,
+                credit: c.credit,
+            }),
+            ClientFrame::Ack(s) => settle(SettleOp::Ack, s),
+            ClientFrame::Nack(s) => settle(SettleOp::Nack, s),
+            ClientFrame::Extend(s) => settle(SettleOp::Extend, s),
+            ClientFrame::Terminate(s) => settle(SettleOp::Terminate, s),
+            ClientFrame::StopConsuming(s) => Command::Consume(ConsumeCommand::Stop {
+                id: s.id,
+                stream: s.stream,
+                group: s.group,
+            }),
             ClientFrame::Ping(_) => Command::Ping,
             ClientFrame::Pong(_) => Command::Pong,
         })
@@ -171,6 +198,94 @@ impl Protocol for SpoolV1 {
         Some(WsMessage::Text(encode(&frame).into()))
     }
 
+    fn encode_consume(&self, event: &ConsumeEvent<'_>) -> Option<WsMessage> {
+        let frame = match event {
+            // `{"type":"leased","stream","group","receipt","deliveries",` then the shared
+            // long-poll form of the message without its opening brace.
+            ConsumeEvent::Leased {
+                stream,
+                group,
+                receipt,
+                deliveries,
+                epoch,
+                message,
+            } => {
+                let body = self.encodings.body(stream, epoch, message);
+                let mut out = String::with_capacity(body.len() + receipt.len() + 128);
+                out.push_str(r#"{"type":"leased","stream":"#);
+                push_json(&mut out, stream);
+                out.push_str(r#","group":"#);
+                push_json(&mut out, group);
+                out.push_str(r#","receipt":"#);
+                push_json(&mut out, receipt);
+                out.push_str(r#","deliveries":"#);
+                out.push_str(&deliveries.to_string());
+                out.push(',');
+                out.push_str(&body.as_str()[1..]);
+                return Some(WsMessage::Text(out.into()));
+            }
+            ConsumeEvent::Consuming {
+                id,
+                stream,
+                group,
+                consumer,
+                credit,
+            } => ServerFrame::Consuming(proto::Consuming {
+                id: *id,
+                stream: (*stream).to_owned(),
+                group: (*group).to_owned(),
+                consumer: (*consumer).to_owned(),
+                credit: *credit,
+            }),
+            ConsumeEvent::Settled {
+                id,
+                stream,
+                group,
+                op,
+                receipts,
+                results,
+            } => ServerFrame::Settled(proto::Settled {
+                id: *id,
+                stream: (*stream).to_owned(),
+                group: (*group).to_owned(),
+                op: op.as_str().to_owned(),
+                results: receipts
+                    .iter()
+                    .zip(results.iter())
+                    .map(|(receipt, result)| ReceiptOutcome {
+                        receipt: receipt.clone(),
+                        result: *result,
+                    })
+                    .collect(),
+            }),
+            ConsumeEvent::GroupReset {
+                stream,
+                group,
+                reset,
+            } => ServerFrame::GroupReset(proto::GroupReset {
+                stream: (*stream).to_owned(),
+                group: (*group).to_owned(),
+                reason: reset.reason.as_str().to_owned(),
+                lost: reset.lost,
+                at: reset.at_ms,
+                from: reset.from.to_string(),
+                to: reset.to.to_string(),
+            }),
+            ConsumeEvent::Stopped {
+                id,
+                stream,
+                group,
+                reason,
+            } => ServerFrame::Stopped(proto::Stopped {
+                id: *id,
+                stream: (*stream).to_owned(),
+                group: (*group).to_owned(),
+                reason: reason.map(str::to_owned),
+            }),
+        };
+        Some(WsMessage::Text(encode(&frame).into()))
+    }
+
     fn close(&self, why: CloseReason) -> (u16, &'static str) {
         match why {
             CloseReason::ShuttingDown => (close::GOING_AWAY, "server shutting down"),
@@ -198,6 +313,28 @@ fn subscribed(s: &SubscribedTo<'_>) -> proto::Subscribed {
         stream: s.stream.to_owned(),
         position: s.position.to_string(),
         head: s.head.to_string(),
+    }
+}
+
+/// A settle frame as a consume command.
+fn settle(op: SettleOp, s: proto::Settle) -> Command {
+    Command::Consume(ConsumeCommand::Settle {
+        id: s.id,
+        stream: s.stream,
+        group: s.group,
+        op,
+        receipts: s.receipts,
+        delay: s.delay.map(|d| d.0),
+        reason: s.reason,
+        visibility_timeout: s.visibility_timeout.map(|d| d.0),
+    })
+}
+
+/// Appends `text` as a JSON string.
+fn push_json(out: &mut String, text: &str) {
+    // Writing a string to a String cannot fail.
+    if let Ok(quoted) = serde_json::to_string(text) {
+        out.push_str(&quoted);
     }
 }
 

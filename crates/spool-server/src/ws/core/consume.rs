@@ -1,0 +1,1081 @@
+//! Consumer groups over a WebSocket connection (SPEC §7, docs/protocol.md "Consumer groups"):
+//! a member joins a group with a **credit** (a window), and the server pushes leased messages
+//! while the member holds fewer unsettled leases than its credit. An ack, nack or terminate of
+//! one of them — and a lease that ran out — returns its credit; an extend does not.
+//!
+//! # One task per consume
+//!
+//! [`Consumes`] is the connection's side: at most [`MAX_CONSUMES`] consumes, one per
+//! (stream, group), each a task (spawned on the server's task tracker, so shutdown waits for
+//! it) with two halves:
+//!
+//! - the **pusher** long-polls `Groups::receive` for as many messages as the window has room
+//!   for (never holding the connection loop), sends each leased message to the connection
+//!   through a bounded channel, and waits when the window is full: for a settle, a new credit,
+//!   or the end of its earliest lease. Before each receive it waits for room in the
+//!   connection's outbound buffer, and each leased frame takes its share of that room as a
+//!   subscription's delivery does, so a member that does not read is a slow consumer like
+//!   any other (its buffer fills, the connection is closed after `--stuck-timeout`).
+//! - the **settler** runs the member's ack / nack / extend / terminate frames one after
+//!   another (consecutive acks as one group commit), so answers come in the order sent, and
+//!   returns credit for what they finished.
+//!
+//! # Not part of the session
+//!
+//! A consume ends with its connection (or `stop_consuming`): the leases it still holds are
+//! given back at once with a nack (best effort, bounded by [`GIVE_BACK_WITHIN`]; a lease not
+//! given back runs out as usual), so another member gets them without waiting for the
+//! visibility timeout. A reconnecting client consumes again.
+//!
+//! # Bounds
+//!
+//! Credit ≤ [`MAX_CREDIT`] per consume; consumes per connection ≤ [`MAX_CONSUMES`]; settle
+//! frames queued per connection ≤ [`MAX_QUEUED_SETTLES`] and [`MAX_QUEUED_SETTLE_BYTES`] (at
+//! either bound the connection stops reading frames until they drain, as for publishes); the
+//! channel from the tasks to the connection holds [`EVENTS`] events.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use spool_core::{
+    Clock, Epoch, Message, StreamName,
+    group::{
+        GroupName, GroupReset, MemberName, ReceiptResult, ReceiveRequest, receive::MAX_RECEIPTS,
+    },
+};
+use spool_protocol::{ErrorCode, ws::MAX_CREDIT};
+use tokio::{
+    sync::{Notify, mpsc},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Event, Protocol,
+    outbound::{Frame, Gone, Outbound, Room, Taken},
+};
+use crate::{
+    AppState,
+    auth::{Action, Principal},
+    delivery::groups::{GroupError, Groups, Leased, Settle},
+    error::ApiError,
+};
+
+/// Consumes one connection may hold at once.
+pub const MAX_CONSUMES: usize = 16;
+/// Settle frames one connection may have waiting for their task, and their receipts' bytes.
+pub const MAX_QUEUED_SETTLES: usize = 64;
+pub const MAX_QUEUED_SETTLE_BYTES: usize = 4 * 1024 * 1024;
+/// Events the consume tasks of one connection may have waiting for it.
+pub const EVENTS: usize = 64;
+/// How long one receive waits (long-poll) before it starts again.
+const POLL: Duration = Duration::from_secs(20);
+/// How long an ending consume tries to give its leases back.
+pub const GIVE_BACK_WITHIN: Duration = Duration::from_secs(5);
+/// Longest wait between retries of a consume whose receives fail.
+const MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// What a client asks of its consumes (one protocol frame each).
+#[derive(Debug)]
+pub enum ConsumeCommand {
+    Start {
+        id: Option<u64>,
+        stream: String,
+        group: String,
+        consumer: String,
+        credit: u32,
+        visibility_timeout: Option<Duration>,
+    },
+    /// The window becomes `credit`.
+    Credit {
+        id: Option<u64>,
+        stream: String,
+        group: String,
+        credit: u32,
+    },
+    Settle {
+        id: Option<u64>,
+        stream: String,
+        group: String,
+        op: SettleOp,
+        receipts: Vec<String>,
+        /// For `nack`.
+        delay: Option<Duration>,
+        /// For `nack` and `terminate`.
+        reason: Option<String>,
+        /// For `extend`.
+        visibility_timeout: Option<Duration>,
+    },
+    Stop {
+        id: Option<u64>,
+        stream: String,
+        group: String,
+    },
+}
+
+impl ConsumeCommand {
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            ConsumeCommand::Start { id, .. }
+            | ConsumeCommand::Credit { id, .. }
+            | ConsumeCommand::Settle { id, .. }
+            | ConsumeCommand::Stop { id, .. } => *id,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettleOp {
+    Ack,
+    Nack,
+    Extend,
+    Terminate,
+}
+
+impl SettleOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettleOp::Ack => "ack",
+            SettleOp::Nack => "nack",
+            SettleOp::Extend => "extend",
+            SettleOp::Terminate => "terminate",
+        }
+    }
+
+    /// Whether an `ok` (or any answer: the lease is over either way) returns the credit.
+    fn ends_lease(self) -> bool {
+        self != SettleOp::Extend
+    }
+}
+
+/// What the server tells a consuming client; a protocol encodes it with
+/// [`Protocol::encode_consume`].
+#[derive(Debug)]
+pub enum ConsumeEvent<'a> {
+    /// The consume is active with this window (the answer to a start and to a credit).
+    Consuming {
+        id: Option<u64>,
+        stream: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        credit: u32,
+    },
+    Leased {
+        stream: &'a str,
+        group: &'a str,
+        receipt: &'a str,
+        deliveries: u32,
+        epoch: &'a Epoch,
+        message: &'a Arc<Message>,
+    },
+    /// One result per receipt, in the order sent.
+    Settled {
+        id: Option<u64>,
+        stream: &'a str,
+        group: &'a str,
+        op: SettleOp,
+        receipts: &'a [String],
+        results: &'a [ReceiptResult],
+    },
+    GroupReset {
+        stream: &'a str,
+        group: &'a str,
+        reset: &'a GroupReset,
+    },
+    /// The consume ended (asked for, or the server's `reason`); its leases were given back.
+    Stopped {
+        id: Option<u64>,
+        stream: &'a str,
+        group: &'a str,
+        reason: Option<&'a str>,
+    },
+}
+
+type Key = (Arc<str>, Arc<str>);
+
+/// What a consume task tells its connection.
+pub struct TaskEvent {
+    key: Key,
+    generation: u64,
+    kind: Kind,
+}
+
+enum Kind {
+    Leased {
+        leased: Leased,
+        receipt: String,
+        room: Taken,
+    },
+    Reset(GroupReset),
+    Settled {
+        id: Option<u64>,
+        op: SettleOp,
+        receipts: Vec<String>,
+        results: Result<Vec<ReceiptResult>, ApiError>,
+    },
+    Stopped {
+        id: Option<u64>,
+        reason: Option<&'static str>,
+    },
+}
+
+/// Shared by a consume's task and its connection.
+struct Shared {
+    /// The window.
+    credit: AtomicU32,
+    /// Leases pushed and not settled: receipt → when it runs out (the clock's ms).
+    held: parking_lot::Mutex<HashMap<String, u64>>,
+    /// Woken when the window or the leases held change.
+    wake: Notify,
+    /// The receive under way, cancelled when the window shrinks under it.
+    round: parking_lot::Mutex<Option<CancellationToken>>,
+    /// Why the task is being stopped: the request id and the server's reason.
+    stop: parking_lot::Mutex<Option<(Option<u64>, Option<&'static str>)>>,
+}
+
+impl Shared {
+    /// Room in the window now, after dropping leases that ran out; and the earliest lease end.
+    fn room(&self, now: u64) -> (u32, Option<u64>) {
+        let mut held = self.held.lock();
+        held.retain(|_, until| *until > now);
+        let room = (self.credit.load(Ordering::Relaxed) as usize).saturating_sub(held.len());
+        (room as u32, held.values().min().copied())
+    }
+}
+
+/// A settle frame waiting for its consume's settler.
+struct SettleJob {
+    id: Option<u64>,
+    op: SettleOp,
+    receipts: Vec<String>,
+    how: Settle,
+    /// For `extend`: the lease length to track.
+    extend_by: Duration,
+    bytes: usize,
+}
+
+struct Handle {
+    generation: u64,
+    consumer: Arc<str>,
+    shared: Arc<Shared>,
+    settles: mpsc::Sender<SettleJob>,
+    cancel: CancellationToken,
+    /// The group's visibility timeout when the consume started (what an extend without one
+    /// renews a lease for).
+    visibility: Duration,
+}
+
+/// Settle frames waiting in any of a connection's consumes.
+#[derive(Default)]
+struct Queued {
+    jobs: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+/// A connection's consumes.
+pub struct Consumes {
+    handles: HashMap<Key, Handle>,
+    generation: u64,
+    events: mpsc::Sender<TaskEvent>,
+    queued: Arc<Queued>,
+    room: Arc<Room>,
+    /// Parent of every consume's token; cancelled when the connection ends.
+    cancel: CancellationToken,
+}
+
+impl Drop for Consumes {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Consumes {
+    /// A connection's consumes, and the receiving end of their events (for its loop).
+    pub fn new(state: &AppState, room: Arc<Room>) -> (Self, mpsc::Receiver<TaskEvent>) {
+        let (events, rx) = mpsc::channel(EVENTS);
+        (
+            Self {
+                handles: HashMap::new(),
+                generation: 0,
+                events,
+                queued: Arc::default(),
+                room,
+                cancel: state.shutdown.child_token(),
+            },
+            rx,
+        )
+    }
+
+    /// Whether the connection may read another frame (settles waiting are under the bounds).
+    pub fn accepting(&self) -> bool {
+        self.queued.jobs.load(Ordering::Relaxed) < MAX_QUEUED_SETTLES
+            && self.queued.bytes.load(Ordering::Relaxed) < MAX_QUEUED_SETTLE_BYTES
+    }
+
+    /// Runs a client's consume command, answering it through `out`.
+    pub async fn command<P: Protocol>(
+        &mut self,
+        command: ConsumeCommand,
+        principal: &Principal,
+        state: &AppState,
+        protocol: &P,
+        out: &Outbound,
+    ) -> Result<(), Gone> {
+        let id = command.id();
+        match self.run(command, principal, state, protocol, out).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Values in frames are parameters, not bodies.
+                let code = match e.code {
+                    ErrorCode::InvalidBody => ErrorCode::InvalidParameter,
+                    code => code,
+                };
+                reply(
+                    protocol,
+                    out,
+                    &Event::Error {
+                        id,
+                        code,
+                        message: &e.message,
+                    },
+                )
+                .await
+            }
+        }
+    }
+
+    async fn run<P: Protocol>(
+        &mut self,
+        command: ConsumeCommand,
+        principal: &Principal,
+        state: &AppState,
+        protocol: &P,
+        out: &Outbound,
+    ) -> Result<(), ApiError> {
+        match command {
+            ConsumeCommand::Start {
+                id,
+                stream,
+                group,
+                consumer,
+                credit,
+                visibility_timeout,
+            } => {
+                self.start(
+                    id,
+                    &stream,
+                    &group,
+                    &consumer,
+                    credit,
+                    visibility_timeout,
+                    principal,
+                    state,
+                )
+                .await?;
+                let handle = self.handles.get(&key(&stream, &group));
+                let consumer = handle.map(|h| h.consumer.clone()).unwrap_or_default();
+                send_event(
+                    protocol,
+                    out,
+                    &ConsumeEvent::Consuming {
+                        id,
+                        stream: &stream,
+                        group: &group,
+                        consumer: &consumer,
+                        credit,
+                    },
+                )
+                .await
+                .map_err(|_| ApiError::bad_param("connection closed"))
+            }
+            ConsumeCommand::Credit {
+                id,
+                stream,
+                group,
+                credit,
+            } => {
+                check_credit(credit)?;
+                let handle = self.handle(&stream, &group)?;
+                let before = handle.shared.credit.swap(credit, Ordering::Relaxed);
+                if credit < before
+                    && let Some(round) = handle.shared.round.lock().as_ref()
+                {
+                    // A receive under way asked for the old window: end it now.
+                    round.cancel();
+                }
+                handle.shared.wake.notify_one();
+                let consumer = handle.consumer.clone();
+                send_event(
+                    protocol,
+                    out,
+                    &ConsumeEvent::Consuming {
+                        id,
+                        stream: &stream,
+                        group: &group,
+                        consumer: &consumer,
+                        credit,
+                    },
+                )
+                .await
+                .map_err(|_| ApiError::bad_param("connection closed"))
+            }
+            ConsumeCommand::Settle {
+                id,
+                stream,
+                group,
+                op,
+                receipts,
+                delay,
+                reason,
+                visibility_timeout,
+            } => {
+                let name =
+                    StreamName::new(&stream).map_err(|e| ApiError::invalid_name(&stream, e))?;
+                // Rights may have changed since the consume started (a refresh).
+                principal.check(Action::Consume, &name)?;
+                if receipts.len() > MAX_RECEIPTS {
+                    return Err(ApiError::bad_param(format!(
+                        "at most {MAX_RECEIPTS} receipts per frame; got {}",
+                        receipts.len()
+                    )));
+                }
+                let only = |given: bool, field: &str, ops: &str| {
+                    if given {
+                        Err(ApiError::bad_param(format!(
+                            "{field} is a field of {ops} only, not of {}",
+                            op.as_str()
+                        )))
+                    } else {
+                        Ok(())
+                    }
+                };
+                only(delay.is_some() && op != SettleOp::Nack, "delay", "nack")?;
+                only(
+                    reason.is_some() && !matches!(op, SettleOp::Nack | SettleOp::Terminate),
+                    "reason",
+                    "nack and terminate",
+                )?;
+                only(
+                    visibility_timeout.is_some() && op != SettleOp::Extend,
+                    "visibility_timeout",
+                    "extend",
+                )?;
+                let reason = Groups::reason(reason.as_deref())
+                    .map_err(|e| ApiError::bad_param(format!("reason: {e}")))?;
+                let handle = self.handle(&stream, &group)?;
+                let how = match op {
+                    SettleOp::Ack => Settle::Ack,
+                    SettleOp::Nack => Settle::Nack {
+                        delay: delay.unwrap_or(Duration::ZERO),
+                        reason,
+                    },
+                    SettleOp::Extend => Settle::Extend { visibility_timeout },
+                    SettleOp::Terminate => Settle::Terminate { reason },
+                };
+                let bytes = receipts.iter().map(|r| r.len() + 24).sum::<usize>() + 64;
+                let job = SettleJob {
+                    id,
+                    op,
+                    receipts,
+                    how,
+                    extend_by: visibility_timeout.unwrap_or(handle.visibility),
+                    bytes,
+                };
+                self.queued.jobs.fetch_add(1, Ordering::Relaxed);
+                self.queued.bytes.fetch_add(bytes, Ordering::Relaxed);
+                if handle.settles.try_send(job).is_err() {
+                    self.queued.jobs.fetch_sub(1, Ordering::Relaxed);
+                    self.queued.bytes.fetch_sub(bytes, Ordering::Relaxed);
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        ErrorCode::LimitReached,
+                        format!(
+                            "more than {MAX_QUEUED_SETTLES} settle frames waiting; read the answers"
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            ConsumeCommand::Stop { id, stream, group } => {
+                match self.handles.remove(&key(&stream, &group)) {
+                    // The task gives the leases back, then says `stopped`.
+                    Some(handle) => handle.stop(id, None),
+                    None => send_event(
+                        protocol,
+                        out,
+                        &ConsumeEvent::Stopped {
+                            id,
+                            stream: &stream,
+                            group: &group,
+                            reason: None,
+                        },
+                    )
+                    .await
+                    .map_err(|_| ApiError::bad_param("connection closed"))?,
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn handle(&self, stream: &str, group: &str) -> Result<&Handle, ApiError> {
+        self.handles.get(&key(stream, group)).ok_or_else(|| {
+            ApiError::bad_param(format!(
+                "not consuming group {group:?} of stream {stream:?} on this connection; \
+                 send consume first (a consume's leases are given back when it stops)"
+            ))
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn start(
+        &mut self,
+        id: Option<u64>,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        credit: u32,
+        visibility_timeout: Option<Duration>,
+        principal: &Principal,
+        state: &AppState,
+    ) -> Result<(), ApiError> {
+        let _ = id;
+        let name = StreamName::new(stream).map_err(|e| ApiError::invalid_name(stream, e))?;
+        let group_name = GroupName::new(group).map_err(|e| {
+            let shown: String = group.chars().take(64).collect();
+            ApiError::invalid_group_name(format!("invalid group name {shown:?}: {e}"))
+        })?;
+        Groups::check_user_name(&group_name)
+            .map_err(|e| ApiError::invalid_group_name(format!("{group:?}: {e}")))?;
+        principal.check(Action::Consume, &name)?;
+        let member = MemberName::new(consumer)
+            .map_err(|e| ApiError::bad_param(format!("invalid consumer name: {e}")))?;
+        check_credit(credit)?;
+        let request = ReceiveRequest {
+            member,
+            max: 1,
+            visibility_timeout,
+        };
+        request
+            .validate()
+            .map_err(|e| ApiError::bad_param(e.to_string()))?;
+        let groups = state
+            .groups
+            .clone()
+            .ok_or_else(|| ApiError::groups_unavailable(state.engine.name()))?;
+        let key = key(stream, group);
+        if self.handles.contains_key(&key) {
+            return Err(ApiError::bad_param(format!(
+                "already consuming group {group:?} of stream {stream:?} on this connection; \
+                 stop_consuming first, or send credit to change the window"
+            )));
+        }
+        if self.handles.len() >= MAX_CONSUMES {
+            return Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::LimitReached,
+                format!("at most {MAX_CONSUMES} consumes per connection"),
+            ));
+        }
+        // The group must exist now (a clear `group_not_found`), and its visibility timeout is
+        // what an extend without one renews a lease for.
+        let view = groups.describe(&name, &group_name).await?;
+        self.generation += 1;
+        let shared = Arc::new(Shared {
+            credit: AtomicU32::new(credit),
+            held: parking_lot::Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            round: parking_lot::Mutex::new(None),
+            stop: parking_lot::Mutex::new(None),
+        });
+        let (settles, jobs) = mpsc::channel(MAX_QUEUED_SETTLES);
+        let cancel = self.cancel.child_token();
+        let task = Task {
+            key: key.clone(),
+            generation: self.generation,
+            stream: name,
+            group: group_name,
+            request,
+            groups,
+            shared: shared.clone(),
+            events: self.events.clone(),
+            room: self.room.clone(),
+            clock: state.config.clock.clone(),
+            cancel: cancel.clone(),
+            queued: self.queued.clone(),
+        };
+        state.tasks.spawn(task.run(jobs));
+        self.handles.insert(
+            key,
+            Handle {
+                generation: self.generation,
+                consumer: Arc::from(consumer),
+                shared,
+                settles,
+                cancel,
+                visibility: view.config.visibility_timeout,
+            },
+        );
+        Ok(())
+    }
+
+    /// A consume task's event: sent to the client as a frame (a leased message with the
+    /// outbound room it took). A message leased by a consume stopped since is not sent (the
+    /// task gives it back).
+    pub async fn on_event<P: Protocol>(
+        &mut self,
+        event: TaskEvent,
+        protocol: &P,
+        out: &Outbound,
+    ) -> Result<(), Gone> {
+        let TaskEvent {
+            key,
+            generation,
+            kind,
+        } = event;
+        let current = self
+            .handles
+            .get(&key)
+            .is_some_and(|h| h.generation == generation);
+        let (stream, group) = (&*key.0, &*key.1);
+        match kind {
+            Kind::Leased {
+                leased,
+                receipt,
+                room,
+            } => {
+                let message = current
+                    .then(|| {
+                        protocol.encode_consume(&ConsumeEvent::Leased {
+                            stream,
+                            group,
+                            receipt: &receipt,
+                            deliveries: leased.delivery.deliveries,
+                            epoch: &leased.delivery.epoch,
+                            message: &leased.message,
+                        })
+                    })
+                    .flatten();
+                match message {
+                    Some(message) => {
+                        out.send(Frame {
+                            message,
+                            room,
+                            delivered: None,
+                        })
+                        .await
+                    }
+                    None => {
+                        self.room.give_back(room);
+                        Ok(())
+                    }
+                }
+            }
+            Kind::Reset(reset) if current => {
+                send_event(
+                    protocol,
+                    out,
+                    &ConsumeEvent::GroupReset {
+                        stream,
+                        group,
+                        reset: &reset,
+                    },
+                )
+                .await
+            }
+            Kind::Reset(_) => Ok(()),
+            Kind::Settled {
+                id,
+                op,
+                receipts,
+                results,
+            } => match results {
+                Ok(results) => {
+                    send_event(
+                        protocol,
+                        out,
+                        &ConsumeEvent::Settled {
+                            id,
+                            stream,
+                            group,
+                            op,
+                            receipts: &receipts,
+                            results: &results,
+                        },
+                    )
+                    .await
+                }
+                Err(e) => {
+                    let code = match e.code {
+                        ErrorCode::InvalidBody => ErrorCode::InvalidParameter,
+                        code => code,
+                    };
+                    reply(
+                        protocol,
+                        out,
+                        &Event::Error {
+                            id,
+                            code,
+                            message: &e.message,
+                        },
+                    )
+                    .await
+                }
+            },
+            Kind::Stopped { id, reason } => {
+                if current {
+                    self.handles.remove(&key);
+                }
+                send_event(
+                    protocol,
+                    out,
+                    &ConsumeEvent::Stopped {
+                        id,
+                        stream,
+                        group,
+                        reason,
+                    },
+                )
+                .await
+            }
+        }
+    }
+
+    /// After a refresh: ends the consumes the new credential no longer allows (`stopped` with
+    /// reason `forbidden`, once their leases are given back).
+    pub fn retain_allowed(&mut self, principal: &Principal) {
+        let lost: Vec<Key> = self
+            .handles
+            .keys()
+            .filter(|(stream, _)| {
+                StreamName::new(stream).map_or(true, |name| !principal.may(Action::Consume, &name))
+            })
+            .cloned()
+            .collect();
+        for key in lost {
+            if let Some(handle) = self.handles.remove(&key) {
+                handle.stop(None, Some("forbidden"));
+            }
+        }
+    }
+}
+
+impl Handle {
+    /// Ends the consume: the pusher stops, the settler finishes what is queued (dropping
+    /// this handle closes its queue), the leases are given back, then `stopped` is sent.
+    fn stop(self, id: Option<u64>, reason: Option<&'static str>) {
+        *self.shared.stop.lock() = Some((id, reason));
+        self.cancel.cancel();
+    }
+}
+
+fn key(stream: &str, group: &str) -> Key {
+    (Arc::from(stream), Arc::from(group))
+}
+
+fn check_credit(credit: u32) -> Result<(), ApiError> {
+    if credit > MAX_CREDIT {
+        return Err(ApiError::bad_param(format!(
+            "credit must be from 0 to {MAX_CREDIT}; got {credit}"
+        )));
+    }
+    Ok(())
+}
+
+async fn reply<P: Protocol>(protocol: &P, out: &Outbound, event: &Event<'_>) -> Result<(), Gone> {
+    match protocol.encode(event) {
+        Some(message) => {
+            out.send(Frame {
+                message,
+                room: Taken::default(),
+                delivered: None,
+            })
+            .await
+        }
+        None => Ok(()),
+    }
+}
+
+async fn send_event<P: Protocol>(
+    protocol: &P,
+    out: &Outbound,
+    event: &ConsumeEvent<'_>,
+) -> Result<(), Gone> {
+    match protocol.encode_consume(event) {
+        Some(message) => {
+            out.send(Frame {
+                message,
+                room: Taken::default(),
+                delivered: None,
+            })
+            .await
+        }
+        None => Ok(()),
+    }
+}
+
+/// One consume's task.
+struct Task {
+    key: Key,
+    generation: u64,
+    stream: StreamName,
+    group: GroupName,
+    request: ReceiveRequest,
+    groups: Arc<Groups>,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<TaskEvent>,
+    room: Arc<Room>,
+    clock: Clock,
+    cancel: CancellationToken,
+    queued: Arc<Queued>,
+}
+
+impl Task {
+    async fn run(self, jobs: mpsc::Receiver<SettleJob>) {
+        tokio::join!(self.push(), self.settle(jobs));
+        self.give_back().await;
+        let stop = self.shared.stop.lock().take();
+        if let Some((id, reason)) = stop {
+            self.emit(Kind::Stopped { id, reason }).await;
+        }
+    }
+
+    async fn emit(&self, kind: Kind) -> bool {
+        self.events
+            .send(TaskEvent {
+                key: self.key.clone(),
+                generation: self.generation,
+                kind,
+            })
+            .await
+            .is_ok()
+    }
+
+    /// The pusher: receive while the window has room, until cancelled.
+    async fn push(&self) {
+        let mut retry = Duration::from_millis(100);
+        while !self.cancel.is_cancelled() {
+            let woken = self.shared.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let now = self.clock.now_ms();
+            let (room, next_end) = self.shared.room(now);
+            if room == 0 {
+                let until = next_end.map_or(POLL, |end| Duration::from_millis(end - now));
+                tokio::select! {
+                    _ = &mut woken => {}
+                    _ = tokio::time::sleep(until) => {}
+                    _ = self.cancel.cancelled() => return,
+                }
+                continue;
+            }
+            // Lease nothing while the client's outbound buffer is full: it reads slowly, and
+            // a lease waiting behind it would only run out.
+            tokio::select! {
+                taken = self.room.take() => self.room.give_back(taken),
+                _ = self.cancel.cancelled() => return,
+            }
+            let round = self.cancel.child_token();
+            *self.shared.round.lock() = Some(round.clone());
+            let request = ReceiveRequest {
+                max: room,
+                ..self.request.clone()
+            };
+            let answer = self
+                .groups
+                .receive(
+                    &self.stream,
+                    &self.group,
+                    &request,
+                    Some(Instant::now() + POLL),
+                    &round,
+                )
+                .await;
+            *self.shared.round.lock() = None;
+            let answer = match answer {
+                Ok(answer) => {
+                    retry = Duration::from_millis(100);
+                    answer
+                }
+                Err(GroupError::NotFound { .. }) => {
+                    self.emit(Kind::Stopped {
+                        id: None,
+                        reason: Some("group_not_found"),
+                    })
+                    .await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, stream = %self.stream, group = %self.group, "a consume's receive failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry) => {}
+                        _ = self.cancel.cancelled() => return,
+                    }
+                    retry = (retry * 2).min(MAX_RETRY);
+                    continue;
+                }
+            };
+            if let Some(reset) = answer.reset {
+                self.emit(Kind::Reset(reset)).await;
+            }
+            for leased in answer.messages {
+                let receipt = leased.delivery.receipt.encode();
+                self.shared
+                    .held
+                    .lock()
+                    .insert(receipt.clone(), leased.delivery.until_ms);
+                if self.cancel.is_cancelled() {
+                    // Held: given back on the way out.
+                    continue;
+                }
+                // Its share of the outbound buffer, as a subscription's delivery takes.
+                let room = tokio::select! {
+                    taken = self.room.take() => taken,
+                    _ = self.cancel.cancelled() => continue,
+                };
+                let bytes = (leased.message.retained_bytes() as usize).min(room.bytes);
+                let share = Taken { messages: 1, bytes };
+                self.room.give_back(Taken {
+                    messages: room.messages - 1,
+                    bytes: room.bytes - bytes,
+                });
+                let sent = tokio::select! {
+                    sent = self.emit(Kind::Leased { leased, receipt, room: share }) => sent,
+                    _ = self.cancel.cancelled() => false,
+                };
+                if !sent {
+                    self.room.give_back(share);
+                }
+            }
+        }
+    }
+
+    /// The settler: the member's settle frames in order, until its queue closes.
+    async fn settle(&self, mut jobs: mpsc::Receiver<SettleJob>) {
+        let mut carry: Option<SettleJob> = None;
+        loop {
+            let job = match carry.take() {
+                Some(job) => job,
+                None => match jobs.recv().await {
+                    Some(job) => self.dequeued(job),
+                    None => return,
+                },
+            };
+            // Consecutive acks go as one operation (one group commit).
+            let mut batch = vec![job];
+            if batch[0].op == SettleOp::Ack {
+                let mut receipts = batch[0].receipts.len();
+                while let Ok(next) = jobs.try_recv() {
+                    let next = self.dequeued(next);
+                    if next.op == SettleOp::Ack && receipts + next.receipts.len() <= MAX_RECEIPTS {
+                        receipts += next.receipts.len();
+                        batch.push(next);
+                    } else {
+                        carry = Some(next);
+                        break;
+                    }
+                }
+            }
+            let receipts: Vec<String> = batch
+                .iter()
+                .flat_map(|j| j.receipts.iter().cloned())
+                .collect();
+            let how = batch[0].how.clone();
+            let results = self
+                .groups
+                .settle(&self.stream, &self.group, &receipts, &how)
+                .await;
+            let mut results = match results {
+                Ok(results) => {
+                    self.settled(&batch[0], &receipts, &results);
+                    Ok(results.into_iter())
+                }
+                Err(e) => Err(ApiError::from(e)),
+            };
+            for job in batch {
+                let n = job.receipts.len();
+                let answer = match &mut results {
+                    Ok(all) => Ok(all.by_ref().take(n).collect()),
+                    Err(e) => Err(ApiError::new(e.status, e.code, e.message.clone())),
+                };
+                self.emit(Kind::Settled {
+                    id: job.id,
+                    op: job.op,
+                    receipts: job.receipts,
+                    results: answer,
+                })
+                .await;
+            }
+        }
+    }
+
+    fn dequeued(&self, job: SettleJob) -> SettleJob {
+        self.queued.jobs.fetch_sub(1, Ordering::Relaxed);
+        self.queued.bytes.fetch_sub(job.bytes, Ordering::Relaxed);
+        job
+    }
+
+    /// Credit returns for the leases a settle ended; an extend moves their end.
+    fn settled(&self, job: &SettleJob, receipts: &[String], results: &[ReceiptResult]) {
+        let mut held = self.shared.held.lock();
+        let mut freed = false;
+        if job.op.ends_lease() {
+            for receipt in receipts {
+                freed |= held.remove(receipt).is_some();
+            }
+        } else {
+            let until = self
+                .clock
+                .now_ms()
+                .saturating_add(job.extend_by.as_millis() as u64);
+            for (receipt, result) in receipts.iter().zip(results) {
+                match result {
+                    ReceiptResult::Ok => {
+                        if let Some(end) = held.get_mut(receipt) {
+                            *end = until;
+                        }
+                    }
+                    // Over: the credit is back.
+                    _ => freed |= held.remove(receipt).is_some(),
+                }
+            }
+        }
+        drop(held);
+        if freed {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Nacks every lease still held, so other members get them at once.
+    async fn give_back(&self) {
+        let receipts: Vec<String> = self.shared.held.lock().drain().map(|(r, _)| r).collect();
+        if receipts.is_empty() {
+            return;
+        }
+        let how = Settle::Nack {
+            delay: Duration::ZERO,
+            reason: None,
+        };
+        let all = async {
+            for chunk in receipts.chunks(MAX_RECEIPTS) {
+                if let Err(e) = self
+                    .groups
+                    .settle(&self.stream, &self.group, chunk, &how)
+                    .await
+                {
+                    tracing::debug!(error = %e, stream = %self.stream, group = %self.group, "giving leases back failed; they run out instead");
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(GIVE_BACK_WITHIN, all).await.is_err() {
+            tracing::debug!(stream = %self.stream, group = %self.group, "giving leases back took too long; they run out instead");
+        }
+    }
+}
