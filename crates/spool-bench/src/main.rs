@@ -6,9 +6,11 @@
 //! one target at one concurrency, [`targets`] holds what can be measured, [`report`] prints it;
 //! [`storage`] compares storage engines in-process, and [`ws`] holds the WebSocket benchmarks
 //! (`ws-fanout`, `ws-idle`, `ws-resume`, `ws-publish`) against socket.io, NATS and Redis;
-//! [`cluster`] measures the cluster engines (Redis, NATS) on one and three nodes.
+//! [`cluster`] measures the cluster engines (Redis, NATS) on one and three nodes; [`groups`]
+//! measures consumer groups (receive + ack) against JetStream and Redis Streams.
 
 mod cluster;
+mod groups;
 mod publish;
 mod readback;
 mod report;
@@ -58,6 +60,9 @@ enum Command {
     /// The cluster engines (Redis, NATS JetStream) on 1 and 3 nodes against the disk engine:
     /// HTTP publish throughput and WebSocket fan-out across nodes.
     Cluster(cluster::ClusterArgs),
+    /// Consumer groups (disk engine, fsync): receive + ack throughput and latency against a
+    /// JetStream pull consumer and Redis XREADGROUP + XACK; `--drain N` samples memory.
+    Groups(groups::GroupsArgs),
 }
 
 /// The load shape shared by every benchmark: how many clients, how big, how long.
@@ -154,6 +159,7 @@ async fn main() -> ExitCode {
                 Command::WsResume(args) => ws::resume::run(args).await,
                 Command::WsPublish(args) => ws::publish::run(args).await,
                 Command::Cluster(args) => cluster::run(args).await,
+                Command::Groups(args) => groups::run(args).await,
             }
         } => outcome,
         // Dropping the benchmark future drops the server guards, which stop the servers.

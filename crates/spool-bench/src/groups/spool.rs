@@ -1,0 +1,343 @@
+//! Spool's consumer groups over HTTP: `spool serve --engine disk --durability fsync` (an ack is
+//! answered once fsynced), `PUT …/groups/{g}`, then per member `POST …/receive` and
+//! `POST …/ack` on one keep-alive raw hyper connection (as `publish` does: the load generator
+//! shares the two cores with the server, and reqwest costs about twice its CPU per request).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::try_join_all;
+use http_body_util::{BodyExt, Full};
+use hyper::{
+    Method, Request, StatusCode,
+    client::conn::http1,
+    header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue},
+};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use spool_protocol::groups::{ReceiptResult, ReceiveResponse, SettleResponse};
+
+use super::{GroupTarget, Member, STREAM, StampPublisher, payload, stamp_of};
+use crate::{
+    SpoolBinArgs,
+    spool_process::{SpoolEngine, SpoolProcess},
+};
+
+/// The target's name in the report.
+pub const NAME: &str = "spool-fsync";
+const API_KEY: &str = "bench-key";
+/// Longest wait for one answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages per `POST /v1/publish` while preloading.
+const PRELOAD_BATCH: u64 = 1000;
+/// Connections preloading at once.
+const PRELOAD_CONNECTIONS: u64 = 4;
+
+pub struct SpoolGroups {
+    process: SpoolProcess,
+}
+
+impl SpoolGroups {
+    /// Starts Spool on the disk engine with fsync, keeping up to `history` messages (at least
+    /// 2,000,000).
+    pub async fn start(spool: &SpoolBinArgs, history: Option<u64>) -> Result<Self> {
+        let history = history.unwrap_or(0).max(2_000_000);
+        let mut args: Vec<String> = vec![
+            "--api-key".into(),
+            API_KEY.into(),
+            "--history-limit".into(),
+            history.to_string(),
+            "--history-max-bytes".into(),
+            "8GiB".into(),
+        ];
+        args.extend(spool.server_args.iter().cloned());
+        let process = SpoolProcess::start_on(&spool.spool_bin, SpoolEngine::DiskFsync, &args)
+            .await
+            .with_context(|| format!("cannot start {}", spool.spool_bin.display()))?;
+        Ok(Self { process })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    async fn conn(&self) -> Result<Conn> {
+        Conn::open(self.process.addr()).await
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection.
+pub struct Conn {
+    sender: http1::SendRequest<Full<Bytes>>,
+    host: HeaderValue,
+    auth: HeaderValue,
+}
+
+impl Conn {
+    async fn open(addr: std::net::SocketAddr) -> Result<Self> {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        tcp.set_nodelay(true)?;
+        let (sender, connection) = http1::handshake(TokioIo::new(tcp))
+            .await
+            .context("HTTP handshake failed")?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Self {
+            sender,
+            host: HeaderValue::from_str(&addr.to_string())?,
+            auth: HeaderValue::from_str(&format!("Bearer {API_KEY}"))?,
+        })
+    }
+
+    /// Sends `body` and returns the answer's status and body.
+    async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        json: bool,
+    ) -> Result<(StatusCode, Bytes)> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, self.host.clone())
+            .header(AUTHORIZATION, self.auth.clone());
+        if json {
+            request = request.header(CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(body))
+            .context("cannot build the request")?;
+        self.sender.ready().await.context("the connection closed")?;
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, self.sender.send_request(request))
+            .await
+            .context("no answer in time")?
+            .context("request failed")?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .context("reading the answer failed")?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    /// `send` that fails unless the status is `expect`.
+    async fn expect(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        json: bool,
+        expect: &[StatusCode],
+    ) -> Result<Bytes> {
+        let (status, body) = self.send(method, path, body, json).await?;
+        if !expect.contains(&status) {
+            bail!(
+                "{path}: HTTP {status}: {}",
+                String::from_utf8_lossy(&body)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            );
+        }
+        Ok(body)
+    }
+}
+
+/// Publishes `count` preloaded payloads through `POST /v1/publish`, 1,000 per request.
+pub async fn preload(addr: std::net::SocketAddr, count: u64, size: usize) -> Result<()> {
+    let text = String::from_utf8(payload(0, size).to_vec()).context("payload is text")?;
+    let message = json!({"stream": STREAM, "data": text});
+    let batches = count.div_ceil(PRELOAD_BATCH);
+    try_join_all((0..PRELOAD_CONNECTIONS).map(|c| {
+        let message = message.clone();
+        async move {
+            let mut conn = Conn::open(addr).await?;
+            let mut b = c;
+            while b < batches {
+                let n = PRELOAD_BATCH.min(count - b * PRELOAD_BATCH);
+                let body = json!({"messages": vec![message.clone(); n as usize]});
+                conn.expect(
+                    Method::POST,
+                    "/v1/publish",
+                    Bytes::from(serde_json::to_vec(&body)?),
+                    true,
+                    &[StatusCode::CREATED],
+                )
+                .await?;
+                b += PRELOAD_CONNECTIONS;
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+    }))
+    .await?;
+    Ok(())
+}
+
+/// Creates group `group` on `STREAM` through `conn`.
+pub async fn create_group(
+    addr: std::net::SocketAddr,
+    group: &str,
+    from_oldest: bool,
+) -> Result<()> {
+    let mut conn = Conn::open(addr).await?;
+    let body = json!({
+        "start": if from_oldest { "oldest" } else { "latest" },
+        "visibility_timeout": "60s",
+        "max_in_flight": 100_000,
+    });
+    conn.expect(
+        Method::PUT,
+        &format!("/v1/streams/{STREAM}/groups/{group}"),
+        Bytes::from(serde_json::to_vec(&body)?),
+        true,
+        &[StatusCode::CREATED],
+    )
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl GroupTarget for SpoolGroups {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn description(&self) -> String {
+        format!(
+            "`{}`, receive + ack over HTTP (one raw hyper connection per member)",
+            self.process.command_line()
+        )
+    }
+
+    fn server_pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        self.process.check_alive()
+    }
+
+    async fn preload(&self, count: u64, size: usize) -> Result<()> {
+        preload(self.process.addr(), count, size).await
+    }
+
+    async fn create_group(&self, group: &str, from_oldest: bool) -> Result<()> {
+        create_group(self.process.addr(), group, from_oldest).await
+    }
+
+    async fn member(&self, group: &str, idx: usize) -> Result<Box<dyn Member>> {
+        Ok(Box::new(member(self.process.addr(), group, idx).await?))
+    }
+
+    async fn publisher(&self) -> Result<Box<dyn StampPublisher>> {
+        Ok(Box::new(SpoolPublisher {
+            conn: self.conn().await?,
+            path: format!("/v1/streams/{STREAM}/messages"),
+        }))
+    }
+}
+
+/// Member `idx` of `group`, on its own connection.
+pub async fn member(addr: std::net::SocketAddr, group: &str, idx: usize) -> Result<SpoolMember> {
+    Ok(SpoolMember {
+        conn: Conn::open(addr).await?,
+        consumer: format!("m{idx}"),
+        receive_path: format!("/v1/streams/{STREAM}/groups/{group}/receive"),
+        ack_path: format!("/v1/streams/{STREAM}/groups/{group}/ack"),
+        receipts: Vec::new(),
+    })
+}
+
+pub struct SpoolMember {
+    conn: Conn,
+    consumer: String,
+    receive_path: String,
+    ack_path: String,
+    receipts: Vec<String>,
+}
+
+#[async_trait]
+impl Member for SpoolMember {
+    async fn receive(&mut self, max: usize, wait: Option<Duration>) -> Result<Vec<u64>> {
+        let mut body = json!({"consumer": self.consumer, "max": max});
+        if let Some(wait) = wait {
+            body["wait"] = json!(format!("{}ms", wait.as_millis()));
+        }
+        let answer = self
+            .conn
+            .expect(
+                Method::POST,
+                &self.receive_path,
+                Bytes::from(serde_json::to_vec(&body)?),
+                true,
+                &[StatusCode::OK],
+            )
+            .await?;
+        let answer: ReceiveResponse =
+            serde_json::from_slice(&answer).context("bad receive answer")?;
+        self.receipts.clear();
+        let mut stamps = Vec::with_capacity(answer.messages.len());
+        for m in answer.messages {
+            stamps.push(stamp_of(m.data.as_deref().unwrap_or("").as_bytes()));
+            self.receipts.push(m.receipt);
+        }
+        Ok(stamps)
+    }
+
+    async fn ack(&mut self) -> Result<usize> {
+        let body = json!({"receipts": self.receipts});
+        let answer = self
+            .conn
+            .expect(
+                Method::POST,
+                &self.ack_path,
+                Bytes::from(serde_json::to_vec(&body)?),
+                true,
+                &[StatusCode::OK],
+            )
+            .await?;
+        let answer: SettleResponse = serde_json::from_slice(&answer).context("bad ack answer")?;
+        let ok = answer
+            .results
+            .iter()
+            .filter(|r| r.result == ReceiptResult::Ok)
+            .count();
+        if ok != self.receipts.len() {
+            bail!(
+                "{} of {} acks not ok",
+                self.receipts.len() - ok,
+                self.receipts.len()
+            );
+        }
+        Ok(ok)
+    }
+}
+
+struct SpoolPublisher {
+    conn: Conn,
+    path: String,
+}
+
+#[async_trait]
+impl StampPublisher for SpoolPublisher {
+    async fn publish(&mut self, payload: Bytes) -> Result<()> {
+        self.conn
+            .expect(
+                Method::POST,
+                &self.path,
+                payload,
+                false,
+                &[StatusCode::CREATED],
+            )
+            .await?;
+        Ok(())
+    }
+}
