@@ -44,6 +44,9 @@ pub enum WsTarget {
     Socketio,
     /// `nats-server` (core pub/sub, no JetStream), plain TCP.
     Nats,
+    /// `spool serve --engine memory --anycable-public-streams`, `/cable`,
+    /// `actioncable-v1-ext-json`, `$pubsub` public streams (published to over `/v1/ws`).
+    Cable,
 }
 
 impl WsTarget {
@@ -52,6 +55,7 @@ impl WsTarget {
             WsTarget::Spool => "spool",
             WsTarget::Socketio => "socketio",
             WsTarget::Nats => "nats",
+            WsTarget::Cable => "cable",
         }
     }
 }

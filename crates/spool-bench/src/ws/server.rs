@@ -32,8 +32,11 @@ impl Server {
     /// Starts `target`; `engine` matters for Spool only.
     pub async fn start(target: WsTarget, args: &ServerArgs, engine: SpoolEngine) -> Result<Self> {
         let (guard, addr, pid, command_line) = match target {
-            WsTarget::Spool => {
-                let mut server_args = vec!["--allow-anonymous".to_owned()];
+            WsTarget::Spool | WsTarget::Cable => {
+                let mut server_args = vec![
+                    "--allow-anonymous".to_owned(),
+                    "--anycable-public-streams".to_owned(),
+                ];
                 server_args.extend(args.spool.server_args.iter().cloned());
                 let process =
                     SpoolProcess::start_on(&args.spool.spool_bin, engine, &server_args).await?;
@@ -117,7 +120,7 @@ impl Server {
     /// `/metrics`; socket.io: engine.io's client count); `None` for NATS.
     pub async fn connections(&self) -> Result<Option<u64>> {
         match self.target {
-            WsTarget::Spool => {
+            WsTarget::Spool | WsTarget::Cable => {
                 let text = self
                     .http
                     .get(format!("http://{}/metrics", self.addr))

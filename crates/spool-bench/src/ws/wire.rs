@@ -58,6 +58,11 @@ const NATS_READ_BUFFER: usize = 8 * 1024;
 const SPOOL_MESSAGE: &[u8] = br#"{"type":"message","#;
 /// Where a Spool delivery's payload starts.
 const SPOOL_DATA: &[u8] = br#""data":""#;
+/// AnyCable's broadcast frame, and where a string message starts in it.
+const CABLE_MESSAGE: &[u8] = br#"{"identifier":"#;
+const CABLE_DATA: &[u8] = br#""message":""#;
+/// AnyCable's extended protocol, spoken on Spool's `/cable`.
+const CABLE_SUBPROTOCOL: &str = "actioncable-v1-ext-json";
 /// Prefix of a socket.io `message` event: `42["message","PAYLOAD","OFFSET"]`.
 const SIO_MESSAGE: &[u8] = br#"42["message",""#;
 
@@ -186,6 +191,7 @@ pub struct Resume<'a> {
 /// One subscriber's connection.
 pub enum Conn {
     Spool(Ws),
+    Cable(Ws),
     Socketio { ws: Ws, next_id: u64 },
     Nats { tcp: TcpStream, buf: BytesMut },
 }
@@ -197,6 +203,9 @@ impl Conn {
         match target {
             WsTarget::Spool => Ok(Conn::Spool(
                 ws_open(addr, "/v1/ws", Some(SUBPROTOCOL)).await?,
+            )),
+            WsTarget::Cable => Ok(Conn::Cable(
+                ws_open(addr, "/cable", Some(CABLE_SUBPROTOCOL)).await?,
             )),
             WsTarget::Socketio => {
                 let mut ws = ws_open(addr, "/socket.io/?EIO=4&transport=websocket", None).await?;
@@ -254,6 +263,27 @@ impl Conn {
                     early: Vec::new(),
                 })
             }
+            Conn::Cable(ws) => {
+                if resume.is_some() {
+                    bail!("the cable target does not resume sessions here");
+                }
+                loop {
+                    let text = next_text(ws).await?.context("closed before the welcome")?;
+                    let frame: Value = serde_json::from_str(&text)
+                        .with_context(|| format!("not JSON: {text:?}"))?;
+                    match frame["type"].as_str() {
+                        Some("welcome") => {
+                            return Ok(Hello {
+                                session: frame["sid"].as_str().unwrap_or_default().to_owned(),
+                                resumed: false,
+                                early: Vec::new(),
+                            });
+                        }
+                        Some("disconnect") => bail!("the server refused: {text}"),
+                        _ => continue,
+                    }
+                }
+            }
             Conn::Socketio { ws, .. } => {
                 let packet = match &resume {
                     Some(r) => format!(
@@ -305,6 +335,20 @@ impl Conn {
     pub async fn subscribe(&mut self, stream: &str) -> Result<()> {
         match self {
             Conn::Spool(ws) => spool_subscribe(ws, stream, "now".into()).await,
+            Conn::Cable(ws) => {
+                let identifier =
+                    serde_json::json!({"channel": "$pubsub", "stream_name": stream}).to_string();
+                let command = serde_json::json!({"command": "subscribe", "identifier": identifier});
+                ws.send(Message::text(command.to_string())).await?;
+                loop {
+                    let text = next_text(ws).await?.context("closed before the confirm")?;
+                    if text.contains(r#""type":"confirm_subscription""#) {
+                        return Ok(());
+                    } else if text.contains(r#""type":"reject_subscription""#) {
+                        bail!("subscription refused: {text}");
+                    }
+                }
+            }
             Conn::Socketio { ws, next_id } => {
                 let id = *next_id;
                 *next_id += 1;
@@ -347,6 +391,22 @@ impl Conn {
                     ws.send(Message::text(r#"{"type":"pong"}"#)).await?;
                 } else if bytes.starts_with(br#"{"type":"error""#) {
                     bail!("the server sent an error: {text}");
+                }
+                Ok(())
+            }
+            Conn::Cable(ws) => {
+                let text = next_text(ws).await?.context("the server closed")?;
+                let bytes = text.as_bytes();
+                if bytes.starts_with(CABLE_MESSAGE) {
+                    let start = memchr::memmem::find(bytes, CABLE_DATA)
+                        .context("a broadcast without a string message")?
+                        + CABLE_DATA.len();
+                    on_delivery(Delivery {
+                        payload: &bytes[start..],
+                        offset: None,
+                    });
+                } else if bytes.starts_with(br#"{"type":"disconnect""#) {
+                    bail!("the server disconnected: {text}");
                 }
                 Ok(())
             }
@@ -474,12 +534,17 @@ pub struct Publisher {
 
 impl Publisher {
     pub async fn open(target: WsTarget, addr: SocketAddr) -> Result<Self> {
+        // `/cable` subscribers get what is published over `/v1/ws`.
+        let target = match target {
+            WsTarget::Cable => WsTarget::Spool,
+            other => other,
+        };
         let mut conn = Conn::open(target, addr).await?;
         conn.hello(None).await?;
         let acked = Arc::new(AtomicU64::new(0));
         let refused = Arc::new(AtomicU64::new(0));
         let (sink, reader) = match conn {
-            Conn::Spool(ws) | Conn::Socketio { ws, .. } => {
+            Conn::Spool(ws) | Conn::Cable(ws) | Conn::Socketio { ws, .. } => {
                 let (sink, mut stream) = ws.split();
                 let sink = Arc::new(tokio::sync::Mutex::new(Sink::Ws(sink)));
                 let (acked, refused, sink2) = (acked.clone(), refused.clone(), sink.clone());
