@@ -1034,7 +1034,8 @@ async fn redrive_works_for_the_longest_names() {
 async fn measure_receive_and_ack_throughput() {
     for engine in ENGINES {
         for (members, batch) in [(1usize, 1u32), (8, 1), (1, 32), (8, 32)] {
-            let node = start(engine, &[]);
+            // Retention must keep the whole backlog (the default keeps 10,000 per stream).
+            let node = start(engine, &["--history-limit", "100000"]);
             let s = &node.server;
             let total: usize = if batch == 1 { 4_000 } else { 32_000 };
             let payload = "x".repeat(256);
