@@ -33,6 +33,7 @@ use crate::{
     auth::{Action, Principal, Proof},
     delivery::publish::{self as delivery, ToAppend, Validated},
     delivery::{
+        budget::Identity,
         session::{LiveSession, NotRestored, Sessions},
         subscription::{self, Subscription, position_after},
     },
@@ -73,7 +74,9 @@ pub async fn run<P: Protocol>(
     client: Option<std::net::IpAddr>,
     protocol: P,
 ) {
-    let (sink, mut inbound) = socket.split();
+    let (sink, inbound) = socket.split();
+    // Read only when the socket said there is something to read (see `Woken`).
+    let mut inbound = Woken::new(inbound);
     let ws = state.config.ws.clone();
     let slot = Arc::new(OnceLock::new());
     let (out, writer) = Outbound::start(
@@ -95,6 +98,7 @@ pub async fn run<P: Protocol>(
         slot,
         session: None,
         principal: None,
+        identity: None,
         upgrade_principal,
         client,
         generation: 0,
@@ -278,6 +282,9 @@ struct Connection<P> {
     slot: Arc<OnceLock<Arc<LiveSession>>>,
     session: Option<Arc<LiveSession>>,
     principal: Option<Principal>,
+    /// `principal`'s identity for the stream budget, hashed by the first publish (cleared
+    /// whenever `principal` is set).
+    identity: Option<Identity>,
     /// A credential checked on the upgrade request, used when `connect` carries none.
     upgrade_principal: Option<(Principal, Proof)>,
     /// The client's address, when the listener recorded it: an anonymous caller's identity
@@ -580,6 +587,7 @@ impl<P: Protocol> Connection<P> {
         let _ = self.slot.set(session.clone());
         self.session = Some(session.clone());
         self.principal = Some(principal.clone());
+        self.identity = None;
         *expiry = deadline(&principal);
 
         // Restored subscriptions continue after the client's own positions where it sent them
@@ -843,10 +851,13 @@ impl<P: Protocol> Connection<P> {
         // New streams spend the identity's budget (budget.rs); an anonymous caller's identity
         // is its address, as over HTTP.
         let budget = self.state.budget.clone();
-        let who = self
-            .principal
-            .as_ref()
-            .map(|p| budget.identity(p, self.client));
+        if self.identity.is_none() {
+            self.identity = self
+                .principal
+                .as_ref()
+                .map(|p| budget.identity(p, self.client));
+        }
+        let who = self.identity;
         let (ids, messages): (Vec<Option<u64>>, Vec<Validated>) = self
             .pending
             .drain(..)
@@ -934,6 +945,7 @@ impl<P: Protocol> Connection<P> {
             .cloned()
             .collect();
         self.principal = Some(principal.clone());
+        self.identity = None;
         self.consumes.retain_allowed(&principal);
         self.reply(&Event::Refreshed {
             id,
@@ -1157,4 +1169,66 @@ fn publish_bytes(m: &NewMessage) -> usize {
             .map(|(k, v)| k.len() + v.len())
             .sum::<usize>()
         + 128
+}
+
+/// The socket's reading half, polled only when its waker has fired since it last answered
+/// `Pending`. The connection's `select!` polls every branch on each turn of its loop, and each
+/// poll of a WebSocket stream makes tungstenite zero its read buffer (`read_buffer`, 4 KiB)
+/// before it tries the socket: a subscriber that sends nothing paid that for every delivery.
+struct Woken<S> {
+    inner: S,
+    wake: Arc<WakeFlag>,
+    waker: std::task::Waker,
+}
+
+#[derive(Default)]
+struct WakeFlag {
+    /// Set when the inner stream's waker fires or when it last gave an item (it may hold more).
+    ready: AtomicBool,
+    task: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<S> Woken<S> {
+    fn new(inner: S) -> Self {
+        let wake = Arc::new(WakeFlag {
+            ready: AtomicBool::new(true),
+            task: Default::default(),
+        });
+        let waker = std::task::Waker::from(wake.clone());
+        Self { inner, wake, waker }
+    }
+}
+
+impl<S: futures::Stream + Unpin> futures::Stream for Woken<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        let this = &mut *self;
+        this.wake.task.register(cx.waker());
+        // Cleared before the inner poll: a wake-up during it sets it again.
+        if !this.wake.ready.swap(false, Ordering::AcqRel) {
+            return std::task::Poll::Pending;
+        }
+        let polled = this
+            .inner
+            .poll_next_unpin(&mut std::task::Context::from_waker(&this.waker));
+        if polled.is_ready() {
+            this.wake.ready.store(true, Ordering::Release);
+        }
+        polled
+    }
 }
