@@ -68,8 +68,8 @@ pub mod sse;
 
 pub use backoff::Backoff;
 pub use client::Client;
-pub use connection::SettleOp;
 pub use config::Config;
+pub use connection::SettleOp;
 pub use error::Error;
 pub use event::{Event, Message, Subscription};
 pub use outgoing::{Ack, Outgoing};
