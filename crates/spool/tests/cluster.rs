@@ -200,8 +200,12 @@ async fn the_engine_going_away_and_coming_back_is_survived(backend: Backend) {
         );
     }
 
-    // The engine goes away: publishes fail fast and say why; readiness goes false.
+    // The engine goes away: readiness goes false, and once the node knows the engine is gone
+    // publishes fail fast, say why, and store nothing. (A publish sent in the instant before
+    // the node notices may time out and still be stored when the engine returns — its 503 says
+    // so — which is why the outage is observed through readiness first.)
     own.kill();
+    readiness(&c, 503, Duration::from_secs(10)).await;
     let started = Instant::now();
     let (status, body) = try_publish(c.node(0), "while down").await;
     assert_eq!(status, 503, "{body}");
@@ -211,7 +215,6 @@ async fn the_engine_going_away_and_coming_back_is_survived(backend: Backend) {
         "a publish during the outage took {:?}",
         started.elapsed()
     );
-    readiness(&c, 503, Duration::from_secs(10)).await;
     // The subscriber is still connected: nothing arrives, the connection does not end.
     if let Ok(end) = tokio::time::timeout(
         Duration::from_millis(1500),
