@@ -1,6 +1,7 @@
 //! `spool`: the server (`spool serve`) and client commands for scripts and debugging
 //! (`spool publish`, `spool tail`, `spool consume`).
 
+mod check;
 mod client;
 mod config;
 mod consume;
@@ -41,6 +42,10 @@ enum Command {
     /// Cut damaged WAL segments (and a damaged session file) out of the disk engine's data
     /// directory so the server can start again; only streams that lost messages get a new epoch.
     Repair(RepairArgs),
+    /// Prove "no silent gap" under random faults: publishers and subscribers on every
+    /// transport against servers it starts (or --url), a seeded fault schedule, and a checker
+    /// of the history; exits non-zero on a violation (docs/reliability.md).
+    Check(Box<check::CheckArgs>),
 }
 
 #[derive(clap::Args)]
@@ -144,6 +149,7 @@ fn main() -> std::process::ExitCode {
             Command::Tail(args) => tail::run(args).await,
             Command::Consume(args) => consume::run(args).await,
             Command::Repair(args) => repair(args),
+            Command::Check(args) => check::run(*args).await,
         }
     });
     match result {
