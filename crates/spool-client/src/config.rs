@@ -21,10 +21,11 @@ pub struct Config {
     pub(crate) command_capacity: usize,
     pub(crate) max_pending_publishes: usize,
     pub(crate) connect_timeout: Duration,
+    pub(crate) tls: Option<crate::Tls>,
 }
 
 impl Config {
-    /// Settings for the server at `url`, e.g. `ws://127.0.0.1:7070/v1/ws`, with defaults:
+    /// Settings for the server at `url`, e.g. `ws://127.0.0.1:7070/v1/ws` (or `wss://`), with defaults:
     /// no token, backoff 100 ms to 10 s, 1,024 buffered events, 1,024 unacknowledged
     /// publishes, 10 s to connect.
     pub fn new(url: impl Into<String>) -> Self {
@@ -37,6 +38,7 @@ impl Config {
             command_capacity: 64,
             max_pending_publishes: 1024,
             connect_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 
@@ -66,6 +68,13 @@ impl Config {
     /// for room.
     pub fn max_pending_publishes(mut self, max: usize) -> Self {
         self.max_pending_publishes = max.max(1);
+        self
+    }
+
+    /// Whom a `wss://` connection trusts (default: the system's certificate store, read at
+    /// the first connection).
+    pub fn tls(mut self, tls: crate::Tls) -> Self {
+        self.tls = Some(tls);
         self
     }
 

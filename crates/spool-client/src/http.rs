@@ -14,7 +14,7 @@
 //! # }
 //! ```
 //!
-//! Plain `http://` only (no TLS), like the WebSocket client.
+//! `http://` and `https://` (see [`HttpClient::with_tls`] and [`Tls`](crate::Tls)).
 
 use std::time::Duration;
 
@@ -38,6 +38,9 @@ pub enum BuildError {
     /// The HTTP client itself could not be built.
     #[error("cannot build the HTTP client")]
     Build(#[source] reqwest::Error),
+    /// The trust settings of an `https://` server could not be made.
+    #[error("TLS: {0}")]
+    Tls(#[source] crate::TlsError),
 }
 
 /// A failed request: either the server answered with an error, or it could not be reached.
@@ -88,6 +91,16 @@ impl HttpClient {
     /// A client for the server at `server` (e.g. `http://127.0.0.1:7070`), sending `token`
     /// (an API key or client token; an empty one counts as none) with every request.
     pub fn new(server: &str, token: Option<&str>) -> Result<Self, BuildError> {
+        Self::with_tls(server, token, None)
+    }
+
+    /// [`HttpClient::new`], and for an `https://` server, trusting `tls` (`None`: the system's
+    /// certificate store).
+    pub fn with_tls(
+        server: &str,
+        token: Option<&str>,
+        tls: Option<&crate::Tls>,
+    ) -> Result<Self, BuildError> {
         let base = Url::parse(server).map_err(|e| BuildError::InvalidUrl {
             url: server.to_owned(),
             source: Some(Box::new(e)),
@@ -98,10 +111,16 @@ impl HttpClient {
                 source: None,
             });
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(BuildError::Build)?;
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        if base.scheme() == "https" {
+            let tls = match tls {
+                Some(tls) => tls.clone(),
+                None => crate::Tls::system().map_err(BuildError::Tls)?,
+            };
+            // reqwest takes a rustls config by value, as `Any`.
+            builder = builder.tls_backend_preconfigured((*tls.client_config()).clone());
+        }
+        let http = builder.build().map_err(BuildError::Build)?;
         Ok(Self {
             http,
             base,

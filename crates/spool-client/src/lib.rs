@@ -47,7 +47,8 @@
 //!
 //! Everything between the application and the socket is bounded: requests wait for room,
 //! and when [`Client::next_event`] is not called the client stops reading the socket, so
-//! the server's flow control applies. Plain `ws://` only.
+//! the server's flow control applies. `ws://` and `wss://` (TLS trusting the system's store,
+//! or a CA of your own: [`Tls`]).
 //!
 //! Over plain HTTP, the same crate has a publish client ([`http::HttpClient`]), a
 //! Server-Sent Events reader ([`sse::SseReader`]) and a long-poll reader
@@ -65,6 +66,7 @@ pub mod http;
 mod outgoing;
 pub mod poll;
 pub mod sse;
+pub mod tls;
 
 pub use backoff::Backoff;
 pub use client::Client;
@@ -75,3 +77,4 @@ pub use event::{Event, Message, Subscription};
 pub use outgoing::{Ack, Outgoing};
 pub use spool_core::{Epoch, Offset, Position, Start};
 pub use spool_protocol::ErrorCode;
+pub use tls::{Tls, TlsError};

@@ -37,6 +37,9 @@ pub struct ServerConfig {
     /// The clock consumer-group leases are decided by: the system clock, or a test's
     /// `ManualClock`.
     pub clock: spool_core::Clock,
+    /// Cancelled when shutdown begins (SIGTERM): `/readyz` answers `503 draining` from then
+    /// on while everything else still works, until the shutdown token closes the listener.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 /// What one TCP connection and one request may hold (see `listener.rs`).
@@ -52,6 +55,9 @@ pub struct HttpConfig {
     pub idle_timeout: Duration,
     /// Longest time to receive a publish body once its head was accepted (`408` after).
     pub body_timeout: Duration,
+    /// Serve HTTPS with this certificate and key (`tls.rs`; reloaded on SIGHUP); `None`:
+    /// plain HTTP.
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
 }
 
 impl Default for HttpConfig {
@@ -62,6 +68,7 @@ impl Default for HttpConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             body_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -152,6 +159,7 @@ impl Default for ServerConfig {
             anycable: Default::default(),
             max_groups: spool_engine::groups::MAX_GROUPS,
             clock: spool_core::Clock::system(),
+            draining: tokio_util::sync::CancellationToken::new(),
         }
     }
 }

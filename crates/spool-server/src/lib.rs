@@ -16,6 +16,7 @@ mod listener;
 pub mod metrics;
 mod query;
 mod routes;
+pub mod tls;
 pub mod ws;
 
 use std::{sync::Arc, time::Duration};

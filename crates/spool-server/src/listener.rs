@@ -64,6 +64,9 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let slots = Arc::new(Slots::new(&config));
+    if let Some(tls) = &config.tls {
+        tls.clone().reload_on_sighup(shutdown.clone());
+    }
     let connections = TaskTracker::new();
     // Dropping the sender tells every connection to finish gracefully.
     let (stop_tx, stop_rx) = watch::channel(());
@@ -98,13 +101,25 @@ pub(crate) async fn run(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
         let io = Tracked::new(tcp, slot);
-        connections.spawn(serve_connection(
-            io,
-            remote,
-            app.clone(),
-            config.clone(),
-            stop_rx.clone(),
-        ));
+        let activity = io.activity.clone();
+        match &config.tls {
+            None => connections.spawn(serve_connection(
+                io,
+                activity,
+                remote,
+                app.clone(),
+                config.clone(),
+                stop_rx.clone(),
+            )),
+            Some(tls) => connections.spawn(serve_tls_connection(
+                io,
+                tls.acceptor(),
+                remote,
+                app.clone(),
+                config.clone(),
+                stop_rx.clone(),
+            )),
+        };
     }
     drop(listener);
     drop(stop_tx);
@@ -171,14 +186,81 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
-async fn serve_connection(
+/// What a plain-HTTP request sent to the TLS port reads before it is closed.
+const TLS_REQUIRED: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+connection: close\r\ncontent-length: 92\r\n\r\n\
+{\"error\":{\"code\":\"tls_required\",\"message\":\"this port speaks HTTPS: use https:// or wss://\"}}";
+
+/// The TLS handshake, bounded like a request head (`header_timeout`), then the connection as
+/// over plain TCP. A client that speaks plain HTTP to this port (its first byte is not a TLS
+/// handshake record, 0x16) gets a one-line `400` saying so instead of a bare reset.
+async fn serve_tls_connection(
     io: Tracked,
+    acceptor: tokio_rustls::TlsAcceptor,
     remote: SocketAddr,
     app: Router,
     config: HttpConfig,
     mut stop: watch::Receiver<()>,
 ) {
     let activity = io.activity.clone();
+    let handshake = async {
+        let mut first = [0u8; 1];
+        match io.tcp.peek(&mut first).await {
+            Ok(1) if first[0] != 0x16 => {
+                refuse_plain(io).await;
+                return None;
+            }
+            Ok(1) => {}
+            _ => return None,
+        }
+        match acceptor.accept(io).await {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                None
+            }
+        }
+    };
+    let tls = tokio::select! {
+        done = tokio::time::timeout(config.header_timeout, handshake) => match done {
+            Ok(Some(tls)) => tls,
+            Ok(None) => return,
+            Err(_) => {
+                tracing::debug!(%remote, "TLS handshake timed out");
+                return;
+            }
+        },
+        _ = stop.changed() => return,
+    };
+    serve_connection(tls, activity, remote, app, config, stop).await;
+}
+
+/// Answers a plain-HTTP client on the TLS port with [`TLS_REQUIRED`] and closes. What it sent
+/// is read first and after: closing with unread bytes resets the connection, and the reset
+/// can overtake the answer.
+async fn refuse_plain(mut io: Tracked) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 4096];
+    let _ = io.read(&mut buf).await;
+    if io.write_all(TLS_REQUIRED).await.is_ok() {
+        let _ = io.shutdown().await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+async fn serve_connection<I>(
+    io: I,
+    activity: Arc<Activity>,
+    remote: SocketAddr,
+    app: Router,
+    config: HttpConfig,
+    mut stop: watch::Receiver<()>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let in_flight = Arc::new(AtomicUsize::new(0));
     let requests = in_flight.clone();
     let service = app.map_request(move |mut request: Request<Incoming>| {

@@ -121,6 +121,13 @@ layered! {
         /// Address to listen on.
         #[arg(long, env = "SPOOL_LISTEN", value_name = "ADDR")]
         pub listen: Option<SocketAddr>,
+        /// PEM certificate chain to serve HTTPS and WSS with, the server's certificate first
+        /// (needs --tls-key; read again on SIGHUP). Default: plain HTTP.
+        #[arg(long, env = "SPOOL_TLS_CERT", value_name = "FILE")]
+        pub tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert (PKCS#8, RSA or EC; read again on SIGHUP).
+        #[arg(long, env = "SPOOL_TLS_KEY", value_name = "FILE")]
+        pub tls_key: Option<PathBuf>,
         /// Storage engine: disk (durable, the default), memory, redis or nats (cluster engines:
         /// several nodes sharing one Redis or NATS JetStream).
         #[arg(long, env = "SPOOL_ENGINE")]
@@ -628,6 +635,7 @@ pub fn resolve(args: &Settings) -> anyhow::Result<Resolved> {
     };
     let http_defaults = HttpConfig::default();
     let http = HttpConfig {
+        tls: tls(s.tls_cert.as_deref(), s.tls_key.as_deref())?,
         max_connections: at_least_one(
             "connection limit (--max-connections / max_connections)",
             s.max_connections,
@@ -745,6 +753,28 @@ fn prefix(engine: &str, value: Option<String>) -> anyhow::Result<String> {
         bail!("the {engine} prefix must be 1 to 32 characters of {chars}, got {prefix:?}");
     }
     Ok(prefix)
+}
+
+/// The server's TLS (`--tls-cert` and `--tls-key`, both or neither), read and checked now so
+/// that a missing or bad file stops the start with an error naming its flag.
+fn tls(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> anyhow::Result<Option<std::sync::Arc<spool_server::tls::Tls>>> {
+    let (cert, key) = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(_), None) => bail!("--tls-cert (SPOOL_TLS_CERT, tls_cert) needs --tls-key"),
+        (None, Some(_)) => bail!("--tls-key (SPOOL_TLS_KEY, tls_key) needs --tls-cert"),
+    };
+    match spool_server::tls::Tls::load(cert, key) {
+        Ok(tls) => Ok(Some(std::sync::Arc::new(tls))),
+        Err(e @ spool_server::tls::TlsError::Mismatch { .. }) => {
+            bail!("--tls-key and --tls-cert: {e}")
+        }
+        Err(e) if e.is_cert() => bail!("--tls-cert (SPOOL_TLS_CERT, tls_cert): {e}"),
+        Err(e) => bail!("--tls-key (SPOOL_TLS_KEY, tls_key): {e}"),
+    }
 }
 
 fn engine_timeout(value: Option<Duration>) -> anyhow::Result<Duration> {

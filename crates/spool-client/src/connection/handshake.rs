@@ -75,9 +75,21 @@ impl Connection {
             "sec-websocket-protocol",
             HeaderValue::from_static(ws::SUBPROTOCOL),
         );
+        let connector = if request.uri().scheme_str() == Some("wss") {
+            let tls = match &self.config.tls {
+                Some(tls) => tls.clone(),
+                None => crate::Tls::system().map_err(|e| Failure {
+                    error: Error::Connect(e.to_string()),
+                    retry: false,
+                })?,
+            };
+            Some(tokio_tungstenite::Connector::Rustls(tls.client_config()))
+        } else {
+            None
+        };
         match timeout(
             self.config.connect_timeout,
-            tokio_tungstenite::connect_async(request),
+            tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector),
         )
         .await
         {

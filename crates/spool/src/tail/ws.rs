@@ -19,14 +19,21 @@ pub(super) async fn run(
     interrupted: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut url = client.url(&["v1", "ws"]);
-    if url.scheme() != "http" || url.set_scheme("ws").is_err() {
+    let ws_scheme = match url.scheme() {
+        "http" => "ws",
+        "https" => "wss",
+        _ => "",
+    };
+    if ws_scheme.is_empty() || url.set_scheme(ws_scheme).is_err() {
         bail!(
-            "--transport ws needs an http:// server URL (it speaks plain ws://), got {}; \
-             use --transport sse or poll",
+            "--transport ws needs an http:// or https:// server URL, got {}",
             args.client.server
         );
     }
     let mut config = Config::new(url.as_str()).backoff(MIN_BACKOFF, MAX_BACKOFF);
+    if let Some(tls) = args.client.tls()? {
+        config = config.tls(tls);
+    }
     if let Some(token) = args.client.token.as_deref().filter(|t| !t.is_empty()) {
         config = config.token(token);
     }
