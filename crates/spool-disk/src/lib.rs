@@ -1,24 +1,29 @@
 //! The embedded durable engine: one write-ahead log shared by every stream, with group
-//! commit, plus each stream's retained messages in memory for reads and fan-out.
+//! commit; each stream's retained history is an index into that log plus a bounded hot tail
+//! of its newest messages in memory.
 //!
 //! Why this shape (see docs/benchmarks.md for the numbers): a file per stream does not scale
 //! to many small streams (one fd and one fsync each); a shared log turns every concurrent
-//! publish on every stream into one sequential write and one fsync. Readers never touch the
-//! disk: the log is read once, at startup, to rebuild every stream (epoch, head, retained
-//! messages, idempotency keys). Memory therefore holds what retention keeps — bounded by the
-//! per-stream limits — and the disk holds it durably.
+//! publish on every stream into one sequential write and one fsync. Reads of the newest
+//! messages (live subscribers) come from the tail cache (`--cache-size`, one budget for every
+//! stream); reads of older history come from the segment files, through the page cache
+//! (`history.rs`). At startup the log is read once to rebuild every stream's epoch, head,
+//! index of retained messages (where each lies, its time and size) and idempotency keys — not
+//! the payloads. Memory therefore holds the cache budget plus 24 bytes per retained message,
+//! and the disk holds the history.
 //!
 //! - `record.rs`: the checksummed frame format.
 //! - `segment.rs`: segment files, scanning, torn-tail detection.
-//! - `writer.rs`: the writer thread (group commit, segment roll).
+//! - `writer.rs`: the writer thread (group commit, segment roll, tail-cache eviction).
+//! - `history.rs`: a stream's index, tail cache and reads from the segments.
 //! - `repair.rs`: `spool repair` (cut damage out, new epochs for the streams it touched).
 //! - `sessions.rs`: the WebSocket session records, in `sessions.redb`.
 //! - `groups.rs`: consumer groups (the `GroupStore`), as WAL records beside the messages.
 //! - here: the engine, the append path, recovery and segment reclamation.
 //!
-//! The in-memory side (each stream's retained messages and head watch, idempotency keys, the
-//! capped registry of streams) is shared with the memory engine: `spool_engine::{log, dedup,
-//! registry}`.
+//! The in-memory side (each stream's index of retained messages and head watch, idempotency
+//! keys, the capped registry of streams) is shared with the memory engine:
+//! `spool_engine::{log, dedup, registry}`.
 //!
 //! Publishing to a stream: under the stream's append lock, check idempotency keys, reserve
 //! offsets, encode frames, and hand them to the writer (the lock is held until the request is
@@ -27,12 +32,14 @@
 //! that a crash could take back.
 
 pub mod groups;
+mod history;
 mod record;
 mod repair;
 mod segment;
 pub mod sessions;
 mod writer;
 
+pub use history::{DEFAULT_CACHE_SIZE, MAX_DISK_READ_BYTES};
 pub use repair::{Cut, Damage, EPOCHS_FILE, GroupRollback, RepairReport, repair};
 
 use std::{
@@ -53,12 +60,12 @@ use spool_core::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use history::{DiskLog, SegmentFiles, Slot, TailCache};
 use record::Record;
 use sessions::SessionFile;
 use spool_engine::{
     Appended, Engine, EngineError, HeadWatch, ReadBatch, SessionRecord, SessionStore, StreamCounts,
     dedup::{DedupBudget, DedupWindow},
-    log::StreamLog,
     registry::{Registry, Watched},
 };
 use writer::{Publish, WriteRequest, Writer};
@@ -86,6 +93,9 @@ pub struct DiskConfig {
     pub max_sessions: usize,
     /// A segment is closed and a new one started past this size.
     pub segment_size: u64,
+    /// The most bytes the newest messages of all streams may take in memory (the tail
+    /// caches, `--cache-size`); older history is read from the segment files.
+    pub cache_size: u64,
     /// The most streams the engine will create (streams something was published to).
     pub max_streams: usize,
     /// The most streams readers may wait on before anything is published to them (in memory
@@ -108,6 +118,7 @@ impl DiskConfig {
             max_idempotency_keys: spool_engine::dedup::DEFAULT_MAX_KEYS,
             max_sessions: spool_engine::sessions::MAX_SESSIONS,
             segment_size: 64 * 1024 * 1024,
+            cache_size: DEFAULT_CACHE_SIZE,
             max_streams: 1_000_000,
             max_unpublished_streams: 100_000,
             max_groups: spool_engine::groups::MAX_GROUPS,
@@ -183,8 +194,14 @@ pub struct DiskStream {
     name: StreamName,
     /// Held while reserving offsets and queueing frames, so WAL order = offset order.
     append: tokio::sync::Mutex<AppendState>,
-    /// What readers see: only durable messages.
-    log: Mutex<StreamLog>,
+    /// What readers see: only durable messages (their index, and the newest cached).
+    log: Mutex<DiskLog>,
+}
+
+impl history::HasLog for DiskStream {
+    fn with_log<R>(&self, f: impl FnOnce(&mut DiskLog) -> R) -> R {
+        f(&mut self.log.lock())
+    }
 }
 
 struct AppendState {
@@ -206,6 +223,21 @@ pub struct Shared {
     clock: Clock,
     groups: groups::Groups,
     wal: WalCounters,
+    /// The tail caches' global budget.
+    cache: TailCache,
+    /// Read handles on segments, for reads of history.
+    files: SegmentFiles,
+}
+
+/// What the tail caches hold ([`DiskEngine::cache_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Bytes charged: each cached message's retained bytes plus a fixed overhead.
+    pub bytes: u64,
+    /// Messages cached, across streams.
+    pub messages: u64,
+    /// The budget (`--cache-size`); `bytes` exceeds it only between a commit and its eviction.
+    pub budget: u64,
 }
 
 /// What the writer has done since the engine opened ([`DiskEngine::wal_stats`]).
@@ -290,6 +322,7 @@ impl Shared {
             }
             segments.remove(&id);
         }
+        self.files.forget(id);
         let path = segment::path(&self.dir.join("wal"), id);
         match fs::remove_file(&path) {
             Ok(()) => tracing::debug!(path = %path.display(), "deleted an expired WAL segment"),
@@ -356,8 +389,28 @@ impl DiskEngine {
         for (i, &id) in ids.iter().enumerate() {
             let path = segment::path(&wal, id);
             let is_last = i + 1 == ids.len();
-            let scan = segment::scan(&path, is_last).map_err(io_err(&path))?;
-            match scan.tail {
+            // Records are applied as they are read: index entries are kept, payloads are not.
+            // The first record that cannot be applied fails the open.
+            let mut bad: Option<&'static str> = None;
+            let tail = segment::scan_each(&path, is_last, |pos, len, mut record| {
+                if bad.is_some() {
+                    return;
+                }
+                epochs.apply(id, &mut record);
+                if let Err(why) = recovery.apply(id, pos, len, record) {
+                    bad = Some(why);
+                }
+            })
+            .map_err(io_err(&path))?;
+            if let Some(why) = bad {
+                return Err(OpenError::Corrupt {
+                    file: path,
+                    offset: 0,
+                    why,
+                    dir,
+                });
+            }
+            match tail {
                 segment::Tail::Clean => {}
                 segment::Tail::Torn { at: 0 } => {
                     tracing::warn!(path = %path.display(), "removing a segment whose header was torn by a crash");
@@ -376,17 +429,6 @@ impl DiskEngine {
                     return Err(OpenError::Corrupt {
                         file: path,
                         offset: at,
-                        why,
-                        dir,
-                    });
-                }
-            }
-            for mut record in scan.records {
-                epochs.apply(id, &mut record);
-                if let Err(why) = recovery.apply(id, record) {
-                    return Err(OpenError::Corrupt {
-                        file: path,
-                        offset: 0,
                         why,
                         dir,
                     });
@@ -418,6 +460,8 @@ impl DiskEngine {
             clock: config.clock.clone(),
             groups,
             wal: WalCounters::default(),
+            cache: TailCache::new(config.cache_size),
+            files: SegmentFiles::new(wal.clone()),
         });
         shared.streams.replace_all(streams);
 
@@ -453,6 +497,7 @@ impl DiskEngine {
             segment_max: config.segment_size.max(segment::HEADER_LEN + 1),
             fsync: config.durability == Durability::Fsync,
             roll_failures: 0,
+            eviction: history::Eviction::new(),
         };
         std::thread::Builder::new()
             .name("spool-wal-writer".into())
@@ -478,6 +523,16 @@ impl DiskEngine {
             requests: c.requests.load(Ordering::Relaxed),
             group_requests: c.group_requests.load(Ordering::Relaxed),
             mixed_batches: c.mixed_batches.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What the tail caches hold now, against their budget (`--cache-size`).
+    pub fn cache_stats(&self) -> CacheStats {
+        let c = &self.shared.cache;
+        CacheStats {
+            bytes: c.used(),
+            messages: c.count(),
+            budget: c.budget(),
         }
     }
 
@@ -539,7 +594,7 @@ impl DiskStream {
                 dedup: DedupWindow::default(),
                 persisted,
             }),
-            log: Mutex::new(StreamLog::new(epoch, head, retention)),
+            log: Mutex::new(DiskLog::new(epoch, head, retention)),
             name,
         }
     }
@@ -589,7 +644,9 @@ impl Engine for DiskEngine {
             }
             let offset = state.reserved.next();
             let (message, key) = new.stamp(offset, now);
+            let at = frames.len();
             record::encode_message(&mut frames, name, &message, key.as_deref());
+            let len = frames.len() - at;
             state.reserved = offset;
             let position = Position::new(epoch.clone(), offset);
             state
@@ -598,6 +655,8 @@ impl Engine for DiskEngine {
             publish.push(Publish {
                 stream: stream.clone(),
                 message: Arc::new(message),
+                at,
+                len,
             });
             out.push(Appended {
                 position,
@@ -624,20 +683,38 @@ impl Engine for DiskEngine {
         limit: usize,
     ) -> Result<ReadBatch, EngineError> {
         let mut dropped = Vec::new();
-        let batch = self.shared.streams.with_for_reader(
+        let shared = &self.shared;
+        let plan = shared.streams.with_for_reader(
             name,
             || self.new_stream(name),
             |stream| {
                 let mut log = stream.log.lock();
-                log.trim(self.config.clock.now_ms(), |e| dropped.push(e.tag));
-                ReadBatch {
-                    state: log.state(),
-                    messages: log.read(after, limit),
-                }
+                log.trim(self.config.clock.now_ms(), &shared.cache, |s| {
+                    dropped.push(s)
+                });
+                log.plan(after, limit, &shared.files)
             },
         )?;
-        self.shared.release(&dropped);
-        Ok(batch)
+        shared.release(&dropped);
+        let plan = plan?;
+        if plan.disk.is_empty() {
+            return Ok(ReadBatch {
+                state: plan.state,
+                messages: plan.cached,
+            });
+        }
+        // Older history from the segments, off the async threads; the handles in the plan
+        // keep every segment readable even if retention deletes it meanwhile.
+        let stream = name.clone();
+        let history::ReadPlan {
+            state,
+            disk,
+            files,
+            cached,
+        } = plan;
+        let mut messages = blocking(move || history::read_disk(&stream, &disk, &files)).await?;
+        messages.extend(cached);
+        Ok(ReadBatch { state, messages })
     }
 
     async fn state(&self, name: &StreamName) -> Result<Option<StreamState>, EngineError> {
@@ -646,7 +723,9 @@ impl Engine for DiskEngine {
         };
         let mut log = stream.log.lock();
         let mut dropped = Vec::new();
-        log.trim(self.config.clock.now_ms(), |e| dropped.push(e.tag));
+        log.trim(self.config.clock.now_ms(), &self.shared.cache, |s| {
+            dropped.push(s)
+        });
         let state = log.state();
         drop(log);
         self.shared.release(&dropped);
@@ -670,7 +749,9 @@ impl Engine for DiskEngine {
         let now = self.config.clock.now_ms();
         let mut dropped = Vec::new();
         for s in streams {
-            s.log.lock().trim(now, |e| dropped.push(e.tag));
+            s.log
+                .lock()
+                .trim(now, &self.shared.cache, |seg| dropped.push(seg));
             if let Ok(mut state) = s.append.try_lock() {
                 state.dedup.expire(now, &self.keys);
             }
@@ -745,10 +826,12 @@ struct Recovery<'a> {
     live: HashMap<u64, u64>,
     now: u64,
     groups: groups::GroupRecovery,
+    /// Recovery caches nothing: only an empty budget to pass around.
+    cache: TailCache,
 }
 
 struct Rebuilt {
-    log: StreamLog,
+    log: DiskLog,
     dedup: DedupWindow,
 }
 
@@ -761,10 +844,18 @@ impl<'a> Recovery<'a> {
             live: HashMap::new(),
             now: config.clock.now_ms(),
             groups: groups::GroupRecovery::default(),
+            cache: TailCache::new(0),
         }
     }
 
-    fn apply(&mut self, segment: u64, record: Record) -> Result<(), &'static str> {
+    /// Applies the record whose frame is `len` bytes at byte `pos` of `segment`.
+    fn apply(
+        &mut self,
+        segment: u64,
+        pos: u64,
+        len: usize,
+        record: Record,
+    ) -> Result<(), &'static str> {
         let Recovery {
             config,
             keys,
@@ -772,20 +863,21 @@ impl<'a> Recovery<'a> {
             live,
             now,
             groups,
+            cache,
         } = self;
         let new_log = |name: &StreamName, epoch, head| {
-            StreamLog::new(epoch, head, config.retention.for_stream(name))
+            DiskLog::new(epoch, head, config.retention.for_stream(name))
         };
         match record {
             Record::Stream { name, epoch, head } => match streams.get_mut(&name) {
                 Some(s) if *s.log.epoch() == epoch => {
                     if head > s.log.head() {
                         // Messages up to `head` existed but went with deleted segments.
-                        s.log.skip_to(head, |e| release(live, e.tag));
+                        s.log.skip_to(head, cache, |seg| release(live, seg));
                     }
                 }
                 Some(s) => {
-                    s.log.skip_to(Offset::ZERO, |e| release(live, e.tag));
+                    s.log.skip_to(Offset::ZERO, cache, |seg| release(live, seg));
                     *s = Rebuilt {
                         log: new_log(&name, epoch, head),
                         dedup: DedupWindow::default(),
@@ -814,8 +906,9 @@ impl<'a> Recovery<'a> {
                     return Ok(());
                 }
                 if message.offset > s.log.head().next() {
-                    s.log
-                        .skip_to(Offset(message.offset.get() - 1), |e| release(live, e.tag));
+                    s.log.skip_to(Offset(message.offset.get() - 1), cache, |seg| {
+                        release(live, seg)
+                    });
                 }
                 let window = config.dedup_window.as_millis() as u64;
                 if let Some(key) = idempotency_key
@@ -825,7 +918,8 @@ impl<'a> Recovery<'a> {
                     s.dedup
                         .insert(key, position, message.time_ms + window, *now, keys);
                 }
-                s.log.push(Arc::new(message), segment);
+                s.log
+                    .push_slot(message.offset, Slot::new(segment, pos, len, &message));
                 *live.entry(segment).or_insert(0) += 1;
             }
             Record::GroupPut {
@@ -863,20 +957,21 @@ impl<'a> Recovery<'a> {
             mut live,
             now,
             groups,
+            cache,
             ..
         } = self;
         let mut streams = HashMap::with_capacity(rebuilt.len());
         for (name, mut r) in rebuilt {
             if reset_epochs {
-                r.log.skip_to(Offset::ZERO, |e| release(&mut live, e.tag));
-                r.log = StreamLog::new(
+                r.log.skip_to(Offset::ZERO, &cache, |seg| release(&mut live, seg));
+                r.log = DiskLog::new(
                     Epoch::generate(),
                     Offset::ZERO,
                     config.retention.for_stream(&name),
                 );
                 r.dedup = DedupWindow::default();
             }
-            r.log.trim(now, |e| release(&mut live, e.tag));
+            r.log.trim(now, &cache, |seg| release(&mut live, seg));
             let head = r.log.head();
             let stream = DiskStream {
                 append: tokio::sync::Mutex::new(AppendState {

@@ -7,11 +7,11 @@
 
 use std::{
     fs,
-    io::{self, Write},
+    io::{self, Read, Write},
     path::{Path, PathBuf},
 };
 
-use super::record::{Frame, Record, decode_frame};
+use super::record::{FRAME_HEADER, Frame, MAX_RECORD, Record, decode_frame};
 
 pub const MAGIC: &[u8; 8] = b"SPOOLWAL";
 pub const VERSION: u32 = 1;
@@ -81,10 +81,97 @@ pub struct Scan {
     pub tail: Tail,
 }
 
-/// Reads a segment. Damage in the newest segment (`is_last`) with nothing valid after it is a
-/// torn tail; any other damage is reported as corruption.
+/// Reads a segment whole. Damage in the newest segment (`is_last`) with nothing valid after it
+/// is a torn tail; any other damage is reported as corruption.
 pub fn scan(p: &Path, is_last: bool) -> io::Result<Scan> {
-    let buf = fs::read(p)?;
+    let mut records = Vec::new();
+    let tail = scan_each(p, is_last, |_, _, record| records.push(record))?;
+    Ok(Scan { records, tail })
+}
+
+/// How much of a segment [`scan_each`] reads at a time.
+const SCAN_CHUNK: usize = 1024 * 1024;
+
+/// Reads a segment and hands each record to `f` with its frame's byte position and length, in
+/// order, holding at most one chunk (or one frame, if larger) in memory: recovery keeps what
+/// it needs of each record, not the segment. Damage is told as [`scan`] tells it; records
+/// before it have been handed over.
+pub fn scan_each(
+    p: &Path,
+    is_last: bool,
+    mut f: impl FnMut(u64, usize, Record),
+) -> io::Result<Tail> {
+    let mut file = fs::File::open(p)?;
+    let mut head = Vec::with_capacity(HEADER_LEN as usize);
+    (&mut file).take(HEADER_LEN).read_to_end(&mut head)?;
+    if let Some(tail) = bad_header(&head, is_last) {
+        return Ok(tail);
+    }
+    // `buf[used..]` is unread; `base` is the file position of `buf[0]`.
+    let mut buf: Vec<u8> = Vec::new();
+    let mut base = HEADER_LEN;
+    let mut used = 0usize;
+    let mut eof = false;
+    loop {
+        if used == buf.len() && eof {
+            return Ok(Tail::Clean);
+        }
+        match decode_frame(&buf[used..]) {
+            Frame::Record(record, len) => {
+                f(base + used as u64, len, record);
+                used += len;
+            }
+            Frame::Incomplete if !eof => {
+                buf.drain(..used);
+                base += used as u64;
+                used = 0;
+                let frame = if buf.len() >= FRAME_HEADER {
+                    FRAME_HEADER + u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
+                } else {
+                    0
+                };
+                let want = SCAN_CHUNK.max(frame.min(FRAME_HEADER + MAX_RECORD));
+                let have = buf.len();
+                buf.resize(have.max(want), 0);
+                let mut filled = have;
+                while filled < buf.len() {
+                    match file.read(&mut buf[filled..]) {
+                        Ok(0) => {
+                            eof = true;
+                            break;
+                        }
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                buf.truncate(filled);
+            }
+            damage => {
+                let at = base + used as u64;
+                // A torn write leaves only partial frames behind it; a valid frame after the
+                // damage means it is in the middle of good data (the rare path: read the rest).
+                if is_last {
+                    let mut rest = buf[used..].to_vec();
+                    file.read_to_end(&mut rest)?;
+                    if !any_record_after(&rest, 1) {
+                        return Ok(Tail::Torn { at });
+                    }
+                }
+                return Ok(match damage {
+                    Frame::Corrupt(why) => Tail::Corrupt { at, why },
+                    _ => Tail::Corrupt {
+                        at,
+                        why: "truncated record",
+                    },
+                });
+            }
+        }
+    }
+}
+
+/// What a segment whose first bytes are `buf` (at most the header) is, if not a segment.
+fn bad_header(buf: &[u8], is_last: bool) -> Option<Tail> {
     if buf.len() < HEADER_LEN as usize || &buf[..8] != MAGIC {
         // A crash right after creating the file can leave it shorter than its header.
         let tail = if is_last
@@ -98,60 +185,12 @@ pub fn scan(p: &Path, is_last: bool) -> io::Result<Scan> {
                 why: "not a Spool WAL segment (bad header)",
             }
         };
-        return Ok(Scan {
-            records: Vec::new(),
-            tail,
-        });
+        return Some(tail);
     }
     let version = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
-    if version != VERSION {
-        return Ok(Scan {
-            records: Vec::new(),
-            tail: Tail::Corrupt {
-                at: 8,
-                why: "unsupported segment format version",
-            },
-        });
-    }
-    let mut records = Vec::new();
-    let mut pos = HEADER_LEN as usize;
-    while pos < buf.len() {
-        match decode_frame(&buf[pos..]) {
-            Frame::Record(record, len) => {
-                records.push(record);
-                pos += len;
-            }
-            Frame::Incomplete | Frame::Corrupt(_)
-                if is_last && !any_record_after(&buf, pos + 1) =>
-            {
-                return Ok(Scan {
-                    records,
-                    tail: Tail::Torn { at: pos as u64 },
-                });
-            }
-            Frame::Incomplete => {
-                return Ok(Scan {
-                    records,
-                    tail: Tail::Corrupt {
-                        at: pos as u64,
-                        why: "truncated record",
-                    },
-                });
-            }
-            Frame::Corrupt(why) => {
-                return Ok(Scan {
-                    records,
-                    tail: Tail::Corrupt {
-                        at: pos as u64,
-                        why,
-                    },
-                });
-            }
-        }
-    }
-    Ok(Scan {
-        records,
-        tail: Tail::Clean,
+    (version != VERSION).then_some(Tail::Corrupt {
+        at: 8,
+        why: "unsupported segment format version",
     })
 }
 

@@ -467,15 +467,20 @@ proptest! {
     /// Random appends to three streams, with a small segment size and count retention, reopened
     /// at random and with random garbage appended to the tail (a torn write): every acked
     /// message that retention keeps is there with its offset and payload, offsets have no
-    /// hole, epochs never change.
+    /// hole, epochs never change. The tail cache is none, a few messages or all of them, so
+    /// reads come from the segments, the cache or both.
     #[test]
-    fn log_survives_random_appends_tears_and_reopens(ops in prop::collection::vec(op(), 1..40)) {
+    fn log_survives_random_appends_tears_and_reopens(
+        ops in prop::collection::vec(op(), 1..40),
+        cache_size in prop_oneof![Just(0u64), Just(400), Just(DEFAULT_CACHE_SIZE)],
+    ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = config(dir.path());
             cfg.retention.default.max_messages = 7;
             cfg.segment_size = 700;
+            cfg.cache_size = cache_size;
             cfg.durability = Durability::Memory;
             let mut engine = Some(DiskEngine::open(cfg.clone()).unwrap());
             let mut model: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); 3];
@@ -607,4 +612,289 @@ async fn a_failed_roll_is_retried_and_loses_nothing() {
     let engine = DiskEngine::open(cfg).unwrap();
     let offsets: Vec<u64> = payloads(&engine, "r").await.iter().map(|m| m.0).collect();
     assert_eq!(offsets, (1..=60).collect::<Vec<u64>>());
+}
+
+/// The payload of message `n` of `stream`: a wrong, shifted or partial answer cannot match.
+fn numbered(stream: &str, n: u64) -> String {
+    format!("{stream}#{n}:{}", "p".repeat((n % 97) as usize))
+}
+
+/// A read after `after` answered exactly the retained messages from `after + 1` on, in order,
+/// or nothing because `after + 1` is no longer retained (or nothing is newer).
+fn check_read(stream: &str, after: u64, limit: usize, batch: &ReadBatch) {
+    let (oldest, head) = (batch.state.oldest.get(), batch.state.head.get());
+    if batch.messages.is_empty() {
+        assert!(
+            after + 1 < oldest || after >= head || limit == 0,
+            "{stream}: an empty answer after {after} with {oldest}..={head} retained"
+        );
+        return;
+    }
+    assert!(
+        after + 1 >= oldest,
+        "{stream}: an answer after {after} though {oldest} is the oldest"
+    );
+    assert!(batch.messages.len() <= limit);
+    for (i, m) in batch.messages.iter().enumerate() {
+        let want = after + 1 + i as u64;
+        assert_eq!(m.offset.get(), want, "{stream}: offsets in order, no gap");
+        assert!(
+            want <= head,
+            "{stream}: nothing past the head of the same snapshot"
+        );
+        assert_eq!(
+            std::str::from_utf8(&m.payload).unwrap(),
+            numbered(stream, want),
+            "{stream}: message {want}'s own payload"
+        );
+    }
+}
+
+/// Appends `count` numbered messages to each of `streams`, interleaved in small batches so
+/// that every segment holds frames of several streams.
+async fn append_numbered(engine: &DiskEngine, streams: &[&str], from: u64, count: u64) {
+    let mut n = from;
+    while n < from + count {
+        for s in streams {
+            let batch = (n..(n + 3).min(from + count))
+                .map(|i| msg(numbered(s, i)))
+                .collect();
+            engine.append(&name(s), batch).await.unwrap();
+        }
+        n += 3;
+    }
+}
+
+/// Reads every retained position of each stream with several limits and checks each answer.
+async fn check_all_reads(engine: &DiskEngine, streams: &[&str]) {
+    for s in streams {
+        let state = engine.state(&name(s)).await.unwrap().unwrap();
+        let (oldest, head) = (state.oldest.get(), state.head.get());
+        for after in (oldest.saturating_sub(3)..=head).step_by(7) {
+            for limit in [1, 10, 1000] {
+                let batch = engine.read(&name(s), Offset(after), limit).await.unwrap();
+                check_read(s, after, limit, &batch);
+                if after + 1 >= oldest && after < head {
+                    assert_eq!(
+                        batch.messages.len() as u64,
+                        (head - after).min(limit as u64),
+                        "{s}: every retained message after {after}, up to the limit"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Issue 14 item 4: history older than the tail cache is read from the segments — across
+/// segment rolls, segments deleted by retention, and a restart (which rebuilds the index, not
+/// the payloads) — and the caches stay within their budget.
+#[tokio::test]
+async fn history_older_than_the_cache_is_read_from_the_segments_across_rolls_retention_and_restart()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.segment_size = 4096;
+    cfg.cache_size = 8 * 1024;
+    cfg.retention.default.max_messages = 300;
+    cfg.durability = Durability::Memory;
+    let streams = ["a", "b/c", "d"];
+    let engine = DiskEngine::open(cfg.clone()).unwrap();
+    append_numbered(&engine, &streams, 1, 1000).await;
+    let stats = engine.cache_stats();
+    assert!(stats.bytes <= cfg.cache_size, "{stats:?}");
+    assert!(
+        stats.messages > 0,
+        "the newest messages are cached: {stats:?}"
+    );
+    let state = engine.state(&name("a")).await.unwrap().unwrap();
+    assert_eq!((state.oldest, state.head), (Offset(701), Offset(1000)));
+    check_all_reads(&engine, &streams).await;
+    let segments = segment::list(&dir.path().join("wal")).unwrap().len();
+    assert!(
+        segments < 150,
+        "retention deleted old segments: {segments} left"
+    );
+
+    drop(engine);
+    let engine = DiskEngine::open(cfg.clone()).unwrap();
+    assert_eq!(engine.cache_stats().messages, 0, "recovery caches nothing");
+    check_all_reads(&engine, &streams).await;
+    append_numbered(&engine, &streams, 1001, 200).await;
+    check_all_reads(&engine, &streams).await;
+
+    // With no cache at all, every read comes from the segments.
+    drop(engine);
+    cfg.cache_size = 0;
+    let engine = DiskEngine::open(cfg).unwrap();
+    append_numbered(&engine, &streams, 1201, 50).await;
+    assert_eq!(
+        engine.cache_stats(),
+        CacheStats {
+            bytes: 0,
+            messages: 0,
+            budget: 0
+        }
+    );
+    check_all_reads(&engine, &streams).await;
+}
+
+/// The caches of many streams share one budget: the oldest-published messages are evicted
+/// first, whatever their stream, and a stream's cache is always its newest messages.
+#[tokio::test]
+async fn many_streams_share_one_cache_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.cache_size = 64 * 1024;
+    cfg.durability = Durability::Memory;
+    let engine = DiskEngine::open(cfg.clone()).unwrap();
+    let streams: Vec<String> = (0..50).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = streams.iter().map(String::as_str).collect();
+    append_numbered(&engine, &refs, 1, 60).await;
+    let stats = engine.cache_stats();
+    assert!(stats.bytes <= cfg.cache_size, "{stats:?}");
+    assert!(
+        stats.bytes > cfg.cache_size / 2,
+        "the budget is used: {stats:?}"
+    );
+    // The last stream written is cached whole from its newest message back; the first is not.
+    let last = engine.shared.streams.get(&name("s49")).unwrap();
+    let first = engine.shared.streams.get(&name("s0")).unwrap();
+    assert!(last.log.lock().caches(Offset(60)));
+    assert!(!first.log.lock().caches(Offset(1)));
+    check_all_reads(&engine, &refs).await;
+}
+
+/// A read takes its segment handles under the stream's lock; retention may delete a segment
+/// before the read gets to it, and the read still answers exactly what was retained when it
+/// started (an unlinked file lives while open).
+#[tokio::test]
+async fn a_read_planned_before_retention_deletes_its_segment_still_answers_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.segment_size = 4096;
+    cfg.cache_size = 0;
+    cfg.retention.default.max_messages = 20;
+    cfg.durability = Durability::Memory;
+    let engine = DiskEngine::open(cfg).unwrap();
+    append_numbered(&engine, &["r"], 1, 20).await;
+    let stream = engine.shared.streams.get(&name("r")).unwrap();
+    let plan = stream
+        .log
+        .lock()
+        .plan(Offset::ZERO, 100, &engine.shared.files)
+        .unwrap();
+    assert_eq!(plan.disk.len(), 20);
+    let planned: Vec<u64> = plan.files.keys().copied().collect();
+    // Push all twenty out of retention and roll past their segments: they are deleted.
+    append_numbered(&engine, &["r"], 21, 200).await;
+    let wal = dir.path().join("wal");
+    for id in &planned {
+        assert!(
+            !segment::path(&wal, *id).exists(),
+            "segment {id} deleted by retention"
+        );
+    }
+    let messages = history::read_disk(&name("r"), &plan.disk, &plan.files).unwrap();
+    let batch = ReadBatch {
+        state: plan.state,
+        messages,
+    };
+    check_read("r", 0, 100, &batch);
+    assert_eq!(batch.messages.len(), 20);
+    // A read now sees them gone: history expired, not a wrong answer.
+    let now = engine.read(&name("r"), Offset::ZERO, 100).await.unwrap();
+    assert!(now.messages.is_empty());
+    assert_eq!(now.state.oldest, Offset(201));
+}
+
+/// Readers racing appends, rolls and retention deleting segments (no cache: every read from
+/// the segments) only ever get exactly the retained messages in order, or nothing when their
+/// position expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_racing_appends_and_segment_deletion_answer_exactly_what_was_retained() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.segment_size = 2048;
+    cfg.cache_size = 0;
+    cfg.retention.default.max_messages = 40;
+    cfg.durability = Durability::Memory;
+    let engine = Arc::new(DiskEngine::open(cfg).unwrap());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (engine, done) = (engine.clone(), done.clone());
+        tokio::spawn(async move {
+            for n in 1..=3000u64 {
+                engine
+                    .append(&name("race"), vec![msg(numbered("race", n))])
+                    .await
+                    .unwrap();
+                engine
+                    .append(&name("noise"), vec![msg(numbered("noise", n))])
+                    .await
+                    .unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::Release);
+        })
+    };
+    let mut readers = Vec::new();
+    for r in 0..3u64 {
+        let (engine, done) = (engine.clone(), done.clone());
+        readers.push(tokio::spawn(async move {
+            let (mut answered, mut expired) = (0u64, 0u64);
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let Some(state) = engine.state(&name("race")).await.unwrap() else {
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                // The oldest retained message is the one retention deletes next.
+                let after = state.oldest.get().saturating_sub(1) + r;
+                let batch = engine.read(&name("race"), Offset(after), 25).await.unwrap();
+                check_read("race", after, 25, &batch);
+                if batch.messages.is_empty() {
+                    expired += 1;
+                } else {
+                    answered += 1;
+                }
+            }
+            (answered, expired)
+        }));
+    }
+    writer.await.unwrap();
+    let mut answered = 0;
+    for r in readers {
+        answered += r.await.unwrap().0;
+    }
+    assert!(answered > 0, "reads were answered from the segments");
+    let segments = segment::list(&dir.path().join("wal")).unwrap().len();
+    assert!(
+        segments < 40,
+        "segments were deleted meanwhile: {segments} left"
+    );
+}
+
+/// A frame that is not the message the index names (here: overwritten in place after the
+/// engine indexed it) is an error, never a wrong message.
+#[tokio::test]
+async fn a_frame_changed_under_the_index_is_an_error_not_a_wrong_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.cache_size = 0;
+    let engine = DiskEngine::open(cfg).unwrap();
+    append_numbered(&engine, &["x"], 1, 10).await;
+    let seg = segment_with_messages(dir.path());
+    let mut bytes = fs::read(&seg).unwrap();
+    let needle = numbered("x", 5);
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .unwrap();
+    bytes[at] ^= 0xFF;
+    fs::write(&seg, &bytes).unwrap();
+    let err = engine.read(&name("x"), Offset(3), 10).await.unwrap_err();
+    assert!(err.to_string().contains("WAL"), "{err}");
+    // Reads that do not touch it are answered.
+    let batch = engine.read(&name("x"), Offset(5), 10).await.unwrap();
+    check_read("x", 5, 10, &batch);
+    assert_eq!(batch.messages.len(), 5);
 }

@@ -30,7 +30,11 @@ use std::{
 use spool_core::Message;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Shared, record, segment};
+use super::{
+    Shared,
+    history::{Eviction, Slot},
+    record, segment,
+};
 use spool_engine::EngineError;
 
 /// Most bytes written per group commit.
@@ -40,6 +44,10 @@ pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 pub struct Publish {
     pub stream: Arc<super::DiskStream>,
     pub message: Arc<Message>,
+    /// Where the message's frame starts in its request's `frames`, and its length: the index
+    /// entry says where it lies in the segment.
+    pub at: usize,
+    pub len: usize,
 }
 
 pub struct WriteRequest {
@@ -65,12 +73,15 @@ pub struct Writer {
     pub fsync: bool,
     /// Failed attempts to start the next segment since the last roll (0: none).
     pub roll_failures: u64,
+    /// The order messages entered the tail caches, for eviction over `--cache-size`.
+    pub eviction: Eviction<super::DiskStream>,
 }
 
 impl Writer {
     pub fn run(mut self, mut rx: mpsc::Receiver<WriteRequest>) {
         let mut batch: Vec<WriteRequest> = Vec::new();
         let mut buf: Vec<u8> = Vec::new();
+        let mut bases: Vec<u64> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut bytes = first.frames.len();
             batch.push(first);
@@ -83,7 +94,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = self.commit(&batch, &mut buf);
+            let result = self.commit(&batch, &mut buf, &mut bases);
             if let Err(e) = &result {
                 tracing::error!(error = %e, "WAL write failed; the disk engine stops accepting publishes until restarted");
                 self.shared.fail(e.to_string());
@@ -91,13 +102,23 @@ impl Writer {
             if result.is_ok() {
                 self.count(&batch);
             }
-            for request in batch.drain(..) {
-                if result.is_ok() {
-                    publish(&self.shared, self.segment_id, request.publish);
-                    if let Some(op) = request.group {
+            if result.is_ok() {
+                for (request, base) in batch.iter_mut().zip(bases.iter().copied()) {
+                    publish(
+                        &self.shared,
+                        &mut self.eviction,
+                        self.segment_id,
+                        base,
+                        std::mem::take(&mut request.publish),
+                    );
+                    if let Some(op) = request.group.take() {
                         self.shared.groups.apply(op);
                     }
                 }
+                // Within the cache budget before anyone is answered.
+                self.eviction.enforce(&self.shared.cache);
+            }
+            for request in batch.drain(..) {
                 let _ = request.done.send(result.clone());
             }
         }
@@ -123,7 +144,15 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, batch: &[WriteRequest], buf: &mut Vec<u8>) -> Result<(), EngineError> {
+    /// Writes the batch; `bases` gets each request's byte position in the active segment.
+    fn commit(
+        &mut self,
+        batch: &[WriteRequest],
+        buf: &mut Vec<u8>,
+        bases: &mut Vec<u64>,
+    ) -> Result<(), EngineError> {
+        bases.clear();
+        bases.resize(batch.len(), 0);
         if let Some(reason) = self.shared.failure() {
             return Err(EngineError::unavailable(format!(
                 "the disk engine has failed: {reason}"
@@ -138,7 +167,8 @@ impl Writer {
             self.roll()?;
         }
         buf.clear();
-        for request in batch {
+        for (request, base) in batch.iter().zip(bases.iter_mut()) {
+            *base = self.segment_len + buf.len() as u64;
             buf.extend_from_slice(&request.frames);
         }
         self.file
@@ -226,8 +256,15 @@ impl Writer {
     }
 }
 
-/// Makes durable messages visible, in order, and applies retention.
-fn publish(shared: &Shared, segment_id: u64, publish: Vec<Publish>) {
+/// Makes durable messages visible, in order (indexed where their frames lie: `base` is the
+/// request's position in segment `segment_id`, and cached), and applies retention.
+fn publish(
+    shared: &Shared,
+    eviction: &mut Eviction<super::DiskStream>,
+    segment_id: u64,
+    base: u64,
+    publish: Vec<Publish>,
+) {
     if publish.is_empty() {
         return;
     }
@@ -238,14 +275,20 @@ fn publish(shared: &Shared, segment_id: u64, publish: Vec<Publish>) {
         // Messages of one stream arrive together: take the lock once per run.
         let stream = publish[i].stream.clone();
         let mut log = stream.log.lock();
+        let first = i;
         while i < publish.len() && Arc::ptr_eq(&publish[i].stream, &stream) {
-            log.push(publish[i].message.clone(), segment_id);
+            let p = &publish[i];
+            let slot = Slot::new(segment_id, base + p.at as u64, p.len, &p.message);
+            log.push(p.message.clone(), slot, &shared.cache);
             i += 1;
         }
         let mut dropped = Vec::new();
-        log.trim(now, |e| dropped.push(e.tag));
+        log.trim(now, &shared.cache, |seg| dropped.push(seg));
         log.notify();
         drop(log);
+        for p in &publish[first..i] {
+            eviction.push(&stream, p.message.offset);
+        }
         shared.release(&dropped);
     }
 }

@@ -8,16 +8,31 @@ use async_trait::async_trait;
 use spool_disk::{DiskConfig, DiskEngine};
 use spool_engine::conformance::{Backend, Namespace, Settings, SingleNode, run};
 
-struct Disk;
+/// The disk engine; `from_segments`: no tail cache and small segments, so every read of
+/// history comes from the segment files, across rolls and deletions.
+struct Disk {
+    from_segments: bool,
+}
 
 #[async_trait]
 impl Backend for Disk {
     async fn namespace(&self, settings: Settings) -> Box<dyn Namespace> {
         let dir = tempfile::tempdir().expect("temp dir");
+        let defaults = DiskConfig::new(dir.path());
         let config = DiskConfig {
             retention: settings.retention,
             dedup_window: settings.dedup_window,
-            ..DiskConfig::new(dir.path())
+            cache_size: if self.from_segments {
+                0
+            } else {
+                defaults.cache_size
+            },
+            segment_size: if self.from_segments {
+                4096
+            } else {
+                defaults.segment_size
+            },
+            ..defaults
         };
         let engine = DiskEngine::open(config).expect("open the disk engine");
         Box::new(SingleNode::new(Arc::new(engine), dir))
@@ -26,7 +41,19 @@ impl Backend for Disk {
 
 #[tokio::test]
 async fn disk_engine_conforms() {
-    run(&Disk).await;
+    run(&Disk {
+        from_segments: false,
+    })
+    .await;
+}
+
+/// The same contract with every read of history served from the segment files (issue 14).
+#[tokio::test]
+async fn disk_engine_conforms_reading_history_from_the_segments() {
+    run(&Disk {
+        from_segments: true,
+    })
+    .await;
 }
 
 /// The group store's suite, on an engine reopened between runs: the second run sees the

@@ -1,9 +1,10 @@
-//! The visible history of one stream, shared by every engine that keeps retained messages in
-//! memory (the memory engine, and the disk engine whose log on disk is for durability): the
-//! retained messages, their byte total, retention, and the head watch.
+//! The visible history of one stream, shared by the memory and disk engines: one entry per
+//! retained message (oldest first), their byte total, retention, and the head watch.
 //!
-//! Each entry carries a `tag` the owning engine uses as it likes (the disk engine: which WAL
-//! segment holds the message, so that trimming it can free the segment).
+//! What an entry is depends on the engine ([`Retained`]): the memory engine keeps the message
+//! itself ([`Entry`]); the disk engine keeps only where the message lies in its WAL, with what
+//! retention needs to know (its time and size), and reads the message from there (or from its
+//! tail cache) — so its memory does not grow with retained history.
 
 use std::{collections::VecDeque, sync::Arc};
 
@@ -11,6 +12,15 @@ use spool_core::{Epoch, Message, Offset, Position, Retention, StreamState};
 use tokio::sync::watch;
 
 use crate::HeadWatch;
+
+/// What retention needs of one retained message's entry: its time and size. (Its offset is
+/// its place: entries are contiguous.)
+pub trait Retained {
+    /// Publish time, ms since the Unix epoch.
+    fn time_ms(&self) -> u64;
+    /// What the message counts against `max_bytes` ([`Message::retained_bytes`]).
+    fn retained_bytes(&self) -> u64;
+}
 
 /// One retained message and the owning engine's tag for it.
 pub struct Entry {
@@ -20,18 +30,28 @@ pub struct Entry {
     pub tag: u64,
 }
 
-/// One stream's epoch, head, retained messages (oldest first, within retention) and head
-/// watch. The owning engine serialises changes (it holds the log under its stream lock).
-pub struct StreamLog {
+impl Retained for Entry {
+    fn time_ms(&self) -> u64 {
+        self.message.time_ms
+    }
+    fn retained_bytes(&self) -> u64 {
+        self.message.retained_bytes()
+    }
+}
+
+/// One stream's epoch, head, retained messages' entries (oldest first, within retention) and
+/// head watch. The owning engine serialises changes (it holds the log under its stream lock).
+/// Entries are contiguous: the i-th is offset `oldest + i`.
+pub struct StreamLog<E = Entry> {
     epoch: Epoch,
     head: Offset,
-    entries: VecDeque<Entry>,
+    entries: VecDeque<E>,
     bytes: u64,
     retention: Retention,
     head_tx: watch::Sender<Position>,
 }
 
-impl StreamLog {
+impl<E: Retained> StreamLog<E> {
     /// An empty log of `epoch` at `head` (0 for a new stream, more for a recovered one whose
     /// messages all expired).
     pub fn new(epoch: Epoch, head: Offset, retention: Retention) -> Self {
@@ -58,9 +78,7 @@ impl StreamLog {
 
     /// The offset of the oldest retained message (`head + 1` when none is retained).
     pub fn oldest(&self) -> Offset {
-        self.entries
-            .front()
-            .map_or(self.head.next(), |e| e.message.offset)
+        Offset(self.head.get() + 1 - self.entries.len() as u64)
     }
 
     /// The stream's bounds.
@@ -82,17 +100,45 @@ impl StreamLog {
         self.head_tx.receiver_count()
     }
 
-    /// Appends the next message. The caller guarantees `message.offset == head + 1`.
-    pub fn push(&mut self, message: Arc<Message>, tag: u64) {
-        debug_assert_eq!(message.offset, self.head.next());
-        self.head = message.offset;
-        self.bytes += message.retained_bytes();
-        self.entries.push_back(Entry { message, tag });
+    /// Appends the entry of the next message, `offset` (the caller guarantees
+    /// `offset == head + 1`).
+    pub fn push_entry(&mut self, offset: Offset, entry: E) {
+        debug_assert_eq!(offset, self.head.next());
+        self.head = offset;
+        self.bytes += entry.retained_bytes();
+        self.entries.push_back(entry);
+    }
+
+    /// How many messages are retained.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no message is retained.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The bytes retained messages count against `max_bytes`.
+    pub fn retained_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Up to `limit` entries after `after`, oldest first; none when `after + 1` is not
+    /// retained (see [`StreamLog::read`]).
+    pub fn entries_after(&self, after: Offset, limit: usize) -> impl Iterator<Item = &E> {
+        let oldest = self.oldest();
+        let start = if after.0.saturating_add(1) < oldest.0 || after >= self.head {
+            self.entries.len()
+        } else {
+            (after.0 + 1 - oldest.0) as usize
+        };
+        self.entries.range(start..).take(limit)
     }
 
     /// Forgets every retained message and moves the head, as after a hole in recovered data:
     /// readers before `head` get `history_expired`, never a silent gap.
-    pub fn skip_to(&mut self, head: Offset, mut dropped: impl FnMut(&Entry)) {
+    pub fn skip_to(&mut self, head: Offset, mut dropped: impl FnMut(&E)) {
         for e in self.entries.drain(..) {
             dropped(&e);
         }
@@ -111,13 +157,54 @@ impl StreamLog {
     }
 
     /// Removes what retention no longer allows; `dropped` sees each removed entry.
-    pub fn trim(&mut self, now_ms: u64, mut dropped: impl FnMut(&Entry)) {
+    pub fn trim(&mut self, now_ms: u64, mut dropped: impl FnMut(&E)) {
         while let Some(front) = self.entries.front() {
             let count = self.entries.len() as u64;
             if !self
                 .retention
-                .must_trim(count, self.bytes, front.message.time_ms, now_ms)
+                .must_trim(count, self.bytes, front.time_ms(), now_ms)
             {
+                break;
+            }
+            self.bytes -= front.retained_bytes();
+            if let Some(e) = self.entries.pop_front() {
+                dropped(&e);
+            }
+        }
+    }
+}
+
+impl StreamLog<Entry> {
+    /// Appends the next message. The caller guarantees `message.offset == head + 1`.
+    pub fn push(&mut self, message: Arc<Message>, tag: u64) {
+        self.push_entry(message.offset, Entry { message, tag });
+    }
+
+    /// Up to `limit` retained messages after `after`; empty when `after + 1` is not retained.
+    pub fn read(&self, after: Offset, limit: usize) -> Vec<Arc<Message>> {
+        self.entries_after(after, limit)
+            .map(|e| e.message.clone())
+            .collect()
+    }
+}
+
+/// What the admin API asks of a log whose entries are the messages themselves (the memory
+/// engine): written against `StreamLog` with its messages, so it holds for any entry layout.
+impl StreamLog {
+    /// Retained messages, their bytes, and the newest one's publish time.
+    pub fn retained_summary(&self) -> (u64, u64, Option<u64>) {
+        (
+            self.entries.len() as u64,
+            self.bytes,
+            self.entries.back().map(|e| e.message.time_ms),
+        )
+    }
+
+    /// Drops retained messages with offsets before `before` (all of them past the head);
+    /// `dropped` sees each. Readers behind get `history_expired`.
+    pub fn truncate_before(&mut self, before: Offset, mut dropped: impl FnMut(&Entry)) {
+        while let Some(front) = self.entries.front() {
+            if front.message.offset >= before {
                 break;
             }
             self.bytes -= front.message.retained_bytes();
@@ -125,19 +212,5 @@ impl StreamLog {
                 dropped(&e);
             }
         }
-    }
-
-    /// Up to `limit` retained messages after `after`; empty when `after + 1` is not retained.
-    pub fn read(&self, after: Offset, limit: usize) -> Vec<Arc<Message>> {
-        let oldest = self.oldest();
-        if after.0.saturating_add(1) < oldest.0 || after >= self.head {
-            return Vec::new();
-        }
-        let start = (after.0 + 1 - oldest.0) as usize;
-        self.entries
-            .range(start..)
-            .take(limit)
-            .map(|e| e.message.clone())
-            .collect()
     }
 }

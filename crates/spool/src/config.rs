@@ -176,6 +176,11 @@ layered! {
         #[arg(long, env = "SPOOL_SEGMENT_SIZE", value_name = "BYTES", value_parser = parse_bytes)]
         #[serde(deserialize_with = "de_opt_bytes")]
         pub segment_size: Option<u64>,
+        /// Most bytes the disk engine keeps of the newest messages of all streams in memory;
+        /// older history is read from the WAL segments (default 64MiB).
+        #[arg(long, env = "SPOOL_CACHE_SIZE", value_name = "BYTES", value_parser = parse_bytes)]
+        #[serde(deserialize_with = "de_opt_bytes")]
+        pub cache_size: Option<u64>,
         /// `--history-*` flags; `[retention]` table of the file.
         #[command(flatten)]
         pub retention: RetentionSettings,
@@ -409,6 +414,7 @@ pub enum EngineKind {
         dir: PathBuf,
         durability: Durability,
         segment_size: u64,
+        cache_size: u64,
     },
     Redis {
         url: String,
@@ -476,6 +482,7 @@ pub fn resolve(args: &Settings) -> anyhow::Result<Resolved> {
                 other => bail!("durability must be fsync or memory, got {other:?}"),
             },
             segment_size: s.segment_size.unwrap_or(64 * 1024 * 1024).max(4096),
+            cache_size: s.cache_size.unwrap_or(spool_disk::DEFAULT_CACHE_SIZE),
         },
         "redis" => EngineKind::Redis {
             url: s

@@ -50,9 +50,11 @@ pub async fn run(args: Settings) -> anyhow::Result<()> {
             dir,
             durability,
             segment_size,
+            cache_size,
         } => {
             let config = DiskConfig {
                 durability,
+                cache_size,
                 retention: resolved.retention.clone(),
                 dedup_window: resolved.dedup_window,
                 segment_size,
