@@ -1,6 +1,6 @@
 //! Consumer groups on disk (SPEC §7): the disk engine's [`GroupStore`].
 //!
-//! A group operation is a WAL record (`record.rs`, kinds 3–5) written by the writer thread in
+//! A group operation is a WAL record (`record.rs`, kinds 3–8) written by the writer thread in
 //! the same batches as messages, so it shares their group commit: a commit is answered once
 //! its record is fsynced (or, with `--durability memory`, written to the OS), exactly like an
 //! append, and many commits and appends share one fsync.
@@ -34,14 +34,14 @@ use spool_core::{
 use spool_engine::{
     EngineError, Limit,
     groups::GroupTable,
-    store::{Committed, GroupStore, StoredGroup},
+    store::{Committed, GroupStore, QueuedCommit, StoredGroup},
 };
 
 use crate::{DiskEngine, record, wait};
 
 pub(crate) type Key = (StreamName, GroupName);
 
-/// The most bytes one group's stored form (its snapshot JSON and the changes committed since)
+/// The most bytes one group's stored form (its snapshot JSON and the binary changes committed since)
 /// may take: it is restated as one record at the start of every segment, which must stay well
 /// under `record::MAX_RECORD`. A commit past it is refused until the group is compacted.
 pub const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
@@ -51,7 +51,7 @@ pub const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
 struct Reserved {
     version: u64,
     id: GroupId,
-    /// Bytes of its stored form: snapshot JSON plus each commit's changes JSON.
+    /// Bytes of its stored form: snapshot JSON plus each commit's binary changes.
     bytes: usize,
 }
 
@@ -128,7 +128,7 @@ impl Groups {
         for (stream, group) in self.table.list(None) {
             if let Some(g) = self.table.load(&stream, &group) {
                 let snapshot = record::snapshot_json(&g.snapshot)?;
-                let changes = record::changes_json(&g.changes)?;
+                let changes = record::changes_bin(&g.changes)?;
                 record::encode_group_put(out, g.version, &snapshot, &changes);
             }
         }
@@ -137,7 +137,7 @@ impl Groups {
 }
 
 fn stored_bytes(group: &StoredGroup) -> Result<usize, serde_json::Error> {
-    Ok(record::snapshot_json(&group.snapshot)?.len() + record::changes_json(&group.changes)?.len())
+    Ok(record::snapshot_json(&group.snapshot)?.len() + record::changes_bin(&group.changes)?.len())
 }
 
 fn encode_error(e: serde_json::Error) -> EngineError {
@@ -176,7 +176,7 @@ impl GroupStore for DiskEngine {
             return Err(too_large(&snapshot.stream, &snapshot.group, json.len()));
         }
         let mut frames = Vec::with_capacity(json.len() + 32);
-        record::encode_group_put(&mut frames, 0, &json, b"[]");
+        record::encode_group_put(&mut frames, 0, &json, record::NO_CHANGES);
         let key = (snapshot.stream.clone(), snapshot.group.clone());
         let groups = &self.shared.groups;
         let mut order = groups.order.lock().await;
@@ -244,15 +244,39 @@ impl GroupStore for DiskEngine {
         expected: u64,
         changes: &[Change],
     ) -> Result<Committed, EngineError> {
+        match self
+            .queue_group_commit(stream, group, expected, changes.to_vec())
+            .await?
+        {
+            QueuedCommit::Queued { version, durable } => {
+                durable.await?;
+                Ok(Committed::Done { version })
+            }
+            QueuedCommit::Conflict => Ok(Committed::Conflict),
+        }
+    }
+
+    /// Orders the commit under `order` and queues its record to the writer; the answer does
+    /// not wait for the fsync (the returned future does), so a group's next commit can be
+    /// queued behind it and both share one fsync. The writer answers in queue order and stops
+    /// for good at its first failure, so a commit that became durable implies every earlier
+    /// one did.
+    async fn queue_group_commit(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        expected: u64,
+        changes: Vec<Change>,
+    ) -> Result<QueuedCommit, EngineError> {
         self.groups_writable()?;
-        let json = record::changes_json(changes).map_err(encode_error)?;
+        let json = record::changes_bin(&changes).map_err(encode_error)?;
         let key = (stream.clone(), group.clone());
         let mut order = self.shared.groups.order.lock().await;
         let Some(reserved) = order.get_mut(&key) else {
-            return Ok(Committed::Conflict);
+            return Ok(QueuedCommit::Conflict);
         };
         if reserved.version != expected {
-            return Ok(Committed::Conflict);
+            return Ok(QueuedCommit::Conflict);
         }
         let bytes = reserved.bytes + json.len();
         if bytes > MAX_GROUP_BYTES {
@@ -265,7 +289,7 @@ impl GroupStore for DiskEngine {
             stream: stream.clone(),
             group: group.clone(),
             expected,
-            changes: changes.to_vec(),
+            changes,
         };
         let done = self.write(frames, Vec::new(), Some(apply)).await;
         if done.is_ok() {
@@ -273,8 +297,11 @@ impl GroupStore for DiskEngine {
             reserved.bytes = bytes;
         }
         drop(order);
-        wait(done?).await?;
-        Ok(Committed::Done { version })
+        let done = done?;
+        Ok(QueuedCommit::Queued {
+            version,
+            durable: Box::pin(wait(done)),
+        })
     }
 
     async fn compact_group(
@@ -296,7 +323,7 @@ impl GroupStore for DiskEngine {
             return Err(too_large(stream, group, json.len()));
         }
         let mut frames = Vec::with_capacity(json.len() + 32);
-        record::encode_group_put(&mut frames, version, &json, b"[]");
+        record::encode_group_put(&mut frames, version, &json, record::NO_CHANGES);
         let key = (stream.clone(), group.clone());
         let mut order = self.shared.groups.order.lock().await;
         let Some(reserved) = order.get_mut(&key) else {

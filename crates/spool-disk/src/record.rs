@@ -16,6 +16,23 @@
 //!                      | changes (JSON array)
 //! kind 5  GroupDeleted name_len u16 | name | group_len u16 | group
 //! kind 6  SnapshotEnd  (empty)
+//! kind 7  GroupPut     as kind 3, the changes binary (below)
+//! kind 8  GroupCommit  as kind 4, the changes binary (below)
+//! ```
+//!
+//! Binary group changes (kinds 7 and 8; this version writes these, and reads 3 and 4 as
+//! older versions wrote them): `count u32 | change*`, a change being a tag and its fields:
+//!
+//! ```text
+//! 1 CursorMoved   epoch_len u8 | epoch | offset u64 | head u64
+//! 2 EntryPut      offset u64 | deliveries u32 | time_ms u64 | has_key u8 | [key_len u16 | key]
+//!                 | state u8: 0 waiting | 1 leased: lease u64 | member_len u16 | member
+//!                 | until_ms u64 | 2 visible: at_ms u64
+//! 3 EntryRemoved  offset u64
+//! 4 CountersSet   acked u64 | redelivered u64 | dead_lettered u64 | expired u64 | resets u64
+//! 5 MemberPut     member_len u16 | member | last_seen_ms u64 | nacks u64 | timeouts u64
+//! 6 MemberRemoved member_len u16 | member
+//! 7 Json          len u32 | the change as JSON (resets, settings: rare)
 //! ```
 //!
 //! A `Stream` record states a stream's epoch (and its head when written as a snapshot at the
@@ -30,15 +47,20 @@
 //! group's version after it, `id` its incarnation); `GroupDeleted` forgets it. `SnapshotEnd`
 //! closes the snapshot a segment starts with: from there, the groups are exactly those the
 //! snapshot restated (a group deleted in a segment that is gone does not come back), and a
-//! segment without it (a crash while starting it) restates nothing for sure. Snapshot and
-//! changes are the state machine's own JSON (`GroupSnapshot::version` versions the snapshot,
-//! `Change` is tagged by `change`); a record whose JSON does not decode is corrupt like any
-//! other. Spool versions before groups refuse a log holding these kinds as undecodable.
+//! segment without it (a crash while starting it) restates nothing for sure. The snapshot is
+//! the state machine's own JSON (`GroupSnapshot::version` versions it); changes are binary
+//! (kinds 7 and 8, below) or, as older versions wrote them, the state machine's JSON tagged by
+//! `change` (kinds 3 and 4). A record whose JSON or binary does not decode is corrupt like any
+//! other. Spool versions before groups refuse a log holding these kinds as undecodable, and
+//! versions before binary changes (kinds 7 and 8) refuse those the same way.
 
 use bytes::{BufMut, Bytes};
 use spool_core::{
-    Epoch, Message, Offset, StreamName,
-    group::{Change, GroupId, GroupName, GroupSnapshot},
+    Epoch, Message, Offset, Position, StreamName,
+    group::{
+        Change, Counters, Entry, EntryState, GroupId, GroupName, GroupSnapshot, LeaseId,
+        MemberName, MemberRecord,
+    },
 };
 
 pub const FRAME_HEADER: usize = 8;
@@ -51,6 +73,18 @@ const KIND_GROUP_PUT: u8 = 3;
 const KIND_GROUP_COMMIT: u8 = 4;
 const KIND_GROUP_DELETED: u8 = 5;
 const KIND_SNAPSHOT_END: u8 = 6;
+const KIND_GROUP_PUT_BIN: u8 = 7;
+const KIND_GROUP_COMMIT_BIN: u8 = 8;
+const CHANGE_CURSOR_MOVED: u8 = 1;
+const CHANGE_ENTRY_PUT: u8 = 2;
+const CHANGE_ENTRY_REMOVED: u8 = 3;
+const CHANGE_COUNTERS_SET: u8 = 4;
+const CHANGE_MEMBER_PUT: u8 = 5;
+const CHANGE_MEMBER_REMOVED: u8 = 6;
+const CHANGE_JSON: u8 = 7;
+const STATE_WAITING: u8 = 0;
+const STATE_LEASED: u8 = 1;
+const STATE_VISIBLE: u8 = 2;
 const HAS_CONTENT_TYPE: u8 = 1;
 const HAS_KEY: u8 = 2;
 const HAS_IDEMPOTENCY_KEY: u8 = 4;
@@ -150,12 +184,11 @@ pub fn encode_message(
     });
 }
 
-/// A group whole. `snapshot` and `changes` are JSON already encoded (`snapshot_json`,
-/// `changes_json`), so a
-/// caller measures them before it writes.
+/// A group whole. `snapshot` is JSON and `changes` binary, both already encoded
+/// (`snapshot_json`, `changes_bin`), so a caller measures them before it writes.
 pub fn encode_group_put(out: &mut Vec<u8>, version: u64, snapshot: &[u8], changes: &[u8]) {
     frame(out, |b| {
-        b.put_u8(KIND_GROUP_PUT);
+        b.put_u8(KIND_GROUP_PUT_BIN);
         b.put_u64_le(version);
         b.put_u32_le(snapshot.len() as u32);
         b.put_slice(snapshot);
@@ -163,7 +196,7 @@ pub fn encode_group_put(out: &mut Vec<u8>, version: u64, snapshot: &[u8], change
     });
 }
 
-/// One commit of a group; `changes` is the JSON array (`changes_json`).
+/// One commit of a group; `changes` is binary (`changes_bin`).
 pub fn encode_group_commit(
     out: &mut Vec<u8>,
     stream: &StreamName,
@@ -173,7 +206,7 @@ pub fn encode_group_commit(
     changes: &[u8],
 ) {
     frame(out, |b| {
-        b.put_u8(KIND_GROUP_COMMIT);
+        b.put_u8(KIND_GROUP_COMMIT_BIN);
         put_str16(b, stream.as_str());
         put_str16(b, group.as_str());
         b.put_u64_le(id.0);
@@ -200,9 +233,194 @@ pub fn snapshot_json(snapshot: &GroupSnapshot) -> serde_json::Result<Vec<u8>> {
     serde_json::to_vec(snapshot)
 }
 
-/// Changes as a group record holds them (a JSON array).
+/// Changes as older group records (kinds 3 and 4) hold them: a JSON array.
+#[cfg(test)]
 pub fn changes_json(changes: &[Change]) -> serde_json::Result<Vec<u8>> {
     serde_json::to_vec(changes)
+}
+
+/// Changes as a group record holds them (binary, module docs). Fails only on a bug (a change
+/// kept as JSON that does not encode).
+pub fn changes_bin(changes: &[Change]) -> serde_json::Result<Vec<u8>> {
+    let mut b = Vec::with_capacity(4 + changes.len() * 48);
+    b.put_u32_le(changes.len() as u32);
+    for change in changes {
+        put_change(&mut b, change)?;
+    }
+    Ok(b)
+}
+
+/// The binary changes of an empty commit list, as `changes_bin(&[])` encodes it.
+pub const NO_CHANGES: &[u8] = &[0, 0, 0, 0];
+
+fn put_change(b: &mut Vec<u8>, change: &Change) -> serde_json::Result<()> {
+    let fits = |s: &str| s.len() <= u16::MAX as usize;
+    match change {
+        Change::CursorMoved { cursor, head } if cursor.epoch.as_str().len() <= u8::MAX as usize => {
+            b.put_u8(CHANGE_CURSOR_MOVED);
+            b.put_u8(cursor.epoch.as_str().len() as u8);
+            b.put_slice(cursor.epoch.as_str().as_bytes());
+            b.put_u64_le(cursor.offset.get());
+            b.put_u64_le(head.get());
+        }
+        Change::EntryPut { offset, entry }
+            if entry.key.as_deref().is_none_or(fits)
+                && entry.lease().is_none_or(|(_, m, _)| fits(m.as_str())) =>
+        {
+            b.put_u8(CHANGE_ENTRY_PUT);
+            b.put_u64_le(offset.get());
+            b.put_u32_le(entry.deliveries);
+            b.put_u64_le(entry.time_ms);
+            match &entry.key {
+                Some(key) => {
+                    b.put_u8(1);
+                    put_str16(b, key);
+                }
+                None => b.put_u8(0),
+            }
+            match &entry.state {
+                EntryState::Waiting => b.put_u8(STATE_WAITING),
+                EntryState::Leased {
+                    lease,
+                    member,
+                    until_ms,
+                } => {
+                    b.put_u8(STATE_LEASED);
+                    b.put_u64_le(lease.0);
+                    put_str16(b, member.as_str());
+                    b.put_u64_le(*until_ms);
+                }
+                EntryState::Visible { at_ms } => {
+                    b.put_u8(STATE_VISIBLE);
+                    b.put_u64_le(*at_ms);
+                }
+            }
+        }
+        Change::EntryRemoved { offset } => {
+            b.put_u8(CHANGE_ENTRY_REMOVED);
+            b.put_u64_le(offset.get());
+        }
+        Change::CountersSet { counters } => {
+            let Counters {
+                acked,
+                redelivered,
+                dead_lettered,
+                expired,
+                resets,
+            } = *counters;
+            b.put_u8(CHANGE_COUNTERS_SET);
+            for n in [acked, redelivered, dead_lettered, expired, resets] {
+                b.put_u64_le(n);
+            }
+        }
+        Change::MemberPut { member, record } if fits(member.as_str()) => {
+            let MemberRecord {
+                last_seen_ms,
+                nacks,
+                timeouts,
+            } = *record;
+            b.put_u8(CHANGE_MEMBER_PUT);
+            put_str16(b, member.as_str());
+            for n in [last_seen_ms, nacks, timeouts] {
+                b.put_u64_le(n);
+            }
+        }
+        Change::MemberRemoved { member } if fits(member.as_str()) => {
+            b.put_u8(CHANGE_MEMBER_REMOVED);
+            put_str16(b, member.as_str());
+        }
+        other => {
+            let json = serde_json::to_vec(other)?;
+            b.put_u8(CHANGE_JSON);
+            b.put_u32_le(json.len() as u32);
+            b.put_slice(&json);
+        }
+    }
+    Ok(())
+}
+
+/// Decodes binary changes; `None` when they are damaged (the whole body must be used).
+fn decode_changes_bin(body: &[u8]) -> Option<Vec<Change>> {
+    let mut r = Reader(body);
+    let count = r.u32()? as usize;
+    // Every change takes at least 4 bytes: no allocation beyond what the body can hold.
+    let mut changes = Vec::with_capacity(count.min(r.0.len() / 4));
+    for _ in 0..count {
+        changes.push(decode_change(&mut r)?);
+    }
+    r.0.is_empty().then_some(changes)
+}
+
+fn decode_change(r: &mut Reader<'_>) -> Option<Change> {
+    let member = |r: &mut Reader<'_>| MemberName::new(&r.str16()?).ok();
+    Some(match r.u8()? {
+        CHANGE_CURSOR_MOVED => {
+            let len = r.u8()? as usize;
+            let epoch = Epoch::parse(&r.str(len)?).ok()?;
+            Change::CursorMoved {
+                cursor: Position {
+                    epoch,
+                    offset: Offset(r.u64()?),
+                },
+                head: Offset(r.u64()?),
+            }
+        }
+        CHANGE_ENTRY_PUT => {
+            let offset = Offset(r.u64()?);
+            let deliveries = r.u32()?;
+            let time_ms = r.u64()?;
+            let key = match r.u8()? {
+                0 => None,
+                1 => Some(r.str16()?),
+                _ => return None,
+            };
+            let state = match r.u8()? {
+                STATE_WAITING => EntryState::Waiting,
+                STATE_LEASED => EntryState::Leased {
+                    lease: LeaseId(r.u64()?),
+                    member: member(r)?,
+                    until_ms: r.u64()?,
+                },
+                STATE_VISIBLE => EntryState::Visible { at_ms: r.u64()? },
+                _ => return None,
+            };
+            Change::EntryPut {
+                offset,
+                entry: Entry {
+                    deliveries,
+                    key,
+                    time_ms,
+                    state,
+                },
+            }
+        }
+        CHANGE_ENTRY_REMOVED => Change::EntryRemoved {
+            offset: Offset(r.u64()?),
+        },
+        CHANGE_COUNTERS_SET => Change::CountersSet {
+            counters: Counters {
+                acked: r.u64()?,
+                redelivered: r.u64()?,
+                dead_lettered: r.u64()?,
+                expired: r.u64()?,
+                resets: r.u64()?,
+            },
+        },
+        CHANGE_MEMBER_PUT => Change::MemberPut {
+            member: member(r)?,
+            record: MemberRecord {
+                last_seen_ms: r.u64()?,
+                nacks: r.u64()?,
+                timeouts: r.u64()?,
+            },
+        },
+        CHANGE_MEMBER_REMOVED => Change::MemberRemoved { member: member(r)? },
+        CHANGE_JSON => {
+            let len = r.u32()? as usize;
+            serde_json::from_slice(r.take(len)?).ok()?
+        }
+        _ => return None,
+    })
 }
 
 /// The bytes a message's frame takes, to size buffers and segments.
@@ -365,23 +583,31 @@ fn decode_body(body: &[u8]) -> Option<Record> {
                 idempotency_key,
             })
         }
-        KIND_GROUP_PUT => {
+        kind @ (KIND_GROUP_PUT | KIND_GROUP_PUT_BIN) => {
             let version = r.u64()?;
             let snapshot_len = r.u32()? as usize;
             let snapshot = serde_json::from_slice(r.take(snapshot_len)?).ok()?;
-            let changes = serde_json::from_slice(r.0).ok()?;
+            let changes = if kind == KIND_GROUP_PUT {
+                serde_json::from_slice(r.0).ok()?
+            } else {
+                decode_changes_bin(r.0)?
+            };
             Some(Record::GroupPut {
                 version,
                 snapshot,
                 changes,
             })
         }
-        KIND_GROUP_COMMIT => {
+        kind @ (KIND_GROUP_COMMIT | KIND_GROUP_COMMIT_BIN) => {
             let stream = StreamName::stored(&r.str16()?).ok()?;
             let group = GroupName::new(&r.str16()?).ok()?;
             let id = GroupId(r.u64()?);
             let version = r.u64()?;
-            let changes = serde_json::from_slice(r.0).ok()?;
+            let changes = if kind == KIND_GROUP_COMMIT {
+                serde_json::from_slice(r.0).ok()?
+            } else {
+                decode_changes_bin(r.0)?
+            };
             Some(Record::GroupCommit {
                 stream,
                 group,
@@ -402,7 +628,7 @@ fn decode_body(body: &[u8]) -> Option<Record> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
@@ -457,6 +683,189 @@ mod tests {
         fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode_frame(&bytes);
         }
+    }
+
+    /// A group commit as versions before binary changes framed it (kind 4, JSON changes).
+    pub(crate) fn encode_group_commit_json(
+        out: &mut Vec<u8>,
+        stream: &StreamName,
+        group: &GroupName,
+        id: GroupId,
+        version: u64,
+        changes: &[Change],
+    ) {
+        let json = changes_json(changes).unwrap();
+        frame(out, |b| {
+            b.put_u8(KIND_GROUP_COMMIT);
+            put_str16(b, stream.as_str());
+            put_str16(b, group.as_str());
+            b.put_u64_le(id.0);
+            b.put_u64_le(version);
+            b.put_slice(&json);
+        });
+    }
+
+    /// A group whole as versions before binary changes framed it (kind 3).
+    pub(crate) fn encode_group_put_json(
+        out: &mut Vec<u8>,
+        version: u64,
+        snapshot: &GroupSnapshot,
+        changes: &[Change],
+    ) {
+        let snapshot = snapshot_json(snapshot).unwrap();
+        let changes = changes_json(changes).unwrap();
+        frame(out, |b| {
+            b.put_u8(KIND_GROUP_PUT);
+            b.put_u64_le(version);
+            b.put_u32_le(snapshot.len() as u32);
+            b.put_slice(&snapshot);
+            b.put_slice(&changes);
+        });
+    }
+
+    /// One change of every kind and state, including the rare ones kept as JSON.
+    pub(crate) fn every_change(key: Option<String>, member: &str, n: u64) -> Vec<Change> {
+        use spool_core::{ResetReason, group::GroupReset};
+        let member = MemberName::new(member).unwrap();
+        let epoch = Epoch::generate();
+        let entry = |state| Entry {
+            deliveries: n as u32,
+            key: key.clone(),
+            time_ms: n + 1,
+            state,
+        };
+        vec![
+            Change::CursorMoved {
+                cursor: Position {
+                    epoch: epoch.clone(),
+                    offset: Offset(n),
+                },
+                head: Offset(n + 7),
+            },
+            Change::EntryPut {
+                offset: Offset(n + 1),
+                entry: entry(EntryState::Waiting),
+            },
+            Change::EntryPut {
+                offset: Offset(n + 2),
+                entry: entry(EntryState::Leased {
+                    lease: LeaseId(n ^ u64::MAX),
+                    member: member.clone(),
+                    until_ms: n + 30_000,
+                }),
+            },
+            Change::EntryPut {
+                offset: Offset(n + 3),
+                entry: entry(EntryState::Visible { at_ms: n + 5 }),
+            },
+            Change::EntryRemoved { offset: Offset(n) },
+            Change::CountersSet {
+                counters: Counters {
+                    acked: n,
+                    redelivered: n + 1,
+                    dead_lettered: n + 2,
+                    expired: n + 3,
+                    resets: n + 4,
+                },
+            },
+            Change::MemberPut {
+                member: member.clone(),
+                record: MemberRecord {
+                    last_seen_ms: n,
+                    nacks: n + 1,
+                    timeouts: u64::MAX,
+                },
+            },
+            Change::MemberRemoved { member },
+            Change::ResetRecorded {
+                reset: GroupReset {
+                    reason: ResetReason::EpochChanged,
+                    lost: n,
+                    at_ms: n + 9,
+                    from: Position {
+                        epoch: epoch.clone(),
+                        offset: Offset(n),
+                    },
+                    to: Position {
+                        epoch,
+                        offset: Offset::ZERO,
+                    },
+                },
+            },
+            Change::ConfigSet {
+                config: spool_core::group::GroupConfig::default(),
+                dead_letter: StreamName::new("s.g.dead").unwrap(),
+            },
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn binary_group_changes_round_trip(
+            n in 0u64..u64::MAX / 2,
+            key in prop::option::of("\\PC{0,40}"),
+            member in "[a-z0-9_-]{1,40}",
+        ) {
+            let changes = every_change(key, &member, n);
+            let (stream, group) = (StreamName::new("s").unwrap(), GroupName::new("g").unwrap());
+            let mut buf = Vec::new();
+            encode_group_commit(&mut buf, &stream, &group, GroupId(n), n + 1, &changes_bin(&changes).unwrap());
+            let expected = Record::GroupCommit { stream, group, id: GroupId(n), version: n + 1, changes };
+            prop_assert_eq!(decode_frame(&buf), Frame::Record(expected, buf.len()));
+        }
+
+        #[test]
+        fn damaged_binary_changes_never_panic(cut in 0usize..400, flip in 0usize..3200) {
+            let changes = every_change(Some("k".into()), "m", 3);
+            let mut bin = changes_bin(&changes).unwrap();
+            let flip = flip % (bin.len() * 8);
+            bin[flip / 8] ^= 1 << (flip % 8);
+            bin.truncate(cut.min(bin.len()));
+            // Inside a frame with a valid checksum, so only the decoder stands guard.
+            let _ = decode_changes_bin(&bin);
+        }
+    }
+
+    #[test]
+    fn binary_changes_are_smaller_than_json_and_decode_as_it_does() {
+        let changes = every_change(Some("order-17".into()), "worker-1", 1_700_000_000_000);
+        let bin = changes_bin(&changes).unwrap();
+        let json = changes_json(&changes).unwrap();
+        assert!(
+            bin.len() * 2 < json.len(),
+            "{} vs {} bytes",
+            bin.len(),
+            json.len()
+        );
+        assert_eq!(decode_changes_bin(&bin).unwrap(), changes);
+        assert_eq!(
+            decode_changes_bin(NO_CHANGES).unwrap(),
+            Vec::<Change>::new()
+        );
+        assert_eq!(changes_bin(&[]).unwrap(), NO_CHANGES);
+        // Trailing bytes, a count beyond the body, an unknown tag: damaged.
+        let mut extra = bin.clone();
+        extra.push(0);
+        assert_eq!(decode_changes_bin(&extra), None);
+        assert_eq!(decode_changes_bin(&[255, 255, 255, 255]), None);
+        assert_eq!(decode_changes_bin(&[1, 0, 0, 0, 99]), None);
+    }
+
+    #[test]
+    fn json_group_records_of_older_versions_are_still_read() {
+        let changes = every_change(None, "w", 11);
+        let (stream, group) = (StreamName::new("s").unwrap(), GroupName::new("g").unwrap());
+        let mut buf = Vec::new();
+        encode_group_commit_json(&mut buf, &stream, &group, GroupId(5), 3, &changes);
+        assert_eq!(buf[FRAME_HEADER], KIND_GROUP_COMMIT);
+        let expected = Record::GroupCommit {
+            stream,
+            group,
+            id: GroupId(5),
+            version: 3,
+            changes: changes.clone(),
+        };
+        assert_eq!(decode_frame(&buf), Frame::Record(expected, buf.len()));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use spool_core::{
     group::{GroupConfig, GroupName, GroupState, MemberName, ReceiveRequest},
 };
 
-use crate::{Committed, GroupStore};
+use crate::{Committed, GroupStore, QueuedCommit};
 
 fn unique(prefix: &str) -> StreamName {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -32,6 +32,7 @@ pub async fn run(store: &dyn GroupStore) {
     create_load_list_delete(store).await;
     commits_are_versioned(store).await;
     compaction_keeps_the_state(store).await;
+    queued_commits_keep_their_order(store).await;
 }
 
 fn state_at(stream: &StreamName, name: &GroupName, head: u64) -> (GroupState, StreamState) {
@@ -243,5 +244,69 @@ async fn compaction_keeps_the_state(store: &dyn GroupStore) {
             .unwrap(),
         Committed::Done { version: 2 }
     );
+    store.delete_group(&stream, &name).await.unwrap();
+}
+
+/// `queue_group_commit`: each answer names the next version; commits queued one after the
+/// other (the next against the version the previous one returned, before it is durable) are
+/// all stored once their futures resolve, in order; a stale one conflicts.
+async fn queued_commits_keep_their_order(store: &dyn GroupStore) {
+    let stream = unique("groups-q");
+    let name = group("queued");
+    let (mut state, stream_state) = state_at(&stream, &name, 8);
+    assert!(store.create_group(&state.snapshot()).await.unwrap());
+    let request = ReceiveRequest {
+        member: MemberName::new("w").unwrap(),
+        max: 1,
+        visibility_timeout: None,
+    };
+    let all = messages(8);
+    let mut version = 0;
+    let mut durable = Vec::new();
+    for i in 0..4u64 {
+        let want = state.want(1, 2_000 + i);
+        let from = want.after.get() as usize;
+        let received = state
+            .receive(
+                &request,
+                &stream_state,
+                &all[from..from + want.limit],
+                2_000 + i,
+            )
+            .unwrap();
+        assert_eq!(received.value.deliveries.len(), 1);
+        match store
+            .queue_group_commit(&stream, &name, version, received.changes)
+            .await
+            .unwrap()
+        {
+            QueuedCommit::Queued {
+                version: v,
+                durable: d,
+            } => {
+                assert_eq!(v, version + 1);
+                version = v;
+                durable.push(d);
+            }
+            QueuedCommit::Conflict => panic!("queued commit {i} conflicted"),
+        }
+    }
+    assert!(matches!(
+        store
+            .queue_group_commit(&stream, &name, 2, Vec::new())
+            .await
+            .unwrap(),
+        QueuedCommit::Conflict
+    ));
+    for d in durable {
+        d.await.unwrap();
+    }
+    let loaded = store.load_group(&stream, &name).await.unwrap().unwrap();
+    assert_eq!(loaded.version, 4);
+    let mut rebuilt = GroupState::from_snapshot(loaded.snapshot).unwrap();
+    for change in &loaded.changes {
+        rebuilt.apply(change);
+    }
+    assert_eq!(rebuilt.snapshot(), state.snapshot());
     store.delete_group(&stream, &name).await.unwrap();
 }

@@ -36,7 +36,7 @@ use tokio::sync::watch;
 pub use error::{Cause, EngineError, Limit, StreamLimit};
 pub use memory::MemoryEngine;
 pub use sessions::SessionRecord;
-pub use store::{Committed, GroupStore, SessionStore, StoredGroup};
+pub use store::{Committed, GroupDurable, GroupStore, QueuedCommit, SessionStore, StoredGroup};
 
 /// The result of appending one message.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -66,6 +66,19 @@ pub enum Committed {
     Conflict,
 }
 
+/// Resolves once a queued group commit is durable (or fails: then the commit and every one
+/// queued after it for that group are not stored).
+pub type GroupDurable = futures::future::BoxFuture<'static, Result<(), EngineError>>;
+
+/// The answer to [`GroupStore::queue_group_commit`].
+pub enum QueuedCommit {
+    /// The commit has its place in the store's order: the group will be at `version` once
+    /// `durable` resolves `Ok`.
+    Queued { version: u64, durable: GroupDurable },
+    /// As [`Committed::Conflict`]: nothing was written.
+    Conflict,
+}
+
 /// Where consumer groups are kept (SPEC §7). All methods are safe to call concurrently, from
 /// any number of servers sharing the store; commits are atomic and ordered by the version, so
 /// two writers never both commit against the same state. A call that returns is durable as the
@@ -97,6 +110,30 @@ pub trait GroupStore: Send + Sync + 'static {
         expected: u64,
         changes: &[Change],
     ) -> Result<Committed, EngineError>;
+
+    /// [`commit_group`](Self::commit_group) in two steps: answers once the commit is ordered
+    /// (its version taken), with a future that resolves once it is durable. A caller may queue
+    /// the group's next commit (at the returned version) before that, so commits of one group
+    /// share the engine's group commit; they become durable in the order queued, and a failed
+    /// one fails every later one of the group. Only a store with a single writer per group may
+    /// answer before the commit is durable (the disk engine); the default commits at once.
+    async fn queue_group_commit(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        expected: u64,
+        changes: Vec<Change>,
+    ) -> Result<QueuedCommit, EngineError> {
+        Ok(
+            match self.commit_group(stream, group, expected, &changes).await? {
+                Committed::Done { version } => QueuedCommit::Queued {
+                    version,
+                    durable: Box::pin(std::future::ready(Ok(()))),
+                },
+                Committed::Conflict => QueuedCommit::Conflict,
+            },
+        )
+    }
 
     /// Replaces the group's snapshot and changes with `snapshot` (the state at version
     /// `version`), if it is still at that version: the store stays as small as the state.

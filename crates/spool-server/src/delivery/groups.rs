@@ -14,18 +14,28 @@
 //!
 //! Lock → compute with the state machine at the [`Clock`]'s `now` → per the `Outcome` contract:
 //! append the dead letters to their streams (`Engine::append`, each with its idempotency key,
-//! so a redo appends nothing twice) → `commit_group(version, changes)` → answer. A commit that
-//! answers `Conflict` (another node committed first, or the group is gone) drops the state,
-//! loads it again and redoes the operation on what the store holds — at most [`MAX_TRIES`]
-//! times, then `503 group_busy`. Every [`COMPACT_EVERY`] commits the group's snapshot replaces
-//! its changes in the store.
+//! so a redo appends nothing twice) → `queue_group_commit(version, changes)` → unlock → wait
+//! until that commit is durable → answer. The lock is not held across the engine's fsync: the
+//! next operation on the group computes on the state with this one applied and queues its
+//! commit behind it, so many members' receives and acks share one group commit of the disk
+//! engine. What an answer was computed from is durable before it is given — an operation with
+//! nothing to store waits for the group's latest queued commit — and a commit that fails
+//! drops the state (loaded again from the store), so nothing unstored is ever answered. The
+//! cluster engines' stores commit at once (the default `queue_group_commit`): there the
+//! store is authoritative, and a commit computed on top of one not yet accepted could be
+//! accepted after another node's. A commit that answers `Conflict` (another node committed
+//! first, or the group is gone) drops the state, loads it again and redoes the operation on
+//! what the store holds — at most [`MAX_TRIES`] times, then `503 group_busy`. Every
+//! [`COMPACT_EVERY`] commits the group's snapshot replaces its changes in the store.
 //!
 //! # Receive
 //!
 //! `want` (under the lock) → `Engine::read` (without it) → `receive` (under it) → the payloads
-//! of redeliveries read by offset (without it) → answer. A read another receive overtook is
-//! harmless: `receive` takes only messages that continue its cursor, and the round is repeated
-//! (bounded). Long-poll waits, holding no lock, for the stream's head watch, a change of the
+//! of redeliveries read by offset (without it) → answer once the leases are durable. A read
+//! another operation overtook is harmless: `receive` takes only messages that continue its
+//! cursor. A round that got nothing although its read or `want` promised messages was
+//! overtaken, and the next rounds read under the lock (want → read → receive in one hold), so
+//! a receive under contention is not answered empty while the group has messages to hand out. Long-poll waits, holding no lock, for the stream's head watch, a change of the
 //! group on this node (a nack, an expiry), the group's next lease end or visibility
 //! (`next_wakeup`), the deadline, or shutdown.
 //!
@@ -57,15 +67,18 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::future::{FutureExt, Shared};
 use spool_core::{
     Clock, Message, NewMessage, Offset, StreamName, StreamState,
     group::{
         Change, DeadLetter, Delivery, GroupConfig, GroupConfigError, GroupConfigSpec, GroupName,
         GroupReset, GroupState, GroupStats, InvalidReason, MemberName, OpError, Outcome, Reason,
-        ReceiptResult, ReceiveRequest, SnapshotError, dead::HEADER_STREAM,
+        ReceiptResult, ReceiveRequest, SnapshotError, Want, dead::HEADER_STREAM,
     },
 };
-use spool_engine::{Committed, Engine, EngineError, GroupStore};
+use spool_engine::{
+    Committed, Engine, EngineError, GroupDurable, GroupStore, QueuedCommit, ReadBatch,
+};
 use tokio::{
     sync::{Mutex, MutexGuard, Notify},
     time::Instant,
@@ -143,6 +156,54 @@ struct Loaded {
     version: u64,
     /// Changes stored since the snapshot.
     since_compact: u64,
+    /// The latest commit queued from this state: an answer computed from the state is given
+    /// once it is durable (commits of one group become durable in the order queued).
+    tail: Option<Tail>,
+}
+
+impl Loaded {
+    /// The latest queued commit, unless it is durable already.
+    fn pending(&self) -> Option<Tail> {
+        self.tail.as_ref().filter(|t| t.peek().is_none()).cloned()
+    }
+}
+
+/// Resolves once a queued commit is durable; shared by every answer computed after it.
+type Tail = Shared<GroupDurable>;
+
+/// A read a receive round makes under the group's lock (after `want`).
+#[derive(Clone, Copy)]
+struct LockedRead {
+    room: u32,
+    /// Bytes of new messages the receive has taken so far, and its bound.
+    bytes: usize,
+    max_bytes: usize,
+}
+
+/// What a receive round read: the `want` it read for and the batch, cut to the receive's
+/// byte bound (`--max-read-bytes`; one larger message still goes alone).
+#[derive(Clone)]
+struct Fetched {
+    want: Want,
+    batch: ReadBatch,
+    /// Bytes of new messages taken with this batch's.
+    bytes: usize,
+}
+
+impl Fetched {
+    fn new(want: Want, mut batch: ReadBatch, mut bytes: usize, max_bytes: usize) -> Self {
+        let mut keep = 0;
+        for m in &batch.messages {
+            let size = m.retained_bytes() as usize;
+            if (keep > 0 || bytes > 0) && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            keep += 1;
+        }
+        batch.messages.truncate(keep);
+        Self { want, batch, bytes }
+    }
 }
 
 /// A leased message with its payload.
@@ -304,6 +365,7 @@ impl Groups {
                 state,
                 version: stored.version,
                 since_compact: stored.changes.len() as u64,
+                tail: None,
             });
         }
         // Just filled when it was empty.
@@ -312,9 +374,10 @@ impl Groups {
         })
     }
 
-    /// Runs `op` on the group under its lock and stores its outcome (dead letters, then
-    /// changes), redoing it on a reloaded state after a `Conflict`. With `wake`, receives
-    /// waiting on the group look again when something was stored (an ack, a nack, an
+    /// Runs `op` on the group under its lock and queues its outcome to the store (dead
+    /// letters, then changes), redoing it on a reloaded state after a `Conflict`; then, without
+    /// the lock, waits until what the answer was computed from is durable. With `wake`,
+    /// receives waiting on the group look again when something was stored (an ack, a nack, an
     /// expiry may have made messages available); a receive's own commits never wake anyone,
     /// so a waiting receive does not wake itself.
     async fn run<T>(
@@ -324,6 +387,25 @@ impl Groups {
         wake: bool,
         mut op: impl FnMut(&mut GroupState, u64) -> Result<Outcome<T>, GroupError>,
     ) -> Result<T, GroupError> {
+        let (value, durable) = self
+            .run_queued(key, live, wake, None, |state, now, _| op(state, now))
+            .await?;
+        self.settled(live, durable).await?;
+        Ok(value)
+    }
+
+    /// The locked part of [`run`](Self::run): compute and queue, answering with the value and
+    /// what to wait for before the value may be given to a client. With `read`, the stream is
+    /// read under the lock for a receive of up to that many messages (after `want`), so no
+    /// other operation of this node can take the messages read before `op` sees them.
+    async fn run_queued<T>(
+        &self,
+        key: &Key,
+        live: &Arc<Live>,
+        wake: bool,
+        read: Option<LockedRead>,
+        mut op: impl FnMut(&mut GroupState, u64, Option<&Fetched>) -> Result<Outcome<T>, GroupError>,
+    ) -> Result<(T, Option<Tail>), GroupError> {
         // On a store other servers commit to, a state held here may be behind: a commit
         // catches that (`Conflict`), but an operation with nothing to store commits nothing —
         // an ack of a receipt another node leased would answer `unknown` from a stale state.
@@ -347,8 +429,22 @@ impl Groups {
                     return Err(e);
                 }
             };
+            let fetched = match read {
+                Some(r) => {
+                    let want = loaded.state.want(r.room, self.now());
+                    match self.engine.read(&key.0, want.after, want.limit).await {
+                        Ok(batch) => Some(Fetched::new(want, batch, r.bytes, r.max_bytes)),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                None => None,
+            };
+            // The read above awaited: a state dropped meanwhile cannot be (the lock is held).
+            let Some(loaded) = guard.as_mut() else {
+                continue;
+            };
             let now = self.now();
-            let outcome = op(&mut loaded.state, now)?;
+            let outcome = op(&mut loaded.state, now, fetched.as_ref())?;
             if shared && cached && outcome.is_noop() {
                 // Load it again and redo (the next try starts from the store).
                 *guard = None;
@@ -359,7 +455,7 @@ impl Groups {
                 .persist(key, &mut guard, outcome.changes, outcome.dead_letters)
                 .await
             {
-                Ok(()) => {
+                Ok(durable) => {
                     if let Some(loaded) = guard.as_ref() {
                         let due = loaded.state.next_wakeup(now).unwrap_or(u64::MAX);
                         live.due_ms.store(due, AtomicOrdering::Relaxed);
@@ -368,7 +464,7 @@ impl Groups {
                     if wake && stored {
                         live.changed.notify_waiters();
                     }
-                    return Ok(outcome.value);
+                    return Ok((outcome.value, durable));
                 }
                 Err(None) => continue,
                 Err(Some(e)) => return Err(e),
@@ -377,38 +473,56 @@ impl Groups {
         Err(GroupError::Busy(MAX_TRIES))
     }
 
-    /// Stores an outcome: dead letters first, then the changes, then (now and then) a
-    /// compaction. `Err(None)` is a conflict (the state was dropped: reload and redo);
-    /// `Err(Some(e))` a failure (the state was dropped too).
+    /// Waits until the commits an answer was computed from are durable. A failure means the
+    /// state held here has changes the store does not: it is dropped (loaded again on next
+    /// use), and the caller answers the error, never the value.
+    async fn settled(&self, live: &Live, durable: Option<Tail>) -> Result<(), GroupError> {
+        let Some(durable) = durable else {
+            return Ok(());
+        };
+        if let Err(e) = durable.await {
+            *live.state.lock().await = None;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Stores an outcome: dead letters first (durable before the changes that drop their
+    /// messages are queued), then the changes queued with the store, then (now and then) a
+    /// compaction. Answers what to wait for before answering a client: this commit, or — for
+    /// an outcome with nothing to store — the group's latest queued commit, since the answer
+    /// was computed from a state that includes it. `Err(None)` is a conflict (the state was
+    /// dropped: reload and redo); `Err(Some(e))` a failure (the state was dropped too).
     async fn persist(
         &self,
         key: &Key,
         guard: &mut MutexGuard<'_, Option<Loaded>>,
         changes: Vec<Change>,
         dead_letters: Vec<DeadLetter>,
-    ) -> Result<(), Option<GroupError>> {
+    ) -> Result<Option<Tail>, Option<GroupError>> {
         if !dead_letters.is_empty()
             && let Err(e) = self.publish_dead_letters(&dead_letters).await
         {
             **guard = None;
             return Err(Some(e));
         }
-        if changes.is_empty() {
-            return Ok(());
-        }
         let Some(loaded) = guard.as_mut() else {
             return Err(None);
         };
+        if changes.is_empty() {
+            return Ok(loaded.pending());
+        }
         match self
             .store
-            .commit_group(&key.0, &key.1, loaded.version, &changes)
+            .queue_group_commit(&key.0, &key.1, loaded.version, changes)
             .await
         {
-            Ok(Committed::Done { version }) => {
+            Ok(QueuedCommit::Queued { version, durable }) => {
                 loaded.version = version;
                 loaded.since_compact += 1;
+                loaded.tail = Some(durable.shared());
             }
-            Ok(Committed::Conflict) => {
+            Ok(QueuedCommit::Conflict) => {
                 **guard = None;
                 return Err(None);
             }
@@ -417,6 +531,7 @@ impl Groups {
                 return Err(Some(e.into()));
             }
         }
+        let tail = loaded.tail.clone();
         if loaded.since_compact >= COMPACT_EVERY {
             let snapshot = loaded.state.snapshot();
             match self
@@ -433,7 +548,7 @@ impl Groups {
                 }
             }
         }
-        Ok(())
+        Ok(tail)
     }
 
     /// Appends dead letters to their streams: each the source message as it is (payload, key,
@@ -529,6 +644,7 @@ impl Groups {
                                 state,
                                 version: 0,
                                 since_compact: 0,
+                                tail: None,
                             });
                             return Ok(true);
                         }
@@ -678,7 +794,11 @@ impl Groups {
     }
 
     /// One receive without waiting: rounds of want → read → receive until `max` is reached or
-    /// nothing more can be had; also the group's next wake-up.
+    /// nothing more can be had; also the group's next wake-up. A round first reads outside the
+    /// group's lock; when another operation took what it read (or the messages its `want`
+    /// counted on) before it got the lock back, the next rounds read under the lock, so a
+    /// receive under contention is not answered empty while the group has messages to hand
+    /// out. Answers once its leases are durable.
     async fn receive_rounds(
         &self,
         key: &Key,
@@ -689,64 +809,98 @@ impl Groups {
         let mut deliveries: Vec<Delivery> = Vec::new();
         let mut fetched: HashMap<Offset, Arc<Message>> = HashMap::new();
         let mut fetched_epoch = None;
+        let mut durable: Vec<Tail> = Vec::new();
         // New messages taken per answer are bounded by `--max-read-bytes`, as a long-poll
         // read is (one larger message still goes alone).
         let mut bytes = 0usize;
+        let mut locked = false;
         for _ in 0..MAX_ROUNDS {
             self.rounds.fetch_add(1, AtomicOrdering::Relaxed);
             let room = request.max as usize - deliveries.len();
             if room == 0 || bytes >= self.config.max_read_bytes {
                 break;
             }
-            let want = {
-                let mut guard = live.state.lock().await;
-                match self.ensure_loaded(key, &mut guard).await {
-                    Ok(loaded) => loaded.state.want(room as u32, self.now()),
-                    Err(e) => {
-                        drop(guard);
-                        if matches!(e, GroupError::NotFound { .. }) {
-                            self.forget(key, live);
-                        }
-                        return Err(e);
-                    }
-                }
-            };
-            let mut batch = self.engine.read(&key.0, want.after, want.limit).await?;
-            let mut keep = 0;
-            for m in &batch.messages {
-                let size = m.retained_bytes() as usize;
-                if (keep > 0 || bytes > 0) && bytes + size > self.config.max_read_bytes {
-                    break;
-                }
-                bytes += size;
-                keep += 1;
-            }
-            batch.messages.truncate(keep);
             let round = ReceiveRequest {
                 max: room as u32,
                 ..request.clone()
             };
-            let received = self
-                .run(key, live, false, |state, now| {
-                    Ok(state.receive(&round, &batch.state, &batch.messages, now)?)
+            let read = LockedRead {
+                room: room as u32,
+                bytes,
+                max_bytes: self.config.max_read_bytes,
+            };
+            let receive = |state: &mut GroupState, now: u64, f: &Fetched| {
+                let out = state.receive(&round, &f.batch.state, &f.batch.messages, now)?;
+                Ok::<_, GroupError>(Outcome {
+                    value: out.value,
+                    changes: out.changes,
+                    dead_letters: out.dead_letters,
                 })
-                .await?;
+            };
+            let (received, f, tail) = if locked {
+                let ((received, f), tail) = self
+                    .run_queued(key, live, false, Some(read), |state, now, f| {
+                        let f = f.ok_or_else(|| {
+                            GroupError::Engine(EngineError::internal("a locked read went missing"))
+                        })?;
+                        let out = receive(state, now, f)?;
+                        Ok(Outcome {
+                            value: (out.value, f.clone()),
+                            changes: out.changes,
+                            dead_letters: out.dead_letters,
+                        })
+                    })
+                    .await?;
+                (received, f, tail)
+            } else {
+                let want = {
+                    let mut guard = live.state.lock().await;
+                    match self.ensure_loaded(key, &mut guard).await {
+                        Ok(loaded) => loaded.state.want(room as u32, self.now()),
+                        Err(e) => {
+                            drop(guard);
+                            if matches!(e, GroupError::NotFound { .. }) {
+                                self.forget(key, live);
+                            }
+                            return Err(e);
+                        }
+                    }
+                };
+                let batch = self.engine.read(&key.0, want.after, want.limit).await?;
+                let f = Fetched::new(want, batch, bytes, self.config.max_read_bytes);
+                let (received, tail) = self
+                    .run_queued(key, live, false, None, |state, now, _| {
+                        receive(state, now, &f)
+                    })
+                    .await?;
+                (received, f, tail)
+            };
+            durable.extend(tail);
             let got = received.deliveries.len();
-            let overtaken = !batch.messages.is_empty()
-                && !received.deliveries.iter().any(|d| d.offset > want.after);
-            fetched_epoch = Some(batch.state.epoch.clone());
-            for m in batch.messages {
+            // What this round counted on (messages it read, or ones due again that `want`
+            // left out of the read) went to another operation first.
+            let overtaken =
+                !locked && got == 0 && (!f.batch.messages.is_empty() || f.want.limit < room);
+            let full_read = f.want.limit > 0 && f.batch.messages.len() >= f.want.limit;
+            bytes = f.bytes;
+            fetched_epoch = Some(f.batch.state.epoch.clone());
+            for m in f.batch.messages {
                 fetched.insert(m.offset, m);
             }
             if received.reset.is_some() {
                 answer.reset = received.reset;
             }
             deliveries.extend(received.deliveries);
-            let full_read = want.limit > 0 && fetched.len() >= want.limit;
-            let again = received.read_again || overtaken || (got > 0 && full_read);
-            if !again {
+            if overtaken {
+                locked = true;
+                continue;
+            }
+            if !(received.read_again || (got > 0 && full_read)) {
                 break;
             }
+        }
+        for tail in durable {
+            self.settled(live, Some(tail)).await?;
         }
         let wakeup = {
             let guard = live.state.lock().await;
