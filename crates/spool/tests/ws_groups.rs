@@ -728,3 +728,79 @@ async fn a_refresh_without_the_consume_right_ends_the_consume_and_gives_its_leas
         .await;
     assert_eq!(ws.expect("error").await["code"], "forbidden");
 }
+
+/// The same consume on the disk engine (`--durability fsync`), two members on two
+/// connections: every message is pushed to exactly one of them, a `settled` ack is durable —
+/// after a kill -9 and a restart no acked message is delivered again — and the leases that
+/// were open come back (deliveries 2) once their visibility timeout has run out.
+#[tokio::test]
+async fn on_disk_consumes_share_a_group_and_settled_acks_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let flags = ["--durability", "fsync"];
+    let mut s = Server::start_disk(&listen, dir.path(), &flags);
+    create_group(&s, "jobs", "g", json!({"visibility_timeout": "2s"})).await;
+    publish_n(&s, "jobs", 40).await;
+    let (mut a, _) = WsPeer::connect(&s.addr, API_KEY).await;
+    let (mut b, _) = WsPeer::connect(&s.addr, API_KEY).await;
+    consume(&mut a, 1, "jobs", "g", 10).await;
+    consume(&mut b, 2, "jobs", "g", 10).await;
+    let from_a = leased(&mut a, 10).await;
+    let from_b = leased(&mut b, 10).await;
+    let mut all: Vec<u64> = offsets(&from_a);
+    all.extend(offsets(&from_b));
+    let distinct: BTreeSet<u64> = all.iter().copied().collect();
+    assert_eq!(distinct.len(), 20, "a message leased twice: {all:?}");
+    for f in from_a.iter().chain(&from_b) {
+        assert_eq!(f["deliveries"], 1);
+        assert_eq!(f["data"], format!("m{}", f["offset"]));
+    }
+
+    // `a` acks all it holds; `b` acks nothing.
+    a.send(json!({"type":"ack","id":3,"stream":"jobs","group":"g","receipts":receipts(&from_a)}))
+        .await;
+    let settled = a.expect("settled").await;
+    let results = settled["results"].as_array().unwrap();
+    assert_eq!(results.len(), 10);
+    assert!(results.iter().all(|r| r["result"] == "ok"), "{settled}");
+    let acked: BTreeSet<u64> = offsets(&from_a).into_iter().collect();
+    let held: BTreeSet<u64> = offsets(&from_b).into_iter().collect();
+    // The credit the acks returned brings `a` more (not yet acked when the server dies).
+    let more: BTreeSet<u64> = offsets(&leased(&mut a, 10).await).into_iter().collect();
+    assert!(more.is_disjoint(&distinct));
+    s.kill();
+    drop((a, b));
+
+    let s = Server::start_disk(&listen, dir.path(), &flags);
+    assert_eq!(group_info(&s, "jobs", "g").await["stats"]["acked"], 10);
+    let (mut c, _) = WsPeer::connect(&s.addr, API_KEY).await;
+    // Its own leases long, so that they do not run out while it waits for the old ones.
+    c.send(
+        json!({"type":"consume","id":1,"stream":"jobs","group":"g","consumer":"c",
+                  "credit":100,"visibility_timeout":"60s"}),
+    )
+    .await;
+    c.expect("consuming").await;
+    // The 20 that were leased come back after the lease (2 s), the 10 never leased at once.
+    let mut seen: Vec<(u64, u64)> = Vec::new();
+    while seen.len() < 30 {
+        let f = c.expect("leased").await;
+        seen.push((
+            f["offset"].as_u64().unwrap(),
+            f["deliveries"].as_u64().unwrap(),
+        ));
+    }
+    let extra = next_within(&mut c, QUIET).await;
+    assert_eq!(
+        extra, None,
+        "more than the 30 unacked came back: {seen:?}, more {more:?}"
+    );
+    for (offset, deliveries) in &seen {
+        assert!(!acked.contains(offset), "acked {offset} came back");
+        let leased_before = held.contains(offset) || more.contains(offset);
+        assert_eq!(*deliveries, if leased_before { 2 } else { 1 }, "{offset}");
+    }
+    let offsets: BTreeSet<u64> = seen.iter().map(|(o, _)| *o).collect();
+    assert_eq!(offsets.len(), 30);
+    assert_eq!(offsets.union(&acked).count(), 40);
+}

@@ -380,19 +380,7 @@ impl Consumes {
                 .await?;
                 let handle = self.handles.get(&key(&stream, &group));
                 let consumer = handle.map(|h| h.consumer.clone()).unwrap_or_default();
-                send_event(
-                    protocol,
-                    out,
-                    &ConsumeEvent::Consuming {
-                        id,
-                        stream: &stream,
-                        group: &group,
-                        consumer: &consumer,
-                        credit,
-                    },
-                )
-                .await
-                .map_err(|_| ApiError::bad_param("connection closed"))
+                consuming(protocol, out, id, &stream, &group, &consumer, credit).await
             }
             ConsumeCommand::Credit {
                 id,
@@ -411,19 +399,7 @@ impl Consumes {
                 }
                 handle.shared.wake.notify_one();
                 let consumer = handle.consumer.clone();
-                send_event(
-                    protocol,
-                    out,
-                    &ConsumeEvent::Consuming {
-                        id,
-                        stream: &stream,
-                        group: &group,
-                        consumer: &consumer,
-                        credit,
-                    },
-                )
-                .await
-                .map_err(|_| ApiError::bad_param("connection closed"))
+                consuming(protocol, out, id, &stream, &group, &consumer, credit).await
             }
             ConsumeCommand::Settle {
                 id,
@@ -818,6 +794,28 @@ async fn send_event<P: Protocol>(
         }
         None => Ok(()),
     }
+}
+
+/// Answers a consume or credit frame: the consume's window as it is now.
+async fn consuming<P: Protocol>(
+    protocol: &P,
+    out: &Outbound,
+    id: Option<u64>,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    credit: u32,
+) -> Result<(), ApiError> {
+    let event = ConsumeEvent::Consuming {
+        id,
+        stream,
+        group,
+        consumer,
+        credit,
+    };
+    send_event(protocol, out, &event)
+        .await
+        .map_err(|_| ApiError::bad_param("connection closed"))
 }
 
 /// One consume's task.
