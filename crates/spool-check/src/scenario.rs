@@ -1203,14 +1203,15 @@ async fn final_reads(ctx: &Arc<Ctx>) {
 async fn clean_shared(engine: Engine, url: &str, prefix: &str) {
     let result = match engine {
         Engine::Redis => clean_redis(url, prefix).await,
+        Engine::Nats => clean_nats(url, prefix).await,
         _ => Ok(()),
     };
     if let Err(e) = result {
-        eprintln!("spool check: could not delete the run's keys ({prefix}:*) from {url}: {e}");
+        eprintln!("spool check: could not delete the run's data (prefix {prefix}) from {url}: {e}");
     }
 }
 
-/// `KEYS PREFIX:*` then `DEL`, over a plain RESP connection.
+/// `KEYS *PREFIX*` then `DEL`, in one script over a plain RESP connection.
 async fn clean_redis(url: &str, prefix: &str) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let u = reqwest::Url::parse(url)?;
@@ -1220,7 +1221,9 @@ async fn clean_redis(url: &str, prefix: &str) -> anyhow::Result<()> {
         u.port().unwrap_or(6379)
     );
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let pattern = format!("{prefix}:*");
+    // Every key of the run holds its prefix (`PREFIX:…`, or in a hash tag `{PREFIX}…`), which
+    // is unique to the run.
+    let pattern = format!("*{prefix}*");
     let script = format!(
         "local k = redis.call('KEYS', '{pattern}') for i = 1, #k, 500 do redis.call('DEL', unpack(k, i, math.min(i + 499, #k))) end return #k"
     );
@@ -1233,6 +1236,26 @@ async fn clean_redis(url: &str, prefix: &str) -> anyhow::Result<()> {
     let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await??;
     if buf[..n].starts_with(b"-") {
         bail!("{}", String::from_utf8_lossy(&buf[..n]).trim());
+    }
+    Ok(())
+}
+
+/// Deletes the JetStream streams (KV buckets included) of the run's prefix.
+async fn clean_nats(url: &str, prefix: &str) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let client = tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url)).await??;
+    let js = async_nats::jetstream::new(client);
+    let names: Vec<String> = js
+        .stream_names()
+        .filter_map(|n| async move { n.ok() })
+        .collect()
+        .await;
+    for name in names {
+        if name.starts_with(&format!("{prefix}_")) || name.starts_with(&format!("KV_{prefix}_")) {
+            js.delete_stream(&name)
+                .await
+                .map_err(|e| anyhow::anyhow!("delete {name}: {e}"))?;
+        }
     }
     Ok(())
 }

@@ -243,9 +243,7 @@ fn epoch_changed_after_the_memory_engine_restarted_is_right() {
     h.fault(FaultKind::Term, true);
     h.ack(4, "F", 1);
     h.reset("a", "epoch_changed", "F:0").deliver("a", "F", 1, 4);
-    h.final_read("F", 1, 1);
-    // The final read holds op 1's payload at F:1 per the helper; use a read that matches.
-    h.0.pop();
+    // The stream read whole holds op 4 at F:1; op 1..=3 went with epoch E.
     h.push(Event::FinalRead {
         stream: S.into(),
         epoch: "F".into(),
