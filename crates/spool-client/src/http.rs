@@ -173,7 +173,7 @@ impl HttpClient {
         let response = request
             .send()
             .await
-            .map_err(|e| RequestError::Transient(format!("request failed: {e}")))?;
+            .map_err(|e| RequestError::Transient(format!("request failed: {}", causes(&e))))?;
         let response = check(response).await?;
         response
             .json::<T>()
@@ -232,6 +232,22 @@ pub async fn check(response: Response) -> Result<Response, RequestError> {
     } else {
         Err(RequestError::Transient(format!("{status}: {message}")))
     }
+}
+
+/// An error and its causes, as "a: b: c" (reqwest's own text hides why a request failed,
+/// e.g. "connection refused"), each cause once.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 #[cfg(test)]

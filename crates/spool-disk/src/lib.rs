@@ -386,13 +386,16 @@ impl DiskEngine {
         let mut epochs = repair::EpochMap::load(&dir)?;
         let keys = DedupBudget::new(config.max_idempotency_keys);
         let mut recovery = Recovery::new(&config, &keys);
+        let mut progress = RecoveryProgress::start(&wal, &ids);
         for (i, &id) in ids.iter().enumerate() {
             let path = segment::path(&wal, id);
             let is_last = i + 1 == ids.len();
             // Records are applied as they are read: index entries are kept, payloads are not.
             // The first record that cannot be applied fails the open.
             let mut bad: Option<&'static str> = None;
+            let mut records = 0;
             let tail = segment::scan_each(&path, is_last, |pos, len, mut record| {
+                records += 1;
                 if bad.is_some() {
                     return;
                 }
@@ -402,6 +405,7 @@ impl DiskEngine {
                 }
             })
             .map_err(io_err(&path))?;
+            progress.segment(i, &path, records, recovery.streams.len());
             if let Some(why) = bad {
                 return Err(OpenError::Corrupt {
                     file: path,
@@ -437,6 +441,7 @@ impl DiskEngine {
         }
         let reset_marker = dir.join(EPOCH_RESET_MARKER);
         let reset_epochs = reset_marker.exists();
+        progress.done(recovery.streams.len());
         let (streams, live, recovered_groups) = recovery.finish(reset_epochs);
         let recovered = streams.len();
         let group_count = recovered_groups.len();
@@ -818,6 +823,69 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| EngineError::internal_from("a blocking task failed", e))?
 }
 
+/// Recovery's progress in the log: where it starts, at most one line a second while it reads
+/// segments (streams, records and bytes so far), and what it recovered.
+struct RecoveryProgress {
+    started: std::time::Instant,
+    logged: std::time::Instant,
+    segments: usize,
+    total_bytes: u64,
+    records: u64,
+    bytes: u64,
+}
+
+impl RecoveryProgress {
+    fn start(wal: &Path, ids: &[u64]) -> Self {
+        let total_bytes = ids
+            .iter()
+            .filter_map(|&id| fs::metadata(segment::path(wal, id)).ok())
+            .map(|m| m.len())
+            .sum();
+        tracing::info!(
+            segments = ids.len(),
+            bytes = total_bytes,
+            "recovering: reading the WAL"
+        );
+        let now = std::time::Instant::now();
+        Self {
+            started: now,
+            logged: now,
+            segments: ids.len(),
+            total_bytes,
+            records: 0,
+            bytes: 0,
+        }
+    }
+
+    fn segment(&mut self, index: usize, path: &Path, records: usize, streams: usize) {
+        self.records += records as u64;
+        self.bytes += fs::metadata(path).map_or(0, |m| m.len());
+        if self.logged.elapsed() >= std::time::Duration::from_secs(1) {
+            self.logged = std::time::Instant::now();
+            tracing::info!(
+                segment = index + 1,
+                of = self.segments,
+                streams,
+                records = self.records,
+                bytes = self.bytes,
+                total_bytes = self.total_bytes,
+                "recovering"
+            );
+        }
+    }
+
+    fn done(&self, streams: usize) {
+        tracing::info!(
+            streams,
+            records = self.records,
+            bytes = self.bytes,
+            segments = self.segments,
+            elapsed_ms = self.started.elapsed().as_millis() as u64,
+            "recovered"
+        );
+    }
+}
+
 /// Rebuilds streams from records, in WAL order.
 struct Recovery<'a> {
     config: &'a DiskConfig,
@@ -906,9 +974,10 @@ impl<'a> Recovery<'a> {
                     return Ok(());
                 }
                 if message.offset > s.log.head().next() {
-                    s.log.skip_to(Offset(message.offset.get() - 1), cache, |seg| {
-                        release(live, seg)
-                    });
+                    s.log
+                        .skip_to(Offset(message.offset.get() - 1), cache, |seg| {
+                            release(live, seg)
+                        });
                 }
                 let window = config.dedup_window.as_millis() as u64;
                 if let Some(key) = idempotency_key
@@ -963,7 +1032,8 @@ impl<'a> Recovery<'a> {
         let mut streams = HashMap::with_capacity(rebuilt.len());
         for (name, mut r) in rebuilt {
             if reset_epochs {
-                r.log.skip_to(Offset::ZERO, &cache, |seg| release(&mut live, seg));
+                r.log
+                    .skip_to(Offset::ZERO, &cache, |seg| release(&mut live, seg));
                 r.log = DiskLog::new(
                     Epoch::generate(),
                     Offset::ZERO,

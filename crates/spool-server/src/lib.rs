@@ -68,6 +68,36 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_with(
+        listener,
+        Extras::default(),
+        engine,
+        session_store,
+        group_store,
+        config,
+        shutdown,
+    )
+    .await
+}
+
+/// What [`serve_with`] runs beside the API listener.
+#[derive(Default)]
+pub struct Extras {
+    /// An internal address serving `/metrics`, `/healthz` and `/readyz` only
+    /// (`--metrics-listen`).
+    pub metrics: Option<TcpListener>,
+}
+
+/// [`serve`], with `extras` beside it.
+pub async fn serve_with(
+    listener: TcpListener,
+    extras: Extras,
+    engine: Arc<dyn Engine>,
+    session_store: Arc<dyn SessionStore>,
+    group_store: Option<Arc<dyn GroupStore>>,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let mut config = config;
     listener::fit_to_file_limit(&mut config.http);
     let sessions = Arc::new(Sessions::new(session_store.clone(), config.ws.session_ttl));
@@ -104,6 +134,18 @@ pub async fn serve(
     let flusher = tokio::spawn(sessions.clone().run(shutdown.clone()));
     let http = state.config.http.clone();
     let metrics = state.metrics.clone();
+    let internal = extras.metrics.map(|metrics_listener| {
+        let app = routes::ops_router(state.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(metrics_listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "the metrics listener failed");
+            }
+        })
+    });
     let app = routes::router(state);
     let result = listener::run(listener, app, http, metrics, shutdown.clone()).await;
     // WebSocket connections saw the same cancellation: they send `reconnect`, close, and save
@@ -113,6 +155,9 @@ pub async fn serve(
     let _ = flusher.await;
     sessions.flush().await;
     sweeper.abort();
+    if let Some(task) = internal {
+        task.abort();
+    }
     if let Some(task) = group_sweeper {
         task.abort();
     }

@@ -48,6 +48,8 @@ impl Server {
             .args(["--api-key", API_KEY, "--jwt-secret", JWT_SECRET])
             .args(extra)
             .env("SPOOL_LOG", "info")
+            // Tests stop servers often: no drain window unless a test asks for one.
+            .env("SPOOL_SHUTDOWN_DRAIN", "0s")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

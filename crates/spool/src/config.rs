@@ -334,6 +334,15 @@ layered! {
         #[arg(long, env = "SPOOL_SHUTDOWN_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
         #[serde(deserialize_with = "de_opt_duration")]
         pub shutdown_timeout: Option<Duration>,
+        /// On SIGTERM, how long /readyz answers 503 while everything else still works, before
+        /// the listener closes: time for a load balancer to take the node out (default 5s; a
+        /// second signal ends it early).
+        #[arg(long, env = "SPOOL_SHUTDOWN_DRAIN", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub shutdown_drain: Option<Duration>,
+        /// Also serve /metrics (and /healthz, /readyz) on this internal address.
+        #[arg(long, env = "SPOOL_METRICS_LISTEN", value_name = "ADDR")]
+        pub metrics_listen: Option<SocketAddr>,
         /// Path of the AnyCable-compatible WebSocket endpoint (default /cable).
         #[arg(long, env = "SPOOL_ANYCABLE_PATH", value_name = "PATH")]
         pub anycable_path: Option<String>,
@@ -439,6 +448,10 @@ pub struct Resolved {
     pub retention: RetentionPolicy,
     pub dedup_window: Duration,
     pub shutdown_timeout: Duration,
+    /// How long /readyz answers 503 on SIGTERM before the listener closes (`--shutdown-drain`).
+    pub shutdown_drain: Duration,
+    /// Where /metrics is also served (`--metrics-listen`).
+    pub metrics_listen: Option<SocketAddr>,
     pub json_logs: bool,
     pub server: ServerConfig,
     /// Most streams the memory and disk engines create (`--max-streams`).
@@ -713,6 +726,8 @@ pub fn resolve(args: &Settings) -> anyhow::Result<Resolved> {
         retention,
         dedup_window: s.dedup_window.unwrap_or(Duration::from_secs(120)),
         shutdown_timeout: s.shutdown_timeout.unwrap_or(Duration::from_secs(10)),
+        shutdown_drain: s.shutdown_drain.unwrap_or(Duration::from_secs(5)),
+        metrics_listen: s.metrics_listen,
         json_logs,
         server,
         max_streams: at_least_one(

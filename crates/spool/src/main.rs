@@ -130,8 +130,104 @@ fn repair(args: RepairArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An error and its causes as one line, "a: b: c", each cause once: a cause whose text the
+/// line already holds (an I/O error both shown and kept as the source, so "(os error N)"
+/// twice) is left out.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// Parses the command line. A value from a `SPOOL_*` variable that does not parse is named by
+/// its variable (clap names the flag, which the user never typed); with `--log-format json`
+/// (or `SPOOL_LOG_FORMAT=json`) `spool serve`'s parse errors are a JSON log line.
+fn parse() -> Result<Cli, std::process::ExitCode> {
+    let error = match Cli::try_parse() {
+        Ok(cli) => return Ok(cli),
+        Err(e) => e,
+    };
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        error.exit();
+    }
+    let bad_value = matches!(
+        error.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    );
+    let args: Vec<String> = std::env::args().collect();
+    let flag = match error.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.split_whitespace().next().unwrap_or("").to_owned(),
+        _ => String::new(),
+    };
+    let typed = !flag.is_empty()
+        && args
+            .iter()
+            .any(|a| a == &flag || a.starts_with(&format!("{flag}=")));
+    let var = flag
+        .strip_prefix("--")
+        .map(|name| format!("SPOOL_{}", name.to_uppercase().replace('-', "_")));
+    let from_env = match &var {
+        Some(var) if bad_value && !typed => std::env::var_os(var).is_some(),
+        _ => false,
+    };
+    let json = args.get(1).is_some_and(|c| c == "serve")
+        && (args
+            .windows(2)
+            .any(|w| w[0] == "--log-format" && w[1] == "json")
+            || args.iter().any(|a| a == "--log-format=json")
+            || std::env::var("SPOOL_LOG_FORMAT").is_ok_and(|v| v == "json"));
+    if !from_env && !json {
+        error.exit();
+    }
+    let mut message = error.to_string();
+    if from_env && let Some(var) = &var {
+        let value = match error.get(ContextKind::InvalidValue) {
+            Some(ContextValue::String(v)) => v.clone(),
+            _ => String::new(),
+        };
+        let why = std::error::Error::source(&error)
+            .map(|s| format!(": {s}"))
+            .unwrap_or_default();
+        message = format!(
+            "invalid value {value:?} in the environment variable {var} (the value of {flag}){why}"
+        );
+    }
+    let message = message
+        .trim()
+        .trim_start_matches("error: ")
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    if json {
+        serve::init_logging(true);
+        tracing::error!(error = %message, "spool serve failed");
+    } else {
+        eprintln!("spool: {message}");
+    }
+    Err(std::process::ExitCode::from(2))
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -154,8 +250,9 @@ fn main() -> std::process::ExitCode {
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<serve::Reported>() => std::process::ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("spool: {e:#}");
+            eprintln!("spool: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -76,6 +76,16 @@ pub fn router(state: AppState) -> Router {
     }
 }
 
+/// The internal address's routes (`--metrics-listen`): metrics and probes, no API.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(ops::metrics))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .fallback(not_found)
+        .with_state(state)
+}
+
 fn cors(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;

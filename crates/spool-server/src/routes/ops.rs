@@ -14,13 +14,21 @@ pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready when the engine answers and the server is not shutting down. At the stream limit the
+/// Ready when the engine answers and the server is not shutting down (nor draining: the
+/// `--shutdown-drain` window after SIGTERM). At the stream limit the
 /// node stays ready (every existing stream works) and says so under `streams`.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "shutting_down"})),
+        );
+    }
+    if state.config.draining.is_cancelled() {
+        // SIGTERM: take this node out of the load balancer; requests still work meanwhile.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
         );
     }
     match state.engine.ready().await {
