@@ -264,6 +264,9 @@ pub struct Groups {
     observing: parking_lot::Mutex<()>,
     /// Receive rounds made since the start (for tests and measurements).
     rounds: AtomicU64,
+    /// Tests: ms a receive round sleeps after its read outside the lock (a slow engine).
+    #[cfg(test)]
+    read_pause_ms: AtomicU64,
 }
 
 impl Groups {
@@ -279,6 +282,8 @@ impl Groups {
             cache: parking_lot::Mutex::new(HashMap::new()),
             observing: parking_lot::Mutex::new(()),
             rounds: AtomicU64::new(0),
+            #[cfg(test)]
+            read_pause_ms: AtomicU64::new(0),
         })
     }
 
@@ -867,6 +872,11 @@ impl Groups {
                     }
                 };
                 let batch = self.engine.read(&key.0, want.after, want.limit).await?;
+                #[cfg(test)]
+                {
+                    let pause = self.read_pause_ms.load(AtomicOrdering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
                 let f = Fetched::new(want, batch, bytes, self.config.max_read_bytes);
                 let (received, tail) = self
                     .run_queued(key, live, false, None, |state, now, _| {
@@ -1521,6 +1531,68 @@ mod tests {
             rounds <= 4,
             "{rounds} rounds while waiting 300 ms on an idle group"
         );
+    }
+
+    /// Many members receiving at once from one backlog, each stopping at its first empty
+    /// answer (no wait): together they take it all, so none was answered empty while
+    /// messages were pending (a round overtaken by another member reads again under the
+    /// lock). The acks go through the same lock, so receives and acks interleave.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_racing_for_a_backlog_are_not_answered_empty_before_its_end() {
+        let (groups, engine, _time) = setup();
+        // Reads outside the lock are slow, so other members take what one read meanwhile.
+        groups.read_pause_ms.store(2, AtomicOrdering::Relaxed);
+        let (s, g) = (name("s"), group("g"));
+        groups
+            .put(&s, &g, &GroupConfigSpec::default())
+            .await
+            .unwrap();
+        publish(&engine, "s", 600).await;
+        // Messages the members were answered with so far: at an empty answer, at most one
+        // answer of each other member (15 × 4) may not be counted yet.
+        let handed = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for m in 0..16 {
+            let (groups, s, g) = (groups.clone(), s.clone(), g.clone());
+            let handed = handed.clone();
+            tasks.push(tokio::spawn(async move {
+                let never = CancellationToken::new();
+                let mut got = Vec::new();
+                loop {
+                    let a = groups
+                        .receive(&s, &g, &request(&format!("m{m}"), 4), None, &never)
+                        .await
+                        .unwrap();
+                    if a.messages.is_empty() {
+                        let seen = handed.load(AtomicOrdering::SeqCst);
+                        assert!(
+                            seen + 15 * 4 >= 600,
+                            "member m{m} was answered empty with {seen} of 600 handed out"
+                        );
+                        return got;
+                    }
+                    handed.fetch_add(a.messages.len() as u64, AtomicOrdering::SeqCst);
+                    let receipts: Vec<String> = a
+                        .messages
+                        .iter()
+                        .map(|l| l.delivery.receipt.encode())
+                        .collect();
+                    let r = groups
+                        .settle(&s, &g, &receipts, &Settle::Ack)
+                        .await
+                        .unwrap();
+                    assert!(r.iter().all(|r| *r == ReceiptResult::Ok));
+                    got.extend(a.messages.iter().map(|l| l.delivery.offset.get()));
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort_unstable();
+        assert_eq!(all, (1..=600).collect::<Vec<u64>>());
     }
 
     #[test]
