@@ -176,9 +176,11 @@ impl Writer {
             .map_err(|e| io_error("writing the WAL", e))?;
         self.segment_len += buf.len() as u64;
         if self.fsync {
+            let started = std::time::Instant::now();
             self.file
                 .sync_data()
                 .map_err(|e| io_error("fsync of the WAL", e))?;
+            spool_engine::timing::WAL_FSYNC.observe(started.elapsed());
         }
         if buf.capacity() > MAX_BATCH_BYTES * 2 {
             *buf = Vec::new();

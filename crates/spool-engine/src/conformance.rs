@@ -109,6 +109,136 @@ pub async fn run(backend: &dyn Backend) {
     reads_never_see_holes_while_appends_run(backend).await;
 }
 
+/// The stream administration contract ([`crate::StreamAdmin`]), for engines that support it:
+/// listing by prefix in name order with cursor pages and each stream's figures, truncation
+/// (readers behind get `history_expired`, the epoch stays), deletion (watchers learn it, the
+/// next append starts a new epoch at offset 1; on a cluster every node sees it).
+pub async fn run_stream_admin(backend: &dyn Backend) {
+    let ns = backend.namespace(Settings::default()).await;
+    let engine = ns.node().await;
+    let admin = engine
+        .admin()
+        .expect("stream admin: the engine supports it");
+    let names = ["admin/a1", "admin/a2", "admin/a3", "admin/b1"];
+    for name in names {
+        engine
+            .append(&stream(name), vec![msg("x"), msg("yy"), msg("zzz")])
+            .await
+            .expect("append");
+    }
+
+    // Listing: prefix, name order, pages.
+    let listed = admin.list_streams("admin/a", None, 10).await.unwrap();
+    let got: Vec<&str> = listed.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        got,
+        ["admin/a1", "admin/a2", "admin/a3"],
+        "stream admin: list"
+    );
+    let a1 = &listed[0];
+    assert_eq!((a1.state.oldest, a1.state.head), (Offset(1), Offset(3)));
+    assert_eq!(a1.retained_messages, 3, "stream admin: retained count");
+    assert!(a1.retained_bytes >= 6, "stream admin: retained bytes");
+    assert!(a1.last_publish_ms.is_some_and(|t| t > 0));
+    let first = admin.list_streams("admin/", None, 2).await.unwrap();
+    let next = admin
+        .list_streams("admin/", Some(&first[1].name), 2)
+        .await
+        .unwrap();
+    let paged: Vec<&str> = first.iter().chain(&next).map(|s| s.name.as_str()).collect();
+    assert_eq!(paged, names, "stream admin: pages");
+    assert!(
+        admin
+            .list_streams("admin/", Some(&stream("admin/b1")), 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        admin
+            .describe_stream(&stream("admin/none"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Truncation: the front goes, epoch and head stay.
+    let a1 = stream("admin/a1");
+    let after = admin
+        .truncate_stream(&a1, Offset(3))
+        .await
+        .unwrap()
+        .expect("known");
+    assert_eq!((after.oldest, after.head), (Offset(3), Offset(3)));
+    assert_eq!(after.epoch, listed[0].state.epoch);
+    let read = engine.read(&a1, Offset(0), 10).await.unwrap();
+    assert!(read.messages.is_empty(), "stream admin: truncated history");
+    assert_eq!(
+        spool_core::continuity::decide(
+            &spool_core::Start::After(spool_core::Position::new(after.epoch.clone(), Offset(1))),
+            &read.state
+        ),
+        spool_core::continuity::Decision::Reset {
+            reason: spool_core::ResetReason::HistoryExpired,
+            head: read.state.head_position(),
+        }
+    );
+    let tail = engine.read(&a1, Offset(2), 10).await.unwrap();
+    assert_eq!(tail.messages.len(), 1);
+    assert_eq!(tail.messages[0].payload, "zzz");
+    let summary = admin.describe_stream(&a1).await.unwrap().expect("known");
+    assert_eq!(summary.retained_messages, 1);
+    assert!(
+        admin
+            .truncate_stream(&stream("admin/none"), Offset(2))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Deletion: a watcher learns it, the next append starts a new epoch at offset 1.
+    let a2 = stream("admin/a2");
+    let old_epoch = engine.state(&a2).await.unwrap().expect("known").epoch;
+    let mut watch = engine.watch(&a2).await.unwrap();
+    watch.borrow_and_update();
+    assert!(
+        admin.delete_stream(&a2).await.unwrap(),
+        "stream admin: delete"
+    );
+    assert!(!admin.delete_stream(&a2).await.unwrap(), "deleted once");
+    assert!(engine.state(&a2).await.unwrap().is_none());
+    within(
+        async {
+            // Either the watch moves to another epoch or it ends (the engine dropped it).
+            while let Ok(()) = watch.changed().await {
+                if watch.borrow().epoch != old_epoch {
+                    break;
+                }
+            }
+        },
+        "stream admin: the watcher of a deleted stream learns it",
+    )
+    .await;
+    let listed: Vec<String> = admin
+        .list_streams("admin/", None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name.to_string())
+        .collect();
+    assert_eq!(listed, ["admin/a1", "admin/a3", "admin/b1"]);
+    if ns.clustered() {
+        let other = ns.node().await;
+        assert!(other.state(&a2).await.unwrap().is_none(), "every node");
+    }
+    let again = engine.append(&a2, vec![msg("new")]).await.unwrap();
+    assert_eq!(again[0].position.offset, Offset(1));
+    assert_ne!(again[0].position.epoch, old_epoch, "a new epoch");
+    let read = engine.read(&a2, Offset(0), 10).await.unwrap();
+    assert_eq!(read.messages.len(), 1);
+    assert_eq!(read.messages[0].payload, "new");
+}
+
 fn stream(name: &str) -> StreamName {
     StreamName::new(name).expect("valid stream name")
 }
@@ -546,5 +676,10 @@ mod tests {
     #[tokio::test]
     async fn memory_engine_conforms() {
         run(&Memory).await;
+    }
+
+    #[tokio::test]
+    async fn memory_engine_administers_streams() {
+        run_stream_admin(&Memory).await;
     }
 }

@@ -26,6 +26,7 @@ pub mod memory;
 pub mod registry;
 pub mod sessions;
 pub mod store;
+pub mod timing;
 
 use std::sync::Arc;
 
@@ -36,6 +37,7 @@ use tokio::sync::watch;
 pub use error::{Cause, EngineError, Limit, StreamLimit};
 pub use memory::MemoryEngine;
 pub use sessions::SessionRecord;
+pub use store::{StreamAdmin, StreamSummary};
 pub use store::{Committed, GroupDurable, GroupStore, QueuedCommit, SessionStore, StoredGroup};
 
 /// The result of appending one message.
@@ -133,4 +135,10 @@ pub trait Engine: Send + Sync + 'static {
     async fn ready(&self) -> Result<(), EngineError> {
         Ok(())
     }
+
+    /// Listing, deleting and truncating streams ([`StreamAdmin`]), if the engine supports it.
+    fn admin(&self) -> Option<&dyn StreamAdmin> {
+        None
+    }
+
 }

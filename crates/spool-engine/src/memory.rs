@@ -19,7 +19,7 @@ use spool_core::group::{Change, GroupName, GroupSnapshot};
 
 use crate::{
     Appended, Committed, Engine, EngineError, GroupStore, HeadWatch, ReadBatch, SessionRecord,
-    SessionStore, StoredGroup, StreamCounts,
+    SessionStore, StoredGroup, StreamAdmin, StreamCounts, StreamSummary,
     dedup::{DedupBudget, DedupWindow},
     groups::GroupTable,
     registry::{Registry, Watched},
@@ -219,6 +219,72 @@ impl Engine for MemoryEngine {
 
     fn stream_counts(&self) -> Option<StreamCounts> {
         Some(self.streams.counts())
+    }
+
+    fn admin(&self) -> Option<&dyn StreamAdmin> {
+        Some(self)
+    }
+}
+
+impl MemoryEngine {
+    fn summary(&self, name: StreamName, log: &Mutex<StreamLog>) -> StreamSummary {
+        let mut guard = log.lock();
+        guard.log.trim(self.now_ms(), |_| {});
+        let (retained_messages, retained_bytes, last_publish_ms) = guard.log.retained_summary();
+        StreamSummary {
+            name,
+            state: guard.log.state(),
+            retained_messages,
+            retained_bytes,
+            last_publish_ms,
+            watchers: guard.log.watchers() as u64,
+        }
+    }
+}
+
+/// Streams in the registry: a delete removes the entry (its watchers find the stream unknown
+/// and the next append makes it in a new epoch), a truncate drops the log's front.
+#[async_trait]
+impl StreamAdmin for MemoryEngine {
+    async fn list_streams(
+        &self,
+        prefix: &str,
+        after: Option<&StreamName>,
+        limit: usize,
+    ) -> Result<Vec<StreamSummary>, EngineError> {
+        Ok(self
+            .streams
+            .page(prefix, after, limit)
+            .into_iter()
+            .map(|(name, log)| self.summary(name, &log))
+            .collect())
+    }
+
+    async fn describe_stream(
+        &self,
+        stream: &StreamName,
+    ) -> Result<Option<StreamSummary>, EngineError> {
+        Ok(self
+            .streams
+            .get(stream)
+            .map(|log| self.summary(stream.clone(), &log)))
+    }
+
+    async fn delete_stream(&self, stream: &StreamName) -> Result<bool, EngineError> {
+        Ok(self.streams.remove(stream).is_some())
+    }
+
+    async fn truncate_stream(
+        &self,
+        stream: &StreamName,
+        before: Offset,
+    ) -> Result<Option<StreamState>, EngineError> {
+        let Some(log) = self.streams.get(stream) else {
+            return Ok(None);
+        };
+        let mut guard = log.lock();
+        guard.log.truncate_before(before, |_| {});
+        Ok(Some(guard.log.state()))
     }
 }
 

@@ -203,6 +203,31 @@ impl<T: Watched> Registry<T> {
         self.maps.read().published.values().cloned().collect()
     }
 
+    /// Forgets a published stream (an admin's delete): the next append makes it anew. Its
+    /// entry goes when the last holder lets go of it, and with it its head watch, so every
+    /// reader watching it takes a new watch and finds the stream unknown.
+    pub fn remove(&self, name: &StreamName) -> Option<Arc<T>> {
+        self.maps.write().published.remove(name)
+    }
+
+    /// The names of a page of published streams ([`crate::store::page_of_names`]), each
+    /// with its entry.
+    pub fn page(
+        &self,
+        prefix: &str,
+        after: Option<&StreamName>,
+        limit: usize,
+    ) -> Vec<(StreamName, Arc<T>)> {
+        let maps = self.maps.read();
+        crate::store::page_of_names(maps.published.keys(), prefix, after, limit)
+            .into_iter()
+            .filter_map(|name| {
+                let s = maps.published.get(&name)?.clone();
+                Some((name, s))
+            })
+            .collect()
+    }
+
     /// Sets the published streams, as recovered at startup (no cap is checked).
     pub fn replace_all(&self, streams: HashMap<StreamName, Arc<T>>) {
         self.maps.write().published = streams;

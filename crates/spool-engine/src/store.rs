@@ -25,6 +25,7 @@ use spool_core::{
 };
 
 use crate::{EngineError, SessionRecord};
+use spool_core::{Offset, StreamState};
 
 /// Where WebSocket sessions are kept between connections. All methods are safe to call
 /// concurrently. Errors are an engine's: `Unavailable` while the backing store cannot be
@@ -158,4 +159,89 @@ pub trait GroupStore: Send + Sync + 'static {
         stream: &StreamName,
         group: &GroupName,
     ) -> Result<bool, EngineError>;
+}
+
+/// A stream as the admin API shows it (docs/http-api.md, "Stream administration").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamSummary {
+    pub name: StreamName,
+    /// Epoch, head and oldest retained offset.
+    pub state: StreamState,
+    /// Messages retained now, and what they count against `max_bytes`.
+    pub retained_messages: u64,
+    pub retained_bytes: u64,
+    /// When the newest retained message was published (ms since the Unix epoch); `None` when
+    /// none is retained.
+    pub last_publish_ms: Option<u64>,
+    /// Head watches out on this node: the subscriptions reading the stream here.
+    pub watchers: u64,
+}
+
+/// The most streams one [`StreamAdmin::list_streams`] call returns.
+pub const MAX_LIST_STREAMS: usize = 1000;
+
+/// What an operator may do to streams as a whole: list and inspect them, delete one, drop the
+/// older part of one's history. An engine that supports it returns itself from
+/// [`crate::Engine::admin`]. Every engine that does runs `conformance::stream_admin`.
+#[async_trait]
+pub trait StreamAdmin: Send + Sync + 'static {
+    /// Streams something was published to whose names start with `prefix`, in name order,
+    /// after `after` (exclusive), at most `limit` (capped at [`MAX_LIST_STREAMS`]).
+    async fn list_streams(
+        &self,
+        prefix: &str,
+        after: Option<&StreamName>,
+        limit: usize,
+    ) -> Result<Vec<StreamSummary>, EngineError>;
+
+    /// One stream, unless nothing was published to it.
+    async fn describe_stream(
+        &self,
+        stream: &StreamName,
+    ) -> Result<Option<StreamSummary>, EngineError>;
+
+    /// Deletes a stream: its history, its epoch and its idempotency keys. Its readers get a
+    /// reset (`unknown_stream` or `epoch_changed`); the next append starts it again in a new
+    /// epoch at offset 1. False if nothing was published to it. Consumer groups of the stream
+    /// are not deleted (they reset as on any epoch change).
+    async fn delete_stream(&self, stream: &StreamName) -> Result<bool, EngineError>;
+
+    /// Drops the stream's retained messages with offsets before `before`, as retention would:
+    /// readers behind get `history_expired`. The epoch and head stay; `before` past the head
+    /// drops everything. The stream's bounds after, or `None` if nothing was published to it.
+    async fn truncate_stream(
+        &self,
+        stream: &StreamName,
+        before: Offset,
+    ) -> Result<Option<StreamState>, EngineError>;
+}
+
+/// Picks the page [`StreamAdmin::list_streams`] answers from every stream name an engine
+/// holds: the `limit` first in name order after `after` that start with `prefix`, sorted. One
+/// pass with a bounded heap, so a page costs O(streams · log limit), never a sort of all.
+pub fn page_of_names<'a>(
+    names: impl Iterator<Item = &'a StreamName>,
+    prefix: &str,
+    after: Option<&StreamName>,
+    limit: usize,
+) -> Vec<StreamName> {
+    let limit = limit.min(MAX_LIST_STREAMS);
+    let mut heap = std::collections::BinaryHeap::with_capacity(limit + 1);
+    if limit == 0 {
+        return Vec::new();
+    }
+    for name in names {
+        if !name.as_str().starts_with(prefix) || after.is_some_and(|a| name <= a) {
+            continue;
+        }
+        if heap.len() < limit {
+            heap.push(name);
+        } else if heap.peek().is_some_and(|top| name < *top) {
+            heap.pop();
+            heap.push(name);
+        }
+    }
+    let mut page: Vec<StreamName> = heap.into_iter().cloned().collect();
+    page.sort();
+    page
 }

@@ -68,6 +68,8 @@ pub enum ErrorCode {
     GroupsUnavailable,
     /// Other nodes kept changing the group while this request tried to; retry (503).
     GroupBusy,
+    /// This server's engine cannot do what was asked (stream administration) (501).
+    NotSupported,
 }
 
 impl ErrorCode {
@@ -102,6 +104,7 @@ impl ErrorCode {
             ErrorCode::InvalidGroupName => "invalid_group_name",
             ErrorCode::GroupsUnavailable => "groups_unavailable",
             ErrorCode::GroupBusy => "group_busy",
+            ErrorCode::NotSupported => "not_supported",
         }
     }
 }

@@ -147,6 +147,38 @@ pub struct StreamInfoResponse {
     pub retention: RetentionBody,
 }
 
+/// A stream as the admin API shows it (each stream of `GET /v1/streams`, and
+/// `GET /v1/streams/{stream}` for a caller with the `admin` right on it): the stream info and
+/// its figures.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamAdminBody {
+    #[serde(flatten)]
+    pub info: StreamInfoResponse,
+    /// Messages retained now, and what they count against `max_bytes`.
+    pub retained_messages: u64,
+    pub retained_bytes: u64,
+    /// When the newest retained message was published (ms since the Unix epoch); null when
+    /// none is retained.
+    pub last_publish_ms: Option<u64>,
+    /// Subscriptions reading the stream on this node.
+    pub subscribers: u64,
+}
+
+/// `GET /v1/streams?prefix=&limit=&cursor=`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamListResponse {
+    pub streams: Vec<StreamAdminBody>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// `POST /v1/streams/{stream}/truncate`: drop retained messages with offsets before `before`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TruncateRequest {
+    pub before: u64,
+}
+
 /// The last event an SSE stream sends when the server shuts down.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconnectBody {

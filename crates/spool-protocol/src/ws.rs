@@ -475,6 +475,9 @@ pub mod close {
     pub const SESSION_TAKEN_OVER: u16 = 4007;
     /// Too many malformed frames. Fix the client.
     pub const TOO_MANY_ERRORS: u16 = 4008;
+    /// An operator disconnected the session or its identity (the admin API); the session is
+    /// gone. Do not reconnect on your own.
+    pub const DISCONNECTED: u16 = 4009;
 
     /// Whether a client should reconnect (with backoff) after the server closed with `code`.
     /// Unknown codes are treated as transient.
@@ -487,6 +490,7 @@ pub mod close {
                 | UNAUTHORIZED
                 | SESSION_TAKEN_OVER
                 | TOO_MANY_ERRORS
+                | DISCONNECTED
         )
     }
 }

@@ -40,6 +40,11 @@ pub enum Principal {
         /// stored before the claim existed: none).
         #[serde(default)]
         consume: Vec<Pattern>,
+        /// Streams the holder may administer: list, inspect, delete, truncate (absent in
+        /// sessions stored before the claim existed: none). Disconnecting sessions and
+        /// identities needs the pattern `*`.
+        #[serde(default)]
+        admin: Vec<Pattern>,
         /// The token's `exp`, in ms since the Unix epoch.
         expires_at: Option<u64>,
     },
@@ -77,6 +82,9 @@ pub enum Action {
     Publish,
     /// Use the stream's consumer groups: create, update, delete, receive, settle, redrive.
     Consume,
+    /// Administer the stream: list and inspect it with its figures, delete it, truncate it.
+    /// Anonymous callers never may (even with `--allow-anonymous`); API keys always may.
+    Admin,
 }
 
 impl Principal {
@@ -117,6 +125,7 @@ impl Principal {
                     subscribe: s1,
                     publish: p1,
                     consume: c1,
+                    admin: a1,
                     ..
                 },
                 Principal::Token {
@@ -124,29 +133,53 @@ impl Principal {
                     subscribe: s2,
                     publish: p2,
                     consume: c2,
+                    admin: a2,
                     ..
                 },
-            ) => s1 == s2 && p1 == p2 && c1 == c2,
+            ) => s1 == s2 && p1 == p2 && c1 == c2 && a1 == a2,
             _ => false,
         }
     }
 
     pub fn may(&self, action: Action, stream: &StreamName) -> bool {
         match self {
-            Principal::Anonymous | Principal::ApiKey => true,
+            Principal::Anonymous => action != Action::Admin,
+            Principal::ApiKey => true,
             Principal::Token {
                 subscribe,
                 publish,
                 consume,
+                admin,
                 ..
             } => {
                 let patterns = match action {
                     Action::Subscribe => subscribe,
                     Action::Publish => publish,
                     Action::Consume => consume,
+                    Action::Admin => admin,
                 };
                 patterns.iter().any(|p| p.matches(stream.as_str()))
             }
+        }
+    }
+
+    /// Whether the caller may administer every stream (an API key, or a token whose `admin`
+    /// claim holds `*`): needed to see all streams' names at once or to disconnect sessions.
+    pub fn admin_of_all(&self) -> bool {
+        match self {
+            Principal::ApiKey => true,
+            Principal::Anonymous => false,
+            Principal::Token { admin, .. } => admin.iter().any(|p| p.as_str() == "*"),
+        }
+    }
+
+    /// Whether the caller has any admin right at all (an API key, or a token with an `admin`
+    /// claim).
+    pub fn any_admin(&self) -> bool {
+        match self {
+            Principal::ApiKey => true,
+            Principal::Anonymous => false,
+            Principal::Token { admin, .. } => !admin.is_empty(),
         }
     }
 
@@ -159,6 +192,7 @@ impl Principal {
             Action::Subscribe => "read",
             Action::Publish => "publish to",
             Action::Consume => "consume (consumer groups of)",
+            Action::Admin => "administer",
         };
         Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -182,6 +216,8 @@ struct Claims {
     publish: Vec<String>,
     #[serde(default)]
     consume: Vec<String>,
+    #[serde(default)]
+    admin: Vec<String>,
 }
 
 /// A JWT setting that cannot be used.
@@ -580,6 +616,7 @@ fn principal(claims: Claims) -> Principal {
         subscribe: claims.subscribe.iter().map(|p| Pattern::new(p)).collect(),
         publish: claims.publish.iter().map(|p| Pattern::new(p)).collect(),
         consume: claims.consume.iter().map(|p| Pattern::new(p)).collect(),
+        admin: claims.admin.iter().map(|p| Pattern::new(p)).collect(),
         expires_at: claims.exp.map(|s| s.saturating_mul(1000)),
     }
 }

@@ -116,13 +116,15 @@ pub async fn serve_with(
     let group_sweeper = groups
         .clone()
         .map(|g| tokio::spawn(g.run_sweeper(shutdown.clone())));
+    let metrics = Arc::new(Metrics::new());
+    let engine: Arc<dyn Engine> = Arc::new(metrics::Measured::new(engine, metrics.clone()));
     let state = AppState {
         auth: Arc::new(Authenticator::new(&config.auth)),
         budget: Arc::new(budget::StreamBudget::new(config.max_new_streams_per_minute)),
         encodings: Arc::default(),
         engine,
         config: Arc::new(config),
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         shutdown: shutdown.clone(),
         session_store,
         sessions: sessions.clone(),

@@ -3,7 +3,12 @@
 //! Labels are enums where they sit on a hot path (one delivery per message per subscriber), so
 //! counting allocates nothing.
 
-use std::sync::atomic::AtomicU64;
+use std::{
+    sync::{Arc, LazyLock, atomic::AtomicU64},
+    time::Instant,
+};
+
+use async_trait::async_trait;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
@@ -11,8 +16,11 @@ use prometheus_client::{
     registry::Registry,
 };
 use spool_core::{
-    ResetReason, StreamName,
+    NewMessage, Offset, ResetReason, Retention, StreamName, StreamState,
     group::{GroupName, GroupStats},
+};
+use spool_engine::{
+    Appended, Engine, EngineError, HeadWatch, ReadBatch, StreamAdmin, StreamCounts,
 };
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -87,6 +95,111 @@ pub struct GroupMetrics {
     pub member_nacks: Family<MemberLabels, Counter>,
 }
 
+/// Where a publish came in.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum PublishVia {
+    /// `POST /v1/streams/{stream}/messages`, `POST /v1/publish`.
+    http,
+    /// A `publish` frame over WebSocket.
+    ws,
+    /// AnyCable's `POST /_broadcast`.
+    broadcast,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishLabels {
+    pub transport: PublishVia,
+}
+
+/// An engine operation the server times.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    /// `append`, `read`, `state`, `watch`.
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EngineErrorLabels {
+    pub op: &'static str,
+    /// `unavailable`, `limit`, `stream_limit`, `internal`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `closed` (the connection was closed as a slow consumer) or `caught_up`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    /// `delete`, `truncate`, `disconnect_session`, `disconnect_identity`.
+    pub action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+}
+
+/// What subscriptions measure as they read (`delivery/subscription.rs`), process-wide: every
+/// server of the process registers the same series.
+pub struct SubscriptionMetrics {
+    /// Messages between a subscription's read and the stream's head, once per delivered
+    /// batch: how far behind readers are. Buckets bound the series, never one per stream.
+    pub lag: Histogram,
+    /// Messages a conflated subscription left out (only the newest per key was sent).
+    pub conflation_skipped: Counter,
+}
+
+pub static SUBSCRIPTIONS: LazyLock<SubscriptionMetrics> = LazyLock::new(|| SubscriptionMetrics {
+    lag: Histogram::new([
+        0.0,
+        1.0,
+        10.0,
+        100.0,
+        1_000.0,
+        10_000.0,
+        100_000.0,
+        1_000_000.0,
+    ]),
+    conflation_skipped: Counter::default(),
+});
+
+/// The disk engine's fsync latency ([`spool_engine::timing::WAL_FSYNC`]) as a histogram.
+#[derive(Debug)]
+struct FsyncCollector;
+
+impl prometheus_client::collector::Collector for FsyncCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = spool_engine::timing::WAL_FSYNC.snapshot();
+        let mut metric = encoder.encode_descriptor(
+            "spool_wal_fsync_duration_seconds",
+            "Time of the disk engine's WAL fdatasync per group commit (--durability fsync)",
+            None,
+            prometheus_client::metrics::MetricType::Histogram,
+        )?;
+        metric
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+}
+
+/// The process, read from `/proc/self` at each scrape (Linux; zero elsewhere).
+#[derive(Default)]
+pub struct ProcessMetrics {
+    pub resident_bytes: Gauge,
+    pub virtual_bytes: Gauge,
+    pub cpu_seconds: Gauge<f64, AtomicU64>,
+    pub open_fds: Gauge,
+    pub max_fds: Gauge,
+    pub threads: Gauge,
+    pub start_time: Gauge<f64, AtomicU64>,
+}
+
 /// Every metric the server exports.
 pub struct Metrics {
     registry: Registry,
@@ -101,6 +214,15 @@ pub struct Metrics {
     /// Failed accepts (typically: out of file descriptors).
     pub accept_errors: Counter,
     pub groups: GroupMetrics,
+    /// Publishes by where they came in (`spool_publishes_total{transport}`).
+    pub publishes: Family<PublishLabels, Counter>,
+    pub engine_ops: Family<OpLabels, Histogram>,
+    pub engine_errors: Family<EngineErrorLabels, Counter>,
+    /// WebSocket sessions held by connections on this node (set at each scrape).
+    pub sessions: Gauge,
+    pub slow_consumers: Family<OutcomeLabels, Counter>,
+    pub admin_actions: Family<ActionLabels, Counter>,
+    pub process: ProcessMetrics,
 }
 
 impl Default for Metrics {
@@ -180,6 +302,116 @@ impl Metrics {
              (stream_limit) or over --max-new-streams-per-minute (budget)",
             streams.refused.clone(),
         );
+        let publishes = Family::<PublishLabels, Counter>::default();
+        registry.register(
+            "publishes",
+            "Messages published, by where they came in (http, ws, broadcast)",
+            publishes.clone(),
+        );
+        let engine_ops = Family::<OpLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(spool_engine::timing::BUCKETS)
+        });
+        registry.register(
+            "engine_operation_duration_seconds",
+            "Time of engine operations the server calls: append (durable as configured), read, state, watch",
+            engine_ops.clone(),
+        );
+        let engine_errors = Family::<EngineErrorLabels, Counter>::default();
+        registry.register(
+            "engine_errors",
+            "Engine operations that failed, by operation and kind (unavailable, limit, stream_limit, internal)",
+            engine_errors.clone(),
+        );
+        registry.register_collector(Box::new(FsyncCollector));
+        let sessions = Gauge::default();
+        registry.register(
+            "sessions",
+            "WebSocket sessions held by connections on this node",
+            sessions.clone(),
+        );
+        let slow_consumers = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "slow_consumers",
+            "WebSocket subscriptions that fell behind their outbound buffer: closed (4006) or caught up from history",
+            slow_consumers.clone(),
+        );
+        let admin_actions = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "admin_actions",
+            "Stream administration done through the admin API",
+            admin_actions.clone(),
+        );
+        let subs = &*SUBSCRIPTIONS;
+        registry.register(
+            "subscriber_lag_messages",
+            "Messages between a subscription's delivered batch and the stream's head, per batch",
+            subs.lag.clone(),
+        );
+        registry.register(
+            "conflation_skipped",
+            "Messages conflated subscriptions left out (only the newest per key was sent)",
+            subs.conflation_skipped.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "The running build: 1, labelled by version",
+            build_info,
+        );
+        let process = ProcessMetrics::default();
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the process",
+            process.resident_bytes.clone(),
+        );
+        registry.register(
+            "process_virtual_memory_bytes",
+            "Virtual memory of the process",
+            process.virtual_bytes.clone(),
+        );
+        registry.register(
+            "process_cpu_seconds",
+            "CPU time (user + system) the process has used",
+            process.cpu_seconds.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "Open file descriptors (each connection holds one)",
+            process.open_fds.clone(),
+        );
+        registry.register(
+            "process_max_fds",
+            "The file descriptor limit (RLIMIT_NOFILE)",
+            process.max_fds.clone(),
+        );
+        registry.register(
+            "process_threads",
+            "Threads of the process",
+            process.threads.clone(),
+        );
+        registry.register(
+            "process_start_time_seconds",
+            "When the process started, seconds since the Unix epoch",
+            process.start_time.clone(),
+        );
+        for via in [PublishVia::http, PublishVia::ws, PublishVia::broadcast] {
+            drop(publishes.get_or_create(&PublishLabels { transport: via }));
+        }
+        for op in ["append", "read", "state", "watch"] {
+            drop(engine_ops.get_or_create(&OpLabels { op }));
+        }
+        for outcome in ["closed", "caught_up"] {
+            drop(slow_consumers.get_or_create(&OutcomeLabels { outcome }));
+        }
+        for transport in [Transport::sse, Transport::poll, Transport::ws] {
+            drop(delivered.get_or_create(&TransportLabels { transport }));
+            drop(connections.get_or_create(&TransportLabels { transport }));
+        }
         let groups = GroupMetrics::default();
         registry.register(
             "group_pending",
@@ -241,6 +473,112 @@ impl Metrics {
             connections_refused,
             accept_errors,
             groups,
+            publishes,
+            engine_ops,
+            engine_errors,
+            sessions,
+            slow_consumers,
+            admin_actions,
+            process,
+        }
+    }
+
+    /// A message published through `via` (also counted in `spool_messages_published_total`).
+    pub fn publish(&self, via: PublishVia) {
+        self.published.inc();
+        self.publishes
+            .get_or_create(&PublishLabels { transport: via })
+            .inc();
+    }
+
+    /// An admin API action done.
+    pub fn admin_action(&self, action: &'static str) {
+        self.admin_actions
+            .get_or_create(&ActionLabels { action })
+            .inc();
+    }
+
+    /// A WebSocket subscription that fell behind: `closed` or `caught_up`.
+    pub fn slow_consumer(&self, outcome: &'static str) {
+        self.slow_consumers
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Reads the process figures from `/proc/self` (Linux); leaves them at 0 elsewhere.
+    pub fn observe_process(&self) {
+        let p = &self.process;
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            let kib = |key: &str| -> Option<i64> {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<i64>()
+                    .ok()
+            };
+            if let Some(v) = kib("VmRSS:") {
+                p.resident_bytes.set(v * 1024);
+            }
+            if let Some(v) = kib("VmSize:") {
+                p.virtual_bytes.set(v * 1024);
+            }
+            if let Some(v) = kib("Threads:") {
+                p.threads.set(v);
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            p.open_fds.set(dir.count() as i64);
+        }
+        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits")
+            && let Some(max) = limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<i64>().ok())
+        {
+            p.max_fds.set(max);
+        }
+        // /proc/self/stat: utime and stime (fields 14, 15) and starttime (22), in clock
+        // ticks; the fields after the command name (which may hold spaces) start after ')'.
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+            && let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r)
+        {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = 100.0; // USER_HZ on Linux
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+            if let (Some(u), Some(s)) = (num(11), num(12)) {
+                p.cpu_seconds.set((u + s) / ticks);
+            }
+            if let (Some(start), Ok(uptime)) = (num(19), std::fs::read_to_string("/proc/uptime"))
+                && let Some(up) = uptime
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+            {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                p.start_time.set(now - up + start / ticks);
+            }
+        }
+    }
+
+    fn time<T>(&self, op: &'static str, started: Instant, result: &Result<T, EngineError>) {
+        self.engine_ops
+            .get_or_create(&OpLabels { op })
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = result {
+            let kind = match e {
+                EngineError::Unavailable { .. } => "unavailable",
+                EngineError::Limit(_) => "limit",
+                EngineError::StreamLimit(_) => "stream_limit",
+                EngineError::Internal { .. } => "internal",
+            };
+            self.engine_errors
+                .get_or_create(&EngineErrorLabels { op, kind })
+                .inc();
         }
     }
 
@@ -346,5 +684,88 @@ pub struct ConnectionGuard(Gauge);
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// The server's engine with its operations timed and their errors counted
+/// (`spool_engine_operation_duration_seconds`, `spool_engine_errors_total`). Every method of
+/// [`Engine`] is forwarded: a new one must be forwarded here too, or the server gets the
+/// trait's default.
+pub struct Measured {
+    inner: Arc<dyn Engine>,
+    metrics: Arc<Metrics>,
+}
+
+impl Measured {
+    pub fn new(inner: Arc<dyn Engine>, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+#[async_trait]
+impl Engine for Measured {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    async fn append(
+        &self,
+        stream: &StreamName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, EngineError> {
+        let started = Instant::now();
+        let result = self.inner.append(stream, messages).await;
+        self.metrics.time("append", started, &result);
+        result
+    }
+
+    async fn read(
+        &self,
+        stream: &StreamName,
+        after: Offset,
+        limit: usize,
+    ) -> Result<ReadBatch, EngineError> {
+        let started = Instant::now();
+        let result = self.inner.read(stream, after, limit).await;
+        self.metrics.time("read", started, &result);
+        result
+    }
+
+    async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
+        let started = Instant::now();
+        let result = self.inner.state(stream).await;
+        self.metrics.time("state", started, &result);
+        result
+    }
+
+    async fn exists(&self, stream: &StreamName) -> Result<bool, EngineError> {
+        self.inner.exists(stream).await
+    }
+
+    fn stream_counts(&self) -> Option<StreamCounts> {
+        self.inner.stream_counts()
+    }
+
+    async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError> {
+        let started = Instant::now();
+        let result = self.inner.watch(stream).await;
+        self.metrics.time("watch", started, &result);
+        result
+    }
+
+    fn retention(&self, stream: &StreamName) -> Retention {
+        self.inner.retention(stream)
+    }
+
+    async fn sweep(&self) -> Result<(), EngineError> {
+        self.inner.sweep().await
+    }
+
+    async fn ready(&self) -> Result<(), EngineError> {
+        self.inner.ready().await
+    }
+
+    fn admin(&self) -> Option<&dyn StreamAdmin> {
+        self.inner.admin()
     }
 }

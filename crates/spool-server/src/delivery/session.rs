@@ -112,6 +112,8 @@ pub struct LiveSession {
     inner: Mutex<Inner>,
     /// Fires when another connection resumes this session.
     pub taken_over: CancellationToken,
+    /// Fires when an operator disconnects the session (the admin API).
+    pub disconnected: CancellationToken,
     /// True once the holding connection has ended and saved the session.
     released: watch::Sender<bool>,
 }
@@ -135,6 +137,7 @@ impl LiveSession {
                 saved_at: Instant::now(),
             }),
             taken_over: CancellationToken::new(),
+            disconnected: CancellationToken::new(),
             released: watch::Sender::new(false),
         }
     }
@@ -420,9 +423,60 @@ impl Sessions {
         Ok(Ok(Restored { session, principal }))
     }
 
+    /// Disconnects the connection holding session `id` on this node (an operator's
+    /// `DELETE /v1/sessions/{id}`) and forgets the session, held or not, so it cannot be
+    /// resumed. Whether a connection held it here.
+    pub async fn disconnect(&self, id: &str) -> Result<bool, EngineError> {
+        let held = self.live.lock().get(id).cloned();
+        if let Some(s) = &held {
+            s.disconnected.cancel();
+            let mut released = s.released.subscribe();
+            let _ = tokio::time::timeout(TAKEOVER_WAIT, released.wait_for(|r| *r)).await;
+        }
+        self.store.delete_session(id).await?;
+        Ok(held.is_some())
+    }
+
+    /// Disconnects every connection on this node whose session belongs to the token subject
+    /// `subject` (an operator's `POST /v1/identities/{subject}/disconnect`) and forgets those
+    /// sessions. How many were disconnected.
+    pub async fn disconnect_identity(&self, subject: &str) -> Result<usize, EngineError> {
+        let held: Vec<Arc<LiveSession>> = self
+            .live
+            .lock()
+            .values()
+            .filter(|s| s.inner.lock().principal.subject() == Some(subject))
+            .cloned()
+            .collect();
+        for s in &held {
+            self.disconnect(&s.id).await?;
+        }
+        Ok(held.len())
+    }
+
+    /// How many sessions connections hold on this node, for `/metrics`.
+    pub fn live_count(&self) -> usize {
+        self.live.lock().len()
+    }
+
     /// The connection holding `session` ended: save it and let go of it.
     pub async fn release(&self, session: &Arc<LiveSession>) {
         let saving = self.saving.lock().await;
+        if session.disconnected.is_cancelled() {
+            // Disconnected by an operator: the session is forgotten, not saved again.
+            drop(saving);
+            let _ = self.store.delete_session(&session.id).await;
+            let mut live = self.live.lock();
+            if live
+                .get(&session.id)
+                .is_some_and(|held| Arc::ptr_eq(held, session))
+            {
+                live.remove(&session.id);
+            }
+            drop(live);
+            session.released.send_replace(true);
+            return;
+        }
         if let Some(record) = session.record(self.ttl)
             && let Err(e) = self.store.save_sessions(vec![record]).await
         {

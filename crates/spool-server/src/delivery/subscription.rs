@@ -222,6 +222,13 @@ impl Subscription {
                     self.cursor = Some(Position::new(epoch.clone(), through));
                     self.unborn = false;
                     let skipped = through.get() - cursor.offset.get() - messages.len() as u64;
+                    let metrics = &*crate::metrics::SUBSCRIPTIONS;
+                    metrics
+                        .lag
+                        .observe(batch.state.head.get().saturating_sub(through.get()) as f64);
+                    if skipped > 0 {
+                        metrics.conflation_skipped.inc_by(skipped);
+                    }
                     let mut events: Vec<Event> = messages
                         .into_iter()
                         .map(|message| Event::Message {

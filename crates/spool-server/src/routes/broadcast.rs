@@ -137,7 +137,7 @@ pub async fn broadcast(
     for (_, result) in delivery::append_grouped(state.engine.clone(), None, validated).await {
         let appended = result?;
         if !appended.duplicate {
-            state.metrics.published.inc();
+            state.metrics.publish(crate::metrics::PublishVia::broadcast);
         }
     }
     Ok(StatusCode::CREATED)

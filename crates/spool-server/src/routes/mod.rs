@@ -1,6 +1,7 @@
 //! The HTTP routes, one file per concern, and what they share: the router, CORS, request
 //! metrics, JSON fallbacks, and extracting a stream name and a principal from a request.
 
+mod admin;
 mod broadcast;
 mod groups;
 mod ops;
@@ -38,7 +39,15 @@ pub fn router(state: AppState) -> Router {
         // body timeout (publish.rs), so no extractor buffers a body first.
         .route(ROUTES[0], post(publish::publish_one).get(poll::long_poll))
         .route("/v1/publish", post(publish::publish_batch))
-        .route("/v1/streams/{stream}", get(streams::info))
+        .route(
+            "/v1/streams/{stream}",
+            get(streams::info).delete(streams::delete),
+        )
+        // Stream administration (docs/http-api.md): admin right needed.
+        .route(ROUTES[17], get(streams::list))
+        .route(ROUTES[18], post(streams::truncate))
+        .route(ROUTES[19], axum::routing::delete(admin::disconnect_session))
+        .route(ROUTES[20], post(admin::disconnect_identity))
         .route("/v1/streams/{stream}/events", get(sse::single))
         .route("/v1/events", get(sse::multi))
         .route("/v1/ws", get(crate::ws::upgrade))
@@ -127,7 +136,7 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 }
 
 /// Every route, so request metrics can label with a `&'static str` (no allocation per request).
-const ROUTES: [&str; 17] = [
+const ROUTES: [&str; 21] = [
     "/v1/streams/{stream}/messages",
     "/v1/publish",
     "/v1/streams/{stream}",
@@ -145,6 +154,10 @@ const ROUTES: [&str; 17] = [
     "/v1/streams/{stream}/groups/{group}/extend",
     "/v1/streams/{stream}/groups/{group}/terminate",
     "/v1/streams/{stream}/groups/{group}/redrive",
+    "/v1/streams",
+    "/v1/streams/{stream}/truncate",
+    "/v1/sessions/{id}",
+    "/v1/identities/{id}/disconnect",
 ];
 
 async fn record_request(State(state): State<AppState>, request: Request, next: Next) -> Response {

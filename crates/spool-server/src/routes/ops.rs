@@ -55,6 +55,11 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state.metrics.observe_process();
+    state
+        .metrics
+        .sessions
+        .set(state.sessions.live_count() as i64);
     state.metrics.observe_streams(
         state.engine.stream_counts().map(|mut c| {
             c.refused += state.budget.refused_at_limit();

@@ -82,7 +82,7 @@ pub async fn publish_one(
     })?;
     let appended = appended?;
     if !appended.duplicate {
-        state.metrics.published.inc();
+        state.metrics.publish(crate::metrics::PublishVia::http);
     }
     Ok((StatusCode::CREATED, Json(response(&stream, appended))))
 }
@@ -133,7 +133,7 @@ pub async fn publish_batch(
     let mut results = Vec::with_capacity(appended.len());
     for (stream, a) in appended {
         if !a.duplicate {
-            state.metrics.published.inc();
+            state.metrics.publish(crate::metrics::PublishVia::http);
         }
         results.push(response(&stream, a));
     }

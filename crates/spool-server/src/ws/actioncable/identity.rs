@@ -74,6 +74,7 @@ pub fn identify(token: Option<&str>, config: &AnycableConfig) -> Identity {
             subscribe: vec![Pattern::new("*")],
             publish: Vec::new(),
             consume: Vec::new(),
+            admin: Vec::new(),
             expires_at: claims.exp.map(|s| s.saturating_mul(1000)),
         },
         Proof::Token {

@@ -472,7 +472,7 @@ impl Protocol for ActionCable {
             CloseReason::TokenExpired => disconnect("token_expired", false),
             CloseReason::SlowConsumer => disconnect("too_slow", true),
             CloseReason::PingTimeout => disconnect("no_pong", true),
-            CloseReason::TakenOver => disconnect("remote", false),
+            CloseReason::TakenOver | CloseReason::Disconnected => disconnect("remote", false),
             CloseReason::InvalidCredentials | CloseReason::CredentialsRequired => {
                 disconnect(self.refused.unwrap_or("unauthorized"), false)
             }

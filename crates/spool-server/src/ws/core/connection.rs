@@ -145,6 +145,7 @@ pub async fn run<P: Protocol>(
             break;
         }
         let taken_over = conn.session.as_ref().map(|s| s.taken_over.clone());
+        let disconnected = conn.session.as_ref().map(|s| s.disconnected.clone());
         // Publishes waiting for their ack are bounded in count and in bytes: at either bound,
         // client frames are not read until acks drain (backpressure through TCP).
         let reading = conn.pending.len() < ws.max_inflight_publishes
@@ -162,6 +163,9 @@ pub async fn run<P: Protocol>(
             }
             _ = async { taken_over.expect("guarded").cancelled().await }, if taken_over.is_some() => {
                 Err(End::Close(CloseReason::TakenOver))
+            }
+            _ = async { disconnected.expect("guarded").cancelled().await }, if disconnected.is_some() => {
+                Err(End::Close(CloseReason::Disconnected))
             }
             _ = async { expiry.as_mut().expect("guarded").await }, if expiry.is_some() => {
                 conn.error(None, ErrorCode::TokenExpired, "the token expired; refresh it before it does").await;
@@ -325,6 +329,9 @@ impl<P: Protocol> Connection<P> {
         };
         if let (Some(session), Some(note)) = (&self.session, why.session_note()) {
             session.set_last_close(note);
+        }
+        if matches!(why, CloseReason::SlowConsumer) {
+            self.state.metrics.slow_consumer("closed");
         }
         if let Some(farewell) = self.protocol.farewell(why) {
             let _ = self.out.try_send(farewell);
@@ -890,7 +897,7 @@ impl<P: Protocol> Connection<P> {
             match result {
                 Ok(appended) => {
                     if !appended.duplicate {
-                        self.state.metrics.published.inc();
+                        self.state.metrics.publish(crate::metrics::PublishVia::ws);
                     }
                     self.reply(&Event::Ack {
                         id,

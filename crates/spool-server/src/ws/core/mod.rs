@@ -244,6 +244,8 @@ pub enum Event<'a> {
 pub enum CloseReason {
     ShuttingDown,
     TakenOver,
+    /// An operator disconnected the session or its identity (the admin API).
+    Disconnected,
     TokenExpired,
     /// A frame the WebSocket layer could not read, or one too large.
     Unreadable,

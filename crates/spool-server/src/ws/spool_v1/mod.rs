@@ -294,6 +294,7 @@ impl Protocol for SpoolV1 {
                 "session resumed by another connection",
             ),
             CloseReason::TokenExpired => (close::TOKEN_EXPIRED, "token expired"),
+            CloseReason::Disconnected => (close::DISCONNECTED, "disconnected by an operator"),
             CloseReason::Unreadable => (close::MESSAGE_TOO_BIG, "unreadable or oversized frame"),
             CloseReason::PingTimeout => (close::PING_TIMEOUT, "no frame from the client in time"),
             CloseReason::SlowConsumer => (close::SLOW_CONSUMER, "slow consumer"),
