@@ -4,10 +4,12 @@
 mod check;
 mod client;
 mod config;
+mod config_check;
 mod consume;
 mod publish;
 mod serve;
 mod tail;
+mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +44,11 @@ enum Command {
     /// Cut damaged WAL segments (and a damaged session file) out of the disk engine's data
     /// directory so the server can start again; only streams that lost messages get a new epoch.
     Repair(RepairArgs),
+    /// Sign a client token (JWT) with the server's secret or a private key, or check one
+    /// (--check) and print its claims and expiry.
+    Token(token::TokenArgs),
+    /// Configuration helpers: `spool config check FILE`.
+    Config(config_check::ConfigArgs),
     /// Prove "no silent gap" under random faults: publishers and subscribers on every
     /// transport against servers it starts (or --url), a seeded fault schedule, and a checker
     /// of the history; exits non-zero on a violation (docs/reliability.md).
@@ -245,6 +252,8 @@ fn main() -> std::process::ExitCode {
             Command::Tail(args) => tail::run(args).await,
             Command::Consume(args) => consume::run(args).await,
             Command::Repair(args) => repair(args),
+            Command::Token(args) => token::run(args),
+            Command::Config(args) => config_check::run(args),
             Command::Check(args) => check::run(*args).await,
         }
     });
