@@ -178,7 +178,7 @@ impl prometheus_client::collector::Collector for FsyncCollector {
     ) -> Result<(), std::fmt::Error> {
         let (sum, count, buckets) = spool_engine::timing::WAL_FSYNC.snapshot();
         let mut metric = encoder.encode_descriptor(
-            "spool_wal_fsync_duration_seconds",
+            "wal_fsync_duration_seconds",
             "Time of the disk engine's WAL fdatasync per group commit (--durability fsync)",
             None,
             prometheus_client::metrics::MetricType::Histogram,
@@ -404,6 +404,19 @@ impl Metrics {
         }
         for op in ["append", "read", "state", "watch"] {
             drop(engine_ops.get_or_create(&OpLabels { op }));
+        }
+        for op in ["append", "read", "state", "watch"] {
+            for kind in ["unavailable", "limit", "stream_limit", "internal"] {
+                drop(engine_errors.get_or_create(&EngineErrorLabels { op, kind }));
+            }
+        }
+        for action in [
+            "delete",
+            "truncate",
+            "disconnect_session",
+            "disconnect_identity",
+        ] {
+            drop(admin_actions.get_or_create(&ActionLabels { action }));
         }
         for outcome in ["closed", "caught_up"] {
             drop(slow_consumers.get_or_create(&OutcomeLabels { outcome }));
