@@ -119,6 +119,8 @@ impl RunResult {
             elapsed_s: f64,
             faults_scheduled: usize,
             faults_injected: u64,
+            /// The fault schedule drawn from the seed (the same seed gives the same one).
+            schedule: &'a [crate::nemesis::Planned],
             stats: &'a Stats,
             violation_count: u64,
             violations: Vec<Detailed<'a>>,
@@ -135,6 +137,7 @@ impl RunResult {
             elapsed_s: self.elapsed.as_secs_f64(),
             faults_scheduled: self.schedule.len(),
             faults_injected: self.faults_applied,
+            schedule: &self.schedule,
             stats: &self.report.stats,
             violation_count: self.report.violation_count(),
             violations: self

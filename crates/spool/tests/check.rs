@@ -106,6 +106,39 @@ fn check_nats_three_nodes_finds_no_violation_under_faults() {
     scenario("nats", "104");
 }
 
+/// `--seed` fixes the fault schedule: two runs with one seed inject the same faults at the same
+/// moments, another seed others; `--ops` bounds the publishes.
+#[test]
+fn check_same_seed_same_schedule_and_ops_bound_the_run() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let run = |seed: &str| {
+        let (ok, s, stderr) = check(&[
+            "--engine",
+            "memory",
+            "--seed",
+            seed,
+            "--duration",
+            "8s",
+            "--ops",
+            "400",
+        ]);
+        assert!(ok, "{s}\n{stderr}");
+        s
+    };
+    let (a, b, c) = (run("7"), run("7"), run("8"));
+    assert!(
+        a["schedule"].as_array().unwrap().len() >= 2,
+        "{}",
+        a["schedule"]
+    );
+    assert_eq!(a["schedule"], b["schedule"]);
+    assert_ne!(a["schedule"], c["schedule"]);
+    for s in [&a, &b, &c] {
+        // 400 operations and the first message of each of the 3 streams.
+        assert_eq!(s["stats"]["publish_ops"], 403, "{}", s["stats"]);
+    }
+}
+
 /// A history with a hole, checked by `spool check --check-history`: non-zero exit, and the
 /// violation named with its subscriber.
 #[test]
