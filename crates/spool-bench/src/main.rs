@@ -51,6 +51,9 @@ enum Command {
     /// Server memory per idle WebSocket connection with one subscription, against socket.io
     /// and NATS.
     WsIdle(ws::idle::IdleArgs),
+    /// Server memory per idle Server-Sent Events connection on one stream (the SSE
+    /// counterpart of ws-idle).
+    SseIdle(ws::sse_idle::SseIdleArgs),
     /// Reconnect storm: N sessions come back at once, each behind, and catch up; against
     /// socket.io's connection state recovery.
     WsResume(ws::resume::ResumeArgs),
@@ -156,6 +159,7 @@ async fn main() -> ExitCode {
                 Command::Storage(args) => storage::run(args).await,
                 Command::WsFanout(args) => ws::fanout::run(args).await,
                 Command::WsIdle(args) => ws::idle::run(args).await,
+                Command::SseIdle(args) => ws::sse_idle::run(args).await,
                 Command::WsResume(args) => ws::resume::run(args).await,
                 Command::WsPublish(args) => ws::publish::run(args).await,
                 Command::Cluster(args) => cluster::run(args).await,

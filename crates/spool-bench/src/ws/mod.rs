@@ -4,7 +4,8 @@
 //!
 //! - [`fanout`] (`ws-fanout`): one publisher, N subscribers (one stream, or many streams):
 //!   deliveries per second and end-to-end latency, at saturation and at a fixed offered rate.
-//! - [`idle`] (`ws-idle`): the server's resident memory per idle connection, stage by stage.
+//! - [`idle`] (`ws-idle`): the server's resident memory per idle connection, stage by stage;
+//!   [`sse_idle`] (`sse-idle`): the same for Server-Sent Events connections.
 //! - [`resume`] (`ws-resume`): N sessions disconnect, fall behind, and all come back at once.
 //! - [`publish`] (`ws-publish`): pipelined WebSocket publishes against Spool's fsync'd disk
 //!   engine, and Redis `XADD` with `appendfsync always` pipelined as deep.
@@ -18,6 +19,7 @@ pub(crate) mod measure;
 pub mod publish;
 pub mod resume;
 mod server;
+pub mod sse_idle;
 pub(crate) mod wire;
 
 use std::{

@@ -19,12 +19,15 @@ use futures::{FutureExt, StreamExt, future::BoxFuture};
 use spool_core::{NewMessage, Position, Start, StreamName, now_ms};
 use spool_engine::{Appended, EngineError};
 use spool_protocol::ErrorCode;
-use tokio::time::{Instant, Sleep};
+use tokio::{
+    sync::mpsc,
+    time::{Instant, Sleep},
+};
 use tokio_stream::StreamMap;
 
 use super::{
     CloseReason, Command, Event, Protocol, SubscribeOptions, SubscribedTo,
-    consume::Consumes,
+    consume::{Consumes, TaskEvent},
     deliveries::{Deliveries, deliveries},
     outbound::{Close, Frame, Gone, Outbound, Taken},
 };
@@ -88,7 +91,8 @@ pub async fn run<P: Protocol>(
     );
     let (close_tx, close_rx) = tokio::sync::oneshot::channel();
     let mut writer = tokio::spawn(writer.run(close_rx));
-    let (consumes, mut consumed) = Consumes::new(&state, out.room.clone());
+    // Consumer groups: the channel of their tasks' events is made by the first consume.
+    let mut consumed: Option<mpsc::Receiver<TaskEvent>> = None;
 
     let mut conn = Connection {
         protocol,
@@ -99,6 +103,7 @@ pub async fn run<P: Protocol>(
         session: None,
         principal: None,
         identity: None,
+        exists: None,
         upgrade_principal,
         client,
         generation: 0,
@@ -114,7 +119,8 @@ pub async fn run<P: Protocol>(
         history: HashMap::new(),
         not_before: HashMap::new(),
         held: HashMap::new(),
-        consumes,
+        consumes: None,
+        consumed: None,
     };
     let mut subs: StreamMap<Arc<str>, Deliveries> = StreamMap::new();
     let mut round: Option<Round> = None;
@@ -123,7 +129,9 @@ pub async fn run<P: Protocol>(
     let ping_interval = conn.protocol.ping_interval(ws.ping_interval);
     // A protocol whose handshake is the upgrade itself connects before reading anything.
     let mut first = match conn.protocol.opening() {
-        Some(command) => conn.command(command, &mut subs, &mut expiry).await.err(),
+        Some(command) => Box::pin(conn.command(command, &mut subs, &mut expiry))
+            .await
+            .err(),
         None => None,
     };
     // Heartbeats run on their own clock, not on the coarse tick below: a ping every
@@ -150,7 +158,7 @@ pub async fn run<P: Protocol>(
         // client frames are not read until acks drain (backpressure through TCP).
         let reading = conn.pending.len() < ws.max_inflight_publishes
             && conn.pending_bytes + conn.round_bytes < ws.max_inflight_publish_bytes
-            && conn.consumes.accepting();
+            && conn.consumes.as_ref().is_none_or(Consumes::accepting);
         if !reading {
             // While the server does not read, the client's answer cannot be seen: the next
             // ping starts the wait again.
@@ -192,8 +200,13 @@ pub async fn run<P: Protocol>(
             Some((stream, batch)) = subs.next(), if !subs.is_empty() => {
                 conn.deliver(&stream, batch).await
             }
-            Some(event) = consumed.recv() => {
-                conn.consumes.on_event(event, &conn.protocol, &conn.out).await.map_err(End::from)
+            Some(event) = async { consumed.as_mut().expect("guarded").recv().await }, if consumed.is_some() => {
+                match conn.consumes.as_mut() {
+                    Some(consumes) => Box::pin(consumes.on_event(event, &conn.protocol, &conn.out))
+                        .await
+                        .map_err(End::from),
+                    None => Ok(()),
+                }
             }
             _ = ping_at.as_mut() => {
                 // The next ping is due one interval after this one was: no drift.
@@ -232,6 +245,9 @@ pub async fn run<P: Protocol>(
         }
         if round.is_none() && !conn.pending.is_empty() {
             round = Some(conn.start_round());
+        }
+        if let Some(events) = conn.consumed.take() {
+            consumed = Some(events);
         }
     }
 
@@ -289,6 +305,9 @@ struct Connection<P> {
     /// `principal`'s identity for the stream budget, hashed by the first publish (cleared
     /// whenever `principal` is set).
     identity: Option<Identity>,
+    /// The stream this connection's last round appended to: it exists, so a round publishing
+    /// only to it has no stream to create and skips the stream budget.
+    exists: Option<StreamName>,
     /// A credential checked on the upgrade request, used when `connect` carries none.
     upgrade_principal: Option<(Principal, Proof)>,
     /// The client's address, when the listener recorded it: an anonymous caller's identity
@@ -316,8 +335,10 @@ struct Connection<P> {
     not_before: HashMap<Arc<str>, u64>,
     /// Restored subscriptions not delivering yet (`hold_restored`), since when.
     held: HashMap<Arc<str>, (Opened, Instant)>,
-    /// Consumer groups consumed on this connection (`super::consume`).
-    consumes: Consumes,
+    /// Consumer groups consumed on this connection (`super::consume`), from the first consume.
+    consumes: Option<Consumes>,
+    /// The receiving end of a [`Consumes`] just made, for the connection loop to take.
+    consumed: Option<mpsc::Receiver<TaskEvent>>,
 }
 
 impl<P: Protocol> Connection<P> {
@@ -412,7 +433,26 @@ impl<P: Protocol> Connection<P> {
                 return Ok(());
             }
         };
-        self.command(command, subs, expiry).await
+        match command {
+            // The frequent command, handled here; the others (connect, subscribe, consume…)
+            // run boxed, so their large futures are not part of every idle connection's.
+            Command::Publish { id, message } if self.principal.is_some() => {
+                self.queue_publish(id, message).await;
+                Ok(())
+            }
+            command => Box::pin(self.command(command, subs, expiry)).await,
+        }
+    }
+
+    /// Validates a publish and queues it for the next append round.
+    async fn queue_publish(&mut self, id: Option<u64>, message: ToAppend) {
+        match self.publish(id, message) {
+            Ok(pending) => {
+                self.pending_bytes += publish_bytes(&pending.message);
+                self.pending.push_back(pending);
+            }
+            Err(e) => self.api_error(id, e).await,
+        }
     }
 
     async fn command(
@@ -472,13 +512,7 @@ impl<P: Protocol> Connection<P> {
                 self.end_subscription(subs, &stream, id, None).await
             }
             Command::Publish { id, message } => {
-                match self.publish(id, message) {
-                    Ok(pending) => {
-                        self.pending_bytes += publish_bytes(&pending.message);
-                        self.pending.push_back(pending);
-                    }
-                    Err(e) => self.api_error(id, e).await,
-                }
+                self.queue_publish(id, message).await;
                 Ok(())
             }
             Command::Refresh { id, token } => self.refresh(id, &token, subs, expiry).await,
@@ -486,7 +520,15 @@ impl<P: Protocol> Connection<P> {
                 let Some(principal) = self.principal.as_ref() else {
                     return Ok(());
                 };
-                self.consumes
+                let consumes = match &mut self.consumes {
+                    Some(consumes) => consumes,
+                    None => {
+                        let (consumes, events) = Consumes::new(&self.state, self.out.room.clone());
+                        self.consumed = Some(events);
+                        self.consumes.insert(consumes)
+                    }
+                };
+                consumes
                     .command(command, principal, &self.state, &self.protocol, &self.out)
                     .await
                     .map_err(End::from)
@@ -864,7 +906,12 @@ impl<P: Protocol> Connection<P> {
                 .as_ref()
                 .map(|p| budget.identity(p, self.client));
         }
-        let who = self.identity;
+        // A round that only appends to the stream the last one appended to creates no stream.
+        let known = self
+            .exists
+            .as_ref()
+            .is_some_and(|known| self.pending.iter().all(|p| p.stream == *known));
+        let who = if known { None } else { self.identity };
         let (ids, messages): (Vec<Option<u64>>, Vec<Validated>) = self
             .pending
             .drain(..)
@@ -889,13 +936,27 @@ impl<P: Protocol> Connection<P> {
         .boxed()
     }
 
+    /// Answers a round: its acks (and errors) go to the writer together, one write.
     async fn acks(
+        &mut self,
+        done: Vec<(Option<u64>, StreamName, Result<Appended, ApiError>)>,
+    ) -> Result<(), End> {
+        self.out.hold();
+        let result = self.answer_round(done).await;
+        self.out.release();
+        result
+    }
+
+    async fn answer_round(
         &mut self,
         done: Vec<(Option<u64>, StreamName, Result<Appended, ApiError>)>,
     ) -> Result<(), End> {
         for (id, stream, result) in done {
             match result {
                 Ok(appended) => {
+                    if self.exists.as_ref() != Some(&stream) {
+                        self.exists = Some(stream.clone());
+                    }
                     if !appended.duplicate {
                         self.state.metrics.publish(crate::metrics::PublishVia::ws);
                     }
@@ -953,7 +1014,9 @@ impl<P: Protocol> Connection<P> {
             .collect();
         self.principal = Some(principal.clone());
         self.identity = None;
-        self.consumes.retain_allowed(&principal);
+        if let Some(consumes) = &mut self.consumes {
+            consumes.retain_allowed(&principal);
+        }
         self.reply(&Event::Refreshed {
             id,
             expires_at: principal.expires_at(),
@@ -987,7 +1050,19 @@ impl<P: Protocol> Connection<P> {
             .await
     }
 
+    /// Delivers a subscription's batch: its frames go to the writer together, one write.
     async fn deliver(
+        &mut self,
+        stream: &Arc<str>,
+        batch: Vec<(subscription::Event, Taken)>,
+    ) -> Result<(), End> {
+        self.out.hold();
+        let result = self.deliver_batch(stream, batch).await;
+        self.out.release();
+        result
+    }
+
+    async fn deliver_batch(
         &mut self,
         stream: &Arc<str>,
         batch: Vec<(subscription::Event, Taken)>,
@@ -1123,6 +1198,10 @@ impl<P: Protocol> Connection<P> {
                 self.activate(opened, subs);
             }
         }
+        if !self.out.waiting() {
+            // Quiet: the outbound queue keeps no storage until there is something to send.
+            self.out.trim();
+        }
         let ws = &self.state.config.ws;
         if self.principal.is_none() && opened.elapsed() >= ws.connect_timeout {
             return Err(End::Close(CloseReason::ConnectTimeout));
@@ -1237,5 +1316,36 @@ impl<S: futures::Stream + Unpin> futures::Stream for Woken<S> {
             this.wake.ready.store(true, Ordering::Release);
         }
         polled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future an async fn of five arguments returns.
+    fn future_size<A, B, C, D, E, F: std::future::Future>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle connection holds its task's future: the connection loop's state with every
+    /// branch it may be awaiting. Commands other than publish run boxed, so this stays small;
+    /// memory per connection itself is measured by `spool-bench ws-idle` (docs/benchmarks.md).
+    #[test]
+    fn the_connection_future_holds_no_cold_branch() {
+        let spool = future_size(run::<crate::ws::spool_v1::SpoolV1>);
+        let cable = future_size(run::<crate::ws::actioncable::ActionCable>);
+        eprintln!(
+            "connection future: spool.v1.json {spool} B, actioncable {cable} B (the connection's \
+             own state: {} B)",
+            std::mem::size_of::<Connection<crate::ws::spool_v1::SpoolV1>>(),
+        );
+        // Debug builds (tests) lay futures out larger than release builds: 3,704 and 4,200 B
+        // here when this was written; a command's future inlined again would add kilobytes.
+        assert!(
+            spool <= 4608,
+            "spool.v1.json connection future is {spool} B"
+        );
+        assert!(cable <= 5120, "actioncable connection future is {cable} B");
     }
 }

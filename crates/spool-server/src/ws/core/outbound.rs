@@ -4,26 +4,38 @@
 //! Deliveries must first take [`Room`] (a count and a byte budget), so at most
 //! `outbound_messages` deliveries and `outbound_bytes` bytes wait for a client at any time; a
 //! subscription that finds no room simply does not read, and reads its history later — the log
-//! is the buffer. Replies (acks, errors, pongs) take no room but share the bounded channel, so
+//! is the buffer. Replies (acks, errors, pongs) take no room but share the bounded queue, so
 //! a client that sends requests without reading answers is slowed down, not buffered for.
+//!
+//! The queue is a `VecDeque` behind a lock, allocated when a frame is queued and released
+//! ([`Outbound::trim`]) once the connection has gone quiet: an idle connection holds no queue
+//! storage (a channel would hold its first block of slots for as long as the connection lives). The writer takes everything
+//! queued at once, feeds it to the socket and flushes once, so a burst — a round's acks, a
+//! batch of deliveries — goes out in one write. The connection can hold the writer back while
+//! it queues a burst ([`Outbound::hold`]).
 //!
 //! The writer records what it has written to the socket (once per flushed burst), which is
 //! what a session remembers as delivered, and when it last made progress, which is how a
 //! stuck client is detected.
 
 use std::{
+    collections::VecDeque,
+    future::poll_fn,
+    pin::pin,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
+    task::{Poll, Waker},
     time::Duration,
 };
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use futures::{SinkExt, stream::SplitSink};
+use parking_lot::Mutex;
 use spool_core::Position;
 use tokio::{
-    sync::{Semaphore, mpsc, oneshot},
+    sync::{Notify, Semaphore, oneshot},
     time::Instant,
 };
 
@@ -106,24 +118,45 @@ impl Room {
 
 /// The producing side, held by the connection task.
 pub struct Outbound {
-    tx: mpsc::Sender<Frame>,
+    shared: Arc<Shared>,
     pub room: Arc<Room>,
-    progress: Arc<Progress>,
-    /// Longest wait for a slot in the channel before the client counts as stuck.
+    /// Longest wait for a slot in the queue before the client counts as stuck.
     stuck: Duration,
+    /// While set, queued frames do not wake the writer (see [`Outbound::hold`]).
+    held: AtomicBool,
+    /// A frame was queued while held.
+    queued_while_held: AtomicBool,
 }
 
-/// What the writer reports.
-struct Progress {
-    started: Instant,
-    /// Frames queued and not yet handed to the socket.
+/// What the connection and its writer share.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Most frames queued or being written at once.
+    capacity: usize,
+    /// Frames queued and not yet handed to the socket (including those the writer holds).
     pending: AtomicUsize,
+    /// Signalled when the writer has handed frames to the socket or is gone: room for
+    /// senders waiting for a slot.
+    space: Notify,
+    started: Instant,
     /// When the writer last handed a frame to the socket, in ms since `started`.
     last_ms: AtomicU64,
 }
 
+struct Queue {
+    frames: VecDeque<Frame>,
+    /// Storage of a drained batch, kept for the next burst until [`Outbound::trim`].
+    spare: VecDeque<Frame>,
+    /// The writer, when it waits for frames.
+    writer: Option<Waker>,
+    /// The writer is gone (the socket failed or was closed): nothing more can be sent.
+    closed: bool,
+    /// The [`Outbound`] is gone: the writer ends once the queue is empty.
+    finished: bool,
+}
+
 impl Outbound {
-    /// Starts the writer for `sink`. The writer ends when every [`Outbound`] is dropped (after
+    /// Starts the writer for `sink`. The writer ends when the [`Outbound`] is dropped (after
     /// writing what is queued) or when the socket fails.
     pub fn start(
         sink: SplitSink<WebSocket, WsMessage>,
@@ -132,75 +165,171 @@ impl Outbound {
         stuck: Duration,
         session: Arc<OnceLock<Arc<LiveSession>>>,
     ) -> (Self, Writer) {
-        let (tx, rx) = mpsc::channel(messages + REPLY_SLOTS);
-        let room = Arc::new(Room::new(messages, bytes));
-        let progress = Arc::new(Progress {
-            started: Instant::now(),
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                frames: VecDeque::new(),
+                spare: VecDeque::new(),
+                writer: None,
+                closed: false,
+                finished: false,
+            }),
+            capacity: messages + REPLY_SLOTS,
             pending: AtomicUsize::new(0),
+            space: Notify::new(),
+            started: Instant::now(),
             last_ms: AtomicU64::new(0),
         });
+        let room = Arc::new(Room::new(messages, bytes));
         let writer = Writer {
             sink,
-            rx,
+            shared: shared.clone(),
+            batch: VecDeque::new(),
             room: room.clone(),
-            progress: progress.clone(),
             session,
             written: Vec::new(),
         };
         (
             Self {
-                tx,
+                shared,
                 room,
-                progress,
                 stuck,
+                held: AtomicBool::new(false),
+                queued_while_held: AtomicBool::new(false),
             },
             writer,
         )
     }
 
-    /// Queues a frame, waiting for a slot if the channel is full. Fails when the writer is
-    /// gone (the socket failed), or when no slot frees up within the stuck timeout (the
-    /// client reads nothing while it keeps sending requests).
+    /// Queues a frame, waiting for a slot if the queue is full. Fails when the writer is gone
+    /// (the socket failed), or when no slot frees up within the stuck timeout (the client
+    /// reads nothing while it keeps sending requests).
     pub async fn send(&self, frame: Frame) -> Result<(), Gone> {
-        match self.tx.send_timeout(frame, self.stuck).await {
-            Ok(()) => {
-                self.progress.pending.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+        let mut frame = Some(frame);
+        if self.push(&mut frame)? {
+            return Ok(());
+        }
+        // Rare (the client reads slower than it asks): boxed, so the wait's timer and
+        // registration are not part of every caller's future.
+        Box::pin(self.wait_for_slot(frame)).await
+    }
+
+    async fn wait_for_slot(&self, mut frame: Option<Frame>) -> Result<(), Gone> {
+        let deadline = Instant::now() + self.stuck;
+        loop {
+            // Registered before the check: a slot freed after it still ends this wait.
+            let mut space = pin!(self.shared.space.notified());
+            space.as_mut().enable();
+            if self.push(&mut frame)? {
+                return Ok(());
             }
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(Gone::Stuck),
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(Gone::Closed),
+            // Full: whatever is held back must go out to make room.
+            self.wake_writer();
+            if tokio::time::timeout_at(deadline, space).await.is_err() {
+                return Err(Gone::Stuck);
+            }
         }
     }
 
-    /// Queues a reply, or drops it if the channel is full (for pings, which can wait).
+    /// Queues a reply, or drops it if the queue is full (for pings, which can wait).
     pub fn try_send(&self, message: WsMessage) -> Result<(), Gone> {
-        match self.tx.try_send(Frame {
+        let mut frame = Some(Frame {
             message,
             room: Taken::default(),
             delivered: None,
-        }) {
-            Ok(()) => {
-                self.progress.pending.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+        });
+        self.push(&mut frame).map(|_| ())
+    }
+
+    /// Queues `frame` if there is a slot (true; the frame is taken), else leaves it (false).
+    fn push(&self, frame: &mut Option<Frame>) -> Result<bool, Gone> {
+        let waker = {
+            let mut queue = self.shared.queue.lock();
+            if queue.closed {
+                return Err(Gone::Closed);
             }
-            Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Gone::Closed),
+            if self.shared.pending.load(Ordering::Acquire) >= self.shared.capacity {
+                return Ok(false);
+            }
+            let Some(frame) = frame.take() else {
+                return Ok(true);
+            };
+            queue.frames.push_back(frame);
+            self.shared.pending.fetch_add(1, Ordering::AcqRel);
+            if self.held.load(Ordering::Relaxed) {
+                self.queued_while_held.store(true, Ordering::Relaxed);
+                None
+            } else {
+                queue.writer.take()
+            }
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(true)
+    }
+
+    /// Holds the writer back: frames queued until [`Outbound::release`] are written together
+    /// (one flush), not one by one as the writer would take them. A full queue still wakes it.
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::Relaxed);
+    }
+
+    /// Ends [`Outbound::hold`]: the writer takes what was queued meanwhile.
+    pub fn release(&self) {
+        self.held.store(false, Ordering::Relaxed);
+        if self.queued_while_held.swap(false, Ordering::Relaxed) {
+            self.wake_writer();
+        }
+    }
+
+    /// Releases the queue's storage when nothing is queued: for a connection gone quiet.
+    pub fn trim(&self) {
+        let (frames, spare) = {
+            let mut queue = self.shared.queue.lock();
+            if !queue.frames.is_empty() {
+                return;
+            }
+            (
+                std::mem::take(&mut queue.frames),
+                std::mem::take(&mut queue.spare),
+            )
+        };
+        drop((frames, spare));
+    }
+
+    fn wake_writer(&self) {
+        let waker = self.shared.queue.lock().writer.take();
+        if let Some(waker) = waker {
+            waker.wake();
         }
     }
 
     /// Whether frames are queued that the writer has not handed to the socket yet.
     pub fn waiting(&self) -> bool {
-        self.progress.pending.load(Ordering::Relaxed) > 0
+        self.shared.pending.load(Ordering::Relaxed) > 0
     }
 
     /// How long frames have been waiting without the writer making progress (zero when
     /// nothing waits).
     pub fn stalled_for(&self) -> Duration {
-        if self.progress.pending.load(Ordering::Relaxed) == 0 {
+        if self.shared.pending.load(Ordering::Relaxed) == 0 {
             return Duration::ZERO;
         }
-        let last = Duration::from_millis(self.progress.last_ms.load(Ordering::Relaxed));
-        self.progress.started.elapsed().saturating_sub(last)
+        let last = Duration::from_millis(self.shared.last_ms.load(Ordering::Relaxed));
+        self.shared.started.elapsed().saturating_sub(last)
+    }
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        let waker = {
+            let mut queue = self.shared.queue.lock();
+            queue.finished = true;
+            queue.writer.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 }
 
@@ -216,9 +345,11 @@ pub enum Gone {
 /// The consuming side: owns the socket's sending half.
 pub struct Writer {
     sink: SplitSink<WebSocket, WsMessage>,
-    rx: mpsc::Receiver<Frame>,
+    shared: Arc<Shared>,
+    /// The frames taken from the queue, being written (its storage goes back to the queue as
+    /// its spare on the next take).
+    batch: VecDeque<Frame>,
     room: Arc<Room>,
-    progress: Arc<Progress>,
     /// The session whose positions the writer records, once `connect` made one.
     session: Arc<OnceLock<Arc<LiveSession>>>,
     /// The newest position per subscription written in the current burst, recorded in the
@@ -233,20 +364,13 @@ pub struct Close {
 }
 
 impl Writer {
-    /// Writes frames until every [`Outbound`] is dropped and the queue is empty, then sends the
-    /// close frame set in `close` (if any) and ends. Frames are fed without a flush while more
-    /// are queued, so a burst goes out in few syscalls.
+    /// Writes frames until the [`Outbound`] is dropped and the queue is empty, then sends the
+    /// close frame set in `close` (if any) and ends. Everything queued is taken at once and
+    /// fed without a flush, then flushed: a burst goes out in one write (tungstenite writes
+    /// earlier only past its `write_buffer`).
     pub async fn run(mut self, mut close: oneshot::Receiver<Close>) {
-        loop {
-            let Some(frame) = self.rx.recv().await else {
-                let close = close.try_recv().ok();
-                self.finish(close).await;
-                return;
-            };
-            if self.write(frame).await.is_err() {
-                return;
-            }
-            while let Ok(frame) = self.rx.try_recv() {
+        while self.take().await {
+            while let Some(frame) = self.batch.pop_front() {
                 if self.write(frame).await.is_err() {
                     return;
                 }
@@ -255,16 +379,45 @@ impl Writer {
                 return;
             }
             self.mark_progress();
+            // Room for senders waiting for a slot.
+            self.shared.space.notify_waiters();
             if let Some(session) = self.session.get() {
                 session.delivered(&mut self.written);
             }
             self.written.clear();
         }
+        let close = close.try_recv().ok();
+        self.finish(close).await;
+    }
+
+    /// Waits for queued frames and moves them into `batch`; false once the queue is empty and
+    /// the [`Outbound`] gone. The storage of the previous batch goes back as the queue's spare.
+    async fn take(&mut self) -> bool {
+        poll_fn(|cx| {
+            let mut queue = self.shared.queue.lock();
+            if self.batch.capacity() > 0 && queue.spare.capacity() == 0 {
+                std::mem::swap(&mut queue.spare, &mut self.batch);
+            }
+            if !queue.frames.is_empty() {
+                let spare = std::mem::take(&mut queue.spare);
+                self.batch = std::mem::replace(&mut queue.frames, spare);
+                return Poll::Ready(true);
+            }
+            if queue.finished {
+                return Poll::Ready(false);
+            }
+            match &mut queue.writer {
+                Some(waker) => waker.clone_from(cx.waker()),
+                None => queue.writer = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     async fn write(&mut self, frame: Frame) -> Result<(), axum::Error> {
         let result = self.sink.feed(frame.message).await;
-        self.progress.pending.fetch_sub(1, Ordering::Relaxed);
+        self.shared.pending.fetch_sub(1, Ordering::AcqRel);
         self.room.give_back(frame.room);
         self.mark_progress();
         result?;
@@ -282,8 +435,8 @@ impl Writer {
     }
 
     fn mark_progress(&self) {
-        let ms = self.progress.started.elapsed().as_millis() as u64;
-        self.progress.last_ms.store(ms, Ordering::Relaxed);
+        let ms = self.shared.started.elapsed().as_millis() as u64;
+        self.shared.last_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Sends the close frame, giving up after a moment: a client that reads nothing will not
@@ -298,5 +451,22 @@ impl Writer {
             let _ = self.sink.close().await;
         })
         .await;
+    }
+}
+
+impl Drop for Writer {
+    /// The socket is gone or closed: senders learn it, and whatever is still queued gives its
+    /// room back.
+    fn drop(&mut self) {
+        let frames = {
+            let mut queue = self.shared.queue.lock();
+            queue.closed = true;
+            std::mem::take(&mut queue.frames)
+        };
+        for frame in frames.into_iter().chain(self.batch.drain(..)) {
+            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+            self.room.give_back(frame.room);
+        }
+        self.shared.space.notify_waiters();
     }
 }

@@ -35,6 +35,11 @@ impl Protocol for SpoolV1 {
     const NAME: &'static str = proto::SUBPROTOCOL;
 
     fn decode(&mut self, text: &str) -> Result<Command, DecodeError> {
+        // The frame a publisher sends most, read straight into its fields; anything else (or
+        // anything it does not read) takes the general path below, with its errors.
+        if let Some(publish) = fast_publish(text) {
+            return Ok(publish);
+        }
         let frame = serde_json::from_str::<ClientFrame>(text).map_err(|e| DecodeError {
             id: lenient_id(text),
             message: format!("not a frame of spool.v1.json: {e}"),
@@ -169,17 +174,17 @@ impl Protocol for SpoolV1 {
                 through: *through,
                 count: *count,
             }),
+            // The frame answering every publish, written directly: the same bytes as
+            // `ServerFrame::Ack` through serde (a test checks), without its two `String`s.
             Event::Ack {
                 id,
                 stream,
                 appended,
-            } => ServerFrame::Ack(proto::Ack {
-                id: *id,
-                stream: stream.to_string(),
-                epoch: appended.position.epoch.to_string(),
-                offset: appended.position.offset.get(),
-                duplicate: appended.duplicate,
-            }),
+            } => {
+                return Some(WsMessage::Text(
+                    ack_frame(*id, stream.as_str(), appended).into(),
+                ));
+            }
             Event::Refreshed { id, expires_at } => ServerFrame::Refreshed(proto::Refreshed {
                 id: *id,
                 expires_at: *expires_at,
@@ -331,8 +336,85 @@ fn settle(op: SettleOp, s: proto::Settle) -> Command {
     })
 }
 
+/// A `publish` frame read without serde's buffering of internally tagged enums (every field
+/// of the frame copied into a `Content` tree first, then read from it); `None`: not a publish
+/// frame this reads, for the general path to decode (or refuse).
+fn fast_publish(text: &str) -> Option<Command> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PublishFrame<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+        #[serde(default)]
+        id: Option<u64>,
+        stream: String,
+        #[serde(default)]
+        data: Option<String>,
+        #[serde(default)]
+        data_base64: Option<String>,
+        #[serde(default)]
+        content_type: Option<String>,
+        #[serde(default)]
+        key: Option<String>,
+        #[serde(default)]
+        headers: std::collections::BTreeMap<String, String>,
+        #[serde(default)]
+        idempotency_key: Option<String>,
+    }
+    let p = serde_json::from_str::<PublishFrame<'_>>(text).ok()?;
+    if p.kind != "publish" {
+        return None;
+    }
+    Some(Command::Publish {
+        id: p.id,
+        message: ToAppend {
+            stream: p.stream,
+            payload: Payload::Json {
+                data: p.data,
+                data_base64: p.data_base64,
+            },
+            content_type: p.content_type,
+            key: p.key,
+            headers: p.headers,
+            idempotency_key: p.idempotency_key,
+        },
+    })
+}
+
+/// An `ack` frame: `{"type":"ack","id":…,"stream":…,"epoch":…,"offset":…,"duplicate":…}`.
+fn ack_frame(id: Option<u64>, stream: &str, appended: &spool_engine::Appended) -> String {
+    use std::fmt::Write as _;
+    let epoch = appended.position.epoch.as_str();
+    let mut out = String::with_capacity(80 + stream.len() + epoch.len());
+    out.push_str(r#"{"type":"ack","#);
+    if let Some(id) = id {
+        let _ = write!(out, r#""id":{id},"#);
+    }
+    out.push_str(r#""stream":"#);
+    push_json(&mut out, stream);
+    out.push_str(r#","epoch":"#);
+    push_json(&mut out, epoch);
+    let _ = write!(
+        out,
+        r#","offset":{},"duplicate":{}}}"#,
+        appended.position.offset.get(),
+        appended.duplicate
+    );
+    out
+}
+
 /// Appends `text` as a JSON string.
 fn push_json(out: &mut String, text: &str) {
+    // Stream names and epochs are printable ASCII: most need no escape at all.
+    if !text
+        .bytes()
+        .any(|b| b < 0x20 || b == b'"' || b == b'\\' || b >= 0x7f)
+    {
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+        return;
+    }
     // Writing a string to a String cannot fail.
     if let Ok(quoted) = serde_json::to_string(text) {
         out.push_str(&quoted);
@@ -388,6 +470,101 @@ mod tests {
             .unwrap_err();
         assert_eq!(bad.id, Some(3));
         assert!(bad.message.starts_with("not a frame of spool.v1.json: "));
+    }
+
+    #[test]
+    fn reads_publish_frames_as_the_general_decoder_does() {
+        let mut p = SpoolV1::new(Arc::default());
+        let cases = [
+            r#"{"type":"publish","id":7,"stream":"a","data":"x","key":"k"}"#,
+            r#"{"stream":"b","data_base64":"eHk=","type":"publish","headers":{"h":"v"},"content_type":"text/plain","idempotency_key":"i"}"#,
+            r#"{"type":"publ\u0069sh","id":null,"stream":"c","data":"\"q\""}"#,
+        ];
+        for text in cases {
+            let fast = match fast_publish(text) {
+                Some(Command::Publish { id, message }) => (id, message),
+                other => panic!("{text}: not read as a publish: {other:?}"),
+            };
+            let general = match serde_json::from_str::<ClientFrame>(text).unwrap() {
+                ClientFrame::Publish(p) => p,
+                other => panic!("{text}: {other:?}"),
+            };
+            assert_eq!(fast.0, general.id, "{text}");
+            assert_eq!(fast.1.stream, general.stream, "{text}");
+            assert_eq!(fast.1.key, general.key, "{text}");
+            assert_eq!(fast.1.headers, general.headers, "{text}");
+            assert_eq!(fast.1.content_type, general.content_type, "{text}");
+            assert_eq!(fast.1.idempotency_key, general.idempotency_key, "{text}");
+            match fast.1.payload {
+                Payload::Json { data, data_base64 } => {
+                    assert_eq!(data, general.data, "{text}");
+                    assert_eq!(data_base64, general.data_base64, "{text}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+            assert!(matches!(p.decode(text), Ok(Command::Publish { .. })));
+        }
+        // Not publish frames, or not ones it reads: the general path decides, with its errors.
+        for text in [
+            r#"{"type":"subscribe","id":3,"stream":"a"}"#,
+            r#"{"type":"publish","id":3,"stream":"a","dta":"x"}"#,
+            r#"{"type":"publish","id":-1,"stream":"a"}"#,
+            r#"{"type":"ping"}"#,
+            r#"not json"#,
+        ] {
+            assert!(fast_publish(text).is_none(), "{text}");
+        }
+        let bad = p
+            .decode(r#"{"type":"publish","id":3,"stream":"a","dta":"x"}"#)
+            .unwrap_err();
+        assert_eq!(bad.id, Some(3));
+        assert!(
+            bad.message.contains("unknown field `dta`"),
+            "{}",
+            bad.message
+        );
+        assert!(matches!(
+            p.decode(r#"{"type":"subscribe","id":3,"stream":"a"}"#),
+            Ok(Command::Subscribe { id: Some(3), .. })
+        ));
+    }
+
+    #[test]
+    fn writes_acks_as_serde_does() {
+        let p = SpoolV1::new(Arc::default());
+        for (id, stream, epoch, offset, duplicate) in [
+            (Some(7), "a", "Ep0ch", 1, false),
+            (None, "orders.eu-1", "x", 0, true),
+            (Some(u64::MAX), "q\"uo\\te\u{1}é", "a_b-c", u64::MAX, false),
+        ] {
+            let appended = spool_engine::Appended {
+                position: spool_core::Position::new(
+                    spool_core::Epoch::parse(epoch).unwrap(),
+                    spool_core::Offset(offset),
+                ),
+                duplicate,
+            };
+            let name = spool_core::StreamName::new("a").unwrap();
+            let direct = ack_frame(id, stream, &appended);
+            let serde = encode(&ServerFrame::Ack(proto::Ack {
+                id,
+                stream: stream.to_owned(),
+                epoch: epoch.to_owned(),
+                offset,
+                duplicate,
+            }));
+            assert_eq!(direct, serde);
+            if stream == "a" {
+                assert_eq!(
+                    text(p.encode(&Event::Ack {
+                        id,
+                        stream: &name,
+                        appended: &appended,
+                    })),
+                    serde
+                );
+            }
+        }
     }
 
     #[test]
