@@ -32,6 +32,9 @@ use crate::{
     rng::Rng,
 };
 
+/// How long after connecting a WebSocket session is surely saved in the engine.
+const SESSION_SAVED: Duration = Duration::from_secs(2);
+
 /// The engines a scenario can start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -341,6 +344,11 @@ pub async fn run(opts: Options) -> anyhow::Result<RunResult> {
             }
         }
     }
+
+    // The engines save sessions about once a second: a session younger than that may be lost
+    // by a kill -9 (allowed), so the faults (and the workload, whose clock they follow) start
+    // once every WebSocket session is surely saved.
+    tokio::time::sleep(SESSION_SAVED).await;
 
     // Publishers.
     let t0 = Instant::now();
