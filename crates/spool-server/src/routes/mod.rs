@@ -2,6 +2,7 @@
 //! metrics, JSON fallbacks, and extracting a stream name and a principal from a request.
 
 mod admin;
+mod admin_ui;
 mod broadcast;
 mod groups;
 mod ops;
@@ -71,6 +72,11 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        // The admin web UI (admin_ui.rs): static, embedded; it calls the API above.
+        .route("/admin", get(admin_ui::index))
+        .route("/admin/", get(admin_ui::index))
+        .route("/admin/app.js", get(admin_ui::script))
+        .route("/admin/app.css", get(admin_ui::style))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     let app = api
