@@ -570,12 +570,13 @@ fn tail_flag_mistakes_are_clear_errors() {
         &["x", "--transport", "sse", "--after", "nope"],
         &["invalid_position"],
     );
+    // https:// works (wss://, tests/tls.rs); a scheme that is neither is refused at once.
     let (ok, _, stderr) = tail_output(
         &s,
-        &["x", "--transport", "ws", "--server", "https://127.0.0.1:1"],
+        &["x", "--transport", "ws", "--server", "ftp://127.0.0.1:1"],
     );
     assert!(
-        !ok && stderr.contains("--transport ws needs an http:// server URL"),
+        !ok && stderr.contains("--transport ws needs an http:// or https:// server URL"),
         "{stderr}"
     );
     // Bad credentials are not retried, whichever the transport.
