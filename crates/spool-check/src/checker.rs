@@ -13,7 +13,7 @@
 //!   unless a reset jumped over it;
 //! - **no acked message is lost**: after the run each stream is read whole; on a durable engine
 //!   every acked message is still there (unless retention removed it), with its payload, in the
-//!   epoch it was acked in;
+//!   epoch it was acked in; and retention removed no more than its message limit allows;
 //! - **an idempotent retry never appends twice**: all acks of one operation name one position,
 //!   and no payload appears at two offsets of one epoch (deliveries, final reads, acks);
 //!   every delivered payload is one that was published, and one position holds one payload;
@@ -56,6 +56,8 @@ pub enum Kind {
     Lagging,
     /// The stream read after the run has a hole.
     FinalReadHole,
+    /// The stream read after the run retains fewer messages than its retention keeps.
+    OverTrimmed,
 }
 
 impl Kind {
@@ -73,6 +75,7 @@ impl Kind {
             Kind::NotResumed => "not_resumed",
             Kind::Lagging => "lagging",
             Kind::FinalReadHole => "final_read_hole",
+            Kind::OverTrimmed => "over_trimmed",
         }
     }
 }
@@ -203,6 +206,7 @@ pub fn check(entries: &[Entry]) -> Report {
     let mut report = Report::default();
     let mut durable = false;
     let mut retention: HashMap<String, Option<u64>> = HashMap::new();
+    let mut limits: HashMap<String, (Option<u64>, Option<u64>)> = HashMap::new();
     let mut lossy_at: Vec<u64> = Vec::new();
 
     // Pass 1: setup, streams, faults, publishes.
@@ -214,8 +218,11 @@ pub fn check(entries: &[Entry]) -> Report {
             Event::Stream {
                 stream,
                 max_messages,
+                max_bytes,
+                max_age_ms,
             } => {
                 retention.insert(stream.clone(), *max_messages);
+                limits.insert(stream.clone(), (*max_bytes, *max_age_ms));
             }
             Event::Fault { kind, lossy, .. } => {
                 *report
@@ -651,6 +658,26 @@ pub fn check(entries: &[Entry]) -> Report {
                 format!(
                     "reading {stream} whole after the run ended at {epoch}:{} but the head is {head}",
                     expect - 1
+                ),
+            );
+        }
+        // Retention keeps the newest `max_messages`: fewer retained means it removed messages
+        // it had to keep (judged only when the byte and age limits cannot have removed any).
+        let retained = (head + 1).saturating_sub(*oldest);
+        let bytes: u64 = messages.iter().map(|(_, p)| p.len() as u64).sum();
+        let (max_bytes, max_age_ms) = limits.get(stream).copied().unwrap_or((None, None));
+        if let Some(limit) = retention.get(stream).copied().flatten()
+            && retained < limit.min(*head)
+            && max_bytes.is_some_and(|b| b >= bytes.saturating_mul(16).max(1 << 20))
+            && max_age_ms.is_some_and(|a| a > entry.at_ms)
+        {
+            report.violate(
+                Kind::OverTrimmed,
+                None,
+                Some(stream),
+                Some(i),
+                format!(
+                    "{stream} retains {epoch}:{oldest}..={head}, {retained} messages, but its retention keeps {limit}: messages were removed early"
                 ),
             );
         }

@@ -108,6 +108,12 @@ pub enum Event {
     Stream {
         stream: String,
         max_messages: Option<u64>,
+        /// The byte and age limits, when known: the checker holds retention to its message
+        /// limit only while these cannot have removed anything.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bytes: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_age_ms: Option<u64>,
     },
     /// One publish attempt of operation `op` (all attempts of an op carry the same
     /// idempotency key and payload).

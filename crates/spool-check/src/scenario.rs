@@ -289,7 +289,9 @@ pub async fn run(opts: Options) -> anyhow::Result<RunResult> {
         let info = stream_info(&http[0], stream).await?;
         rec.record(Event::Stream {
             stream: stream.clone(),
-            max_messages: info.map(|i| i.retention.max_messages),
+            max_messages: info.as_ref().map(|i| i.retention.max_messages),
+            max_bytes: info.as_ref().map(|i| i.retention.max_bytes),
+            max_age_ms: info.as_ref().map(|i| i.retention.max_age_ms),
         });
     }
 

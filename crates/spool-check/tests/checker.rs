@@ -25,6 +25,8 @@ impl H {
         h.push(Event::Stream {
             stream: S.into(),
             max_messages: Some(limit),
+            max_bytes: Some(64 << 20),
+            max_age_ms: Some(86_400_000),
         });
         h
     }
@@ -298,6 +300,31 @@ fn a_reset_covers_what_it_jumped_over() {
         .deliver("a", "E", 2, 2)
         .reset("a", "history_expired", "E:7");
     h.deliver("a", "E", 8, 8).deliver("a", "E", 9, 9);
+    h.final_read("E", 7, 9);
+    assert_eq!(h.kinds(), []);
+}
+
+#[test]
+fn retention_that_removed_more_than_its_limit_is_reported() {
+    // Keeps 5; after 9 publishes only 7..=9 are left.
+    let mut h = H::new("disk", 5);
+    acked(&mut h, 9);
+    h.final_read("E", 7, 9);
+    assert_eq!(h.kinds(), [Kind::OverTrimmed]);
+    // 5..=9 is right.
+    let mut h = H::new("disk", 5);
+    acked(&mut h, 9);
+    h.final_read("E", 5, 9);
+    assert_eq!(h.kinds(), []);
+    // With an age limit shorter than the run, it may have removed more.
+    let mut h = H::new("disk", 5);
+    h.0[1].event = Event::Stream {
+        stream: S.into(),
+        max_messages: Some(5),
+        max_bytes: Some(64 << 20),
+        max_age_ms: Some(1),
+    };
+    acked(&mut h, 9);
     h.final_read("E", 7, 9);
     assert_eq!(h.kinds(), []);
 }
