@@ -196,6 +196,12 @@ pub struct DiskStream {
     append: tokio::sync::Mutex<AppendState>,
     /// What readers see: only durable messages (their index, and the newest cached).
     log: Mutex<DiskLog>,
+    /// Set (under the append lock) once an operator deleted the stream: an append that was
+    /// waiting for the lock goes to the stream's next incarnation instead.
+    deleted: std::sync::atomic::AtomicBool,
+    /// An operator's truncation (the admin API): messages before it are gone; restated in
+    /// every snapshot (0: none).
+    floor: AtomicU64,
 }
 
 impl history::HasLog for DiskStream {
@@ -579,6 +585,13 @@ async fn wait(rx: oneshot::Receiver<Result<(), EngineError>>) -> Result<(), Engi
         .map_err(|_| EngineError::unavailable("the WAL writer has stopped"))?
 }
 
+impl DiskStream {
+    /// The truncation floor (0: never truncated).
+    pub(crate) fn floor(&self) -> Offset {
+        Offset(self.floor.load(Ordering::Acquire))
+    }
+}
+
 impl Watched for DiskStream {
     fn watchers(&self) -> usize {
         self.log.lock().watchers()
@@ -601,6 +614,8 @@ impl DiskStream {
             }),
             log: Mutex::new(DiskLog::new(epoch, head, retention)),
             name,
+            deleted: Default::default(),
+            floor: AtomicU64::new(0),
         }
     }
 }
@@ -628,6 +643,11 @@ impl Engine for DiskEngine {
         let now = self.config.clock.now_ms();
         let dedup_until = now + self.config.dedup_window.as_millis() as u64;
         let mut state = stream.append.lock().await;
+        if stream.deleted.load(Ordering::Acquire) {
+            // Deleted while this append waited for the lock: append to what the name is now.
+            drop(state);
+            return Box::pin(self.append(name, messages)).await;
+        }
         let epoch = stream.log.lock().epoch().clone();
         let mut frames = Vec::new();
         if !state.persisted {
@@ -780,6 +800,10 @@ impl Engine for DiskEngine {
         Some(self.shared.streams.counts())
     }
 
+    fn admin(&self) -> Option<&dyn spool_engine::StreamAdmin> {
+        Some(self)
+    }
+
     async fn ready(&self) -> Result<(), EngineError> {
         match self.shared.failure() {
             Some(reason) => Err(EngineError::unavailable(format!(
@@ -896,11 +920,16 @@ struct Recovery<'a> {
     groups: groups::GroupRecovery,
     /// Recovery caches nothing: only an empty budget to pass around.
     cache: TailCache,
+    /// The streams the snapshot of segment `.0` restated so far: at its `SnapshotEnd` they are
+    /// every stream there is (one deleted in a segment that is gone stays deleted).
+    restated: (u64, std::collections::HashSet<StreamName>),
 }
 
 struct Rebuilt {
     log: DiskLog,
     dedup: DedupWindow,
+    /// An operator's truncation floor (`StreamTruncated`), restated by later snapshots.
+    floor: Offset,
 }
 
 impl<'a> Recovery<'a> {
@@ -913,6 +942,7 @@ impl<'a> Recovery<'a> {
             now: config.clock.now_ms(),
             groups: groups::GroupRecovery::default(),
             cache: TailCache::new(0),
+            restated: (u64::MAX, Default::default()),
         }
     }
 
@@ -932,7 +962,14 @@ impl<'a> Recovery<'a> {
             now,
             groups,
             cache,
+            restated,
         } = self;
+        if let Record::Stream { name, .. } = &record {
+            if restated.0 != segment {
+                *restated = (segment, Default::default());
+            }
+            restated.1.insert(name.clone());
+        }
         let new_log = |name: &StreamName, epoch, head| {
             DiskLog::new(epoch, head, config.retention.for_stream(name))
         };
@@ -949,6 +986,7 @@ impl<'a> Recovery<'a> {
                     *s = Rebuilt {
                         log: new_log(&name, epoch, head),
                         dedup: DedupWindow::default(),
+                        floor: Offset::ZERO,
                     };
                 }
                 None => {
@@ -958,6 +996,7 @@ impl<'a> Recovery<'a> {
                         Rebuilt {
                             log,
                             dedup: DedupWindow::default(),
+                            floor: Offset::ZERO,
                         },
                     );
                 }
@@ -1004,7 +1043,42 @@ impl<'a> Recovery<'a> {
                 changes,
             } => groups.commit(stream, group, id, version, changes),
             Record::GroupDeleted { stream, group } => groups.delete(stream, group),
-            Record::SnapshotEnd => groups.snapshot_end(segment),
+            Record::SnapshotEnd => {
+                groups.snapshot_end(segment);
+                let names = if restated.0 == segment {
+                    std::mem::take(&mut restated.1)
+                } else {
+                    Default::default()
+                };
+                streams.retain(|name, s| {
+                    let keep = names.contains(name);
+                    if !keep {
+                        s.log.skip_to(Offset::ZERO, cache, |seg| release(live, seg));
+                    }
+                    keep
+                });
+            }
+            Record::StreamDeleted { name, epoch } => {
+                if let Some(mut s) = streams.remove(&name) {
+                    if *s.log.epoch() == epoch {
+                        s.log.skip_to(Offset::ZERO, cache, |seg| release(live, seg));
+                    } else {
+                        streams.insert(name, s);
+                    }
+                }
+            }
+            Record::StreamTruncated {
+                name,
+                epoch,
+                before,
+            } => {
+                if let Some(s) = streams.get_mut(&name)
+                    && *s.log.epoch() == epoch
+                {
+                    s.log.drop_before(before, cache, |seg| release(live, seg));
+                    s.floor = s.floor.max(before);
+                }
+            }
         }
         Ok(())
     }
@@ -1040,6 +1114,7 @@ impl<'a> Recovery<'a> {
                     config.retention.for_stream(&name),
                 );
                 r.dedup = DedupWindow::default();
+                r.floor = Offset::ZERO;
             }
             r.log.trim(now, &cache, |seg| release(&mut live, seg));
             let head = r.log.head();
@@ -1051,6 +1126,8 @@ impl<'a> Recovery<'a> {
                 }),
                 log: Mutex::new(r.log),
                 name: name.clone(),
+                deleted: Default::default(),
+                floor: AtomicU64::new(r.floor.get()),
             };
             streams.insert(name, Arc::new(stream));
         }
@@ -1061,5 +1138,131 @@ impl<'a> Recovery<'a> {
 fn release(live: &mut HashMap<u64, u64>, tag: u64) {
     if let Some(n) = live.get_mut(&tag) {
         *n = n.saturating_sub(1);
+    }
+}
+
+/// Stream administration on disk: a delete is a `StreamDeleted` record and a truncate a
+/// `StreamTruncated` record, each written through the writer (durable like a publish) under
+/// the stream's append lock before memory changes, and replayed by recovery; a snapshot
+/// restates what survives (`SnapshotEnd` drops streams it does not name, `StreamTruncated`
+/// follows a truncated stream's record), so an older segment never brings either back.
+#[async_trait]
+impl spool_engine::StreamAdmin for DiskEngine {
+    async fn list_streams(
+        &self,
+        prefix: &str,
+        after: Option<&StreamName>,
+        limit: usize,
+    ) -> Result<Vec<spool_engine::StreamSummary>, EngineError> {
+        Ok(self
+            .shared
+            .streams
+            .page(prefix, after, limit)
+            .into_iter()
+            .map(|(name, s)| self.summary(name, &s))
+            .collect())
+    }
+
+    async fn describe_stream(
+        &self,
+        stream: &StreamName,
+    ) -> Result<Option<spool_engine::StreamSummary>, EngineError> {
+        Ok(self
+            .shared
+            .streams
+            .get(stream)
+            .map(|s| self.summary(stream.clone(), &s)))
+    }
+
+    async fn delete_stream(&self, name: &StreamName) -> Result<bool, EngineError> {
+        self.usable()?;
+        let Some(stream) = self.shared.streams.get(name) else {
+            return Ok(false);
+        };
+        let state = stream.append.lock().await;
+        if stream.deleted.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        if state.persisted {
+            let epoch = stream.log.lock().epoch().clone();
+            let mut frames = Vec::new();
+            record::encode_stream_deleted(&mut frames, name, &epoch);
+            let done = self.write(frames, Vec::new(), None).await;
+            wait(done?).await?;
+        }
+        stream.deleted.store(true, Ordering::Release);
+        self.shared.streams.remove(name);
+        drop(state);
+        let mut dropped = Vec::new();
+        stream
+            .log
+            .lock()
+            .skip_to(Offset::ZERO, &self.shared.cache, |seg| dropped.push(seg));
+        self.shared.release(&dropped);
+        Ok(true)
+    }
+
+    async fn truncate_stream(
+        &self,
+        name: &StreamName,
+        before: Offset,
+    ) -> Result<Option<StreamState>, EngineError> {
+        self.usable()?;
+        let Some(stream) = self.shared.streams.get(name) else {
+            return Ok(None);
+        };
+        let state = stream.append.lock().await;
+        if stream.deleted.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        // Everything reserved is on its way: wait for it so the floor is below nothing new.
+        let epoch = stream.log.lock().epoch().clone();
+        let before = before.min(state.reserved.next());
+        if state.persisted && before > stream.floor() {
+            // The floor first: a segment rolled from now on restates it.
+            stream.floor.fetch_max(before.get(), Ordering::AcqRel);
+            let mut frames = Vec::new();
+            record::encode_stream_truncated(&mut frames, name, &epoch, before);
+            let done = self.write(frames, Vec::new(), None).await;
+            wait(done?).await?;
+        }
+        drop(state);
+        let mut dropped = Vec::new();
+        let mut log = stream.log.lock();
+        log.drop_before(before, &self.shared.cache, |seg| dropped.push(seg));
+        let after = log.state();
+        drop(log);
+        self.shared.release(&dropped);
+        Ok(Some(after))
+    }
+}
+
+impl DiskEngine {
+    fn usable(&self) -> Result<(), EngineError> {
+        match self.shared.failure() {
+            Some(reason) => Err(EngineError::unavailable(format!(
+                "the disk engine has failed: {reason}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn summary(&self, name: StreamName, stream: &DiskStream) -> spool_engine::StreamSummary {
+        let mut dropped = Vec::new();
+        let mut log = stream.log.lock();
+        log.trim(self.config.clock.now_ms(), &self.shared.cache, |seg| {
+            dropped.push(seg)
+        });
+        let summary = spool_engine::StreamSummary {
+            name,
+            state: log.state(),
+            retained_messages: log.index.len() as u64,
+            retained_bytes: log.index.retained_bytes(),
+            last_publish_ms: log.index.newest().map(spool_engine::log::Retained::time_ms),
+            watchers: log.watchers() as u64,
+        };
+        drop(log);
+        self.shared.release(&dropped);
+        summary
     }
 }

@@ -75,6 +75,8 @@ const KIND_GROUP_DELETED: u8 = 5;
 const KIND_SNAPSHOT_END: u8 = 6;
 const KIND_GROUP_PUT_BIN: u8 = 7;
 const KIND_GROUP_COMMIT_BIN: u8 = 8;
+const KIND_STREAM_DELETED: u8 = 9;
+const KIND_STREAM_TRUNCATED: u8 = 10;
 const CHANGE_CURSOR_MOVED: u8 = 1;
 const CHANGE_ENTRY_PUT: u8 = 2;
 const CHANGE_ENTRY_REMOVED: u8 = 3;
@@ -122,6 +124,16 @@ pub enum Record {
     },
     /// The end of the snapshot a segment starts with.
     SnapshotEnd,
+    /// An operator deleted the stream (the admin API): its history in this epoch is gone.
+    StreamDeleted { name: StreamName, epoch: Epoch },
+    /// An operator dropped the stream's messages before `before` (the admin API); restated
+    /// after the stream's record in every later snapshot, so older segments never bring them
+    /// back.
+    StreamTruncated {
+        name: StreamName,
+        epoch: Epoch,
+        before: Offset,
+    },
 }
 
 /// What [`decode_frame`] found at a place in a buffer.
@@ -220,6 +232,30 @@ pub fn encode_group_deleted(out: &mut Vec<u8>, stream: &StreamName, group: &Grou
         b.put_u8(KIND_GROUP_DELETED);
         put_str16(b, stream.as_str());
         put_str16(b, group.as_str());
+    });
+}
+
+pub fn encode_stream_deleted(out: &mut Vec<u8>, name: &StreamName, epoch: &Epoch) {
+    frame(out, |b| {
+        b.put_u8(KIND_STREAM_DELETED);
+        put_str16(b, name.as_str());
+        b.put_u8(epoch.as_str().len() as u8);
+        b.put_slice(epoch.as_str().as_bytes());
+    });
+}
+
+pub fn encode_stream_truncated(
+    out: &mut Vec<u8>,
+    name: &StreamName,
+    epoch: &Epoch,
+    before: Offset,
+) {
+    frame(out, |b| {
+        b.put_u8(KIND_STREAM_TRUNCATED);
+        put_str16(b, name.as_str());
+        b.put_u8(epoch.as_str().len() as u8);
+        b.put_slice(epoch.as_str().as_bytes());
+        b.put_u64_le(before.get());
     });
 }
 
@@ -623,6 +659,24 @@ fn decode_body(body: &[u8]) -> Option<Record> {
                 .then_some(Record::GroupDeleted { stream, group })
         }
         KIND_SNAPSHOT_END => r.0.is_empty().then_some(Record::SnapshotEnd),
+        KIND_STREAM_DELETED => {
+            let name = StreamName::stored(&r.str16()?).ok()?;
+            let epoch_len = r.u8()? as usize;
+            let epoch = Epoch::parse(&r.str(epoch_len)?).ok()?;
+            r.0.is_empty()
+                .then_some(Record::StreamDeleted { name, epoch })
+        }
+        KIND_STREAM_TRUNCATED => {
+            let name = StreamName::stored(&r.str16()?).ok()?;
+            let epoch_len = r.u8()? as usize;
+            let epoch = Epoch::parse(&r.str(epoch_len)?).ok()?;
+            let before = Offset(r.u64()?);
+            r.0.is_empty().then_some(Record::StreamTruncated {
+                name,
+                epoch,
+                before,
+            })
+        }
         _ => None,
     }
 }

@@ -435,6 +435,12 @@ fn plan(wal: &Path, ids: &[u64], map: &EpochMap) -> Result<RepairReport, OpenErr
                 Record::GroupDeleted { stream, group } => {
                     groups.remove(&(stream, group));
                 }
+                Record::StreamDeleted { name, epoch } => {
+                    if state.get(&name).is_some_and(|s| s.0 == epoch) {
+                        state.remove(&name);
+                    }
+                }
+                Record::StreamTruncated { .. } => {}
             }
         }
         match scan.tail {

@@ -27,7 +27,7 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use spool_core::Message;
+use spool_core::{Message, Offset};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -303,4 +303,8 @@ fn io_error(what: &str, e: std::io::Error) -> EngineError {
 pub fn snapshot_record(out: &mut Vec<u8>, stream: &super::DiskStream) {
     let log = stream.log.lock();
     record::encode_stream(out, &stream.name, log.epoch(), log.head());
+    let floor = stream.floor();
+    if floor > Offset::ZERO {
+        record::encode_stream_truncated(out, &stream.name, log.epoch(), floor);
+    }
 }

@@ -47,6 +47,14 @@ async fn disk_engine_conforms() {
     .await;
 }
 
+/// Stream administration (list, delete, truncate), also from the segment files.
+#[tokio::test]
+async fn disk_engine_administers_streams() {
+    for from_segments in [false, true] {
+        spool_engine::conformance::run_stream_admin(&Disk { from_segments }).await;
+    }
+}
+
 /// The same contract with every read of history served from the segment files (issue 14).
 #[tokio::test]
 async fn disk_engine_conforms_reading_history_from_the_segments() {

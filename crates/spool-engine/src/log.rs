@@ -156,6 +156,22 @@ impl<E: Retained> StreamLog<E> {
         });
     }
 
+    /// Drops retained entries with offsets before `before` (an admin's truncate; all of them
+    /// past the head); `dropped` sees each. Readers behind get `history_expired`.
+    pub fn drop_before(&mut self, before: Offset, mut dropped: impl FnMut(&E)) {
+        while !self.entries.is_empty() && self.oldest() < before {
+            if let Some(e) = self.entries.pop_front() {
+                self.bytes -= e.retained_bytes();
+                dropped(&e);
+            }
+        }
+    }
+
+    /// The newest retained entry.
+    pub fn newest(&self) -> Option<&E> {
+        self.entries.back()
+    }
+
     /// Removes what retention no longer allows; `dropped` sees each removed entry.
     pub fn trim(&mut self, now_ms: u64, mut dropped: impl FnMut(&E)) {
         while let Some(front) = self.entries.front() {

@@ -3,7 +3,7 @@
 //! with their figures in cursor pages, deleting a stream (its readers get a reset, the next
 //! publish starts a new epoch), truncating one (readers behind get `history_expired`),
 //! disconnecting a session and every connection of an identity, and reads of unknown streams
-//! that leave no state behind.
+//! that leave no state behind. The memory engine, and the disk engine across a restart.
 
 mod common;
 
@@ -408,4 +408,56 @@ async fn reads_of_unknown_streams_leave_no_state() {
         rss < rss_after_first + 8 * 1024 * 1024,
         "3,000 more reads of unknown streams grew memory from {rss_after_first} to {rss}"
     );
+}
+
+/// On the disk engine (the default), a delete and a truncate are durable: after a restart the
+/// deleted stream is still gone (its next publish starts a new epoch) and the truncated one
+/// still starts at the floor.
+#[tokio::test]
+async fn on_disk_deletes_and_truncations_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_disk("127.0.0.1:0", dir.path(), &[]);
+    let mut doomed_epoch = String::new();
+    for i in 1..=5 {
+        doomed_epoch = server.publish("doomed", &format!("d{i}")).await["epoch"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        server.publish("cut", &format!("c{i}")).await;
+    }
+    let (status, _) = call(
+        &server,
+        reqwest::Method::DELETE,
+        "/v1/streams/doomed",
+        Some(API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, body) = call(
+        &server,
+        reqwest::Method::POST,
+        "/v1/streams/cut/truncate",
+        Some(API_KEY),
+        Some(json!({"before": 4})),
+    )
+    .await;
+    assert_eq!((status, &body["oldest"]), (200, &json!(4)), "{body}");
+    assert!(server.terminate().success());
+
+    let server = Server::start_disk("127.0.0.1:0", dir.path(), &[]);
+    assert_eq!(server.info_status("doomed").await, 404);
+    let (_, listed) = get(&server, "/v1/streams", Some(API_KEY)).await;
+    let names: Vec<&str> = listed["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stream"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["cut"]);
+    assert_eq!(listed["streams"][0]["oldest"], 4);
+    assert_eq!(listed["streams"][0]["retained_messages"], 2);
+    let again = server.publish("doomed", "reborn").await;
+    assert_eq!(again["offset"], 1);
+    assert_ne!(again["epoch"], doomed_epoch.as_str());
 }
