@@ -70,6 +70,9 @@ pub enum ErrorCode {
     GroupBusy,
     /// This server's engine cannot do what was asked (stream administration) (501).
     NotSupported,
+    /// A plain-HTTP request on a port that speaks HTTPS (`--tls-cert`); the connection is
+    /// closed (400).
+    TlsRequired,
 }
 
 impl ErrorCode {
@@ -105,6 +108,7 @@ impl ErrorCode {
             ErrorCode::GroupsUnavailable => "groups_unavailable",
             ErrorCode::GroupBusy => "group_busy",
             ErrorCode::NotSupported => "not_supported",
+            ErrorCode::TlsRequired => "tls_required",
         }
     }
 }
@@ -148,6 +152,7 @@ mod tests {
             ErrorCode::InvalidGroupName,
             ErrorCode::GroupsUnavailable,
             ErrorCode::GroupBusy,
+            ErrorCode::TlsRequired,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

@@ -497,3 +497,31 @@ impl AsyncWrite for Tracked {
         Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use spool_protocol::{ErrorBody, ErrorCode};
+
+    /// The hand-written answers are well-formed: their length header is their body's, and the
+    /// body is the error JSON every client reads.
+    #[test]
+    fn the_fixed_answers_are_well_formed() {
+        for (answer, status, code) in [
+            (super::REFUSED, "503", ErrorCode::TooManyConnections),
+            (super::TLS_REQUIRED, "400", ErrorCode::TlsRequired),
+        ] {
+            let text = std::str::from_utf8(answer).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(length, body.len(), "{head}");
+            let parsed: ErrorBody = serde_json::from_str(body).unwrap();
+            assert_eq!(parsed.error.code, code);
+        }
+    }
+}
