@@ -281,6 +281,54 @@ async fn plain_http_and_stalled_handshakes_on_the_tls_port_are_closed() {
         .expect("https after the refusals");
 }
 
+/// A TLS handshake holds its connection slot: connections that never finish one fill
+/// `--max-connections`, the next is refused at once, and the slots come back when the header
+/// timeout closes them.
+#[tokio::test]
+async fn stalled_handshakes_count_against_the_connection_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki("spool");
+    let (ca, cert, key) = write(dir.path(), &pki);
+    let mut flags = tls_flags(&cert, &key).to_vec();
+    flags.extend(["--max-connections", "2", "--header-timeout", "5s"]);
+    let server = Server::start(&flags);
+    let stalled: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(&server.addr).unwrap())
+        .collect();
+    let mut third = std::net::TcpStream::connect(&server.addr).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = third.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503 ") && answer.contains("too_many_connections"),
+        "the third connection got {answer:?}"
+    );
+    for mut tcp in stalled {
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            tcp.read(&mut buf).unwrap_or(0),
+            0,
+            "closed without an answer"
+        );
+    }
+    // Their slots are free again.
+    let tls = Tls::from_ca_file(&ca).unwrap();
+    let http = HttpClient::with_tls(
+        &format!("https://{}", server.addr),
+        Some(API_KEY),
+        Some(&tls),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = http.publish("slots", b"x".to_vec(), None, None).await {
+        assert!(Instant::now() < deadline, "no slot came back: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[test]
 fn missing_or_bad_files_stop_the_start_naming_the_flag() {
     let dir = tempfile::tempdir().unwrap();
