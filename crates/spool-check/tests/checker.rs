@@ -518,3 +518,60 @@ fn a_history_round_trips_through_json() {
         .collect();
     assert_eq!(back, h.0);
 }
+
+#[test]
+fn a_failed_run_prints_the_seed_the_violation_and_the_subscribers_history() {
+    let mut h = H::new("disk", 100);
+    acked(&mut h, 6);
+    h.subscribe("poll-2", "E:1").subscribe("ws-0", "E:1");
+    for o in 2..=6 {
+        if o != 4 {
+            h.deliver("poll-2", "E", o, o);
+        }
+        h.deliver("ws-0", "E", o, o);
+    }
+    h.final_read("E", 1, 6);
+    let report = check(&h.0);
+    let result = spool_check::RunResult {
+        seed: 4242,
+        engine: "disk".into(),
+        nodes: 1,
+        elapsed: std::time::Duration::from_secs(3),
+        schedule: Vec::new(),
+        faults_applied: 0,
+        entries: h.0.clone(),
+        report,
+        dropped_entries: 0,
+        harness_errors: Vec::new(),
+    };
+    assert!(!result.passed());
+    let text = result.render_text("spool check --engine disk --seed 4242");
+    eprintln!("{text}");
+    assert!(text.contains("violations: 1 (hole 1)"), "{text}");
+    assert!(text.contains("VIOLATION 1/1 [hole]"), "{text}");
+    assert!(text.contains("seed 4242"), "{text}");
+    assert!(
+        text.contains("spool check --engine disk --seed 4242"),
+        "{text}"
+    );
+    // The failing subscriber's own entries, the violating one marked.
+    let marked: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("> #"))
+        .collect();
+    assert_eq!(marked.len(), 1, "{text}");
+    assert!(
+        marked[0].contains("\"offset\":5") && marked[0].contains("poll-2"),
+        "{text}"
+    );
+    assert!(
+        !text.lines().any(|l| l.contains("\"sub\":\"ws-0\"")),
+        "only poll-2's history: {text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&result.render_json("spool check --seed 4242")).unwrap();
+    assert_eq!(json["passed"], false);
+    assert_eq!(json["violation_count"], 1);
+    assert_eq!(json["violations"][0]["kind"], "hole");
+    assert!(json["violations"][0]["history"].as_array().unwrap().len() >= 3);
+}
