@@ -73,7 +73,7 @@ use spool_core::{
     group::{
         Change, DeadLetter, Delivery, GroupConfig, GroupConfigError, GroupConfigSpec, GroupName,
         GroupReset, GroupState, GroupStats, InvalidReason, MemberName, OpError, Outcome, Reason,
-        ReceiptResult, ReceiveRequest, SnapshotError, Want, dead::HEADER_STREAM,
+        ReceiptResult, ReceiveRequest, Received, SnapshotError, Want, dead::HEADER_STREAM,
     },
 };
 use spool_engine::{
@@ -835,15 +835,25 @@ impl Groups {
                 max_bytes: self.config.max_read_bytes,
             };
             let receive = |state: &mut GroupState, now: u64, f: &Fetched| {
+                if stale_read(state, &f.batch) {
+                    // Another receive moved the cursor past this read's head meanwhile: the
+                    // read is old, not the stream diverged — `receive` would take it for an
+                    // epoch change and reset the group. Nothing is taken from it.
+                    return Ok::<_, GroupError>(Outcome {
+                        value: (Received::default(), true),
+                        changes: Vec::new(),
+                        dead_letters: Vec::new(),
+                    });
+                }
                 let out = state.receive(&round, &f.batch.state, &f.batch.messages, now)?;
-                Ok::<_, GroupError>(Outcome {
-                    value: out.value,
+                Ok(Outcome {
+                    value: (out.value, false),
                     changes: out.changes,
                     dead_letters: out.dead_letters,
                 })
             };
-            let (received, f, tail) = if locked {
-                let ((received, f), tail) = self
+            let (received, stale, f, tail) = if locked {
+                let (((received, stale), f), tail) = self
                     .run_queued(key, live, false, Some(read), |state, now, f| {
                         let f = f.ok_or_else(|| {
                             GroupError::Engine(EngineError::internal("a locked read went missing"))
@@ -856,7 +866,7 @@ impl Groups {
                         })
                     })
                     .await?;
-                (received, f, tail)
+                (received, stale, f, tail)
             } else {
                 let want = {
                     let mut guard = live.state.lock().await;
@@ -878,19 +888,19 @@ impl Groups {
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
                 let f = Fetched::new(want, batch, bytes, self.config.max_read_bytes);
-                let (received, tail) = self
+                let ((received, stale), tail) = self
                     .run_queued(key, live, false, None, |state, now, _| {
                         receive(state, now, &f)
                     })
                     .await?;
-                (received, f, tail)
+                (received, stale, f, tail)
             };
             durable.extend(tail);
             let got = received.deliveries.len();
             // What this round counted on (messages it read, or ones due again that `want`
             // left out of the read) went to another operation first.
-            let overtaken =
-                !locked && got == 0 && (!f.batch.messages.is_empty() || f.want.limit < room);
+            let overtaken = stale
+                || (!locked && got == 0 && (!f.batch.messages.is_empty() || f.want.limit < room));
             let full_read = f.want.limit > 0 && f.batch.messages.len() >= f.want.limit;
             bytes = f.bytes;
             fetched_epoch = Some(f.batch.state.epoch.clone());
@@ -1246,6 +1256,14 @@ impl Groups {
     }
 }
 
+/// Whether `read` is older than the group's cursor: in the cursor's epoch, with a head before
+/// it (a read made before another receive moved the cursor past it). Given to `receive`, it
+/// would look like a diverged history and reset the group.
+fn stale_read(state: &GroupState, read: &ReadBatch) -> bool {
+    let cursor = state.cursor();
+    read.state.epoch == cursor.epoch && read.state.head < cursor.offset
+}
+
 /// The group's description against a read of one message after its cursor.
 fn view(state: &GroupState, at: &StreamState, next: &[Arc<Message>], now: u64) -> GroupView {
     let next_time = next
@@ -1593,6 +1611,77 @@ mod tests {
         }
         all.sort_unstable();
         assert_eq!(all, (1..=600).collect::<Vec<u64>>());
+    }
+
+    /// A group from `latest` on a stream with history, members receiving while messages are
+    /// published: a receive whose read is older than the cursor another receive moved
+    /// meanwhile takes nothing from it — it is not a diverged stream, so no reset, and no
+    /// message from before the group's start is handed out (spool-bench's steady cells saw
+    /// both).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_older_than_the_cursor_resets_nothing() {
+        let (groups, engine, _time) = setup();
+        groups.read_pause_ms.store(2, AtomicOrdering::Relaxed);
+        let (s, g) = (name("s"), group("g"));
+        publish(&engine, "s", 100).await;
+        let spec: GroupConfigSpec = serde_json::from_str(r#"{"start":"latest"}"#).unwrap();
+        groups.put(&s, &g, &spec).await.unwrap();
+        let done = CancellationToken::new();
+        let publisher = {
+            let (engine, done) = (engine.clone(), done.clone());
+            tokio::spawn(async move {
+                for _ in 0..300 {
+                    publish(&engine, "s", 1).await;
+                    tokio::time::sleep(Duration::from_micros(300)).await;
+                }
+                done.cancel();
+            })
+        };
+        let mut tasks = Vec::new();
+        for m in 0..8 {
+            let (groups, s, g, done) = (groups.clone(), s.clone(), g.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                let never = CancellationToken::new();
+                let mut got = Vec::new();
+                let mut empty_after_done = 0;
+                while empty_after_done < 2 {
+                    let a = groups
+                        .receive(&s, &g, &request(&format!("m{m}"), 8), None, &never)
+                        .await
+                        .unwrap();
+                    assert_eq!(a.reset, None, "a reset recorded");
+                    if a.messages.is_empty() {
+                        if done.is_cancelled() {
+                            empty_after_done += 1;
+                        }
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    let receipts: Vec<String> = a
+                        .messages
+                        .iter()
+                        .map(|l| l.delivery.receipt.encode())
+                        .collect();
+                    let r = groups
+                        .settle(&s, &g, &receipts, &Settle::Ack)
+                        .await
+                        .unwrap();
+                    assert!(r.iter().all(|r| *r == ReceiptResult::Ok), "{r:?}");
+                    got.extend(a.messages.iter().map(|l| l.delivery.offset.get()));
+                }
+                got
+            }));
+        }
+        publisher.await.unwrap();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort_unstable();
+        // `latest` starts with the newest message there was (100), as it does for a reader.
+        assert_eq!(all, (100..=400).collect::<Vec<u64>>());
+        let stats = groups.describe(&s, &g).await.unwrap().stats;
+        assert_eq!((stats.resets, stats.acked), (0, 301));
     }
 
     #[test]
