@@ -136,6 +136,13 @@ pub trait Engine: Send + Sync + 'static {
         Ok(())
     }
 
+    /// How transient messages (never stored) reach the subscribers on the other nodes of a
+    /// cluster: the cluster engines' [`cluster::TransientLink`] over their notes channel.
+    /// `None` (the default): there are no other nodes.
+    fn transient(&self) -> Option<&cluster::TransientLink> {
+        None
+    }
+
     /// Listing, deleting and truncating streams ([`StreamAdmin`]), if the engine supports it.
     fn admin(&self) -> Option<&dyn StreamAdmin> {
         None

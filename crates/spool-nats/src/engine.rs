@@ -168,6 +168,7 @@ impl NatsEngine {
         let tasks = vec![
             tokio::spawn(fanout::listen(inner.clone(), notes)).abort_handle(),
             tokio::spawn(fanout::refresh(inner.clone())).abort_handle(),
+            tokio::spawn(fanout::send_transient(inner.clone())).abort_handle(),
         ];
         Ok(Self {
             inner,
@@ -318,6 +319,18 @@ impl Inner {
         known
             .insert(stream.clone(), (epoch.clone(), Instant::now()))
             .is_some_and(|(before, _)| before != *epoch)
+    }
+
+    /// Publishes a transient note on the notes subject, given up after the timeout (as `tell`).
+    pub(crate) async fn publish_note(&self, note: bytes::Bytes) {
+        let publish = self
+            .client
+            .publish(format!("{}.heads", self.config.prefix), note);
+        match tokio::time::timeout(self.config.timeout, publish).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot publish a transient note"),
+            Err(_) => tracing::debug!("no room to publish a transient note"),
+        }
     }
 
     /// Publishes a head note (see `fanout`). Best effort: other nodes catch up by their
@@ -809,6 +822,10 @@ fn no_leader(names: &StreamNames) -> EngineError {
 impl Engine for NatsEngine {
     fn name(&self) -> &'static str {
         "nats"
+    }
+
+    fn transient(&self) -> Option<&spool_engine::cluster::TransientLink> {
+        Some(self.inner.node.transient())
     }
 
     async fn append(

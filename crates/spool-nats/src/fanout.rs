@@ -49,10 +49,25 @@ fn parse(payload: &[u8]) -> Option<HeadNote> {
 /// Moves heads as notes arrive, until the subscription ends (the client closed).
 pub(crate) async fn listen(inner: Arc<Inner>, mut notes: Subscriber) {
     while let Some(message) = notes.next().await {
+        // Transient notes share the subject (`spool_engine::cluster::TransientLink`).
+        if inner.node.transient().heard(&message.payload) {
+            continue;
+        }
         match parse(&message.payload) {
             Some(note) => inner.heard(&note.stream, note.head),
             None => tracing::debug!(subject = %message.subject, "ignoring a malformed head note"),
         }
+    }
+}
+
+/// Publishes this node's transient notes on the notes subject. A note that cannot be
+/// published now (NATS away, the client's queue full) is dropped: it is worth sending only now.
+pub(crate) async fn send_transient(inner: Arc<Inner>) {
+    while let Some(note) = inner.node.transient().next_outgoing().await {
+        if !inner.connected() {
+            continue;
+        }
+        inner.publish_note(note).await;
     }
 }
 

@@ -106,6 +106,8 @@ async fn listen(
         tokio::select! {
             _ = cancel.cancelled() => return true,
             msg = stream.next() => match msg {
+                // Transient notes share the channel (`spool_engine::cluster::TransientLink`).
+                Some(msg) if shared.node.transient().heard(msg.get_payload_bytes()) => {}
                 Some(msg) => match HeadNote::decode(msg.get_payload_bytes()) {
                     Some(note) => {
                         shared.node.heads().advance(&note.stream, note.head);
@@ -126,6 +128,27 @@ async fn listen(
                     return false;
                 }
             }
+        }
+    }
+}
+
+/// Publishes this node's transient notes on the notes channel until `cancel` fires. A note
+/// that cannot be published (Redis down) is dropped: it is worth sending only now.
+pub async fn send_transient(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut conn = shared.conn.clone();
+    loop {
+        let note = tokio::select! {
+            _ = cancel.cancelled() => return,
+            note = shared.node.transient().next_outgoing() => note,
+        };
+        let Some(note) = note else { return };
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&shared.channel).arg(note.as_ref());
+        let publish = cmd.query_async::<i64>(&mut conn);
+        match tokio::time::timeout(shared.config.timeout, publish).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot publish a transient note"),
+            Err(_) => tracing::debug!("no answer to a transient note's PUBLISH in time"),
         }
     }
 }

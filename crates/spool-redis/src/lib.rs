@@ -152,6 +152,7 @@ impl RedisEngine {
             cancel.clone(),
             ready_tx,
         ));
+        tokio::spawn(fanout::send_transient(shared.clone(), cancel.clone()));
         let fanout = cancel.drop_guard();
         match ready_rx.await {
             Ok(Ok(())) => Ok(Self {
@@ -507,6 +508,10 @@ fn data_ttl_ms(retention: &Retention) -> u64 {
 impl Engine for RedisEngine {
     fn name(&self) -> &'static str {
         "redis"
+    }
+
+    fn transient(&self) -> Option<&spool_engine::cluster::TransientLink> {
+        Some(self.shared.node.transient())
     }
 
     async fn append(

@@ -53,6 +53,9 @@ pub struct AppState {
     /// Consumer groups (`delivery/groups.rs`), when the engine keeps them; `None` answers the
     /// group routes `501 groups_unavailable`.
     pub groups: Option<Arc<delivery::groups::Groups>>,
+    /// Transient messages for live subscribers on every node, never stored
+    /// (`delivery/transient.rs`; AnyCable's `whisper`).
+    pub transients: Arc<delivery::transient::Transients>,
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then stops accepting, ends every
@@ -118,7 +121,14 @@ pub async fn serve_with(
         .map(|g| tokio::spawn(g.run_sweeper(shutdown.clone())));
     let metrics = Arc::new(Metrics::new());
     let engine: Arc<dyn Engine> = Arc::new(metrics::Measured::new(engine, metrics.clone()));
+    let transients = delivery::transient::Transients::new(
+        engine.clone(),
+        config.anycable.whisper_limits,
+        metrics.transient.clone(),
+    );
+    let transient_task = tokio::spawn(transients.clone().run_remote(shutdown.clone()));
     let state = AppState {
+        transients,
         auth: Arc::new(Authenticator::new(&config.auth)),
         budget: Arc::new(budget::StreamBudget::new(config.max_new_streams_per_minute)),
         encodings: Arc::default(),
@@ -157,6 +167,7 @@ pub async fn serve_with(
     let _ = flusher.await;
     sessions.flush().await;
     sweeper.abort();
+    transient_task.abort();
     if let Some(task) = internal {
         task.abort();
     }

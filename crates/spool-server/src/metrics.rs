@@ -95,6 +95,19 @@ pub struct GroupMetrics {
     pub member_nacks: Family<MemberLabels, Counter>,
 }
 
+/// Transient messages (`delivery/transient.rs`, AnyCable's `whisper`): counted, never stored.
+#[derive(Clone, Default)]
+pub struct TransientMetrics {
+    /// Published on this node.
+    pub published: Counter,
+    /// Refused: over the size bound.
+    pub refused: Counter,
+    /// Put in a listener's inbox (one per listener).
+    pub delivered: Counter,
+    /// Dropped for a listener whose inbox was full.
+    pub dropped: Counter,
+}
+
 /// Where a publish came in.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -223,6 +236,7 @@ pub struct Metrics {
     pub slow_consumers: Family<OutcomeLabels, Counter>,
     pub admin_actions: Family<ActionLabels, Counter>,
     pub process: ProcessMetrics,
+    pub transient: TransientMetrics,
 }
 
 impl Default for Metrics {
@@ -466,6 +480,27 @@ impl Metrics {
             "Messages a consumer group's member nacked",
             groups.member_nacks.clone(),
         );
+        let transient = TransientMetrics::default();
+        registry.register(
+            "transient_published",
+            "Transient messages (AnyCable whispers, never stored) published on this node",
+            transient.published.clone(),
+        );
+        registry.register(
+            "transient_refused",
+            "Transient messages refused as too large (--anycable-whisper-max-bytes)",
+            transient.refused.clone(),
+        );
+        registry.register(
+            "transient_delivered",
+            "Transient messages handed to a subscriber's inbox, one per subscriber",
+            transient.delivered.clone(),
+        );
+        registry.register(
+            "transient_dropped",
+            "Transient messages dropped for a subscriber whose inbox was full (a slow reader)",
+            transient.dropped.clone(),
+        );
         for reason in ["stream_limit", "budget"] {
             drop(streams.refused.get_or_create(&RefusedLabels { reason }));
         }
@@ -486,6 +521,7 @@ impl Metrics {
             connections_refused,
             accept_errors,
             groups,
+            transient,
             publishes,
             engine_ops,
             engine_errors,
@@ -780,5 +816,9 @@ impl Engine for Measured {
 
     fn admin(&self) -> Option<&dyn StreamAdmin> {
         self.inner.admin()
+    }
+
+    fn transient(&self) -> Option<&spool_engine::cluster::TransientLink> {
+        self.inner.transient()
     }
 }

@@ -50,6 +50,24 @@ fn anycable(s: &Settings) -> anyhow::Result<spool_server::ws::actioncable::Anyca
             s.anycable_ping_interval,
             defaults.ping_interval,
         )?,
+        whisper: s.anycable_whisper,
+        whisper_limits: spool_server::delivery::transient::TransientLimits {
+            inbox: at_least_one(
+                "AnyCable whisper buffer (--anycable-whisper-buffer / anycable_whisper_buffer)",
+                s.anycable_whisper_buffer,
+                defaults.whisper_limits.inbox,
+            )?,
+            max_bytes: match s.anycable_whisper_max_bytes {
+                None => defaults.whisper_limits.max_bytes,
+                Some(0) => bail!("--anycable-whisper-max-bytes must be at least 1 byte"),
+                Some(n) => usize::try_from(n)?,
+            },
+        },
+        pong_timeout: match s.anycable_pong_timeout {
+            None => None,
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+        },
     };
     if config.enforce_jwt && config.jwt_secret().is_none() {
         bail!("--anycable-enforce-jwt needs --anycable-jwt-secret or --anycable-secret");
@@ -372,6 +390,22 @@ layered! {
         #[arg(long, env = "SPOOL_ANYCABLE_PING_INTERVAL", value_name = "DUR", value_parser = parse_duration)]
         #[serde(deserialize_with = "de_opt_duration")]
         pub anycable_ping_interval: Option<Duration>,
+        /// Allow whisper (transient client broadcasts) on signed streams; public streams always
+        /// allow it (AnyCable's --streams_whisper).
+        #[arg(long, env = "SPOOL_ANYCABLE_WHISPER")]
+        pub anycable_whisper: bool,
+        /// Whispers waiting for one /cable connection; more are dropped (default 32).
+        #[arg(long, env = "SPOOL_ANYCABLE_WHISPER_BUFFER", value_name = "N")]
+        pub anycable_whisper_buffer: Option<usize>,
+        /// Largest whisper data accepted, as JSON (default 8KiB).
+        #[arg(long, env = "SPOOL_ANYCABLE_WHISPER_MAX_BYTES", value_name = "BYTES", value_parser = parse_bytes)]
+        #[serde(deserialize_with = "de_opt_bytes")]
+        pub anycable_whisper_max_bytes: Option<u64>,
+        /// Close actioncable-v1-ext-json connections that send no {"command":"pong"} for this
+        /// long: disconnect no_pong (AnyCable's --pong_timeout; default off).
+        #[arg(long, env = "SPOOL_ANYCABLE_PONG_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+        #[serde(deserialize_with = "de_opt_duration")]
+        pub anycable_pong_timeout: Option<Duration>,
         /// Log format: text or json.
         #[arg(long, env = "SPOOL_LOG_FORMAT")]
         pub log_format: Option<String>,

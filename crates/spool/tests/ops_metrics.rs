@@ -257,3 +257,67 @@ async fn a_metrics_address_in_use_fails_naming_the_flag() {
         "{err}"
     );
 }
+
+/// A WebSocket client that falls behind (its outbound buffer full while its subscription has
+/// more to read) and then reads everything is counted as a slow consumer that caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_that_catches_up_is_counted() {
+    const SIZE: usize = 16 * 1024;
+    const MIB: u64 = 1024 * 1024;
+    let wmem_max: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 * MIB);
+    let n = 600.max((wmem_max + 2 * MIB) / SIZE as u64 + 64) as usize;
+    let server = Server::start(&[
+        "--ws-outbound-messages",
+        "64",
+        "--ws-outbound-bytes",
+        "65536",
+        "--history-limit",
+        "100000",
+    ]);
+    let caught_up = r#"spool_slow_consumers_total{outcome="caught_up"}"#;
+    assert_eq!(server.metric(caught_up).await, Some(0.0));
+    let mut slow = WsPeer::open_small_rcvbuf(&server.addr, 4096).await;
+    slow.send(json!({"type": "connect", "token": API_KEY}))
+        .await;
+    slow.expect("connected").await;
+    slow.send(json!({"type": "subscribe", "stream": "big", "after": "oldest"}))
+        .await;
+    slow.expect("subscribed").await;
+    let data = "x".repeat(SIZE);
+    for start in (0..n).step_by(50) {
+        let batch = (start..(start + 50).min(n))
+            .map(|_| json!({"stream": "big", "data": data}))
+            .collect();
+        server.publish_batch(batch).await;
+    }
+    // It read nothing meanwhile; now it reads everything.
+    let mut messages = 0;
+    while messages < n {
+        let frame = slow
+            .next(Duration::from_secs(30))
+            .await
+            .expect("the slow client is served");
+        if frame["type"] == "message" {
+            messages += 1;
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Once per time it fell behind and caught up again (the publishes came in batches).
+    while !server.metric(caught_up).await.is_some_and(|n| n >= 1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "caught_up counted: {:?}",
+            server.metric(caught_up).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        server
+            .metric(r#"spool_slow_consumers_total{outcome="closed"}"#)
+            .await,
+        Some(0.0)
+    );
+}

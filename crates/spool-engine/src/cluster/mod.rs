@@ -8,7 +8,9 @@
 //! - [`TailCache`] (`tail.rs`): the newest messages of watched streams, one store read per
 //!   publish per node instead of one per subscriber;
 //! - [`HeadNote`] (`note.rs`): the one wire format of the notes nodes send each other after an
-//!   append, `<epoch> <head> <stream>`.
+//!   append, `<epoch> <head> <stream>`;
+//! - [`TransientLink`] (`transient.rs`): transient notes (`~<origin> <stream> <payload>`) on the
+//!   same channel, for messages that reach live subscribers on every node without being stored.
 //!
 //! All of it is bounded: `Heads` holds only streams with a live watcher after a prune, and the
 //! cache a fixed number of messages and bytes per stream for at most those streams.
@@ -17,8 +19,10 @@ mod heads;
 mod node;
 mod note;
 mod tail;
+mod transient;
 
 pub use heads::Heads;
 pub use node::{ClusterNode, Store};
 pub use note::HeadNote;
 pub use tail::{TailCache, TailLimits};
+pub use transient::{TRANSIENT_PREFIX, TransientCounts, TransientLink, TransientNote};

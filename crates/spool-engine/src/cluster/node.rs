@@ -23,7 +23,7 @@ use futures::StreamExt as _;
 use parking_lot::Mutex;
 use spool_core::{Epoch, Message, Offset, Position, StreamName, StreamState};
 
-use super::{Heads, TailCache};
+use super::{Heads, TailCache, TransientLink};
 use crate::{EngineError, HeadWatch, ReadBatch};
 
 /// How many watched streams a resync re-reads at once.
@@ -76,6 +76,8 @@ pub struct ClusterNode {
     cache: TailCache,
     /// Makes "is the stream watched?" and creating its watch one step, against pruning.
     watching: Mutex<()>,
+    /// Transient notes to and from the other nodes (`transient.rs`).
+    transient: TransientLink,
 }
 
 impl ClusterNode {
@@ -84,7 +86,15 @@ impl ClusterNode {
             heads: Heads::default(),
             cache,
             watching: Mutex::new(()),
+            transient: TransientLink::default(),
         }
+    }
+
+    /// This node's end of the transient notes: the engine publishes what
+    /// [`TransientLink::next_outgoing`] gives on its notes channel and hands what it hears
+    /// there to [`TransientLink::heard`] first.
+    pub fn transient(&self) -> &TransientLink {
+        &self.transient
     }
 
     /// The node's head watches (a store's reads move them; a note moves them).

@@ -12,6 +12,8 @@
 //! - [`groups`]: consumer groups (SPEC §7) — the driver between the group state machine, the
 //!   engine and the group store: receive with long-poll, settle, dead letters, redrive, the
 //!   sweeper.
+//! - [`transient`]: messages for the live subscribers of a stream on every node, never
+//!   stored (AnyCable's `whisper`), bounded and dropped rather than queued.
 
 pub mod budget;
 pub mod encode;
@@ -19,3 +21,4 @@ pub mod groups;
 pub mod publish;
 pub mod session;
 pub mod subscription;
+pub mod transient;

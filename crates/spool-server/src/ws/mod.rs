@@ -203,6 +203,7 @@ fn run(
                         state.encodings.clone(),
                         opening,
                         ping_interval,
+                        &state.transients,
                     );
                     core::run(socket, state, principal, client, protocol).await;
                 }

@@ -42,6 +42,20 @@ pub fn stream_of(identifier: &str, config: &AnycableConfig) -> Result<String, Re
     Err(Refused::NoStream)
 }
 
+/// Whether `identifier` (already subscribed) lets its subscriber whisper: a public stream
+/// always, a signed one only with `--anycable-whisper` (AnyCable's `--streams_whisper`).
+pub fn whisper_allowed(identifier: &str, config: &AnycableConfig) -> bool {
+    let Ok(params) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(identifier)
+    else {
+        return false;
+    };
+    if params.contains_key("signed_stream_name") {
+        config.whisper
+    } else {
+        params.contains_key("stream_name") && config.public_streams
+    }
+}
+
 /// The stream name in `signed` (`base64(JSON(name)) + "--" + hex(HMAC-SHA256(secret,
 /// base64 part))`), if the signature is right.
 pub fn verify(signed: &str, secret: &str) -> Option<String> {

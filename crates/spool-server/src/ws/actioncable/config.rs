@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::delivery::transient::TransientLimits;
+
 /// Settings of the AnyCable-compatible endpoint.
 #[derive(Clone, Debug)]
 pub struct AnycableConfig {
@@ -25,6 +27,15 @@ pub struct AnycableConfig {
     pub broadcast_key: Option<String>,
     /// How often `ping` is sent (AnyCable: 3 s; a client's `?pi=` overrides it).
     pub ping_interval: Duration,
+    /// Allow `whisper` on signed streams (`--anycable-whisper`; public streams always allow
+    /// it, as AnyCable's `--streams_whisper` does).
+    pub whisper: bool,
+    /// Bounds of whispers (transient messages): per-connection inbox and largest payload
+    /// (`--anycable-whisper-buffer`, `--anycable-whisper-max-bytes`).
+    pub whisper_limits: TransientLimits,
+    /// Close extended-protocol connections that sent no `{"command":"pong"}` for this long
+    /// (`--anycable-pong-timeout`; AnyCable's `--pong_timeout`); `None`: off.
+    pub pong_timeout: Option<Duration>,
 }
 
 impl Default for AnycableConfig {
@@ -39,6 +50,9 @@ impl Default for AnycableConfig {
             public_streams: false,
             broadcast_key: None,
             ping_interval: Duration::from_secs(3),
+            whisper: false,
+            whisper_limits: TransientLimits::default(),
+            pong_timeout: None,
         }
     }
 }

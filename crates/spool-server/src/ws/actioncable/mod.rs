@@ -22,11 +22,17 @@ use std::{
 use axum::extract::ws::Message as WsMessage;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use spool_core::{Epoch, Message, now_ms};
+use spool_core::{Epoch, Message, StreamName, now_ms};
+use tokio::time::Instant;
 
 pub use self::config::AnycableConfig;
-use super::core::{CloseReason, Command, DecodeError, Event, Protocol, SubscribeOptions};
-use crate::delivery::encode::Encodings;
+use super::core::{
+    CloseReason, Command, DecodeError, Event, Protocol, SubscribeOptions, TransientInbox,
+};
+use crate::delivery::{
+    encode::Encodings,
+    transient::{Listener, Transient, Transients},
+};
 
 /// The base protocol's subprotocol name.
 pub const BASE: &str = "actioncable-v1-json";
@@ -63,6 +69,11 @@ pub struct ActionCable {
     /// Why the connection is being refused, once known (names the `disconnect` reason).
     refused: Option<&'static str>,
     state: Mutex<Subscriptions>,
+    /// Whispers for this connection, until the core takes them.
+    inbox: Option<TransientInbox>,
+    /// When the client last sent `{"command":"pong"}` (or connected), for
+    /// `--anycable-pong-timeout`.
+    last_pong: Instant,
 }
 
 /// Which identifier names which stream on this connection, and requests in flight.
@@ -75,6 +86,29 @@ struct Subscriptions {
     by_stream: HashMap<Arc<str>, Arc<str>>,
     /// The connection's session id, once connected.
     session: Option<Arc<str>>,
+    /// Where whispers come in: joined to every subscribed stream (when whispers may be sent
+    /// at all: `--anycable-whisper` or `--anycable-public-streams`).
+    listener: Option<Listener>,
+}
+
+impl Subscriptions {
+    fn subscribed(&mut self, identifier: Arc<str>, stream: Arc<str>) {
+        if let (Some(listener), Ok(name)) = (self.listener.as_mut(), StreamName::new(&stream)) {
+            listener.join(&name);
+        }
+        self.by_identifier
+            .insert(identifier.clone(), stream.clone());
+        self.by_stream.insert(stream, identifier);
+    }
+
+    fn unsubscribed_stream(&mut self, stream: &str) -> Option<Arc<str>> {
+        let identifier = self.by_stream.remove(stream)?;
+        self.by_identifier.remove(&identifier);
+        if let (Some(listener), Ok(name)) = (self.listener.as_mut(), StreamName::new(stream)) {
+            listener.leave(&name);
+        }
+        Some(identifier)
+    }
 }
 
 impl ActionCable {
@@ -84,7 +118,14 @@ impl ActionCable {
         encodings: Arc<Encodings>,
         opening: Opening,
         ping_interval: Option<Duration>,
+        transients: &Arc<Transients>,
     ) -> Self {
+        let (listener, inbox) = if config.whisper || config.public_streams {
+            let (listener, inbox) = transients.listener();
+            (Some(listener), Some(inbox))
+        } else {
+            (None, None)
+        };
         Self {
             ext,
             ping_interval: ping_interval.unwrap_or(config.ping_interval),
@@ -92,7 +133,41 @@ impl ActionCable {
             encodings,
             opening: Some(opening),
             refused: None,
-            state: Mutex::default(),
+            state: Mutex::new(Subscriptions {
+                listener,
+                ..Subscriptions::default()
+            }),
+            inbox,
+            last_pong: Instant::now(),
+        }
+    }
+
+    /// A whisper: `data` (any JSON) to the other subscribers of the stream `identifier`
+    /// names on this connection, on every node, not stored. As AnyCable does, it is ignored
+    /// unless the connection is subscribed through `identifier` and the identifier allows
+    /// whispers: a public stream always, a signed one with `--anycable-whisper`.
+    fn whisper(&self, identifier: &str, data: Option<serde_json::Value>) {
+        let Some(data) = data else {
+            tracing::debug!("whisper without data ignored");
+            return;
+        };
+        if !channel::whisper_allowed(identifier, &self.config) {
+            tracing::debug!("whisper not allowed on this identifier");
+            return;
+        }
+        let state = self.state.lock();
+        let (Some(stream), Some(listener)) =
+            (state.by_identifier.get(identifier), state.listener.as_ref())
+        else {
+            tracing::debug!("whisper on an identifier not subscribed");
+            return;
+        };
+        let Ok(stream) = StreamName::new(stream) else {
+            return;
+        };
+        let payload = serde_json::to_vec(&data).unwrap_or_default();
+        if listener.publish(&stream, payload.into()).is_err() {
+            tracing::debug!(%stream, "whisper too large; dropped");
         }
     }
 
@@ -250,6 +325,9 @@ struct ClientCommand {
     identifier: Option<String>,
     #[serde(default)]
     history: Option<History>,
+    /// A whisper's data (any JSON).
+    #[serde(default)]
+    data: Option<serde_json::Value>,
 }
 
 /// A history request: positions per stream, else messages since a time (Unix seconds).
@@ -312,9 +390,9 @@ impl Protocol for ActionCable {
             "unsubscribe" => {
                 let identifier = identifier()?;
                 let mut state = self.state.lock();
-                match state.by_identifier.remove(identifier.as_str()) {
+                match state.by_identifier.get(identifier.as_str()).cloned() {
                     Some(stream) => {
-                        state.by_stream.remove(&stream);
+                        state.unsubscribed_stream(&stream);
                         Command::Unsubscribe {
                             id: None,
                             stream: stream.to_string(),
@@ -324,9 +402,17 @@ impl Protocol for ActionCable {
                 }
             }
             "ping" => Command::Ping,
-            "pong" => Command::Pong,
-            // `$pubsub` has no actions; whisper and presence are not served (docs/anycable.md).
-            "message" | "whisper" | "join" | "leave" | "presence" => {
+            "pong" => {
+                self.last_pong = Instant::now();
+                Command::Pong
+            }
+            "whisper" => {
+                let identifier = identifier()?;
+                self.whisper(&identifier, command.data);
+                Command::Answer(None)
+            }
+            // `$pubsub` has no actions; presence is not served (docs/anycable.md).
+            "message" | "join" | "leave" | "presence" => {
                 identifier()?;
                 Command::Answer(None)
             }
@@ -357,12 +443,7 @@ impl Protocol for ActionCable {
                 let mut restored_ids = Vec::new();
                 for s in subscriptions {
                     if let Some(label) = s.label {
-                        let identifier: Arc<str> = Arc::from(label);
-                        let stream: Arc<str> = Arc::from(s.stream);
-                        state
-                            .by_identifier
-                            .insert(identifier.clone(), stream.clone());
-                        state.by_stream.insert(stream, identifier);
+                        state.subscribed(Arc::from(label), Arc::from(s.stream));
                         restored_ids.push(label);
                     }
                 }
@@ -380,11 +461,7 @@ impl Protocol for ActionCable {
             Event::Subscribed(s) => {
                 let mut state = self.state.lock();
                 let (identifier, _, _) = s.id.and_then(|id| state.pending.remove(&id))?;
-                let stream: Arc<str> = Arc::from(s.stream);
-                state
-                    .by_identifier
-                    .insert(identifier.clone(), stream.clone());
-                state.by_stream.insert(stream, identifier.clone());
+                state.subscribed(identifier.clone(), Arc::from(s.stream));
                 Some(typed("confirm_subscription", &identifier))
             }
             Event::Error { id, .. } => {
@@ -417,9 +494,7 @@ impl Protocol for ActionCable {
                 reason: Some(_),
                 ..
             } => {
-                let mut state = self.state.lock();
-                let identifier = state.by_stream.remove(*stream)?;
-                state.by_identifier.remove(&identifier);
+                let identifier = self.state.lock().unsubscribed_stream(stream)?;
                 Some(typed("reject_subscription", &identifier))
             }
             Event::Ping => Some(text(&serde_json::json!({
@@ -482,5 +557,32 @@ impl Protocol for ActionCable {
 
     fn ping_interval(&self, _configured: Duration) -> Duration {
         self.ping_interval
+    }
+
+    fn transient_inbox(&mut self) -> Option<TransientInbox> {
+        self.inbox.take()
+    }
+
+    /// A whisper as AnyCable delivers it: a broadcast without a position.
+    fn encode_transient(&self, message: &Transient) -> Option<WsMessage> {
+        let identifier = self.identifier_of(message.stream.as_str())?;
+        let payload = std::str::from_utf8(&message.payload).ok()?;
+        // Payloads from other nodes are checked too: a frame is always JSON.
+        serde_json::from_str::<serde::de::IgnoredAny>(payload).ok()?;
+        let identifier = serde_json::to_string(&*identifier).unwrap_or_default();
+        Some(WsMessage::Text(
+            format!(
+                r#"{{"identifier":{identifier},"message":{}}}"#,
+                payload.trim()
+            )
+            .into(),
+        ))
+    }
+
+    /// `no_pong` (AnyCable's `--pong_timeout`, extended protocol only): no `pong` command
+    /// within the timeout since the last one (or since the connection opened).
+    fn overdue(&mut self) -> Option<CloseReason> {
+        let timeout = self.config.pong_timeout.filter(|_| self.ext)?;
+        (self.last_pong.elapsed() > timeout).then_some(CloseReason::PingTimeout)
     }
 }

@@ -874,7 +874,12 @@ impl<P: Protocol> Connection<P> {
             .any(|p| p.matches(&opened.stream));
         subs.insert(
             opened.stream,
-            deliveries(opened.sub, self.out.room.clone(), conflate),
+            deliveries(
+                opened.sub,
+                self.out.room.clone(),
+                conflate,
+                self.state.metrics.clone(),
+            ),
         );
     }
 

@@ -20,10 +20,18 @@ pub type Deliveries = BoxStream<'static, Vec<(Event, Taken)>>;
 
 /// A subscription's deliveries. It reads only when the outbound buffer has room, as much as
 /// fits; an engine failure is retried with backoff (the client stays connected and catches up
-/// from history when the engine is back).
-pub fn deliveries(sub: Subscription, room: Arc<Room>, conflate: bool) -> Deliveries {
-    stream::unfold((sub, true), move |(mut sub, mut more)| {
+/// from history when the engine is back). A subscription that had more to read while the
+/// buffer was full and later reaches the head counts as a slow consumer that caught up
+/// (`spool_slow_consumers_total{outcome="caught_up"}`).
+pub fn deliveries(
+    sub: Subscription,
+    room: Arc<Room>,
+    conflate: bool,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Deliveries {
+    stream::unfold((sub, true, false), move |(mut sub, mut more, mut behind)| {
         let room = room.clone();
+        let metrics = metrics.clone();
         async move {
             let mut retry = Duration::from_millis(100);
             loop {
@@ -35,6 +43,9 @@ pub fn deliveries(sub: Subscription, room: Arc<Room>, conflate: bool) -> Deliver
                     tokio::time::sleep(retry).await;
                     retry = (retry * 2).min(MAX_RETRY);
                     continue;
+                }
+                if more && room.is_full() {
+                    behind = true;
                 }
                 let taken = room.take().await;
                 let budget = Budget {
@@ -59,6 +70,10 @@ pub fn deliveries(sub: Subscription, room: Arc<Room>, conflate: bool) -> Deliver
                     }
                     _ => false,
                 };
+                if behind && !more {
+                    behind = false;
+                    metrics.slow_consumer("caught_up");
+                }
                 if events.is_empty() {
                     room.give_back(taken);
                     continue;
@@ -81,7 +96,7 @@ pub fn deliveries(sub: Subscription, room: Arc<Room>, conflate: bool) -> Deliver
                     })
                     .collect();
                 room.give_back(left);
-                return Some((batch, (sub, more)));
+                return Some((batch, (sub, more, behind)));
             }
         }
     })

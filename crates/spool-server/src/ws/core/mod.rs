@@ -23,7 +23,7 @@ use spool_protocol::ErrorCode;
 
 pub use connection::run;
 
-use crate::delivery::publish::ToAppend;
+use crate::delivery::{publish::ToAppend, transient::Transient};
 
 /// A WebSocket protocol: its subprotocol name, how a client frame becomes a [`Command`], and
 /// how an [`Event`] becomes a frame. Kept small on purpose: everything else is the core's.
@@ -64,7 +64,28 @@ pub trait Protocol: Send + 'static {
     fn ping_interval(&self, configured: std::time::Duration) -> std::time::Duration {
         configured
     }
+
+    /// The inbox of transient messages (`delivery::transient`) for this connection, taken
+    /// once by the core as the connection starts; `None` (the default): the protocol has none.
+    fn transient_inbox(&mut self) -> Option<TransientInbox> {
+        None
+    }
+
+    /// A transient message as the frame to send, or `None`. The core drops the frame, rather
+    /// than wait, when the outbound buffer is full.
+    fn encode_transient(&self, _message: &Transient) -> Option<WsMessage> {
+        None
+    }
+
+    /// Asked on the connection's tick: a reason to close it now, for a protocol with a
+    /// deadline of its own (an application-level heartbeat); `None` (the default): none.
+    fn overdue(&mut self) -> Option<CloseReason> {
+        None
+    }
 }
+
+/// A connection's inbox of transient messages ([`Protocol::transient_inbox`]).
+pub type TransientInbox = tokio::sync::mpsc::Receiver<std::sync::Arc<Transient>>;
 
 /// A client frame the protocol could not decode.
 #[derive(Debug)]

@@ -75,6 +75,12 @@ impl Room {
         }
     }
 
+    /// Whether a delivery would have to wait for room now (the client reads slower than its
+    /// subscriptions could deliver).
+    pub fn is_full(&self) -> bool {
+        self.messages.available_permits() == 0 || self.bytes.available_permits() == 0
+    }
+
     /// Waits until there is room for at least one delivery, then takes all the room there is.
     pub async fn take(&self) -> Taken {
         let mut taken = Taken::default();
