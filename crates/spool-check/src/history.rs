@@ -243,10 +243,11 @@ impl Recorder {
         self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether the history is full (the workload should stop: a truncated history cannot be
+    /// Whether the history is nearly full (90%): the workload should stop, leaving room for
+    /// the subscribers to catch up and the final reads (a truncated history cannot be
     /// checked).
     pub fn full(&self) -> bool {
-        self.entries.lock().map(|e| e.len()).unwrap_or(0) >= self.limit
+        self.entries.lock().map(|e| e.len()).unwrap_or(0) >= self.limit / 10 * 9
     }
 
     /// The entries so far.

@@ -400,7 +400,7 @@ pub async fn run(opts: Options) -> anyhow::Result<RunResult> {
         }
         if rec.full() {
             ctx.harness_error(format!(
-                "the history reached its limit of {} entries; the run stopped early",
+                "the history neared its limit of {} entries (--max-history); the run stopped early",
                 opts.max_history
             ));
             break;

@@ -65,7 +65,7 @@ impl RunResult {
         if self.dropped_entries > 0 {
             let _ = writeln!(
                 out,
-                "history incomplete: {} entries did not fit (raise --max-history or shorten the run)",
+                "history incomplete: {} entries did not fit (raise --max-history or shorten the run); violations below may only be what is missing from it",
                 self.dropped_entries
             );
         }

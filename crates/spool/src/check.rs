@@ -141,6 +141,16 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<()> {
     let result = spool_check::run(opts).await?;
     if let Some(path) = &args.history {
         write_history(path, &result.entries)?;
+    } else if !result.passed() {
+        // A failed run keeps its whole history for a closer look (`--check-history` reads it).
+        let path = std::env::temp_dir().join(format!(
+            "spool-check-{seed}-{}.history.jsonl",
+            std::process::id()
+        ));
+        match write_history(&path, &result.entries) {
+            Ok(()) => eprintln!("spool check: the whole history is in {}", path.display()),
+            Err(e) => eprintln!("spool check: could not keep the history: {e:#}"),
+        }
     }
     let reproduce = reproduce(&args, seed);
     if args.json {
