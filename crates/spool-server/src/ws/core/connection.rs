@@ -39,6 +39,7 @@ use crate::{
         budget::Identity,
         session::{LiveSession, NotRestored, Sessions},
         subscription::{self, Subscription, position_after},
+        transient::Transient,
     },
     error::ApiError,
     metrics::Transport,
@@ -122,6 +123,7 @@ pub async fn run<P: Protocol>(
         consumes: None,
         consumed: None,
     };
+    let mut transient = conn.protocol.transient_inbox();
     let mut subs: StreamMap<Arc<str>, Deliveries> = StreamMap::new();
     let mut round: Option<Round> = None;
     let mut expiry: Option<Pin<Box<Sleep>>> = None;
@@ -200,6 +202,9 @@ pub async fn run<P: Protocol>(
             Some((stream, batch)) = subs.next(), if !subs.is_empty() => {
                 conn.deliver(&stream, batch).await
             }
+            Some(message) = async { transient.as_mut().expect("guarded").recv().await }, if transient.is_some() => {
+                conn.transient(&message)
+            }
             Some(event) = async { consumed.as_mut().expect("guarded").recv().await }, if consumed.is_some() => {
                 match conn.consumes.as_mut() {
                     Some(consumes) => Box::pin(consumes.on_event(event, &conn.protocol, &conn.out))
@@ -230,7 +235,10 @@ pub async fn run<P: Protocol>(
                 }
             }
             _ = tick.tick() => {
-                conn.tick(opened, &mut subs)
+                match conn.protocol.overdue() {
+                    Some(why) => Err(End::Close(why)),
+                    None => conn.tick(opened, &mut subs),
+                }
             }
         };
         let result = match result {
@@ -360,6 +368,14 @@ impl<P: Protocol> Connection<P> {
         let (code, reason) = self.protocol.close(why);
         tracing::debug!(code, reason, "closing a websocket connection");
         self.close = Some(Close { code, reason });
+    }
+
+    /// A transient message: sent if the outbound buffer has a slot now, else dropped.
+    fn transient(&self, message: &Transient) -> Result<(), End> {
+        match self.protocol.encode_transient(message) {
+            Some(frame) => self.out.try_send(frame).map_err(End::from),
+            None => Ok(()),
+        }
     }
 
     async fn reply(&self, event: &Event<'_>) -> Result<(), End> {
