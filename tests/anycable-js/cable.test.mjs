@@ -246,3 +246,54 @@ test('an expiring token: disconnect token_expired, and the tokenRefresher reconn
     await stop(server, 'SIGTERM')
   }
 })
+
+test('whisper: the other subscribers get it, the sender does not, nothing is stored', async () => {
+  let port = await freePort()
+  let server = await serve(port, ['--engine', 'memory', '--anycable-public-streams'])
+  let [a, b] = [cable(port), cable(port)]
+  try {
+    let [ca, cb] = [a.streamFrom('room/5'), b.streamFrom('room/5')]
+    let [gotA, gotB] = [[], []]
+    ca.on('message', (msg, meta) => gotA.push({ msg, meta }))
+    cb.on('message', (msg, meta) => gotB.push({ msg, meta }))
+    await ca.ensureSubscribed()
+    await cb.ensureSubscribed()
+    await ca.whisper({ event: 'typing', name: 'Ann' })
+    await until(() => gotB.length === 1, 10000, 'the whisper')
+    assert.deepEqual(gotB[0].msg, { event: 'typing', name: 'Ann' })
+    assert.equal(gotB[0].meta, undefined, 'a whisper has no position')
+    // Not stored: the first durable message is offset 1, and the sender got only that.
+    await publish(port, 'room/5', JSON.stringify({ durable: true }))
+    await until(() => gotA.length === 1 && gotB.length === 2, 10000, 'the durable message')
+    assert.deepEqual(gotA.map(g => g.meta.offset), [1])
+    assert.deepEqual(gotB[1].meta.offset, 1)
+  } finally {
+    a.disconnect()
+    b.disconnect()
+    await stop(server, 'SIGTERM')
+  }
+})
+
+test('--anycable-pong-timeout: a client sending pongs stays, one that does not gets no_pong', async () => {
+  let port = await freePort()
+  let server = await serve(port, [
+    '--engine', 'memory', '--anycable-pong-timeout', '2s', '--anycable-ping-interval', '1s'
+  ])
+  let ponging = cable(port, '', { protocolOptions: { pongs: true } })
+  let silent = cable(port)
+  try {
+    let [pongingEvents, silentEvents] = [[], []]
+    ponging.on('disconnect', ev => pongingEvents.push(ev.reason))
+    silent.on('disconnect', ev => silentEvents.push(ev.reason))
+    await ponging.connect()
+    await silent.connect()
+    await until(() => silentEvents.includes('no_pong'), 10000, 'no_pong for the silent client')
+    await new Promise(resolve => setTimeout(resolve, 3000))
+    assert.deepEqual(pongingEvents, [], 'the client that sends pongs is never disconnected')
+    assert.equal(ponging.state, 'connected')
+  } finally {
+    ponging.disconnect()
+    silent.disconnect()
+    await stop(server, 'SIGTERM')
+  }
+})
