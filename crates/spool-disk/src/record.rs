@@ -704,6 +704,31 @@ pub(crate) mod tests {
         }
     }
 
+    #[test]
+    fn admin_records_round_trip() {
+        let name = StreamName::new("chat:room/1").unwrap();
+        let epoch = Epoch::generate();
+        let mut buf = Vec::new();
+        encode_stream_deleted(&mut buf, &name, &epoch);
+        let deleted = Record::StreamDeleted {
+            name: name.clone(),
+            epoch: epoch.clone(),
+        };
+        assert_eq!(decode_frame(&buf), Frame::Record(deleted, buf.len()));
+        let mut buf = Vec::new();
+        encode_stream_truncated(&mut buf, &name, &epoch, Offset(42));
+        let truncated = Record::StreamTruncated {
+            name,
+            epoch,
+            before: Offset(42),
+        };
+        assert_eq!(decode_frame(&buf), Frame::Record(truncated, buf.len()));
+        // A flipped byte is caught by the CRC.
+        let last = buf.len() - 1;
+        buf[last] ^= 1;
+        assert!(!matches!(decode_frame(&buf), Frame::Record(..)));
+    }
+
     proptest! {
         #[test]
         fn messages_round_trip(
