@@ -110,6 +110,27 @@ mod tests {
     }
 
     #[test]
+    fn whispers_are_allowed_on_public_streams_and_on_signed_ones_with_the_flag() {
+        let signed =
+            serde_json::json!({"channel": "$pubsub", "signed_stream_name": sign("a", "s")})
+                .to_string();
+        let public = r#"{"channel":"$pubsub","stream_name":"b"}"#;
+        assert!(!whisper_allowed(&signed, &config(true)));
+        assert!(whisper_allowed(public, &config(true)));
+        assert!(
+            !whisper_allowed(public, &config(false)),
+            "public streams off"
+        );
+        let whisper = AnycableConfig {
+            whisper: true,
+            ..config(false)
+        };
+        assert!(whisper_allowed(&signed, &whisper));
+        assert!(!whisper_allowed("not json", &whisper));
+        assert!(!whisper_allowed(r#"{"channel":"$pubsub"}"#, &whisper));
+    }
+
+    #[test]
     fn identifiers() {
         let signed = sign("a", "s");
         let id =
