@@ -1219,10 +1219,6 @@ impl<P: Protocol> Connection<P> {
                 self.activate(opened, subs);
             }
         }
-        if !self.out.waiting() {
-            // Quiet: the outbound queue keeps no storage until there is something to send.
-            self.out.trim();
-        }
         let ws = &self.state.config.ws;
         if self.principal.is_none() && opened.elapsed() >= ws.connect_timeout {
             return Err(End::Close(CloseReason::ConnectTimeout));

@@ -8,11 +8,11 @@
 //! a client that sends requests without reading answers is slowed down, not buffered for.
 //!
 //! The queue is a `VecDeque` behind a lock, allocated when a frame is queued and released
-//! ([`Outbound::trim`]) once the connection has gone quiet: an idle connection holds no queue
-//! storage (a channel would hold its first block of slots for as long as the connection lives). The writer takes everything
-//! queued at once, feeds it to the socket and flushes once, so a burst — a round's acks, a
-//! batch of deliveries — goes out in one write. The connection can hold the writer back while
-//! it queues a burst ([`Outbound::hold`]).
+//! whenever the writer has drained it and waits: an idle connection holds no queue storage (a
+//! channel would hold its first block of slots for as long as the connection lives). The
+//! writer takes everything queued at once, feeds it to the socket and flushes once, so a burst
+//! — a round's acks, a batch of deliveries — goes out in one write. The connection can hold
+//! the writer back while it queues a burst ([`Outbound::hold`]).
 //!
 //! The writer records what it has written to the socket (once per flushed burst), which is
 //! what a session remembers as delivered, and when it last made progress, which is how a
@@ -151,8 +151,6 @@ struct Shared {
 
 struct Queue {
     frames: VecDeque<Frame>,
-    /// Storage of a drained batch, kept for the next burst until [`Outbound::trim`].
-    spare: VecDeque<Frame>,
     /// The writer, when it waits for frames.
     writer: Option<Waker>,
     /// The writer is gone (the socket failed or was closed): nothing more can be sent.
@@ -174,7 +172,6 @@ impl Outbound {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 frames: VecDeque::new(),
-                spare: VecDeque::new(),
                 writer: None,
                 closed: false,
                 finished: false,
@@ -288,21 +285,6 @@ impl Outbound {
         }
     }
 
-    /// Releases the queue's storage when nothing is queued: for a connection gone quiet.
-    pub fn trim(&self) {
-        let (frames, spare) = {
-            let mut queue = self.shared.queue.lock();
-            if !queue.frames.is_empty() {
-                return;
-            }
-            (
-                std::mem::take(&mut queue.frames),
-                std::mem::take(&mut queue.spare),
-            )
-        };
-        drop((frames, spare));
-    }
-
     fn wake_writer(&self) {
         let waker = self.shared.queue.lock().writer.take();
         if let Some(waker) = waker {
@@ -352,8 +334,7 @@ pub enum Gone {
 pub struct Writer {
     sink: SplitSink<WebSocket, WsMessage>,
     shared: Arc<Shared>,
-    /// The frames taken from the queue, being written (its storage goes back to the queue as
-    /// its spare on the next take).
+    /// The frames taken from the queue, being written.
     batch: VecDeque<Frame>,
     room: Arc<Room>,
     /// The session whose positions the writer records, once `connect` made one.
@@ -396,17 +377,14 @@ impl Writer {
         self.finish(close).await;
     }
 
-    /// Waits for queued frames and moves them into `batch`; false once the queue is empty and
-    /// the [`Outbound`] gone. The storage of the previous batch goes back as the queue's spare.
+    /// Waits for queued frames and moves them into `batch` (whose drained storage becomes the
+    /// queue's); false once the queue is empty and the [`Outbound`] gone. Before it waits, the
+    /// storage of both is released: a quiet connection keeps none.
     async fn take(&mut self) -> bool {
         poll_fn(|cx| {
             let mut queue = self.shared.queue.lock();
-            if self.batch.capacity() > 0 && queue.spare.capacity() == 0 {
-                std::mem::swap(&mut queue.spare, &mut self.batch);
-            }
             if !queue.frames.is_empty() {
-                let spare = std::mem::take(&mut queue.spare);
-                self.batch = std::mem::replace(&mut queue.frames, spare);
+                std::mem::swap(&mut queue.frames, &mut self.batch);
                 return Poll::Ready(true);
             }
             if queue.finished {
@@ -416,6 +394,10 @@ impl Writer {
                 Some(waker) => waker.clone_from(cx.waker()),
                 None => queue.writer = Some(cx.waker().clone()),
             }
+            let storage = std::mem::take(&mut queue.frames);
+            drop(queue);
+            drop(storage);
+            self.batch = VecDeque::new();
             Poll::Pending
         })
         .await
