@@ -108,6 +108,8 @@ async fn listen(
             msg = stream.next() => match msg {
                 // Transient notes share the channel (`spool_engine::cluster::TransientLink`).
                 Some(msg) if shared.node.transient().heard(msg.get_payload_bytes()) => {}
+                // So do the stream-admin notes (a truncate: drop the cached tail).
+                Some(msg) if shared.node.heard_admin(msg.get_payload_bytes()) => {}
                 Some(msg) => match HeadNote::decode(msg.get_payload_bytes()) {
                     Some(note) => {
                         shared.node.heads().advance(&note.stream, note.head);

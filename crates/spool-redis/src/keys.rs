@@ -58,20 +58,51 @@ impl Keys {
         let mut tag = String::with_capacity(self.prefix.len() + stream.as_str().len() + 4);
         tag.push_str(&self.prefix);
         tag.push_str(":{");
-        for c in stream.as_str().chars() {
-            match c {
-                '%' => tag.push_str("%25"),
-                '{' => tag.push_str("%7B"),
-                '}' => tag.push_str("%7D"),
-                c => tag.push(c),
-            }
-        }
+        tag.push_str(&escape(stream.as_str()));
         tag.push('}');
         StreamKeys {
             meta: format!("{tag}:m"),
             data: format!("{tag}:x"),
             dedup: format!("{tag}:i:"),
         }
+    }
+
+    /// The `SCAN` pattern matching the metadata keys of the streams whose names start with
+    /// `name_prefix` (and, as `*` crosses braces, some idempotency keys: see
+    /// [`Keys::stream_of_meta`]).
+    pub fn meta_pattern(&self, name_prefix: &str) -> String {
+        format!(
+            "{}:{{{}*}}:m",
+            glob_escape(&self.prefix),
+            glob_escape(&escape(name_prefix))
+        )
+    }
+
+    /// The stream whose metadata key `key` is; `None` for any other key. An escaped name holds
+    /// no `}`, so an idempotency key ending in `}:m` is told apart.
+    pub fn stream_of_meta(&self, key: &str) -> Option<StreamName> {
+        let inner = key
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":{")?
+            .strip_suffix("}:m")?;
+        if inner.contains('}') {
+            return None;
+        }
+        let mut name = String::with_capacity(inner.len());
+        let mut rest = inner;
+        while let Some(i) = rest.find('%') {
+            name.push_str(&rest[..i]);
+            let code = rest.get(i..i + 3)?;
+            name.push(match code {
+                "%25" => '%',
+                "%7B" => '{',
+                "%7D" => '}',
+                _ => return None,
+            });
+            rest = &rest[i + 3..];
+        }
+        name.push_str(rest);
+        StreamName::new(&name).ok()
     }
 
     pub fn session(&self, id: &str) -> String {
@@ -81,6 +112,32 @@ impl Keys {
     pub fn heads_channel(&self) -> String {
         format!("{}:heads", self.prefix)
     }
+}
+
+/// A stream name as it stands inside the hash tag (see the module docs).
+fn escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `text` matched literally in a Redis glob pattern.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -95,6 +152,18 @@ mod tests {
         assert_eq!(a.meta, "p:{x%7D:i:k}:m");
         assert_ne!(a.meta, b.dedup("k}:m"));
         assert_eq!(b.dedup("k"), "p:{x}:i:k");
+        for name in ["x}:i:k", "a%7Bb", "plain/1", "w*[?]\\"] {
+            let stream = StreamName::new(name).unwrap();
+            assert_eq!(
+                keys.stream_of_meta(&keys.stream(&stream).meta),
+                Some(stream)
+            );
+        }
+        // An idempotency key ending like a metadata key is none.
+        assert_eq!(keys.stream_of_meta(&b.dedup("k}:m")), None);
+        assert_eq!(keys.stream_of_meta("p:session:x"), None);
+        assert_eq!(keys.stream_of_meta("p:{bad%zz}:m"), None);
+        assert_eq!(keys.meta_pattern("a*{"), "p:{a\\*%7B*}:m");
         assert!(Keys::new("a{b").is_err());
         assert!(Keys::new("").is_err());
     }

@@ -54,6 +54,7 @@
 //! watchers to the new epoch at once. Metadata outlives the data (`meta_ttl`), so a stream
 //! whose messages all expired keeps its epoch and readers get `history_expired` instead.
 
+mod admin;
 mod codec;
 mod config;
 mod error;
@@ -126,7 +127,13 @@ impl RedisEngine {
         };
         check_server(&mut conn.clone(), &config).await?;
         let scripts = Scripts::new();
-        for script in [&scripts.append, &scripts.read] {
+        for script in [
+            &scripts.append,
+            &scripts.read,
+            &scripts.delete,
+            &scripts.truncate,
+            &scripts.describe,
+        ] {
             within(
                 "SCRIPT LOAD",
                 config.timeout,
@@ -512,6 +519,11 @@ impl Engine for RedisEngine {
 
     fn transient(&self) -> Option<&spool_engine::cluster::TransientLink> {
         Some(self.shared.node.transient())
+    }
+
+    /// Listing, deleting and truncating streams (`admin.rs`).
+    fn admin(&self) -> Option<&dyn spool_engine::StreamAdmin> {
+        Some(self)
     }
 
     async fn append(

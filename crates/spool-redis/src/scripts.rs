@@ -152,10 +152,67 @@ end
 return {epoch, head, oldest, entries}
 "#;
 
+/// KEYS: meta, data.
+/// ARGV: channel, stream, the placeholder epoch announced.
+/// Reply: 1 when the stream was deleted, 0 when Redis did not hold it. Its idempotency
+/// records stay until they expire: they name the deleted epoch, which the append script
+/// ignores. The note `<epoch> 0 <stream>` moves every node's watchers to that placeholder.
+const DELETE: &str = r#"
+if redis.call('EXISTS', meta) == 0 then return 0 end
+redis.call('DEL', meta, data)
+redis.call('PUBLISH', ARGV[1], ARGV[3] .. ' 0 ' .. ARGV[2])
+return 1
+"#;
+
+/// KEYS: meta, data.
+/// ARGV: the first offset kept, channel, the truncate note.
+/// Reply: 0 when Redis does not hold the stream, else 1 once every entry before the offset
+/// is gone (and its bytes taken off the count) and the note published. Epoch and head stay.
+const TRUNCATE: &str = r#"
+if redis.call('EXISTS', meta) == 0 then return 0 end
+local before = tonumber(ARGV[1])
+if before <= 1 then return 1 end
+local last = string.format('%d', before - 1) .. '-0'
+local bytes = tonumber(redis.call('HGET', meta, 'b')) or 0
+while true do
+  local batch = redis.call('XRANGE', data, '-', last, 'COUNT', 1000)
+  if #batch == 0 then break end
+  for _, entry in ipairs(batch) do
+    redis.call('XDEL', data, entry[1])
+    bytes = bytes - (tonumber(field(entry[2], 'n')) or 0)
+  end
+end
+if redis.call('XLEN', data) == 0 or bytes < 0 then bytes = 0 end
+redis.call('HSET', meta, 'b', string.format('%d', bytes))
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"#;
+
+/// KEYS: meta, data.
+/// ARGV: max messages, max bytes, max age ms.
+/// Reply: nil when unknown; else epoch, head, oldest id ('' = none), retained count,
+/// retained bytes, the newest entry's publish ms ('' = none). Trims first, as a read does.
+const DESCRIBE: &str = r#"
+local epoch = redis.call('HGET', meta, 'e')
+if not epoch then return false end
+local oldest = trim(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+local count = redis.call('XLEN', data)
+local last = ''
+if count > 0 then
+  local newest = redis.call('XREVRANGE', data, '+', '-', 'COUNT', 1)[1]
+  if newest then last = field(newest[2], 't') or '' end
+end
+return {epoch, redis.call('HGET', meta, 'h'), oldest, count,
+  redis.call('HGET', meta, 'b') or '0', last}
+"#;
+
 /// The scripts, hashed once; `EVALSHA` falls back to loading them (after a Redis restart).
 pub struct Scripts {
     pub append: Script,
     pub read: Script,
+    pub delete: Script,
+    pub truncate: Script,
+    pub describe: Script,
 }
 
 impl Scripts {
@@ -163,6 +220,9 @@ impl Scripts {
         Self {
             append: Script::new(&format!("{COMMON}{APPEND}")),
             read: Script::new(&format!("{COMMON}{READ}")),
+            delete: Script::new(&format!("{COMMON}{DELETE}")),
+            truncate: Script::new(&format!("{COMMON}{TRUNCATE}")),
+            describe: Script::new(&format!("{COMMON}{DESCRIBE}")),
         }
     }
 }
@@ -266,6 +326,45 @@ impl AppendReply {
             })
             .collect()
     }
+}
+
+/// What the describe script answered: the stream's bounds and figures.
+pub struct Described {
+    pub state: StreamState,
+    pub retained_messages: u64,
+    pub retained_bytes: u64,
+    pub last_publish_ms: Option<u64>,
+}
+
+/// Decodes a describe script's reply: `None` for an unknown stream.
+pub fn parse_describe(v: Value) -> Result<Option<Described>, EngineError> {
+    let items = match v {
+        Value::Nil => return Ok(None),
+        Value::Array(items) if items.len() == 6 => items,
+        _ => return Err(bad("describe reply is not six items")),
+    };
+    let epoch = epoch(&items[0])?;
+    let head = Offset(number(&items[1]).ok_or_else(|| bad("head"))?);
+    let oldest = match text(&items[2]) {
+        Some("") => head.next(),
+        _ => entry_offset(&items[2])?,
+    };
+    let retained_messages = number(&items[3]).ok_or_else(|| bad("retained count"))?;
+    let retained_bytes = number(&items[4]).ok_or_else(|| bad("retained bytes"))?;
+    let last_publish_ms = match text(&items[5]) {
+        Some("") => None,
+        _ => Some(number(&items[5]).ok_or_else(|| bad("publish time"))?),
+    };
+    Ok(Some(Described {
+        state: StreamState {
+            epoch,
+            head,
+            oldest,
+        },
+        retained_messages,
+        retained_bytes,
+        last_publish_ms,
+    }))
 }
 
 /// Decodes a read script's reply: `None` for an unknown stream (when not registering).

@@ -71,3 +71,17 @@ async fn redis_engine_conforms() {
         .await
         .expect("the conformance suite finishes within 2 minutes");
 }
+
+/// Stream administration (list, describe, delete, truncate) on Redis, two nodes on one prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_engine_stream_admin_conforms() {
+    let Some(url) = common::shared_redis() else {
+        return;
+    };
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        spool_engine::conformance::run_stream_admin(&Redis(url)),
+    )
+    .await
+    .expect("the stream admin case finishes within a minute");
+}

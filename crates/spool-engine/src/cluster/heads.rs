@@ -123,6 +123,14 @@ impl Heads {
             .map(|h| h.tx.borrow().clone())
     }
 
+    /// How many watches of `stream` are out on this node (0 when it holds none).
+    pub fn watchers(&self, stream: &StreamName) -> u64 {
+        self.streams
+            .lock()
+            .get(stream)
+            .map_or(0, |h| h.tx.receiver_count() as u64)
+    }
+
     /// Every watched stream, to re-read after the notification channel was down (a
     /// notification lost then would otherwise leave subscribers waiting).
     pub fn watched(&self) -> Vec<StreamName> {

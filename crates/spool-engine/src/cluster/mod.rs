@@ -22,7 +22,7 @@ mod tail;
 mod transient;
 
 pub use heads::Heads;
-pub use node::{ClusterNode, Store};
+pub use node::{ClusterNode, Store, truncate_note};
 pub use note::HeadNote;
 pub use tail::{TailCache, TailLimits};
 pub use transient::{TRANSIENT_PREFIX, TransientCounts, TransientLink, TransientNote};

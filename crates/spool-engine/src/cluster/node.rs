@@ -29,6 +29,16 @@ use crate::{EngineError, HeadWatch, ReadBatch};
 /// How many watched streams a resync re-reads at once.
 const RESYNC_CONCURRENCY: usize = 32;
 
+/// How a truncate note starts: `!truncated <stream>`, sent on the notes channel after an
+/// operator dropped the front of a stream's history. (`!` starts no head note, whose first
+/// field is an epoch, nor a transient one.)
+const TRUNCATED: &str = "!truncated ";
+
+/// The note that tells the other nodes `stream` was truncated ([`ClusterNode::heard_admin`]).
+pub fn truncate_note(stream: &StreamName) -> bytes::Bytes {
+    bytes::Bytes::from(format!("{TRUNCATED}{}", stream.as_str()))
+}
+
 /// A cluster engine's reads of its backing store, all straight from the store (the node's
 /// cache is the [`ClusterNode`]'s business). Each read that finds a stream moves this node's
 /// watch of it ([`Heads::advance`] on [`ClusterNode::heads`]): a read may be the first to see
@@ -211,6 +221,40 @@ impl ClusterNode {
         self.resync(store).await
     }
 
+    /// A stream was deleted (by an operator, on this node or another): its cached tail goes
+    /// and this node's watchers move to head 0 of `epoch`, a placeholder, so they read again,
+    /// find the stream gone and get a reset. Other nodes learn it from the head note
+    /// `<epoch> 0 <stream>` the deleting node sends (a head note at 0 only ever announces a
+    /// new, empty history; [`Heads::advance`] takes it as an epoch change).
+    pub fn deleted(&self, stream: &StreamName, epoch: Epoch) {
+        self.cache.forget(std::slice::from_ref(stream));
+        self.heads
+            .advance(stream, Position::new(epoch, Offset::ZERO));
+    }
+
+    /// A stream's older history was dropped (an operator's truncate): its cached tail goes, so
+    /// no reader behind the new oldest message is served from it; the next read refills it
+    /// from the store. Other nodes hear [`truncate_note`] and do the same.
+    pub fn truncated(&self, stream: &StreamName) {
+        self.cache.forget(std::slice::from_ref(stream));
+    }
+
+    /// Takes in a stream-admin note heard on the notes channel ([`truncate_note`]); false if
+    /// `payload` is none (a head note or a transient one).
+    pub fn heard_admin(&self, payload: &[u8]) -> bool {
+        let Some(rest) = payload.strip_prefix(TRUNCATED.as_bytes()) else {
+            return false;
+        };
+        match std::str::from_utf8(rest)
+            .ok()
+            .and_then(|name| StreamName::new(name).ok())
+        {
+            Some(stream) => self.truncated(&stream),
+            None => tracing::debug!("ignored a malformed truncate note"),
+        }
+        true
+    }
+
     /// Forgets the heads and cached tails of streams nobody on this node watches any more;
     /// returns them.
     pub fn prune(&self) -> Vec<StreamName> {
@@ -354,6 +398,38 @@ mod tests {
         node.resubscribed(&store).await.unwrap();
         assert!(watch.has_changed().unwrap());
         assert_eq!(watch.borrow_and_update().offset, Offset(5));
+    }
+
+    #[tokio::test]
+    async fn a_delete_moves_watchers_to_a_placeholder_and_admin_notes_are_told_apart() {
+        let node = Arc::new(ClusterNode::default());
+        let store = FakeStore::new(node.clone());
+        let s = name("gone");
+        let epoch = Epoch::generate();
+        store
+            .heads
+            .lock()
+            .insert(s.clone(), Position::new(epoch.clone(), Offset(3)));
+        let mut watch = node.watch(&store, &s).await.unwrap();
+        watch.borrow_and_update();
+        assert_eq!(node.heads().watchers(&s), 1);
+        store.heads.lock().remove(&s);
+        let placeholder = Epoch::generate();
+        node.deleted(&s, placeholder.clone());
+        assert!(watch.has_changed().unwrap());
+        assert_eq!(
+            *watch.borrow_and_update(),
+            Position::new(placeholder, Offset::ZERO)
+        );
+        // A late note of the deleted history does not take the watch back.
+        assert!(!node.heads().advance(&s, Position::new(epoch, Offset(4))));
+        assert!(node.heard_admin(&truncate_note(&s)));
+        assert!(
+            node.heard_admin(b"!truncated not a name"),
+            "malformed: still not a head note"
+        );
+        assert!(!node.heard_admin(b"abc 1 gone"));
+        assert!(!node.heard_admin(b"~node gone x"));
     }
 
     #[tokio::test]
