@@ -1,5 +1,7 @@
 //! [`NatsEngine`]: the [`Engine`] trait on JetStream. See the crate docs for the design.
 
+mod admin;
+
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
@@ -456,6 +458,11 @@ impl Inner {
     /// A note from another node (or this one) that `stream`'s head moved: JetStream holds the
     /// stream, so it has no placeholder any more.
     pub fn heard(&self, stream: &StreamName, head: Position) {
+        // A note at head 0 announces an empty history: the stream was deleted (`admin.rs`).
+        if head.offset == Offset::ZERO {
+            self.deleted(stream, head.epoch);
+            return;
+        }
         let stale = self
             .known
             .lock()
@@ -826,6 +833,11 @@ impl Engine for NatsEngine {
 
     fn transient(&self) -> Option<&spool_engine::cluster::TransientLink> {
         Some(self.inner.node.transient())
+    }
+
+    /// Listing, deleting and truncating streams (`engine/admin.rs`).
+    fn admin(&self) -> Option<&dyn spool_engine::StreamAdmin> {
+        Some(self)
     }
 
     async fn append(

@@ -53,6 +53,10 @@ pub(crate) async fn listen(inner: Arc<Inner>, mut notes: Subscriber) {
         if inner.node.transient().heard(&message.payload) {
             continue;
         }
+        // So do the stream-admin notes (a truncate: drop the cached tail).
+        if inner.node.heard_admin(&message.payload) {
+            continue;
+        }
         match parse(&message.payload) {
             Some(note) => inner.heard(&note.stream, note.head),
             None => tracing::debug!(subject = %message.subject, "ignoring a malformed head note"),

@@ -64,6 +64,21 @@ struct AccountInfo {
 }
 
 #[derive(Deserialize)]
+struct StreamList {
+    #[serde(default)]
+    total: usize,
+    /// `null` on an empty page.
+    #[serde(default)]
+    streams: Option<Vec<Info>>,
+}
+
+#[derive(Deserialize)]
+struct Success {
+    #[serde(default)]
+    success: bool,
+}
+
+#[derive(Deserialize)]
 struct MsgGet {
     message: RawMessage,
 }
@@ -255,6 +270,59 @@ impl Api {
             {
                 Ok(None)
             }
+            Response::Err { error } => Err(api_error(what, error)),
+        }
+    }
+
+    /// One page of `STREAM.LIST` (the infos of the streams with a subject matching
+    /// `subject`, from the `offset`th on; JetStream answers up to 256 a page) and the total.
+    pub async fn list_page(
+        &self,
+        subject: &str,
+        offset: usize,
+    ) -> Result<(Vec<Info>, usize), EngineError> {
+        let what = "listing streams";
+        let response: Response<StreamList> = self
+            .request(
+                what,
+                "STREAM.LIST",
+                &json!({ "offset": offset, "subject": subject }),
+            )
+            .await?;
+        match response {
+            Response::Ok(list) => Ok((list.streams.unwrap_or_default(), list.total)),
+            Response::Err { error } => Err(api_error(what, error)),
+        }
+    }
+
+    /// Deletes a stream; false when JetStream does not hold it.
+    pub async fn delete(&self, stream: &str) -> Result<bool, EngineError> {
+        let what = "deleting a stream";
+        let response: Response<Success> = self
+            .request(what, format!("STREAM.DELETE.{stream}"), &json!({}))
+            .await?;
+        match response {
+            Response::Ok(done) => Ok(done.success),
+            Response::Err { error } if error.error_code() == STREAM_NOT_FOUND => Ok(false),
+            Response::Err { error } => Err(api_error(what, error)),
+        }
+    }
+
+    /// Drops the stream's messages before sequence `keep` (JetStream 2.9's purge with `seq`:
+    /// the messages from `keep` on stay, and so does the last sequence while `keep` is at most
+    /// one past it); false when JetStream does not hold the stream.
+    pub async fn purge_before(&self, stream: &str, keep: u64) -> Result<bool, EngineError> {
+        let what = "purging a stream";
+        let response: Response<Success> = self
+            .request(
+                what,
+                format!("STREAM.PURGE.{stream}"),
+                &json!({ "seq": keep }),
+            )
+            .await?;
+        match response {
+            Response::Ok(done) => Ok(done.success),
+            Response::Err { error } if error.error_code() == STREAM_NOT_FOUND => Ok(false),
             Response::Err { error } => Err(api_error(what, error)),
         }
     }

@@ -81,3 +81,18 @@ async fn nats_engine_conforms() {
     .await
     .expect("the conformance suite finished within 2 minutes");
 }
+
+/// Stream administration (list, describe, delete, truncate) on JetStream, two nodes on one
+/// prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_engine_stream_admin_conforms() {
+    let Some(url) = common::shared_nats() else {
+        return;
+    };
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        conformance::run_stream_admin(&Nats { url }),
+    )
+    .await
+    .expect("the stream admin case finished within a minute");
+}
