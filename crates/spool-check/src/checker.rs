@@ -207,7 +207,10 @@ pub fn check(entries: &[Entry]) -> Report {
     let mut durable = false;
     let mut retention: HashMap<String, Option<u64>> = HashMap::new();
     let mut limits: HashMap<String, (Option<u64>, Option<u64>)> = HashMap::new();
-    let mut lossy_at: Vec<u64> = Vec::new();
+    // When a fault that may lose data began and healed (a node's restart): the loss itself
+    // happens at some moment between (e.g. when a node that was shutting down, and still
+    // serving, finally exits).
+    let mut lossy: Vec<(u64, u64, FaultKind, Option<usize>)> = Vec::new();
 
     // Pass 1: setup, streams, faults, publishes.
     let mut ops: BTreeMap<u64, Op> = BTreeMap::new();
@@ -224,14 +227,28 @@ pub fn check(entries: &[Entry]) -> Report {
                 retention.insert(stream.clone(), *max_messages);
                 limits.insert(stream.clone(), (*max_bytes, *max_age_ms));
             }
-            Event::Fault { kind, lossy, .. } => {
+            Event::Fault {
+                kind,
+                lossy: may_lose,
+                node,
+                ..
+            } => {
                 *report
                     .stats
                     .faults
                     .entry(kind.name().to_owned())
                     .or_default() += 1;
-                if *lossy {
-                    lossy_at.push(entry.at_ms);
+                if *may_lose {
+                    lossy.push((entry.at_ms, u64::MAX, *kind, *node));
+                }
+            }
+            Event::Healed { kind, node } => {
+                if let Some(w) = lossy
+                    .iter_mut()
+                    .rev()
+                    .find(|w| w.1 == u64::MAX && w.2 == *kind && w.3 == *node)
+                {
+                    w.1 = entry.at_ms;
                 }
             }
             Event::Publish {
@@ -268,8 +285,13 @@ pub fn check(entries: &[Entry]) -> Report {
     }
     report.stats.publish_ops = ops.len() as u64;
     report.stats.acked_ops = ops.values().filter(|o| !o.acks.is_empty()).count() as u64;
-    let lossy_between = |from: u64, to: u64| lossy_at.iter().any(|&t| from <= t && t <= to);
-    let any_lossy_before = |to: u64| lossy_at.iter().any(|&t| t <= to);
+    // Whether data may have been lost between `from` and `to`: a lossy fault's window overlaps.
+    let lossy_between = |from: u64, to: u64| {
+        lossy
+            .iter()
+            .any(|&(start, healed, _, _)| start <= to && healed >= from)
+    };
+    let any_lossy_before = |to: u64| lossy.iter().any(|&(start, ..)| start <= to);
 
     // Each operation's acks name one position (per epoch; across epochs only after a lossy
     // fault, which may have lost the first append and its dedup record).

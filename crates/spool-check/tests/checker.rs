@@ -463,6 +463,22 @@ fn a_session_not_resumed_without_data_loss_is_reported() {
     h.fault(FaultKind::Kill, true);
     connected(&mut h, false);
     assert_eq!(h.kinds(), []);
+
+    // A node shutting down still serves for a while: a client may resume on it after the
+    // SIGTERM began; the session is lost when the node exits, before it is back (healed).
+    let mut h = H::new("memory", 100);
+    connected(&mut h, false);
+    h.fault(FaultKind::Term, true);
+    connected(&mut h, true);
+    h.push(Event::Healed {
+        kind: FaultKind::Term,
+        node: Some(0),
+    });
+    connected(&mut h, false);
+    assert_eq!(h.kinds(), []);
+    // Once the node is back, a lost session is not excused by that restart.
+    connected(&mut h, false);
+    assert_eq!(h.kinds(), [Kind::NotResumed]);
 }
 
 #[test]
