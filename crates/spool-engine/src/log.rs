@@ -13,6 +13,9 @@ use tokio::sync::watch;
 
 use crate::HeadWatch;
 
+/// The fewest entries a stream's log grows by at once.
+const MIN_GROWTH: usize = 16;
+
 /// What retention needs of one retained message's entry: its time and size. (Its offset is
 /// its place: entries are contiguous.)
 pub trait Retained {
@@ -106,6 +109,13 @@ impl<E: Retained> StreamLog<E> {
         debug_assert_eq!(offset, self.head.next());
         self.head = offset;
         self.bytes += entry.retained_bytes();
+        if self.entries.len() == self.entries.capacity() {
+            // Grow by an eighth, not double: a stream's entries are its memory cost, and
+            // doubling would leave up to as much again unused for good (retention keeps the
+            // length steady). Amortised O(1) all the same.
+            let more = (self.entries.len() / 8).max(MIN_GROWTH);
+            self.entries.reserve_exact(more);
+        }
         self.entries.push_back(entry);
     }
 
@@ -144,6 +154,7 @@ impl<E: Retained> StreamLog<E> {
         }
         self.bytes = 0;
         self.head = head;
+        self.shrink_if_sparse();
     }
 
     /// Tells watchers about the current head (after one or more pushes).
@@ -172,6 +183,14 @@ impl<E: Retained> StreamLog<E> {
         self.entries.back()
     }
 
+    /// Gives back room that retention left unused (after it shrank a stream's history).
+    fn shrink_if_sparse(&mut self) {
+        let len = self.entries.len();
+        if self.entries.capacity() > 4 * len + MIN_GROWTH {
+            self.entries.shrink_to(len + len / 8);
+        }
+    }
+
     /// Removes what retention no longer allows; `dropped` sees each removed entry.
     pub fn trim(&mut self, now_ms: u64, mut dropped: impl FnMut(&E)) {
         while let Some(front) = self.entries.front() {
@@ -187,6 +206,7 @@ impl<E: Retained> StreamLog<E> {
                 dropped(&e);
             }
         }
+        self.shrink_if_sparse();
     }
 }
 
@@ -228,5 +248,55 @@ impl StreamLog {
                 dropped(&e);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    struct E(u64);
+
+    impl Retained for E {
+        fn time_ms(&self) -> u64 {
+            self.0
+        }
+        fn retained_bytes(&self) -> u64 {
+            10
+        }
+    }
+
+    /// A stream's entries cost what it retains, not up to twice that: the log grows by an
+    /// eighth and gives room back once retention shrank it to a quarter.
+    #[test]
+    fn entries_grow_by_an_eighth_and_shrink_when_sparse() {
+        let retention = Retention {
+            max_messages: 1048,
+            max_bytes: u64::MAX,
+            max_age: Duration::from_secs(3600),
+        };
+        let mut log = StreamLog::new(Epoch::generate(), Offset::ZERO, retention);
+        for n in 1..=5000u64 {
+            log.push_entry(Offset(n), E(n));
+            log.trim(n, |_| {});
+            let (len, cap) = (log.len(), log.entries.capacity());
+            assert!(cap <= len + len / 8 + MIN_GROWTH + 1, "{cap} for {len}");
+        }
+        assert_eq!(
+            (log.len(), log.oldest(), log.head()),
+            (1048, Offset(3953), Offset(5000))
+        );
+        let kept: Vec<u64> = log.entries_after(Offset(4990), 100).map(|e| e.0).collect();
+        assert_eq!(kept, (4991..=5000).collect::<Vec<_>>());
+        // Age retention drops most of it: the room goes back.
+        log.trim(4901 + 3_600_000, |_| {});
+        assert_eq!(log.len(), 100);
+        assert!(
+            log.entries.capacity() <= 4 * 100 + MIN_GROWTH,
+            "{}",
+            log.entries.capacity()
+        );
     }
 }
