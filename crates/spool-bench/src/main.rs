@@ -14,6 +14,7 @@ mod groups;
 mod publish;
 mod readback;
 mod report;
+mod retained;
 mod runner;
 mod spool_process;
 mod storage;
@@ -66,6 +67,9 @@ enum Command {
     /// Consumer groups (disk engine, fsync): receive + ack throughput and latency against a
     /// JetStream pull consumer and Redis XREADGROUP + XACK; `--drain N` samples memory.
     Groups(groups::GroupsArgs),
+    /// Disk engine memory with much retained history (live and after a restart), and a
+    /// subscriber resuming far behind against JetStream file storage.
+    Retained(retained::RetainedArgs),
 }
 
 /// The load shape shared by every benchmark: how many clients, how big, how long.
@@ -164,6 +168,7 @@ async fn main() -> ExitCode {
                 Command::WsPublish(args) => ws::publish::run(args).await,
                 Command::Cluster(args) => cluster::run(args).await,
                 Command::Groups(args) => groups::run(args).await,
+                Command::Retained(args) => retained::run(args).await,
             }
         } => outcome,
         // Dropping the benchmark future drops the server guards, which stop the servers.
