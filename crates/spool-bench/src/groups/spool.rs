@@ -56,6 +56,7 @@ impl SpoolGroups {
         let process = SpoolProcess::start_on(&spool.spool_bin, SpoolEngine::DiskFsync, &args)
             .await
             .with_context(|| format!("cannot start {}", spool.spool_bin.display()))?;
+        wait_ready(process.addr()).await?;
         Ok(Self { process })
     }
 
@@ -148,6 +149,26 @@ impl Conn {
             );
         }
         Ok(body)
+    }
+}
+
+/// Waits until the server answers `/readyz` 200: it answers `/healthz` while the disk engine
+/// still opens its log, and the API `503 engine_unavailable` until then.
+async fn wait_ready(addr: std::net::SocketAddr) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let mut conn = Conn::open(addr).await?;
+        let (status, _) = conn
+            .send(Method::GET, "/readyz", Bytes::new(), false)
+            .await?;
+        if status == StatusCode::OK {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{addr} is not ready after 120 s (/readyz {status})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 
