@@ -152,7 +152,9 @@ pub async fn run(args: RetainedArgs) -> Result<Verdict> {
     let load_s = t.elapsed().as_secs_f64();
     let total_messages = per_stream * args.streams as u64 + resume_count;
     let retained_mib = (total_messages * args.size as u64) as f64 / 1048576.0;
-    eprintln!("loaded {total_messages} messages ({retained_mib:.0} MiB of payload) in {load_s:.1}s");
+    eprintln!(
+        "loaded {total_messages} messages ({retained_mib:.0} MiB of payload) in {load_s:.1}s"
+    );
     for s in [format!("s{}", args.streams - 1), RESUME.to_owned()] {
         let info: Value = http
             .get(format!("{base}/v1/streams/{s}"))
