@@ -78,6 +78,8 @@ async fn serve(args: Settings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signals = signal_shutdown(draining, shutdown.clone(), resolved.shutdown_drain)?;
     tokio::spawn(signals);
+    #[cfg(unix)]
+    tokio::spawn(sighup_logged(resolved.server.http.tls.is_some())?);
 
     // Every engine keeps the sessions too: the same instance is the log and the session store,
     // and, for engines whose group store is written (`stores_with_groups`), the group store.
@@ -121,6 +123,23 @@ type Stores = (
 fn stores_with_groups<E: Engine + SessionStore + GroupStore>(engine: E) -> Stores {
     let engine = Arc::new(engine);
     (engine.clone(), engine.clone(), Some(engine))
+}
+
+/// Registers a SIGHUP handler now, whatever the configuration: SIGHUP's default action ends
+/// the process, and `systemctl reload` (deploy/spool.service: ExecReload sends SIGHUP) must
+/// never stop a server. With TLS the listener reloads its certificate on SIGHUP (and logs it,
+/// `spool_server::tls`); without, there is nothing to reload, and that is logged.
+#[cfg(unix)]
+fn sighup_logged(tls: bool) -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    Ok(async move {
+        while hangups.recv().await.is_some() {
+            if !tls {
+                tracing::info!("SIGHUP: nothing to reload (no --tls-cert); still serving");
+            }
+        }
+    })
 }
 
 /// Registers SIGTERM and SIGINT handlers now — before the server reports that it listens, so

@@ -427,3 +427,31 @@ async fn cli_connection_errors_say_connection_refused() {
     let err = stderr(&out).to_lowercase();
     assert!(err.contains("connection refused"), "{err}");
 }
+
+/// SIGHUP never ends the server (its default action would: `systemctl reload` sends it).
+/// Without TLS there is nothing to reload, which is logged, and the server keeps serving.
+#[tokio::test]
+async fn sighup_without_tls_keeps_serving() {
+    let server = Server::start(&[]);
+    server.publish("hup", "before").await;
+    for _ in 0..3 {
+        let sent = std::process::Command::new("kill")
+            .args(["-HUP", &server.pid().to_string()])
+            .status()
+            .expect("kill -HUP");
+        assert!(sent.success());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !server.logged("nothing to reload") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 'nothing to reload' line after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = server.publish("hup", "after").await;
+    assert_eq!(after["offset"], 2, "{after}");
+    let (status, read) = server.poll("hup", "after=oldest").await;
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(read["messages"].as_array().map(Vec::len), Some(2), "{read}");
+}
