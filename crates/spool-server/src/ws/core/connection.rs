@@ -68,6 +68,8 @@ struct Pending {
     message: NewMessage,
 }
 
+type Cancelled = tokio_util::sync::WaitForCancellationFutureOwned;
+
 type Round = BoxFuture<'static, Vec<(Option<u64>, StreamName, Result<Appended, ApiError>)>>;
 
 /// Runs one connection speaking `protocol` until it ends, then saves its session.
@@ -147,15 +149,24 @@ pub async fn run<P: Protocol>(
         .max(Duration::from_millis(100));
     let mut tick = tokio::time::interval_at(Instant::now() + tick_every, tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let shutdown = conn.state.shutdown.clone();
+    // What ends the connection from outside, each waited for by one future made once (a
+    // `cancelled()` made on every turn of the loop registered with, and left, each token's
+    // notifier, and cloning a token locks it: ~800 instructions per turn for the three).
+    let mut shutdown = Box::pin(conn.state.shutdown.clone().cancelled_owned());
+    let mut taken_over: Option<Pin<Box<Cancelled>>> = None;
+    let mut disconnected: Option<Pin<Box<Cancelled>>> = None;
 
     loop {
         if let Some(end) = first.take() {
             conn.end(end);
             break;
         }
-        let taken_over = conn.session.as_ref().map(|s| s.taken_over.clone());
-        let disconnected = conn.session.as_ref().map(|s| s.disconnected.clone());
+        if taken_over.is_none()
+            && let Some(session) = &conn.session
+        {
+            taken_over = Some(Box::pin(session.taken_over.clone().cancelled_owned()));
+            disconnected = Some(Box::pin(session.disconnected.clone().cancelled_owned()));
+        }
         // Publishes waiting for their ack are bounded in count and in bytes: at either bound,
         // client frames are not read until acks drain (backpressure through TCP).
         let reading = conn.pending.len() < ws.max_inflight_publishes
@@ -167,14 +178,14 @@ pub async fn run<P: Protocol>(
             answer_by = None;
         }
         let result: Result<(), End> = tokio::select! {
-            _ = shutdown.cancelled() => {
+            _ = shutdown.as_mut() => {
                 let _ = conn.reply(&Event::Reconnect { reason: "server_shutdown" }).await;
                 Err(End::Close(CloseReason::ShuttingDown))
             }
-            _ = async { taken_over.expect("guarded").cancelled().await }, if taken_over.is_some() => {
+            _ = async { taken_over.as_mut().expect("guarded").as_mut().await }, if taken_over.is_some() => {
                 Err(End::Close(CloseReason::TakenOver))
             }
-            _ = async { disconnected.expect("guarded").cancelled().await }, if disconnected.is_some() => {
+            _ = async { disconnected.as_mut().expect("guarded").as_mut().await }, if disconnected.is_some() => {
                 Err(End::Close(CloseReason::Disconnected))
             }
             _ = async { expiry.as_mut().expect("guarded").await }, if expiry.is_some() => {
