@@ -232,9 +232,10 @@ impl Placeholders {
                 .futile_prune_at
                 .is_some_and(|at| now.duration_since(at) < FUTILE_PRUNE_BACKOFF);
             if !backoff {
-                let watched: HashSet<StreamName> = heads.watched().into_iter().collect();
+                // A stream's head stays in `Heads` until the next prune after its last watcher
+                // left: only live watchers count.
                 let before = self.epochs.len();
-                self.epochs.retain(|s, _| watched.contains(s));
+                self.epochs.retain(|s, _| heads.watchers(s) > 0);
                 if before - self.epochs.len() < (self.max / 8).max(1) {
                     self.futile_prune_at = Some(now);
                 }

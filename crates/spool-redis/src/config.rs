@@ -39,6 +39,11 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// The most consumer groups kept (`--max-groups`); past it a creation is refused.
     pub max_groups: usize,
+    /// The most streams Redis does not hold that this node's readers may watch at once
+    /// (`--max-unpublished-streams`: placeholder epochs kept in memory only; see the crate
+    /// docs). At the cap the ones no longer watched go; if every one is, a watch of another
+    /// such stream answers `StreamLimit`.
+    pub max_unpublished_streams: usize,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -53,6 +58,7 @@ impl fmt::Debug for RedisConfig {
             .field("meta_ttl", &self.meta_ttl)
             .field("timeout", &self.timeout)
             .field("max_groups", &self.max_groups)
+            .field("max_unpublished_streams", &self.max_unpublished_streams)
             .finish()
     }
 }
@@ -69,7 +75,8 @@ fn redacted(url: &str) -> String {
 
 impl RedisConfig {
     /// Defaults: prefix `spool`, [`RedisDurability::Memory`], the default retention, a
-    /// 2-minute dedup window, 30 days of metadata, a 2 s timeout, 10,000 groups.
+    /// 2-minute dedup window, 30 days of metadata, a 2 s timeout, 10,000 groups, 100,000
+    /// unpublished streams watched.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -80,6 +87,7 @@ impl RedisConfig {
             meta_ttl: Duration::from_secs(30 * 24 * 3600),
             timeout: Duration::from_secs(2),
             max_groups: spool_engine::groups::MAX_GROUPS,
+            max_unpublished_streams: 100_000,
         }
     }
 }

@@ -14,7 +14,7 @@
 //! | `<prefix>:{<stream>}:x` | Redis Stream, entry id `<offset>-0`, fields `t` publish ms, `n` retained bytes, `d` the message; expires `max_age` after the last append |
 //! | `<prefix>:{<stream>}:i:<key>` | `<epoch>:<offset>` of an idempotency key, expires with the dedup window |
 //! | `<prefix>:session:<id>` | a session record, expires with it |
-//! | `<prefix>:heads` | pub/sub channel: `<epoch> <head> <stream>` after each append |
+//! | `<prefix>:heads` | pub/sub channel: `<epoch> <head> <stream>` after each append (`<epoch> 0 <stream>`: a new, empty history — a delete), `!truncated <stream>` after a truncate, transient notes |
 //! | `<prefix>:groups{<prefix>}:…` | consumer groups: an index, and per group a hash (version, snapshot) and a list of commits (see `groups`) |
 //!
 //! # Why scripts
@@ -53,6 +53,14 @@
 //! task resubscribes, drops the tail cache and re-reads every watched stream, which moves
 //! watchers to the new epoch at once. Metadata outlives the data (`meta_ttl`), so a stream
 //! whose messages all expired keeps its epoch and readers get `history_expired` instead.
+//! The streams watched at a placeholder are capped per node (`max_unpublished_streams`,
+//! `--max-unpublished-streams`): at the cap those no longer watched go, and if every one still
+//! is, a watch of another is refused (`StreamLimit`); a sweep drops the unwatched ones too.
+//!
+//! # Administration
+//!
+//! Listing, describing, deleting and truncating streams: see `admin.rs` (a delete or truncate
+//! reaches every node through a note on the heads channel).
 
 mod admin;
 mod codec;
@@ -110,6 +118,35 @@ struct Shared {
     /// Heads, tail cache, watch and resync: the part every cluster engine shares, over this
     /// engine's reads (`impl Store for Shared`).
     node: ClusterNode,
+    /// Streams Redis does not hold that this node's readers watch at a placeholder, capped by
+    /// `max_unpublished_streams` (see [`Placeholders`]).
+    placeholders: std::sync::Mutex<Placeholders>,
+}
+
+/// Which streams this node's watchers wait in at a placeholder (head 0 of an epoch Redis does
+/// not hold; the epoch itself is the watch's, in the node's `Heads`). Capped: at the cap, the
+/// streams no longer watched at a placeholder (unwatched, or published to since) go, and when
+/// every one still is, the new watch is refused with `StreamLimit`. A sweep drops them too.
+/// Lock order: `placeholders`, then the `Heads`' own lock.
+struct Placeholders {
+    streams: std::collections::HashSet<StreamName>,
+    max: usize,
+    /// When a reclaim at the cap last freed too little: not repeated for a second, so refused
+    /// watches at the cap cost no scan each.
+    futile_at: Option<std::time::Instant>,
+}
+
+impl Placeholders {
+    fn reclaim(&mut self, heads: &spool_engine::cluster::Heads) {
+        // A stream's head stays in `Heads` until the next prune after its last watcher left:
+        // only live watchers count.
+        self.streams.retain(|s| {
+            heads.watchers(s) > 0
+                && heads
+                    .current(s)
+                    .is_some_and(|head| head.offset == Offset::ZERO)
+        });
+    }
 }
 
 impl RedisEngine {
@@ -149,6 +186,11 @@ impl RedisEngine {
             writer,
             scripts,
             node: ClusterNode::default(),
+            placeholders: std::sync::Mutex::new(Placeholders {
+                streams: std::collections::HashSet::new(),
+                max: config.max_unpublished_streams.max(1),
+                futile_at: None,
+            }),
             config,
         });
         let cancel = CancellationToken::new();
@@ -281,6 +323,14 @@ async fn check_server(
 }
 
 impl Shared {
+    /// The placeholder set (a panic while it was held left it consistent: every step is one
+    /// set operation).
+    fn placeholders(&self) -> std::sync::MutexGuard<'_, Placeholders> {
+        self.placeholders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn retention(&self, stream: &StreamName) -> Retention {
         self.config.retention.for_stream(stream)
     }
@@ -503,6 +553,34 @@ impl Store for Shared {
             .await?
             .map(|batch| batch.state))
     }
+
+    /// Counted against `max_unpublished_streams` ([`Placeholders`]).
+    fn keep_placeholder(&self, stream: &StreamName, epoch: Epoch) -> Result<Epoch, EngineError> {
+        let mut kept = self.placeholders();
+        if kept.streams.len() >= kept.max && !kept.streams.contains(stream) {
+            let now = std::time::Instant::now();
+            let backoff = kept
+                .futile_at
+                .is_some_and(|at| now.duration_since(at) < std::time::Duration::from_secs(1));
+            if !backoff {
+                let before = kept.streams.len();
+                kept.reclaim(self.node.heads());
+                if before - kept.streams.len() < (kept.max / 8).max(1) {
+                    kept.futile_at = Some(now);
+                }
+            }
+            if kept.streams.len() >= kept.max {
+                return Err(EngineError::StreamLimit(
+                    spool_engine::StreamLimit::Unpublished {
+                        engine: None,
+                        max: kept.max as u64,
+                    },
+                ));
+            }
+        }
+        kept.streams.insert(stream.clone());
+        Ok(epoch)
+    }
 }
 
 /// The data key lives as long as its newest message may (plus a second, so the expiry never
@@ -570,6 +648,8 @@ impl Engine for RedisEngine {
     /// expires as a whole (its data key's TTL).
     async fn sweep(&self) -> Result<(), EngineError> {
         self.shared.node.prune();
+        let shared = &*self.shared;
+        shared.placeholders().reclaim(shared.node.heads());
         Ok(())
     }
 

@@ -349,6 +349,7 @@ async fn open_engine(resolved: &config::Resolved) -> anyhow::Result<Stores> {
                 dedup_window: resolved.dedup_window,
                 timeout,
                 max_groups: resolved.max_groups,
+                max_unpublished_streams: resolved.max_unpublished_streams,
                 ..spool_redis::RedisConfig::new(url)
             };
             stores_with_groups(

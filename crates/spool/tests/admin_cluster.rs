@@ -201,3 +201,83 @@ async fn redis_truncate_on_one_node_expires_readers_on_the_other() {
 async fn nats_truncate_on_one_node_expires_readers_on_the_other() {
     truncate_on_one_node_expires_readers_on_the_other(Backend::Nats).await;
 }
+
+/// Reads of streams nothing was published to keep per-node state (a placeholder epoch while
+/// someone watches) that is bounded by --max-unpublished-streams and reclaimed: with three
+/// SSE subscribers holding three such streams, a fourth is refused (507 stream_limit); once
+/// one leaves, its place is taken again, and thousands of one-off reads of such streams all
+/// work and create nothing.
+async fn reads_of_unknown_streams_are_bounded(backend: Backend) {
+    if !backend.available() {
+        return;
+    }
+    let c = backend.cluster(1, &["--max-unpublished-streams", "3"]);
+    let node = c.node(0);
+    let sse = |i: usize| {
+        node.http
+            .get(node.url(&format!("/v1/streams/ghost%2F{i}/events?after=oldest")))
+            .bearer_auth(API_KEY)
+            .timeout(Duration::from_secs(60))
+            .send()
+    };
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let r = sse(i).await.expect("sse");
+        assert_eq!(r.status(), 200, "{}: placeholder {i}", backend.name());
+        held.push(r);
+    }
+    let refused = sse(3).await.expect("sse");
+    assert_eq!(refused.status(), 507, "{}: past the cap", backend.name());
+    let body: Value = refused.json().await.expect("error body");
+    assert_eq!(body["error"]["code"], "stream_limit", "{body}");
+    // One subscriber leaves: its place is taken back at the cap.
+    drop(held.pop());
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = sse(3).await.expect("sse");
+        if r.status() == 200 {
+            held.push(r);
+            break;
+        }
+        assert_eq!(r.status(), 507);
+        assert!(
+            Instant::now() < until,
+            "{}: the placeholder of a subscriber that left is never reclaimed",
+            backend.name()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(held);
+    // One-off reads of many unknown streams: every one answered, nothing created.
+    let until = Instant::now() + Duration::from_secs(60);
+    for i in 100..400 {
+        loop {
+            let (status, body) = node.poll(&format!("ghost/{i}"), "after=oldest").await;
+            if status == 200 {
+                assert_eq!(body["messages"], json!([]), "{body}");
+                break;
+            }
+            // Right after the held subscribers left, their placeholders may still count.
+            assert_eq!(status, 507, "{body}");
+            assert!(
+                Instant::now() < until,
+                "{}: reads refused for good",
+                backend.name()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (status, body) = call(node, reqwest::Method::GET, "/v1/streams?prefix=ghost", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["streams"], json!([]), "reads create no stream");
+}
+
+#[tokio::test]
+async fn redis_reads_of_unknown_streams_are_bounded() {
+    reads_of_unknown_streams_are_bounded(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn nats_reads_of_unknown_streams_are_bounded() {
+    reads_of_unknown_streams_are_bounded(Backend::Nats).await;
+}

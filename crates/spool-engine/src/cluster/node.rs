@@ -263,6 +263,7 @@ impl ClusterNode {
             self.heads.prune()
         };
         self.cache.forget(&gone);
+        self.cache.prune_gates(&self.heads);
         gone
     }
 }
@@ -398,6 +399,25 @@ mod tests {
         node.resubscribed(&store).await.unwrap();
         assert!(watch.has_changed().unwrap());
         assert_eq!(watch.borrow_and_update().offset, Offset(5));
+    }
+
+    /// Reads of many streams, watched a moment each, leave no read gate behind a prune.
+    #[tokio::test]
+    async fn read_gates_go_with_their_streams() {
+        let node = Arc::new(ClusterNode::default());
+        let store = FakeStore::new(node.clone());
+        for i in 0..100 {
+            let s = name(&format!("ghost/{i}"));
+            let watch = node.watch(&store, &s).await.unwrap();
+            node.read(&store, &s, Offset::ZERO, 10).await.unwrap();
+            drop(watch);
+            // Unwatched: read straight from the store, no gate.
+            node.read(&store, &s, Offset::ZERO, 10).await.unwrap();
+        }
+        assert!(node.cache.gates() > 0, "reads of watched streams are gated");
+        assert_eq!(node.prune().len(), 100);
+        assert_eq!(node.cache.gates(), 0);
+        assert!(node.heads().is_empty());
     }
 
     #[tokio::test]

@@ -271,6 +271,20 @@ impl TailCache {
         }
     }
 
+    /// Forgets the read gates of streams `heads` no longer holds: one made by a read that
+    /// raced the prune of its stream (the read saw the stream watched, the prune forgot it,
+    /// then the read made its gate) would otherwise stay for good.
+    pub fn prune_gates(&self, heads: &Heads) {
+        self.gates
+            .lock()
+            .retain(|stream, _| heads.current(stream).is_some());
+    }
+
+    /// Read gates held (for tests and the bound's check).
+    pub fn gates(&self) -> usize {
+        self.gates.lock().len()
+    }
+
     /// Forgets everything (after the engine's backing store may have lost data).
     pub fn clear(&self) {
         self.streams.lock().clear();
