@@ -190,7 +190,8 @@ impl DiskLog {
     /// Drops retained messages before `before` (an admin's truncate; see
     /// [`StreamLog::drop_before`]), cached ones with them.
     pub fn drop_before(&mut self, before: Offset, cache: &TailCache, mut dropped: impl FnMut(u64)) {
-        self.index.drop_before(before, |slot| dropped(slot.segment()));
+        self.index
+            .drop_before(before, |slot| dropped(slot.segment()));
         self.drop_uncovered(cache);
     }
 

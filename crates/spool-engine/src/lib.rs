@@ -37,8 +37,8 @@ use tokio::sync::watch;
 pub use error::{Cause, EngineError, Limit, StreamLimit};
 pub use memory::MemoryEngine;
 pub use sessions::SessionRecord;
-pub use store::{StreamAdmin, StreamSummary};
 pub use store::{Committed, GroupDurable, GroupStore, QueuedCommit, SessionStore, StoredGroup};
+pub use store::{StreamAdmin, StreamSummary};
 
 /// The result of appending one message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,16 +136,15 @@ pub trait Engine: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Listing, deleting and truncating streams ([`StreamAdmin`]), if the engine supports it.
+    fn admin(&self) -> Option<&dyn StreamAdmin> {
+        None
+    }
+
     /// How transient messages (never stored) reach the subscribers on the other nodes of a
     /// cluster: the cluster engines' [`cluster::TransientLink`] over their notes channel.
     /// `None` (the default): there are no other nodes.
     fn transient(&self) -> Option<&cluster::TransientLink> {
         None
     }
-
-    /// Listing, deleting and truncating streams ([`StreamAdmin`]), if the engine supports it.
-    fn admin(&self) -> Option<&dyn StreamAdmin> {
-        None
-    }
-
 }

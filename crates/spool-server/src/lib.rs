@@ -167,10 +167,10 @@ pub async fn serve_with(
     let _ = flusher.await;
     sessions.flush().await;
     sweeper.abort();
-    transient_task.abort();
     if let Some(task) = internal {
         task.abort();
     }
+    transient_task.abort();
     if let Some(task) = group_sweeper {
         task.abort();
     }
