@@ -2,10 +2,12 @@
 //! explicit acks and Redis Streams `XREADGROUP` + `XACK`, in the same run.
 //!
 //! Every target is a server process of its own, started here on a free 127.0.0.1 port with its
-//! own data directory: Spool on the disk engine with `--durability fsync`, `redis-server` with
-//! `appendfsync always`, `nats-server -js` with a file-storage stream. Each target is preloaded
-//! once with `--backlog` messages; then, for each cell (members × batch), Spool and the peers
-//! run one after the other:
+//! own data directory: Spool on the disk engine with `--durability fsync` (`spool-fsync`) and,
+//! with `--targets spool-write`, with `--durability memory` (answered once written to the WAL
+//! file, not fsynced: the level of nats-server 2.9, which never fsyncs per write),
+//! `redis-server` with `appendfsync always`, `nats-server -js` with a file-storage stream. Each
+//! target is preloaded once with `--backlog` messages; then, for each cell (members × batch),
+//! Spool and the peers run one after the other:
 //!
 //! - **backlog**: a new group starting at the oldest message, drained by M members for
 //!   `--duration` (or until it is empty). Each member loops: receive up to B, ack them all, and
@@ -58,7 +60,9 @@ pub struct GroupsArgs {
         default_value = "backlog,steady"
     )]
     pub modes: Vec<Mode>,
-    /// The systems to measure, in this order in each cell.
+    /// The systems to measure, in this order in each cell: `spool` (`spool-fsync`, disk engine,
+    /// `--durability fsync`), `spool-write` (disk engine, `--durability memory`: written to the
+    /// WAL file, not fsynced), `nats`, `redis`.
     #[arg(
         long,
         value_name = "T,T,…",
@@ -105,8 +109,11 @@ pub enum Mode {
 /// The systems `groups` can measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Kind {
-    /// `spool serve --engine disk --durability fsync`, over HTTP.
+    /// `spool serve --engine disk --durability fsync`, over HTTP (`spool-fsync`).
     Spool,
+    /// `spool serve --engine disk --durability memory`, over HTTP: answered once written to
+    /// the WAL file, without waiting for an fsync (JetStream 2.9's durability).
+    SpoolWrite,
     /// A JetStream pull consumer with explicit acks (`double_ack`), file storage.
     Nats,
     /// Redis Streams `XREADGROUP` + `XACK`, `appendfsync always`.
@@ -452,6 +459,7 @@ async fn run_cell(
 async fn start(kind: Kind, args: &GroupsArgs) -> Result<Box<dyn GroupTarget>> {
     Ok(match kind {
         Kind::Spool => Box::new(spool::SpoolGroups::start(&args.spool, None).await?),
+        Kind::SpoolWrite => Box::new(spool::SpoolGroups::start_write(&args.spool).await?),
         Kind::Nats => Box::new(peers::NatsGroups::start().await?),
         Kind::Redis => Box::new(peers::RedisGroups::start().await?),
     })
@@ -545,8 +553,35 @@ fn ms(v: f64, count: u64) -> String {
     }
 }
 
-/// The report: one row per target and cell; Spool's rows carry its ratio to each peer of the
-/// same cell.
+/// Spool target `spool`'s figure over `cell`'s, as text ("—" when `cell` is that target or
+/// either side has none): backlog, throughput (higher is better for Spool); steady, the median
+/// publish → ack time (lower is better for Spool).
+fn ratio(cells: &[CellResult], cell: &CellResult, spool: &str) -> String {
+    let Some(s) = cells.iter().find(|c| {
+        c.target == spool
+            && c.mode == cell.mode
+            && c.members == cell.members
+            && c.batch == cell.batch
+    }) else {
+        return "—".into();
+    };
+    if cell.target == spool {
+        return "—".into();
+    }
+    match cell.mode {
+        Mode::Backlog if cell.acks_per_sec() > 0.0 => {
+            format!("{:.2}", s.acks_per_sec() / cell.acks_per_sec())
+        }
+        Mode::Steady if !cell.e2e_latency.is_empty() && !s.e2e_latency.is_empty() => format!(
+            "{:.2}",
+            Quantiles::of(&s.e2e_latency).p50 / Quantiles::of(&cell.e2e_latency).p50
+        ),
+        _ => "—".into(),
+    }
+}
+
+/// The report: one row per target and cell; each row carries the ratio of each Spool target
+/// of the same cell to it.
 fn markdown(args: &GroupsArgs, targets: &[(String, String)], cells: &[CellResult]) -> String {
     let mut out = String::new();
     out.push_str("\n## spool-bench groups\n\n");
@@ -556,42 +591,21 @@ fn markdown(args: &GroupsArgs, targets: &[(String, String)], cells: &[CellResult
     out.push_str(&format!(
         "\n{} B payloads; backlog cells: a new group from the oldest of {} preloaded messages, \
          {:?} or until empty; steady cells: {} msgs/s over {} publishing connections, {:?}. \
-         Last column: backlog, Spool's acks/s ÷ this target's; steady, Spool's publish → ack \
-         p50 ÷ this target's (below 1: Spool is faster).\n\n",
+         Last two columns: backlog, that Spool target's acks/s ÷ this target's; steady, its \
+         publish → ack p50 ÷ this target's (below 1: Spool is faster).\n\n",
         args.size, args.backlog, args.duration, args.rate, args.publishers, args.duration
     ));
     out.push_str(
         "| mode | members | batch | target | acks/s | recv→ack p50 | p99 | pub→ack p50 | p99 | \
-         server µs/ack | client µs/ack | acked / published | errors | spool ÷ this |\n|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+         server µs/ack | client µs/ack | acked / published | errors | spool-fsync ÷ this | \
+         spool-write ÷ this |\n|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for cell in cells {
-        let spool = cells.iter().find(|c| {
-            c.target == spool::NAME
-                && c.mode == cell.mode
-                && c.members == cell.members
-                && c.batch == cell.batch
-        });
-        // Backlog: throughput (higher is better for Spool); steady: the median publish → ack
-        // time (lower is better for Spool), both as Spool's over the peer's.
-        let ratio = match spool {
-            Some(s) if cell.target != spool::NAME => match cell.mode {
-                Mode::Backlog if cell.acks_per_sec() > 0.0 => {
-                    format!("{:.2}", s.acks_per_sec() / cell.acks_per_sec())
-                }
-                Mode::Steady if !cell.e2e_latency.is_empty() && !s.e2e_latency.is_empty() => {
-                    format!(
-                        "{:.2}",
-                        Quantiles::of(&s.e2e_latency).p50 / Quantiles::of(&cell.e2e_latency).p50
-                    )
-                }
-                _ => "—".into(),
-            },
-            _ => "—".into(),
-        };
+        let ratios = [spool::NAME, spool::WRITE_NAME].map(|name| ratio(cells, cell, name));
         let a = Quantiles::of(&cell.ack_latency);
         let e = Quantiles::of(&cell.e2e_latency);
         out.push_str(&format!(
-            "| {} | {} | {} | {}{} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {}{} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             format!("{:?}", cell.mode).to_lowercase(),
             cell.members,
             cell.batch,
@@ -611,7 +625,8 @@ fn markdown(args: &GroupsArgs, targets: &[(String, String)], cells: &[CellResult
                 Mode::Steady => format!("{} / {}", cell.acked, cell.published),
             },
             cell.errors,
-            ratio,
+            ratios[0],
+            ratios[1],
         ));
     }
     let errors: Vec<_> = cells

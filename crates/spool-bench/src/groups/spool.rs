@@ -1,5 +1,7 @@
 //! Spool's consumer groups over HTTP: `spool serve --engine disk --durability fsync` (an ack is
-//! answered once fsynced), `PUT …/groups/{g}`, then per member `POST …/receive` and
+//! answered once fsynced; target `spool-fsync`) or `--durability memory` (answered once the
+//! WAL record is written to the file, without waiting for an fsync: JetStream 2.9's level;
+//! target `spool-write`), `PUT …/groups/{g}`, then per member `POST …/receive` and
 //! `POST …/ack` on one keep-alive raw hyper connection (as `publish` does: the load generator
 //! shares the two cores with the server, and reqwest costs about twice its CPU per request).
 
@@ -25,8 +27,10 @@ use crate::{
     spool_process::{SpoolEngine, SpoolProcess},
 };
 
-/// The target's name in the report.
+/// The fsynced target's name in the report.
 pub const NAME: &str = "spool-fsync";
+/// The name of the target answered once written to the WAL file, not fsynced.
+pub const WRITE_NAME: &str = "spool-write";
 const API_KEY: &str = "bench-key";
 /// Longest wait for one answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,12 +41,31 @@ const PRELOAD_CONNECTIONS: u64 = 4;
 
 pub struct SpoolGroups {
     process: SpoolProcess,
+    name: &'static str,
 }
 
 impl SpoolGroups {
     /// Starts Spool on the disk engine with fsync, keeping up to `history` messages (at least
     /// 2,000,000).
     pub async fn start(spool: &SpoolBinArgs, history: Option<u64>) -> Result<Self> {
+        Self::start_on(spool, history, SpoolEngine::DiskFsync).await
+    }
+
+    /// Starts Spool on the disk engine with `--durability memory`: every group operation (and
+    /// publish) is answered once its record is written to the WAL file, without an fsync.
+    pub async fn start_write(spool: &SpoolBinArgs) -> Result<Self> {
+        Self::start_on(spool, None, SpoolEngine::DiskNosync).await
+    }
+
+    async fn start_on(
+        spool: &SpoolBinArgs,
+        history: Option<u64>,
+        engine: SpoolEngine,
+    ) -> Result<Self> {
+        let name = match engine {
+            SpoolEngine::DiskNosync => WRITE_NAME,
+            SpoolEngine::DiskFsync | SpoolEngine::Memory => NAME,
+        };
         let history = history.unwrap_or(0).max(2_000_000);
         let mut args: Vec<String> = vec![
             "--api-key".into(),
@@ -53,11 +76,11 @@ impl SpoolGroups {
             "8GiB".into(),
         ];
         args.extend(spool.server_args.iter().cloned());
-        let process = SpoolProcess::start_on(&spool.spool_bin, SpoolEngine::DiskFsync, &args)
+        let process = SpoolProcess::start_on(&spool.spool_bin, engine, &args)
             .await
             .with_context(|| format!("cannot start {}", spool.spool_bin.display()))?;
         wait_ready(process.addr()).await?;
-        Ok(Self { process })
+        Ok(Self { process, name })
     }
 
     pub fn pid(&self) -> u32 {
@@ -228,7 +251,7 @@ pub async fn create_group(
 #[async_trait]
 impl GroupTarget for SpoolGroups {
     fn name(&self) -> &str {
-        NAME
+        self.name
     }
 
     fn description(&self) -> String {
