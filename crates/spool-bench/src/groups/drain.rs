@@ -3,8 +3,8 @@
 //! `--batch` value at a time, while the server's `VmRSS` is sampled every
 //! [`SAMPLE_EVERY`]. The group keeps positions and leases only, so its memory should not
 //! grow with the backlog: the drain's RSS curve (start, peak, end) says whether it does.
-//! (The disk engine keeps each stream's retained messages in memory for reads; that part is
-//! the RSS after the preload, before the group exists.)
+//! (The disk engine keeps an index entry per retained message and a tail cache bounded by
+//! `--cache-size`; that part is the RSS after the preload, before the group exists.)
 
 use std::{
     sync::{
