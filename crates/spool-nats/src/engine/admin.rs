@@ -137,10 +137,14 @@ impl StreamAdmin for NatsEngine {
     ) -> Result<Option<StreamSummary>, EngineError> {
         let inner = &*self.inner;
         let names = inner.names(stream);
+        // What this node already knows of the head, as `Engine::state` checks it: a replica
+        // or a new leader still behind must not be answered as the stream's state.
+        let known = inner.node.heads().current(stream);
         let Some(info) = inner.api.info(&names.stream).await? else {
             return Ok(None);
         };
         let state = inner.state_from(stream, &info).await?;
+        inner.fresh(stream, &state, known)?;
         Ok(Some(inner.summary(stream.clone(), state.epoch, &info)))
     }
 
