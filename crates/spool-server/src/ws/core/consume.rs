@@ -330,23 +330,7 @@ impl Consumes {
         let id = command.id();
         match self.run(command, principal, state, protocol, out).await {
             Ok(()) => Ok(()),
-            Err(e) => {
-                // Values in frames are parameters, not bodies.
-                let code = match e.code {
-                    ErrorCode::InvalidBody => ErrorCode::InvalidParameter,
-                    code => code,
-                };
-                reply(
-                    protocol,
-                    out,
-                    &Event::Error {
-                        id,
-                        code,
-                        message: &e.message,
-                    },
-                )
-                .await
-            }
+            Err(e) => reply_error(protocol, out, id, &e).await,
         }
     }
 
@@ -687,22 +671,7 @@ impl Consumes {
                     )
                     .await
                 }
-                Err(e) => {
-                    let code = match e.code {
-                        ErrorCode::InvalidBody => ErrorCode::InvalidParameter,
-                        code => code,
-                    };
-                    reply(
-                        protocol,
-                        out,
-                        &Event::Error {
-                            id,
-                            code,
-                            message: &e.message,
-                        },
-                    )
-                    .await
-                }
+                Err(e) => reply_error(protocol, out, id, &e).await,
             },
             Kind::Stopped { id, reason } => {
                 if current {
@@ -762,6 +731,30 @@ fn check_credit(credit: u32) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// An `error` event answering request `id`. Values in frames are parameters, not bodies, so
+/// `invalid_body` is said as `invalid_parameter`.
+async fn reply_error<P: Protocol>(
+    protocol: &P,
+    out: &Outbound,
+    id: Option<u64>,
+    e: &ApiError,
+) -> Result<(), Gone> {
+    let code = match e.code {
+        ErrorCode::InvalidBody => ErrorCode::InvalidParameter,
+        code => code,
+    };
+    reply(
+        protocol,
+        out,
+        &Event::Error {
+            id,
+            code,
+            message: &e.message,
+        },
+    )
+    .await
 }
 
 async fn reply<P: Protocol>(protocol: &P, out: &Outbound, event: &Event<'_>) -> Result<(), Gone> {
