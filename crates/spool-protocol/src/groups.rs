@@ -5,8 +5,6 @@
 //! A group's settings travel as `spool_core::group::GroupConfigSpec` (durations as `"30s"`).
 //! Request bodies refuse unknown fields, so a misspelt field is an error, not a silent default.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 pub use spool_core::group::{GroupConfigSpec, ReceiptResult, config::DurationText};
 
@@ -28,33 +26,14 @@ pub struct ReceiveRequest {
     pub visibility_timeout: Option<DurationText>,
 }
 
-/// One leased message.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupMessage {
-    /// Settles this lease (ack, nack, extend, terminate); valid for this delivery only.
-    pub receipt: String,
-    /// 1 on the first delivery.
-    pub deliveries: u32,
-    pub epoch: String,
-    pub offset: u64,
-    /// Publish time, ms since the Unix epoch.
-    pub time: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data_base64: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
-}
-
-impl GroupMessage {
-    /// The payload bytes, decoded from `data` or `data_base64`.
-    pub fn payload(&self) -> Result<Vec<u8>, base64::DecodeError> {
-        crate::http::decode_payload(self.data.as_deref(), self.data_base64.as_deref())
+delivered! {
+    /// One leased message.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct GroupMessage {
+        /// Settles this lease (ack, nack, extend, terminate); valid for this delivery only.
+        pub receipt: String,
+        /// 1 on the first delivery.
+        pub deliveries: u32,
     }
 }
 

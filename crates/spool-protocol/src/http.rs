@@ -1,8 +1,6 @@
 //! JSON bodies of the HTTP API (publish, batch publish, stream info, long-poll) and of the
 //! JSON-format SSE events.
 
-use std::collections::BTreeMap;
-
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
@@ -24,23 +22,17 @@ pub struct BatchRequest {
     pub messages: Vec<BatchMessage>,
 }
 
-/// One message of a batch. Exactly one of `data` (text) and `data_base64` (bytes) is given.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchMessage {
-    pub stream: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data_base64: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency_key: Option<String>,
+with_payload! {
+    /// One message of a batch. Exactly one of `data` (text) and `data_base64` (bytes) is given.
+    #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct BatchMessage {
+        pub stream: String,
+    }
+    then {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub idempotency_key: Option<String>,
+    }
 }
 
 /// The answer to a batch: one result per message, in the order sent.
@@ -49,34 +41,13 @@ pub struct BatchResponse {
     pub results: Vec<PublishResponse>,
 }
 
-/// A delivered message.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MessageBody {
-    /// Present where several streams share one channel (multi-stream SSE).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream: Option<String>,
-    pub epoch: String,
-    pub offset: u64,
-    /// Publish time, ms since the Unix epoch.
-    pub time: u64,
-    /// The payload, when it is UTF-8 text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<String>,
-    /// The payload, base64-encoded, when it is not UTF-8.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data_base64: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
-}
-
-impl MessageBody {
-    /// The payload bytes, decoded from `data` or `data_base64`.
-    pub fn payload(&self) -> Result<Vec<u8>, base64::DecodeError> {
-        decode_payload(self.data.as_deref(), self.data_base64.as_deref())
+delivered! {
+    /// A delivered message.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MessageBody {
+        /// Present where several streams share one channel (multi-stream SSE).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub stream: Option<String>,
     }
 }
 
@@ -187,6 +158,8 @@ pub struct ReconnectBody {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -205,6 +178,145 @@ mod tests {
                 headers: BTreeMap::new(),
             };
             assert_eq!(body.payload().unwrap(), payload);
+        }
+    }
+
+    /// Every body and frame that carries a message writes its fields in one order, leaving
+    /// out what is absent: the bytes clients and `encode.rs` agree on.
+    #[test]
+    fn message_fields_keep_their_wire_bytes() {
+        use crate::{groups::GroupMessage, ws};
+        let headers = BTreeMap::from([("h".to_string(), "v".to_string())]);
+        let full = r#""data":"x","content_type":"t","key":"k","headers":{"h":"v"}"#;
+        let bin = r#""data_base64":"/w==""#;
+        let cases: [(&dyn erased::Json, String); 8] = [
+            (
+                &MessageBody {
+                    stream: Some("s".into()),
+                    epoch: "e".into(),
+                    offset: 1,
+                    time: 2,
+                    data: Some("x".into()),
+                    data_base64: None,
+                    content_type: Some("t".into()),
+                    key: Some("k".into()),
+                    headers: headers.clone(),
+                },
+                format!(r#"{{"stream":"s","epoch":"e","offset":1,"time":2,{full}}}"#),
+            ),
+            (
+                &MessageBody {
+                    stream: None,
+                    epoch: "e".into(),
+                    offset: 1,
+                    time: 2,
+                    data: None,
+                    data_base64: Some("/w==".into()),
+                    content_type: None,
+                    key: None,
+                    headers: BTreeMap::new(),
+                },
+                format!(r#"{{"epoch":"e","offset":1,"time":2,{bin}}}"#),
+            ),
+            (
+                &ws::ServerFrame::Message(ws::Delivery {
+                    stream: "s".into(),
+                    epoch: "e".into(),
+                    offset: 1,
+                    time: 2,
+                    data: Some("x".into()),
+                    data_base64: None,
+                    content_type: Some("t".into()),
+                    key: Some("k".into()),
+                    headers: headers.clone(),
+                }),
+                format!(
+                    r#"{{"type":"message","stream":"s","epoch":"e","offset":1,"time":2,{full}}}"#
+                ),
+            ),
+            (
+                &ws::ServerFrame::Leased(ws::Leased {
+                    stream: "s".into(),
+                    group: "g".into(),
+                    receipt: "r".into(),
+                    deliveries: 3,
+                    epoch: "e".into(),
+                    offset: 1,
+                    time: 2,
+                    data: Some("x".into()),
+                    data_base64: None,
+                    content_type: Some("t".into()),
+                    key: Some("k".into()),
+                    headers: headers.clone(),
+                }),
+                format!(
+                    r#"{{"type":"leased","stream":"s","group":"g","receipt":"r","deliveries":3,"epoch":"e","offset":1,"time":2,{full}}}"#
+                ),
+            ),
+            (
+                &GroupMessage {
+                    receipt: "r".into(),
+                    deliveries: 3,
+                    epoch: "e".into(),
+                    offset: 1,
+                    time: 2,
+                    data: None,
+                    data_base64: Some("/w==".into()),
+                    content_type: None,
+                    key: None,
+                    headers: BTreeMap::new(),
+                },
+                format!(
+                    r#"{{"receipt":"r","deliveries":3,"epoch":"e","offset":1,"time":2,{bin}}}"#
+                ),
+            ),
+            (
+                &ws::ClientFrame::Publish(ws::Publish {
+                    id: Some(4),
+                    stream: "s".into(),
+                    data: Some("x".into()),
+                    data_base64: None,
+                    content_type: Some("t".into()),
+                    key: Some("k".into()),
+                    headers: headers.clone(),
+                    idempotency_key: Some("i".into()),
+                }),
+                format!(r#"{{"type":"publish","id":4,"stream":"s",{full},"idempotency_key":"i"}}"#),
+            ),
+            (
+                &BatchMessage {
+                    stream: "s".into(),
+                    data: Some("x".into()),
+                    data_base64: None,
+                    content_type: Some("t".into()),
+                    key: Some("k".into()),
+                    headers,
+                    idempotency_key: Some("i".into()),
+                },
+                format!(r#"{{"stream":"s",{full},"idempotency_key":"i"}}"#),
+            ),
+            (
+                &BatchMessage {
+                    stream: "s".into(),
+                    ..BatchMessage::default()
+                },
+                r#"{"stream":"s"}"#.to_string(),
+            ),
+        ];
+        for (value, wire) in cases {
+            assert_eq!(value.json(), wire);
+        }
+    }
+
+    /// Serializing the test's values through one list.
+    mod erased {
+        pub trait Json {
+            fn json(&self) -> String;
+        }
+        impl<T: serde::Serialize> Json for T {
+            fn json(&self) -> String {
+                serde_json::to_string(self).unwrap()
+            }
         }
     }
 

@@ -6,6 +6,65 @@
 //! WebSocket protocol `spool.v1.json`; [`error`] the error body and its stable codes. Field
 //! names here are public interface: see docs/http-api.md and docs/protocol.md.
 
+/// Declares a wire struct that carries a message's payload: the fields given, then `data`
+/// (the payload as UTF-8 text) or `data_base64` (any other bytes), `content_type`, `key` and
+/// `headers`, then the fields after `then`; and its `payload()`. Every body and frame that
+/// carries a payload (publishes and deliveries, over HTTP, SSE and WebSocket) names, orders
+/// (serde writes fields in declaration order) and leaves out these fields alike because they
+/// are written here once. Not `serde(flatten)`: that buffers every field when reading, and
+/// refuses no unknown field.
+macro_rules! with_payload {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident {
+            $($(#[$field_attr:meta])* pub $field:ident: $ty:ty,)*
+        }
+        $(then { $($(#[$after_attr:meta])* pub $after:ident: $after_ty:ty,)* })?
+    ) => {
+        $(#[$attr])*
+        pub struct $name {
+            $($(#[$field_attr])* pub $field: $ty,)*
+            /// The payload, when it is UTF-8 text.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub data: Option<String>,
+            /// The payload, base64-encoded, when it is not UTF-8.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub data_base64: Option<String>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub content_type: Option<String>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub key: Option<String>,
+            #[serde(default, skip_serializing_if = "::std::collections::BTreeMap::is_empty")]
+            pub headers: ::std::collections::BTreeMap<String, String>,
+            $($($(#[$after_attr])* pub $after: $after_ty,)*)?
+        }
+
+        impl $name {
+            /// The payload bytes, decoded from `data` or `data_base64`.
+            pub fn payload(&self) -> Result<Vec<u8>, base64::DecodeError> {
+                $crate::http::decode_payload(self.data.as_deref(), self.data_base64.as_deref())
+            }
+        }
+    };
+}
+
+/// [`with_payload!`] for a stored message handed out: the fields given, then the message's
+/// `epoch`, `offset` and `time`, then its payload fields.
+macro_rules! delivered {
+    ($(#[$attr:meta])* pub struct $name:ident { $($fields:tt)* }) => {
+        with_payload! {
+            $(#[$attr])*
+            pub struct $name {
+                $($fields)*
+                pub epoch: String,
+                pub offset: u64,
+                /// Publish time, ms since the Unix epoch.
+                pub time: u64,
+            }
+        }
+    };
+}
+
 pub mod error;
 pub mod groups;
 pub mod http;

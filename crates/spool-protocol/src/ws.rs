@@ -98,25 +98,19 @@ pub struct Unsubscribe {
     pub stream: String,
 }
 
-/// Publish one message. Exactly one of `data` (text) and `data_base64` (bytes) is given.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Publish {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<u64>,
-    pub stream: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data_base64: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency_key: Option<String>,
+with_payload! {
+    /// Publish one message. Exactly one of `data` (text) and `data_base64` (bytes) is given.
+    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Publish {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub id: Option<u64>,
+        pub stream: String,
+    }
+    then {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub idempotency_key: Option<String>,
+    }
 }
 
 /// Replace the connection's token with a fresh one of the same identity, before it expires.
@@ -276,30 +270,11 @@ pub struct Unsubscribed {
     pub reason: Option<String>,
 }
 
-/// A delivered message.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Delivery {
-    pub stream: String,
-    pub epoch: String,
-    pub offset: u64,
-    /// Publish time, ms since the Unix epoch.
-    pub time: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data_base64: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
-}
-
-impl Delivery {
-    /// The payload bytes, decoded from `data` or `data_base64`.
-    pub fn payload(&self) -> Result<Vec<u8>, base64::DecodeError> {
-        crate::http::decode_payload(self.data.as_deref(), self.data_base64.as_deref())
+delivered! {
+    /// A delivered message.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Delivery {
+        pub stream: String,
     }
 }
 
@@ -355,35 +330,16 @@ pub struct Consuming {
     pub credit: u32,
 }
 
-/// A message leased to this connection's member of `group`: settle it by `receipt`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Leased {
-    pub stream: String,
-    pub group: String,
-    /// Settles this lease (ack, nack, extend, terminate); valid for this delivery only.
-    pub receipt: String,
-    /// 1 on the first delivery.
-    pub deliveries: u32,
-    pub epoch: String,
-    pub offset: u64,
-    /// Publish time, ms since the Unix epoch.
-    pub time: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data_base64: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
-}
-
-impl Leased {
-    /// The payload bytes, decoded from `data` or `data_base64`.
-    pub fn payload(&self) -> Result<Vec<u8>, base64::DecodeError> {
-        crate::http::decode_payload(self.data.as_deref(), self.data_base64.as_deref())
+delivered! {
+    /// A message leased to this connection's member of `group`: settle it by `receipt`.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Leased {
+        pub stream: String,
+        pub group: String,
+        /// Settles this lease (ack, nack, extend, terminate); valid for this delivery only.
+        pub receipt: String,
+        /// 1 on the first delivery.
+        pub deliveries: u32,
     }
 }
 
