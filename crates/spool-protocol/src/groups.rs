@@ -162,6 +162,18 @@ pub struct GroupResetBody {
     pub to: String,
 }
 
+impl From<&spool_core::group::GroupReset> for GroupResetBody {
+    fn from(r: &spool_core::group::GroupReset) -> Self {
+        GroupResetBody {
+            reason: r.reason.as_str().to_owned(),
+            lost: r.lost,
+            at: r.at_ms,
+            from: r.from.to_string(),
+            to: r.to.to_string(),
+        }
+    }
+}
+
 /// `GET /v1/streams/{stream}/groups`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupList {

@@ -360,15 +360,10 @@ pub struct Settled {
 pub struct GroupReset {
     pub stream: String,
     pub group: String,
-    /// `epoch_changed`, `history_expired` or `unknown_stream`.
-    pub reason: String,
-    /// Messages lost (a lower bound after an epoch change).
-    pub lost: u64,
-    /// When, ms since the Unix epoch.
-    pub at: u64,
-    /// The group's cursor before and after, `EPOCH:OFFSET`.
-    pub from: String,
-    pub to: String,
+    /// The reset as a group's stats show it (`reason`, `lost`, `at`, `from`, `to`), its fields
+    /// inline in the frame.
+    #[serde(flatten)]
+    pub reset: crate::groups::GroupResetBody,
 }
 
 /// A consume ended: asked for (`stop_consuming`), or by the server with `reason`
@@ -544,6 +539,17 @@ mod tests {
                     result: crate::groups::ReceiptResult::Ok,
                 }],
             }),
+            ServerFrame::GroupReset(GroupReset {
+                stream: "s".into(),
+                group: "g".into(),
+                reset: crate::groups::GroupResetBody {
+                    reason: "epoch_changed".into(),
+                    lost: 2,
+                    at: 3,
+                    from: "a:1".into(),
+                    to: "b:0".into(),
+                },
+            }),
             ServerFrame::Stopped(Stopped {
                 id: None,
                 stream: "s".into(),
@@ -553,6 +559,12 @@ mod tests {
         ];
         for f in frames {
             let text = serde_json::to_string(&f).unwrap();
+            if let ServerFrame::GroupReset(_) = f {
+                assert_eq!(
+                    text,
+                    r#"{"type":"group_reset","stream":"s","group":"g","reason":"epoch_changed","lost":2,"at":3,"from":"a:1","to":"b:0"}"#
+                );
+            }
             assert_eq!(serde_json::from_str::<ServerFrame>(&text).unwrap(), f);
         }
     }

@@ -264,7 +264,7 @@ fn receive_body(state: &AppState, stream: &StreamName, answer: &ReceiveAnswer) -
     out.push(b']');
     if let Some(reset) = &answer.reset {
         out.extend_from_slice(b",\"reset\":");
-        let _ = serde_json::to_writer(&mut out, &reset_body(reset));
+        let _ = serde_json::to_writer(&mut out, &GroupResetBody::from(reset));
     }
     out.push(b'}');
     Bytes::from(out)
@@ -403,7 +403,7 @@ fn stats_body(s: GroupStats) -> GroupStatsBody {
         expired: s.expired,
         resets: s.resets,
         cursor: s.cursor.to_string(),
-        last_reset: s.last_reset.as_ref().map(reset_body),
+        last_reset: s.last_reset.as_ref().map(GroupResetBody::from),
         members: s
             .members
             .into_iter()
@@ -415,15 +415,5 @@ fn stats_body(s: GroupStats) -> GroupStatsBody {
                 timeouts: m.timeouts,
             })
             .collect(),
-    }
-}
-
-fn reset_body(r: &spool_core::group::GroupReset) -> GroupResetBody {
-    GroupResetBody {
-        reason: r.reason.as_str().to_owned(),
-        lost: r.lost,
-        at: r.at_ms,
-        from: r.from.to_string(),
-        to: r.to.to_string(),
     }
 }

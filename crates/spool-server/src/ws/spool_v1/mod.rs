@@ -270,11 +270,7 @@ impl Protocol for SpoolV1 {
             } => ServerFrame::GroupReset(proto::GroupReset {
                 stream: (*stream).to_owned(),
                 group: (*group).to_owned(),
-                reason: reset.reason.as_str().to_owned(),
-                lost: reset.lost,
-                at: reset.at_ms,
-                from: reset.from.to_string(),
-                to: reset.to.to_string(),
+                reset: (*reset).into(),
             }),
             ConsumeEvent::Stopped {
                 id,
