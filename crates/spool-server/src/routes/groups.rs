@@ -270,8 +270,9 @@ fn receive_body(state: &AppState, stream: &StreamName, answer: &ReceiveAnswer) -
     Bytes::from(out)
 }
 
-/// `POST …/ack`.
-pub async fn ack(
+/// `POST …/ack`, `…/nack`, `…/extend` and `…/terminate`, by their body `R`: one result per
+/// receipt, in the order sent.
+pub async fn settle<R: SettleBody>(
     State(state): State<AppState>,
     path: GroupPath,
     RawQuery(query): RawQuery,
@@ -279,77 +280,8 @@ pub async fn ack(
     raw: Body,
 ) -> ApiResult<Json<SettleResponse>> {
     let c = call(&state, path, query, &headers)?;
-    let r: AckRequest = body(&state, &headers, raw, "{\"receipts\":[…]}").await?;
-    settle(&state, &c, r.receipts, Settle::Ack).await
-}
-
-/// `POST …/nack`.
-pub async fn nack(
-    State(state): State<AppState>,
-    path: GroupPath,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    raw: Body,
-) -> ApiResult<Json<SettleResponse>> {
-    let c = call(&state, path, query, &headers)?;
-    let r: NackRequest = body(
-        &state,
-        &headers,
-        raw,
-        "{\"receipts\":[…],\"delay\",\"reason\"}",
-    )
-    .await?;
-    let how = Settle::Nack {
-        delay: r.delay.map_or(Duration::ZERO, |d| d.0),
-        reason: Groups::reason(r.reason.as_deref())?,
-    };
-    settle(&state, &c, r.receipts, how).await
-}
-
-/// `POST …/extend`.
-pub async fn extend(
-    State(state): State<AppState>,
-    path: GroupPath,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    raw: Body,
-) -> ApiResult<Json<SettleResponse>> {
-    let c = call(&state, path, query, &headers)?;
-    let r: ExtendRequest = body(
-        &state,
-        &headers,
-        raw,
-        "{\"receipts\":[…],\"visibility_timeout\"}",
-    )
-    .await?;
-    let how = Settle::Extend {
-        visibility_timeout: r.visibility_timeout.map(|d| d.0),
-    };
-    settle(&state, &c, r.receipts, how).await
-}
-
-/// `POST …/terminate`.
-pub async fn terminate(
-    State(state): State<AppState>,
-    path: GroupPath,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    raw: Body,
-) -> ApiResult<Json<SettleResponse>> {
-    let c = call(&state, path, query, &headers)?;
-    let r: TerminateRequest = body(&state, &headers, raw, "{\"receipts\":[…],\"reason\"}").await?;
-    let how = Settle::Terminate {
-        reason: Groups::reason(r.reason.as_deref())?,
-    };
-    settle(&state, &c, r.receipts, how).await
-}
-
-async fn settle(
-    _state: &AppState,
-    c: &Call,
-    receipts: Vec<String>,
-    how: Settle,
-) -> ApiResult<Json<SettleResponse>> {
+    let r: R = body(&state, &headers, raw, R::SHAPE).await?;
+    let (receipts, how) = r.settle()?;
     let results = c
         .groups
         .settle(&c.stream, &c.group, &receipts, &how)
@@ -361,6 +293,51 @@ async fn settle(
             .map(|(receipt, result)| ReceiptOutcome { receipt, result })
             .collect(),
     }))
+}
+
+/// The body of a settle call: its receipts and what to do with them.
+pub trait SettleBody: DeserializeOwned {
+    /// The body's fields, for the error a malformed body gets.
+    const SHAPE: &'static str;
+    fn settle(self) -> ApiResult<(Vec<String>, Settle)>;
+}
+
+impl SettleBody for AckRequest {
+    const SHAPE: &'static str = "{\"receipts\":[…]}";
+    fn settle(self) -> ApiResult<(Vec<String>, Settle)> {
+        Ok((self.receipts, Settle::Ack))
+    }
+}
+
+impl SettleBody for NackRequest {
+    const SHAPE: &'static str = "{\"receipts\":[…],\"delay\",\"reason\"}";
+    fn settle(self) -> ApiResult<(Vec<String>, Settle)> {
+        let how = Settle::Nack {
+            delay: self.delay.map_or(Duration::ZERO, |d| d.0),
+            reason: Groups::reason(self.reason.as_deref())?,
+        };
+        Ok((self.receipts, how))
+    }
+}
+
+impl SettleBody for ExtendRequest {
+    const SHAPE: &'static str = "{\"receipts\":[…],\"visibility_timeout\"}";
+    fn settle(self) -> ApiResult<(Vec<String>, Settle)> {
+        let how = Settle::Extend {
+            visibility_timeout: self.visibility_timeout.map(|d| d.0),
+        };
+        Ok((self.receipts, how))
+    }
+}
+
+impl SettleBody for TerminateRequest {
+    const SHAPE: &'static str = "{\"receipts\":[…],\"reason\"}";
+    fn settle(self) -> ApiResult<(Vec<String>, Settle)> {
+        let how = Settle::Terminate {
+            reason: Groups::reason(self.reason.as_deref())?,
+        };
+        Ok((self.receipts, how))
+    }
 }
 
 /// `POST …/redrive`: needs `publish` on the stream too.

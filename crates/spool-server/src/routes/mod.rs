@@ -22,7 +22,10 @@ use axum::{
     routing::{get, post},
 };
 use spool_core::StreamName;
-use spool_protocol::ErrorCode;
+use spool_protocol::{
+    ErrorCode,
+    groups::{AckRequest, ExtendRequest, NackRequest, TerminateRequest},
+};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
@@ -64,10 +67,10 @@ pub fn router(state: AppState) -> Router {
                 .delete(groups::delete),
         )
         .route(ROUTES[11], post(groups::receive))
-        .route(ROUTES[12], post(groups::ack))
-        .route(ROUTES[13], post(groups::nack))
-        .route(ROUTES[14], post(groups::extend))
-        .route(ROUTES[15], post(groups::terminate))
+        .route(ROUTES[12], post(groups::settle::<AckRequest>))
+        .route(ROUTES[13], post(groups::settle::<NackRequest>))
+        .route(ROUTES[14], post(groups::settle::<ExtendRequest>))
+        .route(ROUTES[15], post(groups::settle::<TerminateRequest>))
         .route(ROUTES[16], post(groups::redrive))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
