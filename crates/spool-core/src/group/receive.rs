@@ -485,6 +485,16 @@ impl GroupState {
         self.finish(tx, reset)
     }
 
+    /// Removes the entries not leased now whose messages are before `oldest` (retention
+    /// dropped them); how many.
+    fn remove_unleased_before(&mut self, tx: &mut Tx, oldest: Offset) -> u64 {
+        let gone: Vec<Offset> = self.index.unleased.range(..oldest).copied().collect();
+        for &offset in &gone {
+            self.commit(tx, Change::EntryRemoved { offset });
+        }
+        gone.len() as u64
+    }
+
     fn reconcile_in(
         &mut self,
         tx: &mut Tx,
@@ -498,39 +508,19 @@ impl GroupState {
         );
         let (reason, lost, to) = match decide(&Start::After(from.clone()), stream) {
             Decision::Deliver { .. } => {
-                let gone: Vec<Offset> = self
-                    .index
-                    .unleased
-                    .range(..stream.oldest)
-                    .copied()
-                    .collect();
-                if gone.is_empty() {
+                let gone = self.remove_unleased_before(tx, stream.oldest);
+                if gone == 0 {
                     return None;
                 }
-                for &offset in &gone {
-                    self.commit(tx, Change::EntryRemoved { offset });
-                }
-                (ResetReason::HistoryExpired, gone.len() as u64, from.clone())
+                (ResetReason::HistoryExpired, gone, from.clone())
             }
             Decision::Reset {
                 reason: ResetReason::HistoryExpired,
                 ..
             } => {
                 let skipped = stream.oldest.0.saturating_sub(1) - from.offset.0;
-                let gone: Vec<Offset> = self
-                    .index
-                    .unleased
-                    .range(..stream.oldest)
-                    .copied()
-                    .collect();
-                for &offset in &gone {
-                    self.commit(tx, Change::EntryRemoved { offset });
-                }
-                (
-                    ResetReason::HistoryExpired,
-                    skipped + gone.len() as u64,
-                    restart,
-                )
+                let gone = self.remove_unleased_before(tx, stream.oldest);
+                (ResetReason::HistoryExpired, skipped + gone, restart)
             }
             Decision::Reset { reason, .. } => {
                 if from.offset == Offset::ZERO && self.entries.is_empty() {
