@@ -154,23 +154,12 @@ fn too_large(stream: &StreamName, group: &GroupName, bytes: usize) -> EngineErro
     })
 }
 
-impl DiskEngine {
-    fn groups_writable(&self) -> Result<(), EngineError> {
-        match self.shared.failure() {
-            Some(reason) => Err(EngineError::unavailable(format!(
-                "the disk engine has failed: {reason}"
-            ))),
-            None => Ok(()),
-        }
-    }
-}
-
 /// Groups as WAL records beside the messages (module docs): every write is answered once
 /// durable, like an append.
 #[async_trait]
 impl GroupStore for DiskEngine {
     async fn create_group(&self, snapshot: &GroupSnapshot) -> Result<bool, EngineError> {
-        self.groups_writable()?;
+        self.shared.usable()?;
         let json = record::snapshot_json(snapshot).map_err(encode_error)?;
         if json.len() > MAX_GROUP_BYTES {
             return Err(too_large(&snapshot.stream, &snapshot.group, json.len()));
@@ -268,7 +257,7 @@ impl GroupStore for DiskEngine {
         expected: u64,
         changes: Vec<Change>,
     ) -> Result<QueuedCommit, EngineError> {
-        self.groups_writable()?;
+        self.shared.usable()?;
         let json = record::changes_bin(&changes).map_err(encode_error)?;
         let key = (stream.clone(), group.clone());
         let mut order = self.shared.groups.order.lock().await;
@@ -311,7 +300,7 @@ impl GroupStore for DiskEngine {
         version: u64,
         snapshot: &GroupSnapshot,
     ) -> Result<Committed, EngineError> {
-        self.groups_writable()?;
+        self.shared.usable()?;
         if snapshot.stream != *stream || snapshot.group != *group {
             return Err(EngineError::internal(format!(
                 "a compaction of group {group} of stream {stream} carries the snapshot of group {} of stream {}",
@@ -351,7 +340,7 @@ impl GroupStore for DiskEngine {
         stream: &StreamName,
         group: &GroupName,
     ) -> Result<bool, EngineError> {
-        self.groups_writable()?;
+        self.shared.usable()?;
         let key = (stream.clone(), group.clone());
         let mut order = self.shared.groups.order.lock().await;
         if !order.contains_key(&key) {

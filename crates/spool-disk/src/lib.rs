@@ -272,8 +272,15 @@ impl Shared {
         self.failure.lock().get_or_insert(reason);
     }
 
-    fn failure(&self) -> Option<String> {
-        self.failure.lock().clone()
+    /// `Unavailable` once a write or fsync failed (see [`Shared::fail`]): the engine takes no
+    /// more writes until restart.
+    fn usable(&self) -> Result<(), EngineError> {
+        match self.failure.lock().as_ref() {
+            Some(reason) => Err(EngineError::unavailable(format!(
+                "the disk engine has failed: {reason}"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Snapshot records of every persisted stream, then of every consumer group (as durable
@@ -631,11 +638,7 @@ impl Engine for DiskEngine {
         name: &StreamName,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<Appended>, EngineError> {
-        if let Some(reason) = self.shared.failure() {
-            return Err(EngineError::unavailable(format!(
-                "the disk engine has failed: {reason}"
-            )));
-        }
+        self.shared.usable()?;
         let (stream, _) = self
             .shared
             .streams
@@ -805,12 +808,7 @@ impl Engine for DiskEngine {
     }
 
     async fn ready(&self) -> Result<(), EngineError> {
-        match self.shared.failure() {
-            Some(reason) => Err(EngineError::unavailable(format!(
-                "the disk engine has failed: {reason}"
-            ))),
-            None => Ok(()),
-        }
+        self.shared.usable()
     }
 }
 
@@ -1175,7 +1173,7 @@ impl spool_engine::StreamAdmin for DiskEngine {
     }
 
     async fn delete_stream(&self, name: &StreamName) -> Result<bool, EngineError> {
-        self.usable()?;
+        self.shared.usable()?;
         let Some(stream) = self.shared.streams.get(name) else {
             return Ok(false);
         };
@@ -1207,7 +1205,7 @@ impl spool_engine::StreamAdmin for DiskEngine {
         name: &StreamName,
         before: Offset,
     ) -> Result<Option<StreamState>, EngineError> {
-        self.usable()?;
+        self.shared.usable()?;
         let Some(stream) = self.shared.streams.get(name) else {
             return Ok(None);
         };
@@ -1238,15 +1236,6 @@ impl spool_engine::StreamAdmin for DiskEngine {
 }
 
 impl DiskEngine {
-    fn usable(&self) -> Result<(), EngineError> {
-        match self.shared.failure() {
-            Some(reason) => Err(EngineError::unavailable(format!(
-                "the disk engine has failed: {reason}"
-            ))),
-            None => Ok(()),
-        }
-    }
-
     fn summary(&self, name: StreamName, stream: &DiskStream) -> spool_engine::StreamSummary {
         let mut dropped = Vec::new();
         let mut log = stream.log.lock();

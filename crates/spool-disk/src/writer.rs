@@ -153,11 +153,7 @@ impl Writer {
     ) -> Result<(), EngineError> {
         bases.clear();
         bases.resize(batch.len(), 0);
-        if let Some(reason) = self.shared.failure() {
-            return Err(EngineError::unavailable(format!(
-                "the disk engine has failed: {reason}"
-            )));
-        }
+        self.shared.usable()?;
         let bytes: usize = batch.iter().map(|r| r.frames.len()).sum();
         if bytes == 0 {
             return Ok(());
