@@ -375,6 +375,16 @@ fn put_change(b: &mut Vec<u8>, change: &Change) -> serde_json::Result<()> {
     Ok(())
 }
 
+/// Decodes a group record's changes: JSON (`json`: kinds 3 and 4, as older versions wrote them)
+/// or binary (kinds 7 and 8); `None` when they are damaged.
+fn decode_changes(json: bool, body: &[u8]) -> Option<Vec<Change>> {
+    if json {
+        serde_json::from_slice(body).ok()
+    } else {
+        decode_changes_bin(body)
+    }
+}
+
 /// Decodes binary changes; `None` when they are damaged (the whole body must be used).
 fn decode_changes_bin(body: &[u8]) -> Option<Vec<Change>> {
     let mut r = Reader(body);
@@ -623,11 +633,7 @@ fn decode_body(body: &[u8]) -> Option<Record> {
             let version = r.u64()?;
             let snapshot_len = r.u32()? as usize;
             let snapshot = serde_json::from_slice(r.take(snapshot_len)?).ok()?;
-            let changes = if kind == KIND_GROUP_PUT {
-                serde_json::from_slice(r.0).ok()?
-            } else {
-                decode_changes_bin(r.0)?
-            };
+            let changes = decode_changes(kind == KIND_GROUP_PUT, r.0)?;
             Some(Record::GroupPut {
                 version,
                 snapshot,
@@ -639,11 +645,7 @@ fn decode_body(body: &[u8]) -> Option<Record> {
             let group = GroupName::new(&r.str16()?).ok()?;
             let id = GroupId(r.u64()?);
             let version = r.u64()?;
-            let changes = if kind == KIND_GROUP_COMMIT {
-                serde_json::from_slice(r.0).ok()?
-            } else {
-                decode_changes_bin(r.0)?
-            };
+            let changes = decode_changes(kind == KIND_GROUP_COMMIT, r.0)?;
             Some(Record::GroupCommit {
                 stream,
                 group,
