@@ -159,17 +159,9 @@ fn split(value: &[u8]) -> Option<(u64, &[u8])> {
 
 #[cfg(test)]
 mod tests {
-    use spool_engine::sessions::SessionTable;
+    use spool_engine::{conformance::session_record as record, sessions::SessionTable};
 
     use super::*;
-
-    fn record(id: &str, expires_at: u64) -> SessionRecord {
-        SessionRecord {
-            id: id.into(),
-            data: Bytes::from(format!("data of {id}")),
-            expires_at,
-        }
-    }
 
     #[test]
     fn file_survives_reopen_and_expires() {

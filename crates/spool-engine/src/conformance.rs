@@ -37,6 +37,15 @@ impl Default for Settings {
     }
 }
 
+/// A session record for a test: `data of <id>`, expiring at `expires_at`.
+pub fn session_record(id: &str, expires_at: u64) -> SessionRecord {
+    SessionRecord {
+        id: id.into(),
+        data: Bytes::from(format!("data of {id}")),
+        expires_at,
+    }
+}
+
 /// How an engine under test is opened.
 #[async_trait]
 pub trait Backend: Send + Sync {

@@ -103,14 +103,7 @@ impl SessionTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn record(id: &str, expires_at: u64) -> SessionRecord {
-        SessionRecord {
-            id: id.into(),
-            data: Bytes::from(format!("data of {id}")),
-            expires_at,
-        }
-    }
+    use crate::conformance::session_record as record;
 
     #[test]
     fn table_keeps_until_expiry() {
