@@ -37,7 +37,9 @@ use tokio::sync::watch;
 pub use error::{Cause, EngineError, Limit, StreamLimit};
 pub use memory::MemoryEngine;
 pub use sessions::SessionRecord;
-pub use store::{Committed, GroupDurable, GroupStore, QueuedCommit, SessionStore, StoredGroup};
+pub use store::{
+    Committed, GroupDurable, GroupStore, HasGroupStore, QueuedCommit, SessionStore, StoredGroup,
+};
 pub use store::{StreamAdmin, StreamSummary};
 
 /// The result of appending one message.

@@ -161,6 +161,85 @@ pub trait GroupStore: Send + Sync + 'static {
     ) -> Result<bool, EngineError>;
 }
 
+/// A struct whose [`GroupStore`] is one of its parts: implementing this gives it `GroupStore`,
+/// every call forwarded to [`group_store`](Self::group_store). The Redis and NATS engines keep
+/// their groups in a store of their own beside the log (`groups.rs` in each) and hand it out
+/// this way, so the forwarding is written once.
+pub trait HasGroupStore: Send + Sync + 'static {
+    /// The store every [`GroupStore`] call on `self` goes to.
+    fn group_store(&self) -> &dyn GroupStore;
+}
+
+#[async_trait]
+impl<T: HasGroupStore> GroupStore for T {
+    async fn create_group(&self, snapshot: &GroupSnapshot) -> Result<bool, EngineError> {
+        self.group_store().create_group(snapshot).await
+    }
+
+    async fn load_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<Option<StoredGroup>, EngineError> {
+        self.group_store().load_group(stream, group).await
+    }
+
+    async fn list_groups(
+        &self,
+        stream: Option<&StreamName>,
+    ) -> Result<Vec<(StreamName, GroupName)>, EngineError> {
+        self.group_store().list_groups(stream).await
+    }
+
+    async fn commit_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        expected: u64,
+        changes: &[Change],
+    ) -> Result<Committed, EngineError> {
+        self.group_store()
+            .commit_group(stream, group, expected, changes)
+            .await
+    }
+
+    async fn queue_group_commit(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        expected: u64,
+        changes: Vec<Change>,
+    ) -> Result<QueuedCommit, EngineError> {
+        self.group_store()
+            .queue_group_commit(stream, group, expected, changes)
+            .await
+    }
+
+    async fn compact_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        version: u64,
+        snapshot: &GroupSnapshot,
+    ) -> Result<Committed, EngineError> {
+        self.group_store()
+            .compact_group(stream, group, version, snapshot)
+            .await
+    }
+
+    fn shared(&self) -> bool {
+        self.group_store().shared()
+    }
+
+    async fn delete_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<bool, EngineError> {
+        self.group_store().delete_group(stream, group).await
+    }
+}
+
 /// A stream as the admin API shows it (docs/http-api.md, "Stream administration").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamSummary {

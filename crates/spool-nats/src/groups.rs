@@ -74,7 +74,7 @@ use spool_core::{
     StreamName,
     group::{Change, GroupName, GroupSnapshot},
 };
-use spool_engine::{Committed, EngineError, GroupStore, Limit, StoredGroup};
+use spool_engine::{Committed, EngineError, GroupStore, HasGroupStore, Limit, StoredGroup};
 use tokio::time::Instant;
 
 use crate::{NatsEngine, config::NatsConfig, jetstream::Api, names};
@@ -355,7 +355,70 @@ impl Groups {
         }
     }
 
-    async fn create(&self, snapshot: &GroupSnapshot) -> Result<bool, EngineError> {
+    fn keep_loaded(&self, key: (StreamName, GroupName), stored: StoredGroup, sequence: u64) {
+        let mut loaded = self.loaded.lock();
+        if loaded.len() >= MAX_LOADED && !loaded.contains_key(&key) {
+            loaded.clear();
+        }
+        loaded.insert(key, (stored, sequence));
+    }
+
+    /// The group's last record if the group is at `version`.
+    async fn at_version(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        subject: &str,
+        version: u64,
+    ) -> Result<Option<Last>, EngineError> {
+        Ok(self
+            .last(subject)
+            .await?
+            .filter(|last| last.version == version)
+            .inspect(|last| self.remember(stream, group, last.version, last.sequence)))
+    }
+
+    /// The Spool names of a group's subject: decoded, or (for a name that was too long and is
+    /// hashed) from its snapshot. `None` if it vanished meanwhile.
+    async fn names_of(
+        &self,
+        subject: &str,
+    ) -> Result<Option<(StreamName, GroupName)>, EngineError> {
+        let bad = || EngineError::internal(format!("the groups stream holds subject {subject:?}"));
+        let tokens = subject
+            .strip_prefix(&self.subjects)
+            .and_then(|rest| rest.split_once('.'))
+            .ok_or_else(bad)?;
+        if let (Some(s), Some(g)) = (decode(tokens.0), decode(tokens.1)) {
+            return Ok(Some((
+                StreamName::stored(&s).map_err(|_| bad())?,
+                GroupName::new(&g).map_err(|_| bad())?,
+            )));
+        }
+        let Some(first) = self
+            .get(json!({ "seq": 0, "next_by_subj": subject }))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let snapshot: GroupSnapshot = serde_json::from_slice(&first.payload).map_err(|e| {
+            EngineError::internal(format!(
+                "the first record of group subject {subject:?} is not a snapshot: {e}"
+            ))
+        })?;
+        Ok(Some((snapshot.stream, snapshot.group)))
+    }
+}
+
+/// The engine's group store: see the module docs.
+#[async_trait]
+impl GroupStore for Groups {
+    /// Every node of a cluster commits to the same groups.
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn create_group(&self, snapshot: &GroupSnapshot) -> Result<bool, EngineError> {
         self.writable()?;
         let subject = self.subject(&snapshot.stream, &snapshot.group);
         if self.count().await? >= self.max as u64 {
@@ -380,7 +443,7 @@ impl Groups {
     /// The group as its records say: from the copy this node loaded or wrote last, if it has
     /// one, reading only the records after it (one round trip when nothing changed), else
     /// from the subject's first record.
-    async fn load(
+    async fn load_group(
         &self,
         stream: &StreamName,
         group: &GroupName,
@@ -461,30 +524,63 @@ impl Groups {
         }))
     }
 
-    fn keep_loaded(&self, key: (StreamName, GroupName), stored: StoredGroup, sequence: u64) {
-        let mut loaded = self.loaded.lock();
-        if loaded.len() >= MAX_LOADED && !loaded.contains_key(&key) {
-            loaded.clear();
-        }
-        loaded.insert(key, (stored, sequence));
-    }
-
-    /// The group's last record if the group is at `version`.
-    async fn at_version(
+    async fn list_groups(
         &self,
-        stream: &StreamName,
-        group: &GroupName,
-        subject: &str,
-        version: u64,
-    ) -> Result<Option<Last>, EngineError> {
-        Ok(self
-            .last(subject)
-            .await?
-            .filter(|last| last.version == version)
-            .inspect(|last| self.remember(stream, group, last.version, last.sequence)))
+        stream: Option<&StreamName>,
+    ) -> Result<Vec<(StreamName, GroupName)>, EngineError> {
+        #[derive(Deserialize)]
+        struct Page {
+            state: PageState,
+            #[serde(default)]
+            total: usize,
+        }
+        #[derive(Deserialize)]
+        struct PageState {
+            #[serde(default)]
+            subjects: Option<HashMap<String, u64>>,
+        }
+        let filter = match stream {
+            Some(s) => format!("{}{}.*", self.subjects, names::encode(s.as_str())),
+            None => format!("{}>", self.subjects),
+        };
+        let what = "listing groups";
+        let mut subjects = Vec::new();
+        loop {
+            let response: Response<Page> = self
+                .request(
+                    what,
+                    format!("STREAM.INFO.{}", self.config.name),
+                    &json!({ "subjects_filter": filter, "offset": subjects.len() }),
+                )
+                .await?;
+            let page = match response {
+                Response::Ok(page) => page,
+                Response::Err { error } if error.error_code().0 == STREAM_NOT_FOUND => break,
+                Response::Err { error } => {
+                    return Err(EngineError::unavailable_from(
+                        format!("{what}: JetStream refused"),
+                        error,
+                    ));
+                }
+            };
+            let got = page.state.subjects.unwrap_or_default();
+            let empty = got.is_empty();
+            subjects.extend(got.into_iter().filter(|(_, n)| *n > 0).map(|(s, _)| s));
+            if empty || subjects.len() >= page.total {
+                break;
+            }
+        }
+        let mut groups = Vec::with_capacity(subjects.len());
+        for subject in subjects {
+            if let Some(names) = self.names_of(&subject).await? {
+                groups.push(names);
+            }
+        }
+        groups.sort();
+        Ok(groups)
     }
 
-    async fn commit(
+    async fn commit_group(
         &self,
         stream: &StreamName,
         group: &GroupName,
@@ -542,7 +638,7 @@ impl Groups {
         }
     }
 
-    async fn compact(
+    async fn compact_group(
         &self,
         stream: &StreamName,
         group: &GroupName,
@@ -603,7 +699,11 @@ impl Groups {
         }
     }
 
-    async fn delete(&self, stream: &StreamName, group: &GroupName) -> Result<bool, EngineError> {
+    async fn delete_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<bool, EngineError> {
         #[derive(Deserialize)]
         struct Purged {
             #[serde(default)]
@@ -628,93 +728,6 @@ impl Groups {
                 error,
             )),
         }
-    }
-
-    async fn list(
-        &self,
-        stream: Option<&StreamName>,
-    ) -> Result<Vec<(StreamName, GroupName)>, EngineError> {
-        #[derive(Deserialize)]
-        struct Page {
-            state: PageState,
-            #[serde(default)]
-            total: usize,
-        }
-        #[derive(Deserialize)]
-        struct PageState {
-            #[serde(default)]
-            subjects: Option<HashMap<String, u64>>,
-        }
-        let filter = match stream {
-            Some(s) => format!("{}{}.*", self.subjects, names::encode(s.as_str())),
-            None => format!("{}>", self.subjects),
-        };
-        let what = "listing groups";
-        let mut subjects = Vec::new();
-        loop {
-            let response: Response<Page> = self
-                .request(
-                    what,
-                    format!("STREAM.INFO.{}", self.config.name),
-                    &json!({ "subjects_filter": filter, "offset": subjects.len() }),
-                )
-                .await?;
-            let page = match response {
-                Response::Ok(page) => page,
-                Response::Err { error } if error.error_code().0 == STREAM_NOT_FOUND => break,
-                Response::Err { error } => {
-                    return Err(EngineError::unavailable_from(
-                        format!("{what}: JetStream refused"),
-                        error,
-                    ));
-                }
-            };
-            let got = page.state.subjects.unwrap_or_default();
-            let empty = got.is_empty();
-            subjects.extend(got.into_iter().filter(|(_, n)| *n > 0).map(|(s, _)| s));
-            if empty || subjects.len() >= page.total {
-                break;
-            }
-        }
-        let mut groups = Vec::with_capacity(subjects.len());
-        for subject in subjects {
-            if let Some(names) = self.names_of(&subject).await? {
-                groups.push(names);
-            }
-        }
-        groups.sort();
-        Ok(groups)
-    }
-
-    /// The Spool names of a group's subject: decoded, or (for a name that was too long and is
-    /// hashed) from its snapshot. `None` if it vanished meanwhile.
-    async fn names_of(
-        &self,
-        subject: &str,
-    ) -> Result<Option<(StreamName, GroupName)>, EngineError> {
-        let bad = || EngineError::internal(format!("the groups stream holds subject {subject:?}"));
-        let tokens = subject
-            .strip_prefix(&self.subjects)
-            .and_then(|rest| rest.split_once('.'))
-            .ok_or_else(bad)?;
-        if let (Some(s), Some(g)) = (decode(tokens.0), decode(tokens.1)) {
-            return Ok(Some((
-                StreamName::stored(&s).map_err(|_| bad())?,
-                GroupName::new(&g).map_err(|_| bad())?,
-            )));
-        }
-        let Some(first) = self
-            .get(json!({ "seq": 0, "next_by_subj": subject }))
-            .await?
-        else {
-            return Ok(None);
-        };
-        let snapshot: GroupSnapshot = serde_json::from_slice(&first.payload).map_err(|e| {
-            EngineError::internal(format!(
-                "the first record of group subject {subject:?} is not a snapshot: {e}"
-            ))
-        })?;
-        Ok(Some((snapshot.stream, snapshot.group)))
     }
 }
 
@@ -806,59 +819,10 @@ fn id_text(snapshot: &GroupSnapshot) -> Result<String, EngineError> {
     Ok(json.trim_matches('"').to_owned())
 }
 
-/// The engine's group store: see the module docs.
-#[async_trait]
-impl GroupStore for NatsEngine {
-    /// Every node of a cluster commits to the same groups.
-    fn shared(&self) -> bool {
-        true
-    }
-
-    async fn create_group(&self, snapshot: &GroupSnapshot) -> Result<bool, EngineError> {
-        self.groups.create(snapshot).await
-    }
-
-    async fn load_group(
-        &self,
-        stream: &StreamName,
-        group: &GroupName,
-    ) -> Result<Option<StoredGroup>, EngineError> {
-        self.groups.load(stream, group).await
-    }
-
-    async fn list_groups(
-        &self,
-        stream: Option<&StreamName>,
-    ) -> Result<Vec<(StreamName, GroupName)>, EngineError> {
-        self.groups.list(stream).await
-    }
-
-    async fn commit_group(
-        &self,
-        stream: &StreamName,
-        group: &GroupName,
-        expected: u64,
-        changes: &[Change],
-    ) -> Result<Committed, EngineError> {
-        self.groups.commit(stream, group, expected, changes).await
-    }
-
-    async fn compact_group(
-        &self,
-        stream: &StreamName,
-        group: &GroupName,
-        version: u64,
-        snapshot: &GroupSnapshot,
-    ) -> Result<Committed, EngineError> {
-        self.groups.compact(stream, group, version, snapshot).await
-    }
-
-    async fn delete_group(
-        &self,
-        stream: &StreamName,
-        group: &GroupName,
-    ) -> Result<bool, EngineError> {
-        self.groups.delete(stream, group).await
+/// The engine's [`GroupStore`] is its [`Groups`].
+impl HasGroupStore for NatsEngine {
+    fn group_store(&self) -> &dyn GroupStore {
+        &self.groups
     }
 }
 

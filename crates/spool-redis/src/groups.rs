@@ -39,7 +39,7 @@ use spool_core::{
     StreamName,
     group::{Change, GroupName, GroupSnapshot},
 };
-use spool_engine::{Committed, EngineError, GroupStore, Limit, StoredGroup};
+use spool_engine::{Committed, EngineError, GroupStore, HasGroupStore, Limit, StoredGroup};
 
 use crate::{RedisConfig, RedisDurability, RedisEngine, error::within};
 
@@ -191,8 +191,17 @@ impl Groups {
         }
         Ok(())
     }
+}
 
-    async fn create(&self, snapshot: &GroupSnapshot) -> Result<bool, EngineError> {
+/// The engine's group store: see the module docs.
+#[async_trait]
+impl GroupStore for Groups {
+    /// Every node of a cluster commits to the same groups.
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn create_group(&self, snapshot: &GroupSnapshot) -> Result<bool, EngineError> {
         let keys = self.keys(&snapshot.stream, &snapshot.group);
         let data = encode("snapshot", serde_json::to_vec(snapshot))?;
         let mut call = self.scripts[S_CREATE].prepare_invoke();
@@ -211,7 +220,7 @@ impl Groups {
         }
     }
 
-    async fn load(
+    async fn load_group(
         &self,
         stream: &StreamName,
         group: &GroupName,
@@ -228,7 +237,7 @@ impl Groups {
         parse_load(reply, stream, group)
     }
 
-    async fn list(
+    async fn list_groups(
         &self,
         stream: Option<&StreamName>,
     ) -> Result<Vec<(StreamName, GroupName)>, EngineError> {
@@ -255,7 +264,7 @@ impl Groups {
         Ok(groups)
     }
 
-    async fn commit(
+    async fn commit_group(
         &self,
         stream: &StreamName,
         group: &GroupName,
@@ -280,7 +289,7 @@ impl Groups {
         }
     }
 
-    async fn compact(
+    async fn compact_group(
         &self,
         stream: &StreamName,
         group: &GroupName,
@@ -309,7 +318,11 @@ impl Groups {
         }
     }
 
-    async fn delete(&self, stream: &StreamName, group: &GroupName) -> Result<bool, EngineError> {
+    async fn delete_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<bool, EngineError> {
         let keys = self.keys(stream, group);
         let mut call = self.scripts[S_DELETE].prepare_invoke();
         call.key(self.index())
@@ -451,59 +464,10 @@ fn parse_member(member: &str) -> Result<(StreamName, GroupName), EngineError> {
     ))
 }
 
-/// The engine's group store: see the module docs.
-#[async_trait]
-impl GroupStore for RedisEngine {
-    /// Every node of a cluster commits to the same groups.
-    fn shared(&self) -> bool {
-        true
-    }
-
-    async fn create_group(&self, snapshot: &GroupSnapshot) -> Result<bool, EngineError> {
-        self.groups.create(snapshot).await
-    }
-
-    async fn load_group(
-        &self,
-        stream: &StreamName,
-        group: &GroupName,
-    ) -> Result<Option<StoredGroup>, EngineError> {
-        self.groups.load(stream, group).await
-    }
-
-    async fn list_groups(
-        &self,
-        stream: Option<&StreamName>,
-    ) -> Result<Vec<(StreamName, GroupName)>, EngineError> {
-        self.groups.list(stream).await
-    }
-
-    async fn commit_group(
-        &self,
-        stream: &StreamName,
-        group: &GroupName,
-        expected: u64,
-        changes: &[Change],
-    ) -> Result<Committed, EngineError> {
-        self.groups.commit(stream, group, expected, changes).await
-    }
-
-    async fn compact_group(
-        &self,
-        stream: &StreamName,
-        group: &GroupName,
-        version: u64,
-        snapshot: &GroupSnapshot,
-    ) -> Result<Committed, EngineError> {
-        self.groups.compact(stream, group, version, snapshot).await
-    }
-
-    async fn delete_group(
-        &self,
-        stream: &StreamName,
-        group: &GroupName,
-    ) -> Result<bool, EngineError> {
-        self.groups.delete(stream, group).await
+/// The engine's [`GroupStore`] is its [`Groups`].
+impl HasGroupStore for RedisEngine {
+    fn group_store(&self) -> &dyn GroupStore {
+        &self.groups
     }
 }
 
