@@ -23,6 +23,23 @@ use crate::{
 /// The default of the most groups an engine keeps (`--max-groups`).
 pub const MAX_GROUPS: usize = 10_000;
 
+/// `Internal` unless `snapshot` is of `group` on `stream`: a store's check before it compacts
+/// the group with it (a mix-up is a bug in the caller, refused before anything is written).
+pub fn check_compaction(
+    stream: &StreamName,
+    group: &GroupName,
+    snapshot: &GroupSnapshot,
+) -> Result<(), EngineError> {
+    if (&snapshot.stream, &snapshot.group) != (stream, group) {
+        return Err(EngineError::internal(format!(
+            "a snapshot of group {:?} on {:?} was given to compact group {group:?} on \
+             {stream:?}",
+            snapshot.group, snapshot.stream
+        )));
+    }
+    Ok(())
+}
+
 /// Groups in memory, by stream then name.
 pub struct GroupTable {
     groups: Mutex<BTreeMap<(StreamName, GroupName), StoredGroup>>,

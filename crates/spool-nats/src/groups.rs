@@ -645,13 +645,7 @@ impl GroupStore for Groups {
         version: u64,
         snapshot: &GroupSnapshot,
     ) -> Result<Committed, EngineError> {
-        if (&snapshot.stream, &snapshot.group) != (stream, group) {
-            return Err(EngineError::internal(format!(
-                "a snapshot of group {:?} on {:?} was given to compact group {group:?} on \
-                 {stream:?}",
-                snapshot.group, snapshot.stream
-            )));
-        }
+        spool_engine::groups::check_compaction(stream, group, snapshot)?;
         self.writable()?;
         let subject = self.subject(stream, group);
         let id = id_text(snapshot)?;

@@ -296,13 +296,7 @@ impl GroupStore for Groups {
         version: u64,
         snapshot: &GroupSnapshot,
     ) -> Result<Committed, EngineError> {
-        if (&snapshot.stream, &snapshot.group) != (stream, group) {
-            return Err(EngineError::internal(format!(
-                "a snapshot of group {:?} on {:?} was given to compact group {group:?} on \
-                 {stream:?}",
-                snapshot.group, snapshot.stream
-            )));
-        }
+        spool_engine::groups::check_compaction(stream, group, snapshot)?;
         let keys = self.keys(stream, group);
         let data = encode("snapshot", serde_json::to_vec(snapshot))?;
         let mut call = self.scripts[S_COMPACT].prepare_invoke();
