@@ -363,6 +363,34 @@ impl Groups {
         loaded.insert(key, (stored, sequence));
     }
 
+    /// The answer to a publish of the group's record that brings it to `version`: once stored,
+    /// this node knows the record's sequence and `stored` (given it) updates the loaded copy;
+    /// refused or failed, what this node knew of the group is forgotten.
+    fn published(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        version: u64,
+        published: Result<Option<u64>, EngineError>,
+        stored: impl FnOnce(u64),
+    ) -> Result<Committed, EngineError> {
+        match published {
+            Ok(Some(at)) => {
+                self.remember(stream, group, version, at);
+                stored(at);
+                Ok(Committed::Done { version })
+            }
+            Ok(None) => {
+                self.forget(stream, group);
+                Ok(Committed::Conflict)
+            }
+            Err(e) => {
+                self.forget(stream, group);
+                Err(e)
+            }
+        }
+    }
+
     /// The group's last record if the group is at `version`.
     async fn at_version(
         &self,
@@ -609,33 +637,22 @@ impl GroupStore for Groups {
             "Nats-Expected-Last-Subject-Sequence",
             sequence.to_string().as_str(),
         );
-        match self.publish(subject, headers, payload, "commit").await {
-            Ok(Some(at)) => {
-                self.remember(stream, group, version, at);
-                let mut loaded = self.loaded.lock();
-                let key = (stream.clone(), group.clone());
-                match loaded.get_mut(&key) {
-                    // The copy this commit follows: it is now the commit's.
-                    Some((stored, last)) if *last == sequence && stored.version == expected => {
-                        stored.changes.extend_from_slice(changes);
-                        stored.version = version;
-                        *last = at;
-                    }
-                    _ => {
-                        loaded.remove(&key);
-                    }
+        let published = self.publish(subject, headers, payload, "commit").await;
+        self.published(stream, group, version, published, |at| {
+            let mut loaded = self.loaded.lock();
+            let key = (stream.clone(), group.clone());
+            match loaded.get_mut(&key) {
+                // The copy this commit follows: it is now the commit's.
+                Some((stored, last)) if *last == sequence && stored.version == expected => {
+                    stored.changes.extend_from_slice(changes);
+                    stored.version = version;
+                    *last = at;
                 }
-                Ok(Committed::Done { version })
+                _ => {
+                    loaded.remove(&key);
+                }
             }
-            Ok(None) => {
-                self.forget(stream, group);
-                Ok(Committed::Conflict)
-            }
-            Err(e) => {
-                self.forget(stream, group);
-                Err(e)
-            }
-        }
+        })
     }
 
     async fn compact_group(
@@ -671,26 +688,15 @@ impl GroupStore for Groups {
             last.sequence.to_string().as_str(),
         );
         headers.insert("Nats-Rollup", "sub");
-        match self.publish(subject, headers, payload, "compaction").await {
-            Ok(Some(at)) => {
-                self.remember(stream, group, version, at);
-                let stored = StoredGroup {
-                    snapshot: snapshot.clone(),
-                    changes: Vec::new(),
-                    version,
-                };
-                self.keep_loaded((stream.clone(), group.clone()), stored, at);
-                Ok(Committed::Done { version })
-            }
-            Ok(None) => {
-                self.forget(stream, group);
-                Ok(Committed::Conflict)
-            }
-            Err(e) => {
-                self.forget(stream, group);
-                Err(e)
-            }
-        }
+        let published = self.publish(subject, headers, payload, "compaction").await;
+        self.published(stream, group, version, published, |at| {
+            let stored = StoredGroup {
+                snapshot: snapshot.clone(),
+                changes: Vec::new(),
+                version,
+            };
+            self.keep_loaded((stream.clone(), group.clone()), stored, at);
+        })
     }
 
     async fn delete_group(
