@@ -41,7 +41,7 @@ use spool_core::{
 };
 use spool_engine::{Committed, EngineError, GroupStore, HasGroupStore, Limit, StoredGroup};
 
-use crate::{RedisConfig, RedisDurability, RedisEngine, error::within};
+use crate::{RedisConfig, RedisDurability, RedisEngine, error::within, wait_for_replicas};
 
 /// The largest record (a snapshot, or one commit's changes) the store writes. A group's state
 /// machine bounds its snapshot far below this (entries ≤ 2 × `max_in_flight`, members ≤
@@ -163,33 +163,16 @@ impl Groups {
         if wrote(reply)
             && let RedisDurability::Replicated { replicas } = self.durability
         {
-            self.wait_for_replicas(what, replicas).await?;
+            wait_for_replicas(
+                &self.writer,
+                replicas,
+                self.timeout,
+                &format!("the {what} "),
+                "it may be stored — load the group again",
+            )
+            .await?;
         }
         Ok(reply)
-    }
-
-    async fn wait_for_replicas(&self, what: &str, replicas: u32) -> Result<(), EngineError> {
-        let timeout = self.timeout;
-        let acked: u64 = within(
-            "WAIT",
-            timeout + Duration::from_secs(1),
-            redis::cmd("WAIT")
-                .arg(replicas)
-                .arg(
-                    u64::try_from(timeout.as_millis())
-                        .unwrap_or(u64::MAX)
-                        .max(1),
-                )
-                .query_async(&mut self.writer.clone()),
-        )
-        .await?;
-        if acked < u64::from(replicas) {
-            return Err(EngineError::unavailable(format!(
-                "replicated durability: {acked} of {replicas} replicas acknowledged the {what} \
-                 within {timeout:?}; it may be stored — load the group again"
-            )));
-        }
-        Ok(())
     }
 }
 

@@ -451,7 +451,14 @@ impl Shared {
         // before the original reached the replicas. The script always writes (expiries), so
         // WAIT covers everything applied before it, whichever node wrote it.
         if let RedisDurability::Replicated { replicas } = self.config.durability {
-            self.wait_for_replicas(replicas).await?;
+            wait_for_replicas(
+                &self.writer,
+                replicas,
+                self.config.timeout,
+                "",
+                "the message may be stored — retry with the same idempotency key",
+            )
+            .await?;
         }
         Ok(reply.appended())
     }
@@ -502,31 +509,6 @@ impl Shared {
         Err(EngineError::unavailable(format!(
             "Redis kept reporting no stream {stream:?} while notifications moved its head; retry"
         )))
-    }
-
-    /// `WAIT` on the append connection: covers every write sent on it so far.
-    async fn wait_for_replicas(&self, replicas: u32) -> Result<(), EngineError> {
-        let timeout = self.config.timeout;
-        let acked: u64 = within(
-            "WAIT",
-            timeout + Duration::from_secs(1),
-            redis::cmd("WAIT")
-                .arg(replicas)
-                .arg(
-                    u64::try_from(timeout.as_millis())
-                        .unwrap_or(u64::MAX)
-                        .max(1),
-                )
-                .query_async(&mut self.writer.clone()),
-        )
-        .await?;
-        if acked < u64::from(replicas) {
-            return Err(EngineError::unavailable(format!(
-                "replicated durability: {acked} of {replicas} replicas acknowledged within \
-                 {timeout:?}; the message may be stored — retry with the same idempotency key"
-            )));
-        }
-        Ok(())
     }
 }
 
@@ -581,6 +563,38 @@ impl Store for Shared {
         kept.streams.insert(stream.clone());
         Ok(epoch)
     }
+}
+
+/// `WAIT` on `writer` (which covers every write sent on that connection so far) for
+/// `replicas` replicas within `timeout`. Fewer: `Unavailable`, naming what was `written` (with a
+/// trailing space, or empty) and what the caller should do `then`, as it may be stored.
+pub(crate) async fn wait_for_replicas(
+    writer: &ConnectionManager,
+    replicas: u32,
+    timeout: Duration,
+    written: &str,
+    then: &str,
+) -> Result<(), EngineError> {
+    let acked: u64 = within(
+        "WAIT",
+        timeout + Duration::from_secs(1),
+        redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(
+                u64::try_from(timeout.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            )
+            .query_async(&mut writer.clone()),
+    )
+    .await?;
+    if acked < u64::from(replicas) {
+        return Err(EngineError::unavailable(format!(
+            "replicated durability: {acked} of {replicas} replicas acknowledged {written}within \
+             {timeout:?}; {then}"
+        )));
+    }
+    Ok(())
 }
 
 /// The data key lives as long as its newest message may (plus a second, so the expiry never
