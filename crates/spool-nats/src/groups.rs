@@ -62,7 +62,7 @@ use async_nats::{
         context::PublishErrorKind,
         message::StreamMessage,
         response::Response,
-        stream::{Config, DiscardPolicy, RawMessage},
+        stream::{Config, DiscardPolicy},
     },
 };
 use async_trait::async_trait;
@@ -77,15 +77,19 @@ use spool_core::{
 use spool_engine::{Committed, EngineError, GroupStore, HasGroupStore, Limit, StoredGroup};
 use tokio::time::Instant;
 
-use crate::{NatsEngine, config::NatsConfig, jetstream::Api, names};
+use crate::{
+    NatsEngine,
+    config::NatsConfig,
+    jetstream::{Api, Got},
+    names,
+};
 
 const KIND: &str = "Spool-Group";
 const VERSION: &str = "Spool-Group-Version";
 const ID: &str = "Spool-Group-Id";
 const SNAPSHOT: &str = "snapshot";
 const COMMIT: &str = "commit";
-/// JetStream's error codes for "no message found" and "stream not found".
-const NO_MESSAGE_FOUND: u64 = 10037;
+/// JetStream's error code for "stream not found".
 const STREAM_NOT_FOUND: u64 = 10059;
 /// The most groups whose last record this node remembers; past it the memory is cleared
 /// (each costs one more round trip on its next commit).
@@ -184,48 +188,13 @@ impl Groups {
         self.known.lock().remove(&(stream.clone(), group.clone()));
     }
 
-    /// One JetStream API request, answered or failed within the timeout.
-    async fn request<V: serde::de::DeserializeOwned>(
-        &self,
-        what: &str,
-        subject: String,
-        payload: &serde_json::Value,
-    ) -> Result<Response<V>, EngineError> {
-        let deadline = Instant::now() + self.api.timeout;
-        match tokio::time::timeout_at(deadline, self.api.js.request(subject, payload)).await {
-            Ok(answer) => answer.map_err(|e| self.api.request_error(what, e)),
-            Err(_) => Err(EngineError::unavailable(format!(
-                "{what}: NATS JetStream did not answer within {:?}",
-                self.api.timeout
-            ))),
-        }
-    }
-
     /// `STREAM.MSG.GET` on the groups' stream: `None` when there is no such message.
     async fn get(&self, request: serde_json::Value) -> Result<Option<StreamMessage>, EngineError> {
-        #[derive(Deserialize)]
-        struct MsgGet {
-            message: RawMessage,
-        }
         let what = "reading a group record";
-        let response: Response<MsgGet> = self
-            .request(
-                what,
-                format!("STREAM.MSG.GET.{}", self.config.name),
-                &request,
-            )
-            .await?;
-        match response {
-            Response::Ok(got) => {
-                StreamMessage::try_from(got.message)
-                    .map(Some)
-                    .map_err(|e| EngineError::Internal {
-                        what: format!("a group record ({request}) does not decode"),
-                        source: Some(Arc::from(e)),
-                    })
-            }
-            Response::Err { error } if error.error_code().0 == NO_MESSAGE_FOUND => Ok(None),
-            Response::Err { error } if error.error_code().0 == STREAM_NOT_FOUND => {
+        match self.api.msg_get(&self.config.name, request, what).await? {
+            Got::Message(message) => Ok(Some(message)),
+            Got::NoMessage => Ok(None),
+            Got::NoStream => {
                 // A server still recovering its streams (just restarted) says so too: no group
                 // is taken for gone unless JetStream confirms the stream is.
                 if self.api.info(&self.config.name).await?.is_some() {
@@ -236,10 +205,6 @@ impl Groups {
                 }
                 Ok(None)
             }
-            Response::Err { error } => Err(EngineError::unavailable_from(
-                format!("{what}: JetStream refused"),
-                error,
-            )),
         }
     }
 
@@ -575,6 +540,7 @@ impl GroupStore for Groups {
         let mut subjects = Vec::new();
         loop {
             let response: Response<Page> = self
+                .api
                 .request(
                     what,
                     format!("STREAM.INFO.{}", self.config.name),
@@ -714,6 +680,7 @@ impl GroupStore for Groups {
         self.loaded.lock().remove(&(stream.clone(), group.clone()));
         let what = "deleting a group";
         let response: Response<Purged> = self
+            .api
             .request(
                 what,
                 format!("STREAM.PURGE.{}", self.config.name),

@@ -49,6 +49,15 @@ const NO_MESSAGE_FOUND: ErrorCode = ErrorCode::NO_MESSAGE_FOUND;
 /// "maximum number of streams reached" (account limit).
 const MAXIMUM_STREAMS_LIMIT: ErrorCode = ErrorCode(10027);
 
+/// What a `STREAM.MSG.GET` found ([`Api::msg_get`]).
+pub(crate) enum Got {
+    Message(StreamMessage),
+    /// JetStream holds no such message.
+    NoMessage,
+    /// JetStream says the stream does not exist.
+    NoStream,
+}
+
 /// A JetStream context and the timeout it runs with (for error messages).
 #[derive(Clone)]
 pub(crate) struct Api {
@@ -249,27 +258,36 @@ impl Api {
         stream: &str,
         request: serde_json::Value,
     ) -> Result<Option<StreamMessage>, EngineError> {
-        let what = "reading a message";
+        Ok(
+            match self.msg_get(stream, request, "reading a message").await? {
+                Got::Message(message) => Some(message),
+                Got::NoMessage | Got::NoStream => None,
+            },
+        )
+    }
+
+    /// One `STREAM.MSG.GET` on `stream` (`what` says what it reads, in errors); the caller
+    /// tells "no such message" from "no such stream".
+    pub async fn msg_get(
+        &self,
+        stream: &str,
+        request: serde_json::Value,
+        what: &str,
+    ) -> Result<Got, EngineError> {
         let response: Response<MsgGet> = self
             .request(what, format!("STREAM.MSG.GET.{stream}"), &request)
             .await?;
         match response {
-            Response::Ok(got) => {
-                StreamMessage::try_from(got.message)
-                    .map(Some)
-                    .map_err(|e| EngineError::Internal {
-                        what: format!(
-                            "a message of JetStream stream {stream} ({request}) does not decode"
-                        ),
-                        source: Some(Arc::from(e)),
-                    })
-            }
-            Response::Err { error }
-                if error.error_code() == NO_MESSAGE_FOUND
-                    || error.error_code() == STREAM_NOT_FOUND =>
-            {
-                Ok(None)
-            }
+            Response::Ok(got) => StreamMessage::try_from(got.message)
+                .map(Got::Message)
+                .map_err(|e| EngineError::Internal {
+                    what: format!(
+                        "a message of JetStream stream {stream} ({request}) does not decode"
+                    ),
+                    source: Some(Arc::from(e)),
+                }),
+            Response::Err { error } if error.error_code() == NO_MESSAGE_FOUND => Ok(Got::NoMessage),
+            Response::Err { error } if error.error_code() == STREAM_NOT_FOUND => Ok(Got::NoStream),
             Response::Err { error } => Err(api_error(what, error)),
         }
     }
@@ -342,7 +360,7 @@ impl Api {
     /// request timeout starts only once the request is in its command queue, and while NATS is
     /// down that queue is not drained: once it is full, a request would wait there until NATS
     /// is back. So the deadline covers the whole call.
-    async fn request<T: Serialize + ?Sized, V: DeserializeOwned>(
+    pub async fn request<T: Serialize + ?Sized, V: DeserializeOwned>(
         &self,
         what: &str,
         subject: impl ToSubject,
