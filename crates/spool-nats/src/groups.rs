@@ -156,15 +156,11 @@ impl Groups {
 
     async fn create_stream(&self) -> Result<(), EngineError> {
         self.api
-            .create(&self.config)
+            .open(
+                &self.config,
+                &format!("the groups stream {}", self.config.name),
+            )
             .await
-            .map(|_| ())
-            .map_err(|e| {
-                EngineError::unavailable_from(
-                    format!("cannot open the groups stream {}", self.config.name),
-                    e,
-                )
-            })
     }
 
     fn subject(&self, stream: &StreamName, group: &GroupName) -> String {

@@ -187,6 +187,15 @@ impl Api {
         }
     }
 
+    /// [`Api::create`] for a stream of the engine's own (the groups' stream, the sessions'
+    /// bucket): any failure is `Unavailable`, "cannot open `what`".
+    pub async fn open(&self, config: &Config, what: &str) -> Result<(), EngineError> {
+        self.create(config)
+            .await
+            .map(|_| ())
+            .map_err(|e| EngineError::unavailable_from(format!("cannot open {what}"), e))
+    }
+
     /// The info of a stream that was just created or updated, from its leader.
     async fn leader_info(&self, stream: &str) -> Result<Info, EngineError> {
         self.info(stream).await?.ok_or_else(|| {

@@ -62,15 +62,11 @@ impl Sessions {
 
     async fn create_bucket(&self) -> Result<(), EngineError> {
         self.api
-            .create(&self.config)
+            .open(
+                &self.config,
+                &format!("the sessions bucket {}", self.bucket),
+            )
             .await
-            .map(|_| ())
-            .map_err(|e| {
-                EngineError::unavailable_from(
-                    format!("cannot open the sessions bucket {}", self.bucket),
-                    e,
-                )
-            })
     }
 
     fn subject(&self, id: &str) -> String {
