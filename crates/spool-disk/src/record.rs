@@ -151,8 +151,7 @@ pub fn encode_stream(out: &mut Vec<u8>, name: &StreamName, epoch: &Epoch, head: 
     frame(out, |b| {
         b.put_u8(KIND_STREAM);
         put_str16(b, name.as_str());
-        b.put_u8(epoch.as_str().len() as u8);
-        b.put_slice(epoch.as_str().as_bytes());
+        put_epoch(b, epoch);
         b.put_u64_le(head.get());
     });
 }
@@ -239,8 +238,7 @@ pub fn encode_stream_deleted(out: &mut Vec<u8>, name: &StreamName, epoch: &Epoch
     frame(out, |b| {
         b.put_u8(KIND_STREAM_DELETED);
         put_str16(b, name.as_str());
-        b.put_u8(epoch.as_str().len() as u8);
-        b.put_slice(epoch.as_str().as_bytes());
+        put_epoch(b, epoch);
     });
 }
 
@@ -253,8 +251,7 @@ pub fn encode_stream_truncated(
     frame(out, |b| {
         b.put_u8(KIND_STREAM_TRUNCATED);
         put_str16(b, name.as_str());
-        b.put_u8(epoch.as_str().len() as u8);
-        b.put_slice(epoch.as_str().as_bytes());
+        put_epoch(b, epoch);
         b.put_u64_le(before.get());
     });
 }
@@ -294,8 +291,7 @@ fn put_change(b: &mut Vec<u8>, change: &Change) -> serde_json::Result<()> {
     match change {
         Change::CursorMoved { cursor, head } if cursor.epoch.as_str().len() <= u8::MAX as usize => {
             b.put_u8(CHANGE_CURSOR_MOVED);
-            b.put_u8(cursor.epoch.as_str().len() as u8);
-            b.put_slice(cursor.epoch.as_str().as_bytes());
+            put_epoch(b, &cursor.epoch);
             b.put_u64_le(cursor.offset.get());
             b.put_u64_le(head.get());
         }
@@ -401,8 +397,7 @@ fn decode_change(r: &mut Reader<'_>) -> Option<Change> {
     let member = |r: &mut Reader<'_>| MemberName::new(&r.str16()?).ok();
     Some(match r.u8()? {
         CHANGE_CURSOR_MOVED => {
-            let len = r.u8()? as usize;
-            let epoch = Epoch::parse(&r.str(len)?).ok()?;
+            let epoch = r.epoch()?;
             Change::CursorMoved {
                 cursor: Position {
                     epoch,
@@ -506,6 +501,13 @@ fn frame(out: &mut Vec<u8>, body: impl FnOnce(&mut Vec<u8>)) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// An epoch: its length (u8; an epoch has at most `MAX_EPOCH_LEN`, 64, characters) then its
+/// text.
+fn put_epoch(b: &mut Vec<u8>, epoch: &Epoch) {
+    b.put_u8(epoch.as_str().len() as u8);
+    b.put_slice(epoch.as_str().as_bytes());
+}
+
 fn put_str16(b: &mut Vec<u8>, s: &str) {
     // Callers bound these strings well below 64 KiB (names 255, keys 1 KiB, headers by the
     // payload limit is not enough, so headers are capped by the server at 64 KiB each).
@@ -571,6 +573,11 @@ impl<'a> Reader<'a> {
         let len = self.u16()? as usize;
         self.str(len)
     }
+    /// An epoch as [`put_epoch`] writes it.
+    fn epoch(&mut self) -> Option<Epoch> {
+        let len = self.u8()? as usize;
+        Epoch::parse(&self.str(len)?).ok()
+    }
 }
 
 fn decode_body(body: &[u8]) -> Option<Record> {
@@ -578,8 +585,7 @@ fn decode_body(body: &[u8]) -> Option<Record> {
     match r.u8()? {
         KIND_STREAM => {
             let name = StreamName::stored(&r.str16()?).ok()?;
-            let epoch_len = r.u8()? as usize;
-            let epoch = Epoch::parse(&r.str(epoch_len)?).ok()?;
+            let epoch = r.epoch()?;
             let head = Offset(r.u64()?);
             r.0.is_empty()
                 .then_some(Record::Stream { name, epoch, head })
@@ -663,15 +669,13 @@ fn decode_body(body: &[u8]) -> Option<Record> {
         KIND_SNAPSHOT_END => r.0.is_empty().then_some(Record::SnapshotEnd),
         KIND_STREAM_DELETED => {
             let name = StreamName::stored(&r.str16()?).ok()?;
-            let epoch_len = r.u8()? as usize;
-            let epoch = Epoch::parse(&r.str(epoch_len)?).ok()?;
+            let epoch = r.epoch()?;
             r.0.is_empty()
                 .then_some(Record::StreamDeleted { name, epoch })
         }
         KIND_STREAM_TRUNCATED => {
             let name = StreamName::stored(&r.str16()?).ok()?;
-            let epoch_len = r.u8()? as usize;
-            let epoch = Epoch::parse(&r.str(epoch_len)?).ok()?;
+            let epoch = r.epoch()?;
             let before = Offset(r.u64()?);
             r.0.is_empty().then_some(Record::StreamTruncated {
                 name,
