@@ -11,6 +11,9 @@
 #
 #   scripts/bench.sh cluster [ARGS…]         # cluster engines: disk ×1, redis ×1/×3, nats ×1/×3 (≈ 2 min)
 #
+#   bench/issue14.sh [OUT_DIR]               # every row of issue 14's table in one run, each against
+#                                            # its peer, plus the callgrind counts (see its header)
+#
 # Without a ws* or cluster word, every argument goes to `spool-bench publish` (see `spool-bench
 # publish --help`); after a ws-* or cluster word, to that subcommand (`spool-bench ws-fanout
 # --help`, `spool-bench cluster --help`, …). Servers are started on free 127.0.0.1 ports and

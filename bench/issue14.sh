@@ -1,0 +1,339 @@
+#!/usr/bin/env bash
+# Every row of issue 14's table, re-measured in ONE run, each against its peer in the same run.
+#
+#   bench/issue14.sh [OUT_DIR]          # default OUT_DIR: target/bench-issue14/<UTC time>
+#   ROWS="ws-idle http-publish" bench/issue14.sh /tmp/out   # only some rows (names below)
+#   REV=abc1234 bench/issue14.sh        # another commit than HEAD
+#
+# Builds the release binaries once, of a commit (REV, default HEAD) and not of the working
+# tree (which may hold others' uncommitted edits): `git archive REV` is synced (rsync -c, so
+# unchanged files keep their times and the next build is incremental) into
+# target/issue14-build/src and built there with its own target dir, target/issue14-build/target
+# (`cargo build --release -p spool -p spool-bench`; no wait on target/'s lock). The binaries
+# are copied into OUT_DIR/bin, then each row's existing benchmark runs, back to back:
+#
+#   row            command (SB = OUT_DIR/bin/spool-bench, BIN = OUT_DIR/bin/spool)
+#   ws-idle        SB ws-idle    --targets spool,socketio,nats --connections 10000
+#   sse-idle       SB sse-idle   --connections 10000                      (no peer exists)
+#   ws-publish     SB ws-publish --targets spool-fsync,redis --clients 8,32   (16 in flight)
+#   http-publish   SB publish    --targets spool-fsync,redis --clients 64     (wrk-like HTTP
+#                  clients vs redis XADD, appendfsync always; the "Durable publish" section)
+#   ws-fanout      SB ws-fanout  --targets spool,socketio,nats --streams 1000,1
+#                                --rates 100000,20000    (max phase + two fixed rates)
+#   retained       SB retained   (1 GiB over 1,000 streams, live and restarted; resume 100k
+#                  behind against JetStream file storage; markdown only, no JSON)
+#   callgrind      bench/ws-publish-callgrind.sh BIN 2000 16 disk     (durable WS publish)
+#                  bench/redis-publish-callgrind.sh 2000 16           (its peer: XADD, always)
+#                  bench/publish-callgrind.sh BIN 500 disk            (HTTP publish, fsync)
+#                  bench/redis-publish-callgrind.sh 1000 1            (its peer: one XADD at a time)
+#                  bench/fanout-callgrind.sh BIN 1000 0 20 100        (100 streams × 10 WS subs)
+#
+# Each row writes OUT_DIR/<row>.json (where the benchmark has --json), .md (its stdout) and .log
+# (its stderr), and OUT_DIR/times.txt how long it took; at the end OUT_DIR/summary.md holds one
+# table: measured / peer / ratio / goal / met? per row (printed too). Callgrind's output files
+# are kept under OUT_DIR/callgrind-* for callgrind_annotate.
+#
+# Stops by itself: every row runs in its own process group under a time limit (SIGINT, then
+# SIGKILL to the group), and an interrupted script stops the row it is in. Every server is
+# started by the benchmarks on 127.0.0.1 (never the machine's shared Redis or NATS).
+# Needs redis-server, nats-server, node + npm (the socket.io peer, `npm ci --prefix bench`),
+# valgrind, python3, curl, and ~11,000 open files (the soft limit is raised to the hard one).
+# About 35–45 minutes on the shared 2-core machine (build excluded; see docs/benchmarks.md,
+# "All rows in one run"). Memory and instruction counts are robust to a noisy machine; the
+# wall-clock rows (publish throughput, fan-out rates and latencies) are not.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+out=${1:-target/bench-issue14/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+rows=${ROWS:-"ws-idle sse-idle ws-publish http-publish ws-fanout retained callgrind"}
+
+say() { echo "issue14.sh: $*" >&2; }
+
+for tool in cargo redis-server redis-cli nats-server node npm valgrind python3 curl setsid; do
+    command -v "$tool" >/dev/null || { say "$tool is needed but not on the PATH"; exit 1; }
+done
+if [[ ! -d bench/node_modules/socket.io ]]; then
+    say "installing the socket.io peer (npm ci --prefix bench)"
+    npm ci --prefix bench --no-audit --no-fund >&2 || exit 1
+fi
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [[ $(ulimit -n) != unlimited && $(ulimit -n) -lt 11000 ]]; then
+    say "WARNING: open-files limit $(ulimit -n) is too low for 10,000 connections"
+fi
+
+# --- build once ------------------------------------------------------------------------------
+start_all=$SECONDS
+rev=$(git rev-parse --short "${REV:-HEAD}") || exit 1
+build=$repo/target/issue14-build
+mkdir -p "$build/src" "$build/export"
+rm -rf "$build/export" && mkdir -p "$build/export"
+git archive "$rev" | tar -x -C "$build/export" || { say "git archive $rev failed"; exit 1; }
+rsync -rc --delete --exclude=/target "$build/export/" "$build/src/" || exit 1
+say "building $rev (cargo build --release -p spool -p spool-bench in $build/src)"
+(cd "$build/src" && CARGO_TARGET_DIR=$build/target cargo build --release -p spool -p spool-bench) >&2 \
+    || { say "build failed"; exit 1; }
+mkdir -p "$out/bin"
+cp "$build/target/release/spool" "$build/target/release/spool-bench" "$out/bin/"
+bin=$out/bin/spool
+sb=$out/bin/spool-bench
+{
+    echo "commit: $rev ($(git log -1 --format='%cd: %s' --date=format:'%H:%M' "$rev" | cut -c1-110))"
+    echo "started: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "machine: $(nproc) CPUs, $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "build: $((SECONDS - start_all)) s"
+} | tee "$out/run.txt" >&2
+: >"$out/times.txt"
+
+# --- running one row, bounded ------------------------------------------------------------------
+current=
+stop_current() {
+    if [[ -n $current ]] && kill -0 "$current" 2>/dev/null; then
+        kill -INT -- "-$current" 2>/dev/null
+        sleep 5
+        kill -KILL -- "-$current" 2>/dev/null
+    fi
+}
+trap 'say "interrupted"; stop_current; exit 130' INT TERM
+
+# bounded NAME LIMIT_S CMD…: runs CMD in its own process group, stdout to NAME.md, stderr to
+# NAME.log; past LIMIT_S, SIGINT to the group (spool-bench stops its servers on it), SIGKILL
+# 30 s later.
+bounded() {
+    local name=$1 limit=$2
+    shift 2
+    say "=== $name: $* (limit ${limit}s; load $(cut -d' ' -f1-3 /proc/loadavg))"
+    local t0=$SECONDS status
+    setsid "$@" >"$out/$name.md" 2>"$out/$name.log" &
+    current=$!
+    (
+        sleep "$limit"
+        kill -INT -- "-$current" 2>/dev/null && echo "TIMED OUT after ${limit}s" >>"$out/$name.log"
+        sleep 30
+        kill -KILL -- "-$current" 2>/dev/null
+    ) &
+    local watchdog=$!
+    wait "$current"
+    status=$?
+    kill "$watchdog" 2>/dev/null
+    wait "$watchdog" 2>/dev/null
+    # Whatever the row left in its group (valgrind'd servers of a failed callgrind script).
+    kill -KILL -- "-$current" 2>/dev/null
+    current=
+    echo "$name $((SECONDS - t0)) s exit $status load $(cut -d' ' -f1-3 /proc/loadavg)" >>"$out/times.txt"
+    say "$name took $((SECONDS - t0)) s (exit $status)"
+    return 0
+}
+
+# callgrind scripts print their callgrind directory; keep the files in OUT_DIR.
+keep_callgrind() { # NAME
+    local dir
+    dir=$(grep -o 'callgrind files in [^ ]*' "$out/$1.md" | awk '{print $4}')
+    if [[ -n $dir && -d $dir ]]; then
+        mv "$dir" "$out/callgrind-$1"
+    fi
+}
+
+want() { [[ " $rows " == *" $1 "* ]]; }
+
+want ws-idle && bounded ws-idle 900 \
+    "$sb" ws-idle --spool-bin "$bin" --targets spool,socketio,nats --connections 10000 \
+    --json "$out/ws-idle.json"
+want sse-idle && bounded sse-idle 600 \
+    "$sb" sse-idle --spool-bin "$bin" --connections 10000 --json "$out/sse-idle.json"
+want ws-publish && bounded ws-publish 600 \
+    "$sb" ws-publish --spool-bin "$bin" --targets spool-fsync,redis --clients 8,32 \
+    --json "$out/ws-publish.json"
+want http-publish && bounded http-publish 900 \
+    "$sb" publish --spool-bin "$bin" --targets spool-fsync,redis --clients 64 \
+    --baseline redis-aof-always --json "$out/http-publish.json"
+want ws-fanout && bounded ws-fanout 1500 \
+    "$sb" ws-fanout --spool-bin "$bin" --targets spool,socketio,nats --streams 1000,1 \
+    --rates 100000,20000 --json "$out/ws-fanout.json"
+want retained && bounded retained 1200 "$sb" retained --spool-bin "$bin"
+if want callgrind; then
+    bounded cg-ws-publish 1200 "$build/src/bench/ws-publish-callgrind.sh" "$bin" 2000 16 disk
+    keep_callgrind cg-ws-publish
+    bounded cg-redis-16 900 "$build/src/bench/redis-publish-callgrind.sh" 2000 16
+    keep_callgrind cg-redis-16
+    bounded cg-http-publish 1200 "$build/src/bench/publish-callgrind.sh" "$bin" 500 disk
+    keep_callgrind cg-http-publish
+    bounded cg-redis-1 900 "$build/src/bench/redis-publish-callgrind.sh" 1000 1
+    keep_callgrind cg-redis-1
+    bounded cg-fanout 1500 "$build/src/bench/fanout-callgrind.sh" "$bin" 1000 0 20 100
+    keep_callgrind cg-fanout
+fi
+trap - INT TERM
+
+echo "total: $((SECONDS - start_all)) s (build included); ended $(date -u '+%H:%M:%S UTC')" \
+    | tee -a "$out/run.txt" >&2
+
+# --- summary -----------------------------------------------------------------------------------
+python3 - "$out" <<'PY' | tee "$out/summary.md"
+import json, os, re, sys
+
+out = sys.argv[1]
+
+def load(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+def text(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+rows = []  # (row, measured, peer, ratio, goal, met)
+
+def f(x, spec=".2f"):
+    return "—" if x is None else format(x, spec)
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+# ws-idle
+d = load("ws-idle.json")
+if d:
+    per = {t["target"]: t["kib_per_connection"]["total"] for t in d["targets"]}
+    s, io, nats = per.get("spool"), per.get("socketio"), per.get("nats")
+    rows.append(("idle WS conn, 10,000 conns (`ws-idle`), KiB/conn", f(s),
+                 f"socket.io {f(io)}, NATS {f(nats)}", f"{f(ratio(s, io))}× socket.io, {f(ratio(s, nats))}× NATS",
+                 "≤ 6 KiB", "yes" if s is not None and s <= 6 else "no"))
+# sse-idle
+d = load("sse-idle.json")
+if d:
+    s = d.get("kib_per_connection")
+    rows.append(("idle SSE conn, 10,000 conns (`sse-idle`), KiB/conn", f(s), "— (no SSE peer)", "—",
+                 "≤ 6 KiB", "yes" if s is not None and s <= 6 else "no"))
+# ws-publish
+d = load("ws-publish.json")
+if d:
+    by = {(r["target"], r["clients"]): r for r in d["runs"]}
+    for c in (8, 32):
+        a, b = by.get(("spool-fsync", c)), by.get(("redis-aof-always", c))
+        if not a or not b:
+            continue
+        r = ratio(a["msgs_per_sec"], b["msgs_per_sec"])
+        rows.append((f"WS publish fsync, {c} conns × 16 (`ws-publish`), msgs/s",
+                     f"{a['msgs_per_sec']:.0f} (p99 {f(a['latency']['p99_ms'], '.1f')} ms)",
+                     f"Redis {b['msgs_per_sec']:.0f} (p99 {f(b['latency']['p99_ms'], '.1f')} ms)",
+                     f"{f(r)}×", "≥ 1.5×", "yes" if r and r >= 1.5 else "no"))
+        sa, sb_ = a.get("server_us_per_msg"), b.get("server_us_per_msg")
+        rows.append((f"  server CPU per msg, {c} conns, µs", f(sa), f"Redis {f(sb_)}",
+                     f"{f(ratio(sa, sb_))}×", "≤ Redis", "yes" if sa is not None and sb_ and sa <= sb_ else "no"))
+# http publish
+d = load("http-publish.json")
+if d:
+    by = {r["target"]: r for r in d["runs"]}
+    a, b = by.get("spool-fsync"), by.get("redis-aof-always")
+    if a and b:
+        r = ratio(a["msgs_per_sec"], b["msgs_per_sec"])
+        p99 = a["latency"]["p99_ms"]
+        rows.append(("HTTP publish fsync, 64 conns (`publish`), msgs/s",
+                     f"{a['msgs_per_sec']:.0f} (p99 {f(p99)} ms, {f(a.get('server_us_per_msg'), '.1f')} µs CPU/msg)",
+                     f"Redis XADD {b['msgs_per_sec']:.0f} (p99 {f(b['latency']['p99_ms'])} ms, {f(b.get('server_us_per_msg'), '.1f')} µs)",
+                     f"{f(r)}×", "≥ 1.5×, p99 ≤ 5 ms",
+                     "yes" if r and r >= 1.5 and p99 is not None and p99 <= 5 else "no"))
+    rb = d.get("read_back") or []
+    if rb and not all(x.get("ok") for x in rb):
+        rows.append(("  HTTP publish read-back", "PROBLEMS", "", "", "", "no"))
+# ws-fanout
+d = load("ws-fanout.json")
+if d:
+    sc = {(s["target"], s["streams"]): s for s in d["scenarios"]}
+    def phase(t, streams, mode):
+        s = sc.get((t, streams))
+        if not s:
+            return None
+        for p in s["phases"]:
+            if p["mode"] == mode:
+                return p
+        return None
+    for streams in (1000, 1):
+        shape = "1,000 streams × 10" if streams == 1000 else "1 stream × 10,000"
+        m = {t: phase(t, streams, "max") for t in ("spool", "socketio", "nats")}
+        if m["spool"]:
+            s = m["spool"]["deliveries_per_sec"]
+            io = m["socketio"] and m["socketio"]["deliveries_per_sec"]
+            na = m["nats"] and m["nats"]["deliveries_per_sec"]
+            r = ratio(s, io)
+            if streams == 1000:
+                rows.append((f"fan-out {shape}, max phase (`ws-fanout`), deliveries/s", f(s, ".0f"),
+                             f"socket.io {f(io, '.0f')}, NATS {f(na, '.0f')}",
+                             f"{f(r)}× socket.io, {f(ratio(s, na))}× NATS", "≥ 5× socket.io",
+                             "yes" if r and r >= 5 else "no"))
+            cs = m["spool"].get("server_us_per_delivery")
+            cn = m["nats"] and m["nats"].get("server_us_per_delivery")
+            rows.append((f"  server CPU per delivery, {shape}, max phase, µs", f(cs),
+                         f"NATS {f(cn)}", f"{f(ratio(cs, cn))}×", "≤ NATS",
+                         "yes" if cs is not None and cn and cs <= cn else "no"))
+        if streams != 1000:
+            continue
+        for rate in ("rate 100k/s", "rate 20k/s"):
+            p = {t: phase(t, streams, rate) for t in ("spool", "socketio", "nats")}
+            if not p["spool"]:
+                continue
+            def desc(x, who):
+                if not x:
+                    return f"{who} —"
+                lat = x["latency"]
+                fb = " (fell behind)" if x.get("fell_behind") else ""
+                return (f"{who} {x['deliveries_per_sec']:.0f}/s p50 {f(lat['p50_ms'], '.1f')} "
+                        f"p99 {f(lat['p99_ms'], '.1f')} ms, {f(x.get('server_us_per_delivery'))} µs{fb}")
+            s, n = p["spool"], p["nats"]
+            met = (n and s["latency"]["p50_ms"] is not None and n["latency"]["p50_ms"] is not None
+                   and s["latency"]["p50_ms"] <= n["latency"]["p50_ms"]
+                   and s["latency"]["p99_ms"] <= n["latency"]["p99_ms"])
+            note = "" if not (s.get("fell_behind") or (n and n.get("fell_behind"))) else " (a target fell behind)"
+            rows.append((f"fan-out latency {shape} at {rate[5:]} offered", desc(s, "spool"),
+                         desc(n, "NATS") + "; " + desc(p["socketio"], "socket.io"),
+                         f"p50 {f(ratio(s['latency']['p50_ms'], n and n['latency']['p50_ms']))}×, "
+                         f"p99 {f(ratio(s['latency']['p99_ms'], n and n['latency']['p99_ms']))}× NATS",
+                         "p50, p99 ≤ NATS", ("yes" if met else "no") + note))
+# retained
+t = text("retained.md")
+if t:
+    def num(pattern):
+        m = re.search(pattern, t)
+        return float(m.group(1)) if m else None
+    live = num(r"\| live, everything loaded \| ([\d.]+) MiB")
+    rest = num(r"\| restarted \(ready in [\d.]+s\) \| ([\d.]+) MiB")
+    rl = num(r"\| spool, live \(long-poll\) \| (\d+)")
+    rc = num(r"\| spool, after a restart \(long-poll, nothing cached\) \| (\d+)")
+    js = num(r"\| JetStream file storage \(pull consumer, fetch \d+\) \| (\d+)")
+    for label, v in (("live", live), ("after restart", rest)):
+        rows.append((f"disk RSS, 1 GiB retained, {label} (`retained`), MiB", f(v, ".1f"), "—", "—",
+                     "≤ 128 MiB (64 MiB cache + 64)", "yes" if v is not None and v <= 128 else "no"))
+    rows.append(("resume 100k behind, msgs/s (live / restarted)", f"{f(rl, '.0f')} / {f(rc, '.0f')}",
+                 f"JetStream {f(js, '.0f')}", f"{f(ratio(rl, js))}× / {f(ratio(rc, js))}×", "(reported)", "—"))
+# callgrind
+def per(name, word):
+    m = re.search(r"(\d+) instructions per " + word, text(name + ".md"))
+    return int(m.group(1)) if m else None
+w, r16 = per("cg-ws-publish", "WebSocket publish"), per("cg-redis-16", "XADD")
+h, r1 = per("cg-http-publish", "publish"), per("cg-redis-1", "XADD")
+fo = per("cg-fanout", "delivery")
+if w or r16:
+    rows.append(("instructions per durable WS publish, 1 × 16 (callgrind)", f(w, "d"), f"Redis XADD ×16 {f(r16, 'd')}",
+                 f"{f(ratio(w, r16))}×", "below Redis", "yes" if w and r16 and w < r16 else "no"))
+if h or r1:
+    rows.append(("instructions per durable HTTP publish (callgrind)", f(h, "d"), f"Redis XADD ×1 {f(r1, 'd')}",
+                 f"{f(ratio(h, r1))}×", "(profile)", "—"))
+if fo:
+    rows.append(("instructions per delivery, 100 streams × 10 WS (callgrind)", f(fo, "d"), "—", "—", "lower", "—"))
+
+print("| row | measured | peer in the same run | ratio | goal | met? |")
+print("|---|--:|--:|--:|---|---|")
+for r in rows:
+    print("| " + " | ".join(r) + " |")
+print()
+print(open(os.path.join(out, "times.txt")).read().rstrip())
+PY
+say "results in $out (summary.md, run.txt, times.txt)"
