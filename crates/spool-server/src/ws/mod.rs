@@ -21,10 +21,11 @@ pub mod spool_v1;
 use std::sync::Arc;
 
 use axum::{
-    extract::{RawQuery, State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection},
+    extract::{FromRequestParts, State, WebSocketUpgrade},
     http::{
         HeaderMap, HeaderValue, StatusCode,
         header::{ORIGIN, SEC_WEBSOCKET_PROTOCOL},
+        request::Parts,
     },
     response::Response,
 };
@@ -47,30 +48,15 @@ use crate::{
 /// then hands the socket to a connection task tracked for graceful shutdown.
 pub async fn upgrade(
     State(state): State<AppState>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    extensions: axum::http::Extensions,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    Accepted {
+        upgrade,
+        client,
+        query,
+        headers,
+    }: Accepted,
 ) -> ApiResult<Response> {
-    let client = extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|axum::extract::ConnectInfo(addr)| addr.ip());
-    let upgrade = upgrade.map_err(|e| {
-        ApiError::new(
-            e.status(),
-            ErrorCode::InvalidParameter,
-            format!("not a WebSocket upgrade: {e}"),
-        )
-    })?;
-    check_origin(&headers, &state.config.cors_origins)?;
     let speaks = check_subprotocol(&headers)?;
-    if state.shutdown.is_cancelled() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::ShuttingDown,
-            "the server is shutting down; connect to another node or retry shortly",
-        ));
-    }
+    not_shutting_down(&state)?;
     // A credential on the upgrade (header or ?token=) is checked now, so a bad one gets a plain
     // 401; without one, the `connect` frame must carry it.
     let query = QueryParams::parse(query.as_deref())?;
@@ -96,29 +82,14 @@ pub async fn upgrade(
 /// AnyCable does.
 pub async fn cable(
     State(state): State<AppState>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    extensions: axum::http::Extensions,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    Accepted {
+        upgrade,
+        client,
+        query,
+        headers,
+    }: Accepted,
 ) -> ApiResult<Response> {
-    let client = extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|axum::extract::ConnectInfo(addr)| addr.ip());
-    let upgrade = upgrade.map_err(|e| {
-        ApiError::new(
-            e.status(),
-            ErrorCode::InvalidParameter,
-            format!("not a WebSocket upgrade: {e}"),
-        )
-    })?;
-    check_origin(&headers, &state.config.cors_origins)?;
-    if state.shutdown.is_cancelled() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::ShuttingDown,
-            "the server is shutting down; connect to another node or retry shortly",
-        ));
-    }
+    not_shutting_down(&state)?;
     let config = state.config.anycable.clone();
     let query = QueryParams::parse(query.as_deref())?;
     let ext = headers
@@ -166,6 +137,55 @@ pub async fn cable(
     Ok(run(state, upgrade, speaks, principal, client))
 }
 
+/// An upgrade request past what every upgrade checks first (that it is one, and its origin),
+/// with what the endpoints read from it.
+pub struct Accepted {
+    upgrade: WebSocketUpgrade,
+    /// The client's address, for the per-address bounds.
+    client: Option<std::net::IpAddr>,
+    query: Option<String>,
+    headers: HeaderMap,
+}
+
+impl FromRequestParts<AppState> for Accepted {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        let client = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|axum::extract::ConnectInfo(addr)| addr.ip());
+        let upgrade = WebSocketUpgrade::from_request_parts(parts, state)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    e.status(),
+                    ErrorCode::InvalidParameter,
+                    format!("not a WebSocket upgrade: {e}"),
+                )
+            })?;
+        check_origin(&parts.headers, &state.config.cors_origins)?;
+        Ok(Accepted {
+            upgrade,
+            client,
+            query: parts.uri.query().map(str::to_owned),
+            headers: parts.headers.clone(),
+        })
+    }
+}
+
+/// A draining node takes no new connection: the client should go to another.
+fn not_shutting_down(state: &AppState) -> ApiResult<()> {
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ShuttingDown,
+            "the server is shutting down; connect to another node or retry shortly",
+        ));
+    }
+    Ok(())
+}
+
 /// Hands the upgraded socket to a connection task speaking `speaks`, tracked for graceful
 /// shutdown.
 fn run(
@@ -179,7 +199,12 @@ fn run(
     let max_message = state.config.max_payload.saturating_mul(2) + 64 * 1024;
     let upgrade = upgrade
         .protocols([speaks.name()])
-        .read_buffer_size(ws.read_buffer)
+        .read_buffer_size(
+            std::env::var("SPOOL_H3_RB")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(ws.read_buffer),
+        ) // H3-TEMP
         .write_buffer_size(ws.write_buffer)
         .max_message_size(max_message)
         .max_frame_size(max_message);
