@@ -21,7 +21,15 @@ use crate::{
 /// Longest session id or identity accepted in a path.
 const MAX_ID: usize = 256;
 
-fn authorize(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> ApiResult<()> {
+/// The session id or identity (`what`) in the path of a call whose caller may disconnect
+/// sessions: an API key, or a token whose `admin` claim holds `*`.
+fn target(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    path: Result<Path<String>, PathRejection>,
+    what: &str,
+) -> ApiResult<String> {
     let query = QueryParams::parse(query)?;
     let principal = authenticate(state, headers, &query)?;
     if !principal.admin_of_all() {
@@ -31,7 +39,7 @@ fn authorize(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> ApiR
             "disconnecting sessions needs an API key or a token whose admin claim holds \"*\"",
         ));
     }
-    Ok(())
+    id(path, what)
 }
 
 fn id(path: Result<Path<String>, PathRejection>, what: &str) -> ApiResult<String> {
@@ -52,8 +60,7 @@ pub async fn disconnect_session(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authorize(&state, &headers, query.as_deref())?;
-    let id = id(path, "a session id")?;
+    let id = target(&state, &headers, query.as_deref(), path, "a session id")?;
     let held = state.sessions.disconnect(&id).await?;
     tracing::info!(session = %id, connected = held, "session disconnected through the admin API");
     state.metrics.admin_action("disconnect_session");
@@ -70,8 +77,13 @@ pub async fn disconnect_identity(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authorize(&state, &headers, query.as_deref())?;
-    let subject = id(path, "an identity (a token's sub)")?;
+    let subject = target(
+        &state,
+        &headers,
+        query.as_deref(),
+        path,
+        "an identity (a token's sub)",
+    )?;
     let n = state.sessions.disconnect_identity(&subject).await?;
     tracing::info!(identity = %subject, sessions = n, "identity disconnected through the admin API");
     state.metrics.admin_action("disconnect_identity");
