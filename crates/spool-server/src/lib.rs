@@ -58,32 +58,7 @@ pub struct AppState {
     pub transients: Arc<delivery::transient::Transients>,
 }
 
-/// Serves the API on `listener` until `shutdown` is cancelled, then stops accepting, ends every
-/// SSE stream with a `reconnect` event, answers pending long-polls, and returns once open
-/// requests are done. `engine` holds the streams, `session_store` the WebSocket sessions and
-/// `group_store` the consumer groups (`spool serve` passes the same engine for each; `None`
-/// for an engine that keeps no groups yet: the group routes answer `501`).
-pub async fn serve(
-    listener: TcpListener,
-    engine: Arc<dyn Engine>,
-    session_store: Arc<dyn SessionStore>,
-    group_store: Option<Arc<dyn GroupStore>>,
-    config: ServerConfig,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    serve_with(
-        listener,
-        Extras::default(),
-        engine,
-        session_store,
-        group_store,
-        config,
-        shutdown,
-    )
-    .await
-}
-
-/// What [`serve_with`] runs beside the API listener.
+/// What [`serve`] runs beside the API listener.
 #[derive(Default)]
 pub struct Extras {
     /// An internal address serving `/metrics`, `/healthz` and `/readyz` only
@@ -91,8 +66,13 @@ pub struct Extras {
     pub metrics: Option<TcpListener>,
 }
 
-/// [`serve`], with `extras` beside it.
-pub async fn serve_with(
+/// Serves the API on `listener` (and `extras` beside it) until `shutdown` is cancelled, then
+/// stops accepting, ends every SSE stream with a `reconnect` event, answers pending
+/// long-polls, and returns once open requests are done. `engine` holds the streams,
+/// `session_store` the WebSocket sessions and `group_store` the consumer groups (`spool serve`
+/// passes the same engine for each; `None` for an engine that keeps no groups yet: the group
+/// routes answer `501`).
+pub async fn serve(
     listener: TcpListener,
     extras: Extras,
     engine: Arc<dyn Engine>,

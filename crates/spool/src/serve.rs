@@ -89,7 +89,7 @@ async fn serve(args: Settings) -> anyhow::Result<()> {
         never = answer_while_starting(&listener) => match never {},
     };
     tracing::info!(%addr, engine = engine.name(), "listening");
-    let server = tokio::spawn(spool_server::serve_with(
+    let server = tokio::spawn(spool_server::serve(
         listener,
         spool_server::Extras {
             metrics: metrics_listener,

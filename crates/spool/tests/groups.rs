@@ -890,6 +890,7 @@ async fn without_a_group_store_the_routes_answer_501() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(spool_server::serve(
         listener,
+        spool_server::Extras::default(),
         engine.clone(),
         engine,
         None,
