@@ -261,6 +261,68 @@ async fn answers_are_bounded_in_bytes() {
     }
 }
 
+/// SSE and WebSocket catch-up are bounded in bytes too (issue 10, item 7): subscribers that
+/// replay ~150 MB of JSON (400 messages of 64 KiB of control characters, escaped 6×) from
+/// `oldest` and read nothing hold about a batch each (`--max-read-bytes` for SSE,
+/// `--ws-outbound-bytes` for a WebSocket), never the history they are behind on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_sse_and_websocket_catch_up_hold_bounded_memory() {
+    use common::WsPeer;
+    let server = Server::start(&["--max-read-bytes", "1MiB", "--ws-ping-interval", "60s"]);
+    let payload = "\u{1}".repeat(64 * 1024);
+    for _ in 0..16 {
+        let batch: Vec<Value> = (0..25)
+            .map(|_| json!({"stream": "replay", "data": payload}))
+            .collect();
+        server.publish_batch(batch).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = server.rss_bytes();
+    let mut peak = before;
+
+    // Eight SSE subscribers and eight WebSocket subscriptions, each from the oldest message,
+    // none of which reads a byte.
+    let mut unread = Vec::new();
+    for _ in 0..8 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut tcp = socket.connect(server.addr.parse().unwrap()).await.unwrap();
+        let head = format!(
+            "GET /v1/streams/replay/events?after=oldest HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {API_KEY}\r\n\r\n"
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        unread.push(tcp);
+    }
+    let mut peers = Vec::new();
+    for _ in 0..8 {
+        let mut peer = WsPeer::open_small_rcvbuf(&server.addr, 4096).await;
+        peer.send(json!({"type":"connect","token":API_KEY})).await;
+        peer.send(json!({"type":"subscribe","id":1,"stream":"replay","after":"oldest"}))
+            .await;
+        peers.push(peer);
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        peak = peak.max(server.rss_bytes());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "8 unread SSE and 8 unread WebSocket replays of ~150 MB each: RSS grew by {} MiB",
+        grown / MIB
+    );
+    assert!(
+        grown < 128 * MIB,
+        "16 unread replays grew RSS by {} MiB",
+        grown / MIB
+    );
+    // Everyone else is served meanwhile.
+    let (status, body) = server.poll("replay", "after=oldest&limit=1").await;
+    assert_eq!(status, 200, "{body}");
+    server.publish("replay-other", "still served").await;
+    drop((unread, peers));
+}
+
 #[tokio::test]
 async fn message_headers_count_against_the_payload_limit() {
     let server = Server::start(&["--max-payload", "1024"]);
@@ -289,6 +351,16 @@ async fn message_headers_count_against_the_payload_limit() {
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
+    let r = server
+        .http
+        .post(server.url("/v1/streams/hdr/messages"))
+        .bearer_auth(API_KEY)
+        .header("content-type", format!("text/{}", "c".repeat(200)))
+        .body("y".repeat(900))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413, "a long content type counts");
     // Nothing was stored; a message within the limit is.
     let (_, body) = server.poll("hdr", "after=oldest").await;
     assert_eq!(body["messages"].as_array().unwrap().len(), 0, "{body}");

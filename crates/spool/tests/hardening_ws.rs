@@ -176,6 +176,106 @@ async fn a_session_does_not_outlive_its_token() {
     assert_eq!(answer["resumed"], true, "{answer}");
 }
 
+/// Issue 10, item 1 (a rotated `--jwt-secret`): a session made with an HS256 token is not
+/// resumed by its id alone once the server runs with another secret; a token of the same
+/// identity signed with the new secret resumes it. (The testkit's launcher always passes its
+/// own `--jwt-secret`, so the first server, with the old secret, is started by hand.)
+#[tokio::test]
+async fn a_session_of_a_rotated_jwt_secret_is_not_restored() {
+    use std::process::{Command, Stdio};
+    struct Terminate(std::process::Child);
+    impl Terminate {
+        fn stop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            for _ in 0..200 {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    impl Drop for Terminate {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut old = Terminate(
+        Command::new(common::spool_bin())
+            .args([
+                "serve",
+                "--listen",
+                &listen,
+                "--engine",
+                "disk",
+                "--data-dir",
+            ])
+            .arg(dir.path())
+            .args(["--jwt-secret", "the-old-secret"])
+            .env("SPOOL_LOG", "warn")
+            .env("SPOOL_SHUTDOWN_DRAIN", "0s")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn spool serve"),
+    );
+    // Listening comes before the engine is open: wait until it is ready.
+    let until = Instant::now() + Duration::from_secs(20);
+    let http = reqwest::Client::new();
+    loop {
+        let ready = http.get(format!("http://{listen}/readyz")).send().await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(Instant::now() < until, "spool serve did not get ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let claims = json!({"sub":"hana","exp":now_secs()+600,"subscribe":["*"],"publish":["*"]});
+    let old_token = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(b"the-old-secret"),
+    )
+    .unwrap();
+    let session = session_of(&listen, Some(&old_token), "h:hs").await;
+    // With the secret it was made under, the id alone resumes it.
+    let (_, answer) = connect_with(&listen, json!({ "session": session })).await;
+    assert_eq!(answer["resumed"], true, "{answer}");
+    old.stop();
+
+    // The secret rotated (the launcher's own, JWT_SECRET).
+    let server = Server::start_disk("127.0.0.1:0", dir.path(), &[]);
+    let (mut peer, answer) = connect_with(&server.addr, json!({ "session": session })).await;
+    assert_eq!(answer["code"], "session_not_restored", "{answer}");
+    peer.send(json!({"type":"publish","id":3,"stream":"h:hs","data":"x"}))
+        .await;
+    let refused = peer.expect("error").await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["id"].as_u64()),
+        (Some("not_connected"), Some(3)),
+        "{refused}"
+    );
+    // The old token itself is refused too.
+    peer.send(json!({"type":"connect","session":session,"token":old_token}))
+        .await;
+    assert_eq!(peer.expect("error").await["code"], "invalid_token");
+    // A token of the same identity under the new secret resumes the session.
+    let (_, answer) = connect_with(
+        &server.addr,
+        json!({ "session": session, "token": jwt(claims.clone()) }),
+    )
+    .await;
+    assert_eq!(answer["resumed"], true, "{answer}");
+    assert_eq!(answer["subscriptions"][0]["stream"], "h:hs", "{answer}");
+}
+
 /// What an idle client that answers pings saw.
 struct Heard {
     pings: u64,
