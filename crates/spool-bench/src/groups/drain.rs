@@ -1,4 +1,5 @@
-//! `spool-bench groups --drain N`: Spool alone (disk engine, fsync) preloaded with N messages,
+//! `spool-bench groups --drain N`: Spool alone (the first Spool target of `--targets`; by
+//! default `spool`, the disk engine with fsync and HTTP members) preloaded with N messages,
 //! then one group drained by the first `--members` value of members receiving the first
 //! `--batch` value at a time, while the server's `VmRSS` is sampled every
 //! [`SAMPLE_EVERY`]. The group keeps positions and leases only, so its memory should not
@@ -18,7 +19,10 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::{GroupTarget, GroupsArgs, Mode, member_loop, spool::SpoolGroups};
+use super::{
+    GroupTarget, GroupsArgs, Kind, Mode, member_loop,
+    spool::{SpoolGroups, Transport},
+};
 use crate::{
     publish::Verdict,
     ws::measure::{CpuMark, Quantiles, rss_kib},
@@ -30,7 +34,25 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 pub async fn run(args: &GroupsArgs, count: u64) -> Result<Verdict> {
     let members = args.members.first().copied().map_or(32, usize::from);
     let batch = args.batch.first().copied().map_or(32, usize::from);
-    let spool = SpoolGroups::start(&args.spool, Some(count)).await?;
+    // The first Spool target of `--targets` (default `spool`: fsync, HTTP members).
+    let kind = args
+        .targets
+        .iter()
+        .copied()
+        .find(|k| !matches!(k, Kind::Nats | Kind::Redis))
+        .unwrap_or(Kind::Spool);
+    let spool = match kind {
+        Kind::SpoolWrite => {
+            SpoolGroups::start_write(&args.spool, Some(count), Transport::Http).await?
+        }
+        Kind::SpoolWs => SpoolGroups::start(&args.spool, Some(count), Transport::Ws).await?,
+        Kind::SpoolWsWrite => {
+            SpoolGroups::start_write(&args.spool, Some(count), Transport::Ws).await?
+        }
+        Kind::Spool | Kind::Nats | Kind::Redis => {
+            SpoolGroups::start(&args.spool, Some(count), Transport::Http).await?
+        }
+    };
     let pid = spool.pid();
     eprintln!("started {}", spool.description());
     let idle_kib = rss_kib(pid)?;
@@ -44,7 +66,7 @@ pub async fn run(args: &GroupsArgs, count: u64) -> Result<Verdict> {
     spool.create_group("drain", true).await?;
     let mut opened = Vec::with_capacity(members);
     for i in 0..members {
-        opened.push(spool.member("drain", i).await?);
+        opened.push(spool.member("drain", i, batch).await?);
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -101,7 +123,7 @@ pub async fn run(args: &GroupsArgs, count: u64) -> Result<Verdict> {
     let us_per_ack = server_cpu.as_secs_f64() * 1e6 / (acked.max(1) as f64);
     let mib = |k: u64| k as f64 / 1024.0;
     println!("\n## spool-bench groups --drain {count}\n");
-    println!("- `spool-fsync`: {}", spool.description());
+    println!("- `{}`: {}", spool.name(), spool.description());
     println!(
         "- {count} messages of {} B preloaded in {preload_s:.1}s; drained by {members} members \
          × {batch} per receive",

@@ -4,7 +4,9 @@
 //! Every target is a server process of its own, started here on a free 127.0.0.1 port with its
 //! own data directory: Spool on the disk engine with `--durability fsync` (`spool-fsync`) and,
 //! with `--targets spool-write`, with `--durability memory` (answered once written to the WAL
-//! file, not fsynced: the level of nats-server 2.9, which never fsyncs per write),
+//! file, not fsynced: the level of nats-server 2.9, which never fsyncs per write), both with
+//! members over HTTP or, as `spool-ws` and `spool-ws-write`, over the WebSocket protocol
+//! (`consume` with credit = batch, an `ack` frame per message: `ws.rs`),
 //! `redis-server` with `appendfsync always`, `nats-server -js` with a file-storage stream. Each
 //! target is preloaded once with `--backlog` messages; then, for each cell (members × batch),
 //! Spool and the peers run one after the other:
@@ -22,6 +24,7 @@
 mod drain;
 mod peers;
 mod spool;
+mod ws;
 
 use std::time::Duration;
 
@@ -33,6 +36,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use self::spool::Transport;
 use crate::{
     JsonArgs, SpoolBinArgs,
     publish::Verdict,
@@ -62,7 +66,9 @@ pub struct GroupsArgs {
     pub modes: Vec<Mode>,
     /// The systems to measure, in this order in each cell: `spool` (`spool-fsync`, disk engine,
     /// `--durability fsync`), `spool-write` (disk engine, `--durability memory`: written to the
-    /// WAL file, not fsynced), `nats`, `redis`.
+    /// WAL file, not fsynced) — both with members over HTTP —, `spool-ws` and `spool-ws-write`
+    /// (the same two servers, members on a WebSocket each: `consume` with credit = batch, one
+    /// `ack` frame per leased message), `nats`, `redis`. `--drain` uses the first Spool one.
     #[arg(
         long,
         value_name = "T,T,…",
@@ -114,6 +120,11 @@ pub enum Kind {
     /// `spool serve --engine disk --durability memory`, over HTTP: answered once written to
     /// the WAL file, without waiting for an fsync (JetStream 2.9's durability).
     SpoolWrite,
+    /// `spool serve --engine disk --durability fsync`, members over WebSocket (`spool-ws`).
+    SpoolWs,
+    /// `spool serve --engine disk --durability memory`, members over WebSocket
+    /// (`spool-ws-write`).
+    SpoolWsWrite,
     /// A JetStream pull consumer with explicit acks (`double_ack`), file storage.
     Nats,
     /// Redis Streams `XREADGROUP` + `XACK`, `appendfsync always`.
@@ -167,8 +178,8 @@ pub trait GroupTarget: Send + Sync {
     async fn preload(&self, count: u64, size: usize) -> Result<()>;
     /// Creates group `group` starting at the oldest message (`from_oldest`) or the latest.
     async fn create_group(&self, group: &str, from_oldest: bool) -> Result<()>;
-    /// Opens member `idx` of `group` on its own connection.
-    async fn member(&self, group: &str, idx: usize) -> Result<Box<dyn Member>>;
+    /// Opens member `idx` of `group` on its own connection, for receives of up to `batch`.
+    async fn member(&self, group: &str, idx: usize, batch: usize) -> Result<Box<dyn Member>>;
     /// Opens a publishing connection for the steady cells.
     async fn publisher(&self) -> Result<Box<dyn StampPublisher>>;
 }
@@ -179,6 +190,11 @@ pub trait Member: Send {
     /// Receives up to `max` messages (long-polling up to `wait` when given) and returns the
     /// send stamps of their payloads; keeps what the ack needs.
     async fn receive(&mut self, max: usize, wait: Option<Duration>) -> Result<Vec<u64>>;
+    /// When the last receive's messages started to count for receive → ack, if earlier than
+    /// the receive call (messages pushed before it was made); `None`: the call.
+    fn since(&self) -> Option<Instant> {
+        None
+    }
     /// Acks everything the last receive returned; the number acked `ok`.
     async fn ack(&mut self) -> Result<usize>;
 }
@@ -312,7 +328,8 @@ async fn member_loop(
                 // A drained backlog's last empty wait is not part of the drain.
                 tally.ended = Instant::now();
                 let done = now_us();
-                let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let since = member.since().map_or(sent, |s| s.min(sent));
+                let us = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
                 tally.acked += n as u64;
                 let _ = tally.ack_latency.record_n(us.max(1), n as u64);
                 for stamp in stamps.into_iter().filter(|&s| s > 0).take(n) {
@@ -345,7 +362,7 @@ async fn run_cell(
         .with_context(|| format!("cannot create group {group}"))?;
     let mut opened = Vec::with_capacity(members);
     for i in 0..members {
-        opened.push(target.member(group, i).await?);
+        opened.push(target.member(group, i, batch).await?);
     }
     let mut publishers = Vec::new();
     if mode == Mode::Steady {
@@ -458,8 +475,18 @@ async fn run_cell(
 
 async fn start(kind: Kind, args: &GroupsArgs) -> Result<Box<dyn GroupTarget>> {
     Ok(match kind {
-        Kind::Spool => Box::new(spool::SpoolGroups::start(&args.spool, None).await?),
-        Kind::SpoolWrite => Box::new(spool::SpoolGroups::start_write(&args.spool).await?),
+        Kind::Spool => {
+            Box::new(spool::SpoolGroups::start(&args.spool, None, Transport::Http).await?)
+        }
+        Kind::SpoolWrite => {
+            Box::new(spool::SpoolGroups::start_write(&args.spool, None, Transport::Http).await?)
+        }
+        Kind::SpoolWs => {
+            Box::new(spool::SpoolGroups::start(&args.spool, None, Transport::Ws).await?)
+        }
+        Kind::SpoolWsWrite => {
+            Box::new(spool::SpoolGroups::start_write(&args.spool, None, Transport::Ws).await?)
+        }
         Kind::Nats => Box::new(peers::NatsGroups::start().await?),
         Kind::Redis => Box::new(peers::RedisGroups::start().await?),
     })
@@ -591,21 +618,36 @@ fn markdown(args: &GroupsArgs, targets: &[(String, String)], cells: &[CellResult
     out.push_str(&format!(
         "\n{} B payloads; backlog cells: a new group from the oldest of {} preloaded messages, \
          {:?} or until empty; steady cells: {} msgs/s over {} publishing connections, {:?}. \
-         Last two columns: backlog, that Spool target's acks/s ÷ this target's; steady, its \
+         Last columns, one per Spool target: backlog, that Spool target's acks/s ÷ this target's; steady, its \
          publish → ack p50 ÷ this target's (below 1: Spool is faster).\n\n",
         args.size, args.backlog, args.duration, args.rate, args.publishers, args.duration
     ));
+    // A ratio column for each Spool target of the run.
+    let spools: Vec<&str> = spool::NAMES
+        .into_iter()
+        .filter(|n| targets.iter().any(|(t, _)| t == n))
+        .collect();
     out.push_str(
         "| mode | members | batch | target | acks/s | recv→ack p50 | p99 | pub→ack p50 | p99 | \
-         server µs/ack | client µs/ack | acked / published | errors | spool-fsync ÷ this | \
-         spool-write ÷ this |\n|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+         server µs/ack | client µs/ack | acked / published | errors |",
     );
+    for name in &spools {
+        out.push_str(&format!(" {name} ÷ this |"));
+    }
+    out.push_str("\n|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for _ in &spools {
+        out.push_str("--:|");
+    }
+    out.push('\n');
     for cell in cells {
-        let ratios = [spool::NAME, spool::WRITE_NAME].map(|name| ratio(cells, cell, name));
+        let ratios: String = spools
+            .iter()
+            .map(|name| format!(" {} |", ratio(cells, cell, name)))
+            .collect();
         let a = Quantiles::of(&cell.ack_latency);
         let e = Quantiles::of(&cell.e2e_latency);
         out.push_str(&format!(
-            "| {} | {} | {} | {}{} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {}{} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |{}\n",
             format!("{:?}", cell.mode).to_lowercase(),
             cell.members,
             cell.batch,
@@ -625,8 +667,7 @@ fn markdown(args: &GroupsArgs, targets: &[(String, String)], cells: &[CellResult
                 Mode::Steady => format!("{} / {}", cell.acked, cell.published),
             },
             cell.errors,
-            ratios[0],
-            ratios[1],
+            ratios,
         ));
     }
     let errors: Vec<_> = cells

@@ -125,7 +125,7 @@ impl GroupTarget for NatsGroups {
         Ok(())
     }
 
-    async fn member(&self, group: &str, _idx: usize) -> Result<Box<dyn Member>> {
+    async fn member(&self, group: &str, _idx: usize, _batch: usize) -> Result<Box<dyn Member>> {
         let client = async_nats::connect(&self.url)
             .await
             .context("cannot connect to nats-server")?;
@@ -296,7 +296,7 @@ impl GroupTarget for RedisGroups {
         Ok(())
     }
 
-    async fn member(&self, group: &str, idx: usize) -> Result<Box<dyn Member>> {
+    async fn member(&self, group: &str, idx: usize, _batch: usize) -> Result<Box<dyn Member>> {
         Ok(Box::new(RedisMember {
             conn: self.connection().await?,
             group: group.to_owned(),

@@ -4,6 +4,9 @@
 //! target `spool-write`), `PUT …/groups/{g}`, then per member `POST …/receive` and
 //! `POST …/ack` on one keep-alive raw hyper connection (as `publish` does: the load generator
 //! shares the two cores with the server, and reqwest costs about twice its CPU per request).
+//! Targets `spool-ws` (fsync) and `spool-ws-write` (`--durability memory`) run the same servers
+//! with members on the WebSocket protocol instead (`ws.rs`: one socket per member, `consume`
+//! with credit = batch, one `ack` frame per leased message).
 
 use std::time::Duration;
 
@@ -31,6 +34,12 @@ use crate::{
 pub const NAME: &str = "spool-fsync";
 /// The name of the target answered once written to the WAL file, not fsynced.
 pub const WRITE_NAME: &str = "spool-write";
+/// The fsynced target with WebSocket members.
+pub const WS_NAME: &str = "spool-ws";
+/// The not-fsynced target with WebSocket members.
+pub const WS_WRITE_NAME: &str = "spool-ws-write";
+/// Every Spool target's name, in the order of the report's ratio columns.
+pub const NAMES: [&str; 4] = [NAME, WRITE_NAME, WS_NAME, WS_WRITE_NAME];
 const API_KEY: &str = "bench-key";
 /// Longest wait for one answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,32 +48,53 @@ const PRELOAD_BATCH: u64 = 1000;
 /// Connections preloading at once.
 const PRELOAD_CONNECTIONS: u64 = 4;
 
+/// How a target's members talk to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// `POST …/receive` and `POST …/ack` on a keep-alive connection.
+    Http,
+    /// `consume` on a WebSocket, one `ack` frame per leased message.
+    Ws,
+}
+
 pub struct SpoolGroups {
     process: SpoolProcess,
     name: &'static str,
+    transport: Transport,
 }
 
 impl SpoolGroups {
     /// Starts Spool on the disk engine with fsync, keeping up to `history` messages (at least
     /// 2,000,000).
-    pub async fn start(spool: &SpoolBinArgs, history: Option<u64>) -> Result<Self> {
-        Self::start_on(spool, history, SpoolEngine::DiskFsync).await
+    pub async fn start(
+        spool: &SpoolBinArgs,
+        history: Option<u64>,
+        transport: Transport,
+    ) -> Result<Self> {
+        Self::start_on(spool, history, SpoolEngine::DiskFsync, transport).await
     }
 
     /// Starts Spool on the disk engine with `--durability memory`: every group operation (and
     /// publish) is answered once its record is written to the WAL file, without an fsync.
-    pub async fn start_write(spool: &SpoolBinArgs) -> Result<Self> {
-        Self::start_on(spool, None, SpoolEngine::DiskNosync).await
+    pub async fn start_write(
+        spool: &SpoolBinArgs,
+        history: Option<u64>,
+        transport: Transport,
+    ) -> Result<Self> {
+        Self::start_on(spool, history, SpoolEngine::DiskNosync, transport).await
     }
 
     async fn start_on(
         spool: &SpoolBinArgs,
         history: Option<u64>,
         engine: SpoolEngine,
+        transport: Transport,
     ) -> Result<Self> {
-        let name = match engine {
-            SpoolEngine::DiskNosync => WRITE_NAME,
-            SpoolEngine::DiskFsync | SpoolEngine::Memory => NAME,
+        let name = match (engine, transport) {
+            (SpoolEngine::DiskNosync, Transport::Http) => WRITE_NAME,
+            (SpoolEngine::DiskNosync, Transport::Ws) => WS_WRITE_NAME,
+            (SpoolEngine::DiskFsync | SpoolEngine::Memory, Transport::Http) => NAME,
+            (SpoolEngine::DiskFsync | SpoolEngine::Memory, Transport::Ws) => WS_NAME,
         };
         let history = history.unwrap_or(0).max(2_000_000);
         let mut args: Vec<String> = vec![
@@ -80,7 +110,11 @@ impl SpoolGroups {
             .await
             .with_context(|| format!("cannot start {}", spool.spool_bin.display()))?;
         wait_ready(process.addr()).await?;
-        Ok(Self { process, name })
+        Ok(Self {
+            process,
+            name,
+            transport,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -255,10 +289,17 @@ impl GroupTarget for SpoolGroups {
     }
 
     fn description(&self) -> String {
-        format!(
-            "`{}`, receive + ack over HTTP (one raw hyper connection per member)",
-            self.process.command_line()
-        )
+        match self.transport {
+            Transport::Http => format!(
+                "`{}`, receive + ack over HTTP (one raw hyper connection per member)",
+                self.process.command_line()
+            ),
+            Transport::Ws => format!(
+                "`{}`, WebSocket `consume` with credit = batch, one `ack` frame per leased \
+                 message, pipelined (one socket per member)",
+                self.process.command_line()
+            ),
+        }
     }
 
     fn server_pid(&self) -> u32 {
@@ -277,8 +318,17 @@ impl GroupTarget for SpoolGroups {
         create_group(self.process.addr(), group, from_oldest).await
     }
 
-    async fn member(&self, group: &str, idx: usize) -> Result<Box<dyn Member>> {
-        Ok(Box::new(member(self.process.addr(), group, idx).await?))
+    async fn member(&self, group: &str, idx: usize, batch: usize) -> Result<Box<dyn Member>> {
+        Ok(match self.transport {
+            Transport::Http => Box::new(member(self.process.addr(), group, idx).await?),
+            Transport::Ws => {
+                let credit = u32::try_from(batch).context("batch too large for a credit")?;
+                Box::new(
+                    super::ws::WsMember::open(self.process.addr(), API_KEY, group, idx, credit)
+                        .await?,
+                )
+            }
+        })
     }
 
     async fn publisher(&self) -> Result<Box<dyn StampPublisher>> {
