@@ -440,6 +440,16 @@ layered! {
     }
 }
 
+/// Flags whose TOML key is not the flag's name with `_` for `-` (docs/configuration.md).
+pub const RENAMED: &[(&str, &str)] = &[
+    ("api-key", "api_keys"),
+    ("jwt-public-key", "jwt_public_keys"),
+    ("cors-origin", "cors_origins"),
+    ("history-limit", "retention.max_messages"),
+    ("history-ttl", "retention.max_age"),
+    ("history-max-bytes", "retention.max_bytes"),
+];
+
 impl Settings {
     /// Reads the TOML file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
@@ -1282,15 +1292,6 @@ ws_max_inflight_publish_bytes = "4MiB"
     #[test]
     fn every_flag_has_its_env_var_toml_key_and_docs_row() {
         use clap::CommandFactory;
-        // Flags whose key is not the flag's name with `_` for `-` (docs/configuration.md).
-        let renamed = [
-            ("api-key", "api_keys"),
-            ("jwt-public-key", "jwt_public_keys"),
-            ("cors-origin", "cors_origins"),
-            ("history-limit", "retention.max_messages"),
-            ("history-ttl", "retention.max_age"),
-            ("history-max-bytes", "retention.max_bytes"),
-        ];
         let docs = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../docs/configuration.md"
@@ -1313,7 +1314,7 @@ ws_max_inflight_publish_bytes = "4MiB"
                 Some(env.as_str()),
                 "--{long}"
             );
-            let key = match renamed.iter().find(|(flag, _)| *flag == long) {
+            let key = match RENAMED.iter().find(|(flag, _)| *flag == long) {
                 Some((_, key)) => key.to_string(),
                 None if long == "config" => "—".to_string(),
                 None => long.replace('-', "_"),

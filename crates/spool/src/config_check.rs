@@ -35,16 +35,6 @@ pub struct CheckArgs {
     pub settings: Settings,
 }
 
-/// TOML keys that are not the flag's name with `_` for `-` (docs/configuration.md).
-const RENAMED: &[(&str, &str)] = &[
-    ("api-key", "api_keys"),
-    ("jwt-public-key", "jwt_public_keys"),
-    ("cors-origin", "cors_origins"),
-    ("history-limit", "retention.max_messages"),
-    ("history-ttl", "retention.max_age"),
-    ("history-max-bytes", "retention.max_bytes"),
-];
-
 pub fn run(args: ConfigArgs) -> anyhow::Result<()> {
     let ConfigCommand::Check(check) = args.command;
     let CheckArgs { file, settings } = *check;
@@ -88,7 +78,7 @@ pub fn run(args: ConfigArgs) -> anyhow::Result<()> {
         if matches!(long, "help" | "config") {
             continue;
         }
-        let key = match RENAMED.iter().find(|(flag, _)| *flag == long) {
+        let key = match config::RENAMED.iter().find(|(flag, _)| *flag == long) {
             Some((_, key)) => (*key).to_owned(),
             None => long.replace('-', "_"),
         };
