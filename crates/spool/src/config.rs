@@ -612,29 +612,17 @@ pub fn resolve(args: &Settings) -> anyhow::Result<Resolved> {
     if api_keys.iter().any(|k| k.trim().is_empty()) {
         bail!("an API key must not be empty");
     }
-    let key_paths = s.jwt_public_key;
-    let auth = AuthConfig {
-        api_keys,
-        jwt_secret: s.jwt_secret,
-        jwt_public_keys: key_paths
-            .iter()
-            .map(|path| {
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read JWT public key {}", path.display()))
-            })
-            .collect::<anyhow::Result<_>>()?,
-        jwt_issuer: non_empty("JWT issuer", s.jwt_issuer)?,
-        jwt_audience: non_empty("JWT audience", s.jwt_audience)?,
-        allow_anonymous: s.allow_anonymous,
-    };
-    // The server would only log and skip an unusable key; refuse to start instead.
-    match Authenticator::try_new(&auth) {
-        Ok(_) => {}
-        Err(AuthConfigError::PublicKey { index, reason }) => {
-            bail!("JWT public key {} {reason}", key_paths[index].display())
-        }
-        Err(e) => bail!("{e}"),
-    }
+    let (auth, _) = authenticator(
+        AuthConfig {
+            api_keys,
+            jwt_secret: s.jwt_secret,
+            jwt_public_keys: Vec::new(),
+            jwt_issuer: non_empty("JWT issuer", s.jwt_issuer)?,
+            jwt_audience: non_empty("JWT audience", s.jwt_audience)?,
+            allow_anonymous: s.allow_anonymous,
+        },
+        &s.jwt_public_key,
+    )?;
     let ws_defaults = WsConfig::default();
     let ws_outbound_bytes = s
         .ws_outbound_bytes
@@ -864,6 +852,77 @@ fn at_least_one(what: &str, value: Option<usize>, default: usize) -> anyhow::Res
         Some(0) => bail!("{what} must be at least 1"),
         Some(n) => Ok(n),
         None => Ok(default),
+    }
+}
+
+/// `auth` with the JWT public keys read from `key_paths`, and the authenticator it makes. A key
+/// that cannot verify is refused, naming its file: the server would only log and skip it.
+pub fn authenticator(
+    mut auth: AuthConfig,
+    key_paths: &[PathBuf],
+) -> anyhow::Result<(AuthConfig, Authenticator)> {
+    auth.jwt_public_keys = key_paths
+        .iter()
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read JWT public key {}", path.display()))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    match Authenticator::try_new(&auth) {
+        Ok(authenticator) => Ok((auth, authenticator)),
+        Err(AuthConfigError::PublicKey { index, reason }) => {
+            bail!("JWT public key {} {reason}", key_paths[index].display())
+        }
+        Err(e) => bail!("{e}"),
+    }
+}
+
+/// `spool serve`'s JWT flags (`--jwt-secret`, `--jwt-public-key`, `--jwt-issuer`,
+/// `--jwt-audience`, with their `SPOOL_*` variables) for another command (`spool token`):
+/// [`Settings`]' own definitions, so the two cannot drift, read into a `Settings` that sets
+/// only them.
+#[derive(Clone, Debug, Default)]
+pub struct JwtFlags(pub Settings);
+
+impl JwtFlags {
+    const IDS: [&str; 4] = ["jwt_secret", "jwt_public_key", "jwt_issuer", "jwt_audience"];
+}
+
+impl Args for JwtFlags {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let serve = Settings::augment_args(clap::Command::new("serve"));
+        serve
+            .get_arguments()
+            .filter(|arg| Self::IDS.contains(&arg.get_id().as_str()))
+            // Listed where the command flattens them, not where `spool serve` lists them.
+            .map(|arg| arg.clone().display_order(None))
+            .fold(cmd, clap::Command::arg)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl clap::FromArgMatches for JwtFlags {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        Ok(JwtFlags(Settings {
+            jwt_secret: m.get_one::<String>("jwt_secret").cloned(),
+            jwt_public_key: m
+                .get_many::<PathBuf>("jwt_public_key")
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect(),
+            jwt_issuer: m.get_one::<String>("jwt_issuer").cloned(),
+            jwt_audience: m.get_one::<String>("jwt_audience").cloned(),
+            ..Settings::default()
+        }))
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
     }
 }
 

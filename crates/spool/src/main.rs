@@ -46,7 +46,7 @@ enum Command {
     Repair(RepairArgs),
     /// Sign a client token (JWT) with the server's secret or a private key, or check one
     /// (--check) and print its claims and expiry.
-    Token(token::TokenArgs),
+    Token(Box<token::TokenArgs>),
     /// Configuration helpers: `spool config check FILE`.
     Config(config_check::ConfigArgs),
     /// Prove "no silent gap" under random faults: publishers and subscribers on every
@@ -252,7 +252,7 @@ fn main() -> std::process::ExitCode {
             Command::Tail(args) => tail::run(args).await,
             Command::Consume(args) => consume::run(args).await,
             Command::Repair(args) => repair(args),
-            Command::Token(args) => token::run(args),
+            Command::Token(args) => token::run(*args),
             Command::Config(args) => config_check::run(args),
             Command::Check(args) => check::run(*args).await,
         }

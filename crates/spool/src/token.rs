@@ -16,12 +16,9 @@ use clap::Args;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Map, Value, json};
 use spool_core::retention::parse_duration;
-use spool_server::{
-    auth::{AuthConfigError, Authenticator},
-    config::AuthConfig,
-};
+use spool_server::config::AuthConfig;
 
-use crate::config::Settings;
+use crate::config::{self, JwtFlags, Layer as _, Settings};
 
 /// Longest lifetime `--ttl` / `--exp` may give a token: a year.
 const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -63,64 +60,27 @@ pub struct TokenArgs {
     /// audience — and print its claims; exits 1 when it is not valid.
     #[arg(long, value_name = "TOKEN", conflicts_with_all = ["subscribe", "publish", "consume", "admin", "sub", "ttl", "exp", "iss", "aud"])]
     pub check: Option<String>,
-    /// The HS256 secret (as `spool serve --jwt-secret`).
-    #[arg(
-        long,
-        env = "SPOOL_JWT_SECRET",
-        value_name = "SECRET",
-        hide_env_values = true
-    )]
-    pub jwt_secret: Option<String>,
-    /// PEM public key that verifies RS256 / ES256 tokens for --check (repeatable; as
-    /// `spool serve --jwt-public-key`).
-    #[arg(
-        long,
-        env = "SPOOL_JWT_PUBLIC_KEY",
-        value_name = "PATH",
-        value_delimiter = ','
-    )]
-    pub jwt_public_key: Vec<PathBuf>,
-    /// The issuer the server requires (as `spool serve --jwt-issuer`).
-    #[arg(long, env = "SPOOL_JWT_ISSUER", value_name = "ISS")]
-    pub jwt_issuer: Option<String>,
-    /// The audience the server requires (as `spool serve --jwt-audience`).
-    #[arg(long, env = "SPOOL_JWT_AUDIENCE", value_name = "AUD")]
-    pub jwt_audience: Option<String>,
+    /// `--jwt-secret`, `--jwt-public-key`, `--jwt-issuer` and `--jwt-audience`, as
+    /// `spool serve` takes them: the HS256 secret signs and checks, the public keys check.
+    #[command(flatten)]
+    pub jwt: JwtFlags,
     /// The server's TOML configuration file: its jwt_secret, jwt_public_keys, jwt_issuer and
     /// jwt_audience fill what flags and environment leave unset.
     #[arg(long, env = "SPOOL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
 
-/// The JWT settings, flags and environment over the file.
-struct Jwt {
-    secret: Option<String>,
-    public_keys: Vec<PathBuf>,
-    issuer: Option<String>,
-    audience: Option<String>,
-}
-
-impl Jwt {
-    fn resolve(args: &TokenArgs) -> anyhow::Result<Self> {
-        let file = match &args.config {
-            Some(path) => Settings::load(path)?,
-            None => Settings::default(),
-        };
-        Ok(Self {
-            secret: args.jwt_secret.clone().or(file.jwt_secret),
-            public_keys: if args.jwt_public_key.is_empty() {
-                file.jwt_public_key
-            } else {
-                args.jwt_public_key.clone()
-            },
-            issuer: args.jwt_issuer.clone().or(file.jwt_issuer),
-            audience: args.jwt_audience.clone().or(file.jwt_audience),
-        })
-    }
+/// The JWT settings (`jwt_*` of [`Settings`]), flags and environment over the file.
+fn resolve(args: &TokenArgs) -> anyhow::Result<Settings> {
+    let file = match &args.config {
+        Some(path) => Settings::load(path)?,
+        None => Settings::default(),
+    };
+    Ok(args.jwt.0.clone().or(file))
 }
 
 pub fn run(args: TokenArgs) -> anyhow::Result<()> {
-    let jwt = Jwt::resolve(&args)?;
+    let jwt = resolve(&args)?;
     match &args.check {
         Some(token) => check(token, &jwt),
         None => {
@@ -145,7 +105,7 @@ fn patterns(flag: &str, given: &[String]) -> anyhow::Result<Vec<String>> {
     Ok(given.to_vec())
 }
 
-fn sign(args: &TokenArgs, jwt: &Jwt, now: u64) -> anyhow::Result<String> {
+fn sign(args: &TokenArgs, jwt: &Settings, now: u64) -> anyhow::Result<String> {
     let subscribe = patterns("subscribe", &args.subscribe)?;
     let publish = patterns("publish", &args.publish)?;
     let consume = patterns("consume", &args.consume)?;
@@ -181,10 +141,10 @@ fn sign(args: &TokenArgs, jwt: &Jwt, now: u64) -> anyhow::Result<String> {
     }
     claims.insert("iat".into(), json!(now));
     claims.insert("exp".into(), json!(exp));
-    if let Some(iss) = args.iss.as_ref().or(jwt.issuer.as_ref()) {
+    if let Some(iss) = args.iss.as_ref().or(jwt.jwt_issuer.as_ref()) {
         claims.insert("iss".into(), json!(iss));
     }
-    if let Some(aud) = args.aud.as_ref().or(jwt.audience.as_ref()) {
+    if let Some(aud) = args.aud.as_ref().or(jwt.jwt_audience.as_ref()) {
         claims.insert("aud".into(), json!(aud));
     }
     for (name, list) in [
@@ -199,7 +159,7 @@ fn sign(args: &TokenArgs, jwt: &Jwt, now: u64) -> anyhow::Result<String> {
     }
     let (alg, key) = match &args.private_key {
         Some(path) => private_key(path)?,
-        None => match &jwt.secret {
+        None => match &jwt.jwt_secret {
             Some(secret) if secret.is_empty() => {
                 bail!("the JWT secret is empty; set a long random secret")
             }
@@ -261,7 +221,7 @@ fn parse_time(text: &str) -> anyhow::Result<u64> {
     Ok(time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
 }
 
-fn check(token: &str, jwt: &Jwt) -> anyhow::Result<()> {
+fn check(token: &str, jwt: &Settings) -> anyhow::Result<()> {
     let token = if token == "-" {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
@@ -270,36 +230,21 @@ fn check(token: &str, jwt: &Jwt) -> anyhow::Result<()> {
     } else {
         token.trim().to_owned()
     };
-    if jwt.secret.is_none() && jwt.public_keys.is_empty() {
+    if jwt.jwt_secret.is_none() && jwt.jwt_public_key.is_empty() {
         bail!(
             "nothing to verify with: give --jwt-secret or --jwt-public-key (or --config with \
              jwt_secret / jwt_public_keys)"
         );
     }
-    let auth = AuthConfig {
-        jwt_secret: jwt.secret.clone(),
-        jwt_public_keys: jwt
-            .public_keys
-            .iter()
-            .map(|path| {
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read JWT public key {}", path.display()))
-            })
-            .collect::<anyhow::Result<_>>()?,
-        jwt_issuer: jwt.issuer.clone(),
-        jwt_audience: jwt.audience.clone(),
-        ..AuthConfig::default()
-    };
-    let authenticator = match Authenticator::try_new(&auth) {
-        Ok(a) => a,
-        Err(AuthConfigError::PublicKey { index, reason }) => {
-            bail!(
-                "JWT public key {} {reason}",
-                jwt.public_keys[index].display()
-            )
-        }
-        Err(e) => bail!("{e}"),
-    };
+    let (_, authenticator) = config::authenticator(
+        AuthConfig {
+            jwt_secret: jwt.jwt_secret.clone(),
+            jwt_issuer: jwt.jwt_issuer.clone(),
+            jwt_audience: jwt.jwt_audience.clone(),
+            ..AuthConfig::default()
+        },
+        &jwt.jwt_public_key,
+    )?;
     if let Err(e) = authenticator.verify(&token) {
         bail!("invalid token: {}", e.message);
     }
