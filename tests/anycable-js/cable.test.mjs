@@ -4,66 +4,25 @@
 
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { spawn } from 'node:child_process'
 import { createHmac } from 'node:crypto'
 import { mkdtempSync, rmSync } from 'node:fs'
-import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { createCable } from '@anycable/core'
 import WebSocket from 'ws'
 
-const SPOOL_BIN = process.env.SPOOL_BIN
+import { freePort, serve as serveSpool, signed as signedWith, stop } from './spool.mjs'
+
 const SECRET = 'js-anycable-secret'
 const API_KEY = 'js-api-key'
 const BROADCAST_KEY = createHmac('sha256', SECRET).update('broadcast-cable').digest('hex')
 
-// Rails' MessageVerifier, as anycable-rails signs stream names (written here, not taken from
-// Spool, so the two are checked against each other).
-function signed(stream, secret = SECRET) {
-  let encoded = Buffer.from(JSON.stringify(stream)).toString('base64')
-  let digest = createHmac('sha256', secret).update(encoded).digest('hex')
-  return `${encoded}--${digest}`
-}
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    let server = createServer()
-    server.listen(0, '127.0.0.1', () => {
-      let { port } = server.address()
-      server.close(() => resolve(port))
-    })
-    server.on('error', reject)
-  })
-}
+const signed = (stream, secret = SECRET) => signedWith(stream, secret)
 
 // `spool serve` on `port`, resolved once it listens.
-function serve(port, args) {
-  return new Promise((resolve, reject) => {
-    let child = spawn(
-      SPOOL_BIN,
-      ['serve', '--listen', `127.0.0.1:${port}`, '--api-key', API_KEY,
-        '--anycable-secret', SECRET, ...args],
-      { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, SPOOL_LOG: 'info' } }
-    )
-    let log = ''
-    child.stderr.on('data', chunk => {
-      log += chunk
-      if (process.env.SPOOL_TEST_LOGS) process.stderr.write(chunk)
-      if (/listening/.test(log)) resolve(child)
-    })
-    child.on('exit', code => reject(new Error(`spool exited (${code}) before listening:\n${log}`)))
-  })
-}
-
-function stop(child, signal) {
-  return new Promise(resolve => {
-    if (child.exitCode !== null || child.signalCode !== null) return resolve()
-    child.once('exit', () => resolve())
-    child.kill(signal)
-  })
-}
+const serve = (port, args) =>
+  serveSpool(port, ['--api-key', API_KEY, '--anycable-secret', SECRET, ...args])
 
 function cable(port, query = '', opts = {}) {
   return createCable(`ws://127.0.0.1:${port}/cable${query}`, {

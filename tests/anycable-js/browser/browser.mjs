@@ -13,17 +13,16 @@
 
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
-import { createHmac } from 'node:crypto'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { createServer as httpServer } from 'node:http'
-import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { dirname, extname, join, normalize } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 import WebSocket from 'ws'
 
-const SPOOL_BIN = process.env.SPOOL_BIN
+import { SPOOL_BIN, freePort, serve as serveSpool, signed as signedWith, stop } from '../spool.mjs'
+
 const CHROMIUM = process.env.CHROMIUM || 'chromium'
 const SECRET = 'browser-anycable-secret'
 const API_KEY = 'browser-api-key'
@@ -32,51 +31,13 @@ const TOTAL = 120
 
 const log = (...args) => { if (process.env.SPOOL_TEST_LOGS) console.error('[browser test]', ...args) }
 
-function signed(stream) {
-  let encoded = Buffer.from(JSON.stringify(stream)).toString('base64')
-  let digest = createHmac('sha256', SECRET).update(encoded).digest('hex')
-  return `${encoded}--${digest}`
-}
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    let server = createServer()
-    server.listen(0, '127.0.0.1', () => {
-      let { port } = server.address()
-      server.close(() => resolve(port))
-    })
-    server.on('error', reject)
-  })
-}
+const signed = stream => signedWith(stream, SECRET)
 
 // Spool allows WebSocket upgrades from the page's origin only when told (--cors-origin, as
 // AnyCable's --allowed_origins).
-function serve(port, dir, origin) {
-  return new Promise((resolve, reject) => {
-    let child = spawn(
-      SPOOL_BIN,
-      ['serve', '--listen', `127.0.0.1:${port}`, '--api-key', API_KEY,
-        '--anycable-secret', SECRET, '--engine', 'disk', '--data-dir', dir,
-        '--cors-origin', origin],
-      { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, SPOOL_LOG: 'info' } }
-    )
-    let out = ''
-    child.stderr.on('data', chunk => {
-      out += chunk
-      if (process.env.SPOOL_TEST_LOGS) process.stderr.write(chunk)
-      if (/listening/.test(out)) resolve(child)
-    })
-    child.on('exit', code => reject(new Error(`spool exited (${code}) before listening:\n${out}`)))
-  })
-}
-
-function stop(child, signal) {
-  return new Promise(resolve => {
-    if (child.exitCode !== null || child.signalCode !== null) return resolve()
-    child.once('exit', () => resolve())
-    child.kill(signal)
-  })
-}
+const serve = (port, dir, origin) =>
+  serveSpool(port, ['--api-key', API_KEY, '--anycable-secret', SECRET, '--engine', 'disk',
+    '--data-dir', dir, '--cors-origin', origin])
 
 async function publish(port, stream, n) {
   let r = await fetch(`http://127.0.0.1:${port}/v1/streams/${encodeURIComponent(stream)}/messages`, {
