@@ -9,17 +9,9 @@
 # with none. The difference of the two totals, divided by (N_WS + N_SSE) × K, is the server's
 # instructions per delivery (publishing the messages included).
 set -euo pipefail
-bin=$1; nws=$2; nsse=$3; k=$4; streams=${5:-1}
-dir=$(mktemp -d)
-here=$(cd "$(dirname "$0")" && pwd)
+. "$(dirname "$0")/fanout-run.sh"
 total() {
-    local port=$((20000 + RANDOM % 20000))
-    valgrind --tool=callgrind --callgrind-out-file="$dir/out.$1" "$bin" serve \
-        --listen 127.0.0.1:$port --engine memory --allow-anonymous >"$dir/log.$1" 2>&1 &
-    local pid=$!
-    for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 1; done
-    timeout 1500 python3 "$here/fanout-callgrind.py" "$port" "$pid" "$nws" "$nsse" "$1" "$streams" >&2
-    kill -TERM "$pid"; wait "$pid" || true
+    fanout_run "$1" valgrind --tool=callgrind --callgrind-out-file="$dir/out.$1"
     grep -h '^summary:\|^totals:' "$dir/out.$1" | head -1 | awk '{print $2}'
 }
 base=$(total 0)

@@ -9,19 +9,9 @@
 # under `strace -f -c` instead of callgrind, once with K messages and once with none; prints the
 # write-side calls (write, writev, sendto, sendmsg) per delivery, the difference of the two runs.
 set -euo pipefail
-bin=$1; nws=$2; nsse=$3; k=$4; streams=${5:-1}
-dir=$(mktemp -d)
-here=$(cd "$(dirname "$0")" && pwd)
+. "$(dirname "$0")/fanout-run.sh"
 writes() {
-    local port=$((20000 + RANDOM % 20000))
-    strace -f -c -o "$dir/strace.$1" -e trace=write,writev,sendto,sendmsg "$bin" serve \
-        --listen 127.0.0.1:$port --engine memory --allow-anonymous >"$dir/log.$1" 2>&1 &
-    local pid=$!
-    for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 1; done
-    local server
-    server=$(pgrep -P "$pid" -n || echo "$pid")
-    timeout 1500 python3 "$here/fanout-callgrind.py" "$port" "$server" "$nws" "$nsse" "$1" "$streams" >&2
-    kill -TERM "$server"; wait "$pid" || true
+    fanout_run "$1" strace -f -c -o "$dir/strace.$1" -e trace=write,writev,sendto,sendmsg
     awk '$NF ~ /^(write|writev|sendto|sendmsg)$/ { n += $4 } END { print n + 0 }' "$dir/strace.$1"
 }
 base=$(writes 0)
