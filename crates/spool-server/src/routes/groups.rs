@@ -27,7 +27,7 @@ use spool_protocol::groups::{
 };
 use tokio::time::Instant;
 
-use super::{authenticate, publish::read_body, stream_name};
+use super::{OnStream, authenticate, publish::read_body};
 use crate::{
     AppState,
     auth::{Action, Principal},
@@ -175,13 +175,10 @@ pub async fn delete(
 /// `GET /v1/streams/{stream}/groups`.
 pub async fn list(
     State(state): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    OnStream {
+        principal, stream, ..
+    }: OnStream,
 ) -> ApiResult<Json<GroupList>> {
-    let query = QueryParams::parse(query.as_deref())?;
-    let principal = authenticate(&state, &headers, &query)?;
-    let stream = stream_name(path)?;
     principal.check(Action::Consume, &stream)?;
     let groups = driver(&state)?;
     let names = groups.list(&stream).await?;

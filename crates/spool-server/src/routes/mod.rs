@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use axum::{
     Router,
-    extract::{MatchedPath, Request, State, rejection::PathRejection},
-    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode},
+    extract::{FromRequestParts, MatchedPath, Request, State, rejection::PathRejection},
+    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, request::Parts},
     middleware::{self, Next},
     response::Response,
     routing::{get, post},
@@ -216,6 +216,30 @@ fn stream_name(path: Result<axum::extract::Path<String>, PathRejection>) -> ApiR
     let axum::extract::Path(raw) =
         path.map_err(|e| ApiError::bad_param(format!("bad path: {e}")))?;
     StreamName::new(&raw).map_err(|e| ApiError::invalid_name(&raw, e))
+}
+
+/// A request on one stream (`/v1/streams/{stream}…`) past what each of its handlers checks
+/// first, in this order: the query string, the credential, the stream name in the path.
+/// What the caller may do on the stream is the handler's to check.
+pub struct OnStream {
+    pub query: QueryParams,
+    pub principal: Principal,
+    pub stream: StreamName,
+}
+
+impl FromRequestParts<AppState> for OnStream {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        let query = QueryParams::parse(parts.uri.query())?;
+        let principal = authenticate(state, &parts.headers, &query)?;
+        let stream = stream_name(axum::extract::Path::from_request_parts(parts, state).await)?;
+        Ok(OnStream {
+            query,
+            principal,
+            stream,
+        })
+    }
 }
 
 fn authenticate(

@@ -4,9 +4,8 @@
 //! the next message. Works through any proxy that passes plain HTTP (the Comet fallback).
 
 use axum::{
-    extract::rejection::PathRejection,
-    extract::{Path, RawQuery, State, ws::Utf8Bytes},
-    http::{HeaderMap, HeaderValue, header::CONTENT_TYPE},
+    extract::{State, ws::Utf8Bytes},
+    http::{HeaderValue, header::CONTENT_TYPE},
     response::IntoResponse,
 };
 use bytes::Bytes;
@@ -14,14 +13,14 @@ use spool_core::Start;
 use spool_protocol::http::ResetBody;
 use tokio::time::Instant;
 
-use super::{authenticate, stream_name};
+use super::OnStream;
 use crate::{
     AppState,
     auth::Action,
     delivery::subscription::{Budget, Event, Subscription},
     error::ApiResult,
     metrics::Transport,
-    query::{QueryParams, parse_start},
+    query::parse_start,
 };
 
 /// Messages per answer when the request does not say.
@@ -29,13 +28,12 @@ const DEFAULT_LIMIT: usize = 100;
 
 pub async fn long_poll(
     State(state): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    OnStream {
+        query,
+        principal,
+        stream,
+    }: OnStream,
 ) -> ApiResult<impl IntoResponse> {
-    let query = QueryParams::parse(query.as_deref())?;
-    let principal = authenticate(&state, &headers, &query)?;
-    let stream = stream_name(path)?;
     principal.check(Action::Subscribe, &stream)?;
     let start = match query.get("after") {
         Some(after) => parse_start("after", after)?,

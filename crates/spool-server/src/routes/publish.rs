@@ -10,7 +10,7 @@ use std::{
 use axum::{
     Json,
     body::{Body, Bytes},
-    extract::{ConnectInfo, Path, RawQuery, State, rejection::PathRejection},
+    extract::{ConnectInfo, RawQuery, State},
     http::{
         Extensions, HeaderMap, StatusCode,
         header::{CONTENT_LENGTH, CONTENT_TYPE},
@@ -24,7 +24,7 @@ use spool_protocol::{
     http::{BatchMessage, BatchRequest, BatchResponse, PublishResponse},
 };
 
-use super::{authenticate, stream_name};
+use super::{OnStream, authenticate};
 use crate::{
     AppState, ServerConfig,
     auth::Action,
@@ -38,17 +38,15 @@ use crate::{
 
 pub async fn publish_one(
     State(state): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-    RawQuery(query): RawQuery,
+    OnStream {
+        principal, stream, ..
+    }: OnStream,
     headers: HeaderMap,
     extensions: Extensions,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<PublishResponse>)> {
     // Everything the request head can tell is checked before a byte of the body is read: a
     // caller without the right to publish never gets the server to buffer its body.
-    let query = QueryParams::parse(query.as_deref())?;
-    let principal = authenticate(&state, &headers, &query)?;
-    let stream = stream_name(path)?;
     principal.check(Action::Publish, &stream)?;
     let content_type = header_string(&headers, CONTENT_TYPE.as_str(), MAX_CONTENT_TYPE)?;
     let key = header_string(&headers, "spool-key", MAX_KEY)?;

@@ -5,7 +5,7 @@
 use axum::{
     Json,
     body::Body,
-    extract::{Path, RawQuery, State, rejection::PathRejection},
+    extract::{RawQuery, State},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
@@ -19,7 +19,7 @@ use spool_protocol::{
     },
 };
 
-use super::{authenticate, publish::read_body, stream_name};
+use super::{OnStream, authenticate, publish::read_body};
 use crate::{
     AppState,
     auth::Action,
@@ -35,13 +35,10 @@ const MAX_TRUNCATE_BODY: usize = 4096;
 
 pub async fn info(
     State(state): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    OnStream {
+        principal, stream, ..
+    }: OnStream,
 ) -> ApiResult<Response> {
-    let query = QueryParams::parse(query.as_deref())?;
-    let principal = authenticate(&state, &headers, &query)?;
-    let stream = stream_name(path)?;
     if principal.may(Action::Admin, &stream)
         && let Some(admin) = state.engine.admin()
     {
@@ -174,13 +171,10 @@ fn forbidden(what: &str) -> ApiError {
 /// readers get a reset and the next publish starts it again in a new epoch.
 pub async fn delete(
     State(state): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    OnStream {
+        principal, stream, ..
+    }: OnStream,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let query = QueryParams::parse(query.as_deref())?;
-    let principal = authenticate(&state, &headers, &query)?;
-    let stream = stream_name(path)?;
     principal.check(Action::Admin, &stream)?;
     if !admin(&state)?.delete_stream(&stream).await? {
         return Err(unknown(&stream));
@@ -194,14 +188,12 @@ pub async fn delete(
 /// before N; readers behind get `history_expired`.
 pub async fn truncate(
     State(state): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-    RawQuery(query): RawQuery,
+    OnStream {
+        principal, stream, ..
+    }: OnStream,
     headers: HeaderMap,
     raw: Body,
 ) -> ApiResult<Json<StreamInfoResponse>> {
-    let query = QueryParams::parse(query.as_deref())?;
-    let principal = authenticate(&state, &headers, &query)?;
-    let stream = stream_name(path)?;
     principal.check(Action::Admin, &stream)?;
     let admin = admin(&state)?;
     let bytes = read_body(raw, &headers, MAX_TRUNCATE_BODY, &state.config).await?;
