@@ -46,33 +46,25 @@ use crate::{
 
 /// `GET /v1/ws`: checks the origin, the subprotocol and any credential sent with the upgrade,
 /// then hands the socket to a connection task tracked for graceful shutdown.
-pub async fn upgrade(
-    State(state): State<AppState>,
-    Accepted {
-        upgrade,
-        client,
-        query,
-        headers,
-    }: Accepted,
-) -> ApiResult<Response> {
-    let speaks = check_subprotocol(&headers)?;
+pub async fn upgrade(State(state): State<AppState>, req: Accepted) -> ApiResult<Response> {
+    let speaks = check_subprotocol(&req.headers)?;
     not_shutting_down(&state)?;
     // A credential on the upgrade (header or ?token=) is checked now, so a bad one gets a plain
     // 401; without one, the `connect` frame must carry it.
-    let query = QueryParams::parse(query.as_deref())?;
-    let has_credential = headers.contains_key(axum::http::header::AUTHORIZATION)
+    let query = QueryParams::parse(req.query.as_deref())?;
+    let has_credential = req.headers.contains_key(axum::http::header::AUTHORIZATION)
         || query.get("token").is_some_and(|t| !t.is_empty());
     let principal = if has_credential {
         Some(
             state
                 .auth
-                .authenticate_with_proof(&headers, query.get("token"))?,
+                .authenticate_with_proof(&req.headers, query.get("token"))?,
         )
     } else {
         None
     };
 
-    Ok(run(state, upgrade, speaks, principal, client))
+    Ok(run(state, req.upgrade, speaks, principal, req.client))
 }
 
 /// `GET /cable` (`--anycable-path`): AnyCable's protocols. The upgrade is the handshake: the
@@ -80,24 +72,17 @@ pub async fn upgrade(
 /// `--anycable-enforce-jwt`) and a session to restore (`X-ANYCABLE-RESTORE-SID`, `?sid=`) are
 /// read here; a refused identity is told with `disconnect` once the socket is open, as
 /// AnyCable does.
-pub async fn cable(
-    State(state): State<AppState>,
-    Accepted {
-        upgrade,
-        client,
-        query,
-        headers,
-    }: Accepted,
-) -> ApiResult<Response> {
+pub async fn cable(State(state): State<AppState>, req: Accepted) -> ApiResult<Response> {
     not_shutting_down(&state)?;
     let config = state.config.anycable.clone();
-    let query = QueryParams::parse(query.as_deref())?;
-    let ext = headers
+    let query = QueryParams::parse(req.query.as_deref())?;
+    let ext = req
+        .headers
         .get_all(SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .flat_map(|v| v.to_str().unwrap_or_default().split(','))
         .any(|p| p.trim() == actioncable::EXT);
-    let token = actioncable::identity::token(&headers, query.get(&config.jwt_param), &config);
+    let token = actioncable::identity::token(&req.headers, query.get(&config.jwt_param), &config);
     let (opening, principal) = match actioncable::identity::identify(token, &config) {
         Identity::Token(principal, proof) => {
             (Opening::Connect { restore: None }, Some((principal, proof)))
@@ -114,7 +99,8 @@ pub async fn cable(
     };
     let opening = match opening {
         Opening::Connect { .. } => Opening::Connect {
-            restore: headers
+            restore: req
+                .headers
                 .get(actioncable::RESTORE_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .or(query.get("sid"))
@@ -134,7 +120,7 @@ pub async fn cable(
         opening,
         ping_interval,
     };
-    Ok(run(state, upgrade, speaks, principal, client))
+    Ok(run(state, req.upgrade, speaks, principal, req.client))
 }
 
 /// An upgrade request past what every upgrade checks first (that it is one, and its origin),
