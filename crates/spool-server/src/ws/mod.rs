@@ -185,12 +185,7 @@ fn run(
     let max_message = state.config.max_payload.saturating_mul(2) + 64 * 1024;
     let upgrade = upgrade
         .protocols([speaks.name()])
-        .read_buffer_size(
-            std::env::var("SPOOL_H3_RB")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(ws.read_buffer),
-        ) // H3-TEMP
+        .read_buffer_size(ws.read_buffer)
         .write_buffer_size(ws.write_buffer)
         .max_message_size(max_message)
         .max_frame_size(max_message);
