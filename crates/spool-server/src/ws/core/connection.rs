@@ -1,16 +1,19 @@
 //! One WebSocket connection, whatever its protocol: a task that reads client frames (decoded
 //! by the [`Protocol`] into commands), delivers every subscription's events through the
 //! bounded outbound buffer, pipelines publishes, and watches heartbeats, token expiry, session
-//! take-over and shutdown. The writer task owns the socket's sending half (see
-//! [`super::outbound`]); each subscription's deliveries come from [`super::deliveries`].
+//! take-over and shutdown. The same task writes to the socket (see [`super::outbound`]: no
+//! writer task, no split socket); each subscription's deliveries come from
+//! [`super::deliveries`].
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
+    future::poll_fn,
     pin::Pin,
     sync::{
-        Arc, OnceLock,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
+    task::Poll,
     time::Duration,
 };
 
@@ -50,7 +53,7 @@ use crate::{
 const READ_BATCH: usize = 256;
 /// Malformed frames tolerated on one connection before it is closed.
 const MAX_BAD_FRAMES: u32 = 64;
-/// How long the writer gets to send what is queued and the close frame.
+/// How long the connection's end gets to write what is queued and the close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Pings (WebSocket control pings and `ping` frames) one connection may send per
 /// [`PING_WINDOW`]; each costs a reply the client may never read, so a peer that floods them
@@ -80,20 +83,13 @@ pub async fn run<P: Protocol>(
     client: Option<std::net::IpAddr>,
     protocol: P,
 ) {
-    let (sink, inbound) = socket.split();
-    // Read only when the socket said there is something to read (see `Woken`).
-    let mut inbound = Woken::new(inbound);
     let ws = state.config.ws.clone();
-    let slot = Arc::new(OnceLock::new());
-    let (out, writer) = Outbound::start(
-        sink,
+    let out = Outbound::new(
+        socket,
         ws.outbound_messages,
         ws.outbound_bytes,
         ws.stuck_timeout,
-        slot.clone(),
     );
-    let (close_tx, close_rx) = tokio::sync::oneshot::channel();
-    let mut writer = tokio::spawn(writer.run(close_rx));
     // Consumer groups: the channel of their tasks' events is made by the first consume.
     let mut consumed: Option<mpsc::Receiver<TaskEvent>> = None;
 
@@ -102,7 +98,6 @@ pub async fn run<P: Protocol>(
         sessions: state.sessions.clone(),
         state,
         out,
-        slot,
         session: None,
         principal: None,
         identity: None,
@@ -138,17 +133,21 @@ pub async fn run<P: Protocol>(
             .err(),
         None => None,
     };
-    // Heartbeats run on their own clock, not on the coarse tick below: a ping every
-    // `ping_interval` exactly, and, from the first ping not yet answered, `ping_timeout` for
-    // any frame from the client to arrive.
-    let mut ping_at = Box::pin(tokio::time::sleep(ping_interval));
-    let mut answer_by: Option<Pin<Box<Sleep>>> = None;
+    // Heartbeats run on their own clock, not on the coarse tick: a ping every `ping_interval`
+    // exactly, and, from the first ping not yet answered, `ping_timeout` for any frame from
+    // the client to arrive. One timer serves the three (a `Sleep` each cost every connection
+    // ~100 B): it is due at the earliest of them.
     let tick_every = (ws.stuck_timeout / 4)
         .min(ws.connect_timeout / 4)
         .min(ping_interval)
         .max(Duration::from_millis(100));
-    let mut tick = tokio::time::interval_at(Instant::now() + tick_every, tick_every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let now = Instant::now();
+    let mut clock = Clock {
+        ping_at: now + ping_interval,
+        answer_by: None,
+        tick_at: now + tick_every,
+    };
+    let mut timer = Box::pin(tokio::time::sleep_until(clock.next()));
     // What ends the connection from outside, each waited for by one future made once (a
     // `cancelled()` made on every turn of the loop registered with, and left, each token's
     // notifier, and cloning a token locks it: ~800 instructions per turn for the three).
@@ -167,6 +166,12 @@ pub async fn run<P: Protocol>(
             taken_over = Some(Box::pin(session.taken_over.clone().cancelled_owned()));
             disconnected = Some(Box::pin(session.disconnected.clone().cancelled_owned()));
         }
+        // What the last turn queued goes to the socket now, whichever branch is ready first.
+        poll_fn(|cx| {
+            let _ = conn.out.poll_write(cx);
+            Poll::Ready(())
+        })
+        .await;
         // Publishes waiting for their ack are bounded in count and in bytes: at either bound,
         // client frames are not read until acks drain (backpressure through TCP).
         let reading = conn.pending.len() < ws.max_inflight_publishes
@@ -175,7 +180,7 @@ pub async fn run<P: Protocol>(
         if !reading {
             // While the server does not read, the client's answer cannot be seen: the next
             // ping starts the wait again.
-            answer_by = None;
+            clock.answer_by = None;
         }
         let result: Result<(), End> = tokio::select! {
             _ = shutdown.as_mut() => {
@@ -197,8 +202,9 @@ pub async fn run<P: Protocol>(
                 conn.round_bytes = 0;
                 conn.acks(done).await
             }
-            frame = inbound.next(), if reading => {
-                answer_by = None;
+            // Also writes what is queued, as the socket takes it.
+            frame = conn.out.next_inbound(reading) => {
+                clock.answer_by = None;
                 match frame {
                     None => Err(End::Gone),
                     Some(Err(e)) => {
@@ -224,32 +230,36 @@ pub async fn run<P: Protocol>(
                     None => Ok(()),
                 }
             }
-            _ = ping_at.as_mut() => {
-                // The next ping is due one interval after this one was: no drift.
-                let next = ping_at.deadline() + ping_interval;
+            _ = timer.as_mut() => {
                 let now = Instant::now();
-                ping_at.as_mut().reset(if next > now { next } else { now + ping_interval });
-                if answer_by.is_none() {
-                    answer_by = Some(Box::pin(tokio::time::sleep(ws.ping_timeout)));
+                let mut result = Ok(());
+                if clock.ping_at <= now {
+                    // The next ping is due one interval after this one was: no drift.
+                    let next = clock.ping_at + ping_interval;
+                    clock.ping_at = if next > now { next } else { now + ping_interval };
+                    if clock.answer_by.is_none() {
+                        clock.answer_by = Some(now + ws.ping_timeout);
+                    }
+                    result = conn.ping();
                 }
-                conn.ping()
-            }
-            _ = async { answer_by.as_mut().expect("guarded").await }, if answer_by.is_some() => {
-                answer_by = None;
-                if conn.out.waiting() {
-                    // The ping may still be queued behind frames the client has not read yet:
-                    // that is the slow-consumer check's business, not a dead peer.
-                    answer_by = Some(Box::pin(tokio::time::sleep(ws.ping_timeout)));
-                    Ok(())
-                } else {
-                    Err(End::Close(CloseReason::PingTimeout))
+                if result.is_ok() && clock.answer_by.is_some_and(|at| at <= now) {
+                    if conn.out.waiting() {
+                        // The ping may still be queued behind frames the client has not read
+                        // yet: that is the slow-consumer check's business, not a dead peer.
+                        clock.answer_by = Some(now + ws.ping_timeout);
+                    } else {
+                        result = Err(End::Close(CloseReason::PingTimeout));
+                    }
                 }
-            }
-            _ = tick.tick() => {
-                match conn.protocol.overdue() {
-                    Some(why) => Err(End::Close(why)),
-                    None => conn.tick(opened, &mut subs),
+                if result.is_ok() && clock.tick_at <= now {
+                    clock.tick_at = now + tick_every;
+                    result = match conn.protocol.overdue() {
+                        Some(why) => Err(End::Close(why)),
+                        None => conn.tick(opened, &mut subs),
+                    };
                 }
+                timer.as_mut().reset(clock.next());
+                result
             }
         };
         let result = match result {
@@ -278,18 +288,11 @@ pub async fn run<P: Protocol>(
         let _ = conn.acks(done).await;
     }
     drop(subs);
-    if let Some(close) = conn.close.take() {
-        let _ = close_tx.send(close);
-    }
+    let close = conn.close.take();
     let session = conn.session.take();
     let sessions = conn.sessions.clone();
-    drop(conn);
-    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
-    }
+    let out = conn.into_out();
+    Box::pin(out.finish(close, CLOSE_GRACE)).await;
     if let Some(session) = session {
         sessions.release(&session).await;
     }
@@ -301,6 +304,23 @@ impl From<Gone> for End {
             Gone::Closed => End::Gone,
             Gone::Stuck => End::Close(CloseReason::SlowConsumer),
         }
+    }
+}
+
+/// When the connection's timer is next due for each of its jobs.
+struct Clock {
+    /// The next ping.
+    ping_at: Instant,
+    /// The end of the wait for any frame from the client after a ping not yet answered.
+    answer_by: Option<Instant>,
+    /// The next coarse tick ([`Connection::tick`], [`Protocol::overdue`]).
+    tick_at: Instant,
+}
+
+impl Clock {
+    fn next(&self) -> Instant {
+        let next = self.ping_at.min(self.tick_at);
+        self.answer_by.map_or(next, |at| at.min(next))
     }
 }
 
@@ -317,8 +337,6 @@ struct Connection<P> {
     state: AppState,
     sessions: Arc<Sessions>,
     out: Outbound,
-    /// The session the writer records positions in, once connected.
-    slot: Arc<OnceLock<Arc<LiveSession>>>,
     session: Option<Arc<LiveSession>>,
     principal: Option<Principal>,
     /// `principal`'s identity for the stream budget, hashed by the first publish (cleared
@@ -361,6 +379,11 @@ struct Connection<P> {
 }
 
 impl<P: Protocol> Connection<P> {
+    /// The socket, everything else dropped (consumes stopped, the protocol's listeners gone).
+    fn into_out(self) -> Outbound {
+        self.out
+    }
+
     /// The connection ends: for a close, the session notes why, the protocol may say it in a
     /// frame of its own, and the writer is told the close code.
     fn end(&mut self, end: End) {
@@ -660,7 +683,7 @@ impl<P: Protocol> Connection<P> {
                 )
             }
         };
-        let _ = self.slot.set(session.clone());
+        self.out.set_session(session.clone());
         self.session = Some(session.clone());
         self.principal = Some(principal.clone());
         self.identity = None;
@@ -968,15 +991,12 @@ impl<P: Protocol> Connection<P> {
         .boxed()
     }
 
-    /// Answers a round: its acks (and errors) go to the writer together, one write.
+    /// Answers a round: its acks (and errors) are queued together and go out in one write.
     async fn acks(
         &mut self,
         done: Vec<(Option<u64>, StreamName, Result<Appended, ApiError>)>,
     ) -> Result<(), End> {
-        self.out.hold();
-        let result = self.answer_round(done).await;
-        self.out.release();
-        result
+        self.answer_round(done).await
     }
 
     async fn answer_round(
@@ -1082,16 +1102,14 @@ impl<P: Protocol> Connection<P> {
             .await
     }
 
-    /// Delivers a subscription's batch: its frames go to the writer together, one write.
+    /// Delivers a subscription's batch: its frames are queued together and go out in one
+    /// write.
     async fn deliver(
         &mut self,
         stream: &Arc<str>,
         batch: Vec<(subscription::Event, Taken)>,
     ) -> Result<(), End> {
-        self.out.hold();
-        let result = self.deliver_batch(stream, batch).await;
-        self.out.release();
-        result
+        self.deliver_batch(stream, batch).await
     }
 
     async fn deliver_batch(
@@ -1178,7 +1196,7 @@ impl<P: Protocol> Connection<P> {
 
     /// A ping is due: the protocol's ping (for clients that watch for silence) and a WebSocket
     /// control ping (which any WebSocket library answers by itself). Dropped, not waited for,
-    /// when the outbound channel is full.
+    /// when the outbound queue is full.
     fn ping(&self) -> Result<(), End> {
         if let Some(ping) = self.protocol.encode(&Event::Ping) {
             self.out.try_send(ping).map_err(End::from)?;
@@ -1285,68 +1303,6 @@ fn publish_bytes(m: &NewMessage) -> usize {
         + 128
 }
 
-/// The socket's reading half, polled only when its waker has fired since it last answered
-/// `Pending`. The connection's `select!` polls every branch on each turn of its loop, and each
-/// poll of a WebSocket stream makes tungstenite zero its read buffer (`read_buffer`, 4 KiB)
-/// before it tries the socket: a subscriber that sends nothing paid that for every delivery.
-struct Woken<S> {
-    inner: S,
-    wake: Arc<WakeFlag>,
-    waker: std::task::Waker,
-}
-
-#[derive(Default)]
-struct WakeFlag {
-    /// Set when the inner stream's waker fires or when it last gave an item (it may hold more).
-    ready: AtomicBool,
-    task: futures::task::AtomicWaker,
-}
-
-impl std::task::Wake for WakeFlag {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.ready.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
-impl<S> Woken<S> {
-    fn new(inner: S) -> Self {
-        let wake = Arc::new(WakeFlag {
-            ready: AtomicBool::new(true),
-            task: Default::default(),
-        });
-        let waker = std::task::Waker::from(wake.clone());
-        Self { inner, wake, waker }
-    }
-}
-
-impl<S: futures::Stream + Unpin> futures::Stream for Woken<S> {
-    type Item = S::Item;
-
-    fn poll_next(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<S::Item>> {
-        let this = &mut *self;
-        this.wake.task.register(cx.waker());
-        // Cleared before the inner poll: a wake-up during it sets it again.
-        if !this.wake.ready.swap(false, Ordering::AcqRel) {
-            return std::task::Poll::Pending;
-        }
-        let polled = this
-            .inner
-            .poll_next_unpin(&mut std::task::Context::from_waker(&this.waker));
-        if polled.is_ready() {
-            this.wake.ready.store(true, Ordering::Release);
-        }
-        polled
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1368,8 +1324,10 @@ mod tests {
              own state: {} B)",
             std::mem::size_of::<Connection<crate::ws::spool_v1::SpoolV1>>(),
         );
-        // Debug builds (tests) lay futures out larger than release builds: 3,704 and 4,200 B
-        // here when this was written; a command's future inlined again would add kilobytes.
+        // Debug builds (tests) lay futures out larger than release builds: 4,192 and 4,880 B
+        // here when this was last changed (the socket itself is part of the connection's state
+        // since there is no writer task and no split socket: it was in the split's heap
+        // allocation before); a command's future inlined again would add kilobytes.
         assert!(
             spool <= 4608,
             "spool.v1.json connection future is {spool} B"

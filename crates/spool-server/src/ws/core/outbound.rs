@@ -1,5 +1,5 @@
-//! A connection's outbound buffer (SPEC §8): bounded in frames and bytes, drained by a writer
-//! task that owns the socket's sending half.
+//! A connection's socket and its outbound buffer (SPEC §8): bounded in frames and bytes,
+//! written by the connection's own task.
 //!
 //! Deliveries must first take [`Room`] (a count and a byte budget), so at most
 //! `outbound_messages` deliveries and `outbound_bytes` bytes wait for a client at any time; a
@@ -7,44 +7,46 @@
 //! is the buffer. Replies (acks, errors, pongs) take no room but share the bounded queue, so
 //! a client that sends requests without reading answers is slowed down, not buffered for.
 //!
-//! The queue is a `VecDeque` behind a lock, allocated when a frame is queued and released
-//! whenever the writer has drained it and waits: an idle connection holds no queue storage (a
-//! channel would hold its first block of slots for as long as the connection lives). The
-//! writer takes everything queued at once, feeds it to the socket and flushes once, so a burst
-//! — a round's acks, a batch of deliveries — goes out in one write. The connection can hold
-//! the writer back while it queues a burst ([`Outbound::hold`]).
+//! There is no writer task: the connection's loop hands what is queued to the socket on every
+//! turn and whenever the socket can take more ([`Outbound::next_inbound`] reads the client's
+//! frames and writes at once), and a sender that finds the queue full writes to make room
+//! itself ([`Outbound::send`]). So the socket is not split (no lock between two halves) and an
+//! idle connection is one task. What is queued while the connection handles one thing — a
+//! round's acks, a subscription's batch of deliveries — goes out together, fed to the socket
+//! without a flush and then flushed once: one write (tungstenite writes earlier only past its
+//! `write_buffer`).
 //!
-//! The writer records what it has written to the socket (once per flushed burst), which is
-//! what a session remembers as delivered, and when it last made progress, which is how a
-//! stuck client is detected.
+//! The queue is a `VecDeque` allocated when a frame is queued and released whenever it has
+//! been written: an idle connection holds no queue storage.
+//!
+//! What has been written and flushed is recorded (once per flushed burst) as what a session
+//! remembers as delivered, and when the socket last took a frame is how a stuck client is
+//! detected.
 
 use std::{
     collections::VecDeque,
     future::poll_fn,
-    pin::pin,
+    pin::{Pin, pin},
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
-    task::{Poll, Waker},
+    task::{Context, Poll, Waker, ready},
     time::Duration,
 };
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
-use futures::{SinkExt, stream::SplitSink};
+use futures::{SinkExt, Stream, StreamExt};
 use parking_lot::Mutex;
 use spool_core::Position;
-use tokio::{
-    sync::{Notify, Semaphore, oneshot},
-    time::Instant,
-};
+use tokio::{sync::Semaphore, time::Instant};
 
 use crate::delivery::session::LiveSession;
 
 /// Frames beyond the delivery budget that may wait: replies to requests.
 const REPLY_SLOTS: usize = 256;
 
-/// One frame for the writer.
+/// One frame for the socket.
 pub struct Frame {
     pub message: WsMessage,
     /// Room taken by this frame, given back once it is written.
@@ -122,115 +124,91 @@ impl Room {
     }
 }
 
-/// The producing side, held by the connection task.
+/// The socket and what waits to be written to it, held by the connection task.
 pub struct Outbound {
-    shared: Arc<Shared>,
     pub room: Arc<Room>,
     /// Longest wait for a slot in the queue before the client counts as stuck.
     stuck: Duration,
-    /// While set, queued frames do not wake the writer (see [`Outbound::hold`]).
-    held: AtomicBool,
-    /// A frame was queued while held.
-    queued_while_held: AtomicBool,
-}
-
-/// What the connection and its writer share.
-struct Shared {
-    queue: Mutex<Queue>,
-    /// Most frames queued or being written at once.
+    /// Most frames queued at once.
     capacity: usize,
-    /// Frames queued and not yet handed to the socket (including those the writer holds).
-    pending: AtomicUsize,
-    /// Signalled when the writer has handed frames to the socket or is gone: room for
-    /// senders waiting for a slot.
-    space: Notify,
-    started: Instant,
-    /// When the writer last handed a frame to the socket, in ms since `started`.
-    last_ms: AtomicU64,
+    /// The session whose positions are recorded as frames are written, once `connect` made
+    /// one.
+    session: OnceLock<Arc<LiveSession>>,
+    /// Only the connection's task locks it, never across an `await`: it is never contended
+    /// (a `Mutex` rather than a `RefCell` so that `&Outbound` can be held across the
+    /// connection's awaits).
+    io: Mutex<Io>,
 }
 
-struct Queue {
+struct Io {
+    socket: Woken<WebSocket>,
+    /// Frames not yet handed to the socket.
     frames: VecDeque<Frame>,
-    /// The writer, when it waits for frames.
-    writer: Option<Waker>,
-    /// The writer is gone (the socket failed or was closed): nothing more can be sent.
+    /// Frames were handed to the socket since it was last flushed.
+    unflushed: bool,
+    /// The socket failed or was closed: nothing more can be sent.
     closed: bool,
-    /// The [`Outbound`] is gone: the writer ends once the queue is empty.
-    finished: bool,
+    started: Instant,
+    /// When the socket last took a frame, since `started`.
+    last: Duration,
+    /// The newest position per subscription written in the current burst, recorded in the
+    /// session (one lock) once the burst is flushed.
+    written: Vec<(Arc<str>, u64, Position)>,
 }
 
 impl Outbound {
-    /// Starts the writer for `sink`. The writer ends when the [`Outbound`] is dropped (after
-    /// writing what is queued) or when the socket fails.
-    pub fn start(
-        sink: SplitSink<WebSocket, WsMessage>,
-        messages: usize,
-        bytes: usize,
-        stuck: Duration,
-        session: Arc<OnceLock<Arc<LiveSession>>>,
-    ) -> (Self, Writer) {
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue {
-                frames: VecDeque::new(),
-                writer: None,
-                closed: false,
-                finished: false,
-            }),
+    /// The connection's socket with an empty outbound queue.
+    pub fn new(socket: WebSocket, messages: usize, bytes: usize, stuck: Duration) -> Self {
+        Self {
+            room: Arc::new(Room::new(messages, bytes)),
+            stuck,
             capacity: messages + REPLY_SLOTS,
-            pending: AtomicUsize::new(0),
-            space: Notify::new(),
-            started: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        });
-        let room = Arc::new(Room::new(messages, bytes));
-        let writer = Writer {
-            sink,
-            shared: shared.clone(),
-            batch: VecDeque::new(),
-            room: room.clone(),
-            session,
-            written: Vec::new(),
-        };
-        (
-            Self {
-                shared,
-                room,
-                stuck,
-                held: AtomicBool::new(false),
-                queued_while_held: AtomicBool::new(false),
-            },
-            writer,
-        )
+            session: OnceLock::new(),
+            io: Mutex::new(Io {
+                socket: Woken::new(socket),
+                frames: VecDeque::new(),
+                unflushed: false,
+                closed: false,
+                started: Instant::now(),
+                last: Duration::ZERO,
+                written: Vec::new(),
+            }),
+        }
     }
 
-    /// Queues a frame, waiting for a slot if the queue is full. Fails when the writer is gone
-    /// (the socket failed), or when no slot frees up within the stuck timeout (the client
-    /// reads nothing while it keeps sending requests).
+    /// The session written frames are recorded in from now on.
+    pub fn set_session(&self, session: Arc<LiveSession>) {
+        let _ = self.session.set(session);
+    }
+
+    /// Queues a frame, writing to the socket to make room if the queue is full. Fails when the
+    /// socket failed, or when no slot frees up within the stuck timeout (the client reads
+    /// nothing while it keeps sending requests).
     pub async fn send(&self, frame: Frame) -> Result<(), Gone> {
         let mut frame = Some(frame);
         if self.push(&mut frame)? {
             return Ok(());
         }
-        // Rare (the client reads slower than it asks): boxed, so the wait's timer and
-        // registration are not part of every caller's future.
+        // Rare (the client reads slower than it asks): boxed, so the wait's timer is not part
+        // of every caller's future.
         Box::pin(self.wait_for_slot(frame)).await
     }
 
     async fn wait_for_slot(&self, mut frame: Option<Frame>) -> Result<(), Gone> {
-        let deadline = Instant::now() + self.stuck;
-        loop {
-            // Registered before the check: a slot freed after it still ends this wait.
-            let mut space = pin!(self.shared.space.notified());
-            space.as_mut().enable();
+        let mut deadline = pin!(tokio::time::sleep(self.stuck));
+        poll_fn(|cx| {
+            // Full: write what is queued to make room (the socket wakes this task when it
+            // can take more).
+            let _ = self.poll_write(cx);
             if self.push(&mut frame)? {
-                return Ok(());
+                return Poll::Ready(Ok(()));
             }
-            // Full: whatever is held back must go out to make room.
-            self.wake_writer();
-            if tokio::time::timeout_at(deadline, space).await.is_err() {
-                return Err(Gone::Stuck);
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Gone::Stuck));
             }
-        }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Queues a reply, or drops it if the queue is full (for pings, which can wait).
@@ -245,103 +223,158 @@ impl Outbound {
 
     /// Queues `frame` if there is a slot (true; the frame is taken), else leaves it (false).
     fn push(&self, frame: &mut Option<Frame>) -> Result<bool, Gone> {
-        let waker = {
-            let mut queue = self.shared.queue.lock();
-            if queue.closed {
-                return Err(Gone::Closed);
-            }
-            if self.shared.pending.load(Ordering::Acquire) >= self.shared.capacity {
-                return Ok(false);
-            }
-            let Some(frame) = frame.take() else {
-                return Ok(true);
-            };
-            queue.frames.push_back(frame);
-            self.shared.pending.fetch_add(1, Ordering::AcqRel);
-            if self.held.load(Ordering::Relaxed) {
-                self.queued_while_held.store(true, Ordering::Relaxed);
-                None
-            } else {
-                queue.writer.take()
-            }
-        };
-        if let Some(waker) = waker {
-            waker.wake();
+        let mut io = self.io.lock();
+        if io.closed {
+            return Err(Gone::Closed);
+        }
+        if io.frames.len() >= self.capacity {
+            return Ok(false);
+        }
+        if let Some(frame) = frame.take() {
+            io.frames.push_back(frame);
         }
         Ok(true)
     }
 
-    /// Holds the writer back: frames queued until [`Outbound::release`] are written together
-    /// (one flush), not one by one as the writer would take them. A full queue still wakes it.
-    pub fn hold(&self) {
-        self.held.store(true, Ordering::Relaxed);
+    /// Waits for the client's next frame (when `reading`), writing what is queued meanwhile.
+    /// `None`: the socket is closed or failed (reading or writing).
+    pub fn next_inbound(
+        &self,
+        reading: bool,
+    ) -> impl Future<Output = Option<Result<WsMessage, axum::Error>>> + '_ {
+        poll_fn(move |cx| {
+            let mut io = self.io.lock();
+            if let Poll::Ready(Err(())) = io.poll_write(cx, &self.room, &self.session) {
+                return Poll::Ready(None);
+            }
+            if !reading {
+                return Poll::Pending;
+            }
+            io.socket.poll_next_unpin(cx)
+        })
     }
 
-    /// Ends [`Outbound::hold`]: the writer takes what was queued meanwhile.
-    pub fn release(&self) {
-        self.held.store(false, Ordering::Relaxed);
-        if self.queued_while_held.swap(false, Ordering::Relaxed) {
-            self.wake_writer();
-        }
+    /// Hands what is queued to the socket and flushes it, as far as the socket takes it now
+    /// (when it cannot, this task is woken once it can). Ready(Err) once the socket failed.
+    pub fn poll_write(&self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+        self.io.lock().poll_write(cx, &self.room, &self.session)
     }
 
-    fn wake_writer(&self) {
-        let waker = self.shared.queue.lock().writer.take();
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-    }
-
-    /// Whether frames are queued that the writer has not handed to the socket yet.
+    /// Whether frames are queued that have not been handed to the socket yet.
     pub fn waiting(&self) -> bool {
-        self.shared.pending.load(Ordering::Relaxed) > 0
+        !self.io.lock().frames.is_empty()
     }
 
-    /// How long frames have been waiting without the writer making progress (zero when
-    /// nothing waits).
+    /// How long frames have been waiting without the socket taking any (zero when nothing
+    /// waits).
     pub fn stalled_for(&self) -> Duration {
-        if self.shared.pending.load(Ordering::Relaxed) == 0 {
+        let io = self.io.lock();
+        if io.frames.is_empty() {
             return Duration::ZERO;
         }
-        let last = Duration::from_millis(self.shared.last_ms.load(Ordering::Relaxed));
-        self.shared.started.elapsed().saturating_sub(last)
+        io.started.elapsed().saturating_sub(io.last)
+    }
+
+    /// Writes what is queued, then the close frame (if any), and closes the socket, giving
+    /// up after `within`: a client that reads nothing will not read it either.
+    pub async fn finish(self, close: Option<Close>, within: Duration) {
+        let Self {
+            room, session, io, ..
+        } = self;
+        let mut io = io.into_inner();
+        let _ = tokio::time::timeout(within, async {
+            if poll_fn(|cx| io.poll_write(cx, &room, &session))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let frame = close.map(|c| CloseFrame {
+                code: c.code,
+                reason: c.reason.into(),
+            });
+            let _ = io.socket.inner.send(WsMessage::Close(frame)).await;
+            let _ = io.socket.inner.close().await;
+        })
+        .await;
     }
 }
 
-impl Drop for Outbound {
-    fn drop(&mut self) {
-        let waker = {
-            let mut queue = self.shared.queue.lock();
-            queue.finished = true;
-            queue.writer.take()
-        };
-        if let Some(waker) = waker {
-            waker.wake();
+impl Io {
+    /// Everything queued is fed to the socket without a flush, then flushed: a burst goes out
+    /// in one write. Ready(Ok) once all is written and flushed (the queue's storage is then
+    /// released: a quiet connection keeps none); Pending while the socket takes no more.
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        room: &Room,
+        session: &OnceLock<Arc<LiveSession>>,
+    ) -> Poll<Result<(), ()>> {
+        if self.closed {
+            return Poll::Ready(Err(()));
         }
+        while !self.frames.is_empty() {
+            if ready!(self.socket.inner.poll_ready_unpin(cx)).is_err() {
+                return self.fail(room);
+            }
+            let Some(frame) = self.frames.pop_front() else {
+                break;
+            };
+            let sent = self.socket.inner.start_send_unpin(frame.message);
+            room.give_back(frame.room);
+            self.last = self.started.elapsed();
+            if sent.is_err() {
+                return self.fail(room);
+            }
+            self.unflushed = true;
+            if let Some((stream, generation, position)) = frame.delivered {
+                match self
+                    .written
+                    .iter_mut()
+                    .find(|(s, g, _)| *g == generation && *s == stream)
+                {
+                    Some(entry) => entry.2 = position,
+                    None => self.written.push((stream, generation, position)),
+                }
+            }
+        }
+        if self.frames.capacity() > 0 {
+            self.frames = VecDeque::new();
+        }
+        if self.unflushed {
+            if ready!(self.socket.inner.poll_flush_unpin(cx)).is_err() {
+                return self.fail(room);
+            }
+            self.unflushed = false;
+            self.last = self.started.elapsed();
+            if !self.written.is_empty() {
+                if let Some(session) = session.get() {
+                    session.delivered(&mut self.written);
+                }
+                self.written.clear();
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The socket failed: nothing more can be sent, and whatever is still queued gives its
+    /// room back.
+    fn fail(&mut self, room: &Room) -> Poll<Result<(), ()>> {
+        self.closed = true;
+        for frame in std::mem::take(&mut self.frames) {
+            room.give_back(frame.room);
+        }
+        Poll::Ready(Err(()))
     }
 }
 
 /// A frame could not be queued.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Gone {
-    /// The writer is gone: the socket failed or was closed.
+    /// The socket failed or was closed.
     Closed,
     /// The client has read nothing for the stuck timeout.
     Stuck,
-}
-
-/// The consuming side: owns the socket's sending half.
-pub struct Writer {
-    sink: SplitSink<WebSocket, WsMessage>,
-    shared: Arc<Shared>,
-    /// The frames taken from the queue, being written.
-    batch: VecDeque<Frame>,
-    room: Arc<Room>,
-    /// The session whose positions the writer records, once `connect` made one.
-    session: Arc<OnceLock<Arc<LiveSession>>>,
-    /// The newest position per subscription written in the current burst, recorded in the
-    /// session (one lock) once the burst is flushed.
-    written: Vec<(Arc<str>, u64, Position)>,
 }
 
 /// How a connection ends, as sent in the close frame.
@@ -350,111 +383,62 @@ pub struct Close {
     pub reason: &'static str,
 }
 
-impl Writer {
-    /// Writes frames until the [`Outbound`] is dropped and the queue is empty, then sends the
-    /// close frame set in `close` (if any) and ends. Everything queued is taken at once and
-    /// fed without a flush, then flushed: a burst goes out in one write (tungstenite writes
-    /// earlier only past its `write_buffer`).
-    pub async fn run(mut self, mut close: oneshot::Receiver<Close>) {
-        while self.take().await {
-            while let Some(frame) = self.batch.pop_front() {
-                if self.write(frame).await.is_err() {
-                    return;
-                }
-            }
-            if self.sink.flush().await.is_err() {
-                return;
-            }
-            self.mark_progress();
-            // Room for senders waiting for a slot.
-            self.shared.space.notify_waiters();
-            if let Some(session) = self.session.get() {
-                session.delivered(&mut self.written);
-            }
-            self.written.clear();
-        }
-        let close = close.try_recv().ok();
-        self.finish(close).await;
+/// The socket, read only when its waker has fired since it last answered `Pending`. The
+/// connection's `select!` polls every branch on each turn of its loop, and each poll of a
+/// WebSocket stream makes tungstenite zero its read buffer (`read_buffer`) before it tries the
+/// socket: a subscriber that sends nothing paid that for every delivery. Writes go to `inner`
+/// directly.
+struct Woken<S> {
+    inner: S,
+    wake: Arc<WakeFlag>,
+    waker: Waker,
+}
+
+#[derive(Default)]
+struct WakeFlag {
+    /// Set when the inner stream's waker fires or when it last gave an item (it may hold more).
+    ready: AtomicBool,
+    task: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
     }
 
-    /// Waits for queued frames and moves them into `batch` (whose drained storage becomes the
-    /// queue's); false once the queue is empty and the [`Outbound`] gone. Before it waits, the
-    /// storage of both is released: a quiet connection keeps none.
-    async fn take(&mut self) -> bool {
-        poll_fn(|cx| {
-            let mut queue = self.shared.queue.lock();
-            if !queue.frames.is_empty() {
-                std::mem::swap(&mut queue.frames, &mut self.batch);
-                return Poll::Ready(true);
-            }
-            if queue.finished {
-                return Poll::Ready(false);
-            }
-            match &mut queue.writer {
-                Some(waker) => waker.clone_from(cx.waker()),
-                None => queue.writer = Some(cx.waker().clone()),
-            }
-            let storage = std::mem::take(&mut queue.frames);
-            drop(queue);
-            drop(storage);
-            self.batch = VecDeque::new();
-            Poll::Pending
-        })
-        .await
-    }
-
-    async fn write(&mut self, frame: Frame) -> Result<(), axum::Error> {
-        let result = self.sink.feed(frame.message).await;
-        self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-        self.room.give_back(frame.room);
-        self.mark_progress();
-        result?;
-        if let Some((stream, generation, position)) = frame.delivered {
-            match self
-                .written
-                .iter_mut()
-                .find(|(s, g, _)| *g == generation && *s == stream)
-            {
-                Some(entry) => entry.2 = position,
-                None => self.written.push((stream, generation, position)),
-            }
-        }
-        Ok(())
-    }
-
-    fn mark_progress(&self) {
-        let ms = self.shared.started.elapsed().as_millis() as u64;
-        self.shared.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// Sends the close frame, giving up after a moment: a client that reads nothing will not
-    /// read it either.
-    async fn finish(&mut self, close: Option<Close>) {
-        let frame = close.map(|c| CloseFrame {
-            code: c.code,
-            reason: c.reason.into(),
-        });
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = self.sink.send(WsMessage::Close(frame)).await;
-            let _ = self.sink.close().await;
-        })
-        .await;
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 
-impl Drop for Writer {
-    /// The socket is gone or closed: senders learn it, and whatever is still queued gives its
-    /// room back.
-    fn drop(&mut self) {
-        let frames = {
-            let mut queue = self.shared.queue.lock();
-            queue.closed = true;
-            std::mem::take(&mut queue.frames)
-        };
-        for frame in frames.into_iter().chain(self.batch.drain(..)) {
-            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-            self.room.give_back(frame.room);
+impl<S> Woken<S> {
+    fn new(inner: S) -> Self {
+        let wake = Arc::new(WakeFlag {
+            ready: AtomicBool::new(true),
+            task: Default::default(),
+        });
+        let waker = Waker::from(wake.clone());
+        Self { inner, wake, waker }
+    }
+}
+
+impl<S: Stream + Unpin> Stream for Woken<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let this = &mut *self;
+        this.wake.task.register(cx.waker());
+        // Cleared before the inner poll: a wake-up during it sets it again.
+        if !this.wake.ready.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
         }
-        self.shared.space.notify_waiters();
+        let polled = this
+            .inner
+            .poll_next_unpin(&mut Context::from_waker(&this.waker));
+        if polled.is_ready() {
+            this.wake.ready.store(true, Ordering::Release);
+        }
+        polled
     }
 }
