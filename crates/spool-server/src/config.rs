@@ -98,7 +98,9 @@ pub struct WsConfig {
     /// Most bytes of publishes of one connection waiting for their ack; at the bound the
     /// connection stops reading client frames until acks drain.
     pub max_inflight_publish_bytes: usize,
-    /// Socket read buffer of the WebSocket codec, per connection.
+    /// Socket read buffer of the WebSocket codec, per connection: allocated at the upgrade and
+    /// kept for the connection's life (tungstenite has no way to release it), zeroed before
+    /// every read, and the most one `recv` takes (a larger frame is read in as many).
     pub read_buffer: usize,
     /// Socket write buffer of the WebSocket codec, per connection.
     pub write_buffer: usize,
@@ -117,7 +119,9 @@ impl Default for WsConfig {
             conflate: Vec::new(),
             max_inflight_publishes: 1024,
             max_inflight_publish_bytes: 16 * 1024 * 1024,
-            read_buffer: 4 * 1024,
+            // 1 KiB: an idle connection holds ~3 KiB less than with 4 KiB, and a publish costs
+            // fewer instructions (less zeroing per read; docs/benchmarks.md, issue 14).
+            read_buffer: 1024,
             write_buffer: 4 * 1024,
         }
     }
