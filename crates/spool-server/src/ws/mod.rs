@@ -4,7 +4,7 @@
 //!
 //! - [`core`] is what every WebSocket protocol needs: one task per connection that reads
 //!   client frames, drives one [`crate::delivery::subscription::Subscription`] per stream and pipelines
-//!   publishes, and the bounded outbound buffer drained by a writer task (SPEC §8). A protocol
+//!   publishes, and the bounded outbound buffer it writes to the socket (SPEC §8). A protocol
 //!   plugs in through [`core::Protocol`] (decode a frame into a command, encode an event).
 //! - [`spool_v1`] is `spool.v1.json` on `/v1/ws`; [`actioncable`] is AnyCable's
 //!   `actioncable-v1-json` and `actioncable-v1-ext-json` on `/cable` ([`cable`]).

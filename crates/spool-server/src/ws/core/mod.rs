@@ -1,7 +1,8 @@
 //! What any WebSocket protocol needs, whatever its frames look like: the connection loop
 //! ([`connection`]: sessions restored and taken over, flow-controlled subscriptions, publish
-//! rounds, heartbeats, token expiry, shutdown), the bounded outbound buffer and its writer
-//! ([`outbound`]), and the per-subscription delivery streams ([`deliveries`]).
+//! rounds, heartbeats, token expiry, shutdown), the socket and its bounded outbound buffer,
+//! written by the connection's own task ([`outbound`]), and the per-subscription delivery
+//! streams ([`deliveries`]).
 //!
 //! A protocol plugs in through [`Protocol`]: it decodes a client frame into a [`Command`] and
 //! encodes an [`Event`] into a frame, and names the close code and reason of each
