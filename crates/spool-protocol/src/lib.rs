@@ -13,6 +13,9 @@
 /// (serde writes fields in declaration order) and leaves out these fields alike because they
 /// are written here once. Not `serde(flatten)`: that buffers every field when reading, and
 /// refuses no unknown field.
+///
+/// With `frame "TYPE"` at the end, also `from_frame`: a WebSocket frame `{"type":"TYPE",…}`
+/// read straight into the struct's fields (see [`ws::Publish::from_frame`]).
 macro_rules! with_payload {
     (
         $(#[$attr:meta])*
@@ -20,10 +23,80 @@ macro_rules! with_payload {
             $($(#[$field_attr:meta])* pub $field:ident: $ty:ty,)*
         }
         $(then { $($(#[$after_attr:meta])* pub $after:ident: $after_ty:ty,)* })?
+        frame $tag:literal
+    ) => {
+        with_payload! {
+            $(#[$attr])*
+            pub struct $name {
+                $($(#[$field_attr])* pub $field: $ty,)*
+            }
+            $(then { $($(#[$after_attr])* pub $after: $after_ty,)* })?
+        }
+
+        impl $name {
+            #[doc = concat!(
+                "`text` read as a `", $tag, "` frame straight into its fields, not through ",
+                "serde's buffering of the internally tagged frame enum (every field copied ",
+                "into a `Content` tree first, then read from it). `None`: not a `", $tag,
+                "` frame this reads; the frame enum reads it (or says what is wrong with it)."
+            )]
+            #[inline]
+            pub fn from_frame(text: &str) -> Option<Self> {
+                with_payload! {
+                    @struct
+                    #[derive(serde::Deserialize)]
+                    #[serde(deny_unknown_fields)]
+                    struct Tagged<'a> {
+                        #[serde(rename = "type", borrow)]
+                        kind: ::std::borrow::Cow<'a, str>,
+                        $($(#[$field_attr])* pub $field: $ty,)*
+                    } {
+                        $($($(#[$after_attr])* pub $after: $after_ty,)*)?
+                    }
+                }
+                let t = serde_json::from_str::<Tagged<'_>>(text).ok()?;
+                (t.kind == $tag).then(|| $name {
+                    $($field: t.$field,)*
+                    data: t.data, data_base64: t.data_base64,
+                    content_type: t.content_type, key: t.key, headers: t.headers,
+                    $($($after: t.$after,)*)?
+                })
+            }
+        }
+    };
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident {
+            $($(#[$field_attr:meta])* pub $field:ident: $ty:ty,)*
+        }
+        $(then { $($(#[$after_attr:meta])* pub $after:ident: $after_ty:ty,)* })?
+    ) => {
+        with_payload! {
+            @struct
+            $(#[$attr])*
+            pub struct $name {
+                $($(#[$field_attr])* pub $field: $ty,)*
+            } {
+                $($($(#[$after_attr])* pub $after: $after_ty,)*)?
+            }
+        }
+
+        impl $name {
+            /// The payload bytes, decoded from `data` or `data_base64`.
+            pub fn payload(&self) -> Result<Vec<u8>, base64::DecodeError> {
+                $crate::http::decode_payload(self.data.as_deref(), self.data_base64.as_deref())
+            }
+        }
+    };
+    // The struct itself: the fields before, the payload's, the fields after.
+    (
+        @struct
+        $(#[$attr:meta])*
+        $vis:vis struct $name:ident $(<$lt:lifetime>)? { $($before:tt)* } { $($after:tt)* }
     ) => {
         $(#[$attr])*
-        pub struct $name {
-            $($(#[$field_attr])* pub $field: $ty,)*
+        $vis struct $name $(<$lt>)? {
+            $($before)*
             /// The payload, when it is UTF-8 text.
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub data: Option<String>,
@@ -36,14 +109,7 @@ macro_rules! with_payload {
             pub key: Option<String>,
             #[serde(default, skip_serializing_if = "::std::collections::BTreeMap::is_empty")]
             pub headers: ::std::collections::BTreeMap<String, String>,
-            $($($(#[$after_attr])* pub $after: $after_ty,)*)?
-        }
-
-        impl $name {
-            /// The payload bytes, decoded from `data` or `data_base64`.
-            pub fn payload(&self) -> Result<Vec<u8>, base64::DecodeError> {
-                $crate::http::decode_payload(self.data.as_deref(), self.data_base64.as_deref())
-            }
+            $($after)*
         }
     };
 }

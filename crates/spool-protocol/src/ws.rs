@@ -111,6 +111,7 @@ with_payload! {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub idempotency_key: Option<String>,
     }
+    frame "publish"
 }
 
 /// Replace the connection's token with a fresh one of the same identity, before it expires.

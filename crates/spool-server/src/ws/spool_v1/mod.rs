@@ -6,10 +6,7 @@
 use std::sync::Arc;
 
 use axum::extract::ws::Message as WsMessage;
-use spool_protocol::{
-    groups::ReceiptOutcome,
-    ws::{self as proto, ClientFrame, ServerFrame, close},
-};
+use spool_protocol::ws::{self as proto, ClientFrame, ServerFrame, close};
 
 use super::core::{
     CloseReason, Command, DecodeError, Event, Protocol, SubscribeOptions, SubscribedTo,
@@ -35,10 +32,16 @@ impl Protocol for SpoolV1 {
     const NAME: &'static str = proto::SUBPROTOCOL;
 
     fn decode(&mut self, text: &str) -> Result<Command, DecodeError> {
+        // A consumer sends a settle frame per message (or per batch): read straight into its
+        // fields, so it pays neither the publish reader's refusal (an error message built
+        // per frame) nor serde's buffering of the tagged frame enum.
+        if let Some(command) = fast_settle(text) {
+            return Ok(command);
+        }
         // The frame a publisher sends most, read straight into its fields; anything else (or
         // anything it does not read) takes the general path below, with its errors.
-        if let Some(publish) = fast_publish(text) {
-            return Ok(publish);
+        if let Some(frame) = proto::Publish::from_frame(text) {
+            return Ok(publish(frame));
         }
         let frame = serde_json::from_str::<ClientFrame>(text).map_err(|e| DecodeError {
             id: lenient_id(text),
@@ -63,20 +66,7 @@ impl Protocol for SpoolV1 {
                 id: u.id,
                 stream: u.stream,
             },
-            ClientFrame::Publish(p) => Command::Publish {
-                id: p.id,
-                message: ToAppend {
-                    stream: p.stream,
-                    payload: Payload::Json {
-                        data: p.data,
-                        data_base64: p.data_base64,
-                    },
-                    content_type: p.content_type,
-                    key: p.key,
-                    headers: p.headers,
-                    idempotency_key: p.idempotency_key,
-                },
-            },
+            ClientFrame::Publish(p) => publish(p),
             ClientFrame::Refresh(r) => Command::Refresh {
                 id: r.id,
                 token: r.token,
@@ -249,20 +239,39 @@ impl Protocol for SpoolV1 {
                 op,
                 receipts,
                 results,
-            } => ServerFrame::Settled(proto::Settled {
-                id: *id,
-                stream: (*stream).to_owned(),
-                group: (*group).to_owned(),
-                op: op.as_str().to_owned(),
-                results: receipts
-                    .iter()
-                    .zip(results.iter())
-                    .map(|(receipt, result)| ReceiptOutcome {
-                        receipt: receipt.clone(),
-                        result: *result,
-                    })
-                    .collect(),
-            }),
+            } => {
+                // `proto::Settled` as serde writes it, without copying every receipt into one.
+                let mut out = String::with_capacity(
+                    96 + stream.len()
+                        + group.len()
+                        + receipts.iter().map(|r| r.len() + 32).sum::<usize>(),
+                );
+                out.push_str(r#"{"type":"settled","#);
+                if let Some(id) = id {
+                    out.push_str(r#""id":"#);
+                    push_u64(&mut out, *id);
+                    out.push(',');
+                }
+                out.push_str(r#""stream":"#);
+                push_json(&mut out, stream);
+                out.push_str(r#","group":"#);
+                push_json(&mut out, group);
+                out.push_str(r#","op":""#);
+                out.push_str(op.as_str());
+                out.push_str(r#"","results":["#);
+                for (i, (receipt, result)) in receipts.iter().zip(results.iter()).enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(r#"{"receipt":"#);
+                    push_json(&mut out, receipt);
+                    out.push_str(r#","result":""#);
+                    out.push_str(result.as_str());
+                    out.push_str(r#""}"#);
+                }
+                out.push_str("]}");
+                return Some(WsMessage::Text(out.into()));
+            }
             ConsumeEvent::GroupReset {
                 stream,
                 group,
@@ -318,6 +327,53 @@ fn subscribed(s: &SubscribedTo<'_>) -> proto::Subscribed {
     }
 }
 
+/// A settle frame (`ack`, `nack`, `extend`, `terminate`) whose `type` comes first, read
+/// straight into its fields as `proto::Settle` reads them; `None` for any other frame, or one
+/// this does not read (the frame enum reads it, or says what is wrong with it).
+fn fast_settle(text: &str) -> Option<Command> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Tagged<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+        #[serde(default)]
+        id: Option<u64>,
+        stream: String,
+        group: String,
+        receipts: Vec<String>,
+        #[serde(default)]
+        delay: Option<spool_protocol::groups::DurationText>,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        visibility_timeout: Option<spool_protocol::groups::DurationText>,
+    }
+    let rest = text.strip_prefix(r#"{"type":""#)?;
+    let tag = &rest[..rest.find('"')?];
+    let op = match tag {
+        "ack" => SettleOp::Ack,
+        "nack" => SettleOp::Nack,
+        "extend" => SettleOp::Extend,
+        "terminate" => SettleOp::Terminate,
+        _ => return None,
+    };
+    let t = serde_json::from_str::<Tagged<'_>>(text).ok()?;
+    (t.kind == tag).then(|| {
+        settle(
+            op,
+            proto::Settle {
+                id: t.id,
+                stream: t.stream,
+                group: t.group,
+                receipts: t.receipts,
+                delay: t.delay,
+                reason: t.reason,
+                visibility_timeout: t.visibility_timeout,
+            },
+        )
+    })
+}
+
 /// A settle frame as a consume command.
 fn settle(op: SettleOp, s: proto::Settle) -> Command {
     Command::Consume(ConsumeCommand::Settle {
@@ -332,36 +388,9 @@ fn settle(op: SettleOp, s: proto::Settle) -> Command {
     })
 }
 
-/// A `publish` frame read without serde's buffering of internally tagged enums (every field
-/// of the frame copied into a `Content` tree first, then read from it); `None`: not a publish
-/// frame this reads, for the general path to decode (or refuse).
-fn fast_publish(text: &str) -> Option<Command> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct PublishFrame<'a> {
-        #[serde(rename = "type", borrow)]
-        kind: std::borrow::Cow<'a, str>,
-        #[serde(default)]
-        id: Option<u64>,
-        stream: String,
-        #[serde(default)]
-        data: Option<String>,
-        #[serde(default)]
-        data_base64: Option<String>,
-        #[serde(default)]
-        content_type: Option<String>,
-        #[serde(default)]
-        key: Option<String>,
-        #[serde(default)]
-        headers: std::collections::BTreeMap<String, String>,
-        #[serde(default)]
-        idempotency_key: Option<String>,
-    }
-    let p = serde_json::from_str::<PublishFrame<'_>>(text).ok()?;
-    if p.kind != "publish" {
-        return None;
-    }
-    Some(Command::Publish {
+/// A `publish` frame as the command it asks for.
+fn publish(p: proto::Publish) -> Command {
+    Command::Publish {
         id: p.id,
         message: ToAppend {
             stream: p.stream,
@@ -374,7 +403,7 @@ fn fast_publish(text: &str) -> Option<Command> {
             headers: p.headers,
             idempotency_key: p.idempotency_key,
         },
-    })
+    }
 }
 
 /// An `ack` frame: `{"type":"ack","id":…,"stream":…,"epoch":…,"offset":…,"duplicate":…}`.
@@ -496,27 +525,11 @@ mod tests {
             r#"{"type":"publ\u0069sh","id":null,"stream":"c","data":"\"q\""}"#,
         ];
         for text in cases {
-            let fast = match fast_publish(text) {
-                Some(Command::Publish { id, message }) => (id, message),
-                other => panic!("{text}: not read as a publish: {other:?}"),
-            };
             let general = match serde_json::from_str::<ClientFrame>(text).unwrap() {
                 ClientFrame::Publish(p) => p,
                 other => panic!("{text}: {other:?}"),
             };
-            assert_eq!(fast.0, general.id, "{text}");
-            assert_eq!(fast.1.stream, general.stream, "{text}");
-            assert_eq!(fast.1.key, general.key, "{text}");
-            assert_eq!(fast.1.headers, general.headers, "{text}");
-            assert_eq!(fast.1.content_type, general.content_type, "{text}");
-            assert_eq!(fast.1.idempotency_key, general.idempotency_key, "{text}");
-            match fast.1.payload {
-                Payload::Json { data, data_base64 } => {
-                    assert_eq!(data, general.data, "{text}");
-                    assert_eq!(data_base64, general.data_base64, "{text}");
-                }
-                other => panic!("{text}: {other:?}"),
-            }
+            assert_eq!(proto::Publish::from_frame(text), Some(general), "{text}");
             assert!(matches!(p.decode(text), Ok(Command::Publish { .. })));
         }
         // Not publish frames, or not ones it reads: the general path decides, with its errors.
@@ -527,7 +540,7 @@ mod tests {
             r#"{"type":"ping"}"#,
             r#"not json"#,
         ] {
-            assert!(fast_publish(text).is_none(), "{text}");
+            assert!(proto::Publish::from_frame(text).is_none(), "{text}");
         }
         let bad = p
             .decode(r#"{"type":"publish","id":3,"stream":"a","dta":"x"}"#)
@@ -600,5 +613,81 @@ mod tests {
             p.close(CloseReason::SlowConsumer),
             (close::SLOW_CONSUMER, "slow consumer")
         );
+    }
+
+    #[test]
+    fn reads_settle_frames_as_the_general_decoder_does() {
+        let mut p = SpoolV1::new(Arc::default());
+        let cases = [
+            r#"{"type":"ack","id":3,"stream":"s","group":"g","receipts":["AAEC","x\"y"]}"#,
+            r#"{"type":"nack","stream":"s","group":"g","receipts":[],"delay":"5s","reason":"r"}"#,
+            r#"{"type":"extend","id":null,"stream":"s","group":"g","receipts":["a"],"visibility_timeout":30}"#,
+            r#"{"type":"terminate","stream":"s","group":"g","receipts":["a"],"reason":"bad"}"#,
+        ];
+        for case in cases {
+            assert!(fast_settle(case).is_some(), "{case}");
+            let fast = format!("{:?}", p.decode(case));
+            let general = serde_json::from_str::<ClientFrame>(case).unwrap();
+            let general = format!(
+                "{:?}",
+                Ok::<_, DecodeError>(match general {
+                    ClientFrame::Ack(s) => settle(SettleOp::Ack, s),
+                    ClientFrame::Nack(s) => settle(SettleOp::Nack, s),
+                    ClientFrame::Extend(s) => settle(SettleOp::Extend, s),
+                    ClientFrame::Terminate(s) => settle(SettleOp::Terminate, s),
+                    other => panic!("not a settle: {other:?}"),
+                })
+            );
+            assert_eq!(fast, general, "{case}");
+        }
+        // Not read here: the general path answers them (with its errors).
+        for case in [
+            r#"{"stream":"s","type":"ack","group":"g","receipts":[]}"#,
+            r#"{"type":"ack","stream":"s","group":"g","receipts":[],"extra":1}"#,
+            r#"{"type":"ack","stream":"s","receipts":[]}"#,
+            r#"{"type":"a\u0063k","stream":"s","group":"g","receipts":[]}"#,
+            r#"{"type":"publish","stream":"s","data":"x"}"#,
+        ] {
+            assert!(fast_settle(case).is_none(), "{case}");
+        }
+        let bad = p
+            .decode(r#"{"type":"ack","id":4,"stream":"s","receipts":[]}"#)
+            .unwrap_err();
+        assert_eq!(bad.id, Some(4));
+    }
+
+    #[test]
+    fn writes_settled_frames_as_serde_does() {
+        let p = SpoolV1::new(Arc::default());
+        let receipts = ["AAEC".to_owned(), "x\"y\u{1}".to_owned()];
+        let results = [
+            spool_core::group::ReceiptResult::Ok,
+            spool_core::group::ReceiptResult::Expired,
+        ];
+        for (id, op) in [(Some(7), SettleOp::Ack), (None, SettleOp::Nack)] {
+            let frame = text(p.encode_consume(&ConsumeEvent::Settled {
+                id,
+                stream: "s\"t",
+                group: "g",
+                op,
+                receipts: &receipts,
+                results: &results,
+            }));
+            let serde = encode(&ServerFrame::Settled(proto::Settled {
+                id,
+                stream: "s\"t".to_owned(),
+                group: "g".to_owned(),
+                op: op.as_str().to_owned(),
+                results: receipts
+                    .iter()
+                    .zip(results)
+                    .map(|(receipt, result)| spool_protocol::groups::ReceiptOutcome {
+                        receipt: receipt.clone(),
+                        result,
+                    })
+                    .collect(),
+            }));
+            assert_eq!(frame, serde);
+        }
     }
 }
