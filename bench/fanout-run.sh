@@ -9,11 +9,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 # for the tool. The server's log goes to $dir/log.K.
 fanout_run() {
     local k=$1; shift
-    local port=$((20000 + RANDOM % 20000))
+    local port  # a port the kernel says is free now (a random one could be another server's)
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     "$@" "$bin" serve --listen 127.0.0.1:$port --engine memory --allow-anonymous \
         >"$dir/log.$k" 2>&1 &
     local pid=$!
     for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 1; done
+    kill -0 "$pid" 2>/dev/null || { echo "$0: the server exited: $(tail -3 "$dir/log.$k")" >&2; exit 1; }
     # The server: the tool's child where the tool forks it (strace -f), else the tool's process.
     local server
     server=$(pgrep -P "$pid" -n || echo "$pid")
