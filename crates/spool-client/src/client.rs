@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use spool_protocol::{groups::ReceiptOutcome, ws};
 
 use crate::{
-    Ack, Config, Error, Event, Outgoing, Subscription,
-    connection::{Command, Connection, End, Reply, SettleOp},
+    Ack, Config, Error, Event, Outgoing, SettleOp, Subscription,
+    connection::{Command, Connection, End, Reply},
 };
 
 /// A connection to a Spool server that keeps itself up: it reconnects with backoff,

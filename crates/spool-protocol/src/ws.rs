@@ -175,6 +175,38 @@ pub struct Settle {
     pub visibility_timeout: Option<crate::groups::DurationText>,
 }
 
+/// The settle operations of a consumed group's leases: the frames `ack`, `nack`, `extend`
+/// and `terminate`, each a [`Settle`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettleOp {
+    Ack,
+    Nack,
+    Extend,
+    Terminate,
+}
+
+impl SettleOp {
+    /// The frame's `type`, which `settled` repeats as its `op`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettleOp::Ack => "ack",
+            SettleOp::Nack => "nack",
+            SettleOp::Extend => "extend",
+            SettleOp::Terminate => "terminate",
+        }
+    }
+
+    /// The client frame asking for this operation on `settle`'s receipts.
+    pub fn frame(self, settle: Settle) -> ClientFrame {
+        match self {
+            SettleOp::Ack => ClientFrame::Ack(settle),
+            SettleOp::Nack => ClientFrame::Nack(settle),
+            SettleOp::Extend => ClientFrame::Extend(settle),
+            SettleOp::Terminate => ClientFrame::Terminate(settle),
+        }
+    }
+}
+
 /// Leave a consumer group: the leases still held are given back at once.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

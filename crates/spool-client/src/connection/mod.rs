@@ -23,7 +23,7 @@ use futures::{
     stream::{SplitSink, SplitStream},
 };
 use spool_core::{Start, StreamName};
-use spool_protocol::ws::{self, ClientFrame};
+use spool_protocol::ws::{self, ClientFrame, SettleOp};
 use tokio::{
     net::TcpStream,
     sync::{mpsc, oneshot},
@@ -96,15 +96,6 @@ pub(crate) enum Command {
         group: String,
         reply: Reply<()>,
     },
-}
-
-/// The settle operations of a consumed group's leases.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SettleOp {
-    Ack,
-    Nack,
-    Extend,
-    Terminate,
 }
 
 /// A consume, kept across connections: sent again after a reconnect (the server gave its
@@ -611,13 +602,7 @@ impl Connection {
                 let id = self.take_id();
                 frame.id = Some(id);
                 self.group_answers.insert(id, GroupAnswer::Settled(reply));
-                self.feed(match op {
-                    SettleOp::Ack => ClientFrame::Ack(frame),
-                    SettleOp::Nack => ClientFrame::Nack(frame),
-                    SettleOp::Extend => ClientFrame::Extend(frame),
-                    SettleOp::Terminate => ClientFrame::Terminate(frame),
-                })
-                .await?;
+                self.feed(op.frame(frame)).await?;
             }
             Command::StopConsuming {
                 stream,
