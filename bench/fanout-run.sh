@@ -3,19 +3,19 @@
 bin=$1; nws=$2; nsse=$3; k=$4; streams=${5:-1}
 dir=$(mktemp -d)
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/servers.sh"
 
 # fanout_run K TOOL...: `BIN serve` (memory engine, anonymous) started under TOOL..., then
 # fanout-callgrind.py's load with K messages per stream, then SIGTERM to the server and the wait
 # for the tool. The server's log goes to $dir/log.K.
 fanout_run() {
     local k=$1; shift
-    local port  # a port the kernel says is free now (a random one could be another server's)
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    local port
+    port=$(free_port)
     "$@" "$bin" serve --listen 127.0.0.1:$port --engine memory --allow-anonymous \
         >"$dir/log.$k" 2>&1 &
     local pid=$!
-    for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 1; done
-    kill -0 "$pid" 2>/dev/null || { echo "$0: the server exited: $(tail -3 "$dir/log.$k")" >&2; exit 1; }
+    await_server "$pid" "$dir/log.$k" curl -sf "http://127.0.0.1:$port/healthz"
     # The server: the tool's child where the tool forks it (strace -f), else the tool's process.
     local server
     server=$(pgrep -P "$pid" -n || echo "$pid")

@@ -8,17 +8,17 @@
 # once with none. The difference of the two totals divided by 2N is the server's instructions
 # per publish (accept, parse, auth, append, answer).
 set -euo pipefail
+. "$(dirname "$0")/servers.sh"
 bin=$1; n=$2; engine=${3:-memory}
 dir=$(mktemp -d)
 total() {
-    local port  # a port the kernel says is free now (a random one could be another server's)
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    local port
+    port=$(free_port)
     valgrind --tool=callgrind --callgrind-out-file="$dir/out.$1" "$bin" serve \
         --listen 127.0.0.1:$port --engine "$engine" --data-dir "$dir/data.$1" \
         --api-key k >"$dir/log.$1" 2>&1 &
     local pid=$!
-    for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 1; done
-    kill -0 "$pid" 2>/dev/null || { echo "$0: the server exited: $(tail -3 "$dir/log.$1")" >&2; exit 1; }
+    await_server "$pid" "$dir/log.$1" curl -sf "http://127.0.0.1:$port/healthz"
     python3 - "$port" "$1" <<'PY'
 import http.client, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])

@@ -9,18 +9,18 @@
 # for every reply; once with the same connection and no XADD. The difference of the two totals
 # divided by N is the server's instructions per acked XADD.
 set -euo pipefail
+. "$(dirname "$0")/servers.sh"
 n=$1; window=${2:-16}; fsync=${3:-always}
 dir=$(mktemp -d)
 total() {
-    local port  # a port the kernel says is free now (a random one could be another server's)
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    local port
+    port=$(free_port)
     mkdir -p "$dir/data.$1"
     valgrind --tool=callgrind --callgrind-out-file="$dir/out.$1" redis-server --port "$port" \
         --bind 127.0.0.1 --save '' --appendonly yes --appendfsync "$fsync" \
         --dir "$dir/data.$1" >"$dir/log.$1" 2>&1 &
     local pid=$!
-    for _ in $(seq 1 120); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 1; done
-    kill -0 "$pid" 2>/dev/null || { echo "$0: the server exited: $(tail -3 "$dir/log.$1")" >&2; exit 1; }
+    await_server "$pid" "$dir/log.$1" redis-cli -p "$port" ping
     timeout 1500 python3 - "$port" "$1" "$window" <<'PY'
 import asyncio, sys
 port, n, window = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])

@@ -9,17 +9,17 @@
 # connection and no publish. The difference of the two totals divided by N is the server's
 # instructions per WebSocket publish (decode, append, ack).
 set -euo pipefail
+. "$(dirname "$0")/servers.sh"
 bin=$1; n=$2; window=${3:-16}; engine=${4:-memory}
 dir=$(mktemp -d)
 total() {
-    local port  # a port the kernel says is free now (a random one could be another server's)
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    local port
+    port=$(free_port)
     valgrind --tool=callgrind --callgrind-out-file="$dir/out.$1" "$bin" serve \
         --listen 127.0.0.1:$port --engine "$engine" --data-dir "$dir/data.$1" \
         --allow-anonymous >"$dir/log.$1" 2>&1 &
     local pid=$!
-    for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 1; done
-    kill -0 "$pid" 2>/dev/null || { echo "$0: the server exited: $(tail -3 "$dir/log.$1")" >&2; exit 1; }
+    await_server "$pid" "$dir/log.$1" curl -sf "http://127.0.0.1:$port/healthz"
     timeout 1500 python3 - "$port" "$1" "$window" <<'PY'
 import asyncio, base64, os, sys
 port, n, window = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
