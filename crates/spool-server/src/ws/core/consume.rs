@@ -954,7 +954,17 @@ impl Task {
             let job = match carry.take() {
                 Some(job) => job,
                 None => match jobs.recv().await {
-                    Some(job) => self.dequeued(job),
+                    Some(job) => {
+                        let job = self.dequeued(job);
+                        if job.op == SettleOp::Ack && jobs.is_empty() {
+                            // A member acking a window of leases writes its ack frames
+                            // together; the connection is likely still decoding the rest of
+                            // them. Let it run first, so they share this settle (one group
+                            // commit) instead of one commit, and one receive, each.
+                            tokio::task::yield_now().await;
+                        }
+                        job
+                    }
                     None => return,
                 },
             };
