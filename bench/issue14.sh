@@ -30,6 +30,9 @@
 #                  OUT_DIR/http-keepalive-callgrind.sh BIN 1000       (HTTP publish, one kept-alive
 #                                          connection only; written by this script)
 #                  bench/fanout-callgrind.sh BIN 1000 0 20 100        (100 streams × 10 WS subs)
+#   (strace)       the WS publish, XADD and kept-alive HTTP publish loads again, the server under
+#                  `strace -f -c` instead (copies of those scripts made in OUT_DIR): system calls
+#                  per publish, the kernel side that callgrind does not count
 #
 # Each row writes OUT_DIR/<row>.json (where the benchmark has --json), .md (its stdout) and .log
 # (its stderr), and OUT_DIR/times.txt how long it took; at the end OUT_DIR/summary.md holds one
@@ -143,13 +146,13 @@ callgrind() {
     local name=$1 limit=$2 dir
     shift 2
     bounded "$name" "$limit" "$@"
-    if ! grep -q 'instructions per' "$out/$name.md"; then
+    if ! grep -q 'instructions per\|system calls per' "$out/$name.md"; then
         mv "$out/$name.log" "$out/$name.1.log"
         bounded "$name" "$limit" "$@"
     fi
-    dir=$(grep -o 'callgrind files in [^ ]*' "$out/$name.md" | awk '{print $4}')
+    dir=$(grep -o '\(callgrind files\|strace summaries\) in [^ ]*' "$out/$name.md" | awk '{print $NF}')
     if [[ -n $dir && -d $dir ]]; then
-        mv "$dir" "$out/callgrind-$name"
+        mv "$dir" "$out/files-$name"
     fi
 }
 
@@ -219,6 +222,23 @@ SH
     chmod +x "$out/http-keepalive-callgrind.sh"
     callgrind cg-http-keepalive 1200 "$out/http-keepalive-callgrind.sh" "$bin" 1000
     callgrind cg-fanout 1500 "$build/src/bench/fanout-callgrind.sh" "$bin" 1000 0 20 100
+    # The kernel's side, which callgrind does not count: system calls per publish, the same
+    # loads with the server under `strace -f -c` (copies of the callgrind scripts, made here).
+    cp "$build/src/bench/servers.sh" "$out/"
+    for s in "$build/src/bench/ws-publish-callgrind.sh" "$build/src/bench/redis-publish-callgrind.sh" \
+        "$out/http-keepalive-callgrind.sh"; do
+        sed -e 's#valgrind --tool=callgrind --callgrind-out-file="$dir/out.$1"#strace -f -c -o "$dir/strace.$1"#' \
+            -e 's#kill -TERM "$pid"#kill -TERM "$(pgrep -P "$pid" -n || echo "$pid")"#' \
+            -e "s#grep -h '^summary:.*#awk '\$NF ~ /^[a-z_0-9]+\$/ \&\& \$NF != \"total\" \&\& \$4 ~ /^[0-9]+\$/ { n += \$4 } END { print n + 0 }' \"\$dir/strace.\$1\"#" \
+            -e 's#\$(( (with - base) / n )) instructions#$(python3 -c "print(round(($with - $base) / $n, 2))") system calls#' \
+            -e 's#callgrind files in#strace summaries in#' \
+            "$s" >"$out/$(basename "$s" -callgrind.sh)-strace.sh"
+        chmod +x "$out/$(basename "$s" -callgrind.sh)-strace.sh"
+    done
+    callgrind st-ws-publish 600 "$out/ws-publish-strace.sh" "$bin" 2000 16 disk
+    callgrind st-redis-16 600 "$out/redis-publish-strace.sh" 2000 16
+    callgrind st-http-keepalive 600 "$out/http-keepalive-strace.sh" "$bin" 1000
+    callgrind st-redis-1 600 "$out/redis-publish-strace.sh" 1000 1
 fi
 trap - INT TERM
 
@@ -392,6 +412,16 @@ if h or r1:
 if hk:
     rows.append(("  of which on one kept-alive connection (callgrind)", f(hk, "d"), f"Redis XADD ×1 {f(r1, 'd')}",
                  f"{f(ratio(hk, r1))}×", "(profile)", "—"))
+def calls(name):
+    m = re.search(r"([\d.]+) system calls per", text(name + ".md"))
+    return float(m.group(1)) if m else None
+sw, s16, shk, s1 = calls("st-ws-publish"), calls("st-redis-16"), calls("st-http-keepalive"), calls("st-redis-1")
+if sw or s16:
+    rows.append(("system calls per durable WS publish, 1 × 16 (strace -f -c)", f(sw), f"Redis XADD ×16 {f(s16)}",
+                 f"{f(ratio(sw, s16))}×", "(profile)", "—"))
+if shk or s1:
+    rows.append(("system calls per kept-alive HTTP publish (strace -f -c)", f(shk), f"Redis XADD ×1 {f(s1)}",
+                 f"{f(ratio(shk, s1))}×", "(profile)", "—"))
 if fo:
     rows.append(("instructions per delivery, 100 streams × 10 WS (callgrind)", f(fo, "d"), "—", "—", "lower", "—"))
 
