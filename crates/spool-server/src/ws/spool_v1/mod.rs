@@ -40,8 +40,8 @@ impl Protocol for SpoolV1 {
         }
         // The frame a publisher sends most, read straight into its fields; anything else (or
         // anything it does not read) takes the general path below, with its errors.
-        if let Some(publish) = fast_publish(text) {
-            return Ok(publish);
+        if let Some(frame) = proto::Publish::from_frame(text) {
+            return Ok(publish(frame));
         }
         let frame = serde_json::from_str::<ClientFrame>(text).map_err(|e| DecodeError {
             id: lenient_id(text),
@@ -66,20 +66,7 @@ impl Protocol for SpoolV1 {
                 id: u.id,
                 stream: u.stream,
             },
-            ClientFrame::Publish(p) => Command::Publish {
-                id: p.id,
-                message: ToAppend {
-                    stream: p.stream,
-                    payload: Payload::Json {
-                        data: p.data,
-                        data_base64: p.data_base64,
-                    },
-                    content_type: p.content_type,
-                    key: p.key,
-                    headers: p.headers,
-                    idempotency_key: p.idempotency_key,
-                },
-            },
+            ClientFrame::Publish(p) => publish(p),
             ClientFrame::Refresh(r) => Command::Refresh {
                 id: r.id,
                 token: r.token,
@@ -410,36 +397,9 @@ fn settle(op: SettleOp, s: proto::Settle) -> Command {
     })
 }
 
-/// A `publish` frame read without serde's buffering of internally tagged enums (every field
-/// of the frame copied into a `Content` tree first, then read from it); `None`: not a publish
-/// frame this reads, for the general path to decode (or refuse).
-fn fast_publish(text: &str) -> Option<Command> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct PublishFrame<'a> {
-        #[serde(rename = "type", borrow)]
-        kind: std::borrow::Cow<'a, str>,
-        #[serde(default)]
-        id: Option<u64>,
-        stream: String,
-        #[serde(default)]
-        data: Option<String>,
-        #[serde(default)]
-        data_base64: Option<String>,
-        #[serde(default)]
-        content_type: Option<String>,
-        #[serde(default)]
-        key: Option<String>,
-        #[serde(default)]
-        headers: std::collections::BTreeMap<String, String>,
-        #[serde(default)]
-        idempotency_key: Option<String>,
-    }
-    let p = serde_json::from_str::<PublishFrame<'_>>(text).ok()?;
-    if p.kind != "publish" {
-        return None;
-    }
-    Some(Command::Publish {
+/// A `publish` frame as the command it asks for.
+fn publish(p: proto::Publish) -> Command {
+    Command::Publish {
         id: p.id,
         message: ToAppend {
             stream: p.stream,
@@ -452,7 +412,7 @@ fn fast_publish(text: &str) -> Option<Command> {
             headers: p.headers,
             idempotency_key: p.idempotency_key,
         },
-    })
+    }
 }
 
 /// An `ack` frame: `{"type":"ack","id":…,"stream":…,"epoch":…,"offset":…,"duplicate":…}`.
@@ -574,27 +534,11 @@ mod tests {
             r#"{"type":"publ\u0069sh","id":null,"stream":"c","data":"\"q\""}"#,
         ];
         for text in cases {
-            let fast = match fast_publish(text) {
-                Some(Command::Publish { id, message }) => (id, message),
-                other => panic!("{text}: not read as a publish: {other:?}"),
-            };
             let general = match serde_json::from_str::<ClientFrame>(text).unwrap() {
                 ClientFrame::Publish(p) => p,
                 other => panic!("{text}: {other:?}"),
             };
-            assert_eq!(fast.0, general.id, "{text}");
-            assert_eq!(fast.1.stream, general.stream, "{text}");
-            assert_eq!(fast.1.key, general.key, "{text}");
-            assert_eq!(fast.1.headers, general.headers, "{text}");
-            assert_eq!(fast.1.content_type, general.content_type, "{text}");
-            assert_eq!(fast.1.idempotency_key, general.idempotency_key, "{text}");
-            match fast.1.payload {
-                Payload::Json { data, data_base64 } => {
-                    assert_eq!(data, general.data, "{text}");
-                    assert_eq!(data_base64, general.data_base64, "{text}");
-                }
-                other => panic!("{text}: {other:?}"),
-            }
+            assert_eq!(proto::Publish::from_frame(text), Some(general), "{text}");
             assert!(matches!(p.decode(text), Ok(Command::Publish { .. })));
         }
         // Not publish frames, or not ones it reads: the general path decides, with its errors.
@@ -605,7 +549,7 @@ mod tests {
             r#"{"type":"ping"}"#,
             r#"not json"#,
         ] {
-            assert!(fast_publish(text).is_none(), "{text}");
+            assert!(proto::Publish::from_frame(text).is_none(), "{text}");
         }
         let bad = p
             .decode(r#"{"type":"publish","id":3,"stream":"a","dta":"x"}"#)
