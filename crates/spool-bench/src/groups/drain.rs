@@ -45,9 +45,11 @@ pub async fn run(args: &GroupsArgs, count: u64) -> Result<Verdict> {
         Kind::SpoolWrite => {
             SpoolGroups::start_write(&args.spool, Some(count), Transport::Http).await?
         }
-        Kind::SpoolWs => SpoolGroups::start(&args.spool, Some(count), Transport::Ws).await?,
+        Kind::SpoolWs => {
+            SpoolGroups::start(&args.spool, Some(count), Transport::Ws(args.ws_ack)).await?
+        }
         Kind::SpoolWsWrite => {
-            SpoolGroups::start_write(&args.spool, Some(count), Transport::Ws).await?
+            SpoolGroups::start_write(&args.spool, Some(count), Transport::Ws(args.ws_ack)).await?
         }
         Kind::Spool | Kind::Nats | Kind::Redis => {
             SpoolGroups::start(&args.spool, Some(count), Transport::Http).await?
@@ -107,6 +109,7 @@ pub async fn run(args: &GroupsArgs, count: u64) -> Result<Verdict> {
     }
     let elapsed = started.elapsed();
     let server_cpu = cpu.since()?.0;
+    let ack_frames = spool.ack_frames();
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.await.context("the sampler panicked")?;
     spool.check_alive()?;
@@ -153,6 +156,12 @@ pub async fn run(args: &GroupsArgs, count: u64) -> Result<Verdict> {
     println!("| acks/s | {rate:.0} |");
     println!("| recv→ack p50 / p99 | {:.2} / {:.2} ms |", q.p50, q.p99);
     println!("| server CPU per ack | {us_per_ack:.1} µs |");
+    if let Some((frames, receipts)) = ack_frames.filter(|&(f, _)| f > 0) {
+        println!(
+            "| `ack` frames (receipts per frame) | {frames} ({:.1}) |",
+            receipts as f64 / frames as f64
+        );
+    }
     println!("| errors | {errors} |");
     for s in samples_err.iter().take(5) {
         println!("\nerror: {s}");

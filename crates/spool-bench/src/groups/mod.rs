@@ -6,7 +6,8 @@
 //! with `--targets spool-write`, with `--durability memory` (answered once written to the WAL
 //! file, not fsynced: the level of nats-server 2.9, which never fsyncs per write), both with
 //! members over HTTP or, as `spool-ws` and `spool-ws-write`, over the WebSocket protocol
-//! (`consume` with credit = batch, an `ack` frame per message: `ws.rs`),
+//! (`consume` with credit = batch, one `ack` frame per receive's leases or, with
+//! `--ws-ack per-message`, per message: `ws.rs`),
 //! `redis-server` with `appendfsync always`, `nats-server -js` with a file-storage stream. Each
 //! target is preloaded once with `--backlog` messages; then, for each cell (members × batch),
 //! Spool and the peers run one after the other:
@@ -36,7 +37,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use self::spool::Transport;
+use self::{spool::Transport, ws::WsAck};
 use crate::{
     JsonArgs, SpoolBinArgs,
     publish::Verdict,
@@ -67,8 +68,8 @@ pub struct GroupsArgs {
     /// The systems to measure, in this order in each cell: `spool` (`spool-fsync`, disk engine,
     /// `--durability fsync`), `spool-write` (disk engine, `--durability memory`: written to the
     /// WAL file, not fsynced) — both with members over HTTP —, `spool-ws` and `spool-ws-write`
-    /// (the same two servers, members on a WebSocket each: `consume` with credit = batch, one
-    /// `ack` frame per leased message), `nats`, `redis`. `--drain` uses the first Spool one.
+    /// (the same two servers, members on a WebSocket each: `consume` with credit = batch,
+    /// acking as `--ws-ack` says), `nats`, `redis`. `--drain` uses the first Spool one.
     #[arg(
         long,
         value_name = "T,T,…",
@@ -76,6 +77,12 @@ pub struct GroupsArgs {
         default_value = "spool,nats,redis"
     )]
     pub targets: Vec<Kind>,
+    /// How the WebSocket members (`spool-ws`, `spool-ws-write`) ack: `per-batch`, one `ack`
+    /// frame with the receipts of every lease a receive took (as Redis's one `XACK` per batch
+    /// and the HTTP member's one ack request), or `per-message`, one `ack` frame per leased
+    /// message, pipelined.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = WsAck::PerBatch)]
+    pub ws_ack: WsAck,
     /// Payload size in bytes (at least 24: the first 20 hold the send time).
     #[arg(long, value_name = "BYTES", default_value_t = 256)]
     pub size: usize,
@@ -182,6 +189,10 @@ pub trait GroupTarget: Send + Sync {
     async fn member(&self, group: &str, idx: usize, batch: usize) -> Result<Box<dyn Member>>;
     /// Opens a publishing connection for the steady cells.
     async fn publisher(&self) -> Result<Box<dyn StampPublisher>>;
+    /// WebSocket members: `ack` frames sent and receipts they carried since the last call.
+    fn ack_frames(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// One member of a group, on its own connection.
@@ -227,6 +238,8 @@ pub struct CellResult {
     pub ack_latency: Histogram<u64>,
     /// Publish sent → ack answered, per acked message that carried a stamp, µs.
     pub e2e_latency: Histogram<u64>,
+    /// WebSocket members: `ack` frames sent and the receipts they carried.
+    pub ack_frames: Option<(u64, u64)>,
 }
 
 impl CellResult {
@@ -258,6 +271,8 @@ impl CellResult {
             "client_us_per_ack": self.client_us_per_ack(),
             "receive_to_ack": Quantiles::of(&self.ack_latency).json(),
             "publish_to_ack": Quantiles::of(&self.e2e_latency).json(),
+            "ack_frames": self.ack_frames.map(|(f, _)| f),
+            "ack_frame_receipts": self.ack_frames.map(|(_, r)| r),
         })
     }
 }
@@ -370,6 +385,8 @@ async fn run_cell(
             publishers.push(target.publisher().await?);
         }
     }
+    // Counted from here on.
+    let _ = target.ack_frames();
     let cpu = CpuMark::now(target.server_pid())?;
     let own_cpu = CpuMark::now(std::process::id())?;
     let started = Instant::now();
@@ -428,6 +445,7 @@ async fn run_cell(
         client_cpu: Duration::ZERO,
         ack_latency: histogram()?,
         e2e_latency: histogram()?,
+        ack_frames: None,
     };
     let mut last_end = started;
     for task in tasks {
@@ -459,6 +477,7 @@ async fn run_cell(
     };
     result.server_cpu = cpu.since()?.0;
     result.client_cpu = own_cpu.since()?.0;
+    result.ack_frames = target.ack_frames();
     for task in pub_tasks {
         let (sent, errors, sample) = task.await.context("a publisher task panicked")?;
         result.published += sent;
@@ -481,12 +500,12 @@ async fn start(kind: Kind, args: &GroupsArgs) -> Result<Box<dyn GroupTarget>> {
         Kind::SpoolWrite => {
             Box::new(spool::SpoolGroups::start_write(&args.spool, None, Transport::Http).await?)
         }
-        Kind::SpoolWs => {
-            Box::new(spool::SpoolGroups::start(&args.spool, None, Transport::Ws).await?)
-        }
-        Kind::SpoolWsWrite => {
-            Box::new(spool::SpoolGroups::start_write(&args.spool, None, Transport::Ws).await?)
-        }
+        Kind::SpoolWs => Box::new(
+            spool::SpoolGroups::start(&args.spool, None, Transport::Ws(args.ws_ack)).await?,
+        ),
+        Kind::SpoolWsWrite => Box::new(
+            spool::SpoolGroups::start_write(&args.spool, None, Transport::Ws(args.ws_ack)).await?,
+        ),
         Kind::Nats => Box::new(peers::NatsGroups::start().await?),
         Kind::Redis => Box::new(peers::RedisGroups::start().await?),
     })
@@ -541,12 +560,16 @@ pub async fn run(args: GroupsArgs) -> Result<Verdict> {
                         .await
                         .with_context(|| format!("{} {mode:?} {members}×{batch}", target.name()))?;
                     eprintln!(
-                        "{:.0} acks/s, recv→ack p50 {:.2} ms, e2e p50 {:.2} ms, {} errors{}",
+                        "{:.0} acks/s, recv→ack p50 {:.2} ms, e2e p50 {:.2} ms, {} errors{}{}",
                         cell.acks_per_sec(),
                         Quantiles::of(&cell.ack_latency).p50,
                         Quantiles::of(&cell.e2e_latency).p50,
                         cell.errors,
-                        if cell.drained { ", drained" } else { "" }
+                        if cell.drained { ", drained" } else { "" },
+                        cell.ack_frames.filter(|&(f, _)| f > 0).map_or_else(
+                            String::new,
+                            |(f, r)| format!(", {:.1} receipts per ack frame", r as f64 / f as f64)
+                        )
                     );
                     cells.push(cell);
                 }

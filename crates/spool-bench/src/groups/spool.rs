@@ -6,9 +6,10 @@
 //! shares the two cores with the server, and reqwest costs about twice its CPU per request).
 //! Targets `spool-ws` (fsync) and `spool-ws-write` (`--durability memory`) run the same servers
 //! with members on the WebSocket protocol instead (`ws.rs`: one socket per member, `consume`
-//! with credit = batch, one `ack` frame per leased message).
+//! with credit = batch, one `ack` frame per receive's leases or, with `--ws-ack per-message`,
+//! per leased message).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
@@ -24,7 +25,10 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use spool_protocol::groups::{ReceiptResult, ReceiveResponse, SettleResponse};
 
-use super::{GroupTarget, Member, STREAM, StampPublisher, payload, stamp_of};
+use super::{
+    GroupTarget, Member, STREAM, StampPublisher, payload, stamp_of,
+    ws::{AckCount, WsAck},
+};
 use crate::{
     SpoolBinArgs,
     spool_process::{SpoolEngine, SpoolProcess},
@@ -53,14 +57,16 @@ const PRELOAD_CONNECTIONS: u64 = 4;
 pub enum Transport {
     /// `POST …/receive` and `POST …/ack` on a keep-alive connection.
     Http,
-    /// `consume` on a WebSocket, one `ack` frame per leased message.
-    Ws,
+    /// `consume` on a WebSocket, acking as [`WsAck`] says.
+    Ws(WsAck),
 }
 
 pub struct SpoolGroups {
     process: SpoolProcess,
     name: &'static str,
     transport: Transport,
+    /// The WebSocket members' `ack` frames and receipts.
+    acks: Arc<AckCount>,
 }
 
 impl SpoolGroups {
@@ -92,9 +98,9 @@ impl SpoolGroups {
     ) -> Result<Self> {
         let name = match (engine, transport) {
             (SpoolEngine::DiskNosync, Transport::Http) => WRITE_NAME,
-            (SpoolEngine::DiskNosync, Transport::Ws) => WS_WRITE_NAME,
+            (SpoolEngine::DiskNosync, Transport::Ws(_)) => WS_WRITE_NAME,
             (SpoolEngine::DiskFsync | SpoolEngine::Memory, Transport::Http) => NAME,
-            (SpoolEngine::DiskFsync | SpoolEngine::Memory, Transport::Ws) => WS_NAME,
+            (SpoolEngine::DiskFsync | SpoolEngine::Memory, Transport::Ws(_)) => WS_NAME,
         };
         let history = history.unwrap_or(0).max(2_000_000);
         let mut args: Vec<String> = vec![
@@ -114,6 +120,7 @@ impl SpoolGroups {
             process,
             name,
             transport,
+            acks: Arc::default(),
         })
     }
 
@@ -294,10 +301,12 @@ impl GroupTarget for SpoolGroups {
                 "`{}`, receive + ack over HTTP (one raw hyper connection per member)",
                 self.process.command_line()
             ),
-            Transport::Ws => format!(
-                "`{}`, WebSocket `consume` with credit = batch, one `ack` frame per leased \
-                 message, pipelined (one socket per member)",
-                self.process.command_line()
+            Transport::Ws(ack) => format!(
+                "`{}`, WebSocket `consume` with credit = batch, {} (`--ws-ack {}`; one socket \
+                 per member)",
+                self.process.command_line(),
+                ack.describe(),
+                ack.flag()
             ),
         }
     }
@@ -321,14 +330,26 @@ impl GroupTarget for SpoolGroups {
     async fn member(&self, group: &str, idx: usize, batch: usize) -> Result<Box<dyn Member>> {
         Ok(match self.transport {
             Transport::Http => Box::new(member(self.process.addr(), group, idx).await?),
-            Transport::Ws => {
+            Transport::Ws(ack) => {
                 let credit = u32::try_from(batch).context("batch too large for a credit")?;
                 Box::new(
-                    super::ws::WsMember::open(self.process.addr(), API_KEY, group, idx, credit)
-                        .await?,
+                    super::ws::WsMember::open(
+                        self.process.addr(),
+                        API_KEY,
+                        group,
+                        idx,
+                        credit,
+                        ack,
+                        self.acks.clone(),
+                    )
+                    .await?,
                 )
             }
         })
+    }
+
+    fn ack_frames(&self) -> Option<(u64, u64)> {
+        matches!(self.transport, Transport::Ws(_)).then(|| self.acks.take())
     }
 
     async fn publisher(&self) -> Result<Box<dyn StampPublisher>> {
