@@ -44,8 +44,9 @@
 # started by the benchmarks on 127.0.0.1 (never the machine's shared Redis or NATS).
 # Needs redis-server, nats-server, node + npm (the socket.io peer, `npm ci --prefix bench`),
 # valgrind, python3, curl, and ~11,000 open files (the soft limit is raised to the hard one).
-# About 10 minutes on the shared 2-core machine with ROUNDS=3, plus the build (7 minutes for
-# an incremental one, 25 from nothing at load 7). Memory and instruction counts are robust to
+# About 10 minutes on the shared 2-core machine with ROUNDS=3, plus the build (3–7 minutes
+# incremental, 24 from nothing at load 7): 13 minutes in all for docs/benchmarks.md's
+# "All rows in one run". Memory and instruction counts are robust to
 # a noisy machine; the wall-clock rows (publish throughput, fan-out rates and latencies) are
 # not, so those rows (ws-publish, http-publish, ws-fanout) run ROUNDS times (default 3), in
 # turn, each round's JSON as <row>.<round>.json.
