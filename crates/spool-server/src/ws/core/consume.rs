@@ -130,28 +130,13 @@ impl ConsumeCommand {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SettleOp {
-    Ack,
-    Nack,
-    Extend,
-    Terminate,
-}
+/// The settle operations, as the protocol crate names them (`as_str` is the frame's `type`).
+pub use spool_protocol::ws::SettleOp;
 
-impl SettleOp {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SettleOp::Ack => "ack",
-            SettleOp::Nack => "nack",
-            SettleOp::Extend => "extend",
-            SettleOp::Terminate => "terminate",
-        }
-    }
-
-    /// Whether an `ok` (or any answer: the lease is over either way) returns the credit.
-    fn ends_lease(self) -> bool {
-        self != SettleOp::Extend
-    }
+/// Whether an `ok` (or any answer: the lease is over either way) returns the credit: every
+/// settle but `extend`.
+fn ends_lease(op: SettleOp) -> bool {
+    op != SettleOp::Extend
 }
 
 /// What the server tells a consuming client; a protocol encodes it with
@@ -1026,7 +1011,7 @@ impl Task {
     fn settled(&self, job: &SettleJob, receipts: &[String], results: &[ReceiptResult]) {
         let mut held = self.shared.held.lock();
         let mut freed = false;
-        if job.op.ends_lease() {
+        if ends_lease(job.op) {
             for receipt in receipts {
                 freed |= held.remove(receipt).is_some();
             }
