@@ -9,16 +9,18 @@
 # The difference of the two totals divided by N is the server's instructions per message
 # received and acked; the callgrind file of the second run is kept for callgrind_annotate.
 set -euo pipefail
+. "$(dirname "$0")/../../bench/servers.sh"
 bin=$1; n=$2; batch=$3; engine=${4:-disk}
 dir=$(mktemp -d)
 total() {
-    local port=$((20000 + RANDOM % 20000))
+    local port
+    port=$(free_port)
     local flags=(--engine "$engine")
     [ "$engine" = disk ] && flags+=(--data-dir "$dir/data.$1" --durability fsync)
     valgrind --tool=callgrind --callgrind-out-file="$dir/out.$1" "$bin" serve \
         --listen 127.0.0.1:$port "${flags[@]}" --api-key k >"$dir/log.$1" 2>&1 &
     local pid=$!
-    for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 1; done
+    await_server "$pid" "$dir/log.$1" curl -sf "http://127.0.0.1:$port/healthz"
     python3 - "$port" "$n" "$batch" "$1" <<'PY'
 import http.client, json, sys
 port, n, batch, drain = (int(a) for a in sys.argv[1:5])

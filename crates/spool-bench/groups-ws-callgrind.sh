@@ -12,15 +12,17 @@
 # spool-bench groups --targets spool-ws does. The difference of the two totals divided by N
 # is the server's instructions per message; the callgrind file of the second run is kept.
 set -euo pipefail
+. "$(dirname "$0")/../../bench/servers.sh"
 bin=$1; n=$2; batch=$3; durability=${4:-fsync}
 dir=$(mktemp -d)
 total() {
-    local port=$((20000 + RANDOM % 20000))
+    local port
+    port=$(free_port)
     valgrind --tool=callgrind --callgrind-out-file="$dir/out.$1" "$bin" serve \
         --listen 127.0.0.1:$port --engine disk --data-dir "$dir/data.$1" \
         --durability "$durability" --api-key k >"$dir/log.$1" 2>&1 &
     local pid=$!
-    for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 1; done
+    await_server "$pid" "$dir/log.$1" curl -sf "http://127.0.0.1:$port/readyz"
     python3 - "$port" "$n" "$batch" "$1" <<'PY'
 import base64, http.client, json, os, socket, struct, sys
 port, n, batch, drain = (int(a) for a in sys.argv[1:5])
