@@ -259,6 +259,8 @@ impl Protocol for SpoolV1 {
                 out.push_str(r#","op":""#);
                 out.push_str(op.as_str());
                 out.push_str(r#"","results":["#);
+                // `Groups::settle` answers one result per receipt, in order.
+                debug_assert_eq!(receipts.len(), results.len());
                 for (i, (receipt, result)) in receipts.iter().zip(results.iter()).enumerate() {
                     if i > 0 {
                         out.push(',');
