@@ -34,6 +34,9 @@ pub struct ServerConfig {
     /// Most consumer groups whose live state this server caches (`--max-groups`, the same
     /// bound the engine keeps on stored groups); idle ones are evicted past it.
     pub max_groups: usize,
+    /// Most bytes of messages all consumer groups' read-aheads of this server keep together
+    /// (`--group-read-ahead`; `delivery/groups.rs`); 0: no read-ahead.
+    pub group_read_ahead: usize,
     /// The clock consumer-group leases are decided by: the system clock, or a test's
     /// `ManualClock`.
     pub clock: spool_core::Clock,
@@ -162,6 +165,7 @@ impl Default for ServerConfig {
             http: HttpConfig::default(),
             anycable: Default::default(),
             max_groups: spool_engine::groups::MAX_GROUPS,
+            group_read_ahead: crate::delivery::groups::DEFAULT_READ_AHEAD_BYTES,
             clock: spool_core::Clock::system(),
             draining: tokio_util::sync::CancellationToken::new(),
         }

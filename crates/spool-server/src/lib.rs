@@ -92,6 +92,7 @@ pub async fn serve(
                 max_cached: config.max_groups,
                 max_payload: config.max_payload,
                 max_read_bytes: config.max_read_bytes,
+                read_ahead_bytes: config.group_read_ahead,
                 clock: config.clock.clone(),
             },
         )

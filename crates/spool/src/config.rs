@@ -344,6 +344,12 @@ layered! {
         /// (default 10000).
         #[arg(long, env = "SPOOL_MAX_GROUPS", value_name = "N")]
         pub max_groups: Option<usize>,
+        /// Most bytes of messages the consumer groups' read-aheads keep together on this node
+        /// (each group's at most --max-read-bytes and 256 messages); 0 turns read-ahead off
+        /// (default 32MiB).
+        #[arg(long, env = "SPOOL_GROUP_READ_AHEAD", value_name = "BYTES", value_parser = parse_bytes)]
+        #[serde(deserialize_with = "de_opt_bytes")]
+        pub group_read_ahead: Option<u64>,
         /// Most new streams one identity (token sub, API key, anonymous client IP) may create per
         /// minute; 0 for no budget (default 1000).
         #[arg(long, env = "SPOOL_MAX_NEW_STREAMS_PER_MINUTE", value_name = "N")]
@@ -748,6 +754,9 @@ pub fn resolve(args: &Settings) -> anyhow::Result<Resolved> {
     )?;
     let server = ServerConfig {
         max_groups,
+        group_read_ahead: s.group_read_ahead.map_or(server.group_read_ahead, |b| {
+            usize::try_from(b).unwrap_or(usize::MAX)
+        }),
         ..server
     };
     Ok(Resolved {
@@ -1314,6 +1323,22 @@ ws_max_inflight_publish_bytes = "4MiB"
             let err = resolve(&args(&[flag, "0"])).unwrap_err();
             assert!(format!("{err:#}").contains("must be at least 1"), "{err:#}");
         }
+    }
+
+    #[test]
+    fn group_read_ahead_resolves_from_flags_and_file() {
+        let r = resolve(&args(&[])).unwrap();
+        assert_eq!(r.server.group_read_ahead, 32 * 1024 * 1024);
+        let r = resolve(&args(&["--group-read-ahead", "0"])).unwrap();
+        assert_eq!(r.server.group_read_ahead, 0, "0: no read-ahead");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.toml");
+        std::fs::write(&path, "group_read_ahead = \"4MiB\"\n").unwrap();
+        let file = path.to_str().unwrap();
+        let r = resolve(&args(&["--config", file])).unwrap();
+        assert_eq!(r.server.group_read_ahead, 4 * 1024 * 1024);
+        let r = resolve(&args(&["--config", file, "--group-read-ahead", "1MiB"])).unwrap();
+        assert_eq!(r.server.group_read_ahead, 1024 * 1024, "the flag wins");
     }
 
     /// The keys a `Deserialize` struct accepts, as serde names them (renames applied).

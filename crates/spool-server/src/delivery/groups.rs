@@ -58,10 +58,10 @@
 //! keys, so a redrive retried after a failure does not publish twice within the dedup window.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering as AtomicOrdering},
+        atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering},
     },
     time::Duration,
 };
@@ -69,7 +69,7 @@ use std::{
 use bytes::Bytes;
 use futures::future::{FutureExt, Shared};
 use spool_core::{
-    Clock, Message, NewMessage, Offset, StreamName, StreamState,
+    Clock, Message, NewMessage, Offset, Position, StreamName, StreamState,
     group::{
         Change, DeadLetter, Delivery, GroupConfig, GroupConfigError, GroupConfigSpec, GroupName,
         GroupReset, GroupState, GroupStats, InvalidReason, MemberName, OpError, Outcome, Reason,
@@ -77,7 +77,7 @@ use spool_core::{
     },
 };
 use spool_engine::{
-    Committed, Engine, EngineError, GroupDurable, GroupStore, QueuedCommit, ReadBatch,
+    Committed, Engine, EngineError, GroupDurable, GroupStore, HeadWatch, QueuedCommit, ReadBatch,
 };
 use tokio::{
     sync::{Mutex, MutexGuard, Notify},
@@ -99,6 +99,16 @@ const DEAD_HEADER_PREFIX: &str = "spool-dead-";
 pub const REDRIVE_MAX: u64 = 10_000;
 /// How often the sweeper looks for groups it does not hold yet.
 const DISCOVER_EVERY: Duration = Duration::from_secs(30);
+/// Most messages one read-ahead takes from the stream (see [`ReadAhead`]).
+pub const READ_AHEAD_MESSAGES: usize = 256;
+/// How long after its read a read-ahead may be served (by the group clock); later receives
+/// read the stream again.
+pub const READ_AHEAD_TTL_MS: u64 = 1_000;
+/// What one message kept in a read-ahead is charged beyond its retained bytes: its `Arc`
+/// allocation and slot (payloads read from the disk engine's segments are copies of their own).
+pub const READ_AHEAD_OVERHEAD: usize = 128;
+/// The default node-wide bound of read-ahead memory (`--group-read-ahead`).
+pub const DEFAULT_READ_AHEAD_BYTES: usize = 32 * 1024 * 1024;
 
 /// Why a group operation failed as a whole. Per-receipt problems are never errors: they are
 /// `unknown` / `expired` answers.
@@ -132,8 +142,12 @@ pub struct GroupsConfig {
     pub max_cached: usize,
     /// The publish limit dead letters and redriven messages must fit (`--max-payload`).
     pub max_payload: usize,
-    /// Most bytes of new messages one receive answer takes (`--max-read-bytes`).
+    /// Most bytes of new messages one receive answer takes (`--max-read-bytes`), and one
+    /// group's read-ahead keeps.
     pub max_read_bytes: usize,
+    /// Most bytes all groups' read-aheads of this node keep together (`--group-read-ahead`;
+    /// 0: no read-ahead, every receive reads the stream for its own room).
+    pub read_ahead_bytes: usize,
     pub clock: Clock,
 }
 
@@ -149,6 +163,10 @@ struct Live {
     used_ms: AtomicU64,
     /// The group's `next_wakeup` after its last operation (`u64::MAX`: none), for the sweeper.
     due_ms: AtomicU64,
+    /// Messages read from the stream beyond what the receive that read them could take, for
+    /// the group's next receives on this node. Used under `state`'s lock only, so what it
+    /// serves is decided against the cursor it is served to.
+    ahead: parking_lot::Mutex<Ahead>,
 }
 
 struct Loaded {
@@ -188,6 +206,9 @@ struct Fetched {
     batch: ReadBatch,
     /// Bytes of new messages taken with this batch's.
     bytes: usize,
+    /// Served from the group's read-ahead with fewer messages than wanted: it ran out, and the
+    /// stream may hold more (the next round reads it).
+    ahead_short: bool,
 }
 
 impl Fetched {
@@ -202,7 +223,261 @@ impl Fetched {
             keep += 1;
         }
         batch.messages.truncate(keep);
-        Self { want, batch, bytes }
+        Self {
+            want,
+            batch,
+            bytes,
+            ahead_short: false,
+        }
+    }
+}
+
+// ---- read-ahead ----
+//
+// A group drained by many members with small receives would read the stream once per receive,
+// for as few as one message each — on the disk engine, a history read older than the tail
+// cache is a trip to a blocking thread and a `pread` per call; on Redis and NATS, a round trip
+// to the store. So a receive round that reads the stream for new messages reads up to
+// [`READ_AHEAD_MESSAGES`] (within `--max-read-bytes` and the node's `--group-read-ahead`
+// budget), and what it could not take stays in the group's live entry, served to the next
+// receives of any member on this node without an engine read.
+//
+// Why it is correct. A read-ahead holds stream messages only — never group state (leases,
+// entries, the cursor stay in `GroupState`, decided under the group's lock as ever). A message
+// at an offset of an epoch never changes once written, on every engine (memory and disk: the
+// log; Redis: a new epoch whenever the stream's data could have been lost; NATS: a JetStream
+// stream made again is made in a new epoch). So serving one is exactly what an engine read
+// made at the read-ahead's time would have answered, as long as:
+//
+// - the stream is still in that epoch: the stream's head watch (taken by the first fill, kept
+//   with the read-ahead) shows every epoch change — a delete, a re-creation, Redis or NATS
+//   losing the stream (a cluster node's watch moves with every read and head note) — and a
+//   closed watch (the engine dropped the stream) counts as a change; either drops it;
+// - the group's cursor is in that epoch and the read-ahead holds the message right after it
+//   (served from the cursor on, so what other members, an earlier version of the group or
+//   another node took is never served again; a group reset moves the cursor to another epoch
+//   or past it). This holds whatever the group's store version: on a cluster a conflict
+//   reloads the group from the store, and the read-ahead then serves from the reloaded cursor;
+// - it is younger than [`READ_AHEAD_TTL_MS`]: retention and truncation are not on the watch,
+//   so a read-ahead answers with the stream bounds of its read (as a read that long ago would:
+//   the group learns of what retention dropped meanwhile at its next engine read, counted
+//   `expired` as ever), never for longer than that.
+//
+// Deleting the group drops its read-ahead; every engine read of a receive updates its bounds
+// (or drops it on another epoch). Memory: per group at most `--max-read-bytes` (and
+// [`READ_AHEAD_MESSAGES`]); all groups of the node together at most `--group-read-ahead`
+// bytes (charged per message: retained bytes + [`READ_AHEAD_OVERHEAD`]), and the cached groups
+// are bounded by `--max-groups` with it.
+
+/// The node-wide bound of read-ahead memory (`--group-read-ahead`).
+struct AheadBudget {
+    cap: usize,
+    used: AtomicUsize,
+}
+
+impl AheadBudget {
+    fn available(&self) -> usize {
+        self.cap
+            .saturating_sub(self.used.load(AtomicOrdering::Relaxed))
+    }
+
+    /// Takes `n` bytes of the budget, if it has them.
+    fn reserve(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |used| {
+                used.checked_add(n).filter(|total| *total <= self.cap)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, n: usize) {
+        self.used.fetch_sub(n, AtomicOrdering::AcqRel);
+    }
+}
+
+/// What a message kept in a read-ahead is charged.
+fn ahead_cost(m: &Message) -> usize {
+    (m.retained_bytes() as usize).saturating_add(READ_AHEAD_OVERHEAD)
+}
+
+/// Messages of one engine read kept for later receives: a contiguous run of the stream in the
+/// epoch of `state`, the stream's bounds at that read.
+struct ReadAhead {
+    state: StreamState,
+    messages: VecDeque<Arc<Message>>,
+    /// When it was read (the group clock's ms).
+    read_ms: u64,
+    /// Bytes charged to the budget for `messages`.
+    charged: usize,
+    budget: Arc<AheadBudget>,
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.budget.release(self.charged);
+    }
+}
+
+impl ReadAhead {
+    fn last(&self) -> Option<Offset> {
+        self.messages.back().map(|m| m.offset)
+    }
+
+    /// Drops the messages at or before `cursor` (the group has taken them).
+    fn pop_through(&mut self, cursor: Offset) {
+        while let Some(m) = self.messages.front() {
+            if m.offset > cursor {
+                break;
+            }
+            let cost = ahead_cost(m);
+            self.messages.pop_front();
+            self.charged -= cost;
+            self.budget.release(cost);
+        }
+    }
+
+    /// The message at `offset`, if kept.
+    fn get(&self, offset: Offset) -> Option<&Arc<Message>> {
+        let first = self.messages.front()?.offset;
+        let i = usize::try_from(offset.get().checked_sub(first.get())?).ok()?;
+        self.messages.get(i).filter(|m| m.offset == offset)
+    }
+}
+
+/// A group's read-ahead on this node, with what decides whether it may be served.
+#[derive(Default)]
+struct Ahead {
+    buffer: Option<ReadAhead>,
+    /// The stream's head watch, taken before the first fill: an epoch change shows there
+    /// without a read.
+    watch: Option<HeadWatch>,
+    /// The largest charge of one message in the group's last read with messages (0: none yet,
+    /// or since an epoch change): how many messages a fill may ask for within its bytes.
+    size_hint: usize,
+}
+
+impl Ahead {
+    /// The watch's position, unless it is closed.
+    fn watched(&self) -> Option<Position> {
+        let w = self.watch.as_ref()?;
+        w.has_changed().ok()?;
+        Some(w.borrow().clone())
+    }
+
+    /// A batch of up to `limit` messages after `cursor`, as an engine read made when the
+    /// read-ahead was would answer it; `None` when the read-ahead cannot (see the module
+    /// notes above). Drops it when it can never serve again.
+    fn serve(&mut self, cursor: &Position, limit: usize, now: u64) -> Option<ReadBatch> {
+        let buffer = self.buffer.as_mut()?;
+        let watched = self.watch.as_ref().and_then(|w| {
+            w.has_changed().ok()?;
+            Some(w.borrow().clone())
+        });
+        let same_epoch = watched
+            .as_ref()
+            .is_some_and(|w| w.epoch == buffer.state.epoch);
+        if !same_epoch {
+            // The stream's epoch moved (or its watch closed): nothing here is served again.
+            self.buffer = None;
+            self.watch = None;
+            self.size_hint = 0;
+            return None;
+        }
+        if now.abs_diff(buffer.read_ms) > READ_AHEAD_TTL_MS || buffer.state.epoch != cursor.epoch {
+            self.buffer = None;
+            return None;
+        }
+        buffer.pop_through(cursor.offset);
+        let Some(first) = buffer.messages.front().map(|m| m.offset) else {
+            self.buffer = None;
+            return None;
+        };
+        if first != cursor.offset.next() {
+            return None;
+        }
+        let head = watched.map_or(buffer.state.head, |w| w.offset.max(buffer.state.head));
+        Some(ReadBatch {
+            state: StreamState {
+                epoch: buffer.state.epoch.clone(),
+                head,
+                oldest: buffer.state.oldest,
+            },
+            messages: buffer.messages.iter().take(limit).cloned().collect(),
+        })
+    }
+
+    /// Whether [`serve`](Self::serve) would answer for `cursor` now (dropping nothing).
+    fn serves(&self, cursor: &Position, now: u64) -> bool {
+        let Some(buffer) = self.buffer.as_ref() else {
+            return false;
+        };
+        self.watched()
+            .is_some_and(|w| w.epoch == buffer.state.epoch)
+            && buffer.state.epoch == cursor.epoch
+            && now.abs_diff(buffer.read_ms) <= READ_AHEAD_TTL_MS
+            && buffer.get(cursor.offset.next()).is_some()
+    }
+
+    /// Takes in an engine read of the group's receive (`wanted`: what the receive itself asked
+    /// for): its bounds refresh the read-ahead's (another epoch drops it), its messages size
+    /// the next fills, and messages beyond `wanted` become the read-ahead unless the one held
+    /// reaches as far — within `max_bytes` and the node's budget.
+    fn absorb(
+        &mut self,
+        batch: &ReadBatch,
+        wanted: usize,
+        now: u64,
+        budget: &Arc<AheadBudget>,
+        max_bytes: usize,
+    ) {
+        if let Some(hint) = batch.messages.iter().map(|m| ahead_cost(m)).max() {
+            self.size_hint = hint;
+        }
+        if let Some(buffer) = self.buffer.as_mut() {
+            if buffer.state.epoch != batch.state.epoch {
+                self.buffer = None;
+            } else {
+                buffer.state.head = buffer.state.head.max(batch.state.head);
+                buffer.state.oldest = buffer.state.oldest.max(batch.state.oldest);
+            }
+        }
+        if batch.messages.len() <= wanted || self.watch.is_none() {
+            return;
+        }
+        let newest = batch.messages.last().map(|m| m.offset);
+        if let Some(buffer) = self.buffer.as_ref()
+            && now.abs_diff(buffer.read_ms) <= READ_AHEAD_TTL_MS
+            && buffer.last() >= newest
+        {
+            return;
+        }
+        self.buffer = None;
+        let allowed = max_bytes.min(budget.available());
+        let mut charged = 0usize;
+        let mut keep = 0;
+        for m in &batch.messages {
+            let cost = ahead_cost(m);
+            if charged + cost > allowed {
+                break;
+            }
+            charged += cost;
+            keep += 1;
+        }
+        if keep <= wanted || !budget.reserve(charged) {
+            return;
+        }
+        self.buffer = Some(ReadAhead {
+            state: batch.state.clone(),
+            messages: batch.messages[..keep].iter().cloned().collect(),
+            read_ms: now,
+            charged,
+            budget: budget.clone(),
+        });
+    }
+
+    /// Forgets everything (the group is gone).
+    fn clear(&mut self) {
+        *self = Self::default();
     }
 }
 
@@ -264,6 +539,8 @@ pub struct Groups {
     observing: parking_lot::Mutex<()>,
     /// Receive rounds made since the start (for tests and measurements).
     rounds: AtomicU64,
+    /// What all groups' read-aheads hold together (`--group-read-ahead`).
+    ahead_budget: Arc<AheadBudget>,
     /// Tests: ms a receive round sleeps after its read outside the lock (a slow engine).
     #[cfg(test)]
     read_pause_ms: AtomicU64,
@@ -275,6 +552,10 @@ impl Groups {
         store: Arc<dyn GroupStore>,
         config: GroupsConfig,
     ) -> Arc<Self> {
+        let ahead_budget = Arc::new(AheadBudget {
+            cap: config.read_ahead_bytes,
+            used: AtomicUsize::new(0),
+        });
         Arc::new(Self {
             engine,
             store,
@@ -282,6 +563,7 @@ impl Groups {
             cache: parking_lot::Mutex::new(HashMap::new()),
             observing: parking_lot::Mutex::new(()),
             rounds: AtomicU64::new(0),
+            ahead_budget,
             #[cfg(test)]
             read_pause_ms: AtomicU64::new(0),
         })
@@ -315,6 +597,7 @@ impl Groups {
             changed: Notify::new(),
             used_ms: AtomicU64::new(now),
             due_ms: AtomicU64::new(u64::MAX),
+            ahead: parking_lot::Mutex::new(Ahead::default()),
         });
         if cache.len() >= self.config.max_cached.max(1) {
             let idle = cache
@@ -436,10 +719,23 @@ impl Groups {
             };
             let fetched = match read {
                 Some(r) => {
-                    let want = loaded.state.want(r.room, self.now());
-                    match self.engine.read(&key.0, want.after, want.limit).await {
-                        Ok(batch) => Some(Fetched::new(want, batch, r.bytes, r.max_bytes)),
-                        Err(e) => return Err(e.into()),
+                    let now = self.now();
+                    let want = loaded.state.want(r.room, now);
+                    let served = live
+                        .ahead
+                        .lock()
+                        .serve(loaded.state.cursor(), want.limit, now);
+                    match served {
+                        Some(batch) => {
+                            let short = batch.messages.len() < want.limit;
+                            let mut f = Fetched::new(want, batch, r.bytes, r.max_bytes);
+                            f.ahead_short = short;
+                            Some(f)
+                        }
+                        None => {
+                            let batch = self.read_for(key, live, want).await?;
+                            Some(Fetched::new(want, batch, r.bytes, r.max_bytes))
+                        }
                     }
                 }
                 None => None,
@@ -476,6 +772,66 @@ impl Groups {
             }
         }
         Err(GroupError::Busy(MAX_TRIES))
+    }
+
+    /// The engine read of a receive round for `want`, reading ahead when the group may keep a
+    /// read-ahead (see [`ReadAhead`]): what the round did not ask for is kept in the group's
+    /// live entry, and the batch answered is cut to `want.limit`.
+    async fn read_for(&self, key: &Key, live: &Live, want: Want) -> Result<ReadBatch, GroupError> {
+        let limit = self.ahead_limit(live, want.limit);
+        let mut batch = self.engine.read(&key.0, want.after, limit).await?;
+        live.ahead.lock().absorb(
+            &batch,
+            want.limit,
+            self.now(),
+            &self.ahead_budget,
+            self.config.max_read_bytes,
+        );
+        batch.messages.truncate(want.limit);
+        Ok(batch)
+    }
+
+    /// How many messages a round that wants `wanted` new ones reads: more, up to
+    /// [`READ_AHEAD_MESSAGES`], when the group has a head watch and the last read's largest
+    /// message says how many fit `--max-read-bytes` and what the node's budget has left.
+    fn ahead_limit(&self, live: &Live, wanted: usize) -> usize {
+        if wanted == 0 {
+            return 0;
+        }
+        let ahead = live.ahead.lock();
+        if ahead.watch.is_none() || ahead.size_hint == 0 {
+            return wanted;
+        }
+        let bytes = self
+            .config
+            .max_read_bytes
+            .min(self.ahead_budget.available());
+        wanted.max((bytes / ahead.size_hint).min(READ_AHEAD_MESSAGES))
+    }
+
+    /// Takes the stream's head watch a read-ahead needs, once the group has read messages (so
+    /// the stream exists) and while the node's budget allows read-ahead at all. A failure only
+    /// means no read-ahead.
+    async fn watch_for_ahead(&self, stream: &StreamName, live: &Live) {
+        if self.ahead_budget.cap == 0 {
+            return;
+        }
+        {
+            let mut ahead = live.ahead.lock();
+            if ahead.size_hint == 0 {
+                return;
+            }
+            if ahead.watched().is_some() {
+                return;
+            }
+            ahead.watch = None;
+        }
+        if let Ok(w) = self.engine.watch(stream).await {
+            let mut ahead = live.ahead.lock();
+            if ahead.watch.is_none() {
+                ahead.watch = Some(w);
+            }
+        }
     }
 
     /// Waits until the commits an answer was computed from are durable. A failure means the
@@ -727,6 +1083,7 @@ impl Groups {
         let live = self.live(&key);
         let mut guard = live.state.lock().await;
         *guard = None;
+        live.ahead.lock().clear();
         let deleted = self.store.delete_group(stream, group).await?;
         drop(guard);
         self.forget(&key, &live);
@@ -819,6 +1176,7 @@ impl Groups {
         // read is (one larger message still goes alone).
         let mut bytes = 0usize;
         let mut locked = false;
+        self.watch_for_ahead(&key.0, live).await;
         for _ in 0..MAX_ROUNDS {
             self.rounds.fetch_add(1, AtomicOrdering::Relaxed);
             let room = request.max as usize - deliveries.len();
@@ -852,56 +1210,78 @@ impl Groups {
                     dead_letters: out.dead_letters,
                 })
             };
-            let (received, stale, f, tail) = if locked {
-                let (((received, stale), f), tail) = self
-                    .run_queued(key, live, false, Some(read), |state, now, f| {
-                        let f = f.ok_or_else(|| {
-                            GroupError::Engine(EngineError::internal("a locked read went missing"))
-                        })?;
-                        let out = receive(state, now, f)?;
-                        Ok(Outcome {
-                            value: (out.value, f.clone()),
-                            changes: out.changes,
-                            dead_letters: out.dead_letters,
-                        })
-                    })
-                    .await?;
-                (received, stale, f, tail)
+            // Under the lock: `want`, and whether the group's read-ahead can answer it. A
+            // round the read-ahead answers runs want → take → receive in one hold of the lock
+            // (no I/O in it), so no other member takes the same messages in between.
+            let unlocked_want = if locked {
+                None
             } else {
-                let want = {
-                    let mut guard = live.state.lock().await;
-                    match self.ensure_loaded(key, &mut guard).await {
-                        Ok(loaded) => loaded.state.want(room as u32, self.now()),
-                        Err(e) => {
-                            drop(guard);
-                            if matches!(e, GroupError::NotFound { .. }) {
-                                self.forget(key, live);
-                            }
-                            return Err(e);
+                let mut guard = live.state.lock().await;
+                match self.ensure_loaded(key, &mut guard).await {
+                    Ok(loaded) => {
+                        let now = self.now();
+                        let cursor = loaded.state.cursor();
+                        if live.ahead.lock().serves(cursor, now) {
+                            None
+                        } else {
+                            Some(loaded.state.want(room as u32, now))
                         }
                     }
-                };
-                let batch = self.engine.read(&key.0, want.after, want.limit).await?;
-                #[cfg(test)]
-                {
-                    let pause = self.read_pause_ms.load(AtomicOrdering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    Err(e) => {
+                        drop(guard);
+                        if matches!(e, GroupError::NotFound { .. }) {
+                            self.forget(key, live);
+                        }
+                        return Err(e);
+                    }
                 }
-                let f = Fetched::new(want, batch, bytes, self.config.max_read_bytes);
-                let ((received, stale), tail) = self
-                    .run_queued(key, live, false, None, |state, now, _| {
-                        receive(state, now, &f)
-                    })
-                    .await?;
-                (received, stale, f, tail)
+            };
+            let via_lock = unlocked_want.is_none();
+            let (received, stale, f, tail) = match unlocked_want {
+                None => {
+                    let (((received, stale), f), tail) = self
+                        .run_queued(key, live, false, Some(read), |state, now, f| {
+                            let f = f.ok_or_else(|| {
+                                GroupError::Engine(EngineError::internal(
+                                    "a locked read went missing",
+                                ))
+                            })?;
+                            let out = receive(state, now, f)?;
+                            Ok(Outcome {
+                                value: (out.value, f.clone()),
+                                changes: out.changes,
+                                dead_letters: out.dead_letters,
+                            })
+                        })
+                        .await?;
+                    (received, stale, f, tail)
+                }
+                Some(want) => {
+                    let batch = self.read_for(key, live, want).await?;
+                    #[cfg(test)]
+                    {
+                        let pause = self.read_pause_ms.load(AtomicOrdering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                    }
+                    let f = Fetched::new(want, batch, bytes, self.config.max_read_bytes);
+                    let ((received, stale), tail) = self
+                        .run_queued(key, live, false, None, |state, now, _| {
+                            receive(state, now, &f)
+                        })
+                        .await?;
+                    (received, stale, f, tail)
+                }
             };
             durable.extend(tail);
             let got = received.deliveries.len();
             // What this round counted on (messages it read, or ones due again that `want`
             // left out of the read) went to another operation first.
             let overtaken = stale
-                || (!locked && got == 0 && (!f.batch.messages.is_empty() || f.want.limit < room));
-            let full_read = f.want.limit > 0 && f.batch.messages.len() >= f.want.limit;
+                || (!via_lock && got == 0 && (!f.batch.messages.is_empty() || f.want.limit < room));
+            // A full read, or a read-ahead that ran out before the round's room: the stream may
+            // have more.
+            let full_read =
+                f.want.limit > 0 && (f.batch.messages.len() >= f.want.limit || f.ahead_short);
             bytes = f.bytes;
             fetched_epoch = Some(f.batch.state.epoch.clone());
             for m in f.batch.messages {
@@ -927,23 +1307,47 @@ impl Groups {
             guard.as_ref().and_then(|l| l.state.next_wakeup(self.now()))
         };
         answer.messages = self
-            .attach_payloads(&key.0, deliveries, fetched, fetched_epoch)
+            .attach_payloads(&key.0, live, deliveries, fetched, fetched_epoch)
             .await?;
         Ok((answer, wakeup))
     }
 
-    /// Pairs each delivery with its message: from what the rounds read, else read by offset
-    /// (redeliveries). A message retention removed in between is left out of the answer; its
-    /// lease runs out and the group counts it expired.
+    /// Pairs each delivery with its message: from what the rounds read, else from the group's
+    /// read-ahead (in the deliveries' epoch), else read by offset (redeliveries). A message
+    /// retention removed in between is left out of the answer; its lease runs out and the
+    /// group counts it expired.
+    ///
+    /// A redelivery is rarely in the read-ahead: that holds messages after the cursor and
+    /// drops them once taken, and a message is redelivered after its lease or a nack, by then
+    /// usually behind the cursor. Keeping taken messages for redeliveries would hold up to
+    /// 2 × `max_in_flight` payloads per group; they are read by offset instead, one read per
+    /// run of consecutive offsets.
     async fn attach_payloads(
         &self,
         stream: &StreamName,
+        live: &Live,
         deliveries: Vec<Delivery>,
         mut fetched: HashMap<Offset, Arc<Message>>,
         fetched_epoch: Option<spool_core::Epoch>,
     ) -> Result<Vec<Leased>, GroupError> {
         if fetched_epoch.is_some_and(|e| deliveries.first().is_some_and(|d| d.epoch != e)) {
             fetched.clear();
+        }
+        if let Some(first) = deliveries.first() {
+            let ahead = live.ahead.lock();
+            if let Some(buffer) = ahead
+                .buffer
+                .as_ref()
+                .filter(|b| b.state.epoch == first.epoch)
+            {
+                for d in &deliveries {
+                    if !fetched.contains_key(&d.offset)
+                        && let Some(m) = buffer.get(d.offset)
+                    {
+                        fetched.insert(d.offset, m.clone());
+                    }
+                }
+            }
         }
         let missing: Vec<Offset> = deliveries
             .iter()
@@ -1322,6 +1726,7 @@ mod tests {
                 max_cached: 16,
                 max_payload: 1024 * 1024,
                 max_read_bytes: 1024 * 1024,
+                read_ahead_bytes: DEFAULT_READ_AHEAD_BYTES,
                 clock: time.clock(),
             },
         );
@@ -1400,6 +1805,7 @@ mod tests {
                 max_cached: 16,
                 max_payload: 1024,
                 max_read_bytes: 1024 * 1024,
+                read_ahead_bytes: DEFAULT_READ_AHEAD_BYTES,
                 clock: time.clock(),
             },
         );
@@ -1497,6 +1903,7 @@ mod tests {
                 max_cached: 4,
                 max_payload: 1024 * 1024,
                 max_read_bytes: 1000,
+                read_ahead_bytes: DEFAULT_READ_AHEAD_BYTES,
                 clock: time.clock(),
             },
         );
@@ -1682,6 +2089,243 @@ mod tests {
         assert_eq!(all, (100..=400).collect::<Vec<u64>>());
         let stats = groups.describe(&s, &g).await.unwrap().stats;
         assert_eq!((stats.resets, stats.acked), (0, 301));
+    }
+
+    /// The memory engine, counting the reads that ask for messages (`limit` > 0).
+    struct Counting {
+        inner: Arc<MemoryEngine>,
+        reads: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl Engine for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        async fn append(
+            &self,
+            stream: &StreamName,
+            messages: Vec<NewMessage>,
+        ) -> Result<Vec<spool_engine::Appended>, EngineError> {
+            self.inner.append(stream, messages).await
+        }
+        async fn read(
+            &self,
+            stream: &StreamName,
+            after: Offset,
+            limit: usize,
+        ) -> Result<ReadBatch, EngineError> {
+            if limit > 0 {
+                self.reads.fetch_add(1, AtomicOrdering::Relaxed);
+            }
+            self.inner.read(stream, after, limit).await
+        }
+        async fn state(&self, stream: &StreamName) -> Result<Option<StreamState>, EngineError> {
+            self.inner.state(stream).await
+        }
+        async fn watch(&self, stream: &StreamName) -> Result<HeadWatch, EngineError> {
+            self.inner.watch(stream).await
+        }
+        fn retention(&self, stream: &StreamName) -> spool_core::Retention {
+            self.inner.retention(stream)
+        }
+    }
+
+    /// Groups over a counting memory engine, with `read_ahead` bytes of read-ahead.
+    fn counting_setup(
+        read_ahead: usize,
+    ) -> (Arc<Groups>, Arc<Counting>, Arc<MemoryEngine>, ManualClock) {
+        let time = ManualClock::new(1_000_000);
+        let engine = Arc::new(MemoryEngine::new(MemoryConfig {
+            clock: time.clock(),
+            ..MemoryConfig::default()
+        }));
+        let counting = Arc::new(Counting {
+            inner: engine.clone(),
+            reads: AtomicU64::new(0),
+        });
+        let groups = Groups::new(
+            counting.clone(),
+            engine.clone(),
+            GroupsConfig {
+                max_cached: 16,
+                max_payload: 1024 * 1024,
+                max_read_bytes: 1024 * 1024,
+                read_ahead_bytes: read_ahead,
+                clock: time.clock(),
+            },
+        );
+        (groups, counting, engine, time)
+    }
+
+    /// Receives `max` and acks what came; the offsets.
+    async fn take(groups: &Groups, s: &StreamName, g: &GroupName, max: u32) -> Vec<u64> {
+        let never = CancellationToken::new();
+        let a = groups
+            .receive(s, g, &request("w", max), None, &never)
+            .await
+            .unwrap();
+        let receipts: Vec<String> = a
+            .messages
+            .iter()
+            .map(|l| l.delivery.receipt.encode())
+            .collect();
+        if !receipts.is_empty() {
+            let r = groups.settle(s, g, &receipts, &Settle::Ack).await.unwrap();
+            assert!(r.iter().all(|r| *r == ReceiptResult::Ok), "{r:?}");
+        }
+        a.messages.iter().map(|l| l.delivery.offset.get()).collect()
+    }
+
+    /// Receives of one message each drain a backlog with one engine read per read-ahead
+    /// (256 messages), not one per receive; with `--group-read-ahead 0`, one per receive.
+    #[tokio::test]
+    async fn a_backlog_drained_one_by_one_is_read_ahead() {
+        for (budget, most, least) in [(DEFAULT_READ_AHEAD_BYTES, 8, 0), (0, u64::MAX, 600)] {
+            let (groups, counting, engine, _time) = counting_setup(budget);
+            let (s, g) = (name("s"), group("g"));
+            groups
+                .put(&s, &g, &GroupConfigSpec::default())
+                .await
+                .unwrap();
+            publish(&engine, "s", 600).await;
+            let mut all = Vec::new();
+            for _ in 0..600 {
+                all.extend(take(&groups, &s, &g, 1).await);
+            }
+            assert_eq!(all, (1..=600).collect::<Vec<u64>>());
+            let reads = counting.reads.load(AtomicOrdering::Relaxed);
+            assert!(
+                (least..=most).contains(&reads),
+                "{reads} engine reads for 600 receives with a budget of {budget}"
+            );
+            if budget > 0 {
+                assert!(groups.ahead_budget.used.load(AtomicOrdering::Relaxed) <= budget);
+            }
+        }
+    }
+
+    /// A stream deleted and published to again (a new epoch) while the group holds a
+    /// read-ahead of the old one: nothing of the old epoch is served; the group resets and
+    /// takes the new epoch's messages.
+    #[tokio::test]
+    async fn a_read_ahead_of_an_old_epoch_is_not_served() {
+        let (groups, _counting, engine, _time) = counting_setup(DEFAULT_READ_AHEAD_BYTES);
+        let (s, g) = (name("s"), group("g"));
+        groups
+            .put(&s, &g, &GroupConfigSpec::default())
+            .await
+            .unwrap();
+        publish(&engine, "s", 20).await;
+        assert_eq!(take(&groups, &s, &g, 1).await, [1]);
+        assert_eq!(take(&groups, &s, &g, 1).await, [2]);
+        assert!(
+            groups
+                .cached()
+                .iter()
+                .any(|(_, l)| l.ahead.lock().buffer.is_some())
+        );
+        let old = engine.state(&s).await.unwrap().unwrap().epoch;
+        assert!(
+            spool_engine::StreamAdmin::delete_stream(&*engine, &s)
+                .await
+                .unwrap()
+        );
+        let messages = (0..3)
+            .map(|i| NewMessage {
+                payload: Bytes::from(format!("new{i}")),
+                ..NewMessage::default()
+            })
+            .collect();
+        engine.append(&s, messages).await.unwrap();
+        let new = engine.state(&s).await.unwrap().unwrap().epoch;
+        assert_ne!(old, new);
+        let never = CancellationToken::new();
+        let a = groups
+            .receive(&s, &g, &request("w", 10), None, &never)
+            .await
+            .unwrap();
+        assert!(a.reset.is_some(), "the epoch change is a reset");
+        let got: Vec<(spool_core::Epoch, Vec<u8>)> = a
+            .messages
+            .iter()
+            .map(|l| (l.delivery.epoch.clone(), l.message.payload.to_vec()))
+            .collect();
+        assert_eq!(
+            got,
+            (0..3)
+                .map(|i| (new.clone(), format!("new{i}").into_bytes()))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    /// A truncate (like retention) is not on the head watch: a read-ahead answers with its
+    /// read's bounds for at most `READ_AHEAD_TTL_MS`, then the group reads again, counts what
+    /// was dropped as expired and continues after it.
+    #[tokio::test]
+    async fn a_read_ahead_outlives_a_truncate_by_its_ttl_at_most() {
+        let (groups, counting, engine, time) = counting_setup(DEFAULT_READ_AHEAD_BYTES);
+        let (s, g) = (name("s"), group("g"));
+        groups
+            .put(&s, &g, &GroupConfigSpec::default())
+            .await
+            .unwrap();
+        publish(&engine, "s", 20).await;
+        assert_eq!(take(&groups, &s, &g, 1).await, [1]);
+        assert_eq!(take(&groups, &s, &g, 1).await, [2]);
+        spool_engine::StreamAdmin::truncate_stream(&*engine, &s, Offset(10))
+            .await
+            .unwrap();
+        let reads = counting.reads.load(AtomicOrdering::Relaxed);
+        // Within the TTL: what a read made then would have answered.
+        assert_eq!(take(&groups, &s, &g, 1).await, [3]);
+        assert_eq!(counting.reads.load(AtomicOrdering::Relaxed), reads);
+        time.advance(Duration::from_millis(READ_AHEAD_TTL_MS + 1));
+        let never = CancellationToken::new();
+        let a = groups
+            .receive(&s, &g, &request("w", 1), None, &never)
+            .await
+            .unwrap();
+        let reset = a.reset.expect("the truncated messages are a reset");
+        assert_eq!(reset.lost, 6, "offsets 4 to 9");
+        assert_eq!(a.messages[0].delivery.offset, Offset(10));
+        assert_eq!(&a.messages[0].message.payload[..], b"m9");
+    }
+
+    /// A group deleted and created again from `latest` while it held a read-ahead: the new
+    /// group starts where it says, and another node's receives (which moved the cursor past
+    /// what this node read ahead) are never served again here.
+    #[tokio::test]
+    async fn a_read_ahead_serves_only_from_the_cursor_of_the_group_as_stored() {
+        let (a, _counting, engine, time) = counting_setup(DEFAULT_READ_AHEAD_BYTES);
+        let (s, g) = (name("s"), group("g"));
+        a.put(&s, &g, &GroupConfigSpec::default()).await.unwrap();
+        publish(&engine, "s", 20).await;
+        assert_eq!(take(&a, &s, &g, 1).await, [1]);
+        assert_eq!(take(&a, &s, &g, 1).await, [2]);
+        // Another node over the same store takes 3 to 7.
+        let b = Groups::new(
+            engine.clone(),
+            engine.clone(),
+            GroupsConfig {
+                max_cached: 16,
+                max_payload: 1024 * 1024,
+                max_read_bytes: 1024 * 1024,
+                read_ahead_bytes: DEFAULT_READ_AHEAD_BYTES,
+                clock: time.clock(),
+            },
+        );
+        assert_eq!(take(&b, &s, &g, 5).await, [3, 4, 5, 6, 7]);
+        // `a` is stale: its receive conflicts, reloads, and its read-ahead serves from 8.
+        assert_eq!(take(&a, &s, &g, 2).await, [8, 9]);
+        assert_eq!(take(&b, &s, &g, 2).await, [10, 11]);
+        assert_eq!(take(&a, &s, &g, 1).await, [12]);
+        // Deleted and created again from the newest message.
+        assert!(a.delete(&s, &g).await.unwrap());
+        let spec: GroupConfigSpec = serde_json::from_str(r#"{"start":"latest"}"#).unwrap();
+        assert!(a.put(&s, &g, &spec).await.unwrap());
+        publish(&engine, "s", 1).await;
+        assert_eq!(take(&a, &s, &g, 10).await, [20, 21]);
     }
 
     #[test]
