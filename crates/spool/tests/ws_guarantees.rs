@@ -136,7 +136,6 @@ async fn after_kill_9_a_resumed_session_has_no_gap() {
     // Two clients on the same stream: one will resume with its session only, the other with
     // the positions it processed.
     let mut sessions = Vec::new();
-    let mut peers = Vec::new();
     for sub in ["alice", "bob"] {
         let token = jwt(json!({"sub":sub,"exp":now_secs()+600,"subscribe":["chat:*"]}));
         let (mut peer, connected) = WsPeer::connect(&server.addr, &token).await;
@@ -144,11 +143,22 @@ async fn after_kill_9_a_resumed_session_has_no_gap() {
         peer.send(json!({"type":"subscribe","stream":"chat:k","after":"oldest"}))
             .await;
         peer.expect("subscribed").await;
+    }
+    // The subscriptions must be stored before the crash. The periodic save (about once a
+    // second) may come late on a loaded machine, so they are stored for sure the way a
+    // connection's end stores them: both connections end, and the sessions are resumed.
+    server.wait_for_no_ws_connection().await;
+    let mut peers = Vec::new();
+    for session in &sessions {
+        let (peer, connected) = resume(&server.addr, session, Value::Null).await;
+        assert_eq!(connected["resumed"], true, "{connected}");
+        assert_eq!(
+            connected["subscriptions"][0]["stream"], "chat:k",
+            "{connected}"
+        );
         peers.push(peer);
     }
-    // Sessions are saved about once a second: let the subscriptions be saved, then deliver
-    // more and crash before (most of) the new positions are.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Deliver more and crash before (most of) the new positions are saved.
     publish_range(&server, "chat:k", 1..=20).await;
     let mut epoch = String::new();
     for peer in &mut peers {
@@ -364,7 +374,7 @@ async fn a_client_stuck_past_the_timeout_is_closed_and_no_one_else_notices() {
 
     let started = Instant::now();
     flood(&server, "big", n, SIZE).await;
-    let mut healthy = tokio::time::timeout(Duration::from_secs(20), healthy)
+    let mut healthy = tokio::time::timeout(Duration::from_secs(60), healthy)
         .await
         .expect("the healthy client was held up")
         .unwrap();
@@ -374,16 +384,18 @@ async fn a_client_stuck_past_the_timeout_is_closed_and_no_one_else_notices() {
     );
 
     // The stuck one is closed once it has made no progress for the stuck timeout (2 s, checked
-    // every 0.5 s, plus up to 2 s for the close frame to get through).
+    // every 0.5 s, plus up to 2 s for the close frame to get through); the default is 60 s, so
+    // a deadline of 30 s, generous for a loaded machine, still tells the flag worked.
     let mut closed_after = None;
-    for _ in 0..100 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
         if server.metric(ws_connections).await == Some(1.0) {
             closed_after = Some(started.elapsed());
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let closed_after = closed_after.expect("the stuck client was not closed within 10 s");
+    let closed_after = closed_after.expect("the stuck client was not closed within 30 s");
     eprintln!("the stuck client was closed {closed_after:?} after the flood began");
 
     // What it finds when it reads again: a prefix of the stream, in order, then the close —
@@ -469,17 +481,18 @@ async fn a_client_that_keeps_sending_requests_but_reads_nothing_is_closed_too() 
     );
 
     // Closed about the stuck timeout after the server stopped taking requests (2 s, plus up
-    // to 2 s for a close frame that cannot get through): well within 6 s of now.
+    // to 2 s for a close frame that cannot get through): well within 20 s of now on a loaded
+    // machine, and well before the default stuck timeout (60 s).
     let stopped = Instant::now();
     let mut closed_after = None;
-    while stopped.elapsed() < Duration::from_secs(6) {
+    while stopped.elapsed() < Duration::from_secs(20) {
         if server.metric(ws_connections).await == Some(1.0) {
             closed_after = Some(stopped.elapsed());
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let closed_after = closed_after.expect("the client was not closed within 6 s");
+    let closed_after = closed_after.expect("the client was not closed within 20 s");
     eprintln!("it was closed {closed_after:?} after the server stopped taking requests");
 
     // What it reads: the answers, then 4006 or just the end of the connection.
