@@ -306,8 +306,16 @@ async fn a_session_is_bound_to_its_identity_and_forged_ids_restore_nothing() {
     server.publish("chat:1", "for alice").await;
     assert_eq!(alice.expect("message").await["data"], "for alice");
 
+    // After she left: the server has seen her connection end (bob's is the one left).
     drop(alice);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while server.metric(r#"spool_connections{transport="ws"}"#).await != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alice's connection still counted 20 s after it was dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for credential in [token("bob"), API_KEY.to_owned()] {
         let (_, answer) = connect_with(
             &server.addr,
@@ -439,7 +447,8 @@ async fn sleep_past(ms: u64, margin: Duration) {
 async fn a_refresh_before_expiry_keeps_the_connection_open() {
     let server = Server::start(&[]);
     let claims = |exp: i64| json!({"sub":"alice","exp":exp,"subscribe":["chat:*"]});
-    let first_exp = now_secs() + 3;
+    // Far enough ahead that the refresh below comes before it even on a loaded machine.
+    let first_exp = now_secs() + 6;
     let (mut peer, connected) = accepted(&server.addr, &jwt(claims(first_exp))).await;
     assert_eq!(
         connected["expires_at"].as_u64(),
@@ -471,7 +480,8 @@ async fn a_refresh_before_expiry_keeps_the_connection_open() {
 #[tokio::test]
 async fn a_token_that_expires_closes_the_connection_with_4002() {
     let server = Server::start(&[]);
-    let exp = now_secs() + 2;
+    // Far enough ahead that the subscribe below is answered before it on a loaded machine.
+    let exp = now_secs() + 4;
     let (mut peer, connected) = accepted(
         &server.addr,
         &jwt(json!({"sub":"alice","exp":exp,"subscribe":["chat:*"]})),
