@@ -254,6 +254,16 @@ async fn expired_session(extra: &[&str], config_for: impl Fn(String) -> Config) 
     proxy.refuse(true);
     proxy.cut_all();
     until(&client, |e| matches!(e, Event::Disconnected { .. })).await;
+    // The session's TTL runs from when the server let go of the connection (the publisher's
+    // is the one left), which on a loaded machine may come a while after the cut.
+    let deadline = std::time::Instant::now() + WAIT;
+    while server.metric(r#"spool_connections{transport="ws"}"#).await != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server still holds the cut connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     publish_all(&publisher, "s1", &["1b"]).await;
     publish_all(&publisher, "s2", &["2b"]).await;
     // Well past the session TTL (and the server's once-a-second session save).
@@ -378,7 +388,21 @@ async fn publishes_whose_acks_were_lost_are_retried_without_duplicates() {
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Cut only once the server has appended all five (a cut before would leave some to be
+    // appended first by the retry, not found as duplicates by it).
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = server.poll("payments", "after=oldest").await;
+        assert_eq!(status, 200, "{body}");
+        if body["messages"].as_array().map_or(0, Vec::len) == 5 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not append the five publishes: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     proxy.cut_all();
 
     let acks = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap();
