@@ -216,10 +216,11 @@ async fn a_session_resumes_on_another_node(backend: Backend) {
         publish(&c, n, "sess", &n.to_string(), None).await;
     }
     // The old node saves the session when it sees the disconnect; until that save lands a
-    // resume elsewhere finds nothing (`resumed: false`), so try again for a while, as a
-    // client would reconnect.
+    // resume elsewhere finds nothing (`resumed: false`), so wait for the old node to let go
+    // of the connection, and try again for a while after that, as a client would reconnect.
+    c.node(0).wait_for_no_ws_connection().await;
     let processed = format!("{}:3", epoch.as_str().expect("epoch"));
-    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
     let (mut peer, connected) = loop {
         let mut peer = WsPeer::open(&c.node(1).addr, &[]).await.expect("upgrade");
         // As every client does: say what it processed (the old node may have written more to
