@@ -167,6 +167,8 @@ struct Live {
     /// the group's next receives on this node. Used under `state`'s lock only, so what it
     /// serves is decided against the cursor it is served to.
     ahead: parking_lot::Mutex<Ahead>,
+    /// Held by the one receive round of this node reading ahead for the group.
+    fill: Mutex<()>,
 }
 
 struct Loaded {
@@ -598,6 +600,7 @@ impl Groups {
             used_ms: AtomicU64::new(now),
             due_ms: AtomicU64::new(u64::MAX),
             ahead: parking_lot::Mutex::new(Ahead::default()),
+            fill: Mutex::new(()),
         });
         if cache.len() >= self.config.max_cached.max(1) {
             let idle = cache
@@ -772,6 +775,34 @@ impl Groups {
             }
         }
         Err(GroupError::Busy(MAX_TRIES))
+    }
+
+    /// `want` for a receive round of up to `room` messages, or `None` when the group's
+    /// read-ahead can answer the round now (then it runs under the lock).
+    async fn want_unless_ahead(
+        &self,
+        key: &Key,
+        live: &Arc<Live>,
+        room: usize,
+    ) -> Result<Option<Want>, GroupError> {
+        let mut guard = live.state.lock().await;
+        match self.ensure_loaded(key, &mut guard).await {
+            Ok(loaded) => {
+                let now = self.now();
+                if live.ahead.lock().serves(loaded.state.cursor(), now) {
+                    Ok(None)
+                } else {
+                    Ok(Some(loaded.state.want(room as u32, now)))
+                }
+            }
+            Err(e) => {
+                drop(guard);
+                if matches!(e, GroupError::NotFound { .. }) {
+                    self.forget(key, live);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// The engine read of a receive round for `want`, reading ahead when the group may keep a
@@ -1213,27 +1244,22 @@ impl Groups {
             // Under the lock: `want`, and whether the group's read-ahead can answer it. A
             // round the read-ahead answers runs want → take → receive in one hold of the lock
             // (no I/O in it), so no other member takes the same messages in between.
+            // Under the lock: `want`, and whether the group's read-ahead can answer it. A
+            // round the read-ahead answers runs want → take → receive in one hold of the lock
+            // (no I/O in it), so no other member takes the same messages in between. A round
+            // that reads ahead takes the group's fill gate first, so members that find the
+            // read-ahead empty at once make one read, not one each: the others wait at the
+            // gate (not holding the group's lock) and find it filled.
+            let mut gate = None;
             let unlocked_want = if locked {
                 None
             } else {
-                let mut guard = live.state.lock().await;
-                match self.ensure_loaded(key, &mut guard).await {
-                    Ok(loaded) => {
-                        let now = self.now();
-                        let cursor = loaded.state.cursor();
-                        if live.ahead.lock().serves(cursor, now) {
-                            None
-                        } else {
-                            Some(loaded.state.want(room as u32, now))
-                        }
+                match self.want_unless_ahead(key, live, room).await? {
+                    Some(want) if self.ahead_limit(live, want.limit) > want.limit => {
+                        gate = Some(live.fill.lock().await);
+                        self.want_unless_ahead(key, live, room).await?
                     }
-                    Err(e) => {
-                        drop(guard);
-                        if matches!(e, GroupError::NotFound { .. }) {
-                            self.forget(key, live);
-                        }
-                        return Err(e);
-                    }
+                    want => want,
                 }
             };
             let via_lock = unlocked_want.is_none();
@@ -1258,6 +1284,7 @@ impl Groups {
                 }
                 Some(want) => {
                     let batch = self.read_for(key, live, want).await?;
+                    drop(gate);
                     #[cfg(test)]
                     {
                         let pause = self.read_pause_ms.load(AtomicOrdering::Relaxed);
@@ -2203,6 +2230,44 @@ mod tests {
                 assert!(groups.ahead_budget.used.load(AtomicOrdering::Relaxed) <= budget);
             }
         }
+    }
+
+    /// Members racing for a backlog with receives of one message: one engine read per
+    /// read-ahead, as members that find it empty wait for the one filling it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_racing_share_one_read_ahead() {
+        let (groups, counting, engine, _time) = counting_setup(DEFAULT_READ_AHEAD_BYTES);
+        let (s, g) = (name("s"), group("g"));
+        groups
+            .put(&s, &g, &GroupConfigSpec::default())
+            .await
+            .unwrap();
+        publish(&engine, "s", 2000).await;
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (groups, s, g) = (groups.clone(), s.clone(), g.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let offsets = take(&groups, &s, &g, 1).await;
+                    if offsets.is_empty() {
+                        return got;
+                    }
+                    got.extend(offsets);
+                }
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort_unstable();
+        assert_eq!(all, (1..=2000).collect::<Vec<u64>>());
+        let reads = counting.reads.load(AtomicOrdering::Relaxed);
+        assert!(
+            reads <= 60,
+            "{reads} engine reads for 2000 receives of 16 members"
+        );
     }
 
     /// A stream deleted and published to again (a new epoch) while the group holds a
