@@ -9,10 +9,7 @@ use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     future::poll_fn,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, OnceLock},
     task::Poll,
     time::Duration,
 };
@@ -89,6 +86,7 @@ pub async fn run<P: Protocol>(
         ws.outbound_messages,
         ws.outbound_bytes,
         ws.stuck_timeout,
+        state.shutdown.clone(),
     );
     // Consumer groups: the channel of their tasks' events is made by the first consume.
     let mut consumed: Option<mpsc::Receiver<TaskEvent>> = None;
@@ -113,7 +111,7 @@ pub async fn run<P: Protocol>(
         pings_since: Instant::now(),
         bad_frames: 0,
         close: None,
-        stuck: AtomicBool::new(false),
+        ending: OnceLock::new(),
         history: HashMap::new(),
         not_before: HashMap::new(),
         held: HashMap::new(),
@@ -183,10 +181,8 @@ pub async fn run<P: Protocol>(
             clock.answer_by = None;
         }
         let result: Result<(), End> = tokio::select! {
-            _ = shutdown.as_mut() => {
-                let _ = conn.reply(&Event::Reconnect { reason: "server_shutdown" }).await;
-                Err(End::Close(CloseReason::ShuttingDown))
-            }
+            // `end` queues the `reconnect` frame without waiting for room.
+            _ = shutdown.as_mut() => Err(End::Close(CloseReason::ShuttingDown)),
             _ = async { taken_over.as_mut().expect("guarded").as_mut().await }, if taken_over.is_some() => {
                 Err(End::Close(CloseReason::TakenOver))
             }
@@ -262,11 +258,9 @@ pub async fn run<P: Protocol>(
                 result
             }
         };
-        let result = match result {
-            Ok(()) if conn.stuck.load(Ordering::Relaxed) => {
-                Err(End::Close(CloseReason::SlowConsumer))
-            }
-            other => other,
+        let result = match (result, conn.ending.get()) {
+            (Ok(()), Some(why)) => Err(End::Close(*why)),
+            (other, _) => other,
         };
         if let Err(end) = result {
             conn.end(end);
@@ -281,11 +275,14 @@ pub async fn run<P: Protocol>(
     }
 
     // Let pending acks finish when the socket still works: they are durable, tell the client.
+    // Queued, that is, as far as the client makes room within the close's grace: one that
+    // reads nothing must not hold the connection's end up (a shutdown, a take-over or a
+    // disconnection ends the wait for room at once).
     if let Some(round) = round.take()
         && conn.close.is_some()
     {
         let done = round.await;
-        let _ = conn.acks(done).await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, conn.acks(done)).await;
     }
     drop(subs);
     let close = conn.close.take();
@@ -303,6 +300,7 @@ impl From<Gone> for End {
         match gone {
             Gone::Closed => End::Gone,
             Gone::Stuck => End::Close(CloseReason::SlowConsumer),
+            Gone::Ended(why) => End::Close(why),
         }
     }
 }
@@ -362,9 +360,11 @@ struct Connection<P> {
     pings_since: Instant,
     bad_frames: u32,
     close: Option<Close>,
-    /// An error reply found no room within the stuck timeout (the client reads nothing while
-    /// it keeps sending requests): the connection closes as stuck once the request is handled.
-    stuck: AtomicBool,
+    /// A reply whose failure its caller does not pass on (an error reply) found no room
+    /// within the stuck timeout (the client reads nothing while it keeps sending requests),
+    /// or the connection had to end while it waited: the connection closes for that reason
+    /// once the request is handled.
+    ending: OnceLock<CloseReason>,
     /// Subscriptions that asked to be told when their history is delivered
     /// ([`SubscribeOptions::report_caught_up`]): the request id and the head to reach.
     history: HashMap<Arc<str>, (Option<u64>, Position)>,
@@ -384,8 +384,10 @@ impl<P: Protocol> Connection<P> {
         self.out
     }
 
-    /// The connection ends: for a close, the session notes why, the protocol may say it in a
-    /// frame of its own, and the writer is told the close code.
+    /// The connection ends: for a close, the session notes why, a shutdown says `reconnect`,
+    /// the protocol may say why in a frame of its own, and the writer is told the close code.
+    /// Those last frames are queued without waiting for room (beyond a full queue, by a frame
+    /// or two): nothing waits here for a client that reads nothing.
     fn end(&mut self, end: End) {
         let End::Close(why) = end else {
             return;
@@ -396,8 +398,15 @@ impl<P: Protocol> Connection<P> {
         if matches!(why, CloseReason::SlowConsumer) {
             self.state.metrics.slow_consumer("closed");
         }
+        if why == CloseReason::ShuttingDown
+            && let Some(reconnect) = self.protocol.encode(&Event::Reconnect {
+                reason: "server_shutdown",
+            })
+        {
+            let _ = self.out.send_last(reconnect);
+        }
         if let Some(farewell) = self.protocol.farewell(why) {
-            let _ = self.out.try_send(farewell);
+            let _ = self.out.send_last(farewell);
         }
         let (code, reason) = self.protocol.close(why);
         tracing::debug!(code, reason, "closing a websocket connection");
@@ -419,28 +428,33 @@ impl<P: Protocol> Connection<P> {
         self.send(message).await
     }
 
+    /// Queues a reply, waiting for room if need be; a close it ran into (stuck, or the
+    /// connection ending meanwhile) is also kept in `ending`, for callers that drop the error.
     async fn send(&self, message: WsMessage) -> Result<(), End> {
-        self.out
+        let sent = self
+            .out
             .send(Frame {
                 message,
                 room: Taken::default(),
                 delivered: None,
             })
             .await
-            .map_err(End::from)
+            .map_err(End::from);
+        if let Err(End::Close(why)) = &sent {
+            let _ = self.ending.set(*why);
+        }
+        sent
     }
 
     async fn error(&self, id: Option<u64>, code: ErrorCode, message: impl AsRef<str>) {
-        let sent = self
+        // A close it runs into is kept in `ending` (see `send`).
+        let _ = self
             .reply(&Event::Error {
                 id,
                 code,
                 message: message.as_ref(),
             })
             .await;
-        if let Err(End::Close(CloseReason::SlowConsumer)) = sent {
-            self.stuck.store(true, Ordering::Relaxed);
-        }
     }
 
     async fn api_error(&self, id: Option<u64>, e: ApiError) {

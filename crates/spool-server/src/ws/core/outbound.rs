@@ -22,6 +22,14 @@
 //! What has been written and flushed is recorded (once per flushed burst) as what a session
 //! remembers as delivered, and when the socket last took a frame is how a stuck client is
 //! detected.
+//!
+//! A sender waiting for a slot is the connection's task itself, so nothing else of the
+//! connection runs meanwhile: the wait ends (besides a slot) when the socket has taken nothing
+//! for the stuck timeout, and as soon as the connection must end from outside — the server
+//! shutting down, its session taken over by another connection or disconnected by an operator
+//! ([`Gone::Ended`]). A client that asks without reading can then hold neither a shutdown nor
+//! a take-over up; the connection ends with its last frames queued beyond the bound
+//! ([`Outbound::send_last`]) for whoever still reads.
 
 use std::{
     collections::VecDeque,
@@ -40,11 +48,16 @@ use futures::{SinkExt, Stream, StreamExt};
 use parking_lot::Mutex;
 use spool_core::Position;
 use tokio::{sync::Semaphore, time::Instant};
+use tokio_util::sync::CancellationToken;
 
+use super::CloseReason;
 use crate::delivery::session::LiveSession;
 
 /// Frames beyond the delivery budget that may wait: replies to requests.
 const REPLY_SLOTS: usize = 256;
+/// Frames beyond the full queue for the connection's last words ([`Outbound::send_last`]): a
+/// shutdown's `reconnect` and a protocol's farewell.
+const LAST_SLOTS: usize = 2;
 
 /// One frame for the socket.
 pub struct Frame {
@@ -131,8 +144,10 @@ pub struct Outbound {
     stuck: Duration,
     /// Most frames queued at once.
     capacity: usize,
+    /// The server's shutdown, which ends a wait for a slot.
+    shutdown: CancellationToken,
     /// The session whose positions are recorded as frames are written, once `connect` made
-    /// one.
+    /// one (its take-over and disconnection end a wait for a slot).
     session: OnceLock<Arc<LiveSession>>,
     /// Only the connection's task locks it, never across an `await`: it is never contended
     /// (a `Mutex` rather than a `RefCell` so that `&Outbound` can be held across the
@@ -157,12 +172,19 @@ struct Io {
 }
 
 impl Outbound {
-    /// The connection's socket with an empty outbound queue.
-    pub fn new(socket: WebSocket, messages: usize, bytes: usize, stuck: Duration) -> Self {
+    /// The connection's socket with an empty outbound queue; `shutdown` is the server's.
+    pub fn new(
+        socket: WebSocket,
+        messages: usize,
+        bytes: usize,
+        stuck: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             room: Arc::new(Room::new(messages, bytes)),
             stuck,
             capacity: messages + REPLY_SLOTS,
+            shutdown,
             session: OnceLock::new(),
             io: Mutex::new(Io {
                 socket: Woken::new(socket),
@@ -182,8 +204,9 @@ impl Outbound {
     }
 
     /// Queues a frame, writing to the socket to make room if the queue is full. Fails when the
-    /// socket failed, or when no slot frees up within the stuck timeout (the client reads
-    /// nothing while it keeps sending requests).
+    /// socket failed, when the socket has taken nothing for the stuck timeout while the queue
+    /// stays full (the client reads nothing while it keeps sending requests), or when the
+    /// connection must end meanwhile (shutdown, take-over, disconnection: [`Gone::Ended`]).
     pub async fn send(&self, frame: Frame) -> Result<(), Gone> {
         let mut frame = Some(frame);
         if self.push(&mut frame)? {
@@ -195,7 +218,34 @@ impl Outbound {
     }
 
     async fn wait_for_slot(&self, mut frame: Option<Frame>) -> Result<(), Gone> {
-        let mut deadline = pin!(tokio::time::sleep(self.stuck));
+        // Stuck counts from when the socket last took a frame, not from this wait: the queue
+        // may have been still for a while before it filled up.
+        let mut deadline = pin!(tokio::time::sleep(
+            self.stuck.saturating_sub(self.stalled_for())
+        ));
+        // What ends the connection from outside: the connection's loop, which watches for it,
+        // does not run while its task waits here.
+        let session = self.session.get();
+        let mut ended = pin!(async {
+            let taken_over = async {
+                match session {
+                    Some(s) => s.taken_over.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let disconnected = async {
+                match session {
+                    Some(s) => s.disconnected.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => CloseReason::ShuttingDown,
+                _ = taken_over => CloseReason::TakenOver,
+                _ = disconnected => CloseReason::Disconnected,
+            }
+        });
         poll_fn(|cx| {
             // Full: write what is queued to make room (the socket wakes this task when it
             // can take more).
@@ -203,8 +253,17 @@ impl Outbound {
             if self.push(&mut frame)? {
                 return Poll::Ready(Ok(()));
             }
-            if deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(Gone::Stuck));
+            if let Poll::Ready(why) = ended.as_mut().poll(cx) {
+                return Poll::Ready(Err(Gone::Ended(why)));
+            }
+            while deadline.as_mut().poll(cx).is_ready() {
+                let stalled = self.stalled_for();
+                if stalled >= self.stuck {
+                    return Poll::Ready(Err(Gone::Stuck));
+                }
+                deadline
+                    .as_mut()
+                    .reset(Instant::now() + (self.stuck - stalled));
             }
             Poll::Pending
         })
@@ -219,6 +278,25 @@ impl Outbound {
             delivered: None,
         });
         self.push(&mut frame).map(|_| ())
+    }
+
+    /// Queues one of the connection's last frames as it ends (a shutdown's `reconnect`, a
+    /// protocol's farewell), even when the queue is full: the connection writes nothing more
+    /// after them, so a client that still reads gets them before the close frame. At most
+    /// [`LAST_SLOTS`] beyond the queue's bound; past that the frame is dropped.
+    pub fn send_last(&self, message: WsMessage) -> Result<(), Gone> {
+        let mut io = self.io.lock();
+        if io.closed {
+            return Err(Gone::Closed);
+        }
+        if io.frames.len() < self.capacity + LAST_SLOTS {
+            io.frames.push_back(Frame {
+                message,
+                room: Taken::default(),
+                delivered: None,
+            });
+        }
+        Ok(())
     }
 
     /// Queues `frame` if there is a slot (true; the frame is taken), else leaves it (false).
@@ -375,6 +453,9 @@ pub enum Gone {
     Closed,
     /// The client has read nothing for the stuck timeout.
     Stuck,
+    /// The connection must end for this reason (the server shuts down, the session was taken
+    /// over or disconnected) while the frame waited for a slot: it is not queued.
+    Ended(CloseReason),
 }
 
 /// How a connection ends, as sent in the close frame.
