@@ -35,7 +35,10 @@
 //! another operation overtook is harmless: `receive` takes only messages that continue its
 //! cursor. A round that got nothing although its read or `want` promised messages was
 //! overtaken, and the next rounds read under the lock (want → read → receive in one hold), so
-//! a receive under contention is not answered empty while the group has messages to hand out. Long-poll waits, holding no lock, for the stream's head watch, a change of the
+//! a receive under contention is not answered empty while the group has messages to hand out.
+//! A read for new messages reads ahead, and a round the group's read-ahead can answer takes
+//! from it under the lock instead of reading (`ReadAhead`, below: why that is correct, and its
+//! bounds). Long-poll waits, holding no lock, for the stream's head watch, a change of the
 //! group on this node (a nack, an expiry), the group's next lease end or visibility
 //! (`next_wakeup`), the deadline, or shutdown.
 //!
