@@ -75,7 +75,7 @@ async function browser(url) {
     '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync',
     `--user-data-dir=${profile}`, '--remote-debugging-port=0', 'about:blank'
-  ], { stdio: ['ignore', 'ignore', 'pipe'] })
+  ], { stdio: ['ignore', 'ignore', 'pipe'], detached: true })
   let endpoint = await new Promise((resolve, reject) => {
     let out = ''
     let timer = setTimeout(() => reject(new Error(`chromium gave no DevTools endpoint:\n${out}`)), 30000)
@@ -85,6 +85,9 @@ async function browser(url) {
       if (m) { clearTimeout(timer); resolve(m[1]) }
     })
     child.on('exit', code => { clearTimeout(timer); reject(new Error(`chromium exited (${code}):\n${out}`)) })
+  }).catch(e => {
+    try { process.kill(-child.pid, 'SIGKILL') } catch {}
+    throw e
   })
   let ws = new WebSocket(endpoint)
   await new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject) })
@@ -121,8 +124,17 @@ async function browser(url) {
   let close = async () => {
     try { await Promise.race([call('Browser.close'), new Promise(r => setTimeout(r, 3000))]) } catch {}
     ws.close()
+    // Chromium's helpers (zygote, renderer, crashpad) outlive a SIGKILL of the browser for a
+    // moment and go on writing the profile: kill its whole process group (it was started as
+    // a group leader), then remove the profile with retries. A profile that still cannot be
+    // removed is a leftover temp dir, not a failure of what this test checks.
+    try { process.kill(-child.pid, 'SIGKILL') } catch {}
     await stop(child, 'SIGKILL')
-    rmSync(profile, { recursive: true, force: true })
+    try {
+      rmSync(profile, { recursive: true, force: true, maxRetries: 10, retryDelay: 200 })
+    } catch (e) {
+      console.error(`warning: could not remove Chromium's profile ${profile}: ${e.message}`)
+    }
   }
   return { evaluate, close, console: console_ }
 }
