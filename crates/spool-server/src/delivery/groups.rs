@@ -359,6 +359,9 @@ struct Ahead {
     /// The largest charge of one message in the group's last read with messages (0: none yet,
     /// or since an epoch change): how many messages a fill may ask for within its bytes.
     size_hint: usize,
+    /// The group's last read stopped before the stream's head: it is behind, and members
+    /// that miss the read-ahead wait for one fill (at the head each reads what is new).
+    behind: bool,
 }
 
 impl Ahead {
@@ -438,6 +441,10 @@ impl Ahead {
         if let Some(hint) = batch.messages.iter().map(|m| ahead_cost(m)).max() {
             self.size_hint = hint;
         }
+        self.behind = batch
+            .messages
+            .last()
+            .is_some_and(|m| m.offset < batch.state.head);
         if let Some(buffer) = self.buffer.as_mut() {
             if buffer.state.epoch != batch.state.epoch {
                 self.buffer = None;
@@ -1249,16 +1256,20 @@ impl Groups {
             // (no I/O in it), so no other member takes the same messages in between.
             // Under the lock: `want`, and whether the group's read-ahead can answer it. A
             // round the read-ahead answers runs want → take → receive in one hold of the lock
-            // (no I/O in it), so no other member takes the same messages in between. A round
-            // that reads ahead takes the group's fill gate first, so members that find the
-            // read-ahead empty at once make one read, not one each: the others wait at the
-            // gate (not holding the group's lock) and find it filled.
+            // (no I/O in it), so no other member takes the same messages in between. While the
+            // group is behind the stream's head, a round that reads ahead takes the group's
+            // fill gate first, so members that find the read-ahead empty at once make one
+            // read, not one each: the others wait at the gate (not holding the group's lock)
+            // and find it filled.
             let mut gate = None;
             let unlocked_want = if locked {
                 None
             } else {
                 match self.want_unless_ahead(key, live, room).await? {
-                    Some(want) if self.ahead_limit(live, want.limit) > want.limit => {
+                    Some(want)
+                        if live.ahead.lock().behind
+                            && self.ahead_limit(live, want.limit) > want.limit =>
+                    {
                         gate = Some(live.fill.lock().await);
                         self.want_unless_ahead(key, live, room).await?
                     }
