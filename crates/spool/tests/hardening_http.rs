@@ -133,8 +133,10 @@ async fn silent_and_half_sent_connections_are_closed() {
     assert_eq!(status, 200, "{body}");
     assert!(started.elapsed() >= Duration::from_secs(3), "{body}");
 
-    // An SSE stream with heartbeats more often than the idle timeout stays open.
-    let server2 = Server::start(&["--idle-timeout", "1s", "--heartbeat", "300ms"]);
+    // An SSE stream with heartbeats more often than the idle timeout stays open. (Eight
+    // heartbeats per idle timeout: with 300 ms against 1 s, a heartbeat held up about 0.7 s
+    // on a loaded machine could let the idle check cut the stream.)
+    let server2 = Server::start(&["--idle-timeout", "2s", "--heartbeat", "250ms"]);
     let mut sse = SseClient::connect(
         server2
             .http
@@ -142,7 +144,7 @@ async fn silent_and_half_sent_connections_are_closed() {
             .bearer_auth(API_KEY),
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     server2.publish("idle-sse", "after the quiet").await;
     let ev = sse.next(Duration::from_secs(5)).await.expect("event");
     assert_eq!(ev.data, "after the quiet");
