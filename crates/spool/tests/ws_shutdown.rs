@@ -2,7 +2,8 @@
 //! outbound queue, and the server then stops reading it while a reply waits for a slot. That
 //! wait must not hold the server up: SIGTERM ends such a connection at once (the process exits
 //! well within `--shutdown-timeout`, every other client still getting `reconnect` and `1001`),
-//! a take-over of its session ends it at once, and `--stuck-timeout` still closes it.
+//! a take-over of its session or an operator's disconnect ends it at once, and
+//! `--stuck-timeout` still closes it.
 
 mod common;
 
@@ -206,4 +207,27 @@ async fn the_stuck_timeout_closes_a_connection_waiting_to_answer() {
         connect_with(&server.addr, json!({"token": API_KEY, "session": session})).await;
     assert_eq!(connected["resumed"], true, "{connected}");
     assert_eq!(connected["last_close"], "slow_consumer", "{connected}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_disconnect_ends_a_connection_that_reads_nothing_at_once() {
+    let server = Server::start(&["--stuck-timeout", "60s"]);
+    let (mut peer, session) = deaf(&server.addr).await;
+    flood_until_unread(&mut peer, Flood::Unsubscribes).await;
+    let answer = server
+        .http
+        .delete(server.url(&format!("/v1/sessions/{session}")))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .expect("disconnect");
+    assert_eq!(answer.status(), 200);
+    let gone = until(Duration::from_secs(20), || async {
+        ws_connections(&server).await == 0.0
+    })
+    .await;
+    eprintln!("disconnect: the connection gone after {gone:?}");
+    let gone = gone.expect("the disconnected connection was still open 20 s later");
+    assert!(gone < Duration::from_secs(5), "{gone:?}");
+    drop(peer);
 }
