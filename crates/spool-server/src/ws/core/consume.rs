@@ -192,22 +192,32 @@ pub struct TaskEvent {
 }
 
 enum Kind {
-    Leased {
-        leased: Leased,
-        receipt: String,
-        room: Taken,
-    },
+    /// The leases of one receive that found room in the outbound buffer (all of them, unless
+    /// the buffer filled up): one event, one wake-up of the connection, and one burst of
+    /// frames on the socket, for a window.
+    Leased(Vec<Lease>),
     Reset(GroupReset),
-    Settled {
-        id: Option<u64>,
-        op: SettleOp,
-        receipts: Vec<String>,
-        results: Result<Vec<ReceiptResult>, ApiError>,
-    },
+    /// The answers of one settle operation, one per settle frame it covered, in order.
+    Settled(Vec<Answer>),
     Stopped {
         id: Option<u64>,
         reason: Option<&'static str>,
     },
+}
+
+/// A leased message for the connection: its receipt, and the outbound room it took.
+struct Lease {
+    leased: Leased,
+    receipt: String,
+    room: Taken,
+}
+
+/// The answer to one settle frame.
+struct Answer {
+    id: Option<u64>,
+    op: SettleOp,
+    receipts: Vec<String>,
+    results: Result<Vec<ReceiptResult>, ApiError>,
 }
 
 /// Shared by a consume's task and its connection.
@@ -247,6 +257,7 @@ struct SettleJob {
 
 struct Handle {
     generation: u64,
+    stream: StreamName,
     consumer: Arc<str>,
     shared: Arc<Shared>,
     settles: mpsc::Sender<SettleJob>,
@@ -380,10 +391,20 @@ impl Consumes {
                 reason,
                 visibility_timeout,
             } => {
-                let name =
-                    StreamName::new(&stream).map_err(|e| ApiError::invalid_name(&stream, e))?;
+                // The consume's own name when it exists (no copy of the frame's per frame);
+                // the same checks, in the same order, either way.
+                let found = self.find(&stream, &group);
+                let made;
+                let name = match found {
+                    Some(handle) => &handle.stream,
+                    None => {
+                        made = StreamName::new(&stream)
+                            .map_err(|e| ApiError::invalid_name(&stream, e))?;
+                        &made
+                    }
+                };
                 // Rights may have changed since the consume started (a refresh).
-                principal.check(Action::Consume, &name)?;
+                principal.check(Action::Consume, name)?;
                 if receipts.len() > MAX_RECEIPTS {
                     return Err(ApiError::bad_param(format!(
                         "at most {MAX_RECEIPTS} receipts per frame; got {}",
@@ -413,7 +434,7 @@ impl Consumes {
                 )?;
                 let reason = Groups::reason(reason.as_deref())
                     .map_err(|e| ApiError::bad_param(format!("reason: {e}")))?;
-                let handle = self.handle(&stream, &group)?;
+                let handle = found.ok_or_else(|| not_consuming(&stream, &group))?;
                 let how = match op {
                     SettleOp::Ack => Settle::Ack,
                     SettleOp::Nack => Settle::Nack {
@@ -470,12 +491,17 @@ impl Consumes {
     }
 
     fn handle(&self, stream: &str, group: &str) -> Result<&Handle, ApiError> {
-        self.handles.get(&key(stream, group)).ok_or_else(|| {
-            ApiError::bad_param(format!(
-                "not consuming group {group:?} of stream {stream:?} on this connection; \
-                 send consume first (a consume's leases are given back when it stops)"
-            ))
-        })
+        self.find(stream, group)
+            .ok_or_else(|| not_consuming(stream, group))
+    }
+
+    /// The consume of (`stream`, `group`): a look at each of at most [`MAX_CONSUMES`], which
+    /// costs less than hashing the names (and making the key's two `Arc`s) for every frame.
+    fn find(&self, stream: &str, group: &str) -> Option<&Handle> {
+        self.handles
+            .iter()
+            .find(|((s, g), _)| **s == *stream && **g == *group)
+            .map(|(_, handle)| handle)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -544,7 +570,7 @@ impl Consumes {
         let task = Task {
             key: key.clone(),
             generation: self.generation,
-            stream: name,
+            stream: name.clone(),
             group: group_name,
             request,
             groups,
@@ -560,6 +586,7 @@ impl Consumes {
             key,
             Handle {
                 generation: self.generation,
+                stream: name,
                 consumer: Arc::from(consumer),
                 shared,
                 settles,
@@ -584,43 +611,51 @@ impl Consumes {
             generation,
             kind,
         } = event;
-        let current = self
-            .handles
-            .get(&key)
-            .is_some_and(|h| h.generation == generation);
+        // The generation names one consume of this connection (a look at each of at most
+        // [`MAX_CONSUMES`], not a hash of the names).
+        let current = self.handles.values().any(|h| h.generation == generation);
         let (stream, group) = (&*key.0, &*key.1);
         match kind {
-            Kind::Leased {
-                leased,
-                receipt,
-                room,
-            } => {
-                let message = current
-                    .then(|| {
-                        protocol.encode_consume(&ConsumeEvent::Leased {
-                            stream,
-                            group,
-                            receipt: &receipt,
-                            deliveries: leased.delivery.deliveries,
-                            epoch: &leased.delivery.epoch,
-                            message: &leased.message,
+            Kind::Leased(leases) => {
+                let mut leases = leases.into_iter();
+                while let Some(Lease {
+                    leased,
+                    receipt,
+                    room,
+                }) = leases.next()
+                {
+                    let message = current
+                        .then(|| {
+                            protocol.encode_consume(&ConsumeEvent::Leased {
+                                stream,
+                                group,
+                                receipt: &receipt,
+                                deliveries: leased.delivery.deliveries,
+                                epoch: &leased.delivery.epoch,
+                                message: &leased.message,
+                            })
                         })
-                    })
-                    .flatten();
-                match message {
-                    Some(message) => {
-                        out.send(Frame {
-                            message,
-                            room,
-                            delivered: None,
-                        })
-                        .await
-                    }
-                    None => {
-                        self.room.give_back(room);
-                        Ok(())
+                        .flatten();
+                    match message {
+                        Some(message) => {
+                            let sent = out
+                                .send(Frame {
+                                    message,
+                                    room,
+                                    delivered: None,
+                                })
+                                .await;
+                            if sent.is_err() {
+                                for lease in leases {
+                                    self.room.give_back(lease.room);
+                                }
+                                return sent;
+                            }
+                        }
+                        None => self.room.give_back(room),
                     }
                 }
+                Ok(())
             }
             Kind::Reset(reset) if current => {
                 send_event(
@@ -635,29 +670,35 @@ impl Consumes {
                 .await
             }
             Kind::Reset(_) => Ok(()),
-            Kind::Settled {
-                id,
-                op,
-                receipts,
-                results,
-            } => match results {
-                Ok(results) => {
-                    send_event(
-                        protocol,
-                        out,
-                        &ConsumeEvent::Settled {
-                            id,
-                            stream,
-                            group,
-                            op,
-                            receipts: &receipts,
-                            results: &results,
-                        },
-                    )
-                    .await
+            Kind::Settled(answers) => {
+                for Answer {
+                    id,
+                    op,
+                    receipts,
+                    results,
+                } in answers
+                {
+                    match results {
+                        Ok(results) => {
+                            send_event(
+                                protocol,
+                                out,
+                                &ConsumeEvent::Settled {
+                                    id,
+                                    stream,
+                                    group,
+                                    op,
+                                    receipts: &receipts,
+                                    results: &results,
+                                },
+                            )
+                            .await?
+                        }
+                        Err(e) => reply_error(protocol, out, id, &e).await?,
+                    }
                 }
-                Err(e) => reply_error(protocol, out, id, &e).await,
-            },
+                Ok(())
+            }
             Kind::Stopped { id, reason } => {
                 if current {
                     self.handles.remove(&key);
@@ -707,6 +748,22 @@ impl Handle {
 
 fn key(stream: &str, group: &str) -> Key {
     (Arc::from(stream), Arc::from(group))
+}
+
+/// The elements of `v` from `at` on, taken off it (all of it without a copy when `at` is 0).
+fn tail<T>(v: &mut Vec<T>, at: usize) -> Vec<T> {
+    if at == 0 {
+        std::mem::take(v)
+    } else {
+        v.split_off(at)
+    }
+}
+
+fn not_consuming(stream: &str, group: &str) -> ApiError {
+    ApiError::bad_param(format!(
+        "not consuming group {group:?} of stream {stream:?} on this connection; \
+         send consume first (a consume's leases are given back when it stops)"
+    ))
 }
 
 fn check_credit(credit: u32) -> Result<(), ApiError> {
@@ -836,6 +893,16 @@ impl Task {
     /// The pusher: receive while the window has room, until cancelled.
     async fn push(&self) {
         let mut retry = Duration::from_millis(100);
+        let mut request = self.request.clone();
+        // The receive under way ends when the window shrinks under it (a `credit` cancels
+        // this token): one token for every receive, made again only once cancelled, rather
+        // than a child token (an allocation and two locks of the parent) per receive.
+        let mut round = self.round();
+        // One timer for the waits of a full window, moved to each wait's end: a later end
+        // only moves its deadline (tokio re-registers a timer only for an earlier one), where
+        // a new `sleep` per wait registered and removed a timer per message at credit 1.
+        let idle = tokio::time::sleep(POLL);
+        tokio::pin!(idle);
         while !self.cancel.is_cancelled() {
             let woken = self.shared.wake.notified();
             tokio::pin!(woken);
@@ -844,25 +911,26 @@ impl Task {
             let (room, next_end) = self.shared.room(now);
             if room == 0 {
                 let until = next_end.map_or(POLL, |end| Duration::from_millis(end - now));
+                idle.as_mut().reset(Instant::now() + until);
                 tokio::select! {
                     _ = &mut woken => {}
-                    _ = tokio::time::sleep(until) => {}
+                    _ = &mut idle => {}
                     _ = self.cancel.cancelled() => return,
                 }
                 continue;
             }
             // Lease nothing while the client's outbound buffer is full: it reads slowly, and
             // a lease waiting behind it would only run out.
-            tokio::select! {
-                taken = self.room.take() => self.room.give_back(taken),
-                _ = self.cancel.cancelled() => return,
+            if self.room.is_full() {
+                tokio::select! {
+                    taken = self.room.take() => self.room.give_back(taken),
+                    _ = self.cancel.cancelled() => return,
+                }
             }
-            let round = self.cancel.child_token();
-            *self.shared.round.lock() = Some(round.clone());
-            let request = ReceiveRequest {
-                max: room,
-                ..self.request.clone()
-            };
+            if round.is_cancelled() {
+                round = self.round();
+            }
+            request.max = room;
             let answer = self
                 .groups
                 .receive(
@@ -873,7 +941,6 @@ impl Task {
                     &round,
                 )
                 .await;
-            *self.shared.round.lock() = None;
             let answer = match answer {
                 Ok(answer) => {
                     retry = Duration::from_millis(100);
@@ -900,34 +967,73 @@ impl Task {
             if let Some(reset) = answer.reset {
                 self.emit(Kind::Reset(reset)).await;
             }
-            for leased in answer.messages {
-                let receipt = leased.delivery.receipt.encode();
-                self.shared
-                    .held
-                    .lock()
-                    .insert(receipt.clone(), leased.delivery.until_ms);
-                if self.cancel.is_cancelled() {
-                    // Held: given back on the way out.
-                    continue;
-                }
-                // Its share of the outbound buffer, as a subscription's delivery takes.
-                let room = tokio::select! {
-                    taken = self.room.take() => taken,
-                    _ = self.cancel.cancelled() => continue,
+            if answer.messages.is_empty() {
+                continue;
+            }
+            // Held from now on: settled by the member, or given back on the way out.
+            let leases: Vec<Lease> = {
+                let mut held = self.shared.held.lock();
+                answer
+                    .messages
+                    .into_iter()
+                    .map(|leased| {
+                        let receipt = leased.delivery.receipt.encode();
+                        held.insert(receipt.clone(), leased.delivery.until_ms);
+                        Lease {
+                            leased,
+                            receipt,
+                            room: Taken::default(),
+                        }
+                    })
+                    .collect()
+            };
+            self.send_leases(leases).await;
+        }
+    }
+
+    /// A new token for the receives, the one a `credit` cancels.
+    fn round(&self) -> CancellationToken {
+        let round = self.cancel.child_token();
+        *self.shared.round.lock() = Some(round.clone());
+        round
+    }
+
+    /// Hands a receive's leases to the connection, each with its share of the outbound
+    /// buffer as a subscription's delivery takes: as many as there is room for in one event,
+    /// then (the buffer full) the rest as room comes back.
+    async fn send_leases(&self, leases: Vec<Lease>) {
+        let mut leases = leases.into_iter().peekable();
+        while leases.peek().is_some() {
+            if self.cancel.is_cancelled() {
+                return;
+            }
+            let mut left = tokio::select! {
+                taken = self.room.take() => taken,
+                _ = self.cancel.cancelled() => return,
+            };
+            let mut run = Vec::with_capacity(left.messages.min(leases.len()));
+            let mut taken = Taken::default();
+            // Each lease takes one message and at least one byte, as a `take` of its own did.
+            while left.messages > 0 && (run.is_empty() || left.bytes > 0) {
+                let Some(mut lease) = leases.next() else {
+                    break;
                 };
-                let bytes = (leased.message.retained_bytes() as usize).min(room.bytes);
-                let share = Taken { messages: 1, bytes };
-                self.room.give_back(Taken {
-                    messages: room.messages - 1,
-                    bytes: room.bytes - bytes,
-                });
-                let sent = tokio::select! {
-                    sent = self.emit(Kind::Leased { leased, receipt, room: share }) => sent,
-                    _ = self.cancel.cancelled() => false,
-                };
-                if !sent {
-                    self.room.give_back(share);
-                }
+                let bytes = (lease.leased.message.retained_bytes() as usize).min(left.bytes);
+                lease.room = Taken { messages: 1, bytes };
+                left.messages -= 1;
+                left.bytes -= bytes;
+                taken.messages += 1;
+                taken.bytes += bytes;
+                run.push(lease);
+            }
+            self.room.give_back(left);
+            let sent = tokio::select! {
+                sent = self.emit(Kind::Leased(run)) => sent,
+                _ = self.cancel.cancelled() => false,
+            };
+            if !sent {
+                self.room.give_back(taken);
+                return;
             }
         }
     }
@@ -941,11 +1047,17 @@ impl Task {
                 None => match jobs.recv().await {
                     Some(job) => {
                         let job = self.dequeued(job);
-                        if job.op == SettleOp::Ack && jobs.is_empty() {
+                        if job.op == SettleOp::Ack
+                            && jobs.is_empty()
+                            && self.shared.held.lock().len() > job.receipts.len()
+                        {
                             // A member acking a window of leases writes its ack frames
                             // together; the connection is likely still decoding the rest of
                             // them. Let it run first, so they share this settle (one group
-                            // commit) instead of one commit, and one receive, each.
+                            // commit) instead of one commit, and one receive, each. Not when
+                            // this ack covers every lease the consume holds (a window of one,
+                            // or one frame for the window): no other ack of it can be coming,
+                            // and the turn would only delay this one.
                             tokio::task::yield_now().await;
                         }
                         job
@@ -968,36 +1080,37 @@ impl Task {
                     }
                 }
             }
-            let receipts: Vec<String> = batch
-                .iter()
-                .flat_map(|j| j.receipts.iter().cloned())
-                .collect();
-            let how = batch[0].how.clone();
+            // The receipts of every frame in one list, moved, not copied (split again below).
+            let counts: Vec<usize> = batch.iter().map(|j| j.receipts.len()).collect();
+            let mut receipts = std::mem::take(&mut batch[0].receipts);
+            for job in &mut batch[1..] {
+                receipts.append(&mut job.receipts);
+            }
             let results = self
                 .groups
-                .settle(&self.stream, &self.group, &receipts, &how)
+                .settle(&self.stream, &self.group, &receipts, &batch[0].how)
                 .await;
-            let mut results = match results {
-                Ok(results) => {
-                    self.settled(&batch[0], &receipts, &results);
-                    Ok(results.into_iter())
-                }
-                Err(e) => Err(ApiError::from(e)),
-            };
-            for job in batch {
-                let n = job.receipts.len();
+            if let Ok(results) = &results {
+                self.settled(&batch[0], &receipts, results);
+            }
+            let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
+            let mut results = results.map_err(ApiError::from);
+            // From the last frame back, each takes its receipts (and results) off the end.
+            for (job, n) in batch.iter().zip(&counts).rev() {
+                let at = receipts.len() - n;
                 let answer = match &mut results {
-                    Ok(all) => Ok(all.by_ref().take(n).collect()),
+                    Ok(all) => Ok(tail(all, at.min(all.len()))),
                     Err(e) => Err(ApiError::new(e.status, e.code, e.message.clone())),
                 };
-                self.emit(Kind::Settled {
+                answers.push(Answer {
                     id: job.id,
                     op: job.op,
-                    receipts: job.receipts,
+                    receipts: tail(&mut receipts, at),
                     results: answer,
-                })
-                .await;
+                });
             }
+            answers.reverse();
+            self.emit(Kind::Settled(answers)).await;
         }
     }
 
