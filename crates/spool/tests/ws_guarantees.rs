@@ -467,9 +467,13 @@ async fn a_client_that_keeps_sending_requests_but_reads_nothing_is_closed_too() 
     let request = json!({"type":"subscribe","stream":"not a stream name"}).to_string();
     let started = Instant::now();
     let mut sent = 0u64;
+    // A send blocked for 5 s means the server stopped reading. (1 s was too short a sign on a
+    // loaded machine: a server merely descheduled that long, with the socket buffers full of
+    // requests, looked stopped, and once it went on its answers to that many requests fitted
+    // in the socket buffers, so it never got stuck at all.)
     loop {
         let send = stuck.socket.send(Message::text(request.clone()));
-        match tokio::time::timeout(Duration::from_secs(1), send).await {
+        match tokio::time::timeout(Duration::from_secs(5), send).await {
             Ok(Ok(())) => sent += 1,
             Ok(Err(_)) | Err(_) => break,
         }
