@@ -216,7 +216,19 @@ async fn deleting_a_stream_resets_its_readers_and_starts_a_new_epoch() {
             r.json::<Value>().await.unwrap()
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Waiting indeed (on a loaded machine 300 ms of sleep did not make sure of it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while server
+        .metric(r#"spool_connections{transport="poll"}"#)
+        .await
+        != Some(1.0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the long-poll did not reach the server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (status, body) = call(
         &server,
         reqwest::Method::DELETE,

@@ -70,7 +70,16 @@ async fn delete_on_one_node_resets_subscribers_on_the_other(backend: Backend) {
     let (status, body) = call(n1, reqwest::Method::GET, "/v1/streams", None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(listed(&body), ["doomed", "kept"], "{body}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Waiting indeed (on a loaded machine 500 ms of sleep did not make sure of it).
+    let until = Instant::now() + Duration::from_secs(20);
+    while n1.metric(r#"spool_connections{transport="poll"}"#).await != Some(1.0) {
+        assert!(
+            Instant::now() < until,
+            "{}: the long-poll did not reach node 1",
+            backend.name()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let (status, body) = call(n0, reqwest::Method::DELETE, "/v1/streams/doomed", None).await;
     assert_eq!(status, 200, "{body}");
