@@ -1271,7 +1271,12 @@ impl Groups {
                             && self.ahead_limit(live, want.limit) > want.limit =>
                     {
                         gate = Some(live.fill.lock().await);
-                        self.want_unless_ahead(key, live, room).await?
+                        let again = self.want_unless_ahead(key, live, room).await?;
+                        if again.is_none() {
+                            // Filled meanwhile: served under the lock, the gate is not needed.
+                            gate = None;
+                        }
+                        again
                     }
                     want => want,
                 }
