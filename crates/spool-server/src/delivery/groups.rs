@@ -746,7 +746,7 @@ impl Groups {
                             Some(f)
                         }
                         None => {
-                            let batch = self.read_for(key, live, want).await?;
+                            let batch = self.read_for(key, live, want, true).await?;
                             Some(Fetched::new(want, batch, r.bytes, r.max_bytes))
                         }
                     }
@@ -818,8 +818,18 @@ impl Groups {
     /// The engine read of a receive round for `want`, reading ahead when the group may keep a
     /// read-ahead (see [`ReadAhead`]): what the round did not ask for is kept in the group's
     /// live entry, and the batch answered is cut to `want.limit`.
-    async fn read_for(&self, key: &Key, live: &Live, want: Want) -> Result<ReadBatch, GroupError> {
-        let limit = self.ahead_limit(live, want.limit);
+    async fn read_for(
+        &self,
+        key: &Key,
+        live: &Live,
+        want: Want,
+        ahead: bool,
+    ) -> Result<ReadBatch, GroupError> {
+        let limit = if ahead {
+            self.ahead_limit(live, want.limit)
+        } else {
+            want.limit
+        };
         let mut batch = self.engine.read(&key.0, want.after, limit).await?;
         live.ahead.lock().absorb(
             &batch,
@@ -1257,11 +1267,13 @@ impl Groups {
             // Under the lock: `want`, and whether the group's read-ahead can answer it. A
             // round the read-ahead answers runs want → take → receive in one hold of the lock
             // (no I/O in it), so no other member takes the same messages in between. While the
-            // group is behind the stream's head, a round that reads ahead takes the group's
-            // fill gate first, so members that find the read-ahead empty at once make one
-            // read, not one each: the others wait at the gate (not holding the group's lock)
-            // and find it filled.
+            // group is behind the stream's head, only the round holding the group's fill gate
+            // reads ahead, so members that find the read-ahead empty at once make one large
+            // read, not one each; the others read their own room meanwhile (as without
+            // read-ahead) rather than wait for that read — a member waiting there stalled
+            // batches of 32 with 8 members.
             let mut gate = None;
+            let mut alone = false;
             let unlocked_want = if locked {
                 None
             } else {
@@ -1270,13 +1282,23 @@ impl Groups {
                         if live.ahead.lock().behind
                             && self.ahead_limit(live, want.limit) > want.limit =>
                     {
-                        gate = Some(live.fill.lock().await);
-                        let again = self.want_unless_ahead(key, live, room).await?;
-                        if again.is_none() {
-                            // Filled meanwhile: served under the lock, the gate is not needed.
-                            gate = None;
+                        match live.fill.try_lock() {
+                            Ok(held) => {
+                                gate = Some(held);
+                                let again = self.want_unless_ahead(key, live, room).await?;
+                                if again.is_none() {
+                                    // Filled meanwhile: served under the lock.
+                                    gate = None;
+                                }
+                                again
+                            }
+                            // Another round is filling it: read this round's own room, as
+                            // without read-ahead, rather than wait for that read.
+                            Err(_) => {
+                                alone = true;
+                                Some(want)
+                            }
                         }
-                        again
                     }
                     want => want,
                 }
@@ -1302,7 +1324,7 @@ impl Groups {
                     (received, stale, f, tail)
                 }
                 Some(want) => {
-                    let batch = self.read_for(key, live, want).await?;
+                    let batch = self.read_for(key, live, want, !alone).await?;
                     drop(gate);
                     #[cfg(test)]
                     {
@@ -2251,8 +2273,8 @@ mod tests {
         }
     }
 
-    /// Members racing for a backlog with receives of one message: one engine read per
-    /// read-ahead, as members that find it empty wait for the one filling it.
+    /// Members racing for a backlog with receives of one message: about one engine read per
+    /// read-ahead (members that find it empty while another fills it read their own one).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn members_racing_share_one_read_ahead() {
         let (groups, counting, engine, _time) = counting_setup(DEFAULT_READ_AHEAD_BYTES);
