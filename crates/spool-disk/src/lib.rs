@@ -816,7 +816,7 @@ impl Engine for DiskEngine {
 /// ones once a minute.
 #[async_trait]
 impl SessionStore for DiskEngine {
-    async fn save_sessions(&self, records: Vec<SessionRecord>) -> Result<(), EngineError> {
+    async fn save_sessions(&self, records: Vec<SessionRecord>) -> Result<Vec<String>, EngineError> {
         let sessions = self.sessions.clone();
         let now = self.config.clock.now_ms();
         blocking(move || sessions.save(&records, now)).await

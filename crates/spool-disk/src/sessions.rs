@@ -13,8 +13,12 @@ use spool_engine::{
     sessions::{MAX_SESSIONS, refused},
 };
 
-/// Table of the session file: id → 8 bytes of expiry (big-endian ms) then the record.
-const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+/// Table of the session file: id → 8 bytes of expiry (big-endian ms), 8 of the holder that
+/// wrote it (`SessionRecord::holder`, big-endian), then the record.
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions.held");
+/// The table before records named their holder: id → expiry then the record. Its records move
+/// to [`SESSIONS`] (holder 0: no connection holds them) when the file is opened.
+const LEGACY: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 
 /// Sessions in a `redb` file. Every save is one transaction with an fsync; the server batches
 /// its saves (one per second or so), so this costs little.
@@ -33,7 +37,23 @@ impl SessionFile {
             .set_check_integrity_on_open(true)
             .create(path)?;
         let txn = db.begin_write()?;
-        txn.open_table(SESSIONS)?;
+        {
+            let mut table = txn.open_table(SESSIONS)?;
+            let legacy = txn.open_table(LEGACY)?;
+            let mut value = Vec::new();
+            for entry in legacy.iter()? {
+                let (id, old) = entry?;
+                let Some((head, data)) = old.value().split_first_chunk::<8>() else {
+                    continue;
+                };
+                value.clear();
+                value.extend_from_slice(head);
+                value.extend_from_slice(&0u64.to_be_bytes());
+                value.extend_from_slice(data);
+                table.insert(id.value(), value.as_slice())?;
+            }
+        }
+        txn.delete_table(LEGACY)?;
         txn.commit()?;
         Ok(Self { db, max })
     }
@@ -58,24 +78,37 @@ impl SessionFile {
         }
     }
 
-    /// Saves `sessions` in one transaction. At the limit (once expired records are purged)
-    /// only new sessions are refused — the rest of the batch is saved — and the answer is
-    /// `Limit`.
-    pub fn save(&self, sessions: &[SessionRecord], now: u64) -> Result<(), EngineError> {
+    /// Saves `sessions` in one transaction (write transactions are serialized: each record's
+    /// holder is checked and written in one step); answers the ids refused because another
+    /// holder wrote them since (`SessionRecord::take_over`). At the limit (once expired
+    /// records are purged) only new sessions are refused — the rest of the batch is saved —
+    /// and the answer is `Limit`.
+    pub fn save(&self, sessions: &[SessionRecord], now: u64) -> Result<Vec<String>, EngineError> {
         let max = self.max as u64;
-        let run = || -> Result<usize, redb::Error> {
+        let run = || -> Result<(usize, Vec<String>), redb::Error> {
             let mut txn = self.db.begin_write()?;
             txn.set_durability(Durability::Immediate)?;
             let mut refused_new = 0;
+            let mut superseded = Vec::new();
             {
                 let mut table = txn.open_table(SESSIONS)?;
                 let mut stored = table.len()?;
                 let mut purged = false;
                 let mut value = Vec::new();
                 for s in sessions {
-                    if table.get(s.id.as_str())?.is_none() {
+                    let existing = table
+                        .get(s.id.as_str())?
+                        .map(|v| split(v.value()).map(|(exp, holder, _)| (exp, holder)));
+                    if let Some(Some((expires_at, holder))) = existing
+                        && expires_at > now
+                        && !s.may_replace(holder)
+                    {
+                        superseded.push(s.id.clone());
+                        continue;
+                    }
+                    if existing.is_none() {
                         if stored >= max && !purged {
-                            table.retain(|_, v| split(v).is_some_and(|(exp, _)| exp > now))?;
+                            table.retain(|_, v| split(v).is_some_and(|(exp, _, _)| exp > now))?;
                             stored = table.len()?;
                             purged = true;
                         }
@@ -87,16 +120,17 @@ impl SessionFile {
                     }
                     value.clear();
                     value.extend_from_slice(&s.expires_at.to_be_bytes());
+                    value.extend_from_slice(&s.holder.to_be_bytes());
                     value.extend_from_slice(&s.data);
                     table.insert(s.id.as_str(), value.as_slice())?;
                 }
             }
             txn.commit()?;
-            Ok(refused_new)
+            Ok((refused_new, superseded))
         };
         match run() {
-            Ok(0) => Ok(()),
-            Ok(n) => Err(refused(self.max, n)),
+            Ok((0, superseded)) => Ok(superseded),
+            Ok((n, _)) => Err(refused(self.max, n)),
             Err(e) => Err(EngineError::unavailable_from("cannot save sessions", e)),
         }
     }
@@ -108,7 +142,7 @@ impl SessionFile {
             let Some(value) = table.get(id)? else {
                 return Ok(None);
             };
-            Ok(split(value.value()).and_then(|(expires_at, data)| {
+            Ok(split(value.value()).and_then(|(expires_at, _, data)| {
                 (expires_at > now).then(|| Bytes::copy_from_slice(data))
             }))
         };
@@ -133,7 +167,7 @@ impl SessionFile {
             {
                 let mut table = txn.open_table(SESSIONS)?;
                 let before = table.len()?;
-                table.retain(|_, value| split(value).is_some_and(|(exp, _)| exp > now))?;
+                table.retain(|_, value| split(value).is_some_and(|(exp, _, _)| exp > now))?;
                 removed = before - table.len()?;
             }
             txn.commit()?;
@@ -152,9 +186,15 @@ pub fn damage(e: redb::Error) -> std::io::Result<String> {
     }
 }
 
-fn split(value: &[u8]) -> Option<(u64, &[u8])> {
-    let (head, data) = value.split_first_chunk::<8>()?;
-    Some((u64::from_be_bytes(*head), data))
+/// A stored value: (expiry, holder, record).
+fn split(value: &[u8]) -> Option<(u64, u64, &[u8])> {
+    let (expires_at, rest) = value.split_first_chunk::<8>()?;
+    let (holder, data) = rest.split_first_chunk::<8>()?;
+    Some((
+        u64::from_be_bytes(*expires_at),
+        u64::from_be_bytes(*holder),
+        data,
+    ))
 }
 
 #[cfg(test)]
@@ -178,6 +218,41 @@ mod tests {
         assert!(f.load("b", 0).unwrap().is_none());
         f.delete("a").unwrap();
         assert!(f.load("a", 0).unwrap().is_none());
+    }
+
+    /// A file written before records named their holder opens with its records (no one's).
+    #[test]
+    fn records_of_the_older_layout_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(LEGACY).unwrap();
+                let mut value = 500u64.to_be_bytes().to_vec();
+                value.extend_from_slice(b"old");
+                table.insert("a", value.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let f = SessionFile::open(&path, 10).unwrap();
+        assert_eq!(f.load("a", 0).unwrap().unwrap(), "old");
+        assert!(f.load("a", 500).unwrap().is_none());
+        let taken = SessionRecord {
+            holder: 7,
+            take_over: true,
+            ..record("a", 600)
+        };
+        assert!(f.save(&[taken], 0).unwrap().is_empty());
+        let stale = SessionRecord {
+            holder: 0,
+            ..record("a", 600)
+        };
+        assert_eq!(f.save(&[stale], 0).unwrap(), ["a"]);
+        drop(f);
+        let f = SessionFile::open(&path, 10).unwrap();
+        assert_eq!(f.load("a", 0).unwrap().unwrap(), "data of a");
     }
 
     #[test]

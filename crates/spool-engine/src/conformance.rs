@@ -43,6 +43,8 @@ pub fn session_record(id: &str, expires_at: u64) -> SessionRecord {
         id: id.into(),
         data: Bytes::from(format!("data of {id}")),
         expires_at,
+        holder: 0,
+        take_over: false,
     }
 }
 
@@ -114,6 +116,7 @@ pub async fn run(backend: &dyn Backend) {
     watchers_see_the_head_move(backend).await;
     a_watch_set_up_while_another_node_publishes_misses_nothing(backend).await;
     sessions_are_kept_until_they_expire(backend).await;
+    a_session_taken_over_refuses_its_old_holder(backend).await;
     concurrent_appends_from_every_node_get_unique_gap_free_offsets(backend).await;
     reads_never_see_holes_while_appends_run(backend).await;
 }
@@ -507,6 +510,8 @@ async fn sessions_are_kept_until_they_expire(backend: &dyn Backend) {
         id: id.into(),
         data: Bytes::from_static(data.as_bytes()),
         expires_at,
+        holder: 0,
+        take_over: false,
     };
     let id = format!("conformance-session-{now}");
     let gone = format!("conformance-expired-{now}");
@@ -538,6 +543,118 @@ async fn sessions_are_kept_until_they_expire(backend: &dyn Backend) {
     store.delete_session(&id).await.unwrap();
     assert!(store.load_session(&id).await.unwrap().is_none());
     assert!(store.load_session("never-saved").await.unwrap().is_none());
+}
+
+/// A connection whose session was taken over (here or on another node) cannot overwrite the
+/// record its successor saved: its saves are refused and named, atomically with the take-over
+/// even while they race it.
+async fn a_session_taken_over_refuses_its_old_holder(backend: &dyn Backend) {
+    let ns = backend.namespace(Settings::default()).await;
+    let old_node = ns.session_store().await;
+    let new_node = if ns.clustered() {
+        ns.session_store().await
+    } else {
+        old_node.clone()
+    };
+    let now = spool_core::now_ms();
+    let id = format!("conformance-takeover-{now}");
+    let other = format!("conformance-takeover-other-{now}");
+    let record = |id: &str, holder, take_over, data: String| SessionRecord {
+        id: id.into(),
+        data: Bytes::from(data),
+        expires_at: now + 60_000,
+        holder,
+        take_over,
+    };
+    let saved = old_node
+        .save_sessions(vec![record(&id, 1, false, "old 1".into())])
+        .await
+        .expect("save");
+    assert!(saved.is_empty(), "sessions: a first save is no one else's");
+    let saved = new_node
+        .save_sessions(vec![record(&id, 2, true, "new 1".into())])
+        .await
+        .unwrap();
+    assert!(
+        saved.is_empty(),
+        "sessions: a take-over replaces any holder"
+    );
+    let refused = old_node
+        .save_sessions(vec![
+            record(&id, 1, false, "old 2".into()),
+            record(&other, 1, false, "other".into()),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        refused,
+        std::slice::from_ref(&id),
+        "sessions: the old holder's save is refused, the rest of its batch saved"
+    );
+    assert_eq!(old_node.load_session(&id).await.unwrap().unwrap(), "new 1");
+    assert_eq!(
+        old_node.load_session(&other).await.unwrap().unwrap(),
+        "other"
+    );
+    let saved = new_node
+        .save_sessions(vec![record(&id, 2, false, "new 2".into())])
+        .await
+        .unwrap();
+    assert!(
+        saved.is_empty(),
+        "sessions: the holder saves its own record"
+    );
+    assert_eq!(new_node.load_session(&id).await.unwrap().unwrap(), "new 2");
+
+    // The old holder saving in a loop while the session is taken over: once the take-over
+    // has returned, nothing of the old holder's lands, whatever was in flight.
+    for round in 0..5u64 {
+        let holder = 10 + 2 * round;
+        old_node
+            .save_sessions(vec![record(&id, holder, true, "racing 0".into())])
+            .await
+            .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let racer = {
+            let (store, id, stop) = (old_node.clone(), id.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let r = SessionRecord {
+                        id: id.clone(),
+                        data: Bytes::from(format!("racing {n}")),
+                        expires_at: now + 60_000,
+                        holder,
+                        take_over: false,
+                    };
+                    let _ = store.save_sessions(vec![r]).await;
+                    // An in-memory store answers without yielding: let the take-over run.
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        new_node
+            .save_sessions(vec![record(
+                &id,
+                holder + 1,
+                true,
+                format!("taken {round}"),
+            )])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        racer.await.unwrap();
+        assert_eq!(
+            new_node.load_session(&id).await.unwrap().unwrap(),
+            format!("taken {round}"),
+            "sessions: an old holder's save landed after the take-over (round {round})"
+        );
+    }
+    old_node.delete_session(&id).await.unwrap();
+    old_node.delete_session(&other).await.unwrap();
 }
 
 async fn concurrent_appends_from_every_node_get_unique_gap_free_offsets(backend: &dyn Backend) {

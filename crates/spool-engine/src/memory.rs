@@ -291,7 +291,10 @@ impl StreamAdmin for MemoryEngine {
 /// Sessions in a [`SessionTable`] beside the streams; `sweep` forgets the expired ones.
 #[async_trait]
 impl SessionStore for MemoryEngine {
-    async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError> {
+    async fn save_sessions(
+        &self,
+        sessions: Vec<SessionRecord>,
+    ) -> Result<Vec<String>, EngineError> {
         self.sessions.save(sessions, self.now_ms())
     }
 
@@ -418,6 +421,8 @@ mod tests {
             id: id.into(),
             data: Bytes::from_static(data.as_bytes()),
             expires_at: spool_core::now_ms() + 60_000,
+            holder: 0,
+            take_over: false,
         };
         store.save_sessions(vec![record("a", "1")]).await.unwrap();
         let err = store
@@ -541,6 +546,8 @@ mod tests {
                 id: "s1".into(),
                 data: Bytes::from_static(b"cursor"),
                 expires_at,
+                holder: 0,
+                take_over: false,
             }])
             .await
             .unwrap();

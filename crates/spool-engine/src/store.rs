@@ -33,11 +33,17 @@ use spool_core::{Offset, StreamState};
 /// (`--max-sessions`: [`crate::sessions::refused`]; the server does not retry those).
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
-    /// Saves session records (SPEC §3), replacing any with the same id. The server batches
-    /// these: one call carries every session that changed since the last one. An engine that
-    /// bounds its sessions (`--max-sessions`) saves, at the bound, every session it already
-    /// holds and refuses only the new ones, answering `Limit`.
-    async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError>;
+    /// Saves session records (SPEC §3), replacing any with the same id — unless the stored
+    /// record (unexpired) was written by another holder and the record does not take the
+    /// session over ([`SessionRecord::take_over`]): that one is refused, nothing written, and
+    /// its id is in the answer. The check and the write are one atomic step per record, on
+    /// every node sharing the store (a stale holder's save racing a take-over elsewhere
+    /// cannot land after it). The server batches these: one call carries every session that
+    /// changed since the last one. An engine that bounds its sessions (`--max-sessions`)
+    /// saves, at the bound, every session it already holds and refuses only the new ones,
+    /// answering `Limit` (then the ids refused as taken over are not named).
+    async fn save_sessions(&self, sessions: Vec<SessionRecord>)
+    -> Result<Vec<String>, EngineError>;
 
     /// A session record, unless it is unknown or expired.
     async fn load_session(&self, id: &str) -> Result<Option<Bytes>, EngineError>;

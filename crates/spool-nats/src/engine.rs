@@ -911,8 +911,11 @@ impl Engine for NatsEngine {
 /// Sessions in the `<prefix>_sessions` KV bucket (`sessions.rs`), on the node's connection.
 #[async_trait]
 impl SessionStore for NatsEngine {
-    async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError> {
-        self.inner.sessions.save(&sessions).await
+    async fn save_sessions(
+        &self,
+        sessions: Vec<SessionRecord>,
+    ) -> Result<Vec<String>, EngineError> {
+        self.inner.sessions.save(&sessions, now_ms()).await
     }
 
     async fn load_session(&self, id: &str) -> Result<Option<Bytes>, EngineError> {

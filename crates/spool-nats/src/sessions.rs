@@ -7,7 +7,15 @@
 //! expiry, since a record usually expires long before the bucket would drop it.
 //!
 //! Writes are publishes to the bucket's subjects (pipelined: a batch of sessions costs one
-//! round trip, not one each). Loads ask the stream's leader for the key's last message, not a
+//! round trip, not one each). Each carries the holder that wrote it (header
+//! `Spool-Session-Holder`): a save that does not take the session over first reads the key's
+//! last message (one more round trip, concurrent for the batch) and is refused if another
+//! holder wrote it, then publishes with `Nats-Expected-Last-Subject-Sequence` naming that
+//! message, so JetStream refuses it if anything reached the key since (a take-over racing
+//! it): a connection whose session was taken over on any node never overwrites its
+//! successor's record. (A JetStream cluster of nats-server before 2.9.21 checks that header
+//! only before the Raft proposal, nats-io/nats-server#4320: there a stale save racing a
+//! take-over within the same instant may still land; see `groups.rs`.) Loads ask the stream's leader for the key's last message, not a
 //! replica by direct get, so a session saved on one node is seen by the next load on any node
 //! even while a replica lags.
 
@@ -24,6 +32,18 @@ use spool_engine::{EngineError, Limit, SessionRecord};
 use crate::{config::NatsConfig, jetstream::Api, names};
 
 const KV_OPERATION: &str = "KV-Operation";
+/// The holder that wrote a record (`SessionRecord::holder`, decimal).
+const HOLDER: &str = "Spool-Session-Holder";
+
+/// What a save of one record publishes with.
+enum Check {
+    /// Whatever the key holds (a take-over).
+    Any,
+    /// Only if the key's last message is still this one (0: none).
+    After(u64),
+    /// Refused: another holder wrote the record.
+    Superseded,
+}
 
 pub(crate) struct Sessions {
     api: Api,
@@ -73,8 +93,12 @@ impl Sessions {
         format!("$KV.{}.{}", self.bucket, names::session_key(id))
     }
 
-    pub async fn save(&self, records: &[SessionRecord]) -> Result<(), EngineError> {
-        match self.save_once(records).await {
+    pub async fn save(
+        &self,
+        records: &[SessionRecord],
+        now: u64,
+    ) -> Result<Vec<String>, EngineError> {
+        match self.save_once(records, now).await {
             Err(NoResponders) => {
                 // Nothing took the writes. Only when JetStream says the bucket is gone (the
                 // NATS servers lost their data) is it made again, once; otherwise it has no
@@ -82,7 +106,7 @@ impl Sessions {
                 self.gone().await?;
                 tracing::warn!(bucket = %self.bucket, "the sessions bucket is gone; creating it again");
                 self.create_bucket().await?;
-                self.save_once(records)
+                self.save_once(records, now)
                     .await
                     .map_err(|_| no_leader(&self.bucket))?
             }
@@ -107,20 +131,37 @@ impl Sessions {
     async fn save_once(
         &self,
         records: &[SessionRecord],
-    ) -> Result<Result<(), EngineError>, NoResponders> {
-        let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(records.len());
+        now: u64,
+    ) -> Result<Result<Vec<String>, EngineError>, NoResponders> {
+        let checks = futures::future::join_all(records.iter().map(|r| self.check(r, now))).await;
+        let mut superseded = Vec::new();
+        let mut acks: Vec<(&str, PublishAckFuture)> = Vec::with_capacity(records.len());
         let mut oversized = None;
-        for record in records {
+        for (record, check) in records.iter().zip(checks) {
+            let mut headers = HeaderMap::new();
+            headers.insert(HOLDER, record.holder.to_string().as_str());
+            match check {
+                Ok(Check::Any) => {}
+                Ok(Check::After(sequence)) => headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    sequence.to_string().as_str(),
+                ),
+                Ok(Check::Superseded) => {
+                    superseded.push(record.id.clone());
+                    continue;
+                }
+                Err(e) => return Ok(Err(e)),
+            }
             let mut value = BytesMut::with_capacity(8 + record.data.len());
             value.put_u64(record.expires_at);
             value.put_slice(&record.data);
             match self
                 .api
                 .js
-                .publish(self.subject(&record.id), value.freeze())
+                .publish_with_headers(self.subject(&record.id), headers, value.freeze())
                 .await
             {
-                Ok(ack) => acks.push(ack),
+                Ok(ack) => acks.push((&record.id, ack)),
                 Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
                     oversized.get_or_insert_with(|| {
                         EngineError::Limit(Limit::SessionTooLarge {
@@ -134,16 +175,51 @@ impl Sessions {
                 Err(e) => return Ok(Err(publish_error(&e))),
             }
         }
-        for ack in acks {
-            if let Err(e) = ack.await {
+        for (id, ack) in acks {
+            match ack.await {
+                Ok(_) => {}
+                // Something reached the key after the message checked: a take-over.
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    superseded.push(id.to_owned());
+                }
                 // async-nats's name for NATS's "no responders".
-                if e.kind() == PublishErrorKind::StreamNotFound {
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
                     return Err(NoResponders);
                 }
-                return Ok(Err(publish_error(&e)));
+                Err(e) => return Ok(Err(publish_error(&e))),
             }
         }
-        Ok(oversized.map_or(Ok(()), Err))
+        Ok(oversized.map_or(Ok(superseded), Err))
+    }
+
+    /// What a save of `record` publishes with: a take-over anything; another save only after
+    /// the key's last message, if that one is its own holder's, absent, deleted or expired.
+    async fn check(&self, record: &SessionRecord, now: u64) -> Result<Check, EngineError> {
+        if record.take_over {
+            return Ok(Check::Any);
+        }
+        let Some(last) = self
+            .api
+            .get_last(&self.config.name, &self.subject(&record.id))
+            .await?
+        else {
+            return Ok(Check::After(0));
+        };
+        let deleted = last.headers.get(KV_OPERATION).is_some();
+        let expired = last
+            .payload
+            .first_chunk::<8>()
+            .is_none_or(|at| u64::from_be_bytes(*at) <= now);
+        // A record without a holder was written before records named one: no one's.
+        let holder = last
+            .headers
+            .get(HOLDER)
+            .and_then(|h| h.as_str().parse::<u64>().ok());
+        Ok(if deleted || expired || holder == Some(record.holder) {
+            Check::After(last.sequence)
+        } else {
+            Check::Superseded
+        })
     }
 
     pub async fn load(&self, id: &str, now: u64) -> Result<Option<Bytes>, EngineError> {

@@ -262,6 +262,8 @@ async fn odd_stream_names_map_to_distinct_working_streams() {
             id: id.into(),
             data: Bytes::from_static(b"odd"),
             expires_at: spool_core::now_ms() + 60_000,
+            holder: 0,
+            take_over: false,
         }])
         .await
         .unwrap();
@@ -290,6 +292,8 @@ async fn one_oversized_session_does_not_keep_the_others_of_its_batch_from_being_
         id: id.into(),
         data,
         expires_at: spool_core::now_ms() + 60_000,
+        holder: 0,
+        take_over: false,
     };
     // More than NATS's max_payload (1 MiB by default).
     let huge = Bytes::from(vec![b'x'; 2 << 20]);

@@ -107,6 +107,8 @@ async fn appends_fail_fast_while_nats_is_down_and_resume_after() {
             id: "after-wipe".into(),
             data: Bytes::from_static(b"s"),
             expires_at: spool_core::now_ms() + 60_000,
+            holder: 0,
+            take_over: false,
         }])
         .await
         .expect("the sessions bucket is made again");

@@ -13,7 +13,7 @@
 //! | `<prefix>:{<stream>}:m` | hash: `e` epoch, `h` head offset, `b` retained bytes; expires `meta_ttl` after the last touch |
 //! | `<prefix>:{<stream>}:x` | Redis Stream, entry id `<offset>-0`, fields `t` publish ms, `n` retained bytes, `d` the message; expires `max_age` after the last append |
 //! | `<prefix>:{<stream>}:i:<key>` | `<epoch>:<offset>` of an idempotency key, expires with the dedup window |
-//! | `<prefix>:session:<id>` | a session record, expires with it |
+//! | `<prefix>:session:<id>` | a session record (after the holder that wrote it), expires with it |
 //! | `<prefix>:heads` | pub/sub channel: `<epoch> <head> <stream>` after each append (`<epoch> 0 <stream>`: a new, empty history — a delete), `!truncated <stream>` after a truncate, transient notes |
 //! | `<prefix>:groups{<prefix>}:…` | consumer groups: an index, and per group a hash (version, snapshot) and a list of commits (see `groups`) |
 //!
@@ -678,34 +678,70 @@ impl Engine for RedisEngine {
     }
 }
 
+/// What a session value starts with, before its holder: a record written before records named
+/// their holder does not (a record is JSON), and is no one's — only a take-over replaces it.
+const SESSION_MAGIC: &[u8; 8] = b"\xffspool1\x00";
+
+/// Saves one session record unless another holder wrote the stored one. `KEYS[1]` the session
+/// key; `ARGV[1]` the value ([`SESSION_MAGIC`] and holder: 16 bytes, then the record),
+/// `ARGV[2]` its expiry (ms), `ARGV[3]` `1` to take the session over (no check), `ARGV[4]`
+/// `1` when the record has expired already (the key is deleted). Answers 1 when written, 0
+/// when refused. An expired key is gone, so it is no one's.
+const SAVE_SESSION: &str = r"
+if ARGV[3] ~= '1' then
+  local head = redis.call('GETRANGE', KEYS[1], 0, 15)
+  if head ~= '' and head ~= string.sub(ARGV[1], 1, 16) then
+    return 0
+  end
+end
+if ARGV[4] == '1' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
+end
+return 1
+";
+
 /// Sessions as keys expiring at the record's own expiry (`PXAT`), on the same connection.
+/// A value is [`SESSION_MAGIC`], the holder that wrote it (8 bytes, big-endian), then the
+/// record; each save is [`SAVE_SESSION`], so the holder check and the write are atomic.
 #[async_trait]
 impl SessionStore for RedisEngine {
-    async fn save_sessions(&self, sessions: Vec<SessionRecord>) -> Result<(), EngineError> {
+    async fn save_sessions(
+        &self,
+        sessions: Vec<SessionRecord>,
+    ) -> Result<Vec<String>, EngineError> {
         if sessions.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let now = now_ms();
         let mut pipe = redis::pipe();
         for s in &sessions {
-            let key = self.shared.keys.session(&s.id);
-            if s.expires_at <= now {
-                pipe.del(key).ignore();
-            } else {
-                pipe.cmd("SET")
-                    .arg(key)
-                    .arg(s.data.as_ref())
-                    .arg("PXAT")
-                    .arg(s.expires_at)
-                    .ignore();
-            }
+            let mut value = Vec::with_capacity(16 + s.data.len());
+            value.extend_from_slice(SESSION_MAGIC);
+            value.extend_from_slice(&s.holder.to_be_bytes());
+            value.extend_from_slice(&s.data);
+            pipe.cmd("EVAL")
+                .arg(SAVE_SESSION)
+                .arg(1)
+                .arg(self.shared.keys.session(&s.id))
+                .arg(value)
+                .arg(s.expires_at)
+                .arg(if s.take_over { "1" } else { "0" })
+                .arg(if s.expires_at <= now { "1" } else { "0" });
         }
-        within(
+        let saved: Vec<i64> = within(
             "save sessions",
             self.shared.config.timeout,
-            pipe.query_async::<()>(&mut self.shared.conn.clone()),
+            pipe.query_async(&mut self.shared.conn.clone()),
         )
-        .await
+        .await?;
+        Ok(sessions
+            .into_iter()
+            .zip(saved)
+            .filter(|(_, saved)| *saved == 0)
+            .map(|(s, _)| s.id)
+            .collect())
     }
 
     async fn load_session(&self, id: &str) -> Result<Option<Bytes>, EngineError> {
@@ -717,7 +753,11 @@ impl SessionStore for RedisEngine {
                 .query_async(&mut self.shared.conn.clone()),
         )
         .await?;
-        Ok(data.map(Bytes::from))
+        // A value written before records named their holder is the record alone.
+        Ok(data.map(|data| match data.strip_prefix(SESSION_MAGIC) {
+            Some(held) if held.len() >= 8 => Bytes::from(data).slice(16..),
+            _ => Bytes::from(data),
+        }))
     }
 
     async fn delete_session(&self, id: &str) -> Result<(), EngineError> {

@@ -7,6 +7,20 @@
 //! in one batch (and once more when its connection ends), so a busy connection costs one small
 //! write per second, not one per message. Records expire in the store `session_ttl` after their
 //! last save; a live session is re-saved well before that.
+//!
+//! # Take-over: the newest holder's record wins, on every node
+//!
+//! Each hold of a session by a connection has its own random `holder` id, written with every
+//! record. A resume takes the session over by saving the record it loaded under its new holder
+//! (`SessionRecord::take_over`, before it answers); every other save is refused by the store —
+//! atomically, on whichever node — when another holder wrote the record since. So a connection
+//! that lingers after its session was taken over (its socket blocked past `TAKEOVER_WAIT`, or
+//! on another node that never heard of the resume) cannot move the record's positions back or
+//! bring back subscriptions its successor changed: its saves are refused, and a refusal ends
+//! it as taken over (`4007`). What the successor starts from is the record as the old holder
+//! last saved it: its final save when it let go within `TAKEOVER_WAIT` (its last positions),
+//! else its last periodic one (at most a second of deliveries older: sent again, never
+//! skipped).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -104,11 +118,16 @@ struct Inner {
     last_close: Option<String>,
     dirty: bool,
     saved_at: Instant,
+    /// The store refused a save: another connection took the session over since. Nothing of
+    /// this hold is saved again.
+    superseded: bool,
 }
 
 /// A session held by a connection.
 pub struct LiveSession {
     pub id: String,
+    /// This hold of the session (random, never 0: what the records it saves are written by).
+    holder: u64,
     inner: Mutex<Inner>,
     /// Fires when another connection resumes this session.
     pub taken_over: CancellationToken,
@@ -157,6 +176,7 @@ impl LiveSession {
     ) -> Self {
         Self {
             id,
+            holder: rand::random::<u64>() | 1,
             inner: Mutex::new(Inner {
                 principal,
                 proof,
@@ -164,6 +184,7 @@ impl LiveSession {
                 last_close,
                 dirty: true,
                 saved_at: Instant::now(),
+                superseded: false,
             }),
             taken_over: CancellationToken::new(),
             disconnected: CancellationToken::new(),
@@ -269,8 +290,13 @@ impl LiveSession {
         out
     }
 
-    fn record(&self, ttl: Duration) -> Option<SessionRecord> {
+    /// The record to save now (`take_over`: this hold starts, whoever wrote the record), or
+    /// nothing once superseded.
+    fn record(&self, ttl: Duration, take_over: bool) -> Option<SessionRecord> {
         let mut inner = self.inner.lock();
+        if inner.superseded {
+            return None;
+        }
         let stored = Stored {
             principal: inner.principal.clone(),
             proof: inner.proof.clone(),
@@ -299,14 +325,23 @@ impl LiveSession {
             id: self.id.clone(),
             data: Bytes::from(data),
             expires_at: now_ms() + ttl.as_millis() as u64,
+            holder: self.holder,
+            take_over,
         })
+    }
+
+    /// The store refused this hold's save: the session was taken over (here or on another
+    /// node). Its connection ends as taken over; nothing of it is saved again.
+    fn supersede(&self) {
+        self.inner.lock().superseded = true;
+        self.taken_over.cancel();
     }
 
     /// Whether it should be saved now: changed, or not saved for a third of the TTL (so the
     /// store's record of a quiet live session never expires).
     fn due(&self, ttl: Duration) -> bool {
         let inner = self.inner.lock();
-        inner.dirty || inner.saved_at.elapsed() >= ttl / 3
+        !inner.superseded && (inner.dirty || inner.saved_at.elapsed() >= ttl / 3)
     }
 }
 
@@ -447,6 +482,11 @@ impl Sessions {
             subscriptions,
             stored.last_close,
         ));
+        // Take it over in the store before answering: from here on, a save of any earlier
+        // hold (one that let go too late, or one on another node) is refused.
+        if let Some(record) = session.record(self.ttl, true) {
+            self.store.save_sessions(vec![record]).await?;
+        }
         self.live.lock().insert(id.to_owned(), session.clone());
         Ok(Ok(Restored { session, principal }))
     }
@@ -504,10 +544,22 @@ impl Sessions {
             session.released.set();
             return;
         }
-        if let Some(record) = session.record(self.ttl)
-            && let Err(e) = self.store.save_sessions(vec![record]).await
-        {
-            tracing::warn!(error = %e, "could not save a session on disconnect");
+        // A connection on this node that took the session over holds it now (and has taken it
+        // over in the store): nothing of this one's is saved (the store would refuse it).
+        let succeeded = self
+            .live
+            .lock()
+            .get(&session.id)
+            .is_some_and(|held| !Arc::ptr_eq(held, session));
+        if succeeded {
+            session.inner.lock().superseded = true;
+        }
+        if let Some(record) = session.record(self.ttl, false) {
+            match self.store.save_sessions(vec![record]).await {
+                Ok(superseded) if !superseded.is_empty() => session.supersede(),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not save a session on disconnect"),
+            }
         }
         drop(saving);
         {
@@ -532,13 +584,25 @@ impl Sessions {
             .filter(|s| s.due(self.ttl))
             .cloned()
             .collect();
-        let records: Vec<SessionRecord> = due.iter().filter_map(|s| s.record(self.ttl)).collect();
+        let records: Vec<SessionRecord> = due
+            .iter()
+            .filter_map(|s| s.record(self.ttl, false))
+            .collect();
         if records.is_empty() {
             return;
         }
         let n = records.len();
         match self.store.save_sessions(records).await {
-            Ok(()) => {}
+            Ok(superseded) => {
+                for id in superseded {
+                    if let Some(s) = due.iter().find(|s| s.id == id) {
+                        tracing::debug!(
+                            "a session was taken over elsewhere; its connection here ends"
+                        );
+                        s.supersede();
+                    }
+                }
+            }
             // At the session limit the store saved every session it already held and left
             // only new ones unsaved: retrying the whole batch each second would only repeat
             // that. A session left out is tried again when it next changes.
@@ -725,6 +789,86 @@ mod tests {
         // The proof is not in the Debug output.
         let text = format!("{:?} {:?}", by_key.1, by_token.1);
         assert!(!text.contains("k1") && !text.contains("eyJ"), "{text}");
+    }
+
+    /// The connection holding a session lets go of it only after `TAKEOVER_WAIT` (its socket
+    /// blocked): the resume goes ahead without it, and the old connection's late save must
+    /// not bring back what the new one changed.
+    #[tokio::test]
+    async fn a_late_release_does_not_overwrite_the_new_holder() {
+        let s = sessions();
+        let (principal, proof) = user("u1");
+        let old = s.create(principal, proof);
+        old.subscribe("a".into(), 1, "ep:0".parse().unwrap(), None);
+        old.subscribe("x".into(), 2, "ep:0".parse().unwrap(), None);
+        old.delivered(&mut vec![("a".into(), 1, "ep:3".parse().unwrap())]);
+        s.flush().await;
+        // Nothing releases `old` meanwhile: the resume waits TAKEOVER_WAIT, then goes ahead.
+        let new = s
+            .restore(&old.id, creds(&user("u1")), &auth())
+            .await
+            .unwrap()
+            .unwrap()
+            .session;
+        assert!(old.taken_over.is_cancelled());
+        new.unsubscribe("x");
+        new.subscribe("b".into(), 3, "ep:0".parse().unwrap(), None);
+        new.delivered(&mut vec![("a".into(), 0, "ep:6".parse().unwrap())]);
+        s.release(&new).await;
+        // The old connection ends at last, with what it had.
+        old.delivered(&mut vec![("a".into(), 1, "ep:4".parse().unwrap())]);
+        s.release(&old).await;
+        let third = s
+            .restore(&old.id, None, &auth())
+            .await
+            .unwrap()
+            .unwrap()
+            .session;
+        assert_eq!(
+            third.subscriptions(),
+            vec![
+                ("a".into(), "ep:6".parse().unwrap()),
+                ("b".into(), "ep:0".parse().unwrap())
+            ]
+        );
+    }
+
+    /// Another node took the session over (its record was written by another holder): the
+    /// next save here is refused and the connection told it was taken over.
+    #[tokio::test]
+    async fn a_session_taken_over_elsewhere_is_told_at_its_next_save() {
+        let store = Arc::new(MemoryEngine::new(Default::default()));
+        let here = Sessions::new(store.clone(), Duration::from_secs(60));
+        let there = Sessions::new(store, Duration::from_secs(60));
+        let (principal, proof) = user("u1");
+        let old = here.create(principal, proof);
+        old.subscribe("a".into(), 1, "ep:0".parse().unwrap(), None);
+        here.flush().await;
+        let new = there
+            .restore(&old.id, None, &auth())
+            .await
+            .unwrap()
+            .unwrap()
+            .session;
+        new.subscribe("b".into(), 1, "ep:0".parse().unwrap(), None);
+        there.flush().await;
+        assert!(!old.taken_over.is_cancelled());
+        old.delivered(&mut vec![("a".into(), 1, "ep:5".parse().unwrap())]);
+        here.flush().await;
+        assert!(old.taken_over.is_cancelled(), "told it was taken over");
+        here.release(&old).await;
+        there.release(&new).await;
+        let names: Vec<_> = there
+            .restore(&old.id, None, &auth())
+            .await
+            .unwrap()
+            .unwrap()
+            .session
+            .subscriptions()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(names, vec![Arc::<str>::from("a"), Arc::from("b")]);
     }
 
     #[tokio::test]
