@@ -97,6 +97,21 @@ impl Server {
         self.log.lock().unwrap().iter().any(|l| l.contains(what))
     }
 
+    /// Whether the server logs a line containing `what` within 10 s. Its log is read on a
+    /// thread of the test kit's own, so a line the server has already written may not have
+    /// been read yet when the test asks ([`logged`](Self::logged) right after an answer can
+    /// miss it on a loaded machine).
+    pub async fn logs(&self, what: &str) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.logged(what) {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

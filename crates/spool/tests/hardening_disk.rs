@@ -13,20 +13,6 @@ use std::{
 use common::{API_KEY, Server};
 use serde_json::Value;
 
-/// Whether the server logs a line containing `what` within 10 s: its log is read on a thread
-/// of the test kit's own, so a line the server has already written may not have been read
-/// yet when the test asks (on a loaded machine, a while).
-async fn logs(server: &Server, what: &str) -> bool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !server.logged(what) {
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    true
-}
-
 fn spool(args: &[&str], dir: &Path) -> Output {
     Command::new(common::spool_bin())
         .args(args)
@@ -311,7 +297,7 @@ fn a_segment_that_cannot_be_created_stops_nothing() {
             assert_eq!(status, 201, "publish {i} while the roll fails");
         }
         assert!(
-            logs(&s, "cannot start a new WAL segment").await,
+            s.logs("cannot start a new WAL segment").await,
             "the roll was tried and failed"
         );
         assert_eq!(ready(&http, &s.addr).await, 200);
@@ -395,7 +381,7 @@ fn idempotency_keys_are_bounded_across_streams() {
             grown / (1024 * 1024)
         );
         assert!(
-            logs(&s, "idempotency keys at their bound").await,
+            s.logs("idempotency keys at their bound").await,
             "forgetting keys early is logged"
         );
 

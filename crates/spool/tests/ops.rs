@@ -18,20 +18,6 @@ use std::{
 use common::{API_KEY, JWT_SECRET, Server};
 use serde_json::Value;
 
-/// Whether the server logs a line containing `what` within 10 s: its log is read on a thread
-/// of the test kit's own, so a line the server has already written may not have been read
-/// yet when the test asks (on a loaded machine, a while).
-async fn logs(server: &Server, what: &str) -> bool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !server.logged(what) {
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    true
-}
-
 /// `spool` with `args`, its environment cleared of `SPOOL_*` settings; waits at most 60 s.
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(common::spool_bin());
@@ -281,7 +267,7 @@ async fn readyz_answers_503_while_draining() {
     assert!(draining, "/readyz answered 503 draining");
     // Everything else still works during the drain window.
     server.publish("during-drain", "still served").await;
-    assert!(logs(&server, "drain window").await);
+    assert!(server.logs("drain window").await);
     // The listener closes once the window has passed (a second SIGTERM would end it early,
     // so the test waits instead of sending one).
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -18,20 +18,6 @@ use rcgen::{
 };
 use spool_client::{Client, Config, Event, Start, Tls, http::HttpClient};
 
-/// Whether the server logs a line containing `what` within 10 s: its log is read on a thread
-/// of the test kit's own, so a line the server has already written may not have been read
-/// yet when the test asks (on a loaded machine, a while).
-async fn logs(server: &Server, what: &str) -> bool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !server.logged(what) {
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    true
-}
-
 /// A CA and a server certificate it signed, for 127.0.0.1 and localhost, as PEM.
 struct Pki {
     ca: String,
@@ -465,7 +451,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
             Err(e) => panic!("the new certificate was not served within 30 s: {e}"),
         }
     }
-    assert!(logs(&server, "reloaded the TLS certificate").await);
+    assert!(server.logs("reloaded the TLS certificate").await);
     // The connection opened with the old certificate is still up and delivering.
     assert_eq!(next_message(&ws).await.text(), Some("after"));
     // New connections get the new certificate only. (A fresh client: one that connected
