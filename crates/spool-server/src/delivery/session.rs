@@ -21,9 +21,20 @@
 //! last saved it: its final save when it let go within `TAKEOVER_WAIT` (its last positions),
 //! else its last periodic one (at most a second of deliveries older: sent again, never
 //! skipped).
+//!
+//! # Take-overs are group-committed
+//!
+//! A take-over save must be durable before the resume answers, and on the disk engine each
+//! call to `save_sessions` is one write transaction with an fsync. So concurrent resumes share
+//! calls ([`TakeOvers`]): each puts its record in a pending batch and waits for its own answer;
+//! the first to find no flush running starts one (a spawned task, so that no resume's future
+//! being dropped can strand the others), which saves up to [`TAKE_OVER_BATCH`] records per
+//! call and goes on while more arrived meanwhile. A reconnect storm of N sessions costs about
+//! N / (records arriving during one fsync) store calls instead of N, each resume still
+//! answering only once its own record is in the store.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Duration,
 };
@@ -34,7 +45,10 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use spool_core::{Position, now_ms};
 use spool_engine::{EngineError, SessionRecord, SessionStore};
-use tokio::{sync::Notify, time::Instant};
+use tokio::{
+    sync::{Notify, oneshot},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Authenticator, Principal, Proof};
@@ -47,6 +61,8 @@ const MAX_ID_LEN: usize = 64;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// How long a resume waits for the connection that holds the session to let go of it.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+/// Most take-over records saved in one call to the session store (the rest wait for the next).
+const TAKE_OVER_BATCH: usize = 1024;
 
 /// What a session record holds (JSON in the session store).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -345,6 +361,172 @@ impl LiveSession {
     }
 }
 
+/// The take-over saves of the resumes in progress, group-committed: one call to the session
+/// store (on the disk engine one transaction, one fsync) for every record that arrived while
+/// the previous call ran.
+///
+/// - A resume pushes its record with a oneshot for its answer, and, if no flush is running,
+///   spawns one ([`TakeOvers::flush`]). The flush takes up to [`TAKE_OVER_BATCH`] records,
+///   saves them in one call, answers each waiter its own result (refused: its id is in the
+///   store's answer; an error: every waiter of that call gets it), and loops until nothing is
+///   pending, then clears `flushing` under the same lock a resume checks it under — so a record
+///   is never left pending with no flush to take it.
+/// - The flush is a task of its own, not a resume's future: a resume whose connection goes
+///   away mid-wait is dropped without stopping the save of the others' records. A resume
+///   dropped while its record is still pending withdraws it (nothing of it is saved, as before
+///   batching); one dropped once its record is in a call leaves it to land — the store then
+///   names a holder no connection has, which only means the next resume takes the session
+///   over as it would anyway. If the flush task itself ends early (the runtime shutting down,
+///   a panic in the store), a guard clears `flushing` and the pending records: their resumes
+///   get an error rather than waiting forever, and the next resume starts a new flush.
+/// - One session id is never twice in a call: when two resumes of one session race, the later
+///   record waits for the next call. So the store sees them in the order they arrived, as it
+///   did when each resume saved alone, and each gets the answer for its own record (two
+///   records of one id in one call would depend on each engine's order within a call — NATS
+///   checks all of them before writing any).
+/// - Bounded: at most one pending record per resume in progress (resumes are bounded by
+///   connections), and a call carries at most [`TAKE_OVER_BATCH`].
+struct TakeOvers {
+    store: Arc<dyn SessionStore>,
+    state: Mutex<TakeOverState>,
+}
+
+#[derive(Default)]
+struct TakeOverState {
+    pending: VecDeque<Waiting>,
+    /// A flush task is running (it takes whatever is pending before it ends).
+    flushing: bool,
+    /// The tag of the next record pushed.
+    next: u64,
+}
+
+/// A take-over record waiting for its save; `done` gets whether it was saved (`false`: refused).
+struct Waiting {
+    tag: u64,
+    record: SessionRecord,
+    done: oneshot::Sender<Result<bool, EngineError>>,
+}
+
+impl TakeOvers {
+    fn new(store: Arc<dyn SessionStore>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            state: Mutex::new(TakeOverState::default()),
+        })
+    }
+
+    /// Saves `record` (a take-over) with the others pending; whether the store saved it
+    /// (`false`: it refused it). Answers once the call carrying it has returned.
+    async fn save(self: &Arc<Self>, record: SessionRecord) -> Result<bool, EngineError> {
+        let (done, answer) = oneshot::channel();
+        let tag = {
+            let mut state = self.state.lock();
+            let tag = state.next;
+            state.next += 1;
+            state.pending.push_back(Waiting { tag, record, done });
+            if !state.flushing {
+                state.flushing = true;
+                tokio::spawn(self.clone().flush());
+            }
+            tag
+        };
+        let mut withdraw = Withdraw {
+            take_overs: self,
+            tag,
+            armed: true,
+        };
+        let answer = answer.await;
+        withdraw.armed = false;
+        answer.unwrap_or_else(|_| {
+            Err(EngineError::unavailable(
+                "the session take-over was not saved (the server is stopping)",
+            ))
+        })
+    }
+
+    /// Saves what is pending, a call at a time, until nothing is.
+    async fn flush(self: Arc<Self>) {
+        let mut ended = EndFlush {
+            take_overs: &self,
+            armed: true,
+        };
+        loop {
+            let batch = {
+                let mut state = self.state.lock();
+                if state.pending.is_empty() {
+                    state.flushing = false;
+                    break;
+                }
+                // Up to TAKE_OVER_BATCH records, one per session id, in arrival order; the
+                // rest stay pending, in their order.
+                let mut ids = HashSet::new();
+                let mut batch = Vec::new();
+                let mut rest = VecDeque::new();
+                for waiting in std::mem::take(&mut state.pending) {
+                    if batch.len() < TAKE_OVER_BATCH && ids.insert(waiting.record.id.clone()) {
+                        batch.push(waiting);
+                    } else {
+                        rest.push_back(waiting);
+                    }
+                }
+                state.pending = rest;
+                batch
+            };
+            let records = batch.iter().map(|w| w.record.clone()).collect();
+            match self.store.save_sessions(records).await {
+                Ok(refused) => {
+                    let refused: HashSet<String> = refused.into_iter().collect();
+                    for w in batch {
+                        let _ = w.done.send(Ok(!refused.contains(&w.record.id)));
+                    }
+                }
+                Err(e) => {
+                    for w in batch {
+                        let _ = w.done.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        ended.armed = false;
+    }
+}
+
+/// A resume dropped while its record is still pending takes it back.
+struct Withdraw<'a> {
+    take_overs: &'a TakeOvers,
+    tag: u64,
+    armed: bool,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut state = self.take_overs.state.lock();
+            if let Some(at) = state.pending.iter().position(|w| w.tag == self.tag) {
+                state.pending.remove(at);
+            }
+        }
+    }
+}
+
+/// A flush task ending before it emptied the queue (dropped at runtime shutdown, or a panic in
+/// the store): the pending resumes are answered with an error (their senders dropped) and the
+/// next resume starts a new flush.
+struct EndFlush<'a> {
+    take_overs: &'a TakeOvers,
+    armed: bool,
+}
+
+impl Drop for EndFlush<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut state = self.take_overs.state.lock();
+            state.flushing = false;
+            state.pending.clear();
+        }
+    }
+}
+
 /// A restored session: the principal it stands for and its subscriptions.
 pub struct Restored {
     pub session: Arc<LiveSession>,
@@ -359,15 +541,18 @@ pub struct Sessions {
     /// Held from taking records to their save, so a newer record of a session is never
     /// overwritten by an older one saved later (a flush racing a disconnect).
     saving: tokio::sync::Mutex<()>,
+    /// The take-over saves of resumes, group-committed.
+    take_overs: Arc<TakeOvers>,
 }
 
 impl Sessions {
     pub fn new(store: Arc<dyn SessionStore>, ttl: Duration) -> Self {
         Self {
-            store,
+            store: store.clone(),
             ttl,
             live: Mutex::new(HashMap::new()),
             saving: tokio::sync::Mutex::new(()),
+            take_overs: TakeOvers::new(store.clone()),
         }
     }
 
@@ -483,9 +668,16 @@ impl Sessions {
             stored.last_close,
         ));
         // Take it over in the store before answering: from here on, a save of any earlier
-        // hold (one that let go too late, or one on another node) is refused.
-        if let Some(record) = session.record(self.ttl, true) {
-            self.store.save_sessions(vec![record]).await?;
+        // hold (one that let go too late, or one on another node) is refused. Saved with the
+        // other resumes' take-overs in one call (`TakeOvers`); answered once it is in the store.
+        if let Some(record) = session.record(self.ttl, true)
+            && !self.take_overs.save(record).await?
+        {
+            // A take-over replaces whatever holder wrote the record: a store refusing one
+            // breaks its contract. Not answered as restored: its saves would all be refused.
+            return Err(EngineError::unavailable(
+                "the session store refused to hand the session over",
+            ));
         }
         self.live.lock().insert(id.to_owned(), session.clone());
         Ok(Ok(Restored { session, principal }))
@@ -869,6 +1061,135 @@ mod tests {
             .map(|(s, _)| s)
             .collect();
         assert_eq!(names, vec![Arc::<str>::from("a"), Arc::from("b")]);
+    }
+
+    /// A session store that counts its `save_sessions` calls, each taking `delay` (an fsync),
+    /// and checks that no call names one session twice.
+    struct Counting {
+        inner: Arc<MemoryEngine>,
+        delay: Duration,
+        calls: std::sync::atomic::AtomicUsize,
+        largest: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl SessionStore for Counting {
+        async fn save_sessions(
+            &self,
+            sessions: Vec<SessionRecord>,
+        ) -> Result<Vec<String>, EngineError> {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.calls.fetch_add(1, Relaxed);
+            self.largest.fetch_max(sessions.len(), Relaxed);
+            let ids: HashSet<&str> = sessions.iter().map(|s| s.id.as_str()).collect();
+            assert_eq!(ids.len(), sessions.len(), "one session twice in a call");
+            tokio::time::sleep(self.delay).await;
+            self.inner.save_sessions(sessions).await
+        }
+
+        async fn load_session(&self, id: &str) -> Result<Option<Bytes>, EngineError> {
+            self.inner.load_session(id).await
+        }
+
+        async fn delete_session(&self, id: &str) -> Result<(), EngineError> {
+            self.inner.delete_session(id).await
+        }
+    }
+
+    fn counting(inner: Arc<MemoryEngine>, delay: Duration) -> Arc<Counting> {
+        Arc::new(Counting {
+            inner,
+            delay,
+            calls: Default::default(),
+            largest: Default::default(),
+        })
+    }
+
+    /// A reconnect storm on another node: 200 resumes at once share a few store calls, each is
+    /// restored with its own state, and every old holder's next save is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_take_overs_share_store_calls() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let memory = Arc::new(MemoryEngine::new(Default::default()));
+        let here = Sessions::new(memory.clone(), Duration::from_secs(60));
+        let store = counting(memory, Duration::from_millis(20));
+        let there = Arc::new(Sessions::new(store.clone(), Duration::from_secs(60)));
+        let (principal, proof) = user("u1");
+        let old: Vec<_> = (0..200)
+            .map(|i| {
+                let s = here.create(principal.clone(), proof.clone());
+                s.subscribe(format!("s{i}").into(), 1, "ep:0".parse().unwrap(), None);
+                s
+            })
+            .collect();
+        here.flush().await;
+        let resumes: Vec<_> = old
+            .iter()
+            .map(|s| {
+                let (there, id) = (there.clone(), s.id.clone());
+                tokio::spawn(async move { there.restore(&id, None, &auth()).await })
+            })
+            .collect();
+        for (i, resume) in resumes.into_iter().enumerate() {
+            let restored = resume.await.unwrap().unwrap().unwrap().session;
+            let names: Vec<_> = restored
+                .subscriptions()
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect();
+            assert_eq!(names, vec![Arc::<str>::from(format!("s{i}"))]);
+        }
+        let calls = store.calls.load(Relaxed);
+        eprintln!(
+            "200 take-overs: {calls} store calls, the largest of {}",
+            store.largest.load(Relaxed)
+        );
+        assert!(calls <= 40, "{calls} store calls for 200 take-overs");
+        // Every old holder's next save is refused, and its connection told.
+        for s in &old {
+            s.set_last_close("late");
+        }
+        here.flush().await;
+        assert!(old.iter().all(|s| s.taken_over.is_cancelled()));
+    }
+
+    /// Two resumes of one session racing go in separate calls (the store checks it), and a
+    /// resume dropped while waiting strands nobody.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_and_dropped_take_overs() {
+        let memory = Arc::new(MemoryEngine::new(Default::default()));
+        let here = Sessions::new(memory.clone(), Duration::from_secs(60));
+        let store = counting(memory, Duration::from_millis(50));
+        let there = Arc::new(Sessions::new(store.clone(), Duration::from_secs(60)));
+        let (principal, proof) = user("u1");
+        let ids: Vec<String> = (0..20)
+            .map(|_| here.create(principal.clone(), proof.clone()).id.clone())
+            .collect();
+        here.flush().await;
+        let mut resumes = Vec::new();
+        for id in ids.iter().chain(ids.iter().take(3)) {
+            let (there, id) = (there.clone(), id.clone());
+            resumes.push(tokio::spawn(async move {
+                there.restore(&id, None, &auth()).await
+            }));
+        }
+        // Drop some while their records are pending or in a call.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        for r in resumes.iter().skip(10).take(5) {
+            r.abort();
+        }
+        let deadline = Duration::from_secs(10);
+        for (i, r) in resumes.into_iter().enumerate() {
+            match tokio::time::timeout(deadline, r)
+                .await
+                .expect("a resume stranded")
+            {
+                Ok(done) => assert!(done.unwrap().is_ok(), "resume {i}"),
+                Err(e) => assert!(e.is_cancelled() && (10..15).contains(&i), "resume {i}"),
+            }
+        }
+        // A later resume goes through too.
+        assert!(there.restore(&ids[0], None, &auth()).await.unwrap().is_ok());
     }
 
     #[tokio::test]
