@@ -47,16 +47,21 @@ pub fn deliveries(
                 if more && room.is_full() {
                     behind = true;
                 }
-                let taken = room.take().await;
+                // Held by a guard: the read below is an await (a round trip on a cluster
+                // engine), and an unsubscribe drops these deliveries wherever they wait.
+                let held = Held {
+                    taken: room.take().await,
+                    room: &room,
+                };
                 let budget = Budget {
-                    messages: taken.messages,
-                    bytes: taken.bytes,
+                    messages: held.taken.messages,
+                    bytes: held.taken.bytes,
                     conflate,
                 };
                 let events = match sub.poll_within(budget).await {
                     Ok(events) => events,
                     Err(e) => {
-                        room.give_back(taken);
+                        drop(held);
                         tracing::warn!(error = %e, stream = %sub.stream(), "a subscription read failed; retrying");
                         tokio::time::sleep(retry).await;
                         retry = (retry * 2).min(MAX_RETRY);
@@ -75,11 +80,11 @@ pub fn deliveries(
                     metrics.slow_consumer("caught_up");
                 }
                 if events.is_empty() {
-                    room.give_back(taken);
+                    drop(held);
                     continue;
                 }
                 // Share the room out over the messages; what is left goes back now.
-                let mut left = taken;
+                let mut left = held.into_taken();
                 let batch: Vec<(Event, Taken)> = events
                     .into_iter()
                     .map(|event| {
@@ -101,4 +106,26 @@ pub fn deliveries(
         }
     })
     .boxed()
+}
+
+/// Room taken for one read, given back when dropped — also when the deliveries are dropped
+/// while the read is in flight (an unsubscribe, or a reposition, removes them from the
+/// connection). The room taken is all the connection had: lost, it would leave every other
+/// subscription of the connection waiting for room for good.
+struct Held<'a> {
+    taken: Taken,
+    room: &'a Room,
+}
+
+impl Held<'_> {
+    /// The room, to hand out with the events read; no longer given back on drop.
+    fn into_taken(mut self) -> Taken {
+        std::mem::take(&mut self.taken)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.room.give_back(std::mem::take(&mut self.taken));
+    }
 }

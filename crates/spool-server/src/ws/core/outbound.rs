@@ -97,14 +97,19 @@ impl Room {
     }
 
     /// Waits until there is room for at least one delivery, then takes all the room there is.
+    /// Cancel-safe: dropped while it waits, it has taken nothing.
     pub async fn take(&self) -> Taken {
         let mut taken = Taken::default();
-        // The semaphores are never closed, so acquiring cannot fail.
-        if let Ok(p) = self.messages.acquire().await {
+        // The semaphores are never closed, so acquiring cannot fail. Both permits are kept
+        // until both are held: one forgotten before the other's wait would be lost if this
+        // future were dropped in that wait.
+        let message = self.messages.acquire().await.ok();
+        let byte = self.bytes.acquire().await.ok();
+        if let Some(p) = message {
             p.forget();
             taken.messages = 1;
         }
-        if let Ok(p) = self.bytes.acquire().await {
+        if let Some(p) = byte {
             p.forget();
             taken.bytes = 1;
         }
@@ -521,5 +526,41 @@ impl<S: Stream + Unpin> Stream for Woken<S> {
             this.wake.ready.store(true, Ordering::Release);
         }
         polled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A take dropped while it waits for bytes (messages were free) has taken nothing.
+    #[tokio::test]
+    async fn a_take_dropped_while_waiting_takes_nothing() {
+        let room = Room::new(4, 8);
+        let all = room.take().await;
+        assert_eq!(
+            all,
+            Taken {
+                messages: 4,
+                bytes: 8
+            }
+        );
+        room.give_back(Taken {
+            messages: 4,
+            bytes: 0,
+        });
+        let waiting = tokio::time::timeout(Duration::from_millis(20), room.take()).await;
+        assert!(waiting.is_err(), "no bytes: the take waits");
+        room.give_back(Taken {
+            messages: 0,
+            bytes: 8,
+        });
+        assert_eq!(
+            room.take().await,
+            Taken {
+                messages: 4,
+                bytes: 8
+            }
+        );
     }
 }
