@@ -84,6 +84,10 @@ pub async fn serve(
     let mut config = config;
     listener::fit_to_file_limit(&mut config.http);
     let sessions = Arc::new(Sessions::new(session_store.clone(), config.ws.session_ttl));
+    // Every engine operation is timed, the consumer groups' reads and appends (dead letters,
+    // redrives) with the rest.
+    let metrics = Arc::new(Metrics::new());
+    let engine: Arc<dyn Engine> = Arc::new(metrics::Measured::new(engine, metrics.clone()));
     let groups = group_store.map(|store| {
         delivery::groups::Groups::new(
             engine.clone(),
@@ -100,8 +104,6 @@ pub async fn serve(
     let group_sweeper = groups
         .clone()
         .map(|g| tokio::spawn(g.run_sweeper(shutdown.clone())));
-    let metrics = Arc::new(Metrics::new());
-    let engine: Arc<dyn Engine> = Arc::new(metrics::Measured::new(engine, metrics.clone()));
     let transients = delivery::transient::Transients::new(
         engine.clone(),
         config.anycable.whisper_limits,

@@ -670,6 +670,15 @@ async fn stats_and_metrics_count_the_same() {
             .await,
         Some(1.0)
     );
+    // The group's engine reads are timed with every other engine call (nothing else here
+    // reads the stream: publishes append).
+    let reads = s
+        .metric("spool_engine_operation_duration_seconds_count{op=\"read\"}")
+        .await;
+    assert!(
+        reads.is_some_and(|n| n >= 1.0),
+        "engine reads timed: {reads:?}"
+    );
 }
 
 #[tokio::test]
