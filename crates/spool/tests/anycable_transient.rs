@@ -301,11 +301,13 @@ async fn no_pong_comes_from_pong_commands_with_the_pong_timeout() {
         }
         ponger
     });
-    // One that sends none is disconnected: no_pong, reconnect true.
+    // One that sends none is disconnected: no_pong, reconnect true. The clock starts before
+    // it connects: the server's pong timeout starts at the earliest when it accepts it, so
+    // the time to the disconnect seen from here is never shorter than the server's.
+    let started = Instant::now();
     let mut silent = cable(&server.addr, EXT).await;
     // The base protocol has no pong command: the timeout is not applied to it.
     let mut base = cable(&server.addr, BASE).await;
-    let started = Instant::now();
     let frame = loop {
         let text = silent
             .next_text(Duration::from_secs(10))
