@@ -259,10 +259,16 @@ pub fn init_logging(json: bool) {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_env("SPOOL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // A failed write of a log line (stderr's reader gone: a supervisor or pipe that ended)
+    // loses that line, nothing more: with internal errors logged, tracing-subscriber reports
+    // the failure with `eprintln!`, which panics on the same broken stderr — in whichever task
+    // logged, e.g. the one that turns SIGTERM into a shutdown, leaving a server that no signal
+    // stops.
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        .log_internal_errors(false);
     let _ = if json {
         builder.json().try_init()
     } else {

@@ -457,3 +457,62 @@ async fn sighup_without_tls_keeps_serving() {
     assert_eq!(status, 200, "{read}");
     assert_eq!(read["messages"].as_array().map(Vec::len), Some(2), "{read}");
 }
+
+/// A server whose stderr reader is gone (a supervisor or a pipe that ended) still stops on
+/// SIGTERM: a log line it cannot write is lost, and nothing else. Before, tracing-subscriber
+/// reported the failed write with `eprintln!`, which panicked on the same stderr inside the
+/// task that logs "shutting down", so the server answered `draining` for good and no signal
+/// stopped it.
+#[test]
+fn sigterm_stops_a_server_whose_stderr_reader_is_gone() {
+    use std::os::unix::net::UnixStream;
+    let port = common::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, writer) = UnixStream::pair().unwrap();
+    let mut cmd = Command::new(common::spool_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SPOOL_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--api-key", API_KEY, "--engine", "disk", "--data-dir"])
+        .arg(dir.path())
+        .args(["--shutdown-drain", "1s"])
+        .env("SPOOL_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::os::fd::OwnedFd::from(writer)))
+        .spawn()
+        .unwrap();
+    let ready = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < ready,
+            "the server did not listen within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(reader);
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    // The drain window (1 s) and the shutdown (nothing open) take a second or two; a server
+    // that no signal stops would still run at the deadline.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("SIGTERM did not stop the server within 30 s (its stderr reader is gone)");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
