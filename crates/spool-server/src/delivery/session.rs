@@ -373,12 +373,17 @@ impl LiveSession {
 ///   is never left pending with no flush to take it.
 /// - The flush is a task of its own, not a resume's future: a resume whose connection goes
 ///   away mid-wait is dropped without stopping the save of the others' records. A resume
-///   dropped while its record is still pending withdraws it (nothing of it is saved, as before
-///   batching); one dropped once its record is in a call leaves it to land — the store then
+///   dropped while its record is still pending is skipped (its answer channel is closed:
+///   nothing of it is saved, as before batching); one dropped once its record is in a call
+///   leaves it to land — the store then
 ///   names a holder no connection has, which only means the next resume takes the session
-///   over as it would anyway. If the flush task itself ends early (the runtime shutting down,
-///   a panic in the store), a guard clears `flushing` and the pending records: their resumes
-///   get an error rather than waiting forever, and the next resume starts a new flush.
+///   over as it would anyway. If the flush task itself ends early or never starts (the
+///   runtime shutting down, a panic in the store), a guard made before it is spawned clears
+///   `flushing` and the pending records: their resumes get an error rather than waiting
+///   forever, and the next resume starts a new flush.
+/// - A call the store refuses as a whole for a bound (`Limit`: one record was new at
+///   `--max-sessions`) is saved again record by record, so only the resume whose record
+///   met the bound fails, as when each resume saved alone.
 /// - One session id is never twice in a call: when two resumes of one session race, the later
 ///   record waits for the next call. So the store sees them in the order they arrived, as it
 ///   did when each resume saved alone, and each gets the answer for its own record (two
@@ -396,13 +401,10 @@ struct TakeOverState {
     pending: VecDeque<Waiting>,
     /// A flush task is running (it takes whatever is pending before it ends).
     flushing: bool,
-    /// The tag of the next record pushed.
-    next: u64,
 }
 
 /// A take-over record waiting for its save; `done` gets whether it was saved (`false`: refused).
 struct Waiting {
-    tag: u64,
     record: SessionRecord,
     done: oneshot::Sender<Result<bool, EngineError>>,
 }
@@ -419,105 +421,102 @@ impl TakeOvers {
     /// (`false`: it refused it). Answers once the call carrying it has returned.
     async fn save(self: &Arc<Self>, record: SessionRecord) -> Result<bool, EngineError> {
         let (done, answer) = oneshot::channel();
-        let tag = {
+        {
             let mut state = self.state.lock();
-            let tag = state.next;
-            state.next += 1;
-            state.pending.push_back(Waiting { tag, record, done });
+            state.pending.push_back(Waiting { record, done });
             if !state.flushing {
                 state.flushing = true;
-                tokio::spawn(self.clone().flush());
+                let ended = EndFlush {
+                    take_overs: self.clone(),
+                    armed: true,
+                };
+                tokio::spawn(ended.flush());
             }
-            tag
-        };
-        let mut withdraw = Withdraw {
-            take_overs: self,
-            tag,
-            armed: true,
-        };
-        let answer = answer.await;
-        withdraw.armed = false;
-        answer.unwrap_or_else(|_| {
+        }
+        answer.await.unwrap_or_else(|_| {
             Err(EngineError::unavailable(
                 "the session take-over was not saved (the server is stopping)",
             ))
         })
     }
 
-    /// Saves what is pending, a call at a time, until nothing is.
-    async fn flush(self: Arc<Self>) {
-        let mut ended = EndFlush {
-            take_overs: &self,
-            armed: true,
-        };
-        loop {
-            let batch = {
-                let mut state = self.state.lock();
-                if state.pending.is_empty() {
-                    state.flushing = false;
+    /// The next call's records: up to [`TAKE_OVER_BATCH`], one per session id, in arrival
+    /// order, leaving out resumes that went away; the rest stay pending, in their order.
+    /// `None`, with `flushing` cleared, once nothing is pending.
+    fn next_batch(&self) -> Option<Vec<Waiting>> {
+        let mut state = self.state.lock();
+        let mut ids = HashSet::new();
+        let mut batch = Vec::new();
+        let mut rest = VecDeque::new();
+        let mut pending = std::mem::take(&mut state.pending).into_iter();
+        for waiting in pending.by_ref() {
+            if waiting.done.is_closed() {
+                continue;
+            }
+            if ids.insert(waiting.record.id.clone()) {
+                batch.push(waiting);
+                if batch.len() == TAKE_OVER_BATCH {
                     break;
                 }
-                // Up to TAKE_OVER_BATCH records, one per session id, in arrival order; the
-                // rest stay pending, in their order.
-                let mut ids = HashSet::new();
-                let mut batch = Vec::new();
-                let mut rest = VecDeque::new();
-                for waiting in std::mem::take(&mut state.pending) {
-                    if batch.len() < TAKE_OVER_BATCH && ids.insert(waiting.record.id.clone()) {
-                        batch.push(waiting);
-                    } else {
-                        rest.push_back(waiting);
-                    }
-                }
-                state.pending = rest;
-                batch
-            };
-            let records = batch.iter().map(|w| w.record.clone()).collect();
-            match self.store.save_sessions(records).await {
-                Ok(refused) => {
-                    let refused: HashSet<String> = refused.into_iter().collect();
-                    for w in batch {
-                        let _ = w.done.send(Ok(!refused.contains(&w.record.id)));
-                    }
-                }
-                Err(e) => {
-                    for w in batch {
-                        let _ = w.done.send(Err(e.clone()));
-                    }
-                }
+            } else {
+                rest.push_back(waiting);
             }
         }
-        ended.armed = false;
+        rest.extend(pending);
+        state.pending = rest;
+        if batch.is_empty() && state.pending.is_empty() {
+            state.flushing = false;
+            return None;
+        }
+        Some(batch)
     }
-}
 
-/// A resume dropped while its record is still pending takes it back.
-struct Withdraw<'a> {
-    take_overs: &'a TakeOvers,
-    tag: u64,
-    armed: bool,
-}
-
-impl Drop for Withdraw<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let mut state = self.take_overs.state.lock();
-            if let Some(at) = state.pending.iter().position(|w| w.tag == self.tag) {
-                state.pending.remove(at);
+    /// Saves `batch` in one call and answers each waiter; a call refused as a whole for a
+    /// bound is saved again record by record.
+    async fn save_batch(&self, batch: Vec<Waiting>) {
+        let records = batch.iter().map(|w| w.record.clone()).collect();
+        match self.store.save_sessions(records).await {
+            Ok(refused) => {
+                let refused: HashSet<String> = refused.into_iter().collect();
+                for w in batch {
+                    let saved = !refused.contains(&w.record.id);
+                    let _ = w.done.send(Ok(saved));
+                }
+            }
+            Err(EngineError::Limit(_)) if batch.len() > 1 => {
+                for w in batch {
+                    let answer = self.store.save_sessions(vec![w.record]).await;
+                    let _ = w.done.send(answer.map(|refused| refused.is_empty()));
+                }
+            }
+            Err(e) => {
+                for w in batch {
+                    let _ = w.done.send(Err(e.clone()));
+                }
             }
         }
     }
 }
 
-/// A flush task ending before it emptied the queue (dropped at runtime shutdown, or a panic in
-/// the store): the pending resumes are answered with an error (their senders dropped) and the
-/// next resume starts a new flush.
-struct EndFlush<'a> {
-    take_overs: &'a TakeOvers,
+/// The flush task: saves what is pending, a call at a time, until nothing is. Made before it
+/// is spawned, so a task that ends early or never runs (dropped at runtime shutdown, a panic
+/// in the store) still clears `flushing` and the pending records: their resumes are answered
+/// with an error (their senders dropped) and the next resume starts a new flush.
+struct EndFlush {
+    take_overs: Arc<TakeOvers>,
     armed: bool,
 }
 
-impl Drop for EndFlush<'_> {
+impl EndFlush {
+    async fn flush(mut self) {
+        while let Some(batch) = self.take_overs.next_batch() {
+            self.take_overs.save_batch(batch).await;
+        }
+        self.armed = false;
+    }
+}
+
+impl Drop for EndFlush {
     fn drop(&mut self) {
         if self.armed {
             let mut state = self.take_overs.state.lock();
@@ -548,11 +547,11 @@ pub struct Sessions {
 impl Sessions {
     pub fn new(store: Arc<dyn SessionStore>, ttl: Duration) -> Self {
         Self {
-            store: store.clone(),
+            take_overs: TakeOvers::new(store.clone()),
+            store,
             ttl,
             live: Mutex::new(HashMap::new()),
             saving: tokio::sync::Mutex::new(()),
-            take_overs: TakeOvers::new(store.clone()),
         }
     }
 
