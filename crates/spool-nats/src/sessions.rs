@@ -34,6 +34,8 @@ use crate::{config::NatsConfig, jetstream::Api, names};
 const KV_OPERATION: &str = "KV-Operation";
 /// The holder that wrote a record (`SessionRecord::holder`, decimal).
 const HOLDER: &str = "Spool-Session-Holder";
+/// Holder checks of one save in flight at once.
+const CHECKS_IN_FLIGHT: usize = 64;
 
 /// What a save of one record publishes with.
 enum Check {
@@ -133,7 +135,13 @@ impl Sessions {
         records: &[SessionRecord],
         now: u64,
     ) -> Result<Result<Vec<String>, EngineError>, NoResponders> {
-        let checks = futures::future::join_all(records.iter().map(|r| self.check(r, now))).await;
+        // The holder checks (a read of each key's last message), at most CHECKS_IN_FLIGHT at once:
+        // a node saving thousands of sessions does not send thousands of requests together.
+        let mut checks = Vec::with_capacity(records.len());
+        for chunk in records.chunks(CHECKS_IN_FLIGHT) {
+            checks
+                .extend(futures::future::join_all(chunk.iter().map(|r| self.check(r, now))).await);
+        }
         let mut superseded = Vec::new();
         let mut acks: Vec<(&str, PublishAckFuture)> = Vec::with_capacity(records.len());
         let mut oversized = None;
