@@ -376,21 +376,15 @@ impl Ahead {
     /// read-ahead was would answer it; `None` when the read-ahead cannot (see the module
     /// notes above). Drops it when it can never serve again.
     fn serve(&mut self, cursor: &Position, limit: usize, now: u64) -> Option<ReadBatch> {
+        let watched = self.watched();
         let buffer = self.buffer.as_mut()?;
-        let watched = self.watch.as_ref().and_then(|w| {
-            w.has_changed().ok()?;
-            Some(w.borrow().clone())
-        });
-        let same_epoch = watched
-            .as_ref()
-            .is_some_and(|w| w.epoch == buffer.state.epoch);
-        if !same_epoch {
+        let Some(watched) = watched.filter(|w| w.epoch == buffer.state.epoch) else {
             // The stream's epoch moved (or its watch closed): nothing here is served again.
             self.buffer = None;
             self.watch = None;
             self.size_hint = 0;
             return None;
-        }
+        };
         if now.abs_diff(buffer.read_ms) > READ_AHEAD_TTL_MS || buffer.state.epoch != cursor.epoch {
             self.buffer = None;
             return None;
@@ -403,7 +397,7 @@ impl Ahead {
         if first != cursor.offset.next() {
             return None;
         }
-        let head = watched.map_or(buffer.state.head, |w| w.offset.max(buffer.state.head));
+        let head = watched.offset.max(buffer.state.head);
         Some(ReadBatch {
             state: StreamState {
                 epoch: buffer.state.epoch.clone(),
@@ -1261,9 +1255,6 @@ impl Groups {
                     dead_letters: out.dead_letters,
                 })
             };
-            // Under the lock: `want`, and whether the group's read-ahead can answer it. A
-            // round the read-ahead answers runs want → take → receive in one hold of the lock
-            // (no I/O in it), so no other member takes the same messages in between.
             // Under the lock: `want`, and whether the group's read-ahead can answer it. A
             // round the read-ahead answers runs want → take → receive in one hold of the lock
             // (no I/O in it), so no other member takes the same messages in between. While the

@@ -120,11 +120,9 @@ impl Room {
             p.forget();
             taken.messages += more;
         }
-        let more = self.bytes.available_permits();
+        let more = self.bytes.available_permits().min(u32::MAX as usize);
         if more > 0
-            && let Ok(p) = self
-                .bytes
-                .try_acquire_many(more.min(u32::MAX as usize) as u32)
+            && let Ok(p) = self.bytes.try_acquire_many(more as u32)
         {
             p.forget();
             taken.bytes += more;
