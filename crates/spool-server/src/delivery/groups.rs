@@ -682,25 +682,31 @@ impl Groups {
         wake: bool,
         mut op: impl FnMut(&mut GroupState, u64) -> Result<Outcome<T>, GroupError>,
     ) -> Result<T, GroupError> {
-        let (value, durable) = self
-            .run_queued(key, live, wake, None, |state, now, _| op(state, now))
+        let (((), value), durable) = self
+            .run_queued(key, live, wake, nothing, None, |state, now, _| {
+                op(state, now)
+            })
             .await?;
         self.settled(live, durable).await?;
         Ok(value)
     }
 
-    /// The locked part of [`run`](Self::run): compute and queue, answering with the value and
-    /// what to wait for before the value may be given to a client. With `read`, the stream is
-    /// read under the lock for a receive of up to that many messages (after `want`), so no
-    /// other operation of this node can take the messages read before `op` sees them.
-    async fn run_queued<T>(
+    /// The locked part of [`run`](Self::run): compute and queue, answering with the values and
+    /// what to wait for before they may be given to a client. `pre` runs first (a settle that
+    /// goes with a receive; [`nothing`] otherwise); with `read`, the stream is then read under
+    /// the lock for a receive of up to that many messages (`want` on the state `pre` left), so
+    /// no other operation of this node can take the messages read before `op` sees them. The
+    /// outcomes of `pre` and `op` are stored as one commit, and a failure between them drops
+    /// the state (nothing of `pre` is kept unstored).
+    async fn run_queued<A, T>(
         &self,
         key: &Key,
         live: &Arc<Live>,
         wake: bool,
+        mut pre: impl FnMut(&mut GroupState, u64) -> Result<Outcome<A>, GroupError>,
         read: Option<LockedRead>,
         mut op: impl FnMut(&mut GroupState, u64, Option<&Fetched>) -> Result<Outcome<T>, GroupError>,
-    ) -> Result<(T, Option<Tail>), GroupError> {
+    ) -> Result<((A, T), Option<Tail>), GroupError> {
         // On a store other servers commit to, a state held here may be behind: a commit
         // catches that (`Conflict`), but an operation with nothing to store commits nothing —
         // an ack of a receipt another node leased would answer `unknown` from a stale state.
@@ -724,6 +730,10 @@ impl Groups {
                     return Err(e);
                 }
             };
+            // State operations check their input before they change anything: an error here
+            // leaves the state as it was.
+            let first = pre(&mut loaded.state, self.now())?;
+            let kept = first.is_noop();
             let fetched = match read {
                 Some(r) => {
                     let now = self.now();
@@ -739,10 +749,16 @@ impl Groups {
                             f.ahead_short = short;
                             Some(f)
                         }
-                        None => {
-                            let batch = self.read_for(key, live, want, true).await?;
-                            Some(Fetched::new(want, batch, r.bytes, r.max_bytes))
-                        }
+                        None => match self.read_for(key, live, want, true).await {
+                            Ok(batch) => Some(Fetched::new(want, batch, r.bytes, r.max_bytes)),
+                            Err(e) => {
+                                if !kept {
+                                    // `pre` changed the state and will not be stored.
+                                    *guard = None;
+                                }
+                                return Err(e);
+                            }
+                        },
                     }
                 }
                 None => None,
@@ -752,17 +768,26 @@ impl Groups {
                 continue;
             };
             let now = self.now();
-            let outcome = op(&mut loaded.state, now, fetched.as_ref())?;
-            if shared && cached && outcome.is_noop() {
+            let outcome = match op(&mut loaded.state, now, fetched.as_ref()) {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    if !kept {
+                        *guard = None;
+                    }
+                    return Err(e);
+                }
+            };
+            if shared && cached && first.is_noop() && outcome.is_noop() {
                 // Load it again and redo (the next try starts from the store).
                 *guard = None;
                 continue;
             }
-            let stored = !outcome.changes.is_empty();
-            match self
-                .persist(key, &mut guard, outcome.changes, outcome.dead_letters)
-                .await
-            {
+            let mut changes = first.changes;
+            changes.extend(outcome.changes);
+            let mut dead_letters = first.dead_letters;
+            dead_letters.extend(outcome.dead_letters);
+            let stored = !changes.is_empty();
+            match self.persist(key, &mut guard, changes, dead_letters).await {
                 Ok(durable) => {
                     if let Some(loaded) = guard.as_ref() {
                         let due = loaded.state.next_wakeup(now).unwrap_or(u64::MAX);
@@ -772,7 +797,7 @@ impl Groups {
                     if wake && stored {
                         live.changed.notify_waiters();
                     }
-                    return Ok((outcome.value, durable));
+                    return Ok(((first.value, outcome.value), durable));
                 }
                 Err(None) => continue,
                 Err(Some(e)) => return Err(e),
@@ -1238,22 +1263,7 @@ impl Groups {
                 max_bytes: self.config.max_read_bytes,
             };
             let receive = |state: &mut GroupState, now: u64, f: &Fetched| {
-                if stale_read(state, &f.batch) {
-                    // Another receive moved the cursor past this read's head meanwhile: the
-                    // read is old, not the stream diverged — `receive` would take it for an
-                    // epoch change and reset the group. Nothing is taken from it.
-                    return Ok::<_, GroupError>(Outcome {
-                        value: (Received::default(), true),
-                        changes: Vec::new(),
-                        dead_letters: Vec::new(),
-                    });
-                }
-                let out = state.receive(&round, &f.batch.state, &f.batch.messages, now)?;
-                Ok(Outcome {
-                    value: (out.value, false),
-                    changes: out.changes,
-                    dead_letters: out.dead_letters,
-                })
+                receive_fetched(state, &round, now, f)
             };
             // Under the lock: `want`, and whether the group's read-ahead can answer it. A
             // round the read-ahead answers runs want → take → receive in one hold of the lock
@@ -1297,13 +1307,9 @@ impl Groups {
             let via_lock = unlocked_want.is_none();
             let (received, stale, f, tail) = match unlocked_want {
                 None => {
-                    let (((received, stale), f), tail) = self
-                        .run_queued(key, live, false, Some(read), |state, now, f| {
-                            let f = f.ok_or_else(|| {
-                                GroupError::Engine(EngineError::internal(
-                                    "a locked read went missing",
-                                ))
-                            })?;
+                    let (((), ((received, stale), f)), tail) = self
+                        .run_queued(key, live, false, nothing, Some(read), |state, now, f| {
+                            let f = f.ok_or_else(missing_read)?;
                             let out = receive(state, now, f)?;
                             Ok(Outcome {
                                 value: (out.value, f.clone()),
@@ -1323,8 +1329,8 @@ impl Groups {
                         tokio::time::sleep(Duration::from_millis(pause)).await;
                     }
                     let f = Fetched::new(want, batch, bytes, self.config.max_read_bytes);
-                    let ((received, stale), tail) = self
-                        .run_queued(key, live, false, None, |state, now, _| {
+                    let (((), (received, stale)), tail) = self
+                        .run_queued(key, live, false, nothing, None, |state, now, _| {
                             receive(state, now, &f)
                         })
                         .await?;
@@ -1459,19 +1465,76 @@ impl Groups {
         let key = (stream.clone(), group.clone());
         let live = self.live(&key);
         self.run(&key, &live, true, |state, now| {
-            Ok(match how {
-                Settle::Ack => state.ack(receipts, now)?,
-                Settle::Nack { delay, reason } => {
-                    state.nack(receipts, *delay, reason.as_ref(), now)?
-                }
-                Settle::Extend { visibility_timeout } => {
-                    let v = visibility_timeout.unwrap_or(state.config().visibility_timeout);
-                    state.extend(receipts, v, now)?
-                }
-                Settle::Terminate { reason } => state.terminate(receipts, reason.as_ref(), now)?,
-            })
+            apply_settle(state, receipts, how, now)
         })
         .await
+    }
+
+    /// Settles `receipts`, then leases up to `next.max` more messages to `next.member` without
+    /// waiting — in one hold of the group's lock, stored as **one** commit, answered once that
+    /// is durable. For a member whose settle returns credit (an ack of its window, then a
+    /// receive for the room it freed) this is one group operation, one commit and one
+    /// durability wait instead of two of each. The receive is one locked round (want on the
+    /// state the settle left → the read-ahead or an engine read → receive): it may lease fewer
+    /// than `next.max` although more are there (a caller with room left receives as usual),
+    /// and it never answers a message twice or out of turn, exactly as a receive would not.
+    ///
+    /// A failure of the whole call (an error, not a per-receipt result) stores nothing of
+    /// either part.
+    pub async fn settle_and_receive(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        receipts: &[String],
+        how: &Settle,
+        next: &ReceiveRequest,
+    ) -> Result<(Vec<ReceiptResult>, ReceiveAnswer), GroupError> {
+        next.validate()?;
+        let key = (stream.clone(), group.clone());
+        let live = self.live(&key);
+        self.watch_for_ahead(&key.0, &live).await;
+        self.rounds.fetch_add(1, AtomicOrdering::Relaxed);
+        let read = LockedRead {
+            room: next.max,
+            bytes: 0,
+            max_bytes: self.config.max_read_bytes,
+        };
+        let ((results, (received, f)), tail) = self
+            .run_queued(
+                &key,
+                &live,
+                true,
+                |state, now| apply_settle(state, receipts, how, now),
+                Some(read),
+                |state, now, f| {
+                    let f = f.ok_or_else(missing_read)?;
+                    let out = receive_fetched(state, next, now, f)?;
+                    Ok(Outcome {
+                        value: (out.value.0, f.clone()),
+                        changes: out.changes,
+                        dead_letters: out.dead_letters,
+                    })
+                },
+            )
+            .await?;
+        self.settled(&live, tail).await?;
+        let epoch = f.batch.state.epoch.clone();
+        let fetched = f
+            .batch
+            .messages
+            .into_iter()
+            .map(|m| (m.offset, m))
+            .collect();
+        let messages = self
+            .attach_payloads(&key.0, &live, received.deliveries, fetched, Some(epoch))
+            .await?;
+        Ok((
+            results,
+            ReceiveAnswer {
+                messages,
+                reset: received.reset,
+            },
+        ))
     }
 
     /// A reason as a client gave it.
@@ -1722,6 +1785,62 @@ impl Groups {
 /// Whether `read` is older than the group's cursor: in the cursor's epoch, with a head before
 /// it (a read made before another receive moved the cursor past it). Given to `receive`, it
 /// would look like a diverged history and reset the group.
+/// An operation that does nothing, for [`Groups::run_queued`]'s `pre`.
+fn nothing(_: &mut GroupState, _: u64) -> Result<Outcome<()>, GroupError> {
+    Ok(Outcome {
+        value: (),
+        changes: Vec::new(),
+        dead_letters: Vec::new(),
+    })
+}
+
+fn missing_read() -> GroupError {
+    GroupError::Engine(EngineError::internal("a locked read went missing"))
+}
+
+/// A settle on the group's state: one result per receipt.
+fn apply_settle(
+    state: &mut GroupState,
+    receipts: &[String],
+    how: &Settle,
+    now: u64,
+) -> Result<Outcome<Vec<ReceiptResult>>, GroupError> {
+    Ok(match how {
+        Settle::Ack => state.ack(receipts, now)?,
+        Settle::Nack { delay, reason } => state.nack(receipts, *delay, reason.as_ref(), now)?,
+        Settle::Extend { visibility_timeout } => {
+            let v = visibility_timeout.unwrap_or(state.config().visibility_timeout);
+            state.extend(receipts, v, now)?
+        }
+        Settle::Terminate { reason } => state.terminate(receipts, reason.as_ref(), now)?,
+    })
+}
+
+/// A receive round's lease of what it read (`f`), and whether the read was stale.
+fn receive_fetched(
+    state: &mut GroupState,
+    round: &ReceiveRequest,
+    now: u64,
+    f: &Fetched,
+) -> Result<Outcome<(Received, bool)>, GroupError> {
+    if stale_read(state, &f.batch) {
+        // Another receive moved the cursor past this read's head meanwhile: the read is old,
+        // not the stream diverged — `receive` would take it for an epoch change and reset the
+        // group. Nothing is taken from it.
+        return Ok(Outcome {
+            value: (Received::default(), true),
+            changes: Vec::new(),
+            dead_letters: Vec::new(),
+        });
+    }
+    let out = state.receive(round, &f.batch.state, &f.batch.messages, now)?;
+    Ok(Outcome {
+        value: (out.value, false),
+        changes: out.changes,
+        dead_letters: out.dead_letters,
+    })
+}
+
 fn stale_read(state: &GroupState, read: &ReadBatch) -> bool {
     let cursor = state.cursor();
     read.state.epoch == cursor.epoch && read.state.head < cursor.offset
@@ -1898,6 +2017,108 @@ mod tests {
             .collect();
         let results = b.settle(&s, &g, &receipts, &Settle::Ack).await.unwrap();
         assert_eq!(results, [ReceiptResult::Ok, ReceiptResult::Ok]);
+    }
+
+    #[tokio::test]
+    async fn settle_and_receive_is_one_commit_and_hands_out_each_message_once() {
+        let (groups, engine, _time) = setup();
+        let (s, g) = (name("s"), group("g"));
+        groups
+            .put(&s, &g, &GroupConfigSpec::default())
+            .await
+            .unwrap();
+        publish(&engine, "s", 5).await;
+        let never = CancellationToken::new();
+        let first = groups
+            .receive(&s, &g, &request("w", 1), None, &never)
+            .await
+            .unwrap();
+        let before = engine.load_group(&s, &g).await.unwrap().unwrap().version;
+        let mut receipt = first.messages[0].delivery.receipt.encode();
+        let mut seen = vec![first.messages[0].delivery.offset.get()];
+        for _ in 0..4 {
+            let (results, next) = groups
+                .settle_and_receive(&s, &g, &[receipt.clone()], &Settle::Ack, &request("w", 1))
+                .await
+                .unwrap();
+            assert_eq!(results, [ReceiptResult::Ok]);
+            assert_eq!(next.messages.len(), 1);
+            let m = &next.messages[0];
+            assert_eq!(m.delivery.deliveries, 1);
+            assert_eq!(
+                &m.message.payload[..],
+                format!("m{}", m.delivery.offset.get() - 1).as_bytes()
+            );
+            seen.push(m.delivery.offset.get());
+            receipt = m.delivery.receipt.encode();
+        }
+        assert_eq!(seen, [1, 2, 3, 4, 5], "in order, each once");
+        let after = engine.load_group(&s, &g).await.unwrap().unwrap().version;
+        assert_eq!(after - before, 4, "one commit per ack with its next lease");
+        // The last ack finds nothing more: acked, and an empty answer.
+        let (results, next) = groups
+            .settle_and_receive(&s, &g, &[receipt.clone()], &Settle::Ack, &request("w", 1))
+            .await
+            .unwrap();
+        assert_eq!(results, [ReceiptResult::Ok]);
+        assert!(next.messages.is_empty());
+        // Per-receipt answers as for a settle: the same receipt again, and garbage.
+        let (results, _) = groups
+            .settle_and_receive(
+                &s,
+                &g,
+                &[receipt, "nonsense".to_owned()],
+                &Settle::Ack,
+                &request("w", 1),
+            )
+            .await
+            .unwrap();
+        assert_eq!(results, [ReceiptResult::Expired, ReceiptResult::Unknown]);
+        let stats = groups.describe(&s, &g).await.unwrap().stats;
+        assert_eq!((stats.acked, stats.in_flight, stats.pending), (5, 0, 0));
+        // A bad request fails whole and stores nothing.
+        let bad = groups
+            .settle_and_receive(&s, &g, &[], &Settle::Ack, &request("w", 0))
+            .await;
+        assert!(matches!(bad, Err(GroupError::Op(_))), "{bad:?}");
+        let missing = groups
+            .settle_and_receive(&s, &group("nope"), &[], &Settle::Ack, &request("w", 1))
+            .await;
+        assert!(matches!(missing, Err(GroupError::NotFound { .. })));
+    }
+
+    #[tokio::test]
+    async fn settle_and_receive_takes_the_room_its_nack_frees() {
+        let (groups, engine, _time) = setup();
+        let (s, g) = (name("s"), group("g"));
+        let spec: GroupConfigSpec = serde_json::from_str(r#"{"max_in_flight":1}"#).unwrap();
+        groups.put(&s, &g, &spec).await.unwrap();
+        publish(&engine, "s", 2).await;
+        let never = CancellationToken::new();
+        let a = groups
+            .receive(&s, &g, &request("w", 1), None, &never)
+            .await
+            .unwrap();
+        // max_in_flight 1 is reached: only the settle frees room, and the receive after it in
+        // the same hold takes it (want is computed on the state the settle left).
+        let nack = Settle::Nack {
+            delay: Duration::ZERO,
+            reason: None,
+        };
+        let receipt = a.messages[0].delivery.receipt.encode();
+        let (results, next) = groups
+            .settle_and_receive(&s, &g, &[receipt], &nack, &request("w", 1))
+            .await
+            .unwrap();
+        assert_eq!(results, [ReceiptResult::Ok]);
+        assert_eq!(next.messages.len(), 1);
+        assert_eq!(
+            next.messages[0].delivery.offset.get(),
+            1,
+            "the nacked one again"
+        );
+        assert_eq!(next.messages[0].delivery.deliveries, 2);
+        assert_eq!(&next.messages[0].message.payload[..], b"m0");
     }
 
     #[tokio::test]
