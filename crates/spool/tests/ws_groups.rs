@@ -804,3 +804,103 @@ async fn on_disk_consumes_share_a_group_and_settled_acks_survive_kill_9() {
     assert_eq!(offsets.len(), 30);
     assert_eq!(offsets.union(&acked).count(), 40);
 }
+
+/// A backlog drained by members that ack one message at a time, on the disk engine: each ack
+/// of a member that has a backlog goes with its next receive as one group operation
+/// (`Groups::settle_and_receive`), and that must keep every guarantee of the two apart. Three
+/// members at credits 1, 2 and 5; some ack frames repeat a receipt or carry one that is not
+/// theirs. Every message is leased to exactly one member, once, each member never holds more
+/// than its credit, the acks are answered per receipt, and the group ends with everything
+/// acked and nothing pending or in flight.
+#[tokio::test]
+async fn members_acking_one_by_one_drain_a_backlog_each_message_once_within_their_credit() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let s = Server::start_disk(&listen, dir.path(), &["--durability", "fsync"]);
+    create_group(&s, "jobs", "g", json!({})).await;
+    const N: usize = 300;
+    publish_n(&s, "jobs", N).await;
+    let credits = [1u32, 2, 5];
+    let mut members = Vec::new();
+    for (i, credit) in credits.iter().enumerate() {
+        let (mut ws, _) = WsPeer::connect(&s.addr, API_KEY).await;
+        consume(&mut ws, i as u64 + 1, "jobs", "g", *credit).await;
+        members.push(ws);
+    }
+    let total = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (i, mut ws) in members.into_iter().enumerate() {
+        let credit = credits[i] as usize;
+        let total = total.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut held: Vec<(u64, String)> = Vec::new();
+            let mut acked: Vec<u64> = Vec::new();
+            let mut id = 100u64;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while total.load(std::sync::atomic::Ordering::SeqCst) < N {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "not drained in time"
+                );
+                let Some(f) = next_within(&mut ws, Duration::from_millis(200)).await else {
+                    continue;
+                };
+                match f["type"].as_str() {
+                    Some("leased") => {
+                        assert_eq!(f["deliveries"], 1, "{f}");
+                        assert_eq!(f["data"], format!("m{}", f["offset"]));
+                        held.push((
+                            f["offset"].as_u64().unwrap(),
+                            f["receipt"].as_str().unwrap().to_owned(),
+                        ));
+                        assert!(
+                            held.len() <= credit,
+                            "holds {} at credit {credit}",
+                            held.len()
+                        );
+                    }
+                    Some("settled") => {
+                        let results = f["results"].as_array().unwrap();
+                        assert_eq!(results[0]["result"], "ok", "{f}");
+                        for r in &results[1..] {
+                            assert_ne!(r["result"], "ok", "a repeated or foreign receipt: {f}");
+                        }
+                        continue;
+                    }
+                    other => panic!("unexpected frame {other:?}: {f}"),
+                }
+                // Ack the oldest held, one per frame; every seventh repeats it and adds one
+                // that is not a receipt of this group.
+                let (offset, receipt) = held.remove(0);
+                id += 1;
+                let receipts = if id.is_multiple_of(7) {
+                    json!([receipt, receipt, "not-a-receipt"])
+                } else {
+                    json!([receipt])
+                };
+                ws.send(json!({"type":"ack","id":id,"stream":"jobs","group":"g",
+                               "receipts":receipts}))
+                    .await;
+                acked.push(offset);
+                total.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            acked
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=N as u64).collect::<Vec<_>>(), "each message once");
+    // The last acks' answers may still be on their way: poll the stats.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = group_info(&s, "jobs", "g").await["stats"].clone();
+        if stats["acked"] == N && stats["in_flight"] == 0 && stats["pending"] == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

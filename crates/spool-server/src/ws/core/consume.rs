@@ -20,7 +20,13 @@
 //!   any other (its buffer fills, the connection is closed after `--stuck-timeout`).
 //! - the **settler** runs the member's ack / nack / extend / terminate frames one after
 //!   another (consecutive acks as one group commit, their answers as one event), so answers
-//!   come in the order sent, and returns credit for what they finished.
+//!   come in the order sent, and returns credit for what they finished. While the consume has
+//!   a backlog (its last receive filled the room it asked for) and the pusher is not
+//!   receiving, an ack also leases for the credit it frees, in the same group operation
+//!   (`Groups::settle_and_receive`: one commit, one durability wait, where an ack and the
+//!   pusher's next receive took two of each); its `settled` answer and the new leases go to
+//!   the connection together. The two halves take turns through `Shared::leasing`, so they
+//!   never lease for the same credit; the pusher then looks at the window again.
 //!
 //! # Not part of the session
 //!
@@ -40,7 +46,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -65,7 +71,7 @@ use super::{
 use crate::{
     AppState,
     auth::{Action, Principal},
-    delivery::groups::{GroupError, Groups, Leased, Settle},
+    delivery::groups::{GroupError, Groups, Leased, ReceiveAnswer, Settle},
     error::ApiError,
 };
 
@@ -253,6 +259,15 @@ struct Shared {
     round: parking_lot::Mutex<Option<CancellationToken>>,
     /// Why the task is being stopped: the request id and the server's reason.
     stop: parking_lot::Mutex<Option<(Option<u64>, Option<&'static str>)>>,
+    /// Held by whichever half is leasing for the window: the pusher for a receive, or the
+    /// settler for an ack with its next receive (`Groups::settle_and_receive`), so the two
+    /// never lease for the same credit.
+    leasing: tokio::sync::Mutex<()>,
+    /// The consume's last receive filled the room it asked for: the group likely has more,
+    /// and an ack that frees credit asks for the next messages in the same group operation.
+    /// Cleared by a receive that came back short (nothing waiting: an ack then only acks,
+    /// without a read of the stream under the group's lock).
+    backlog: AtomicBool,
 }
 
 impl Shared {
@@ -262,6 +277,23 @@ impl Shared {
         held.retain(|_, until| *until > now);
         let room = (self.credit.load(Ordering::Relaxed) as usize).saturating_sub(held.len());
         (room as u32, held.values().min().copied())
+    }
+
+    /// Room in the window once `receipts` are settled for good.
+    fn room_after(&self, receipts: &[String], now: u64) -> u32 {
+        let mut held = self.held.lock();
+        held.retain(|_, until| *until > now);
+        // A receipt sent twice ends one lease.
+        let ending = match receipts {
+            [one] => usize::from(held.contains_key(one)),
+            _ => receipts
+                .iter()
+                .filter(|r| held.contains_key(*r))
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+        };
+        let left = held.len().saturating_sub(ending);
+        (self.credit.load(Ordering::Relaxed) as usize).saturating_sub(left) as u32
     }
 }
 
@@ -585,6 +617,8 @@ impl Consumes {
             wake: Notify::new(),
             round: parking_lot::Mutex::new(None),
             stop: parking_lot::Mutex::new(None),
+            leasing: tokio::sync::Mutex::new(()),
+            backlog: AtomicBool::new(false),
         });
         let (settles, jobs) = mpsc::channel(MAX_QUEUED_SETTLES);
         let cancel = self.cancel.child_token();
@@ -929,9 +963,15 @@ impl Task {
             let woken = self.shared.wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
+            // The settler may be leasing for the window (an ack with its next receive).
+            let leasing = tokio::select! {
+                held = self.shared.leasing.lock() => held,
+                _ = self.cancel.cancelled() => return,
+            };
             let now = self.clock.now_ms();
             let (room, next_end) = self.shared.room(now);
             if room == 0 {
+                drop(leasing);
                 let until = next_end.map_or(POLL, |end| Duration::from_millis(end - now));
                 idle.as_mut().reset(Instant::now() + until);
                 tokio::select! {
@@ -977,6 +1017,7 @@ impl Task {
                     return;
                 }
                 Err(e) => {
+                    drop(leasing);
                     tracing::warn!(error = %e, stream = %self.stream, group = %self.group, "a consume's receive failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(retry) => {}
@@ -986,31 +1027,40 @@ impl Task {
                     continue;
                 }
             };
-            if let Some(reset) = answer.reset {
-                self.emit(Kind::Reset(reset)).await;
-            }
-            if answer.messages.is_empty() {
-                continue;
-            }
-            // Held from now on: settled by the member, or given back on the way out.
-            let leases: Vec<Lease> = {
-                let mut held = self.shared.held.lock();
-                answer
-                    .messages
-                    .into_iter()
-                    .map(|leased| {
-                        let receipt = leased.delivery.receipt.encode();
-                        held.insert(receipt.clone(), leased.delivery.until_ms);
-                        Lease {
-                            leased,
-                            receipt,
-                            room: Taken::default(),
-                        }
-                    })
-                    .collect()
-            };
-            self.send_leases(leases).await;
+            self.shared
+                .backlog
+                .store(answer.messages.len() >= room as usize, Ordering::Relaxed);
+            self.deliver(answer).await;
+            drop(leasing);
         }
+    }
+
+    /// Hands a receive's answer to the connection: its reset, then its leases, held from now
+    /// on (settled by the member, or given back on the way out).
+    async fn deliver(&self, answer: ReceiveAnswer) {
+        if let Some(reset) = answer.reset {
+            self.emit(Kind::Reset(reset)).await;
+        }
+        if answer.messages.is_empty() {
+            return;
+        }
+        let leases: Vec<Lease> = {
+            let mut held = self.shared.held.lock();
+            answer
+                .messages
+                .into_iter()
+                .map(|leased| {
+                    let receipt = leased.delivery.receipt.encode();
+                    held.insert(receipt.clone(), leased.delivery.until_ms);
+                    Lease {
+                        leased,
+                        receipt,
+                        room: Taken::default(),
+                    }
+                })
+                .collect()
+        };
+        self.send_leases(leases).await;
     }
 
     /// A new token for the receives, the one a `credit` cancels.
@@ -1114,10 +1164,46 @@ impl Task {
             for job in &mut batch[1..] {
                 receipts.append(&mut job.receipts);
             }
-            let results = self
-                .groups
-                .settle(&self.stream, &self.group, &receipts, &batch[0].how)
-                .await;
+            // An ack while the group has a backlog and the pusher is not receiving: the ack and
+            // the receive for the credit it frees go as one group operation (one commit, one
+            // durability wait), and its answer and the next leases reach the connection
+            // together. The pusher waits meanwhile, then looks at the window again.
+            let mut next = None;
+            let leasing = if batch[0].op == SettleOp::Ack
+                && self.shared.backlog.load(Ordering::Relaxed)
+                && !self.cancel.is_cancelled()
+            {
+                self.shared.leasing.try_lock().ok()
+            } else {
+                None
+            };
+            let room = match &leasing {
+                Some(_) => self.shared.room_after(&receipts, self.clock.now_ms()),
+                None => 0,
+            };
+            let results = if room > 0 {
+                let request = ReceiveRequest {
+                    max: room,
+                    ..self.request.clone()
+                };
+                self.groups
+                    .settle_and_receive(
+                        &self.stream,
+                        &self.group,
+                        &receipts,
+                        &batch[0].how,
+                        &request,
+                    )
+                    .await
+                    .map(|(results, answer)| {
+                        next = Some((answer, room));
+                        results
+                    })
+            } else {
+                self.groups
+                    .settle(&self.stream, &self.group, &receipts, &batch[0].how)
+                    .await
+            };
             if let Ok(results) = &results {
                 self.settled(&batch[0], &receipts, results);
             }
@@ -1139,6 +1225,17 @@ impl Task {
             }
             answers.reverse();
             self.emit(Kind::Settled(answers)).await;
+            if let Some((answer, room)) = next {
+                self.shared
+                    .backlog
+                    .store(answer.messages.len() >= room as usize, Ordering::Relaxed);
+                self.deliver(answer).await;
+            }
+            if leasing.is_some() {
+                drop(leasing);
+                // The pusher looks at the window again (it may have room left).
+                self.shared.wake.notify_one();
+            }
         }
     }
 
