@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use spool_protocol::groups::{
     AckRequest, DurationText, ExtendRequest, GroupConfigSpec, GroupInfo, GroupList, NackRequest,
-    ReceiveRequest, ReceiveResponse, RedriveResponse, SettleResponse, TerminateRequest,
+    ReceiptOutcome, ReceiveRequest, ReceiveResponse, RedriveResponse, SettleResponse,
+    TerminateRequest,
 };
 
 use crate::http::{HttpClient, RequestError, check};
@@ -117,12 +118,57 @@ impl GroupClient {
             max: Some(max),
             wait: (!wait.is_zero()).then_some(DurationText(wait)),
             visibility_timeout: visibility_timeout.map(DurationText),
+            ack: None,
         };
+        self.send_receive(&body, wait).await
+    }
+
+    /// Acks `receipts` (at most 1000), then receives as [`receive`](Self::receive) does, in
+    /// one request: the acks and the first lease round are stored as one commit. Answers the
+    /// receive (its `acks` taken out) and one result per receipt, in order. The acks' results
+    /// come with the receive's answer, so after a `wait` for new messages; a failure of the
+    /// receive after the acks is answered as no messages with the results. After a
+    /// [`RequestError::Rejected`] nothing was acked; after another error the acks may have
+    /// been done (an ack of the same receipts then answers `expired` for those).
+    pub async fn receive_acking(
+        &self,
+        consumer: &str,
+        max: u32,
+        wait: Duration,
+        visibility_timeout: Option<Duration>,
+        receipts: &[String],
+    ) -> Result<(ReceiveResponse, Vec<ReceiptOutcome>), RequestError> {
+        let body = ReceiveRequest {
+            consumer: consumer.to_owned(),
+            max: Some(max),
+            wait: (!wait.is_zero()).then_some(DurationText(wait)),
+            visibility_timeout: visibility_timeout.map(DurationText),
+            ack: Some(receipts.to_vec()),
+        };
+        let mut answer = self.send_receive(&body, wait).await?;
+        let acks = answer.acks.take().ok_or_else(|| {
+            RequestError::Unreadable("the receive's answer has no results of its acks".into())
+        })?;
+        if acks.len() != receipts.len() {
+            return Err(RequestError::Unreadable(format!(
+                "the receive's answer has {} results for {} acks",
+                acks.len(),
+                receipts.len()
+            )));
+        }
+        Ok((answer, acks))
+    }
+
+    async fn send_receive(
+        &self,
+        body: &ReceiveRequest,
+        wait: Duration,
+    ) -> Result<ReceiveResponse, RequestError> {
         let request = self
             .http
             .post(self.url(&["receive"]))
             .timeout(wait + ANSWER_GRACE)
-            .json(&body);
+            .json(body);
         self.http.send_json(request).await
     }
 

@@ -24,6 +24,11 @@ pub struct ReceiveRequest {
     /// The lease's length for these messages (default: the group's `visibility_timeout`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub visibility_timeout: Option<DurationText>,
+    /// Receipts to ack before receiving (at most 1000; empty: nothing to ack): the acks and
+    /// the receive's first round are one commit, and the answer carries one result per
+    /// receipt in [`ReceiveResponse::acks`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack: Option<Vec<String>>,
 }
 
 delivered! {
@@ -45,6 +50,10 @@ pub struct ReceiveResponse {
     /// A loss of continuity this receive recorded (never silent: also in the group's stats).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reset: Option<GroupResetBody>,
+    /// When the request carried `ack`: one result per receipt, in the order sent. Reported
+    /// even when the receive after the acks failed (then `messages` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acks: Option<Vec<ReceiptOutcome>>,
 }
 
 /// `POST …/ack`.
@@ -213,10 +222,50 @@ mod tests {
         assert_eq!(r.wait.unwrap().0.as_secs(), 20);
         assert_eq!(r.visibility_timeout.unwrap().0.as_secs(), 30);
         assert!(serde_json::from_str::<ReceiveRequest>(r#"{"consumer":"w","mx":1}"#).is_err());
+        assert_eq!(r.ack, None);
+        let r: ReceiveRequest =
+            serde_json::from_str(r#"{"consumer":"w","ack":["a","b"]}"#).unwrap();
+        assert_eq!(r.ack, Some(vec!["a".to_owned(), "b".to_owned()]));
         assert!(serde_json::from_str::<AckRequest>(r#"{"receipts":[],"delay":"1s"}"#).is_err());
         let n: NackRequest =
             serde_json::from_str(r#"{"receipts":["a"],"delay":"1m","reason":"bad"}"#).unwrap();
         assert_eq!(n.delay.unwrap().0.as_secs(), 60);
+    }
+
+    #[test]
+    fn a_receive_writes_ack_and_acks_only_when_there_are_some() {
+        let plain = ReceiveRequest {
+            consumer: "w".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&plain).unwrap(),
+            r#"{"consumer":"w"}"#
+        );
+        let acking = ReceiveRequest {
+            ack: Some(vec!["r".into()]),
+            ..plain
+        };
+        assert_eq!(
+            serde_json::to_string(&acking).unwrap(),
+            r#"{"consumer":"w","ack":["r"]}"#
+        );
+        let answer: ReceiveResponse = serde_json::from_str(r#"{"messages":[]}"#).unwrap();
+        assert_eq!(answer.acks, None);
+        assert_eq!(
+            serde_json::to_string(&answer).unwrap(),
+            r#"{"messages":[]}"#
+        );
+        let answer: ReceiveResponse =
+            serde_json::from_str(r#"{"messages":[],"acks":[{"receipt":"r","result":"unknown"}]}"#)
+                .unwrap();
+        assert_eq!(
+            answer.acks,
+            Some(vec![ReceiptOutcome {
+                receipt: "r".into(),
+                result: ReceiptResult::Unknown,
+            }])
+        );
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! operators. It receives leased messages with long-poll and
 //!
 //! - without `--exec`, prints each one (`EPOCH:OFFSET\tDELIVERIES\tDATA`, one line, like
-//!   `spool tail`) and acks it once it is written;
+//!   `spool tail`) and acks it once it is written: a batch's acks go with the next receive
+//!   (its `ack` field, one request; that receive does not wait, so its answer says at once
+//!   what was acked), and what was printed when the command stops is acked with a plain ack;
 //! - with `--exec CMD`, runs `sh -c CMD` per message with the payload on stdin (and
 //!   `SPOOL_STREAM`, `SPOOL_GROUP`, `SPOOL_EPOCH`, `SPOOL_OFFSET`, `SPOOL_DELIVERIES`,
 //!   `SPOOL_KEY`, `SPOOL_RECEIPT` in its environment): exit 0 acks, anything else nacks (the
@@ -23,8 +25,9 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::Args;
+use futures::FutureExt;
 use spool_client::{Backoff, groups::GroupClient, http::RequestError};
-use spool_protocol::groups::{GroupConfigSpec, GroupMessage, ReceiptResult};
+use spool_protocol::groups::{GroupConfigSpec, GroupMessage, ReceiptOutcome, ReceiptResult};
 use tokio::io::AsyncWriteExt;
 
 use crate::client::ClientArgs;
@@ -119,10 +122,49 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
     let mut stopping = false;
     let mut out = std::io::BufWriter::new(std::io::stdout());
 
+    // Without --exec: receipts of messages written to stdout and not acked yet; they go with
+    // the next receive, or a plain ack when the command stops.
+    let mut printed: Vec<String> = Vec::new();
+
     'receive: while !stopping {
-        let batch = tokio::select! {
-            batch = group.receive(&consumer, receive_max(&args, &tally), args.wait, args.visibility_timeout) => batch,
-            _ = &mut stop => break,
+        let max = receive_max(&args, &tally, printed.len());
+        let batch = if printed.is_empty() {
+            tokio::select! {
+                batch = group.receive(&consumer, max, args.wait, args.visibility_timeout) => batch,
+                _ = &mut stop => break,
+            }
+        } else {
+            if (&mut stop).now_or_never().is_some() {
+                break;
+            }
+            // Not interrupted: its acks' results must be known. It does not wait (a receive
+            // that finds nothing is followed by a waiting one without acks).
+            let answer = group
+                .receive_acking(
+                    &consumer,
+                    max,
+                    Duration::ZERO,
+                    args.visibility_timeout,
+                    &printed,
+                )
+                .await;
+            match answer {
+                Ok((batch, results)) => {
+                    printed.clear();
+                    count_acks(&mut tally, &results);
+                    if (&mut stop).now_or_never().is_some() {
+                        give_back(&group, batch.messages.into_iter()).await;
+                        break;
+                    }
+                    Ok(batch)
+                }
+                Err(e) => {
+                    // Whether its acks were done is not known: ack them plainly (those done
+                    // answer `expired`); the receive's failure is then handled as any.
+                    ack_printed(&group, &mut printed, &mut tally).await?;
+                    Err(e)
+                }
+            }
         };
         let batch = match batch {
             Ok(batch) => {
@@ -150,22 +192,36 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
             continue;
         }
         tally.received += batch.messages.len() as u64;
+        let Some(cmd) = &args.exec else {
+            // Each message is acked only once it is written out.
+            for m in &batch.messages {
+                let written = print_message(&mut out, m).and_then(|()| out.flush());
+                if let Err(e) = written {
+                    ack_printed(&group, &mut printed, &mut tally).await?;
+                    return Err(e).context("cannot write to stdout");
+                }
+                printed.push(m.receipt.clone());
+            }
+            if live {
+                show(&tally);
+            }
+            if args
+                .count
+                .is_some_and(|c| tally.settled() + printed.len() as u64 >= c)
+            {
+                break;
+            }
+            continue;
+        };
         let mut messages = batch.messages.into_iter();
         while let Some(m) = messages.next() {
-            let ok = match &args.exec {
-                None => {
-                    print_message(&mut out, &m)?;
-                    out.flush()?;
-                    true
+            let ok = tokio::select! {
+                ok = run_command(cmd, &args, &group, &m) => ok?,
+                _ = &mut stop => {
+                    // The command was interrupted with us: its message comes back.
+                    stopping = true;
+                    false
                 }
-                Some(cmd) => tokio::select! {
-                    ok = run_command(cmd, &args, &group, &m) => ok?,
-                    _ = &mut stop => {
-                        // The command was interrupted with us: its message comes back.
-                        stopping = true;
-                        false
-                    }
-                },
             };
             let receipt = [m.receipt.clone()];
             let answer = if ok {
@@ -177,28 +233,17 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
             };
             count(&mut tally, ok, answer)?;
             if live {
-                eprint!(
-                    "\rreceived {}  acked {}  nacked {}  lost {}",
-                    tally.received, tally.acked, tally.nacked, tally.lost
-                );
+                show(&tally);
             }
             let done = args.count.is_some_and(|c| tally.settled() >= c);
             if stopping || done {
                 // What was received and not started goes back at once.
-                let rest: Vec<String> = messages.map(|m| m.receipt).collect();
-                if !rest.is_empty() {
-                    let answer = group.nack(&rest, None, Some("consumer_stopped")).await;
-                    if let Err(e) = answer {
-                        eprintln!(
-                            "\nspool consume: could not give back {} messages ({e}); they come back when their leases run out",
-                            rest.len()
-                        );
-                    }
-                }
+                give_back(&group, messages).await;
                 break 'receive;
             }
         }
     }
+    ack_printed(&group, &mut printed, &mut tally).await?;
     out.flush()?;
     if live {
         eprintln!();
@@ -210,14 +255,67 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// No more than `--count` leaves to settle, so a counted run leases nothing it will not use.
-fn receive_max(args: &ConsumeArgs, tally: &Tally) -> u32 {
+/// No more than `--count` leaves to settle (`unacked` are printed and settled next), so a
+/// counted run leases nothing it will not use.
+fn receive_max(args: &ConsumeArgs, tally: &Tally, unacked: usize) -> u32 {
     match args.count {
         Some(c) => {
-            let left = c.saturating_sub(tally.settled()).max(1);
+            let left = c.saturating_sub(tally.settled() + unacked as u64).max(1);
             args.max.min(u32::try_from(left).unwrap_or(u32::MAX))
         }
         None => args.max,
+    }
+}
+
+/// The live count on a terminal.
+fn show(tally: &Tally) {
+    eprint!(
+        "\rreceived {}  acked {}  nacked {}  lost {}",
+        tally.received, tally.acked, tally.nacked, tally.lost
+    );
+}
+
+/// Nacks messages received and not started, so other members get them at once.
+async fn give_back(group: &GroupClient, rest: impl Iterator<Item = GroupMessage>) {
+    let rest: Vec<String> = rest.map(|m| m.receipt).collect();
+    if rest.is_empty() {
+        return;
+    }
+    if let Err(e) = group.nack(&rest, None, Some("consumer_stopped")).await {
+        eprintln!(
+            "\nspool consume: could not give back {} messages ({e}); they come back when their leases run out",
+            rest.len()
+        );
+    }
+}
+
+/// A plain ack of what was printed and not acked yet.
+async fn ack_printed(
+    group: &GroupClient,
+    printed: &mut Vec<String>,
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
+    if printed.is_empty() {
+        return Ok(());
+    }
+    let answer = group.ack(printed).await.context("ack failed")?;
+    printed.clear();
+    count_acks(tally, &answer.results);
+    Ok(())
+}
+
+/// Counts the results of acks: `ok` is acked, anything else a lost lease.
+fn count_acks(tally: &mut Tally, results: &[ReceiptOutcome]) {
+    for r in results {
+        if r.result == ReceiptResult::Ok {
+            tally.acked += 1;
+        } else {
+            tally.lost += 1;
+            eprintln!(
+                "\nspool consume: the lease was {} before it was acked; the message may be delivered again",
+                r.result.as_str()
+            );
+        }
     }
 }
 

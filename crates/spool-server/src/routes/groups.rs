@@ -18,7 +18,10 @@ use axum::{
 use serde::de::DeserializeOwned;
 use spool_core::{
     StreamName,
-    group::{GroupName, GroupStats, MemberName, ReceiveRequest as CoreReceive},
+    group::{
+        GroupName, GroupStats, MemberName, ReceiveRequest as CoreReceive,
+        receive::{MAX_RECEIPTS, OpError},
+    },
 };
 use spool_protocol::groups::{
     AckRequest, ExtendRequest, GroupConfigSpec, GroupInfo, GroupList, GroupListEntry,
@@ -193,7 +196,10 @@ pub async fn list(
     }))
 }
 
-/// `POST …/receive`.
+/// `POST …/receive`. With `ack`, those receipts are acked first: the acks and the first
+/// receive round are one commit (`Groups::settle_and_receive`); when that round leases nothing
+/// and the request waits, the normal long-poll follows. Once the acks are done the answer
+/// reports them, whatever happens to the receive after them.
 pub async fn receive(
     State(state): State<AppState>,
     path: GroupPath,
@@ -206,7 +212,7 @@ pub async fn receive(
         &state,
         &headers,
         raw,
-        "{\"consumer\",\"max\",\"wait\",\"visibility_timeout\"}",
+        "{\"consumer\",\"max\",\"wait\",\"visibility_timeout\",\"ack\":[…]}",
     )
     .await?;
     let member = MemberName::new(&r.consumer).map_err(|e| ApiError::bad_body(e.to_string()))?;
@@ -215,6 +221,17 @@ pub async fn receive(
         max: r.max.unwrap_or(1),
         visibility_timeout: r.visibility_timeout.map(|d| d.0),
     };
+    // Everything refused as a whole is refused before anything is acked.
+    request
+        .validate()
+        .map_err(|e| ApiError::bad_body(e.to_string()))?;
+    if let Some(receipts) = &r.ack
+        && receipts.len() > MAX_RECEIPTS
+    {
+        return Err(ApiError::bad_body(
+            OpError::TooManyReceipts(receipts.len()).to_string(),
+        ));
+    }
     // As the long-poll read: a longer wait is shortened to the server's maximum, and a token
     // that expires ends it (nothing is leased to a credential past its expiry).
     let wait = r
@@ -226,21 +243,79 @@ pub async fn receive(
         deadline = deadline.min(Instant::now() + super::sse::until_unix_ms(at));
     }
     let deadline = (!wait.is_zero()).then_some(deadline);
-    let answer = c
-        .groups
-        .receive(&c.stream, &c.group, &request, deadline, &state.shutdown)
-        .await?;
+    let (acks, answer) = match r.ack {
+        Some(receipts) if !receipts.is_empty() => {
+            let (acks, answer) = receive_acking(&state, &c, receipts, &request, deadline).await?;
+            (Some(acks), answer)
+        }
+        // Nothing to ack: a plain receive (an empty `ack` still gets its empty `acks`).
+        ack => {
+            let answer = c
+                .groups
+                .receive(&c.stream, &c.group, &request, deadline, &state.shutdown)
+                .await?;
+            (ack.map(|_| Vec::new()), answer)
+        }
+    };
     Ok((
         [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        receive_body(&state, &c.stream, &answer),
+        receive_body(&state, &c.stream, &answer, acks.as_deref()),
     )
         .into_response())
 }
 
+/// The acks of a receive's `ack`, then its receive. An error only when nothing was stored
+/// (the acks and the first round failed together); a failure of the long-poll after them is
+/// logged and answered as no messages, with the acks' results.
+async fn receive_acking(
+    state: &AppState,
+    c: &Call,
+    receipts: Vec<String>,
+    request: &CoreReceive,
+    deadline: Option<Instant>,
+) -> ApiResult<(Vec<ReceiptOutcome>, ReceiveAnswer)> {
+    let (results, answer) = c
+        .groups
+        .settle_and_receive(&c.stream, &c.group, &receipts, &Settle::Ack, request)
+        .await?;
+    let acks = receipts
+        .into_iter()
+        .zip(results)
+        .map(|(receipt, result)| ReceiptOutcome { receipt, result })
+        .collect();
+    if !answer.messages.is_empty() || answer.reset.is_some() || deadline.is_none() {
+        return Ok((acks, answer));
+    }
+    let answer = match c
+        .groups
+        .receive(&c.stream, &c.group, request, deadline, &state.shutdown)
+        .await
+    {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::warn!(
+                stream = %c.stream,
+                group = %c.group,
+                error = %e,
+                "a receive after its acks failed; answering the acks with no messages"
+            );
+            ReceiveAnswer::default()
+        }
+    };
+    Ok((acks, answer))
+}
+
 /// The receive answer, around the messages' shared encodings (`delivery::encode`): each
-/// message is `{"receipt","deliveries",` followed by the long-poll form's fields.
-fn receive_body(state: &AppState, stream: &StreamName, answer: &ReceiveAnswer) -> Bytes {
-    let mut out = Vec::with_capacity(256 * (answer.messages.len() + 1));
+/// message is `{"receipt","deliveries",` followed by the long-poll form's fields; `"acks"`
+/// when the request carried `ack`.
+fn receive_body(
+    state: &AppState,
+    stream: &StreamName,
+    answer: &ReceiveAnswer,
+    acks: Option<&[ReceiptOutcome]>,
+) -> Bytes {
+    let acked = acks.map_or(0, |a| a.iter().map(|r| r.receipt.len() + 32).sum());
+    let mut out = Vec::with_capacity(256 * (answer.messages.len() + 1) + acked);
     out.extend_from_slice(b"{\"messages\":[");
     for (i, leased) in answer.messages.iter().enumerate() {
         if i > 0 {
@@ -262,6 +337,21 @@ fn receive_body(state: &AppState, stream: &StreamName, answer: &ReceiveAnswer) -
     if let Some(reset) = &answer.reset {
         out.extend_from_slice(b",\"reset\":");
         let _ = serde_json::to_writer(&mut out, &GroupResetBody::from(reset));
+    }
+    if let Some(acks) = acks {
+        out.extend_from_slice(b",\"acks\":[");
+        for (i, ack) in acks.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"receipt\":");
+            // A receipt is the client's text, escaped as JSON needs.
+            let _ = serde_json::to_writer(&mut out, &ack.receipt);
+            out.extend_from_slice(b",\"result\":\"");
+            out.extend_from_slice(ack.result.as_str().as_bytes());
+            out.extend_from_slice(b"\"}");
+        }
+        out.push(b']');
     }
     out.push(b'}');
     Bytes::from(out)
