@@ -41,10 +41,9 @@ pub async fn run(args: &GroupsArgs, count: u64) -> Result<Verdict> {
         .copied()
         .find(|k| !matches!(k, Kind::Nats | Kind::Redis))
         .unwrap_or(Kind::Spool);
+    let http = Transport::Http(args.http_ack);
     let spool = match kind {
-        Kind::SpoolWrite => {
-            SpoolGroups::start_write(&args.spool, Some(count), Transport::Http).await?
-        }
+        Kind::SpoolWrite => SpoolGroups::start_write(&args.spool, Some(count), http).await?,
         Kind::SpoolWs => {
             SpoolGroups::start(&args.spool, Some(count), Transport::Ws(args.ws_ack)).await?
         }
@@ -52,7 +51,7 @@ pub async fn run(args: &GroupsArgs, count: u64) -> Result<Verdict> {
             SpoolGroups::start_write(&args.spool, Some(count), Transport::Ws(args.ws_ack)).await?
         }
         Kind::Spool | Kind::Nats | Kind::Redis => {
-            SpoolGroups::start(&args.spool, Some(count), Transport::Http).await?
+            SpoolGroups::start(&args.spool, Some(count), http).await?
         }
     };
     let pid = spool.pid();

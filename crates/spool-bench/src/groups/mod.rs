@@ -5,7 +5,9 @@
 //! own data directory: Spool on the disk engine with `--durability fsync` (`spool-fsync`) and,
 //! with `--targets spool-write`, with `--durability memory` (answered once written to the WAL
 //! file, not fsynced: the level of nats-server 2.9, which never fsyncs per write), both with
-//! members over HTTP or, as `spool-ws` and `spool-ws-write`, over the WebSocket protocol
+//! members over HTTP (one `/ack` per receive or, with `--http-ack on-receive`, the acks in the
+//! next receive's `ack` field: `spool.rs`) or, as `spool-ws` and `spool-ws-write`, over the
+//! WebSocket protocol
 //! (`consume` with credit = batch, one `ack` frame per receive's leases or, with
 //! `--ws-ack per-message`, per message: `ws.rs`),
 //! `redis-server` with `appendfsync always`, `nats-server -js` with a file-storage stream. Each
@@ -37,7 +39,10 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use self::{spool::Transport, ws::WsAck};
+use self::{
+    spool::{HttpAck, Transport},
+    ws::WsAck,
+};
 use crate::{
     JsonArgs, SpoolBinArgs,
     publish::Verdict,
@@ -83,6 +88,12 @@ pub struct GroupsArgs {
     /// message, pipelined.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = WsAck::PerBatch)]
     pub ws_ack: WsAck,
+    /// How the HTTP members (`spool`, `spool-write`) ack: `separate`, one `POST …/ack` per
+    /// receive's leases, or `on-receive`, the receipts in the `ack` field of the member's next
+    /// receive (one request and one commit for the acks and the next lease round; a plain ack
+    /// at the end of the cell).
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = HttpAck::Separate)]
+    pub http_ack: HttpAck,
     /// Payload size in bytes (at least 24: the first 20 hold the send time).
     #[arg(long, value_name = "BYTES", default_value_t = 256)]
     pub size: usize,
@@ -208,6 +219,10 @@ pub trait Member: Send {
     }
     /// Acks everything the last receive returned; the number acked `ok`.
     async fn ack(&mut self) -> Result<usize>;
+    /// At the end of the member's loop: settles what it still holds (not counted).
+    async fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One publishing connection of the steady cells.
@@ -359,6 +374,9 @@ async fn member_loop(
     if mode == Mode::Steady {
         tally.ended = Instant::now();
     }
+    if let Err(e) = member.finish().await {
+        tally.sample(&e.context("final ack"));
+    }
     Ok(tally)
 }
 
@@ -494,12 +512,13 @@ async fn run_cell(
 
 async fn start(kind: Kind, args: &GroupsArgs) -> Result<Box<dyn GroupTarget>> {
     Ok(match kind {
-        Kind::Spool => {
-            Box::new(spool::SpoolGroups::start(&args.spool, None, Transport::Http).await?)
-        }
-        Kind::SpoolWrite => {
-            Box::new(spool::SpoolGroups::start_write(&args.spool, None, Transport::Http).await?)
-        }
+        Kind::Spool => Box::new(
+            spool::SpoolGroups::start(&args.spool, None, Transport::Http(args.http_ack)).await?,
+        ),
+        Kind::SpoolWrite => Box::new(
+            spool::SpoolGroups::start_write(&args.spool, None, Transport::Http(args.http_ack))
+                .await?,
+        ),
         Kind::SpoolWs => Box::new(
             spool::SpoolGroups::start(&args.spool, None, Transport::Ws(args.ws_ack)).await?,
         ),

@@ -4,6 +4,12 @@
 //! target `spool-write`), `PUT …/groups/{g}`, then per member `POST …/receive` and
 //! `POST …/ack` on one keep-alive raw hyper connection (as `publish` does: the load generator
 //! shares the two cores with the server, and reqwest costs about twice its CPU per request).
+//! With `--http-ack on-receive` ([`HttpAck`]) a member sends no `/ack`: a batch's receipts go
+//! in the `ack` field of the next receive (one request and one commit for the acks and the next
+//! lease round), which does not wait, so its answer tells at once what was acked; when it
+//! leases nothing the member's next receive long-polls as usual. The acks of the batch a
+//! member holds at the end of a cell go in one plain `/ack` (not counted), so nothing stays
+//! leased.
 //! Targets `spool-ws` (fsync) and `spool-ws-write` (`--durability memory`) run the same servers
 //! with members on the WebSocket protocol instead (`ws.rs`: one socket per member, `consume`
 //! with credit = batch, one `ack` frame per receive's leases or, with `--ws-ack per-message`,
@@ -14,6 +20,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
 use bytes::Bytes;
+use clap::ValueEnum;
 use futures::future::try_join_all;
 use http_body_util::{BodyExt, Full};
 use hyper::{
@@ -23,7 +30,8 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use spool_protocol::groups::{ReceiptResult, ReceiveResponse, SettleResponse};
+use spool_protocol::groups::{ReceiptOutcome, ReceiptResult, ReceiveResponse, SettleResponse};
+use tokio::time::Instant;
 
 use super::{
     GroupTarget, Member, STREAM, StampPublisher, payload, stamp_of,
@@ -52,11 +60,41 @@ const PRELOAD_BATCH: u64 = 1000;
 /// Connections preloading at once.
 const PRELOAD_CONNECTIONS: u64 = 4;
 
+/// How an HTTP member acks the leases of one receive (`--http-ack`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum HttpAck {
+    /// One `POST …/ack` per receive's leases.
+    #[default]
+    Separate,
+    /// The receipts in the `ack` field of the next `POST …/receive`.
+    OnReceive,
+}
+
+impl HttpAck {
+    /// The value of `--http-ack`.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Separate => "separate",
+            Self::OnReceive => "on-receive",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Separate => "receive + ack over HTTP",
+            Self::OnReceive => {
+                "receive over HTTP, each batch acked in the `ack` field of the next receive"
+            }
+        }
+    }
+}
+
 /// How a target's members talk to the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
-    /// `POST …/receive` and `POST …/ack` on a keep-alive connection.
-    Http,
+    /// `POST …/receive` and `POST …/ack` (or the acks in the next receive) on a keep-alive
+    /// connection.
+    Http(HttpAck),
     /// `consume` on a WebSocket, acking as [`WsAck`] says.
     Ws(WsAck),
 }
@@ -97,9 +135,9 @@ impl SpoolGroups {
         transport: Transport,
     ) -> Result<Self> {
         let name = match (engine, transport) {
-            (SpoolEngine::DiskNosync, Transport::Http) => WRITE_NAME,
+            (SpoolEngine::DiskNosync, Transport::Http(_)) => WRITE_NAME,
             (SpoolEngine::DiskNosync, Transport::Ws(_)) => WS_WRITE_NAME,
-            (SpoolEngine::DiskFsync | SpoolEngine::Memory, Transport::Http) => NAME,
+            (SpoolEngine::DiskFsync | SpoolEngine::Memory, Transport::Http(_)) => NAME,
             (SpoolEngine::DiskFsync | SpoolEngine::Memory, Transport::Ws(_)) => WS_NAME,
         };
         let history = history.unwrap_or(0).max(2_000_000);
@@ -297,9 +335,11 @@ impl GroupTarget for SpoolGroups {
 
     fn description(&self) -> String {
         match self.transport {
-            Transport::Http => format!(
-                "`{}`, receive + ack over HTTP (one raw hyper connection per member)",
-                self.process.command_line()
+            Transport::Http(ack) => format!(
+                "`{}`, {} (`--http-ack {}`; one raw hyper connection per member)",
+                self.process.command_line(),
+                ack.describe(),
+                ack.flag()
             ),
             Transport::Ws(ack) => format!(
                 "`{}`, WebSocket `consume` with credit = batch, {} (`--ws-ack {}`; one socket \
@@ -329,7 +369,7 @@ impl GroupTarget for SpoolGroups {
 
     async fn member(&self, group: &str, idx: usize, batch: usize) -> Result<Box<dyn Member>> {
         Ok(match self.transport {
-            Transport::Http => Box::new(member(self.process.addr(), group, idx).await?),
+            Transport::Http(ack) => Box::new(member(self.process.addr(), group, idx, ack).await?),
             Transport::Ws(ack) => {
                 let credit = u32::try_from(batch).context("batch too large for a credit")?;
                 Box::new(
@@ -360,15 +400,32 @@ impl GroupTarget for SpoolGroups {
     }
 }
 
-/// Member `idx` of `group`, on its own connection.
-pub async fn member(addr: std::net::SocketAddr, group: &str, idx: usize) -> Result<SpoolMember> {
+/// Member `idx` of `group`, on its own connection, acking as `ack` says.
+pub async fn member(
+    addr: std::net::SocketAddr,
+    group: &str,
+    idx: usize,
+    ack: HttpAck,
+) -> Result<SpoolMember> {
     Ok(SpoolMember {
         conn: Conn::open(addr).await?,
         consumer: format!("m{idx}"),
         receive_path: format!("/v1/streams/{STREAM}/groups/{group}/receive"),
         ack_path: format!("/v1/streams/{STREAM}/groups/{group}/ack"),
+        mode: ack,
         receipts: Vec::new(),
+        max: 1,
+        leased: None,
+        since: None,
     })
+}
+
+/// Messages an acking receive leased, for the member's next `receive`.
+struct Leased {
+    /// When the receive that leased them was sent.
+    sent: Instant,
+    stamps: Vec<u64>,
+    receipts: Vec<String>,
 }
 
 pub struct SpoolMember {
@@ -376,39 +433,50 @@ pub struct SpoolMember {
     consumer: String,
     receive_path: String,
     ack_path: String,
+    mode: HttpAck,
+    /// The receipts the last `receive` handed out.
     receipts: Vec<String>,
+    /// `max` of the last `receive`, for the receive an `on-receive` ack makes.
+    max: usize,
+    /// What the last `on-receive` ack leased.
+    leased: Option<Leased>,
+    /// When the receive that leased the last `receive`'s messages was sent, when not by it.
+    since: Option<Instant>,
 }
 
-#[async_trait]
-impl Member for SpoolMember {
-    async fn receive(&mut self, max: usize, wait: Option<Duration>) -> Result<Vec<u64>> {
-        let mut body = json!({"consumer": self.consumer, "max": max});
-        if let Some(wait) = wait {
-            body["wait"] = json!(format!("{}ms", wait.as_millis()));
-        }
+impl SpoolMember {
+    /// Sends a receive with `body`, returning its answer.
+    async fn post_receive(&mut self, body: &serde_json::Value) -> Result<ReceiveResponse> {
         let answer = self
             .conn
             .expect(
                 Method::POST,
                 &self.receive_path,
-                Bytes::from(serde_json::to_vec(&body)?),
+                Bytes::from(serde_json::to_vec(body)?),
                 true,
                 &[StatusCode::OK],
             )
             .await?;
-        let answer: ReceiveResponse =
-            serde_json::from_slice(&answer).context("bad receive answer")?;
-        self.receipts.clear();
-        let mut stamps = Vec::with_capacity(answer.messages.len());
-        for m in answer.messages {
-            stamps.push(stamp_of(m.data.as_deref().unwrap_or("").as_bytes()));
-            self.receipts.push(m.receipt);
-        }
-        Ok(stamps)
+        serde_json::from_slice(&answer).context("bad receive answer")
     }
 
-    async fn ack(&mut self) -> Result<usize> {
-        let body = json!({"receipts": self.receipts});
+    /// The stamps and receipts of a receive's messages.
+    fn split(answer: ReceiveResponse) -> (Vec<u64>, Vec<String>) {
+        answer
+            .messages
+            .into_iter()
+            .map(|m| {
+                (
+                    stamp_of(m.data.as_deref().unwrap_or("").as_bytes()),
+                    m.receipt,
+                )
+            })
+            .unzip()
+    }
+
+    /// A plain `POST …/ack` of `receipts`; the number acked `ok`.
+    async fn post_ack(&mut self, receipts: &[String]) -> Result<usize> {
+        let body = json!({ "receipts": receipts });
         let answer = self
             .conn
             .expect(
@@ -420,19 +488,80 @@ impl Member for SpoolMember {
             )
             .await?;
         let answer: SettleResponse = serde_json::from_slice(&answer).context("bad ack answer")?;
-        let ok = answer
-            .results
-            .iter()
-            .filter(|r| r.result == ReceiptResult::Ok)
-            .count();
-        if ok != self.receipts.len() {
-            bail!(
-                "{} of {} acks not ok",
-                self.receipts.len() - ok,
-                self.receipts.len()
-            );
+        Ok(count_ok(&answer.results))
+    }
+}
+
+fn count_ok(results: &[ReceiptOutcome]) -> usize {
+    results
+        .iter()
+        .filter(|r| r.result == ReceiptResult::Ok)
+        .count()
+}
+
+#[async_trait]
+impl Member for SpoolMember {
+    async fn receive(&mut self, max: usize, wait: Option<Duration>) -> Result<Vec<u64>> {
+        self.max = max;
+        if let Some(leased) = self.leased.take() {
+            self.since = Some(leased.sent);
+            self.receipts = leased.receipts;
+            return Ok(leased.stamps);
+        }
+        self.since = None;
+        let mut body = json!({"consumer": self.consumer, "max": max});
+        if let Some(wait) = wait {
+            body["wait"] = json!(format!("{}ms", wait.as_millis()));
+        }
+        let answer = self.post_receive(&body).await?;
+        let (stamps, receipts) = Self::split(answer);
+        self.receipts = receipts;
+        Ok(stamps)
+    }
+
+    fn since(&self) -> Option<Instant> {
+        self.since
+    }
+
+    async fn ack(&mut self) -> Result<usize> {
+        let receipts = std::mem::take(&mut self.receipts);
+        let ok = match self.mode {
+            HttpAck::Separate => self.post_ack(&receipts).await?,
+            HttpAck::OnReceive => {
+                // The next receive, carrying the acks; without a wait, so the acks' results
+                // come at once (nothing leased: the next `receive` long-polls).
+                let sent = Instant::now();
+                let body = json!({"consumer": self.consumer, "max": self.max, "ack": receipts});
+                let mut answer = self.post_receive(&body).await?;
+                let acks = answer
+                    .acks
+                    .take()
+                    .context("the receive answered no `acks`")?;
+                let (stamps, leased) = Self::split(answer);
+                if !leased.is_empty() {
+                    self.leased = Some(Leased {
+                        sent,
+                        stamps,
+                        receipts: leased,
+                    });
+                }
+                if acks.len() != receipts.len() {
+                    bail!("{} ack results for {} receipts", acks.len(), receipts.len());
+                }
+                count_ok(&acks)
+            }
+        };
+        if ok != receipts.len() {
+            bail!("{} of {} acks not ok", receipts.len() - ok, receipts.len());
         }
         Ok(ok)
+    }
+
+    async fn finish(&mut self) -> Result<()> {
+        if let Some(leased) = self.leased.take() {
+            self.post_ack(&leased.receipts).await?;
+        }
+        Ok(())
     }
 }
 
