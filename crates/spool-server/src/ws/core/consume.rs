@@ -279,21 +279,18 @@ impl Shared {
         (room as u32, held.values().min().copied())
     }
 
-    /// Room in the window once `receipts` are settled for good.
-    fn room_after(&self, receipts: &[String], now: u64) -> u32 {
+    /// Takes the leases `receipts` end out of the window (an ack ends each, whatever its
+    /// answer): the room left then, and what was taken, to put back if the settle fails as a
+    /// whole. A receipt sent twice ends one lease (the second finds nothing).
+    fn end_leases(&self, receipts: &[String], now: u64) -> (u32, Vec<(String, u64)>) {
         let mut held = self.held.lock();
         held.retain(|_, until| *until > now);
-        // A receipt sent twice ends one lease.
-        let ending = match receipts {
-            [one] => usize::from(held.contains_key(one)),
-            _ => receipts
-                .iter()
-                .filter(|r| held.contains_key(*r))
-                .collect::<std::collections::HashSet<_>>()
-                .len(),
-        };
-        let left = held.len().saturating_sub(ending);
-        (self.credit.load(Ordering::Relaxed) as usize).saturating_sub(left) as u32
+        let ended: Vec<(String, u64)> = receipts
+            .iter()
+            .filter_map(|r| held.remove_entry(r))
+            .collect();
+        let room = (self.credit.load(Ordering::Relaxed) as usize).saturating_sub(held.len());
+        (room as u32, ended)
     }
 }
 
@@ -1177,9 +1174,9 @@ impl Task {
             } else {
                 None
             };
-            let room = match &leasing {
-                Some(_) => self.shared.room_after(&receipts, self.clock.now_ms()),
-                None => 0,
+            let (room, ended) = match &leasing {
+                Some(_) => self.shared.end_leases(&receipts, self.clock.now_ms()),
+                None => (0, Vec::new()),
             };
             let results = if room > 0 {
                 let request = ReceiveRequest {
@@ -1204,8 +1201,10 @@ impl Task {
                     .settle(&self.stream, &self.group, &receipts, &batch[0].how)
                     .await
             };
-            if let Ok(results) = &results {
-                self.settled(&batch[0], &receipts, results);
+            match &results {
+                Ok(results) => self.settled(&batch[0], &receipts, results),
+                // Nothing was settled: the leases are held as before.
+                Err(_) => self.shared.held.lock().extend(ended),
             }
             let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
             let mut results = results.map_err(ApiError::from);
