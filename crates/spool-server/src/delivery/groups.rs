@@ -217,6 +217,16 @@ struct Fetched {
 }
 
 impl Fetched {
+    /// Whether the stream held messages past what this read returned.
+    fn stream_has_more(&self) -> bool {
+        let last = self
+            .batch
+            .messages
+            .last()
+            .map_or(self.want.after, |m| m.offset);
+        self.batch.state.head > last
+    }
+
     fn new(want: Want, mut batch: ReadBatch, mut bytes: usize, max_bytes: usize) -> Self {
         let mut keep = 0;
         for m in &batch.messages {
@@ -499,6 +509,9 @@ pub struct Leased {
 pub struct ReceiveAnswer {
     pub messages: Vec<Leased>,
     pub reset: Option<GroupReset>,
+    /// The stream held messages past the last read of this receive: the group has a backlog
+    /// (a hint, not a promise — other members may take it first).
+    pub more: bool,
 }
 
 /// A group's description.
@@ -1348,6 +1361,7 @@ impl Groups {
             let full_read =
                 f.want.limit > 0 && (f.batch.messages.len() >= f.want.limit || f.ahead_short);
             bytes = f.bytes;
+            answer.more = f.stream_has_more();
             fetched_epoch = Some(f.batch.state.epoch.clone());
             for m in f.batch.messages {
                 fetched.insert(m.offset, m);
@@ -1518,6 +1532,7 @@ impl Groups {
             )
             .await?;
         self.settled(&live, tail).await?;
+        let more = f.stream_has_more();
         let epoch = f.batch.state.epoch.clone();
         let fetched = f
             .batch
@@ -1533,6 +1548,7 @@ impl Groups {
             ReceiveAnswer {
                 messages,
                 reset: received.reset,
+                more,
             },
         ))
     }
@@ -2033,6 +2049,7 @@ mod tests {
             .receive(&s, &g, &request("w", 1), None, &never)
             .await
             .unwrap();
+        assert!(first.more, "4 more in the stream");
         let before = engine.load_group(&s, &g).await.unwrap().unwrap().version;
         let mut receipt = first.messages[0].delivery.receipt.encode();
         let mut seen = vec![first.messages[0].delivery.offset.get()];
@@ -2044,6 +2061,11 @@ mod tests {
             assert_eq!(results, [ReceiptResult::Ok]);
             assert_eq!(next.messages.len(), 1);
             let m = &next.messages[0];
+            assert_eq!(
+                next.more,
+                m.delivery.offset.get() < 5,
+                "a backlog until the last"
+            );
             assert_eq!(m.delivery.deliveries, 1);
             assert_eq!(
                 &m.message.payload[..],

@@ -21,8 +21,8 @@
 //! - the **settler** runs the member's ack / nack / extend / terminate frames one after
 //!   another (consecutive acks as one group commit, their answers as one event), so answers
 //!   come in the order sent, and returns credit for what they finished. While the consume has
-//!   a backlog (its last receive filled the room it asked for) and the pusher is not
-//!   receiving, an ack also leases for the credit it frees, in the same group operation
+//!   a backlog (its last receive filled its room or saw more of the stream) and the pusher is
+//!   not receiving, an ack also leases for the credit it frees, in the same group operation
 //!   (`Groups::settle_and_receive`: one commit, one durability wait, where an ack and the
 //!   pusher's next receive took two of each); its `settled` answer and the new leases go to
 //!   the connection together. The two halves take turns through `Shared::leasing`, so they
@@ -263,10 +263,10 @@ struct Shared {
     /// settler for an ack with its next receive (`Groups::settle_and_receive`), so the two
     /// never lease for the same credit.
     leasing: tokio::sync::Mutex<()>,
-    /// The consume's last receive filled the room it asked for: the group likely has more,
-    /// and an ack that frees credit asks for the next messages in the same group operation.
-    /// Cleared by a receive that came back short (nothing waiting: an ack then only acks,
-    /// without a read of the stream under the group's lock).
+    /// The consume's last receive filled the room it asked for, or saw more of the stream than
+    /// it read: the group likely has more, and an ack that frees credit asks for the next
+    /// messages in the same group operation. Cleared by a receive that found the group caught
+    /// up (an ack then only acks, without a read of the stream under the group's lock).
     backlog: AtomicBool,
 }
 
@@ -1024,9 +1024,10 @@ impl Task {
                     continue;
                 }
             };
-            self.shared
-                .backlog
-                .store(answer.messages.len() >= room as usize, Ordering::Relaxed);
+            self.shared.backlog.store(
+                answer.more || answer.messages.len() >= room as usize,
+                Ordering::Relaxed,
+            );
             self.deliver(answer).await;
             drop(leasing);
         }
@@ -1225,9 +1226,10 @@ impl Task {
             answers.reverse();
             self.emit(Kind::Settled(answers)).await;
             if let Some((answer, room)) = next {
-                self.shared
-                    .backlog
-                    .store(answer.messages.len() >= room as usize, Ordering::Relaxed);
+                self.shared.backlog.store(
+                    answer.more || answer.messages.len() >= room as usize,
+                    Ordering::Relaxed,
+                );
                 self.deliver(answer).await;
             }
             if leasing.is_some() {
