@@ -219,11 +219,13 @@ pub async fn run<P: Protocol>(
                 conn.transient(&message)
             }
             Some(event) = async { consumed.as_mut().expect("guarded").recv().await }, if consumed.is_some() => {
-                match conn.consumes.as_mut() {
-                    Some(consumes) => Box::pin(consumes.on_event(event, &conn.protocol, &conn.out))
-                        .await
-                        .map_err(End::from),
-                    None => Ok(()),
+                match (conn.consumes.as_mut(), consumed.as_mut()) {
+                    (Some(consumes), Some(events)) => {
+                        Box::pin(consumes.on_events(event, events, &conn.protocol, &conn.out))
+                            .await
+                            .map_err(End::from)
+                    }
+                    _ => Ok(()),
                 }
             }
             _ = timer.as_mut() => {

@@ -649,10 +649,31 @@ impl Consumes {
         Ok(())
     }
 
+    /// `event`, then the events already waiting behind it (at most [`EVENTS`]): their frames
+    /// are queued in one turn of the connection, so they go to the socket in one write. An
+    /// ack's `settled` answer and the leases of the receive it ran with come as two events;
+    /// taken one per turn, each was a write (and a wake-up of the member) of its own.
+    pub async fn on_events<P: Protocol>(
+        &mut self,
+        event: TaskEvent,
+        events: &mut mpsc::Receiver<TaskEvent>,
+        protocol: &P,
+        out: &Outbound,
+    ) -> Result<(), Gone> {
+        self.on_event(event, protocol, out).await?;
+        for _ in 1..EVENTS {
+            match events.try_recv() {
+                Ok(event) => self.on_event(event, protocol, out).await?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
     /// A consume task's event: sent to the client as a frame (a leased message with the
     /// outbound room it took). A message leased by a consume stopped since is not sent (the
     /// task gives it back).
-    pub async fn on_event<P: Protocol>(
+    async fn on_event<P: Protocol>(
         &mut self,
         event: TaskEvent,
         protocol: &P,
