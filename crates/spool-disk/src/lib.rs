@@ -68,7 +68,7 @@ use spool_engine::{
     dedup::{DedupBudget, DedupWindow},
     registry::{Registry, Watched},
 };
-use writer::{Publish, WriteRequest, Writer};
+use writer::{Inline, Publish, Sink, WRITE_QUEUE, WriteRequest, Writer};
 
 /// What the ack of a publish waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,9 +185,6 @@ const LOCK_FILE: &str = "LOCK";
 mod group_tests;
 #[cfg(test)]
 mod tests;
-
-/// Bound of the writer's queue, in requests.
-const WRITE_QUEUE: usize = 4096;
 
 /// One stream of the disk engine.
 pub struct DiskStream {
@@ -351,7 +348,7 @@ impl Shared {
 pub struct DiskEngine {
     shared: Arc<Shared>,
     config: DiskConfig,
-    tx: mpsc::Sender<WriteRequest>,
+    sink: Sink,
     sessions: Arc<SessionFile>,
     /// When expired sessions were last purged (ms since the Unix epoch).
     sessions_swept: AtomicU64,
@@ -504,7 +501,6 @@ impl DiskEngine {
             .map_err(io_err(&dir))?;
         tracing::info!(dir = %dir.display(), streams = recovered, groups = group_count, segment = active, "disk engine opened");
 
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer = Writer {
             shared: shared.clone(),
             dir: wal,
@@ -516,16 +512,27 @@ impl DiskEngine {
             fsync: config.durability == Durability::Fsync,
             roll_failures: 0,
             eviction: history::Eviction::new(),
+            buf: Vec::new(),
+            bases: Vec::new(),
         };
-        std::thread::Builder::new()
-            .name("spool-wal-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(io_err(&dir))?;
+        // An fsync blocks for as long as the disk takes: a thread of its own waits for it.
+        // Without one, a commit is a copy into the page cache, written by the appenders.
+        let sink = match config.durability {
+            Durability::Fsync => {
+                let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+                std::thread::Builder::new()
+                    .name("spool-wal-writer".into())
+                    .spawn(move || writer.run(rx))
+                    .map_err(io_err(&dir))?;
+                Sink::Thread(tx)
+            }
+            Durability::Memory => Sink::Inline(Inline::new(writer)),
+        };
         Ok(Self {
             shared,
             sessions_swept: AtomicU64::new(config.clock.now_ms()),
             config,
-            tx,
+            sink,
             sessions: Arc::new(sessions),
             keys,
             _lock: lock,
@@ -574,15 +581,14 @@ impl DiskEngine {
         group: Option<groups::GroupApply>,
     ) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
         let (done, rx) = oneshot::channel();
-        self.tx
+        self.sink
             .send(WriteRequest {
                 frames,
                 publish,
                 group,
                 done,
             })
-            .await
-            .map_err(|_| EngineError::unavailable("the WAL writer has stopped"))?;
+            .await?;
         Ok(rx)
     }
 }

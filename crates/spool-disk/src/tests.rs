@@ -428,6 +428,145 @@ async fn concurrent_appends_share_fsyncs_and_stay_gap_free() {
     assert_eq!(payloads(&engine, "c").await.len(), 1280);
 }
 
+/// `--durability memory` has no writer thread: appenders write for each other (`Inline`).
+/// Many appenders on several streams, segments small enough to roll every few commits (the
+/// roll moves off the worker on a multi-threaded runtime, not on a current-thread one): every
+/// offset once, each appender's in the order it appended, and all of it back after a reopen.
+async fn appenders_writing_for_each_other(worker_threads: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.durability = Durability::Memory;
+    cfg.segment_size = 16 * 1024;
+    let engine = Arc::new(DiskEngine::open(cfg.clone()).unwrap());
+    let streams = ["m0", "m1", "m2", "m3"];
+    let mut tasks = Vec::new();
+    for t in 0..48 {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = streams[t % streams.len()];
+            let mut offsets = Vec::new();
+            for i in 0..40 {
+                let batch = (0..=i % 3).map(|j| msg(format!("{t}-{i}-{j}"))).collect();
+                let out = engine.append(&name(stream), batch).await.unwrap();
+                offsets.extend(out.iter().map(|a| a.position.offset.get()));
+            }
+            (stream, offsets)
+        }));
+    }
+    let mut by_stream: HashMap<&str, Vec<u64>> = HashMap::new();
+    for task in tasks {
+        let (stream, offsets) = task.await.unwrap();
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "{worker_threads} workers: an appender's offsets out of order"
+        );
+        by_stream.entry(stream).or_default().extend(offsets);
+    }
+    let stats = engine.wal_stats();
+    assert!(
+        stats.batches > 0 && stats.batches <= stats.requests,
+        "{stats:?}"
+    );
+    let mut expected = HashMap::new();
+    for (stream, mut offsets) in by_stream {
+        offsets.sort_unstable();
+        let n = offsets.len() as u64;
+        assert_eq!(
+            offsets,
+            (1..=n).collect::<Vec<u64>>(),
+            "{worker_threads} workers, stream {stream}"
+        );
+        assert_eq!(payloads(&engine, stream).await.len() as u64, n);
+        expected.insert(stream, payloads(&engine, stream).await);
+    }
+    assert!(
+        fs::read_dir(dir.path().join("wal")).unwrap().count() > 2,
+        "the segments rolled"
+    );
+    drop(engine);
+    let engine = DiskEngine::open(cfg).unwrap();
+    for (stream, before) in expected {
+        assert_eq!(
+            payloads(&engine, stream).await,
+            before,
+            "stream {stream} after a reopen"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appenders_write_for_each_other_without_a_writer_thread_multi_thread() {
+    appenders_writing_for_each_other(4).await;
+}
+
+#[tokio::test]
+async fn appenders_write_for_each_other_without_a_writer_thread_current_thread() {
+    appenders_writing_for_each_other(1).await;
+}
+
+/// An appender writes at most `TURN` batches before it leaves the rest to a task: 12 appends
+/// of 4 MiB queued while the writer is held make 6 batches of 8 MiB; the turn that starts
+/// when the writer is let go writes 4 of them, a task of its own the rest, and every append is
+/// answered with its message durable. (A current-thread runtime: the task runs only once the
+/// test awaits, so the turn's own count is exact.) The writer is held across the awaits on
+/// purpose: the appends must queue behind it.
+#[tokio::test]
+#[allow(clippy::await_holding_lock)]
+async fn an_inline_writer_leaves_what_its_turn_cannot_write_to_a_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.durability = Durability::Memory;
+    let engine = Arc::new(DiskEngine::open(cfg.clone()).unwrap());
+    let Sink::Inline(inline) = &engine.sink else {
+        panic!("--durability memory writes inline");
+    };
+    let inline = inline.clone();
+    let held = inline.writer.lock();
+    let big = |i: usize| Bytes::from(vec![b'a' + i as u8; 4 * 1024 * 1024]);
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            engine
+                .append(&name(&format!("big{i}")), vec![msg(big(i))])
+                .await
+        }));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while inline.queue.lock().len() < 12 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the appends never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(held);
+    let batches = engine.wal_stats().batches;
+    inline.turn(inline.writer.lock());
+    assert_eq!(
+        engine.wal_stats().batches - batches,
+        4,
+        "one turn, four batches"
+    );
+    for task in tasks {
+        let appended = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("an append left queued was never written")
+            .unwrap()
+            .unwrap();
+        assert_eq!(appended[0].position.offset.get(), 1);
+    }
+    assert_eq!(engine.wal_stats().batches - batches, 6);
+    assert!(inline.queue.lock().is_empty());
+    drop(inline);
+    drop(engine);
+    let engine = DiskEngine::open(cfg).unwrap();
+    for i in 0..12 {
+        let read = payloads(&engine, &format!("big{i}")).await;
+        assert_eq!(read, vec![(1, big(i).to_vec())]);
+    }
+}
+
 #[tokio::test]
 async fn watchers_only_see_durable_messages() {
     let dir = tempfile::tempdir().unwrap();

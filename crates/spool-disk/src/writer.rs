@@ -21,12 +21,17 @@
 //! to the current segment, and tries the roll again at the next commit.
 
 use std::{
+    collections::VecDeque,
     fs::{self, File},
     io::{self, Write},
     path::PathBuf,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
+use parking_lot::{Mutex, MutexGuard};
 use spool_core::{Message, Offset};
 use tokio::sync::{mpsc, oneshot};
 
@@ -39,6 +44,148 @@ use spool_engine::EngineError;
 
 /// Most bytes written per group commit.
 pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// Requests queued for the writer at most (beyond it an appender waits for the writer).
+pub const WRITE_QUEUE: usize = 4096;
+
+/// How requests reach the writer.
+pub enum Sink {
+    /// A thread of its own (`--durability fsync`).
+    Thread(mpsc::Sender<WriteRequest>),
+    /// No thread: appenders take turns writing (`--durability memory`).
+    Inline(Arc<Inline>),
+}
+
+impl Sink {
+    /// Hands `request` to the writer (with [`Sink::Inline`], this appender may write it, and
+    /// others' requests, before it returns).
+    pub async fn send(&self, request: WriteRequest) -> Result<(), EngineError> {
+        match self {
+            Sink::Thread(tx) => tx
+                .send(request)
+                .await
+                .map_err(|_| EngineError::unavailable("the WAL writer has stopped")),
+            Sink::Inline(inline) => {
+                inline.submit(request);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The writer without a thread, for `--durability memory`, where a commit is a `write` into
+/// the page cache and no fsync: an appender queues its request, and whichever appender finds
+/// the writer free writes every request queued — its own and the others' — as one batch, as
+/// the thread would. What it saves is the hand-off: the writer thread's sleep and wake-up per
+/// commit, and the wake-up of the appender's task from outside the runtime (at one message per
+/// commit on this 2-core machine, a sixth of the server's CPU per message: docs/benchmarks.md).
+/// An appender that finds the writer busy returns at once; the one writing takes its request
+/// before it lets the writer go, so nothing queued is left without a writer.
+pub struct Inline {
+    pub(crate) queue: Mutex<VecDeque<WriteRequest>>,
+    pub(crate) writer: Mutex<Writer>,
+    /// A task is on its way to write what an appender left queued at the end of its turn.
+    handed_over: AtomicBool,
+}
+
+/// Batches one appender writes in a turn. It runs on a tokio worker, whose other tasks wait
+/// meanwhile: past its turn, what is still queued goes to a task of its own.
+const TURN: usize = 4;
+
+impl Inline {
+    pub fn new(writer: Writer) -> Arc<Self> {
+        Arc::new(Self {
+            queue: Mutex::new(VecDeque::new()),
+            writer: Mutex::new(writer),
+            handed_over: AtomicBool::new(false),
+        })
+    }
+
+    fn submit(self: &Arc<Self>, request: WriteRequest) {
+        let full = {
+            let mut queue = self.queue.lock();
+            queue.push_back(request);
+            queue.len() > WRITE_QUEUE
+        };
+        if full {
+            // Appenders outrun the writer: this one waits for it (the thread's full channel
+            // made it wait too), then writes.
+            let writer = self.writer.lock();
+            self.turn(writer);
+        } else if let Some(writer) = self.writer.try_lock() {
+            self.turn(writer);
+        }
+    }
+
+    /// Writes what is queued, batch after batch, for at most [`TURN`] batches; then lets the
+    /// writer go, leaving nothing queued without a writer.
+    pub(crate) fn turn<'a>(self: &'a Arc<Self>, mut writer: MutexGuard<'a, Writer>) {
+        let mut batch = Vec::new();
+        let mut turns = 0;
+        loop {
+            if turns == TURN {
+                drop(writer);
+                self.hand_over();
+                return;
+            }
+            take(&self.queue, &mut batch);
+            if batch.is_empty() {
+                drop(writer);
+                // A request queued after the take found the writer held and left it to us.
+                if self.queue.lock().is_empty() {
+                    return;
+                }
+                match self.writer.try_lock() {
+                    Some(again) => writer = again,
+                    // Whoever holds it now checks the queue as it lets go.
+                    None => return,
+                }
+                continue;
+            }
+            let bytes = batch.iter().map(|r| r.frames.len()).sum();
+            if writer.rolls_before(bytes) && multi_thread() {
+                // The roll fsyncs the full segment and starts the next: off the worker.
+                tokio::task::block_in_place(|| writer.process(&mut batch));
+            } else {
+                writer.process(&mut batch);
+            }
+            turns += 1;
+        }
+    }
+
+    /// Leaves what is queued to a task of its own, which runs after the tasks waiting for
+    /// this worker.
+    fn hand_over(self: &Arc<Self>) {
+        if self.queue.lock().is_empty() || self.handed_over.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inline = self.clone();
+        tokio::spawn(async move {
+            inline.handed_over.store(false, Ordering::Release);
+            if let Some(writer) = inline.writer.try_lock() {
+                inline.turn(writer);
+            }
+        });
+    }
+}
+
+/// Moves queued requests into `batch`, up to [`MAX_BATCH_BYTES`] of frames.
+fn take(queue: &Mutex<VecDeque<WriteRequest>>, batch: &mut Vec<WriteRequest>) {
+    let mut queue = queue.lock();
+    let mut bytes = 0;
+    while bytes < MAX_BATCH_BYTES {
+        let Some(next) = queue.pop_front() else {
+            break;
+        };
+        bytes += next.frames.len();
+        batch.push(next);
+    }
+}
+
+fn multi_thread() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
 
 /// A message to make visible once its frame is durable.
 pub struct Publish {
@@ -75,13 +222,16 @@ pub struct Writer {
     pub roll_failures: u64,
     /// The order messages entered the tail caches, for eviction over `--cache-size`.
     pub eviction: Eviction<super::DiskStream>,
+    /// The batch's frames, written at once, and each request's position in the segment.
+    pub buf: Vec<u8>,
+    pub bases: Vec<u64>,
 }
 
 impl Writer {
+    /// The writer's own thread (`--durability fsync`): takes requests as they come, each
+    /// batch everything waiting (an fsync blocks the thread, never a tokio worker).
     pub fn run(mut self, mut rx: mpsc::Receiver<WriteRequest>) {
         let mut batch: Vec<WriteRequest> = Vec::new();
-        let mut buf: Vec<u8> = Vec::new();
-        let mut bases: Vec<u64> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut bytes = first.frames.len();
             batch.push(first);
@@ -94,34 +244,47 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = self.commit(&batch, &mut buf, &mut bases);
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "WAL write failed; the disk engine stops accepting publishes until restarted");
-                self.shared.fail(e.to_string());
-            }
-            if result.is_ok() {
-                self.count(&batch);
-            }
-            if result.is_ok() {
-                for (request, base) in batch.iter_mut().zip(bases.iter().copied()) {
-                    publish(
-                        &self.shared,
-                        &mut self.eviction,
-                        self.segment_id,
-                        base,
-                        std::mem::take(&mut request.publish),
-                    );
-                    if let Some(op) = request.group.take() {
-                        self.shared.groups.apply(op);
-                    }
-                }
-                // Within the cache budget before anyone is answered.
-                self.eviction.enforce(&self.shared.cache);
-            }
-            for request in batch.drain(..) {
-                let _ = request.done.send(result.clone());
-            }
+            self.process(&mut batch);
         }
+    }
+
+    /// Writes a batch (one write, and one fsync with `fsync`), then makes its messages visible
+    /// and applies its group operations in order, then answers every request (and empties
+    /// `batch`).
+    fn process(&mut self, batch: &mut Vec<WriteRequest>) {
+        let result = self.commit(batch);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "WAL write failed; the disk engine stops accepting publishes until restarted");
+            self.shared.fail(e.to_string());
+        }
+        if result.is_ok() {
+            self.count(batch);
+            let bases = std::mem::take(&mut self.bases);
+            for (request, base) in batch.iter_mut().zip(bases.iter().copied()) {
+                publish(
+                    &self.shared,
+                    &mut self.eviction,
+                    self.segment_id,
+                    base,
+                    std::mem::take(&mut request.publish),
+                );
+                if let Some(op) = request.group.take() {
+                    self.shared.groups.apply(op);
+                }
+            }
+            self.bases = bases;
+            // Within the cache budget before anyone is answered.
+            self.eviction.enforce(&self.shared.cache);
+        }
+        for request in batch.drain(..) {
+            let _ = request.done.send(result.clone());
+        }
+    }
+
+    /// Whether writing `bytes` more starts the next segment first (a roll fsyncs).
+    fn rolls_before(&self, bytes: usize) -> bool {
+        let written = self.segment_len - self.segment_start;
+        bytes > 0 && written > 0 && written + bytes as u64 > self.segment_max
     }
 
     /// Counts a written batch ([`super::WalStats`]).
@@ -145,25 +308,20 @@ impl Writer {
     }
 
     /// Writes the batch; `bases` gets each request's byte position in the active segment.
-    fn commit(
-        &mut self,
-        batch: &[WriteRequest],
-        buf: &mut Vec<u8>,
-        bases: &mut Vec<u64>,
-    ) -> Result<(), EngineError> {
-        bases.clear();
-        bases.resize(batch.len(), 0);
+    fn commit(&mut self, batch: &[WriteRequest]) -> Result<(), EngineError> {
+        self.bases.clear();
+        self.bases.resize(batch.len(), 0);
         self.shared.usable()?;
         let bytes: usize = batch.iter().map(|r| r.frames.len()).sum();
         if bytes == 0 {
             return Ok(());
         }
-        let written = self.segment_len - self.segment_start;
-        if written > 0 && written + bytes as u64 > self.segment_max {
+        if self.rolls_before(bytes) {
             self.roll()?;
         }
+        let buf = &mut self.buf;
         buf.clear();
-        for (request, base) in batch.iter().zip(bases.iter_mut()) {
+        for (request, base) in batch.iter().zip(self.bases.iter_mut()) {
             *base = self.segment_len + buf.len() as u64;
             buf.extend_from_slice(&request.frames);
         }
@@ -178,8 +336,8 @@ impl Writer {
                 .map_err(|e| io_error("fsync of the WAL", e))?;
             spool_engine::timing::WAL_FSYNC.observe(started.elapsed());
         }
-        if buf.capacity() > MAX_BATCH_BYTES * 2 {
-            *buf = Vec::new();
+        if self.buf.capacity() > MAX_BATCH_BYTES * 2 {
+            self.buf = Vec::new();
         }
         Ok(())
     }
