@@ -826,11 +826,26 @@ mod random_ops {
 
 /// Commits of one group queued back to back (`queue_group_commit`, as the server pipelines
 /// them) are ordered by version before any is durable, share the writer's writes, and all
-/// come back after a reopen; a stale version still conflicts and writes nothing.
+/// come back after a reopen; a stale version still conflicts and writes nothing. With
+/// `--durability memory` (no writer thread) nothing is written until the first wait, and that
+/// one write takes all 32.
 #[tokio::test]
 async fn queued_commits_of_one_group_share_writes_and_keep_their_order() {
+    queued_commits_share_writes(Durability::Fsync).await;
+}
+
+#[tokio::test]
+async fn queued_commits_of_one_group_share_writes_and_keep_their_order_without_a_writer_thread() {
+    queued_commits_share_writes(Durability::Memory).await;
+}
+
+async fn queued_commits_share_writes(durability: Durability) {
     let dir = tempfile::tempdir().unwrap();
-    let engine = DiskEngine::open(DiskConfig::new(dir.path())).unwrap();
+    let config = DiskConfig {
+        durability,
+        ..DiskConfig::new(dir.path())
+    };
+    let engine = DiskEngine::open(config.clone()).unwrap();
     let mut live = Live::create(&engine, "q", "g").await;
     let start = engine.wal_stats();
     let (s, g) = (stream("q"), gname("g"));
@@ -884,13 +899,20 @@ async fn queued_commits_of_one_group_share_writes_and_keep_their_order() {
         "32 queued commits took {} writes: none shared",
         end.batches - start.batches
     );
+    if durability == Durability::Memory {
+        assert_eq!(
+            end.batches - start.batches,
+            1,
+            "the first wait wrote all 32"
+        );
+    }
     let stored = engine.load_group(&s, &g).await.unwrap().unwrap();
     assert_eq!(
         (stored.version, rebuilt(&stored)),
         (32, live.state.snapshot())
     );
     drop(engine);
-    let engine = DiskEngine::open(DiskConfig::new(dir.path())).unwrap();
+    let engine = DiskEngine::open(config).unwrap();
     let stored = engine.load_group(&s, &g).await.unwrap().unwrap();
     assert_eq!(
         (stored.version, rebuilt(&stored)),
@@ -960,5 +982,45 @@ async fn json_group_records_of_older_versions_are_recovered() {
     assert_eq!(
         (stored.version, rebuilt(&stored)),
         (3, live.state.snapshot())
+    );
+}
+
+/// Without a writer thread a commit is only queued until its durability is waited for: a
+/// wait given up before it began (the caller was cancelled: a client gone mid-request) still
+/// writes it, so nothing queued waits for a next operation that may never come.
+#[tokio::test]
+async fn a_commit_whose_wait_is_dropped_is_still_written_without_a_writer_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = DiskConfig {
+        durability: Durability::Memory,
+        ..DiskConfig::new(dir.path())
+    };
+    let engine = DiskEngine::open(config.clone()).unwrap();
+    let live = Live::create(&engine, "d", "g").await;
+    let (s, g) = (stream("d"), gname("g"));
+    let changes = vec![spool_core::group::Change::CountersSet {
+        counters: Default::default(),
+    }];
+    let queued = engine
+        .queue_group_commit(&s, &g, live.version, changes)
+        .await
+        .unwrap();
+    let spool_engine::QueuedCommit::Queued { version, durable } = queued else {
+        panic!("the commit conflicted");
+    };
+    let batches = engine.wal_stats().batches;
+    drop(durable);
+    assert_eq!(
+        engine.wal_stats().batches,
+        batches + 1,
+        "dropping the wait wrote it"
+    );
+    let stored = engine.shared.groups.table.load(&s, &g).unwrap();
+    assert_eq!(stored.version, version, "applied to the durable table");
+    drop(engine);
+    let engine = DiskEngine::open(config).unwrap();
+    assert_eq!(
+        engine.load_group(&s, &g).await.unwrap().unwrap().version,
+        version
     );
 }

@@ -58,7 +58,7 @@ use parking_lot::Mutex;
 use spool_core::{
     Clock, Epoch, NewMessage, Offset, Position, Retention, RetentionPolicy, StreamName, StreamState,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use history::{DiskLog, SegmentFiles, Slot, TailCache};
 use record::Record;
@@ -68,7 +68,7 @@ use spool_engine::{
     dedup::{DedupBudget, DedupWindow},
     registry::{Registry, Watched},
 };
-use writer::{Inline, Publish, Sink, WRITE_QUEUE, WriteRequest, Writer};
+use writer::{Durable, Inline, Publish, Sink, WRITE_QUEUE, Writer};
 
 /// What the ack of a publish waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -579,23 +579,13 @@ impl DiskEngine {
         frames: Vec<u8>,
         publish: Vec<Publish>,
         group: Option<groups::GroupApply>,
-    ) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
-        let (done, rx) = oneshot::channel();
-        self.sink
-            .send(WriteRequest {
-                frames,
-                publish,
-                group,
-                done,
-            })
-            .await?;
-        Ok(rx)
+    ) -> Result<Durable, EngineError> {
+        self.sink.send(frames, publish, group).await
     }
 }
 
-async fn wait(rx: oneshot::Receiver<Result<(), EngineError>>) -> Result<(), EngineError> {
-    rx.await
-        .map_err(|_| EngineError::unavailable("the WAL writer has stopped"))?
+async fn wait(durable: Durable) -> Result<(), EngineError> {
+    durable.wait().await
 }
 
 impl DiskStream {

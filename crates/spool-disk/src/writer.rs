@@ -57,30 +57,77 @@ pub enum Sink {
 }
 
 impl Sink {
-    /// Hands `request` to the writer (with [`Sink::Inline`], this appender may write it, and
-    /// others' requests, before it returns).
-    pub async fn send(&self, request: WriteRequest) -> Result<(), EngineError> {
-        match self {
-            Sink::Thread(tx) => tx
-                .send(request)
-                .await
-                .map_err(|_| EngineError::unavailable("the WAL writer has stopped")),
+    /// Hands `request` to the writer. With [`Sink::Inline`] it is only queued, in order:
+    /// whoever waits for it (or drops the wait) writes what is queued, once its locks are let
+    /// go.
+    pub async fn send(
+        &self,
+        frames: Vec<u8>,
+        publish: Vec<Publish>,
+        group: Option<super::groups::GroupApply>,
+    ) -> Result<Durable, EngineError> {
+        let (done, rx) = oneshot::channel();
+        let request = WriteRequest {
+            frames,
+            publish,
+            group,
+            done,
+        };
+        let inline = match self {
+            Sink::Thread(tx) => {
+                tx.send(request)
+                    .await
+                    .map_err(|_| EngineError::unavailable("the WAL writer has stopped"))?;
+                None
+            }
             Sink::Inline(inline) => {
                 inline.submit(request);
-                Ok(())
+                Some(inline.clone())
             }
+        };
+        Ok(Durable { rx, inline })
+    }
+}
+
+/// A request handed to the writer: [`Durable::wait`] answers once it is durable.
+pub struct Durable {
+    rx: oneshot::Receiver<Result<(), EngineError>>,
+    /// With the inline writer: the request may still be queued, for the waiter to write.
+    inline: Option<Arc<Inline>>,
+}
+
+impl Durable {
+    pub async fn wait(mut self) -> Result<(), EngineError> {
+        if let Some(inline) = self.inline.take() {
+            inline.flush();
+        }
+        (&mut self.rx)
+            .await
+            .map_err(|_| EngineError::unavailable("the WAL writer has stopped"))?
+    }
+}
+
+impl Drop for Durable {
+    /// A wait given up before it began (its caller was cancelled) still writes what it
+    /// queued: nothing queued waits for a next appender that may never come.
+    fn drop(&mut self) {
+        if let Some(inline) = self.inline.take() {
+            inline.flush();
         }
     }
 }
 
 /// The writer without a thread, for `--durability memory`, where a commit is a `write` into
-/// the page cache and no fsync: an appender queues its request, and whichever appender finds
-/// the writer free writes every request queued — its own and the others' — as one batch, as
-/// the thread would. What it saves is the hand-off: the writer thread's sleep and wake-up per
-/// commit, and the wake-up of the appender's task from outside the runtime (at one message per
-/// commit on this 2-core machine, a sixth of the server's CPU per message: docs/benchmarks.md).
-/// An appender that finds the writer busy returns at once; the one writing takes its request
-/// before it lets the writer go, so nothing queued is left without a writer.
+/// the page cache and no fsync. An appender queues its request (under its stream's or group's
+/// lock: the queue's order is the WAL's); once it has let go of its locks and waits for the
+/// request, it writes everything queued — its own and whatever others queued meanwhile — as
+/// one batch, as the thread would, unless another waiter is writing: that one then takes it
+/// before it lets the writer go, so nothing queued is left without a writer. What this saves
+/// is the hand-off: the writer thread's sleep and wake-up per commit, and the wake-up of the
+/// appender's task from outside the runtime (at one message per commit on this 2-core machine,
+/// about a fifth of the server's CPU per message: docs/benchmarks.md). Writing only after the
+/// caller's locks are let go keeps a group's lock as short as with the thread (members of one
+/// group queue their commits behind each other and share the write).
 pub struct Inline {
     pub(crate) queue: Mutex<VecDeque<WriteRequest>>,
     pub(crate) writer: Mutex<Writer>,
@@ -101,6 +148,9 @@ impl Inline {
         })
     }
 
+    /// Queues `request`, in order, for [`Durable::wait`] (or its drop) to write: after its
+    /// caller let go of its locks (a stream's append lock, a group's), so that what others
+    /// queue meanwhile shares the write, as with the thread.
     fn submit(self: &Arc<Self>, request: WriteRequest) {
         let full = {
             let mut queue = self.queue.lock();
@@ -112,7 +162,13 @@ impl Inline {
             // made it wait too), then writes.
             let writer = self.writer.lock();
             self.turn(writer);
-        } else if let Some(writer) = self.writer.try_lock() {
+        }
+    }
+
+    /// Writes what is queued unless another appender is writing: that one then writes it
+    /// before it lets the writer go.
+    fn flush(self: &Arc<Self>) {
+        if let Some(writer) = self.writer.try_lock() {
             self.turn(writer);
         }
     }
@@ -123,7 +179,7 @@ impl Inline {
         let mut batch = Vec::new();
         let mut turns = 0;
         loop {
-            if turns == TURN {
+            if turns == TURN && tokio::runtime::Handle::try_current().is_ok() {
                 drop(writer);
                 self.hand_over();
                 return;
