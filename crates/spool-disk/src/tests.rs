@@ -567,6 +567,61 @@ async fn an_inline_writer_leaves_what_its_turn_cannot_write_to_a_task() {
     }
 }
 
+/// The inline writer's queue is bounded: with the writer held, appenders queue up to
+/// `WRITE_QUEUE` requests, and the next ones block their threads waiting for the writer (as a
+/// full channel held them) instead of queueing more. Once it is let go, every append is
+/// written, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)]
+async fn the_inline_writers_queue_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.durability = Durability::Memory;
+    let engine = Arc::new(DiskEngine::open(cfg.clone()).unwrap());
+    let Sink::Inline(inline) = &engine.sink else {
+        panic!("--durability memory writes inline");
+    };
+    let inline = inline.clone();
+    let total = WRITE_QUEUE + 500;
+    // Held by the test's own thread (not a worker), which only blocks from here on: both
+    // workers end up waiting for the writer, and nothing drives the runtime's timers.
+    let held = inline.writer.lock();
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            engine.append(&name("q"), vec![msg(format!("{i}"))]).await
+        }));
+    }
+    let mut last = 0;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = inline.queue.lock().len();
+        if now == last && now > WRITE_QUEUE {
+            break;
+        }
+        last = now;
+    }
+    let queued = inline.queue.lock().len();
+    assert!(
+        queued > WRITE_QUEUE && queued <= WRITE_QUEUE + 2,
+        "{queued} requests queued: the bound is {WRITE_QUEUE} and one blocked appender per worker"
+    );
+    drop(held);
+    let mut offsets = Vec::new();
+    for task in tasks {
+        let appended = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("an append was never written")
+            .unwrap()
+            .unwrap();
+        offsets.push(appended[0].position.offset.get());
+    }
+    offsets.sort_unstable();
+    assert_eq!(offsets, (1..=total as u64).collect::<Vec<u64>>());
+    assert!(inline.queue.lock().is_empty());
+}
+
 #[tokio::test]
 async fn watchers_only_see_durable_messages() {
     let dir = tempfile::tempdir().unwrap();
