@@ -504,6 +504,18 @@ async fn appenders_write_for_each_other_without_a_writer_thread_current_thread()
     appenders_writing_for_each_other(1).await;
 }
 
+/// A disk engine at `--durability memory` (no writer thread), its config and its writer.
+fn inline_engine(dir: &Path) -> (Arc<DiskEngine>, DiskConfig, Arc<writer::Inline>) {
+    let mut cfg = config(dir);
+    cfg.durability = Durability::Memory;
+    let engine = Arc::new(DiskEngine::open(cfg.clone()).unwrap());
+    let Sink::Inline(inline) = &engine.sink else {
+        panic!("--durability memory writes inline");
+    };
+    let inline = inline.clone();
+    (engine, cfg, inline)
+}
+
 /// An appender writes at most `TURN` batches before it leaves the rest to a task: 12 appends
 /// of 4 MiB queued while the writer is held make 6 batches of 8 MiB; the turn that starts
 /// when the writer is let go writes 4 of them, a task of its own the rest, and every append is
@@ -514,13 +526,7 @@ async fn appenders_write_for_each_other_without_a_writer_thread_current_thread()
 #[allow(clippy::await_holding_lock)]
 async fn an_inline_writer_leaves_what_its_turn_cannot_write_to_a_task() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
-    cfg.durability = Durability::Memory;
-    let engine = Arc::new(DiskEngine::open(cfg.clone()).unwrap());
-    let Sink::Inline(inline) = &engine.sink else {
-        panic!("--durability memory writes inline");
-    };
-    let inline = inline.clone();
+    let (engine, cfg, inline) = inline_engine(dir.path());
     let held = inline.writer.lock();
     let big = |i: usize| Bytes::from(vec![b'a' + i as u8; 4 * 1024 * 1024]);
     let mut tasks = Vec::new();
@@ -575,13 +581,7 @@ async fn an_inline_writer_leaves_what_its_turn_cannot_write_to_a_task() {
 #[allow(clippy::await_holding_lock)]
 async fn the_inline_writers_queue_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
-    cfg.durability = Durability::Memory;
-    let engine = Arc::new(DiskEngine::open(cfg.clone()).unwrap());
-    let Sink::Inline(inline) = &engine.sink else {
-        panic!("--durability memory writes inline");
-    };
-    let inline = inline.clone();
+    let (engine, _, inline) = inline_engine(dir.path());
     let total = WRITE_QUEUE + 500;
     // Held by the test's own thread (not a worker), which only blocks from here on: both
     // workers end up waiting for the writer, and nothing drives the runtime's timers.
