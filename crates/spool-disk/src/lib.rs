@@ -514,6 +514,8 @@ impl DiskEngine {
             eviction: history::Eviction::new(),
             buf: Vec::new(),
             bases: Vec::new(),
+            #[cfg(test)]
+            panic_next: false,
         };
         // An fsync blocks for as long as the disk takes: a thread of its own waits for it.
         // Without one, a commit is a copy into the page cache, written by the appenders.

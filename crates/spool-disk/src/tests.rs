@@ -622,6 +622,34 @@ async fn the_inline_writers_queue_is_bounded() {
     assert!(inline.queue.lock().is_empty());
 }
 
+/// A batch that panics half-way (a bug) stops the engine, as the writer thread's death did:
+/// the appender whose wait ran it fails, the next append is refused with the reason, and
+/// nothing after it is written from a state half-applied.
+#[tokio::test]
+async fn a_panic_in_the_inline_writer_stops_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _, inline) = inline_engine(dir.path());
+    engine
+        .append(&name("p"), vec![msg("before")])
+        .await
+        .unwrap();
+    inline.writer.lock().panic_next = true;
+    let appending = engine.clone();
+    let panicked = tokio::spawn(async move { appending.append(&name("p"), vec![msg("x")]).await })
+        .await
+        .unwrap_err();
+    assert!(panicked.is_panic());
+    let refused = engine
+        .append(&name("p"), vec![msg("after")])
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("the WAL writer panicked"),
+        "{refused}"
+    );
+    assert_eq!(payloads(&engine, "p").await, vec![(1, b"before".to_vec())]);
+}
+
 #[tokio::test]
 async fn watchers_only_see_durable_messages() {
     let dir = tempfile::tempdir().unwrap();

@@ -206,6 +206,7 @@ impl Inline {
                 continue;
             }
             let bytes = batch.iter().map(|r| r.frames.len()).sum();
+            let _stop = StopOnPanic(writer.shared.clone());
             if writer.rolls_before(bytes) && multi_thread() {
                 // The roll fsyncs the full segment and starts the next: off the worker.
                 tokio::task::block_in_place(|| writer.process(&mut batch));
@@ -229,6 +230,22 @@ impl Inline {
                 inline.turn(writer);
             }
         });
+    }
+}
+
+/// Stops the engine if a batch panics half-way (a bug): its appenders' waits end with the
+/// writer stopped (their answers are dropped), and the engine takes no more writes, as when
+/// the writer was a thread and died with it, instead of writing on from a state half-applied.
+struct StopOnPanic(Arc<Shared>);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                "the WAL writer panicked; the disk engine stops accepting writes until restarted"
+            );
+            self.0.fail("the WAL writer panicked".to_owned());
+        }
     }
 }
 
@@ -288,6 +305,9 @@ pub struct Writer {
     /// The batch's frames, written at once, and each request's position in the segment.
     pub buf: Vec<u8>,
     pub bases: Vec<u64>,
+    /// Tests: the next batch panics.
+    #[cfg(test)]
+    pub panic_next: bool,
 }
 
 impl Writer {
@@ -315,6 +335,10 @@ impl Writer {
     /// and applies its group operations in order, then answers every request (and empties
     /// `batch`).
     fn process(&mut self, batch: &mut Vec<WriteRequest>) {
+        #[cfg(test)]
+        if std::mem::take(&mut self.panic_next) {
+            panic!("a panic injected into the WAL writer");
+        }
         let result = self.commit(batch);
         if let Err(e) = &result {
             tracing::error!(error = %e, "WAL write failed; the disk engine stops accepting publishes until restarted");
