@@ -37,7 +37,7 @@ use spool_engine::{
     store::{Committed, GroupStore, QueuedCommit, StoredGroup},
 };
 
-use crate::{DiskEngine, record, wait};
+use crate::{DiskEngine, record};
 
 pub(crate) type Key = (StreamName, GroupName);
 
@@ -192,7 +192,7 @@ impl GroupStore for DiskEngine {
             );
         }
         drop(order);
-        wait(done?).await?;
+        done?.wait().await?;
         Ok(true)
     }
 
@@ -215,7 +215,10 @@ impl GroupStore for DiskEngine {
         // One of its operations is on its way to disk: a barrier behind it, then what is
         // durable includes it (a later one may have been queued meanwhile; that is a race
         // any reader has).
-        wait(self.write(Vec::new(), Vec::new(), None).await?).await?;
+        self.write(Vec::new(), Vec::new(), None)
+            .await?
+            .wait()
+            .await?;
         Ok(self.shared.groups.table.load(stream, group))
     }
 
@@ -289,7 +292,7 @@ impl GroupStore for DiskEngine {
         let done = done?;
         Ok(QueuedCommit::Queued {
             version,
-            durable: Box::pin(wait(done)),
+            durable: Box::pin(done.wait()),
         })
     }
 
@@ -331,7 +334,7 @@ impl GroupStore for DiskEngine {
             reserved.bytes = json.len();
         }
         drop(order);
-        wait(done?).await?;
+        done?.wait().await?;
         Ok(Committed::Done { version })
     }
 
@@ -357,7 +360,7 @@ impl GroupStore for DiskEngine {
             order.remove(&key);
         }
         drop(order);
-        wait(done?).await?;
+        done?.wait().await?;
         Ok(true)
     }
 }

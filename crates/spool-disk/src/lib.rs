@@ -586,10 +586,6 @@ impl DiskEngine {
     }
 }
 
-async fn wait(durable: Durable) -> Result<(), EngineError> {
-    durable.wait().await
-}
-
 impl DiskStream {
     /// The truncation floor (0: never truncated).
     pub(crate) fn floor(&self) -> Offset {
@@ -698,7 +694,7 @@ impl Engine for DiskEngine {
         state.persisted = true;
         let done = self.write(frames, publish, None).await;
         drop(state);
-        wait(done?).await?;
+        done?.wait().await?;
         Ok(out)
     }
 
@@ -1184,7 +1180,7 @@ impl spool_engine::StreamAdmin for DiskEngine {
             let mut frames = Vec::new();
             record::encode_stream_deleted(&mut frames, name, &epoch);
             let done = self.write(frames, Vec::new(), None).await;
-            wait(done?).await?;
+            done?.wait().await?;
         }
         stream.deleted.store(true, Ordering::Release);
         self.shared.streams.remove(name);
@@ -1220,7 +1216,7 @@ impl spool_engine::StreamAdmin for DiskEngine {
             let mut frames = Vec::new();
             record::encode_stream_truncated(&mut frames, name, &epoch, before);
             let done = self.write(frames, Vec::new(), None).await;
-            wait(done?).await?;
+            done?.wait().await?;
         }
         drop(state);
         let mut dropped = Vec::new();

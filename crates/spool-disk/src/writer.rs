@@ -185,13 +185,14 @@ impl Inline {
     pub(crate) fn turn<'a>(self: &'a Arc<Self>, mut writer: MutexGuard<'a, Writer>) {
         let mut batch = Vec::new();
         let mut turns = 0;
+        let _stop = StopOnPanic(writer.shared.clone());
         loop {
             if turns == TURN && tokio::runtime::Handle::try_current().is_ok() {
                 drop(writer);
                 self.hand_over();
                 return;
             }
-            take(&self.queue, &mut batch);
+            fill(&mut batch, || self.queue.lock().pop_front());
             if batch.is_empty() {
                 drop(writer);
                 // A request queued after the take found the writer held and left it to us.
@@ -206,7 +207,6 @@ impl Inline {
                 continue;
             }
             let bytes = batch.iter().map(|r| r.frames.len()).sum();
-            let _stop = StopOnPanic(writer.shared.clone());
             if writer.rolls_before(bytes) && multi_thread() {
                 // The roll fsyncs the full segment and starts the next: off the worker.
                 tokio::task::block_in_place(|| writer.process(&mut batch));
@@ -249,16 +249,16 @@ impl Drop for StopOnPanic {
     }
 }
 
-/// Moves queued requests into `batch`, up to [`MAX_BATCH_BYTES`] of frames.
-fn take(queue: &Mutex<VecDeque<WriteRequest>>, batch: &mut Vec<WriteRequest>) {
-    let mut queue = queue.lock();
-    let mut bytes = 0;
+/// Adds the requests `next` gives to `batch` while its frames are under [`MAX_BATCH_BYTES`]:
+/// one batch of the thread (from its channel) or of an inline turn (from the queue).
+fn fill(batch: &mut Vec<WriteRequest>, mut next: impl FnMut() -> Option<WriteRequest>) {
+    let mut bytes: usize = batch.iter().map(|r| r.frames.len()).sum();
     while bytes < MAX_BATCH_BYTES {
-        let Some(next) = queue.pop_front() else {
+        let Some(request) = next() else {
             break;
         };
-        bytes += next.frames.len();
-        batch.push(next);
+        bytes += request.frames.len();
+        batch.push(request);
     }
 }
 
@@ -316,17 +316,8 @@ impl Writer {
     pub fn run(mut self, mut rx: mpsc::Receiver<WriteRequest>) {
         let mut batch: Vec<WriteRequest> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
-            let mut bytes = first.frames.len();
             batch.push(first);
-            while bytes < MAX_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(next) => {
-                        bytes += next.frames.len();
-                        batch.push(next);
-                    }
-                    Err(_) => break,
-                }
-            }
+            fill(&mut batch, || rx.try_recv().ok());
             self.process(&mut batch);
         }
     }
@@ -346,8 +337,7 @@ impl Writer {
         }
         if result.is_ok() {
             self.count(batch);
-            let bases = std::mem::take(&mut self.bases);
-            for (request, base) in batch.iter_mut().zip(bases.iter().copied()) {
+            for (request, &base) in batch.iter_mut().zip(&self.bases) {
                 publish(
                     &self.shared,
                     &mut self.eviction,
@@ -359,7 +349,6 @@ impl Writer {
                     self.shared.groups.apply(op);
                 }
             }
-            self.bases = bases;
             // Within the cache budget before anyone is answered.
             self.eviction.enforce(&self.shared.cache);
         }
